@@ -1,0 +1,62 @@
+"""Every error answers JSON: {"error": code, "field": ..., "message": ...}."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from fedhub.errors import (
+    Conflict,
+    FedHubError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+)
+
+log = logging.getLogger("fedhub.api")
+
+STATUS = {
+    TooLarge: 413,
+    InvalidInput: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+}
+
+
+def status_of(exc: FedHubError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 400
+
+
+def error_response(code: str, message: str, status: int, field: str | None = None):
+    response = jsonify({"error": code, "field": field, "message": message})
+    response.status_code = status
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="fedhub"'
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(FedHubError)
+    def _engine_error(exc: FedHubError):
+        return error_response(exc.code, exc.message, status_of(exc), exc.field)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        field = "body" if exc.code == 413 else None
+        return error_response(code, exc.description or exc.name, exc.code or 500, field)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        # The details go to the server log only: they may hold paths or secrets.
+        log.exception("unhandled error")
+        return error_response("internal_error", "internal server error", 500)

@@ -1,0 +1,102 @@
+"""A FedHub device: ``python device/device.py 4000 device1`` (or with flags; see ``--help``).
+
+It trains on its own data folder (``devices/device1/data/train.npz``, made by
+``python -m utils.format_dataset``) and only ever sends weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the project importable
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from device.client import Client  # noqa: E402
+from device.runner import DeviceRunner  # noqa: E402
+from fedhub import auth  # noqa: E402
+from fedhub.devices import check_name  # noqa: E402
+from fedhub.errors import InvalidInput  # noqa: E402
+
+DEFAULT_DEVICES_ROOT = ROOT / "devices"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="device/device.py", description="A FedHub training device.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("port_pos", nargs="?", metavar="PORT", help="server port on localhost (original form)")
+    p.add_argument("name_pos", nargs="?", metavar="DEVICE", help="device name (original form)")
+    p.add_argument("--server", help="server URL, e.g. http://127.0.0.1:4000")
+    p.add_argument("--name", help="device name (its folder under --devices-root)")
+    p.add_argument("--devices-root", type=Path, default=DEFAULT_DEVICES_ROOT)
+    p.add_argument("--data", type=Path, help="data file (default: <devices-root>/<name>/data/train.npz)")
+    p.add_argument("--enroll-secret", help="enrollment secret (else $FEDHUB_ENROLL_SECRET, "
+                   "else the local server's server_training/enroll.secret)")
+    p.add_argument("--state-dir", type=Path, default=ROOT / "server_training",
+                   help="where a local server keeps its enrollment secret")
+    p.add_argument("--auto-activate", action="store_true", help="ask to start active")
+    p.add_argument("--model", default="basic", help="model to build before the server says otherwise")
+    p.add_argument("--poll-wait", type=float, default=20.0, help="long-poll seconds")
+    p.add_argument("--retry-for", type=float, default=300.0,
+                   help="seconds to keep retrying while the server is unreachable")
+    p.add_argument("--ca", help="CA bundle to verify the server's certificate")
+    p.add_argument("--verbose", action="store_true", help="show Keras' progress bar")
+    a = p.parse_args(argv)
+    if a.server and a.port_pos and not a.name_pos and not a.name:
+        a.name_pos, a.port_pos = a.port_pos, None
+    if a.server is None:
+        if a.port_pos is None:
+            p.error("give the server: PORT or --server URL")
+        if not str(a.port_pos).isdigit():
+            p.error(f"PORT must be a number, got {a.port_pos!r}")
+        a.server = f"http://127.0.0.1:{a.port_pos}"
+    a.name = a.name or a.name_pos
+    if not a.name:
+        p.error("give the device name: DEVICE or --name")
+    try:
+        check_name(a.name)
+    except InvalidInput as exc:
+        p.error(exc.message)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from device.trainer import KerasTrainer
+    from utils.format_dataset import DatasetError, load_device_data
+
+    folder = a.devices_root / a.name
+    try:
+        x, y = load_device_data(a.data.parent.parent if a.data else folder)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    secret = (a.enroll_secret or os.environ.get("FEDHUB_ENROLL_SECRET")
+              or auth.read_secret(a.state_dir / "enroll.secret"))
+    client = Client(a.server, a.name, verify=a.ca or True, retry_for=a.retry_for)
+    trainer = KerasTrainer(x, y, model=a.model, verbose=1 if a.verbose else 0)
+    runner = DeviceRunner(client, trainer, folder, enroll_secret=secret,
+                          auto_activate=True if a.auto_activate else None, poll_wait=a.poll_wait)
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return runner.run()
+    except KeyboardInterrupt:
+        print(f"[{a.name}] interrupted: leaving the federation", flush=True)
+        runner.leave()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Start and stop N local device processes, for demos and simulations.
+
+``python -m device.launcher --server http://127.0.0.1:4000 --devices 3``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE_SCRIPT = ROOT / "device" / "device.py"
+
+
+def launch(server: str, names: Iterable[str], *, devices_root: Path | None = None,
+           extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
+           log_dir: Path | None = None) -> list[subprocess.Popen]:
+    """Start one ``device/device.py`` process per name; output goes to ``log_dir`` or is inherited."""
+    procs = []
+    for name in names:
+        cmd = [sys.executable, str(DEVICE_SCRIPT), "--server", server, "--name", name, *extra_args]
+        if devices_root is not None:
+            cmd += ["--devices-root", str(devices_root)]
+        out = None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                      env={**os.environ, **(env or {})}, cwd=ROOT))
+        if out is not None:
+            out.close()
+    return procs
+
+
+def stop(procs: Iterable[subprocess.Popen], timeout: float = 20.0) -> None:
+    """Ask each device to leave (SIGINT, like Ctrl-C), then kill what is still running."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m device.launcher", description=__doc__)
+    p.add_argument("--server", default="http://127.0.0.1:4000")
+    p.add_argument("--devices", type=int, default=3, help="how many devices (device1..deviceN)")
+    p.add_argument("--prefix", default="device")
+    p.add_argument("--devices-root", type=Path, default=None)
+    p.add_argument("--auto-activate", action="store_true")
+    a = p.parse_args(argv)
+    if a.devices < 1:
+        p.error("--devices must be at least 1")
+    names = [f"{a.prefix}{i}" for i in range(1, a.devices + 1)]
+    procs = launch(a.server, names, devices_root=a.devices_root,
+                   extra_args=["--auto-activate"] if a.auto_activate else [])
+    try:
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:
+        stop(procs)
+        return 0
+    return max(codes)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

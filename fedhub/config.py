@@ -1,0 +1,57 @@
+"""The run's settings, shared by the engine, the HTTP layer and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainingConfig:
+    """What each selected device does in a round; travels with the task."""
+
+    model: str = "basic"
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("epochs must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if not 0 < self.learning_rate < 10:
+            raise ValueError("learning_rate must be in (0, 10)")
+
+
+@dataclass
+class FederationConfig:
+    """How rounds are formed and closed."""
+
+    rounds: int = 3  # total rounds of the run; 0 runs until paused
+    min_devices: int = 1  # active, online devices needed to open a round
+    quorum: float = 0.5  # share of the selected devices that must report by the deadline
+    round_timeout: float = 600.0  # seconds from a round's opening to its deadline
+    device_timeout: float = 60.0  # a device unseen this long (and not training) is offline
+    fraction: float = 1.0  # share of the available devices selected each round
+    auto_activate: bool = False  # new devices start active
+    start: bool = False  # training starts without an admin's "start"
+    strategy: str = "fedavg"
+    seed: int = 0
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def validate(self) -> None:
+        if self.rounds < 0:
+            raise ValueError("rounds must be 0 (unlimited) or more")
+        if self.min_devices < 1:
+            raise ValueError("min_devices must be at least 1")
+        if not 0 < self.quorum <= 1:
+            raise ValueError("quorum must be in (0, 1]")
+        if not 0 < self.fraction <= 1:
+            raise ValueError("fraction must be in (0, 1]")
+        if self.round_timeout <= 0 or self.device_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        self.training.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

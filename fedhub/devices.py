@@ -1,0 +1,180 @@
+"""The device registry: who may take part, with which token, and what each is doing.
+
+Tokens are stored only as SHA-256 hashes. Liveness (last seen, current
+activity) changes on every request, so it lives in memory and reaches the
+database only at meaningful moments; the rest is written through.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import auth
+from .errors import Forbidden, InvalidInput, NotFound, Unauthorized
+from .storage import Storage
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# What a device can be seen doing; "inactive" and "offline" are derived.
+ACTIVITIES = ("idle", "training", "uploading")
+
+
+def check_name(name: object) -> str:
+    """Device names become folder names, so only a safe alphabet is allowed (no '/', no '..')."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InvalidInput(
+            "device name must be 1-64 letters, digits, '_' or '-', starting with a letter or digit",
+            "name",
+        )
+    return name
+
+
+class DeviceRegistry:
+    def __init__(self, storage: Storage, *, enroll_secret: str, auto_activate: bool = False,
+                 device_timeout: float = 60.0, clock: Callable[[], float] = time.time) -> None:
+        self._storage = storage
+        self._enroll_secret = enroll_secret
+        self._auto_activate = auto_activate
+        self._timeout = device_timeout
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._by_hash: dict[str, str] = {}
+        self._seen: dict[str, float] = {}
+        self._activity: dict[str, str] = {}
+        self._left: set[str] = set()
+        for row in storage.list_devices():
+            self._by_hash[row["token_hash"]] = row["name"]
+            self._seen[row["name"]] = row["last_seen"] or 0.0
+
+    def register(self, name: object, enroll_secret: str | None, *, num_examples: int | None = None,
+                 auto_activate: bool | None = None) -> dict[str, Any]:
+        """Enroll a device (or re-enroll it, which replaces its token) and return its new token."""
+        name = check_name(name)
+        if not auth.secret_matches(enroll_secret, self._enroll_secret):
+            raise Unauthorized("missing or wrong enrollment secret", "enroll_secret")
+        if num_examples is not None and (
+            not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 0
+        ):
+            raise InvalidInput("num_examples must be a non-negative integer", "num_examples")
+        if auto_activate is not None and not isinstance(auto_activate, bool):
+            raise InvalidInput("auto_activate must be true or false", "auto_activate")
+        token = auth.new_token()
+        token_hash = auth.hash_token(token)
+        now = self._clock()
+        with self._lock:
+            row = self._storage.get_device(name)
+            if row is None:
+                active = self._auto_activate or bool(auto_activate)
+                self._storage.add_device(name, token_hash, active=active, now=now,
+                                         num_examples=num_examples)
+            else:
+                self._by_hash.pop(row["token_hash"], None)
+                fields: dict[str, Any] = {"token_hash": token_hash, "last_seen": now}
+                if num_examples is not None:
+                    fields["num_examples"] = num_examples
+                if auto_activate:
+                    fields["active"] = True
+                self._storage.update_device(name, **fields)
+                active = bool(fields.get("active", row["active"]))
+            self._by_hash[token_hash] = name
+            self._seen[name] = now
+            self._activity[name] = "idle"
+            self._left.discard(name)
+        return {"name": name, "token": token, "active": active}
+
+    def authenticate(self, token: str | None) -> str:
+        """The device a bearer token belongs to; marks it seen."""
+        if not token:
+            raise Unauthorized("missing device token (Authorization: Bearer <token>)", "Authorization")
+        with self._lock:
+            name = self._by_hash.get(auth.hash_token(token))
+            if name is None:
+                raise Unauthorized("unknown device token", "Authorization")
+            self._seen[name] = self._clock()
+            self._left.discard(name)
+            return name
+
+    def touch(self, name: str) -> None:
+        """Mark a device seen now (long polls keep a waiting device online)."""
+        with self._lock:
+            self._seen[name] = self._clock()
+
+    def require(self, name: str) -> dict[str, Any]:
+        row = self._storage.get_device(check_name(name))
+        if row is None:
+            raise NotFound(f"no device named {name!r}", "name")
+        return row
+
+    def set_active(self, name: str, active: bool) -> None:
+        self.require(name)
+        self._storage.update_device(name, active=active)
+
+    def is_active(self, name: str) -> bool:
+        row = self._storage.get_device(name)
+        return bool(row and row["active"])
+
+    def set_activity(self, name: str, activity: str) -> None:
+        if activity not in ACTIVITIES:
+            raise InvalidInput(f"activity must be one of {ACTIVITIES}", "state")
+        with self._lock:
+            self._activity[name] = activity
+
+    def set_examples(self, name: str, num_examples: int) -> None:
+        self._storage.update_device(name, num_examples=num_examples)
+
+    def leave(self, name: str) -> None:
+        with self._lock:
+            self._left.add(name)
+            self._activity[name] = "idle"
+        self._storage.update_device(name, last_seen=self._seen.get(name, self._clock()))
+
+    def is_online(self, name: str, now: float | None = None) -> bool:
+        now = self._clock() if now is None else now
+        with self._lock:
+            if name in self._left:
+                return False
+            if self._activity.get(name) in ("training", "uploading"):
+                return True
+            return now - self._seen.get(name, 0.0) <= self._timeout
+
+    def available(self) -> list[str]:
+        """Active devices that are online now: the candidates for a new round."""
+        now = self._clock()
+        return [r["name"] for r in self._storage.list_devices()
+                if r["active"] and self.is_online(r["name"], now)]
+
+    def state(self, row: dict[str, Any], now: float) -> str:
+        if not row["active"]:
+            return "inactive"
+        if not self.is_online(row["name"], now):
+            return "offline"
+        return self._activity.get(row["name"], "idle")
+
+    def flush(self) -> None:
+        """Persist last-seen times (they are kept in memory between meaningful moments)."""
+        with self._lock:
+            seen = dict(self._seen)
+        for name, t in seen.items():
+            self._storage.update_device(name, last_seen=t)
+
+    def list(self) -> list[dict[str, Any]]:
+        now = self._clock()
+        out = []
+        with self._lock:
+            for row in self._storage.list_devices():
+                out.append({
+                    "name": row["name"],
+                    "active": bool(row["active"]),
+                    "state": self.state(row, now),
+                    "last_seen": self._seen.get(row["name"], row["last_seen"]),
+                    "num_examples": row["num_examples"],
+                    "registered_at": row["registered_at"],
+                })
+        return out
+
+    def forbid_other(self, caller: str, name: str) -> None:
+        if caller != name:
+            raise Forbidden("a device may act only for itself", "name")

@@ -1,0 +1,56 @@
+"""Engine errors: each says which field was wrong and why.
+
+The HTTP layer maps each class to one status code; the engine itself knows
+nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+
+class FedHubError(Exception):
+    """Base class: a refusal with a human message and, where it applies, the field at fault."""
+
+    code = "error"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"error": self.code, "field": self.field, "message": self.message}
+
+
+class InvalidInput(FedHubError):
+    """The request's content is malformed or inconsistent with the model."""
+
+    code = "invalid_input"
+
+
+class TooLarge(InvalidInput):
+    """The body is larger than the configured limit."""
+
+    code = "too_large"
+
+
+class Unauthorized(FedHubError):
+    """No credentials, or credentials nobody issued."""
+
+    code = "unauthorized"
+
+
+class Forbidden(FedHubError):
+    """Valid credentials that do not allow this call."""
+
+    code = "forbidden"
+
+
+class NotFound(FedHubError):
+    code = "not_found"
+
+
+class Conflict(FedHubError):
+    """The call is well formed but the federation's state does not allow it now
+    (a closed round, a device not selected, an update already counted)."""
+
+    code = "conflict"

@@ -1,0 +1,440 @@
+"""Round coordination: select devices, hand out tasks, fold in updates, close rounds.
+
+One driver thread opens and closes rounds; request threads only read state or
+fold an update into the open round's accumulator. A round closes when every
+selected device has reported, or at its deadline with at least a quorum;
+otherwise it is discarded and opened again with whoever is there. Completed
+rounds are durable (checkpoint first, then the database row); an unfinished
+round is simply forgotten on restart and opened again, so no completed round
+is lost and none is counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import wire
+from .aggregation import Accumulator, Strategy, make_strategy
+from .config import FederationConfig
+from .devices import DeviceRegistry
+from .errors import Conflict, InvalidInput
+from .storage import Storage
+
+log = logging.getLogger("fedhub.rounds")
+
+Weights = dict[str, np.ndarray]
+Evaluate = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
+RoundHook = Callable[[dict[str, Any], Mapping[str, np.ndarray]], None]
+
+STATUSES = ("idle", "running", "paused", "finished")
+
+
+@dataclass
+class _OpenRound:
+    number: int
+    base_version: int
+    selected: set[str]
+    needed: int
+    deadline: float
+    config: dict[str, Any]
+    accumulator: Accumulator
+    reported: dict[str, str | None] = field(default_factory=dict)
+
+
+class Coordinator:
+    """The federation's state machine. Thread-safe; owns the driver thread."""
+
+    def __init__(self, storage: Storage, devices: DeviceRegistry, *,
+                 initial_weights: Mapping[str, np.ndarray], config: FederationConfig,
+                 evaluate: Evaluate | None = None, strategy: Strategy | None = None,
+                 max_upload_bytes: int = wire.DEFAULT_MAX_BYTES,
+                 clock: Callable[[], float] = time.time) -> None:
+        config.validate()
+        self.storage = storage
+        self.devices = devices
+        self.config = config
+        self.max_upload_bytes = max_upload_bytes
+        self._evaluate = evaluate
+        self._strategy = strategy or make_strategy(config.strategy)
+        self._initial = {k: np.array(v) for k, v in initial_weights.items()}
+        self.spec = wire.spec_of(self._initial)
+        self._clock = clock
+        self._cond = threading.Condition(threading.RLock())
+        self._hooks: list[RoundHook] = []
+        self._open: _OpenRound | None = None
+        self._closing: int | None = None
+        self._retry_at = 0.0
+        self._reason = ""
+        self.last_error: str | None = None
+        self._rng = random.Random(config.seed)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._recover()
+
+    # start-up -------------------------------------------------------------
+    def _recover(self) -> None:
+        dropped = self.storage.discard_unfinished_rounds()
+        if dropped:
+            log.warning("discarded unfinished round(s) %s from before the restart; they run again",
+                        dropped)
+        last = self.storage.last_complete_round()
+        if last is None:
+            self._install_initial()
+        else:
+            self._global = self.storage.read_checkpoint(last["number"])
+            self._version = last["number"]
+            if wire.spec_of(self._global) != self.spec:
+                raise ValueError(
+                    f"checkpoint of round {self._version} does not match the configured model; "
+                    "use --reset or another state directory")
+            log.info("resuming after completed round %d", self._version)
+        self._encoded = self._encode_global()
+        default = "running" if self.config.start else "idle"
+        self._status = self.storage.get_setting("status", default) or default
+        if self.config.start and self._status in ("idle", "paused"):
+            self._status = "running"
+        self._check_finished()
+        self.storage.set_setting("status", self._status)
+
+    def _install_initial(self) -> None:
+        self.storage.remove_checkpoints()
+        path = self.storage.write_checkpoint(0, self._initial)
+        now = self._clock()
+        with self.storage.transaction():
+            self.storage.insert_round(0, started_at=now, selected=[], config={}, status="complete")
+            self.storage.complete_round(0, closed_at=now, num_updates=0, num_examples=0,
+                                        test_loss=None, test_accuracy=None, checkpoint=str(path))
+        self._global = {k: v.copy() for k, v in self._initial.items()}
+        self._version = 0
+
+    def _encode_global(self) -> bytes:
+        return wire.encode(self._global, wire.Meta(round=self._version, model_version=self._version))
+
+    def start(self) -> None:
+        """Start the driver thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drive, name="fedhub-rounds", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.devices.flush()
+
+    def add_hook(self, hook: RoundHook) -> None:
+        """Call ``hook(round_row, global_weights)`` after each completed round."""
+        self._hooks.append(hook)
+
+    # device calls ---------------------------------------------------------
+    def global_model(self) -> tuple[int, bytes]:
+        """The current global model version and its safetensors bytes (encoded once per round)."""
+        with self._cond:
+            return self._version, self._encoded
+
+    def global_weights(self) -> tuple[int, Weights]:
+        with self._cond:
+            return self._version, self._global
+
+    def next_task(self, name: str, wait: float = 0.0) -> dict[str, Any]:
+        """What the device should do now; waits up to ``wait`` seconds for something to do."""
+        end = time.monotonic() + max(0.0, wait)
+        with self._cond:
+            while True:
+                task = self._task_for(name)
+                remaining = end - time.monotonic()
+                if task["action"] != "wait" or remaining <= 0 or self._stop.is_set():
+                    if task["action"] == "train":
+                        self.devices.set_activity(name, "training")
+                    return task
+                self._cond.wait(min(remaining, 1.0))
+                self.devices.touch(name)
+
+    def _task_for(self, name: str) -> dict[str, Any]:
+        if not self.devices.is_active(name):
+            return {"action": "wait", "reason": "inactive: waiting for an admin to activate it"}
+        if self._status == "finished":
+            return {"action": "finish", "model_version": self._version}
+        r = self._open
+        if r is not None and name in r.selected and name not in r.reported:
+            return {"action": "train", "round": r.number, "model_version": r.base_version,
+                    "config": r.config,
+                    "deadline_in": max(0.0, round(r.deadline - time.monotonic(), 1))}
+        return {"action": "wait", "reason": self._wait_reason(name)}
+
+    def _wait_reason(self, name: str) -> str:
+        r = self._open
+        if r is not None and name in r.reported:
+            return f"update for round {r.number} received; waiting for the round to close"
+        if r is not None:
+            return f"round {r.number} is in progress without this device"
+        if self._closing is not None:
+            return f"round {self._closing} is being aggregated"
+        if self._status == "idle":
+            return "training has not been started"
+        if self._status == "paused":
+            return "training is paused"
+        return self._reason or "waiting for the next round"
+
+    def submit(self, name: str, round_number: int, body: bytes,
+               upload_id: str | None = None) -> dict[str, Any]:
+        """Validate an update and fold it into the open round. Idempotent per ``upload_id``."""
+        done = self._duplicate(name, round_number, upload_id)
+        if done is not None:
+            return done
+        weights, meta = wire.decode(body, self.spec, max_bytes=self.max_upload_bytes,
+                                    require_examples=True)
+        if meta.round != round_number:
+            raise InvalidInput(
+                f"metadata round {meta.round} does not match the URL's round {round_number}", "round")
+        with self._cond:
+            done = self._duplicate(name, round_number, upload_id)
+            if done is not None:
+                return done
+            r = self._open
+            if r is None or r.number != round_number:
+                current = r.number if r else self._closing
+                state = "closed" if round_number <= self._version or (
+                    current is not None and round_number < current) else "not open"
+                raise Conflict(f"round {round_number} is {state}", "round")
+            if name not in r.selected:
+                raise Conflict(f"device {name!r} was not selected for round {round_number}", "round")
+            if name in r.reported:
+                raise Conflict(f"device {name!r} already reported for round {round_number}", "round")
+            if meta.model_version != r.base_version:
+                raise Conflict(
+                    f"update was trained from model version {meta.model_version}, "
+                    f"round {round_number} starts from version {r.base_version}", "model_version")
+            r.accumulator.add(weights, meta.num_examples)
+            self.storage.add_update(round_number, name, num_examples=meta.num_examples,
+                                    metrics=meta.metrics, upload_id=upload_id, now=self._clock())
+            r.reported[name] = upload_id
+            self.devices.set_activity(name, "idle")
+            self.devices.set_examples(name, meta.num_examples)
+            self._cond.notify_all()
+            return {"accepted": True, "duplicate": False, "round": round_number,
+                    "reported": len(r.reported), "selected": len(r.selected)}
+
+    def _duplicate(self, name: str, round_number: int, upload_id: str | None) -> dict[str, Any] | None:
+        if not upload_id:
+            return None
+        row = self.storage.get_update(round_number, name)
+        if row is not None and row["upload_id"] == upload_id:
+            return {"accepted": True, "duplicate": True, "round": round_number}
+        return None
+
+    def leave(self, name: str) -> None:
+        """The device says goodbye: it is no longer waited for."""
+        with self._cond:
+            self.devices.leave(name)
+            self._drop_from_round(name)
+
+    def _drop_from_round(self, name: str) -> None:
+        r = self._open
+        if r is not None and name in r.selected and name not in r.reported:
+            r.selected.discard(name)
+            self.storage.set_round_selected(r.number, sorted(r.selected))
+            self._cond.notify_all()
+
+    # admin calls ----------------------------------------------------------
+    def set_active(self, name: str, active: bool) -> None:
+        with self._cond:
+            self.devices.set_active(name, active)
+            if not active:
+                self._drop_from_round(name)
+            self._cond.notify_all()
+
+    def start_training(self, rounds: int | None = None) -> None:
+        with self._cond:
+            if rounds is not None:
+                if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+                    raise InvalidInput("rounds must be a non-negative integer", "rounds")
+                self.config.rounds = rounds
+            if self.config.rounds and self._version >= self.config.rounds:
+                raise Conflict(
+                    f"all {self.config.rounds} rounds are done; start with a larger 'rounds' or reset",
+                    "rounds")
+            self._set_status("running")
+
+    def pause(self) -> None:
+        """No new round opens; a round in progress still completes."""
+        with self._cond:
+            if self._status == "running":
+                self._set_status("paused")
+
+    def reset(self) -> None:
+        """Forget every round and start again from the initial model (devices stay enrolled)."""
+        with self._cond:
+            while self._closing is not None:
+                self._cond.wait(0.5)
+            self._open = None
+            self.storage.reset_rounds()
+            self._install_initial()
+            self._encoded = self._encode_global()
+            self.last_error = None
+            self._set_status("idle")
+
+    def _set_status(self, status: str) -> None:
+        self._status = status
+        self.storage.set_setting("status", status)
+        self._cond.notify_all()
+
+    # reading --------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            r = self._open
+            out: dict[str, Any] = {
+                "status": self._status,
+                "model_version": self._version,
+                "completed_rounds": self._version,
+                "total_rounds": self.config.rounds,
+                "round": None,
+                "reason": "",
+                "last_error": self.last_error,
+            }
+            if r is not None:
+                out["round"] = {
+                    "number": r.number,
+                    "selected": sorted(r.selected),
+                    "reported": sorted(r.reported),
+                    "needed": r.needed,
+                    "deadline_in": max(0.0, round(r.deadline - time.monotonic(), 1)),
+                }
+            elif self._closing is not None:
+                out["round"] = {"number": self._closing, "state": "aggregating"}
+            elif self._status == "running":
+                out["reason"] = self._reason
+            return out
+
+    def history(self) -> list[dict[str, Any]]:
+        """Completed rounds with the global test metrics and each device's reported metrics."""
+        updates: dict[int, dict[str, Any]] = {}
+        for u in self.storage.list_updates():
+            updates.setdefault(u["round"], {})[u["device"]] = {
+                "num_examples": u["num_examples"], **u["metrics"]}
+        out = []
+        for r in self.storage.list_rounds():
+            if r["status"] != "complete" or r["number"] == 0:
+                continue
+            out.append({
+                "round": r["number"], "test_loss": r["test_loss"],
+                "test_accuracy": r["test_accuracy"], "num_updates": r["num_updates"],
+                "num_examples": r["num_examples"], "started_at": r["started_at"],
+                "closed_at": r["closed_at"], "devices": updates.get(r["number"], {}),
+            })
+        return out
+
+    # the driver -----------------------------------------------------------
+    def _drive(self) -> None:
+        while not self._stop.is_set():
+            closing: _OpenRound | None = None
+            with self._cond:
+                self._check_finished()
+                r = self._open
+                now = time.monotonic()
+                if r is not None:
+                    if r.selected and len(r.reported) >= len(r.selected):
+                        closing = r
+                    elif now >= r.deadline or not r.selected:
+                        if r.reported and len(r.reported) >= r.needed:
+                            closing = r
+                        else:
+                            self._abort(r, f"round {r.number} reached its deadline with "
+                                           f"{len(r.reported)} of {r.needed} needed updates")
+                    if closing is not None:
+                        self._open = None
+                        self._closing = closing.number
+                elif self._status == "running" and now >= self._retry_at:
+                    self._try_open()
+                if closing is None:
+                    self._cond.wait(0.25)
+                    continue
+            self._close(closing)
+
+    def _check_finished(self) -> None:
+        if (self.config.rounds and self._version >= self.config.rounds
+                and self._status in ("running", "paused") and self._open is None):
+            self._set_status("finished")
+            log.info("all %d rounds done", self.config.rounds)
+
+    def _try_open(self) -> None:
+        available = self.devices.available()
+        if len(available) < self.config.min_devices:
+            self._reason = (f"waiting for devices: {len(available)} active and online, "
+                            f"{self.config.min_devices} needed")
+            return
+        self._reason = ""
+        k = max(self.config.min_devices, math.ceil(self.config.fraction * len(available)))
+        selected = sorted(self._rng.sample(sorted(available), min(k, len(available))))
+        number = self._version + 1
+        config = self.config.training
+        task_config = {"model": config.model, "epochs": config.epochs,
+                       "batch_size": config.batch_size, "learning_rate": config.learning_rate}
+        self.storage.insert_round(number, started_at=self._clock(), selected=selected,
+                                  config=task_config)
+        self._open = _OpenRound(
+            number=number, base_version=self._version, selected=set(selected),
+            needed=max(1, math.ceil(self.config.quorum * len(selected))),
+            deadline=time.monotonic() + self.config.round_timeout, config=task_config,
+            accumulator=self._strategy.accumulator(self._global))
+        log.info("round %d opened with %s", number, ", ".join(selected))
+        self._cond.notify_all()
+
+    def _abort(self, r: _OpenRound, why: str) -> None:
+        log.warning("%s; discarding it and opening it again", why)
+        self._reason = why
+        self._open = None
+        self.storage.discard_round(r.number)
+        self._cond.notify_all()
+
+    def _close(self, r: _OpenRound) -> None:
+        """Aggregate, evaluate, checkpoint, record: outside the lock, as it takes a while."""
+        try:
+            weights = r.accumulator.result()
+            metrics: Mapping[str, float] = {}
+            if self._evaluate is not None:
+                try:
+                    metrics = self._evaluate(weights)
+                except Exception:
+                    log.exception("evaluation of round %d failed", r.number)
+            path = self.storage.write_checkpoint(r.number, weights)
+            self.storage.complete_round(
+                r.number, closed_at=self._clock(), num_updates=r.accumulator.count,
+                num_examples=r.accumulator.total_examples, test_loss=metrics.get("loss"),
+                test_accuracy=metrics.get("accuracy"), checkpoint=str(path))
+        except Exception as exc:  # a full disk must not take the server down
+            log.exception("round %d could not be completed", r.number)
+            with self._cond:
+                self.last_error = f"round {r.number} could not be saved: {exc}"
+                self._closing = None
+                self.storage.discard_round(r.number)
+                self._retry_at = time.monotonic() + 2.0
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._global = weights
+            self._version = r.number
+            self._encoded = self._encode_global()
+            self._closing = None
+            self.last_error = None
+            self._check_finished()
+            self._cond.notify_all()
+        row = self.storage.get_round(r.number) or {}
+        log.info("round %d complete: %d updates, %d examples, test accuracy %s", r.number,
+                 r.accumulator.count, r.accumulator.total_examples, metrics.get("accuracy"))
+        for hook in self._hooks:
+            try:
+                hook(row, weights)
+            except Exception:
+                log.exception("round hook %r failed", hook)

@@ -1,0 +1,256 @@
+"""Durable state: one SQLite file (devices, rounds, updates, settings) and
+safetensors checkpoints of every round's global model.
+
+SQLite gives atomic transactions for free; checkpoints are written to a
+temporary file and renamed, and a round is marked complete only after its
+checkpoint is on disk, so the "latest model" is never a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import wire
+from .files import atomic_write_bytes
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    active INTEGER NOT NULL DEFAULT 0,
+    num_examples INTEGER,
+    registered_at REAL NOT NULL,
+    last_seen REAL,
+    state TEXT NOT NULL DEFAULT 'idle',
+    info TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    number INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    closed_at REAL,
+    selected TEXT NOT NULL DEFAULT '[]',
+    config TEXT NOT NULL DEFAULT '{}',
+    num_updates INTEGER NOT NULL DEFAULT 0,
+    num_examples INTEGER NOT NULL DEFAULT 0,
+    test_loss REAL,
+    test_accuracy REAL,
+    checkpoint TEXT
+);
+CREATE TABLE IF NOT EXISTS updates (
+    round INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    num_examples INTEGER NOT NULL,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    upload_id TEXT,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (round, device)
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    return dict(row) if row is not None else None
+
+
+class Storage:
+    """Thread-safe access to the SQLite file and the checkpoint folder."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.checkpoint_dir = self.state_dir / "saved"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.state_dir / "fedhub.sqlite3"
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, params: tuple | Mapping = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, params)
+
+    def _one(self, sql: str, params: tuple = ()) -> dict[str, Any] | None:
+        with self._lock:
+            return _row(self._db.execute(sql, params).fetchone())
+
+    def _all(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, params).fetchall()]
+
+    def transaction(self) -> _Transaction:
+        """``with storage.transaction():`` groups writes into one atomic commit."""
+        return _Transaction(self)
+
+    # settings -----------------------------------------------------------
+    def get_setting(self, key: str, default: str | None = None) -> str | None:
+        row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        return row["value"] if row else default
+
+    def set_setting(self, key: str, value: str) -> None:
+        self._exec(
+            "INSERT INTO settings(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # devices ------------------------------------------------------------
+    def add_device(self, name: str, token_hash: str, *, active: bool, now: float,
+                   num_examples: int | None = None, info: Mapping[str, Any] | None = None) -> None:
+        self._exec(
+            "INSERT INTO devices(name, token_hash, active, num_examples, registered_at, last_seen, info)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (name, token_hash, int(active), num_examples, now, now, json.dumps(info or {})),
+        )
+
+    def get_device(self, name: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM devices WHERE name = ?", (name,))
+
+    def device_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM devices WHERE token_hash = ?", (token_hash,))
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM devices ORDER BY name")
+
+    def update_device(self, name: str, **fields: Any) -> None:
+        allowed = {"token_hash", "active", "num_examples", "last_seen", "state", "info"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"unknown device fields {sorted(bad)}")
+        if "info" in fields:
+            fields["info"] = json.dumps(fields["info"])
+        if "active" in fields:
+            fields["active"] = int(fields["active"])
+        assignments = ", ".join(f"{k} = :{k}" for k in fields)
+        self._exec(f"UPDATE devices SET {assignments} WHERE name = :name", {**fields, "name": name})
+
+    # rounds -------------------------------------------------------------
+    def insert_round(self, number: int, *, started_at: float, selected: list[str],
+                     config: Mapping[str, Any], status: str = "open") -> None:
+        self._exec(
+            "INSERT INTO rounds(number, status, started_at, selected, config) VALUES (?, ?, ?, ?, ?)",
+            (number, status, started_at, json.dumps(selected), json.dumps(dict(config))),
+        )
+
+    def complete_round(self, number: int, *, closed_at: float, num_updates: int,
+                       num_examples: int, test_loss: float | None, test_accuracy: float | None,
+                       checkpoint: str) -> None:
+        self._exec(
+            "UPDATE rounds SET status = 'complete', closed_at = ?, num_updates = ?, num_examples = ?,"
+            " test_loss = ?, test_accuracy = ?, checkpoint = ? WHERE number = ?",
+            (closed_at, num_updates, num_examples, test_loss, test_accuracy, checkpoint, number),
+        )
+
+    def set_round_selected(self, number: int, selected: list[str]) -> None:
+        self._exec("UPDATE rounds SET selected = ? WHERE number = ?", (json.dumps(selected), number))
+
+    def discard_round(self, number: int) -> None:
+        """Forget a round that never completed, and the updates it had received."""
+        with self.transaction():
+            self._exec("DELETE FROM updates WHERE round = ?", (number,))
+            self._exec("DELETE FROM rounds WHERE number = ? AND status != 'complete'", (number,))
+
+    def discard_unfinished_rounds(self) -> list[int]:
+        numbers = [r["number"] for r in self._all("SELECT number FROM rounds WHERE status != 'complete'")]
+        for n in numbers:
+            self.discard_round(n)
+        return numbers
+
+    def get_round(self, number: int) -> dict[str, Any] | None:
+        return _decode_round(self._one("SELECT * FROM rounds WHERE number = ?", (number,)))
+
+    def last_complete_round(self) -> dict[str, Any] | None:
+        return _decode_round(self._one(
+            "SELECT * FROM rounds WHERE status = 'complete' ORDER BY number DESC LIMIT 1"))
+
+    def list_rounds(self) -> list[dict[str, Any]]:
+        return [_decode_round(r) for r in self._all("SELECT * FROM rounds ORDER BY number")]
+
+    def reset_rounds(self) -> None:
+        with self.transaction():
+            self._exec("DELETE FROM updates")
+            self._exec("DELETE FROM rounds")
+
+    # updates ------------------------------------------------------------
+    def add_update(self, round_number: int, device: str, *, num_examples: int,
+                   metrics: Mapping[str, float], upload_id: str | None, now: float) -> None:
+        self._exec(
+            "INSERT INTO updates(round, device, num_examples, metrics, upload_id, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (round_number, device, num_examples, json.dumps(dict(metrics)), upload_id, now),
+        )
+
+    def get_update(self, round_number: int, device: str) -> dict[str, Any] | None:
+        return _decode_update(self._one(
+            "SELECT * FROM updates WHERE round = ? AND device = ?", (round_number, device)))
+
+    def list_updates(self, round_number: int | None = None) -> list[dict[str, Any]]:
+        if round_number is None:
+            rows = self._all("SELECT * FROM updates ORDER BY round, device")
+        else:
+            rows = self._all("SELECT * FROM updates WHERE round = ? ORDER BY device", (round_number,))
+        return [_decode_update(r) for r in rows]
+
+    # checkpoints --------------------------------------------------------
+    def checkpoint_path(self, number: int) -> Path:
+        return self.checkpoint_dir / f"round_{number:05d}.safetensors"
+
+    def write_checkpoint(self, number: int, weights: Mapping[str, np.ndarray]) -> Path:
+        path = self.checkpoint_path(number)
+        atomic_write_bytes(path, wire.encode(weights, wire.Meta(round=number, model_version=number)))
+        return path
+
+    def read_checkpoint(self, number: int) -> dict[str, np.ndarray]:
+        weights, _ = wire.decode(self.checkpoint_path(number).read_bytes(), max_bytes=2**40)
+        return weights
+
+    def remove_checkpoints(self) -> None:
+        for path in self.checkpoint_dir.glob("round_*.safetensors"):
+            path.unlink(missing_ok=True)
+
+
+class _Transaction:
+    def __init__(self, storage: Storage) -> None:
+        self._s = storage
+
+    def __enter__(self) -> None:
+        self._s._lock.acquire()
+        self._s._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._s._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._s._lock.release()
+
+
+def _decode_round(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    row["selected"] = json.loads(row["selected"])
+    row["config"] = json.loads(row["config"])
+    return row
+
+
+def _decode_update(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    row["metrics"] = json.loads(row["metrics"])
+    return row

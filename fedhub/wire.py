@@ -1,0 +1,156 @@
+"""The one codec for weights on the wire and on disk: safetensors plus metadata.
+
+safetensors is a flat binary layout (an 8-byte little-endian header length, a
+JSON header, raw little-endian tensor bytes) that cannot execute code, unlike
+pickle. The same function encodes the server's global model and a device's
+update, and the same function decodes and validates both.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from .errors import InvalidInput, TooLarge
+
+FORMAT = "fedhub/1"
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# A real header is a few kilobytes; refusing big ones early bounds the JSON parse.
+MAX_HEADER_BYTES = 1024 * 1024
+
+Weights = dict[str, np.ndarray]
+Spec = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What travels beside the tensors: which round, from which model, how much data."""
+
+    round: int = 0
+    model_version: int = 0
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_strings(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "round": str(self.round),
+            "model_version": str(self.model_version),
+            "num_examples": str(self.num_examples),
+            "metrics": json.dumps(self.metrics, allow_nan=False),
+        }
+
+
+def spec_of(weights: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The names, shapes and dtypes that a peer's tensors must match."""
+    return {name: (tuple(int(d) for d in a.shape), str(a.dtype)) for name, a in weights.items()}
+
+
+def encode(weights: Mapping[str, np.ndarray], meta: Meta) -> bytes:
+    """Serialise weights and metadata to safetensors bytes."""
+    tensors = {name: np.ascontiguousarray(a) for name, a in weights.items()}
+    return st_save(tensors, metadata=meta.to_strings())
+
+
+def _header(body: bytes) -> dict:
+    if len(body) < 8:
+        raise InvalidInput("body is truncated: shorter than the 8-byte safetensors header length", "body")
+    (n,) = struct.unpack("<Q", body[:8])
+    if n > MAX_HEADER_BYTES:
+        raise InvalidInput(f"safetensors header of {n} bytes exceeds {MAX_HEADER_BYTES}", "body")
+    if 8 + n > len(body):
+        raise InvalidInput("body is truncated: the safetensors header runs past the end", "body")
+    try:
+        header = json.loads(body[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"safetensors header is not valid JSON: {exc}", "body") from None
+    if not isinstance(header, dict):
+        raise InvalidInput("safetensors header must be a JSON object", "body")
+    return header
+
+
+def _int_meta(raw: Mapping[str, str], key: str) -> int:
+    value = raw.get(key, "0")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"metadata {key!r} must be an integer, got {value!r}", key) from None
+    if number < 0:
+        raise InvalidInput(f"metadata {key!r} must not be negative", key)
+    return number
+
+
+def _meta(raw: Mapping[str, str]) -> Meta:
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise InvalidInput("safetensors __metadata__ must map strings to strings", "metadata")
+    try:
+        metrics = json.loads(raw.get("metrics", "{}"))
+    except json.JSONDecodeError:
+        raise InvalidInput("metadata 'metrics' must be a JSON object", "metrics") from None
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+        for k, v in metrics.items()
+    ):
+        raise InvalidInput("metadata 'metrics' must map names to numbers", "metrics")
+    if not all(np.isfinite(v) for v in metrics.values()):
+        raise InvalidInput("metadata 'metrics' holds NaN or infinity", "metrics")
+    return Meta(
+        round=_int_meta(raw, "round"),
+        model_version=_int_meta(raw, "model_version"),
+        num_examples=_int_meta(raw, "num_examples"),
+        metrics={k: float(v) for k, v in metrics.items()},
+    )
+
+
+def decode(
+    body: bytes,
+    spec: Spec | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    require_examples: bool = False,
+) -> tuple[Weights, Meta]:
+    """Parse and validate safetensors bytes.
+
+    With a ``spec`` every tensor must be present with exactly that shape and
+    dtype; unknown names, missing names, NaN and infinity are refused. Every
+    refusal is an :class:`InvalidInput` naming the field, so the caller can
+    answer 4xx and change nothing.
+    """
+    if len(body) > max_bytes:
+        raise TooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}", "body")
+    header = _header(body)
+    meta = _meta(header.get("__metadata__") or {})
+    if require_examples and meta.num_examples < 1:
+        raise InvalidInput("metadata 'num_examples' must be a positive integer", "num_examples")
+    if spec is not None:
+        names = set(header) - {"__metadata__"}
+        unknown = sorted(names - set(spec))
+        missing = sorted(set(spec) - names)
+        if unknown:
+            raise InvalidInput(f"unknown tensor {unknown[0]!r}", unknown[0])
+        if missing:
+            raise InvalidInput(f"missing tensor {missing[0]!r}", missing[0])
+    try:
+        tensors = st_load(bytes(body))
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise InvalidInput(f"not a valid safetensors body: {exc}", "body") from None
+    if spec is not None:
+        for name, (shape, dtype) in spec.items():
+            array = tensors[name]
+            if tuple(array.shape) != tuple(shape):
+                raise InvalidInput(
+                    f"tensor {name!r} has shape {list(array.shape)}, expected {list(shape)}", name
+                )
+            if str(array.dtype) != dtype:
+                raise InvalidInput(f"tensor {name!r} has dtype {array.dtype}, expected {dtype}", name)
+    for name, array in tensors.items():
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise InvalidInput(f"tensor {name!r} holds NaN or infinity", name)
+    return tensors, meta

@@ -1,0 +1,560 @@
+"""The FedHub Keras model and the one preprocessing step shared by every code path.
+
+Training (devices), evaluation (server) and prediction (the web API) must all feed the
+network exactly the same kind of tensor, otherwise a model that trains well scores badly
+when served.  That is why :func:`preprocess` and :func:`image_to_array` live here, next to
+the network, and why nothing else in the project should scale or reshape images itself.
+
+Weights are exchanged between devices and the server by *name* (``variable.path``), so every
+layer and model is named explicitly: Keras 3 would otherwise auto-number layers
+(``dense``, ``dense_1``, ...) depending on how many models the process has built before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "CLASS_NAMES",
+    "IMAGE_SIZE",
+    "MODEL_NAMES",
+    "NUM_CLASSES",
+    "ImageError",
+    "Model",
+    "build_keras_model",
+    "image_to_array",
+    "preprocess",
+]
+
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+MODEL_NAMES: tuple[str, ...] = ("basic", "cnn")
+
+_KERAS_PREFIX = "fedhub_"
+_PREDICT_BATCH = 1024
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def preprocess(images: np.ndarray) -> np.ndarray:
+    """Turn raw Fashion-MNIST-style images into the network's input tensor.
+
+    Accepts one image ``(28, 28)`` or a batch ``(N, 28, 28)`` / ``(N, 28, 28, 1)``.  Integer
+    images are taken as 0-255 grey levels (as stored in the dataset and produced by
+    :func:`image_to_array`); floating images are taken as already scaled to 0..1.  Returns
+    float32 ``(N, 28, 28, 1)`` in [0, 1].
+
+    Out-of-range values raise instead of being clipped: a float image in 0..255 or a
+    uint16 image is almost always a caller bug, and silently squashing it would give
+    confident nonsense predictions.
+    """
+    arr = np.asarray(images)
+    if arr.dtype == np.bool_ or not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
+        raise ValueError(
+            f"images must be an integer (0-255) or float (0..1) array, got {arr.dtype}"
+        )
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    if arr.ndim == 2 and arr.shape == size:
+        arr = arr[np.newaxis, :, :, np.newaxis]
+    elif arr.ndim == 3 and arr.shape[1:] == size:
+        arr = arr[..., np.newaxis]
+    elif not (arr.ndim == 4 and arr.shape[1:] == (*size, 1)):
+        raise ValueError(
+            f"expected one image of shape (28, 28) or a batch of shape (N, 28, 28) or "
+            f"(N, 28, 28, 1), got shape {arr.shape}"
+        )
+    if arr.size == 0:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"integer images must be 0-255 grey levels, got values {lo}..{hi}")
+        return arr.astype(np.float32) / np.float32(255.0)
+    out = arr.astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        raise ValueError("float images contain NaN or infinite values")
+    lo_f, hi_f = float(out.min()), float(out.max())
+    if lo_f < 0.0 or hi_f > 1.0:
+        raise ValueError(
+            f"float images must already be scaled to 0..1, got values {lo_f:g}..{hi_f:g} "
+            "(pass uint8 0-255 images to have them scaled)"
+        )
+    return out
+
+
+class ImageError(ValueError):
+    """Uploaded data is not a usable picture (not an image, truncated, or too large)."""
+
+
+def _bomb_message(pixels: int | None = None) -> str:
+    limit = Image.MAX_IMAGE_PIXELS
+    got = f" ({pixels} pixels)" if pixels is not None else ""
+    return (
+        f"image is too large to decode safely{got}: it exceeds the pixel limit of "
+        f"{limit} pixels (Pillow's decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS)"
+    )
+
+
+def _open_image(source: bytes | BinaryIO | Image.Image) -> Image.Image:
+    """Open and fully decode ``source``; every decoding failure becomes :class:`ImageError`."""
+    if isinstance(source, Image.Image):
+        img, from_data = source, False
+    elif isinstance(source, bytes | bytearray | memoryview):
+        img, from_data = None, True
+        stream: Any = io.BytesIO(bytes(source))
+    elif hasattr(source, "read"):
+        img, from_data = None, True
+        stream = source
+    else:
+        raise TypeError(
+            "image_to_array() takes bytes, a binary file object or a PIL image, "
+            f"not {type(source).__name__} (to read a path, open it with open(path, 'rb'))"
+        )
+    try:
+        if img is None:
+            img = Image.open(stream)
+            # Pillow only refuses images above 2x the limit; anything above the limit is
+            # still far too big for a 28x28 classifier fed by uploads, so refuse it here.
+            limit = Image.MAX_IMAGE_PIXELS
+            pixels = img.size[0] * img.size[1]
+            if limit is not None and pixels > limit:
+                raise ImageError(_bomb_message(pixels))
+        img.load()  # decode now so truncated or corrupt data fails here, not later
+    except Image.DecompressionBombError as exc:
+        raise ImageError(_bomb_message()) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError("data is not a recognised image format") from exc
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, EOFError, ValueError) as exc:
+        what = "image data is truncated or corrupt" if from_data else "image cannot be decoded"
+        raise ImageError(f"{what}: {exc}") from exc
+    return img
+
+
+def _to_greyscale(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit greyscale ``L``.
+
+    Transparent pixels are composited onto white: transparency means "background", and a
+    white background is then detected and inverted like any photo on a light backdrop.
+    """
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode == "L":
+        return img
+    if img.mode.startswith("I;16"):
+        arr16 = np.asarray(img).astype(np.uint32)
+        return Image.fromarray((arr16 >> 8).astype(np.uint8), mode="L")
+    if img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            arr = arr * 255.0
+        elif lo >= 0.0 and hi <= 65535.0 and hi > 255.0:
+            arr = arr / 257.0
+        elif lo < 0.0 or hi > 255.0:
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    try:
+        return img.convert("L")
+    except ValueError:  # modes such as LAB/HSV have no direct conversion to L
+        return img.convert("RGB").convert("L")
+
+
+def image_to_array(source: bytes | BinaryIO | Image.Image) -> np.ndarray:
+    """Turn any real picture into a Fashion-MNIST-like uint8 ``(28, 28)`` array.
+
+    Fashion-MNIST items are light garments centred on a black background, 28 pixels on the
+    longer side.  Photos are usually the opposite (dark item on a light backdrop) and of any
+    size, so this function: decodes the data (fully, so truncated files fail early), applies
+    the EXIF orientation, composites transparency onto white, converts to greyscale, scales
+    the longer side to 28 with LANCZOS keeping the aspect ratio (small images are scaled
+    up), pads to 28x28 centred with the background colour, and inverts when the background is
+    light (mean of the picture's border pixels > 127, measured before resizing and padding).
+    A genuine Fashion-MNIST image therefore comes back unchanged.
+
+    Raises :class:`ImageError` for data that is not an image, is truncated or corrupt, or is
+    larger than Pillow's decompression-bomb pixel limit.
+    """
+    img = _open_image(source)
+    try:
+        if img.getexif().get(0x0112, 1) != 1:  # 0x0112 = EXIF Orientation
+            img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError):
+        pass  # unreadable EXIF is not a reason to reject the picture itself
+    grey = _to_greyscale(img)
+
+    width, height = grey.size
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels (size {width}x{height})")
+    # Background is judged on the picture as given: after a LANCZOS resize the outermost
+    # pixels carry ringing from the object, which would skew both the decision and the
+    # padding colour.  The median is the padding colour because it ignores an object that
+    # touches the edge; the mean decides light vs dark.
+    original = np.asarray(grey, dtype=np.uint8)
+    border = np.concatenate([original[0, :], original[-1, :], original[:, 0], original[:, -1]])
+    background = int(np.rint(np.median(border)))
+    light_background = float(border.mean()) > 127.0
+
+    scale = IMAGE_SIZE / max(width, height)
+    new_size = (
+        max(1, min(IMAGE_SIZE, round(width * scale))),
+        max(1, min(IMAGE_SIZE, round(height * scale))),
+    )
+    if new_size != (width, height):
+        grey = grey.resize(new_size, Image.Resampling.LANCZOS)
+    arr = np.asarray(grey, dtype=np.uint8)
+
+    out = np.full((IMAGE_SIZE, IMAGE_SIZE), background, dtype=np.uint8)
+    h, w = arr.shape
+    top, left = (IMAGE_SIZE - h) // 2, (IMAGE_SIZE - w) // 2
+    out[top : top + h, left : left + w] = arr
+    if light_background:
+        out = 255 - out
+    return out
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def _build_basic() -> keras.Model:
+    """The TensorFlow "basic classification" (clothes) tutorial network, logits output."""
+    return keras.Sequential(
+        [
+            keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="image"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(128, activation="relu", name="hidden"),
+            keras.layers.Dense(NUM_CLASSES, name="logits"),
+        ],
+        name=f"{_KERAS_PREFIX}basic",
+    )
+
+
+def _build_cnn() -> keras.Model:
+    """A small two-block CNN: more accurate than ``basic`` for a modest cost."""
+    return keras.Sequential(
+        [
+            keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="image"),
+            keras.layers.Conv2D(32, 3, activation="relu", name="conv1"),
+            keras.layers.MaxPooling2D(name="pool1"),
+            keras.layers.Conv2D(64, 3, activation="relu", name="conv2"),
+            keras.layers.MaxPooling2D(name="pool2"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(128, activation="relu", name="hidden"),
+            keras.layers.Dense(NUM_CLASSES, name="logits"),
+        ],
+        name=f"{_KERAS_PREFIX}cnn",
+    )
+
+
+_BUILDERS: dict[str, Callable[[], keras.Model]] = {"basic": _build_basic, "cnn": _build_cnn}
+
+
+def _check_name(name: str) -> None:
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def build_keras_model(name: str = "basic") -> keras.Model:
+    """Build (uncompiled) the named network; weight names are fixed by explicit layer names."""
+    _check_name(name)
+    return _BUILDERS[name]()
+
+
+def _compile(keras_model: keras.Model, learning_rate: float) -> None:
+    keras_model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def _labels(y: np.ndarray, n: int) -> np.ndarray:
+    labels = np.asarray(y)
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"expected {n} labels in a 1-D array, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers 0-{NUM_CLASSES - 1}, got dtype {labels.dtype}")
+    if n and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"labels must be in 0..{NUM_CLASSES - 1}")
+    return labels.astype(np.int64)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+class Model:
+    """A compiled FedHub network plus the name-keyed weight exchange used by FedAvg.
+
+    All inputs are *raw* images (uint8 0-255, or float 0..1); :func:`preprocess` is applied
+    inside, so callers cannot accidentally preprocess twice or differently.
+    """
+
+    def __init__(
+        self, name: str = "basic", *, learning_rate: float = 1e-3, seed: int | None = 0
+    ) -> None:
+        """Build and compile network ``name``.
+
+        ``seed`` is passed to ``keras.utils.set_random_seed`` (which seeds Python, NumPy and
+        the backend globally) so that every participant starting from the same seed gets the
+        same initial weights; pass ``None`` to leave the global random state alone.
+        """
+        _check_name(name)
+        if seed is not None:
+            keras.utils.set_random_seed(seed)
+        self.name = name
+        self.keras_model: keras.Model = build_keras_model(name)
+        _compile(self.keras_model, learning_rate)
+
+    def __repr__(self) -> str:
+        return f"Model(name={self.name!r}, parameters={self.num_parameters()})"
+
+    # ------------------------------------------------------------------ training / inference
+
+    def train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int = 1,
+        batch_size: int = 32,
+        learning_rate: float | None = None,
+        callbacks: list[keras.callbacks.Callback] | None = None,
+        verbose: int = 0,
+    ) -> dict[str, float]:
+        """Train on raw images; return ``{"loss", "accuracy"}`` of the last epoch.
+
+        ``learning_rate`` (if given) replaces the optimizer's rate from now on, so the server
+        can change it between federated rounds without rebuilding the model.
+        """
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        inputs = preprocess(x)
+        if inputs.shape[0] == 0:
+            raise ValueError("cannot train on an empty dataset")
+        labels = _labels(y, inputs.shape[0])
+        if learning_rate is not None:
+            if not learning_rate > 0:
+                raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+            self.keras_model.optimizer.learning_rate = float(learning_rate)
+        history = self.keras_model.fit(
+            inputs,
+            labels,
+            epochs=epochs,
+            batch_size=batch_size,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=True,
+        )
+        return {
+            "loss": float(history.history["loss"][-1]),
+            "accuracy": float(history.history["accuracy"][-1]),
+        }
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 512) -> dict[str, float]:
+        """Return ``{"loss", "accuracy"}`` on raw images ``x`` with labels ``y``."""
+        inputs = preprocess(x)
+        if inputs.shape[0] == 0:
+            raise ValueError("cannot evaluate on an empty dataset")
+        labels = _labels(y, inputs.shape[0])
+        result = self.keras_model.evaluate(
+            inputs, labels, batch_size=batch_size, verbose=0, return_dict=True
+        )
+        return {"loss": float(result["loss"]), "accuracy": float(result["accuracy"])}
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Return softmax probabilities float32 ``(N, 10)``; a single image gives ``(1, 10)``.
+
+        Calls the model directly in batches rather than ``keras.Model.predict`` because the
+        latter has a large fixed overhead that dominates single-image web requests.
+        """
+        inputs = preprocess(x)
+        if inputs.shape[0] == 0:
+            return np.zeros((0, NUM_CLASSES), dtype=np.float32)
+        chunks = []
+        for start in range(0, inputs.shape[0], _PREDICT_BATCH):
+            batch = inputs[start : start + _PREDICT_BATCH]
+            logits = self.keras_model(batch, training=False)
+            chunks.append(keras.ops.convert_to_numpy(logits))
+        return _softmax(np.concatenate(chunks).astype(np.float64))
+
+    # ------------------------------------------------------------------ weights
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Return ``{variable.path: float32 copy}`` in model order (optimizer state excluded)."""
+        return {
+            v.path: np.array(keras.ops.convert_to_numpy(v.value), dtype=np.float32, copy=True)
+            for v in self.keras_model.weights
+        }
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace all weights by name; validate everything before changing anything.
+
+        The set of names must match exactly and every shape must match, because a partial or
+        mismatched update from a device running a different architecture must never be
+        mixed into the global model.  Non-finite values are refused for the same reason (a
+        diverged device would otherwise poison every later round).  Values are cast to each
+        variable's dtype.
+        """
+        if not isinstance(weights, Mapping):
+            raise ValueError(
+                f"weights must be a mapping name -> array, got {type(weights).__name__}"
+            )
+        variables = self.keras_model.weights
+        expected = [v.path for v in variables]
+        expected_set = set(expected)
+        for name in expected:
+            if name not in weights:
+                raise ValueError(f"missing weight tensor {name!r}")
+        for name in weights:
+            if name not in expected_set:
+                raise ValueError(f"unexpected weight tensor {name!r} (not in model {self.name!r})")
+        prepared = []
+        for v in variables:
+            value = np.asarray(weights[v.path])
+            shape = tuple(int(d) for d in v.shape)
+            if value.shape != shape:
+                raise ValueError(
+                    f"weight tensor {v.path!r} has shape {value.shape}, expected {shape}"
+                )
+            if not (
+                np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)
+            ):
+                raise ValueError(f"weight tensor {v.path!r} has non-numeric dtype {value.dtype}")
+            dtype = keras.backend.standardize_dtype(v.dtype)
+            cast = value.astype(dtype)
+            if not np.all(np.isfinite(cast)):
+                raise ValueError(f"weight tensor {v.path!r} contains NaN or infinite values")
+            prepared.append((v, cast))
+        for v, cast in prepared:
+            v.assign(cast)
+
+    def weight_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Return ``{name: (shape, dtype name)}`` so peers can validate updates cheaply."""
+        return {
+            v.path: (tuple(int(d) for d in v.shape), keras.backend.standardize_dtype(v.dtype))
+            for v in self.keras_model.weights
+        }
+
+    def num_parameters(self) -> int:
+        """Total number of scalars in the model weights."""
+        return int(sum(int(np.prod(v.shape)) for v in self.keras_model.weights))
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path) -> None:
+        """Save architecture, weights and optimizer state to a ``.keras`` file atomically.
+
+        Writes a temporary ``.keras`` file in the destination directory and renames it over
+        the target, so a reader (or a crash) never sees a half-written model.
+        """
+        target = Path(path)
+        if target.suffix != ".keras":
+            raise ValueError(f"model files must end in .keras, got {target.name!r}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.stem}.", suffix=".keras", dir=target.parent
+        )
+        os.close(fd)
+        optimizer = self.keras_model.optimizer
+        if optimizer is not None and not optimizer.built:
+            # Save a complete optimizer state, so loading does not warn about a mismatch.
+            optimizer.build(self.keras_model.trainable_variables)
+        try:
+            self.keras_model.save(tmp_name, overwrite=True)
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> Model:
+        """Load a ``.keras`` file written by :meth:`save` (``safe_mode=True``: no code runs).
+
+        The network name comes from the Keras model name (``fedhub_basic`` / ``fedhub_cnn``).
+        Keras' deserialised layers do not get the model-name prefix in their variable paths
+        (``hidden/kernel`` instead of ``fedhub_basic/hidden/kernel``), so the weights and
+        optimizer state are copied into a freshly built network: that keeps weight names
+        identical to :class:`Model` instances built in code, and checks the layout so a
+        foreign or outdated file cannot silently join a federation.
+        """
+        source = Path(path)
+        if not source.is_file():
+            raise FileNotFoundError(f"no model file at {source}")
+        loaded = keras.saving.load_model(source, safe_mode=True)
+        keras_name = str(loaded.name)
+        name = keras_name.removeprefix(_KERAS_PREFIX)
+        if not keras_name.startswith(_KERAS_PREFIX) or name not in _BUILDERS:
+            raise ValueError(
+                f"{source} holds Keras model {keras_name!r}, not one of "
+                f"{', '.join(_KERAS_PREFIX + n for n in MODEL_NAMES)}"
+            )
+        fresh = build_keras_model(name)
+        pairs = list(zip(loaded.weights, fresh.weights, strict=False))
+        layout_ok = len(loaded.weights) == len(fresh.weights) and all(
+            tuple(a.shape) == tuple(b.shape)
+            and b.path.removeprefix(f"{keras_name}/") == a.path.removeprefix(f"{keras_name}/")
+            for a, b in pairs
+        )
+        if not layout_ok:
+            raise ValueError(f"{source}: weights do not match the {name!r} architecture")
+        for a, b in pairs:
+            b.assign(keras.ops.convert_to_numpy(a.value))
+
+        learning_rate = 1e-3
+        old_opt = getattr(loaded, "optimizer", None)
+        if old_opt is not None:
+            with contextlib.suppress(TypeError, ValueError):  # a schedule: keep the default
+                learning_rate = float(keras.ops.convert_to_numpy(old_opt.learning_rate))
+        _compile(fresh, learning_rate)
+        if old_opt is not None and old_opt.built:
+            new_opt = fresh.optimizer
+            new_opt.build(fresh.trainable_variables)
+            old_vars, new_vars = old_opt.variables, new_opt.variables
+            if len(old_vars) == len(new_vars) and all(
+                tuple(a.shape) == tuple(b.shape) for a, b in zip(old_vars, new_vars, strict=True)
+            ):
+                for a, b in zip(old_vars, new_vars, strict=True):
+                    b.assign(keras.ops.convert_to_numpy(a.value))
+
+        self = cls.__new__(cls)
+        self.name = name
+        self.keras_model = fresh
+        return self

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+from fedhub.aggregation import FedAvg, FedAvgM, WeightedSum, make_strategy, weighted_mean
+
+
+def _random_updates(rng, k):
+    shapes = {f"t{i}": tuple(rng.integers(1, 6, size=rng.integers(0, 4))) for i in range(4)}
+    updates = []
+    for _ in range(k):
+        w = {n: rng.normal(scale=rng.uniform(0.1, 10), size=s).astype(np.float32)
+             for n, s in shapes.items()}
+        updates.append((w, int(rng.integers(1, 10_000))))
+    return updates
+
+
+def _reference(updates):
+    total = sum(n for _, n in updates)
+    return {name: sum(w[name].astype(np.float64) * n for w, n in updates) / total
+            for name in updates[0][0]}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fedavg_is_the_exact_weighted_mean(seed):
+    rng = np.random.default_rng(seed)
+    updates = _random_updates(rng, int(rng.integers(1, 12)))
+    expected = _reference(updates)
+    acc = FedAvg().accumulator(updates[0][0])
+    for w, n in updates:
+        acc.add(w, n)
+    got = acc.result()
+    assert acc.count == len(updates)
+    assert acc.total_examples == sum(n for _, n in updates)
+    for name, ref in expected.items():
+        assert got[name].dtype == np.float32
+        assert got[name].shape == ref.shape
+        np.testing.assert_allclose(got[name], ref.astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_one_call_form_matches_streaming():
+    updates = _random_updates(np.random.default_rng(7), 5)
+    a = weighted_mean(updates)
+    acc = WeightedSum(updates[0][0])
+    for w, n in updates:
+        acc.add(w, n)
+    b = acc.result()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_weights_matter():
+    a = {"w": np.zeros(2, np.float32)}
+    b = {"w": np.ones(2, np.float32)}
+    np.testing.assert_allclose(weighted_mean([(a, 1), (b, 3)])["w"], [0.75, 0.75])
+
+
+def test_refusals():
+    with pytest.raises(ValueError):
+        weighted_mean([])
+    acc = WeightedSum({"w": np.zeros(2, np.float32)})
+    with pytest.raises(ValueError):
+        acc.result()
+    with pytest.raises(ValueError):
+        acc.add({"w": np.zeros(2, np.float32)}, 0)
+    with pytest.raises(ValueError, match="fedavg"):
+        make_strategy("nope")
+
+
+def test_fedavgm_with_zero_momentum_and_unit_rate_is_fedavg():
+    updates = _random_updates(np.random.default_rng(3), 4)
+    glob = {n: np.zeros_like(a) for n, a in updates[0][0].items()}
+    s = FedAvgM(server_learning_rate=1.0, momentum=0.0)
+    acc = s.accumulator(glob)
+    for w, n in updates:
+        acc.add(w, n)
+    got = acc.result()
+    ref = weighted_mean(updates)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,233 @@
+"""The HTTP layer over the real engine and a real SQLite file, with a tiny NumPy model (no TensorFlow)."""
+
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from api import build_app
+from fedhub import wire
+from fedhub.config import FederationConfig
+from fedhub.devices import DeviceRegistry
+from fedhub.rounds import Coordinator
+from fedhub.storage import Storage
+
+ADMIN = "admin-secret"
+ENROLL = "enroll-secret"
+INITIAL = {"dense/kernel": np.zeros((3, 2), np.float32), "dense/bias": np.zeros(2, np.float32)}
+
+
+def make_app(tmp_path, **fed):
+    fed.setdefault("round_timeout", 30)
+    config = FederationConfig(**fed)
+    storage = Storage(tmp_path / "state")
+    devices = DeviceRegistry(storage, enroll_secret=ENROLL, auto_activate=config.auto_activate)
+    evals = []
+
+    def evaluate(w):
+        evals.append(w)
+        return {"loss": float(np.abs(w["dense/kernel"]).sum()), "accuracy": 0.5}
+
+    engine = Coordinator(storage, devices, initial_weights=INITIAL, config=config,
+                         evaluate=evaluate, max_upload_bytes=1_000_000)
+    app = build_app(engine, admin_token=ADMIN, max_wait=5)
+    engine.start()
+    return app, engine
+
+
+@pytest.fixture
+def app(tmp_path):
+    app, engine = make_app(tmp_path, min_devices=2, rounds=2, auto_activate=True, start=True)
+    yield app
+    engine.stop()
+
+
+def register(client, name, secret=ENROLL):
+    r = client.post("/api/devices/register", json={"name": name}, headers={"X-Enroll-Secret": secret})
+    return r
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def update_body(value, round_number, version, n):
+    weights = {k: np.full(v.shape, value, np.float32) for k, v in INITIAL.items()}
+    return wire.encode(weights, wire.Meta(round=round_number, model_version=version, num_examples=n,
+                                          metrics={"accuracy": 0.7, "loss": 0.3}))
+
+
+def upload(client, name, token, round_number, body, key=None):
+    headers = {**bearer(token), "Content-Type": "application/octet-stream"}
+    if key:
+        headers["Idempotency-Key"] = key
+    return client.post(f"/api/devices/{name}/updates/{round_number}", data=body, headers=headers)
+
+
+def two_devices(client):
+    return {n: register(client, n).get_json()["token"] for n in ("d1", "d2")}
+
+
+def wait_task(client, name, token, action="train"):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        task = client.get(f"/api/devices/{name}/task?wait=1", headers=bearer(token)).get_json()
+        if task["action"] == action:
+            return task
+    raise AssertionError(f"no {action} task: {task}")
+
+
+def test_register_refusals(app):
+    c = app.test_client()
+    assert register(c, "d1", secret="wrong").status_code == 401
+    assert c.post("/api/devices/register", json={"name": "d1"}).status_code == 401
+    for bad in ["../etc", "a/b", "", "x" * 65, ".hidden", 5]:
+        r = register(c, bad)
+        assert r.status_code == 400 and r.get_json()["field"] == "name", bad
+    r = c.post("/api/devices/register", data="name=d1", headers={"X-Enroll-Secret": ENROLL})
+    assert r.status_code == 400 and r.get_json()["field"] == "Content-Type"
+    r = c.post("/api/devices/register", data="{oops", content_type="application/json",
+               headers={"X-Enroll-Secret": ENROLL})
+    assert r.status_code == 400 and r.get_json()["field"] == "body"
+    assert register(c, "d1").status_code == 201
+
+
+def test_auth_refusals(app):
+    c = app.test_client()
+    tokens = two_devices(c)
+    # no token, wrong token, another device's token
+    assert c.get("/api/devices/d1/task").status_code == 401
+    assert c.get("/api/devices/d1/task", headers=bearer("forged")).status_code == 401
+    r = c.get("/api/devices/d1/task", headers=bearer(tokens["d2"]))
+    assert r.status_code == 403 and r.get_json()["field"] == "Authorization"
+    assert upload(c, "d1", tokens["d2"], 1, update_body(1, 1, 0, 5)).status_code == 403
+    assert c.get("/api/model").status_code == 401
+    # non-admin on control calls
+    for path in ("/api/training/start", "/api/training/pause", "/api/training/reset",
+                 "/api/devices/d1/activate", "/api/devices/d1/deactivate"):
+        assert c.post(path).status_code == 401, path
+        assert c.post(path, headers=bearer(tokens["d1"])).status_code == 403, path
+    assert c.post("/api/devices/nobody/activate", headers=bearer(ADMIN)).status_code == 404
+    body = c.get("/api/devices/d1/task", headers=bearer("forged")).get_data(as_text=True)
+    assert "forged" not in body and tokens["d1"] not in body
+
+
+def test_two_rounds_through_http(app):
+    c = app.test_client()
+    tokens = two_devices(c)
+    for rnd, values in [(1, {"d1": 1.0, "d2": 4.0}), (2, {"d1": 2.0, "d2": 2.0})]:
+        for name, token in tokens.items():
+            task = wait_task(c, name, token)
+            assert task["round"] == rnd and task["model_version"] == rnd - 1
+            assert task["config"]["epochs"] == 1
+            model = c.get("/api/model", headers=bearer(token))
+            assert model.status_code == 200 and model.headers["ETag"] == f'"v{rnd - 1}"'
+            again = c.get("/api/model", headers={**bearer(token), "If-None-Match": model.headers["ETag"]})
+            assert again.status_code == 304
+            n = 10 if name == "d1" else 30
+            r = upload(c, name, token, rnd, update_body(values[name], rnd, rnd - 1, n))
+            assert r.status_code == 200, r.get_json()
+        deadline = time.monotonic() + 10
+        while c.get("/api/status").get_json()["completed_rounds"] < rnd:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    history = c.get("/api/history").get_json()["rounds"]
+    assert [h["round"] for h in history] == [1, 2]
+    assert history[0]["num_examples"] == 40 and history[0]["num_updates"] == 2
+    assert set(history[0]["devices"]) == {"d1", "d2"}
+    weights, meta = wire.decode(c.get("/api/model", headers=bearer(ADMIN)).data)
+    assert meta.model_version == 2
+    np.testing.assert_allclose(weights["dense/bias"], [2.0, 2.0])
+    assert c.get("/api/status").get_json()["status"] == "finished"
+    assert wait_task(c, "d1", tokens["d1"], "finish")["action"] == "finish"
+    # late update for a closed round
+    r = upload(c, "d1", tokens["d1"], 1, update_body(9.0, 1, 0, 10))
+    assert r.status_code == 409 and r.get_json()["field"] == "round"
+
+
+def test_round_rows_in_sqlite(tmp_path):
+    app, engine = make_app(tmp_path, min_devices=1, rounds=1, auto_activate=True, start=True)
+    c = app.test_client()
+    token = register(c, "d1").get_json()["token"]
+    wait_task(c, "d1", token)
+    assert upload(c, "d1", token, 1, update_body(3.0, 1, 0, 7), key="k1").status_code == 200
+    time.sleep(1.0)
+    engine.stop()
+    db = sqlite3.connect(tmp_path / "state" / "fedhub.sqlite3")
+    assert db.execute("SELECT round, device, num_examples, upload_id FROM updates").fetchall() == [
+        (1, "d1", 7, "k1")]
+    assert db.execute("SELECT number, status, num_updates FROM rounds ORDER BY number").fetchall() == [
+        (0, "complete", 0), (1, "complete", 1)]
+    assert (tmp_path / "state" / "saved" / "round_00001.safetensors").exists()
+
+
+def test_upload_refusals_change_nothing(app):
+    c = app.test_client()
+    tokens = two_devices(c)
+    task = wait_task(c, "d1", tokens["d1"])
+    good = update_body(1.0, task["round"], 0, 10)
+    cases = [
+        (upload(c, "d1", tokens["d1"], 1, good[:-5]), 400, "body"),
+        (upload(c, "d1", tokens["d1"], 1, update_body(1.0, 2, 0, 10)), 400, "round"),
+        (upload(c, "d1", tokens["d1"], 1, update_body(1.0, 1, 7, 10)), 409, "model_version"),
+        (upload(c, "d1", tokens["d1"], 1, update_body(1.0, 1, 0, 0)), 400, "num_examples"),
+        (upload(c, "d1", tokens["d1"], 5, update_body(1.0, 5, 0, 10)), 409, "round"),
+        (c.post("/api/devices/d1/updates/1", data=good,
+                headers={**bearer(tokens["d1"]), "Content-Type": "text/plain"}), 400, "Content-Type"),
+        (upload(c, "d1", tokens["d1"], 1, b"x" * 2_100_000), 413, "body"),
+    ]
+    for response, status, field in cases:
+        assert response.status_code == status, response.get_json()
+        assert response.get_json()["field"] == field
+    assert c.get("/api/status").get_json()["round"]["reported"] == []
+    # a good one is accepted once; a retry with the same key is acknowledged, not counted again
+    assert upload(c, "d1", tokens["d1"], 1, good, key="abc").status_code == 200
+    again = upload(c, "d1", tokens["d1"], 1, good, key="abc")
+    assert again.status_code == 200 and again.get_json()["duplicate"] is True
+    other = upload(c, "d1", tokens["d1"], 1, good, key="xyz")
+    assert other.status_code == 409
+    assert c.get("/api/status").get_json()["round"]["reported"] == ["d1"]
+
+
+def test_activation_and_control(tmp_path):
+    app, engine = make_app(tmp_path, min_devices=1, rounds=1)
+    try:
+        c = app.test_client()
+        token = register(c, "d1").get_json()["token"]
+        devices = c.get("/api/devices").get_json()["devices"]
+        assert devices[0]["state"] == "inactive" and devices[0]["active"] is False
+        task = c.get("/api/devices/d1/task", headers=bearer(token)).get_json()
+        assert task["action"] == "wait" and "inactive" in task["reason"]
+        assert c.post("/api/devices/d1/activate", headers=bearer(ADMIN)).status_code == 200
+        task = c.get("/api/devices/d1/task", headers=bearer(token)).get_json()
+        assert "not been started" in task["reason"]
+        assert c.post("/api/training/start", headers=bearer(ADMIN)).get_json()["status"] == "running"
+        assert wait_task(c, "d1", token)["round"] == 1
+        assert c.get("/api/devices").get_json()["devices"][0]["state"] == "training"
+        r = c.post("/api/training/start", json={"rounds": -1}, headers=bearer(ADMIN))
+        assert r.status_code == 400 and r.get_json()["field"] == "rounds"
+        assert c.post("/api/training/pause", headers=bearer(ADMIN)).get_json()["status"] == "paused"
+        assert c.post("/api/training/reset", headers=bearer(ADMIN)).get_json()["status"] == "idle"
+    finally:
+        engine.stop()
+
+
+def test_deadline_with_quorum_closes_round(tmp_path):
+    app, engine = make_app(tmp_path, min_devices=2, rounds=1, auto_activate=True, start=True,
+                           round_timeout=1.5, quorum=0.5)
+    try:
+        c = app.test_client()
+        tokens = two_devices(c)
+        wait_task(c, "d1", tokens["d1"])
+        assert upload(c, "d1", tokens["d1"], 1, update_body(2.0, 1, 0, 5)).status_code == 200
+        deadline = time.monotonic() + 10
+        while c.get("/api/status").get_json()["completed_rounds"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert c.get("/api/history").get_json()["rounds"][0]["num_updates"] == 1
+        # the straggler's update for the closed round is refused
+        r = upload(c, "d2", tokens["d2"], 1, update_body(100.0, 1, 0, 5))
+        assert r.status_code == 409
+    finally:
+        engine.stop()

@@ -1,0 +1,620 @@
+"""Load Fashion-MNIST and split its training set over simulated device folders.
+
+Every device in a FedHub run reads only its own ``<root>/<device>/data/train.npz``, so how
+the training set is divided decides how hard federated learning is.  Three schemes are
+offered, all deterministic for a given seed so experiments can be repeated exactly:
+
+* ``iid``: a uniform random split (the easy, textbook case);
+* ``dirichlet``: per-class Dirichlet label skew, the usual benchmark for non-IID data;
+* ``classes``: each device sees only ``k`` classes (the pathological non-IID case).
+
+Run ``python -m utils.format_dataset --help`` for the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from tqdm import tqdm
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "DEVICE_DATA_FILE",
+    "FILES",
+    "NUM_CLASSES",
+    "SCHEMES",
+    "DatasetError",
+    "load_device_data",
+    "load_fashion_mnist",
+    "main",
+    "partition",
+    "partition_classes",
+    "partition_dirichlet",
+    "partition_iid",
+    "read_idx",
+    "split_to_devices",
+    "write_device_data",
+]
+
+DATA_DIR_ENV = "FEDHUB_DATA_DIR"
+DEVICE_DATA_FILE = "train.npz"
+PARTITION_FILE = "partition.json"
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28)
+SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "classes")
+FILES: dict[str, str] = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+_IMAGES_MAGIC = 2051
+_LABELS_MAGIC = 2049
+_DIRICHLET_MAX_TRIES = 1000
+
+
+class DatasetError(ValueError):
+    """The dataset or a device's data is missing, malformed, or cannot be split as asked."""
+
+
+# --------------------------------------------------------------------------- IDX files
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a Fashion-MNIST IDX file (gzip-compressed or plain) with full validation.
+
+    Images (magic 2051) come back as uint8 ``(count, rows, cols)``, labels (magic 2049) as
+    uint8 ``(count,)`` with values 0..9.  The payload must be exactly as long as the header
+    says: a truncated download or a file with trailing bytes raises :class:`DatasetError`
+    instead of silently yielding fewer or shifted examples.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            compressed = fh.read(2) == b"\x1f\x8b"  # gzip magic, whatever the file name
+        if compressed:
+            with gzip.open(path, "rb") as gz:
+                data = gz.read()
+        else:
+            data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: file not found") from exc
+    except (OSError, EOFError) as exc:  # includes gzip.BadGzipFile and truncated gzip
+        raise DatasetError(f"{path}: cannot read file: {exc}") from exc
+
+    if len(data) < 8:
+        raise DatasetError(f"{path}: file too short for an IDX header ({len(data)} bytes)")
+    magic, count = (int(v) for v in np.frombuffer(data, ">u4", count=2))
+    if magic == _IMAGES_MAGIC:
+        if len(data) < 16:
+            raise DatasetError(f"{path}: file too short for an IDX image header")
+        rows, cols = (int(v) for v in np.frombuffer(data, ">u4", count=2, offset=8))
+        header, shape = 16, (count, rows, cols)
+        kind = f"{count} images of {rows}x{cols}"
+    elif magic == _LABELS_MAGIC:
+        header, shape = 8, (count,)
+        kind = f"{count} labels"
+    else:
+        raise DatasetError(
+            f"{path}: bad magic number {magic} (expected {_IMAGES_MAGIC} for images or "
+            f"{_LABELS_MAGIC} for labels); is this a Fashion-MNIST IDX file?"
+        )
+    expected = math.prod(shape)
+    actual = len(data) - header
+    if actual != expected:
+        problem = "file is truncated" if actual < expected else "file has trailing bytes"
+        raise DatasetError(
+            f"{path}: {problem}: header announces {kind} = {expected} data bytes, found {actual}"
+        )
+    arr = np.frombuffer(data, np.uint8, offset=header).reshape(shape).copy()
+    if magic == _LABELS_MAGIC and arr.size and int(arr.max()) >= NUM_CLASSES:
+        raise DatasetError(f"{path}: labels must be 0..{NUM_CLASSES - 1}, found {int(arr.max())}")
+    return arr
+
+
+def _find_file(directory: Path, name: str) -> Path | None:
+    """Return ``name`` in ``directory``, accepting the un-gzipped variant too."""
+    for candidate in (directory / name, directory / name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _resolve_data_dir(data_dir: str | Path | None) -> Path | None:
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir)
+    env = os.environ.get(DATA_DIR_ENV, "").strip()
+    return Path(env) if env else None
+
+
+def load_fashion_mnist(
+    data_dir: str | Path | None = None,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Return ``((x_train, y_train), (x_test, y_test))`` as uint8 arrays.
+
+    Looks in ``data_dir``, else in ``$FEDHUB_DATA_DIR``, else falls back to
+    ``keras.datasets.fashion_mnist.load_data()`` (Keras' cache, downloading if needed).  A
+    local directory is preferred because it works offline and is validated here; keras is
+    imported only on the fallback path because importing it costs seconds.
+    """
+    directory = _resolve_data_dir(data_dir)
+    if directory is None:
+        return _load_with_keras()
+    if not directory.is_dir():
+        raise DatasetError(
+            f"data directory {directory} does not exist (set --data-dir or ${DATA_DIR_ENV} "
+            "to the folder holding the Fashion-MNIST .gz files)"
+        )
+    found = {key: _find_file(directory, name) for key, name in FILES.items()}
+    missing = [FILES[key] for key, path in found.items() if path is None]
+    if missing:
+        raise DatasetError(f"missing Fashion-MNIST files in {directory}: {', '.join(missing)}")
+    arrays = {key: read_idx(path) for key, path in found.items() if path is not None}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        _check_pair(images, labels, f"{split} set in {directory}")
+    return (
+        (arrays["train_images"], arrays["train_labels"]),
+        (arrays["test_images"], arrays["test_labels"]),
+    )
+
+
+def _check_pair(images: np.ndarray, labels: np.ndarray, where: str) -> None:
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise DatasetError(f"{where}: images must be 28x28, got shape {images.shape}")
+    if len(images) != len(labels):
+        raise DatasetError(
+            f"{where}: {len(images)} images but {len(labels)} labels; the counts must match"
+        )
+
+
+def _load_with_keras() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import keras
+
+        (x_train, y_train), (x_test, y_test) = keras.datasets.fashion_mnist.load_data()
+    except Exception as exc:
+        raise DatasetError(
+            f"could not load Fashion-MNIST through keras ({exc}); download the four .gz "
+            f"files and pass --data-dir or set ${DATA_DIR_ENV}"
+        ) from exc
+    result = []
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        x, y = np.asarray(x, np.uint8), np.asarray(y, np.uint8)
+        _check_pair(x, y, f"keras {split} set")
+        result.append((x, y))
+    return result[0], result[1]
+
+
+# --------------------------------------------------------------------------- partitioning
+
+
+def _as_labels(labels: np.ndarray) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise DatasetError(f"labels must be a 1-D array, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise DatasetError(f"labels must be integers, got dtype {arr.dtype}")
+    if arr.size and int(arr.min()) < 0:
+        raise DatasetError("labels must be non-negative")
+    return arr.astype(np.int64)
+
+
+def _check_devices(labels: np.ndarray, n_devices: int) -> None:
+    if isinstance(n_devices, bool) or not isinstance(n_devices, int | np.integer):
+        raise DatasetError(f"n_devices must be an integer, got {n_devices!r}")
+    if n_devices < 1:
+        raise DatasetError(f"n_devices must be at least 1, got {n_devices}")
+    if n_devices > len(labels):
+        raise DatasetError(
+            f"cannot split {len(labels)} examples over {n_devices} devices "
+            "(every device needs at least one example)"
+        )
+
+
+def _check_alpha(alpha: float) -> None:
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
+        raise DatasetError(f"alpha must be a finite number > 0, got {alpha!r}")
+
+
+def _check_classes_per_device(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= NUM_CLASSES:
+        raise DatasetError(f"classes_per_device must be an integer in 1..{NUM_CLASSES}, got {k!r}")
+
+
+def _sorted_parts(parts: Sequence[Sequence[np.ndarray] | np.ndarray]) -> list[np.ndarray]:
+    out = []
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            idx = part
+        else:
+            idx = np.concatenate(part) if len(part) else np.empty(0, np.int64)
+        out.append(np.sort(idx.astype(np.int64)))
+    return out
+
+
+def partition_iid(labels: np.ndarray, n_devices: int, seed: int = 0) -> list[np.ndarray]:
+    """Split indices uniformly at random; device sizes differ by at most one."""
+    y = _as_labels(labels)
+    _check_devices(y, n_devices)
+    rng = np.random.default_rng(seed)
+    return _sorted_parts(np.array_split(rng.permutation(len(y)), n_devices))
+
+
+def partition_dirichlet(
+    labels: np.ndarray,
+    n_devices: int,
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_size: int = 10,
+) -> list[np.ndarray]:
+    """Per-class Dirichlet label skew (Hsu et al. 2019; the common non-IID benchmark).
+
+    For every class the class's shuffled indices are cut according to proportions drawn from
+    ``Dir(alpha, ..., alpha)`` over the devices: small ``alpha`` gives each device a few
+    dominant classes, large ``alpha`` approaches IID.  The whole draw is repeated until every
+    device has at least ``min_size`` examples (a device with almost no data cannot train),
+    up to a bounded number of tries.
+    """
+    y = _as_labels(labels)
+    _check_devices(y, n_devices)
+    _check_alpha(alpha)
+    if min_size < 0:
+        raise DatasetError(f"min_size must be >= 0, got {min_size}")
+    if n_devices * min_size > len(y):
+        raise DatasetError(
+            f"cannot give each of {n_devices} devices at least {min_size} examples "
+            f"from only {len(y)} examples"
+        )
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
+    for _ in range(_DIRICHLET_MAX_TRIES):
+        parts: list[list[np.ndarray]] = [[] for _ in range(n_devices)]
+        for members in by_class:
+            shuffled = rng.permutation(members)
+            proportions = rng.dirichlet(np.full(n_devices, float(alpha)))
+            cuts = (np.cumsum(proportions)[:-1] * len(shuffled)).astype(np.int64)
+            for device, chunk in enumerate(np.split(shuffled, cuts)):
+                parts[device].append(chunk)
+        if min(sum(len(c) for c in p) for p in parts) >= min_size:
+            return _sorted_parts(parts)
+    raise DatasetError(
+        f"no Dirichlet split with alpha={alpha} gave all {n_devices} devices at least "
+        f"{min_size} examples in {_DIRICHLET_MAX_TRIES} tries; raise alpha, lower "
+        "min_size or use fewer devices"
+    )
+
+
+def _class_owners(n_classes: int, n_devices: int, k: int) -> list[list[int]]:
+    """Which devices own each class *position* in the shuffled class order.
+
+    Rule: position ``(d * k + j) mod C`` goes to device ``d`` for ``j < k`` (round-robin, so
+    when ``n_devices * k >= C`` every class has an owner and each device has exactly ``k``
+    distinct classes).  When ``n_devices * k < C``, the positions nobody got
+    (``n_devices * k .. C - 1``) are dealt out one by one to devices 0, 1, 2, ... so that the
+    partition still covers every example; those devices then hold more than ``k`` classes.
+    """
+    owners: list[list[int]] = [[] for _ in range(n_classes)]
+    for device in range(n_devices):
+        for j in range(k):
+            position = (device * k + j) % n_classes
+            if device not in owners[position]:
+                owners[position].append(device)
+    for extra, position in enumerate(range(n_devices * k, n_classes)):
+        owners[position].append(extra % n_devices)
+    return owners
+
+
+def partition_classes(
+    labels: np.ndarray, n_devices: int, classes_per_device: int = 2, seed: int = 0
+) -> list[np.ndarray]:
+    """Give each device only ``classes_per_device`` classes (pathological non-IID split).
+
+    Classes are taken in a seeded random order and assigned round-robin (see
+    :func:`_class_owners` for the exact rule, including what happens to classes left over
+    when ``n_devices * classes_per_device < 10``).  Each class's shuffled indices are split
+    evenly among the devices that own it.
+    """
+    y = _as_labels(labels)
+    _check_devices(y, n_devices)
+    _check_classes_per_device(classes_per_device)
+    rng = np.random.default_rng(seed)
+    present = np.unique(y)
+    order = rng.permutation(present)
+    k = min(int(classes_per_device), len(present))
+    owners = _class_owners(len(present), n_devices, k)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_devices)]
+    for position, cls in enumerate(order):
+        members = rng.permutation(np.flatnonzero(y == cls))
+        devices = owners[position]
+        for device, chunk in zip(devices, np.array_split(members, len(devices)), strict=True):
+            parts[device].append(chunk)
+    return _sorted_parts(parts)
+
+
+def partition(
+    labels: np.ndarray,
+    n_devices: int,
+    scheme: str = "iid",
+    *,
+    seed: int = 0,
+    alpha: float = 0.5,
+    classes_per_device: int = 2,
+) -> list[np.ndarray]:
+    """Split example indices over ``n_devices`` with the named scheme (see module doc).
+
+    Returns one sorted index array per device; the arrays are disjoint and together cover
+    every index exactly once.  All parameters are validated, even those the chosen scheme
+    ignores, so a typo on the command line is reported rather than silently unused.
+    """
+    if scheme not in SCHEMES:
+        raise DatasetError(f"unknown split scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    y = _as_labels(labels)
+    _check_devices(y, n_devices)
+    _check_alpha(alpha)
+    _check_classes_per_device(classes_per_device)
+    if scheme == "iid":
+        return partition_iid(y, n_devices, seed=seed)
+    if scheme == "dirichlet":
+        return partition_dirichlet(y, n_devices, alpha=alpha, seed=seed)
+    return partition_classes(y, n_devices, classes_per_device=classes_per_device, seed=seed)
+
+
+# --------------------------------------------------------------------------- device files
+
+
+@contextlib.contextmanager
+def _atomic_file(target: Path, suffix: str) -> Iterator[IO[bytes]]:
+    """Yield a temp file next to ``target`` and rename it over ``target`` on success.
+
+    Devices may start reading while a split is being (re)written; an atomic rename means
+    they see either the old complete file or the new complete file, never a partial one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _validate_xy(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
+        raise DatasetError(f"{where}: x must have shape (N, 28, 28), got {x.shape}")
+    if y.ndim != 1:
+        raise DatasetError(f"{where}: y must be 1-D, got shape {y.shape}")
+    if len(x) != len(y):
+        raise DatasetError(f"{where}: {len(x)} images but {len(y)} labels")
+    if x.dtype != np.uint8 or y.dtype != np.uint8:
+        raise DatasetError(f"{where}: x and y must be uint8, got {x.dtype} and {y.dtype}")
+    if y.size and int(y.max()) >= NUM_CLASSES:
+        raise DatasetError(f"{where}: labels must be 0..{NUM_CLASSES - 1}")
+    return x, y
+
+
+def write_device_data(root: Path, name: str, x: np.ndarray, y: np.ndarray) -> Path:
+    """Write ``root/name/data/train.npz`` (arrays ``x`` and ``y``, uint8) atomically.
+
+    ``name`` becomes a directory name, so it must be a plain name (letters, digits, ``.``,
+    ``_``, ``-``): a device name must never be able to write outside ``root``.
+    """
+    if not _SAFE_NAME.fullmatch(name):
+        raise DatasetError(f"invalid device name {name!r} (use letters, digits, '.', '_', '-')")
+    x, y = _validate_xy(x, y, f"device {name}")
+    target = Path(root) / name / "data" / DEVICE_DATA_FILE
+    with _atomic_file(target, ".npz") as fh:
+        np.savez_compressed(fh, x=x, y=y)
+    return target
+
+
+def load_device_data(device_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a device's ``data/train.npz``, validating keys, shapes, dtypes and labels.
+
+    ``allow_pickle=False`` because device folders may come from elsewhere: loading a pickle
+    would let a crafted file run code.
+    """
+    path = Path(device_dir) / "data" / DEVICE_DATA_FILE
+    if not path.is_file():
+        raise DatasetError(
+            f"no training data at {path}; create it with "
+            "`python -m utils.format_dataset --devices N`"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in ("x", "y") if key not in npz.files]
+            if missing:
+                raise DatasetError(
+                    f"{path}: missing array(s) {', '.join(missing)} (found {npz.files})"
+                )
+            x, y = npz["x"], npz["y"]
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"{path}: not a valid .npz file: {exc}") from exc
+    return _validate_xy(x, y, str(path))
+
+
+def _summary(y: np.ndarray) -> dict[str, Any]:
+    return {
+        "examples": len(y),
+        "class_counts": np.bincount(y, minlength=NUM_CLASSES).astype(int).tolist(),
+    }
+
+
+def split_to_devices(
+    root: str | Path,
+    n_devices: int,
+    *,
+    scheme: str = "iid",
+    seed: int = 0,
+    alpha: float = 0.5,
+    classes_per_device: int = 2,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    prefix: str = "device",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Partition the Fashion-MNIST training set and write one folder per device.
+
+    Writes ``root/<prefix>1 .. <prefix>N/data/train.npz`` and ``root/partition.json``
+    (scheme, seed, parameters and per-device summary), and returns
+    ``{name: {"examples": n, "class_counts": [10 ints]}}``.  ``limit`` keeps only the first
+    ``limit`` examples of each device's share *after* partitioning, so quick runs keep the
+    same label distribution per device as the full split.  Device folders from an earlier,
+    larger split are left alone (with a warning); ``partition.json`` lists the current ones.
+    """
+    if limit is not None and limit < 1:
+        raise DatasetError(f"limit must be at least 1, got {limit}")
+    if not _SAFE_NAME.fullmatch(prefix):
+        raise DatasetError(f"invalid device prefix {prefix!r}")
+    root = Path(root)
+    (x_train, y_train), _ = load_fashion_mnist(data_dir)
+    parts = partition(
+        y_train,
+        n_devices,
+        scheme,
+        seed=seed,
+        alpha=alpha,
+        classes_per_device=classes_per_device,
+    )
+    summary: dict[str, dict[str, Any]] = {}
+    bar = tqdm(parts, desc="writing devices", unit="device", disable=not progress)
+    for number, indices in enumerate(bar, start=1):
+        chosen = indices if limit is None else indices[:limit]
+        name = f"{prefix}{number}"
+        write_device_data(root, name, x_train[chosen], y_train[chosen])
+        summary[name] = _summary(y_train[chosen])
+
+    stale = sorted(
+        p.name
+        for p in root.glob(f"{prefix}*")
+        if p.is_dir()
+        and re.fullmatch(rf"{re.escape(prefix)}(\d+)", p.name)
+        and int(p.name[len(prefix) :]) > len(parts)
+    )
+    if stale:
+        warnings.warn(
+            f"{root} still holds device folders from an earlier split: {', '.join(stale)}",
+            stacklevel=2,
+        )
+
+    source = _resolve_data_dir(data_dir)
+    record = {
+        "scheme": scheme,
+        "seed": seed,
+        "n_devices": len(parts),
+        "parameters": {
+            "alpha": alpha,
+            "classes_per_device": classes_per_device,
+            "limit": limit,
+            "prefix": prefix,
+        },
+        "source": str(source) if source is not None else "keras.datasets.fashion_mnist",
+        "total_examples": sum(s["examples"] for s in summary.values()),
+        "devices": summary,
+    }
+    with _atomic_file(root / PARTITION_FILE, ".json") as fh:
+        fh.write((json.dumps(record, indent=2) + "\n").encode())
+    return summary
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.format_dataset",
+        description="Split the Fashion-MNIST training set into per-device folders "
+        "(<out>/deviceN/data/train.npz) for a FedHub run.",
+    )
+    parser.add_argument("--devices", type=int, required=True, help="number of devices")
+    parser.add_argument(
+        "--split", choices=SCHEMES, default="iid", help="partition scheme (default: iid)"
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="Dirichlet concentration for --split dirichlet; smaller = more skewed (default 0.5)",
+    )
+    parser.add_argument(
+        "--classes-per-device",
+        type=int,
+        default=2,
+        help="classes per device for --split classes (default 2)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"folder with the four Fashion-MNIST .gz files (default: ${DATA_DIR_ENV}, "
+        "else the keras download)",
+    )
+    parser.add_argument("--out", default="devices", help="output folder (default: devices)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="keep only the first N examples of each device's share (quick tests)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        summary = split_to_devices(
+            args.out,
+            args.devices,
+            scheme=args.split,
+            seed=args.seed,
+            alpha=args.alpha,
+            classes_per_device=args.classes_per_device,
+            data_dir=args.data_dir,
+            limit=args.limit,
+            progress=not args.quiet,
+        )
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name, info in summary.items():
+        counts = " ".join(str(c) for c in info["class_counts"])
+        print(f"{name}: {info['examples']} examples, class counts [{counts}]")
+    total = sum(info["examples"] for info in summary.values())
+    print(f"wrote {len(summary)} devices ({total} examples) to {args.out}/ ({PARTITION_FILE})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

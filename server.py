@@ -18,11 +18,11 @@ from pathlib import Path
 from flask import Flask
 
 from api import build_app
-from fedhub import auth, history
-from fedhub.config import FederationConfig, TrainingConfig
-from fedhub.devices import DeviceRegistry
-from fedhub.rounds import Coordinator
-from fedhub.storage import Storage
+from fedcore import auth, history
+from fedcore.config import FederationConfig, TrainingConfig
+from fedcore.devices import DeviceRegistry
+from fedcore.rounds import Coordinator
+from fedcore.storage import Storage
 
 ROOT = Path(__file__).resolve().parent
 ENROLL_SECRET_FILE = "enroll.secret"

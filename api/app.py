@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from fedhub.rounds import Coordinator
+from fedcore.rounds import Coordinator
 
 from . import routes_admin, routes_device, routes_public
 from .errors import register_error_handlers

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import current_app, request
 
-from fedhub import auth
-from fedhub.errors import Forbidden, Unauthorized
+from fedcore import auth
+from fedcore.errors import Forbidden, Unauthorized
 
 
 def bearer_token() -> str | None:

@@ -7,7 +7,7 @@ import logging
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from fedhub.errors import (
+from fedcore.errors import (
     Conflict,
     FedHubError,
     Forbidden,

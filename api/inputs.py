@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import request
 
-from fedhub.errors import InvalidInput
+from fedcore.errors import InvalidInput
 
 
 def json_body(optional: bool = False) -> dict[str, Any]:

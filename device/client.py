@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from fedhub import wire
+from fedcore import wire
 
 log = logging.getLogger("fedhub.device")
 

@@ -21,9 +21,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from device.client import Client  # noqa: E402
 from device.runner import DeviceRunner  # noqa: E402
-from fedhub import auth  # noqa: E402
-from fedhub.devices import check_name  # noqa: E402
-from fedhub.errors import InvalidInput  # noqa: E402
+from fedcore import auth  # noqa: E402
+from fedcore.devices import check_name  # noqa: E402
+from fedcore.errors import InvalidInput  # noqa: E402
 
 DEFAULT_DEVICES_ROOT = ROOT / "devices"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -162,7 +163,5 @@ class DeviceRunner:
 
     def leave(self) -> None:
         """Tell the server this device is going (best effort: it may already be gone)."""
-        try:
+        with contextlib.suppress(ServerError, Unreachable, OSError):
             self.client.leave()
-        except (ServerError, Unreachable, OSError):
-            pass

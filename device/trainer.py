@@ -62,7 +62,7 @@ def validate_images(x: np.ndarray, y: np.ndarray, *, shape: tuple[int, ...] = (2
     elif len(y) and (y.min() < 0 or y.max() >= num_classes):
         problems.append(f"labels must be in 0..{num_classes - 1}")
     counts = np.bincount(y.astype(np.int64), minlength=num_classes).tolist() if not problems else []
-    return {"ok": not problems, "problems": problems, "num_examples": int(len(x)),
+    return {"ok": not problems, "problems": problems, "num_examples": len(x),
             "class_counts": counts}
 
 
@@ -99,7 +99,7 @@ class KerasTrainer:
                                    verbose=self.verbose)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["train_seconds"] = time.perf_counter() - started
-        return TrainResult(self.model.get_weights(), int(len(self.x)), metrics)
+        return TrainResult(self.model.get_weights(), len(self.x), metrics)
 
     def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
         self.initialise({})

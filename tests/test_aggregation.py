@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedhub.aggregation import FedAvg, FedAvgM, WeightedSum, make_strategy, weighted_mean
+from fedcore.aggregation import FedAvg, FedAvgM, WeightedSum, make_strategy, weighted_mean
 
 
 def _random_updates(rng, k):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from api import build_app
-from fedhub import wire
-from fedhub.config import FederationConfig
-from fedhub.devices import DeviceRegistry
-from fedhub.rounds import Coordinator
-from fedhub.storage import Storage
+from fedcore import wire
+from fedcore.config import FederationConfig
+from fedcore.devices import DeviceRegistry
+from fedcore.rounds import Coordinator
+from fedcore.storage import Storage
 
 ADMIN = "admin-secret"
 ENROLL = "enroll-secret"

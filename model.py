@@ -34,8 +34,10 @@ __all__ = [
     "ImageError",
     "Model",
     "build_keras_model",
+    "get_keras_weights",
     "image_to_array",
     "preprocess",
+    "set_keras_weights",
 ]
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -319,6 +321,56 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def get_keras_weights(keras_model: keras.Model) -> dict[str, np.ndarray]:
+    """Any Keras model's weights as ``{variable.path: float32 copy}`` in model order.
+
+    This is the one naming of weights on the wire: FedHub's own networks and any user model
+    (the Python API, ``--model-factory``) go through it. Optimizer state is excluded.
+    """
+    return {
+        v.path: np.array(keras.ops.convert_to_numpy(v.value), dtype=np.float32, copy=True)
+        for v in keras_model.weights
+    }
+
+
+def set_keras_weights(keras_model: keras.Model, weights: Mapping[str, np.ndarray]) -> None:
+    """Replace all of a Keras model's weights by name; validate everything before changing anything.
+
+    The set of names must match exactly and every shape must match, because a partial or
+    mismatched update from a device running a different architecture must never be
+    mixed into the global model.  Non-finite values are refused for the same reason (a
+    diverged device would otherwise poison every later round).  Values are cast to each
+    variable's dtype.
+    """
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"weights must be a mapping name -> array, got {type(weights).__name__}")
+    variables = keras_model.weights
+    expected = [v.path for v in variables]
+    expected_set = set(expected)
+    for name in expected:
+        if name not in weights:
+            raise ValueError(f"missing weight tensor {name!r}")
+    model_name = str(keras_model.name).removeprefix(_KERAS_PREFIX)
+    for name in weights:
+        if name not in expected_set:
+            raise ValueError(f"unexpected weight tensor {name!r} (not in model {model_name!r})")
+    prepared = []
+    for v in variables:
+        value = np.asarray(weights[v.path])
+        shape = tuple(int(d) for d in v.shape)
+        if value.shape != shape:
+            raise ValueError(f"weight tensor {v.path!r} has shape {value.shape}, expected {shape}")
+        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+            raise ValueError(f"weight tensor {v.path!r} has non-numeric dtype {value.dtype}")
+        dtype = keras.backend.standardize_dtype(v.dtype)
+        cast = value.astype(dtype)
+        if not np.all(np.isfinite(cast)):
+            raise ValueError(f"weight tensor {v.path!r} contains NaN or infinite values")
+        prepared.append((v, cast))
+    for v, cast in prepared:
+        v.assign(cast)
+
+
 class Model:
     """A compiled FedHub network plus the name-keyed weight exchange used by FedAvg.
 
@@ -418,52 +470,12 @@ class Model:
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """Return ``{variable.path: float32 copy}`` in model order (optimizer state excluded)."""
-        return {
-            v.path: np.array(keras.ops.convert_to_numpy(v.value), dtype=np.float32, copy=True)
-            for v in self.keras_model.weights
-        }
+        return get_keras_weights(self.keras_model)
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Replace all weights by name; validate everything before changing anything.
-
-        The set of names must match exactly and every shape must match, because a partial or
-        mismatched update from a device running a different architecture must never be
-        mixed into the global model.  Non-finite values are refused for the same reason (a
-        diverged device would otherwise poison every later round).  Values are cast to each
-        variable's dtype.
-        """
-        if not isinstance(weights, Mapping):
-            raise ValueError(
-                f"weights must be a mapping name -> array, got {type(weights).__name__}"
-            )
-        variables = self.keras_model.weights
-        expected = [v.path for v in variables]
-        expected_set = set(expected)
-        for name in expected:
-            if name not in weights:
-                raise ValueError(f"missing weight tensor {name!r}")
-        for name in weights:
-            if name not in expected_set:
-                raise ValueError(f"unexpected weight tensor {name!r} (not in model {self.name!r})")
-        prepared = []
-        for v in variables:
-            value = np.asarray(weights[v.path])
-            shape = tuple(int(d) for d in v.shape)
-            if value.shape != shape:
-                raise ValueError(
-                    f"weight tensor {v.path!r} has shape {value.shape}, expected {shape}"
-                )
-            if not (
-                np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)
-            ):
-                raise ValueError(f"weight tensor {v.path!r} has non-numeric dtype {value.dtype}")
-            dtype = keras.backend.standardize_dtype(v.dtype)
-            cast = value.astype(dtype)
-            if not np.all(np.isfinite(cast)):
-                raise ValueError(f"weight tensor {v.path!r} contains NaN or infinite values")
-            prepared.append((v, cast))
-        for v, cast in prepared:
-            v.assign(cast)
+        """Replace all weights by name; validate everything before changing anything (see
+        :func:`set_keras_weights`)."""
+        set_keras_weights(self.keras_model, weights)
 
     def weight_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Return ``{name: (shape, dtype name)}`` so peers can validate updates cheaply."""

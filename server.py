@@ -18,6 +18,7 @@ from pathlib import Path
 from flask import Flask
 
 from api import build_app
+from api.predictor import Predictor
 from fedcore import auth, history
 from fedcore.config import FederationConfig, TrainingConfig
 from fedcore.devices import DeviceRegistry
@@ -44,6 +45,7 @@ class ServerConfig:
     enroll_secret: str | None = None
     admin_token: str | None = None
     max_upload_bytes: int = 64 * 1024 * 1024
+    max_image_bytes: int = 16 * 1024 * 1024
     max_wait: float = 30.0
     threads: int = 32
     reset: bool = False
@@ -98,7 +100,12 @@ def create_app(config: ServerConfig | None = None) -> Flask:
     config = config or ServerConfig()
     engine = build_engine(config)
     _, admin = _secrets(config)
-    app = build_app(engine, admin_token=admin, max_wait=config.max_wait)
+    # The predictor serves the latest trained global model and swaps in each new round's.
+    predictor = Predictor(config.model)
+    predictor.install(*engine.global_weights())
+    engine.add_hook(predictor.on_round)
+    app = build_app(engine, admin_token=admin, max_wait=config.max_wait, predictor=predictor,
+                    max_image_bytes=config.max_image_bytes)
     engine.start()
     return app
 
@@ -133,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--start", action="store_true", help="start training without waiting for an admin")
     p.add_argument("--reset", action="store_true", help="wipe rounds and checkpoints first")
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest accepted update")
+    p.add_argument("--max-image-mb", type=float, default=16.0,
+                   help="largest accepted POST /api/predict body (pictures)")
     p.add_argument("--threads", type=int, default=32, help="waitress worker threads")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
@@ -156,7 +165,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     return ServerConfig(
         host=a.host, port=port, state_dir=a.state_dir, eval_dir=a.eval_dir, model=a.model,
         data_dir=a.data_dir, test_limit=a.test_limit, reset=a.reset, threads=a.threads,
-        max_upload_bytes=int(a.max_upload_mb * 1024 * 1024), federation=federation)
+        max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
+        max_image_bytes=int(a.max_image_mb * 1024 * 1024), federation=federation)
 
 
 def _raise_interrupt(signum, frame):

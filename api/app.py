@@ -6,24 +6,33 @@ from flask import Flask
 
 from fedcore.rounds import Coordinator
 
-from . import routes_admin, routes_device, routes_public
+from . import routes_admin, routes_device, routes_predict, routes_public, routes_stats
 from .errors import register_error_handlers
+from .predictor import Predictor
 
 # Room for the safetensors header and metadata above the tensors themselves.
 BODY_SLACK = 1024 * 1024
+# POST /api/predict's own body limit: pictures, not model updates.
+MAX_IMAGE_BYTES = 16 * 1024 * 1024
 
 
-def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = 30.0) -> Flask:
-    """Wrap a running engine in HTTP. ``server.create_app`` builds the engine for you."""
+def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = 30.0,
+              predictor: Predictor | None = None, max_image_bytes: int = MAX_IMAGE_BYTES) -> Flask:
+    """Wrap a running engine in HTTP. ``server.create_app`` builds the engine for you.
+
+    Without a ``predictor`` (hooked to the engine's rounds), ``/api/predict`` answers 409.
+    """
     app = Flask("fedhub")
     app.config.update(
         FEDHUB_ADMIN_TOKEN=admin_token,
         FEDHUB_MAX_WAIT=max_wait,
+        FEDHUB_MAX_IMAGE_BYTES=max_image_bytes,
         MAX_CONTENT_LENGTH=engine.max_upload_bytes + BODY_SLACK,
         JSON_SORT_KEYS=False,
     )
     app.extensions["fedhub"] = engine
+    app.extensions["fedhub_predictor"] = predictor
     register_error_handlers(app)
-    for module in (routes_public, routes_device, routes_admin):
+    for module in (routes_public, routes_device, routes_admin, routes_predict, routes_stats):
         app.register_blueprint(module.bp)
     return app

@@ -79,6 +79,7 @@ class DeviceRunner:
             self._say("local data is invalid: " + "; ".join(report["problems"]))
             return 1
         self._say(f"{report['num_examples']} local examples")
+        self.trainer.initialise({})  # build the model now, not inside the first round
         try:
             self.enroll(report["num_examples"])
             return self._loop()

@@ -57,6 +57,24 @@ CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS device_lifecycle (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    round INTEGER,
+    validation TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL,
+    time REAL NOT NULL,
+    round INTEGER,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS device_logs_by_device ON device_logs (device, id);
 """
 
 
@@ -208,6 +226,48 @@ class Storage:
             rows = self._all("SELECT * FROM updates WHERE round = ? ORDER BY device", (round_number,))
         return [_decode_update(r) for r in rows]
 
+    # device lifecycle ---------------------------------------------------
+    def get_lifecycle(self, name: str) -> dict[str, Any] | None:
+        return _decode_lifecycle(self._one("SELECT * FROM device_lifecycle WHERE name = ?", (name,)))
+
+    def list_lifecycle(self) -> list[dict[str, Any]]:
+        return [_decode_lifecycle(r) for r in self._all("SELECT * FROM device_lifecycle ORDER BY name")]
+
+    def set_lifecycle(self, name: str, *, state: str, reason: str, round_number: int | None,
+                      validation: Mapping[str, Any] | None, now: float) -> None:
+        self._exec(
+            "INSERT INTO device_lifecycle(name, state, reason, round, validation, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET state = excluded.state,"
+            " reason = excluded.reason, round = excluded.round, validation = excluded.validation,"
+            " updated_at = excluded.updated_at",
+            (name, state, reason, round_number,
+             None if validation is None else json.dumps(dict(validation)), now),
+        )
+
+    # device logs --------------------------------------------------------
+    def add_logs(self, device: str, entries: list[Mapping[str, Any]], *, now: float, keep: int) -> None:
+        """Insert a batch atomically, then forget the device's oldest lines beyond ``keep``."""
+        with self.transaction():
+            self._db.executemany(
+                "INSERT INTO device_logs(device, level, message, time, round, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(device, e["level"], e["message"], e["time"], e["round"], now) for e in entries])
+            self._exec(
+                "DELETE FROM device_logs WHERE device = ? AND id <= (SELECT id FROM device_logs"
+                " WHERE device = ? ORDER BY id DESC LIMIT 1 OFFSET ?)", (device, device, keep))
+
+    def list_logs(self, *, device: str | None = None, level: str | None = None,
+                  round_number: int | None = None, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+        """Oldest first, from id ``after`` on; every filter is optional."""
+        where, params = ["id > ?"], [after]
+        for column, value in (("device", device), ("level", level), ("round", round_number)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        return self._all(
+            f"SELECT id, device, level, message, time, round, received_at FROM device_logs"
+            f" WHERE {' AND '.join(where)} ORDER BY id LIMIT ?", (*params, limit))
+
     # checkpoints --------------------------------------------------------
     def checkpoint_path(self, number: int) -> Path:
         return self.checkpoint_dir / f"round_{number:05d}.safetensors"
@@ -253,4 +313,11 @@ def _decode_update(row: dict[str, Any] | None) -> dict[str, Any] | None:
     if row is None:
         return None
     row["metrics"] = json.loads(row["metrics"])
+    return row
+
+
+def _decode_lifecycle(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    row["validation"] = json.loads(row["validation"]) if row["validation"] else None
     return row

@@ -1,0 +1,76 @@
+"""The model behind ``POST /api/predict``: the latest trained global model, held in memory.
+
+A request must never see a half-updated network, and it must not wait for one to be built.
+So when a round completes (the engine's ``add_hook``), a *new* :class:`model.Model` is built
+and loaded on the engine's driver thread, warmed up, and only then put in place by swapping
+one reference under a lock held for an assignment. A request takes that reference once and
+uses it to the end: it answers with the model it started with, never a mix of two rounds,
+and nothing is read from disk per call.
+
+TensorFlow is imported only when the first model is built, so the HTTP layer stays light
+for code (and tests) that never predicts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedcore.errors import Conflict
+
+if TYPE_CHECKING:
+    from model import Model
+
+NO_MODEL_MESSAGE = ("no trained global model yet: the first training round has not completed "
+                    "(round 0 is the untrained initial model, which is not served)")
+
+
+class Predictor:
+    """Thread-safe holder of ``(model_version, Model)`` for the global model of ``model_name``."""
+
+    def __init__(self, model_name: str = "basic") -> None:
+        self.model_name = model_name
+        self._lock = threading.Lock()
+        self._current: tuple[int, Model] | None = None
+
+    @property
+    def version(self) -> int | None:
+        """The model version (completed round) now served, or None before any trained model."""
+        current = self._current
+        return None if current is None else current[0]
+
+    def install(self, version: int, weights: Mapping[str, np.ndarray]) -> None:
+        """Serve ``weights`` as model ``version`` from now on.
+
+        Builds and warms up the new network *before* taking the lock, so requests keep being
+        answered by the previous model meanwhile. Version 0 is the untrained initial model
+        (what the engine has after a start or a reset): it clears the model instead, so
+        predictions are refused rather than answered at random.
+        """
+        if version == 0:
+            with self._lock:
+                self._current = None
+            return
+        from model import IMAGE_SIZE, Model
+
+        fresh = Model(self.model_name, seed=None)  # seed=None: leave the global RNG alone
+        fresh.set_weights(weights)
+        fresh.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8))  # first call traces
+        with self._lock:
+            self._current = (version, fresh)
+
+    def on_round(self, row: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> None:
+        """The engine's round hook: ``row`` is the completed round's database row."""
+        self.install(int(row["number"]), weights)
+
+    def predict(self, images: np.ndarray) -> tuple[int, np.ndarray]:
+        """``(model_version, probabilities (N, 10))`` for raw uint8 ``(N, 28, 28)`` images."""
+        with self._lock:
+            current = self._current
+        if current is None:
+            raise Conflict(NO_MODEL_MESSAGE, "model")
+        version, model = current
+        return version, model.predict(images)

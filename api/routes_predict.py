@@ -1,0 +1,87 @@
+"""``POST /api/predict``: classify uploaded pictures with the latest trained global model.
+
+Any valid token may call it (the admin token, or any enrolled device's): decoding pictures
+and running the network costs the server CPU and memory, so it is not open to anonymous
+callers, yet a device or a demo app holding a device token can use what the federation
+learned. Pictures go through ``model.image_to_array`` and the model's own ``preprocess``,
+the preprocessing used in training, never a second copy of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, current_app, jsonify, request
+from werkzeug.datastructures import FileStorage
+
+from fedcore.errors import Conflict, InvalidInput
+
+from .auth import require_device_or_admin
+from .predictor import NO_MODEL_MESSAGE
+
+bp = Blueprint("predict", __name__)
+
+# The field name, and the one the original tool used.
+FIELDS = ("image", "imageFile")
+MAX_IMAGES = 32
+
+
+def _uploads() -> list[tuple[str, FileStorage]]:
+    """The uploaded files in request order, with the field each came in."""
+    if request.mimetype != "multipart/form-data":
+        raise InvalidInput("send the picture as multipart/form-data in a file field named 'image'",
+                           "image")
+    files = [(key, f) for key, f in request.files.items(multi=True) if key in FIELDS]
+    if not files:
+        raise InvalidInput("no picture: add a file field named 'image' (or 'imageFile')", "image")
+    if len(files) > MAX_IMAGES:
+        raise InvalidInput(f"at most {MAX_IMAGES} pictures per request, got {len(files)}", "image")
+    return files
+
+
+def _decode(files: list[tuple[str, FileStorage]]) -> np.ndarray:
+    """All pictures as one uint8 batch (N, 28, 28); any bad one refuses the whole request."""
+    from model import ImageError, image_to_array
+
+    arrays = []
+    for number, (field, upload) in enumerate(files, start=1):
+        which = f"picture {number}" + (f" ({upload.filename})" if upload.filename else "")
+        data = upload.read()
+        if not data:
+            raise InvalidInput(f"{which} is an empty file", field)
+        try:
+            arrays.append(image_to_array(data))
+        except ImageError as exc:
+            raise InvalidInput(f"{which}: {exc}", field) from None
+    return np.stack(arrays)
+
+
+@bp.post("/api/predict")
+def predict():
+    require_device_or_admin()
+    # Pictures get their own body limit, far below the one for model updates.
+    request.max_content_length = current_app.config["FEDHUB_MAX_IMAGE_BYTES"]
+    files = _uploads()
+    batch = _decode(files)
+    predictor = current_app.extensions.get("fedhub_predictor")
+    if predictor is None:
+        raise Conflict("this server was built without a predictor (build_app(predictor=...))", "model")
+    # After a reset the engine is back at round 0 while the predictor still holds the old model.
+    if current_app.extensions["fedhub"].global_model()[0] == 0:
+        raise Conflict(NO_MODEL_MESSAGE, "model")
+    from model import CLASS_NAMES
+
+    version, probabilities = predictor.predict(batch)
+    answers: list[dict[str, Any]] = []
+    for (_, upload), probs in zip(files, probabilities, strict=True):
+        index = int(np.argmax(probs))
+        answers.append({
+            "filename": upload.filename or None,
+            "class_index": index,
+            "class_name": CLASS_NAMES[index],
+            "probabilities": [float(p) for p in probs],
+            "model_version": version,
+            "round": version,
+        })
+    return jsonify(answers[0] if len(answers) == 1 else answers)

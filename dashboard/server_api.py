@@ -1,0 +1,69 @@
+"""The dashboard's calls to the FedHub server: read the federation, drive it, predict.
+
+The transport is the devices' own :class:`device.client.Client` (one implementation of
+talking to the server, its error mapping included), without its patient retries: a person
+looking at a dashboard wants to hear at once that the server is down, not in five minutes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from device.client import Client, ServerError, Unreachable
+from fedcore import auth
+
+__all__ = ["DEFAULT_SERVER", "ServerAPI", "ServerError", "Unreachable", "default_admin_token"]
+
+DEFAULT_SERVER = "http://127.0.0.1:4000"
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN_FILE = ROOT / "server_training" / "admin.token"
+
+
+def default_admin_token() -> str:
+    """The local server's admin token file (``server_training/admin.token``), if there is one."""
+    return auth.read_secret(ADMIN_TOKEN_FILE) or ""
+
+
+class ServerAPI:
+    """One dashboard session's view of one server, with the admin token for control calls."""
+
+    def __init__(self, server: str, admin_token: str | None, *, timeout: float = 5.0) -> None:
+        self.server = server.rstrip("/")
+        self._client = Client(self.server, "dashboard", token=admin_token or None,
+                              timeout=timeout, retry_for=0)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """JSON answer of one call; :class:`Unreachable` if down, :class:`ServerError` on 4xx."""
+        return self._client._json(self._client.request(method, path, retry=False, **kwargs))
+
+    # reading: public endpoints ---------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", "/api/status")
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/devices")["devices"]
+
+    def history(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/history")["rounds"]
+
+    # control: admin token ----------------------------------------------------
+    def set_active(self, name: str, active: bool) -> dict[str, Any]:
+        return self._call("POST", f"/api/devices/{name}/{'activate' if active else 'deactivate'}")
+
+    def start(self, rounds: int | None = None) -> dict[str, Any]:
+        return self._call("POST", "/api/training/start", json={} if rounds is None else {"rounds": rounds})
+
+    def pause(self) -> dict[str, Any]:
+        return self._call("POST", "/api/training/pause")
+
+    def resume(self) -> dict[str, Any]:
+        return self._call("POST", "/api/training/resume")
+
+    # prediction ----------------------------------------------------------------
+    def predict(self, files: Sequence[tuple[str, bytes, str]]) -> list[dict[str, Any]]:
+        """Classify ``(filename, data, mime type)`` pictures; one answer per picture, in order."""
+        parts = [("image", (name, data, mime or "application/octet-stream")) for name, data, mime in files]
+        answer = self._call("POST", "/api/predict", files=parts)
+        return answer if isinstance(answer, list) else [answer]

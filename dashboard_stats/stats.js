@@ -1,0 +1,214 @@
+// FedHub live accuracy page: polls the server's public read-only endpoints every 2 s and
+// draws the global model's and each device's accuracy and loss per round.
+//
+// Everything the server sends is rendered as text (textContent) or handed to Chart.js as
+// data: no innerHTML, no eval. Served at /stats/, it reads its own origin; opened as a file
+// it reads the server given as ?server=URL (the server answers those GETs with CORS).
+"use strict";
+
+(function () {
+  const POLL_MS = 2000; // at most one poll every 2 s
+  const DEFAULT_SERVER = "http://127.0.0.1:4000";
+  const PALETTE = ["#e8590c", "#2f9e44", "#9c36b5", "#1098ad", "#f08c00", "#c2255c",
+                   "#5c940d", "#3b5bdb", "#862e9c", "#0b7285"];
+  const GLOBAL_COLOUR = "#1c7ed6";
+
+  const $ = (id) => document.getElementById(id);
+
+  function serverBase() {
+    const given = new URLSearchParams(window.location.search).get("server");
+    if (given) {
+      try {
+        const url = new URL(given);
+        if (url.protocol === "http:" || url.protocol === "https:") {
+          return url.origin + url.pathname.replace(/\/+$/, "");
+        }
+      } catch (err) {
+        // fall through to the default below, and say so
+      }
+      setConnection(`?server=${given} is not an http(s) URL; using the default`, "bad");
+    }
+    if (window.location.protocol === "http:" || window.location.protocol === "https:") {
+      return window.location.origin;
+    }
+    return DEFAULT_SERVER;
+  }
+
+  function setConnection(text, kind) {
+    const el = $("connection");
+    el.textContent = text;
+    el.className = "connection " + (kind || "");
+  }
+
+  function setText(id, value) {
+    $(id).textContent = value;
+  }
+
+  function fmt(value, digits) {
+    return typeof value === "number" && Number.isFinite(value) ? value.toFixed(digits) : "–";
+  }
+
+  function ago(epochSeconds) {
+    if (typeof epochSeconds !== "number" || !epochSeconds) return "never";
+    const s = Math.max(0, Math.round(Date.now() / 1000 - epochSeconds));
+    if (s < 60) return `${s} s ago`;
+    if (s < 3600) return `${Math.round(s / 60)} min ago`;
+    return new Date(epochSeconds * 1000).toLocaleString();
+  }
+
+  function row(cells) {
+    const tr = document.createElement("tr");
+    for (const cell of cells) {
+      const td = document.createElement("td");
+      td.textContent = cell;
+      tr.appendChild(td);
+    }
+    return tr;
+  }
+
+  function fillTable(id, rows) {
+    $(id).replaceChildren(...rows.map(row));
+  }
+
+  async function getJSON(base, path) {
+    const response = await fetch(base + path, { cache: "no-store" });
+    if (!response.ok) throw new Error(`${path} answered HTTP ${response.status}`);
+    return response.json();
+  }
+
+  // ---------------------------------------------------------------- charts
+
+  function makeChart(canvasId, yTitle, bounded) {
+    const y = { title: { display: true, text: yTitle }, beginAtZero: bounded };
+    if (bounded) y.suggestedMax = 1;
+    return new window.Chart($(canvasId), {
+      type: "line",
+      data: { labels: [], datasets: [] },
+      options: {
+        animation: false,
+        responsive: true,
+        maintainAspectRatio: false,
+        interaction: { mode: "index", intersect: false },
+        scales: { x: { title: { display: true, text: "round" } }, y: y },
+        plugins: { legend: { position: "bottom" } },
+      },
+    });
+  }
+
+  function series(label, values, colour, isGlobal) {
+    return {
+      label: label,
+      data: values,
+      borderColor: colour,
+      backgroundColor: colour,
+      borderWidth: isGlobal ? 3 : 1.5,
+      borderDash: isGlobal ? [] : [5, 4],
+      pointRadius: isGlobal ? 4 : 2,
+      spanGaps: true,
+      tension: 0.2,
+    };
+  }
+
+  function chartData(rounds, globalKey, deviceKey, globalLabel) {
+    const names = [];
+    for (const r of rounds) {
+      for (const name of Object.keys(r.devices || {})) {
+        if (!names.includes(name)) names.push(name);
+      }
+    }
+    names.sort();
+    const metric = (r, name) => {
+      const m = (r.devices || {})[name];
+      return m && typeof m[deviceKey] === "number" ? m[deviceKey] : null;
+    };
+    const datasets = [series(globalLabel, rounds.map((r) => r[globalKey]), GLOBAL_COLOUR, true)];
+    names.forEach((name, i) => {
+      datasets.push(series(name, rounds.map((r) => metric(r, name)), PALETTE[i % PALETTE.length], false));
+    });
+    return { labels: rounds.map((r) => String(r.round)), datasets: datasets };
+  }
+
+  function updateChart(chart, data) {
+    const signature = JSON.stringify(data);
+    if (chart.fedhubSignature === signature) return; // nothing new: no redraw
+    chart.fedhubSignature = signature;
+    chart.data.labels = data.labels;
+    chart.data.datasets = data.datasets;
+    chart.update();
+  }
+
+  // ---------------------------------------------------------------- rendering
+
+  function renderStatus(status) {
+    setText("status", status.status);
+    const total = status.total_rounds ? ` / ${status.total_rounds}` : "";
+    setText("completed", `${status.completed_rounds}${total}`);
+    const r = status.round;
+    if (r && r.state === "aggregating") {
+      setText("current-round", `#${r.number} (aggregating)`);
+      setText("reported", "–");
+      setText("deadline", "–");
+    } else if (r) {
+      setText("current-round", `#${r.number}`);
+      setText("reported", `${r.reported.length} of ${r.selected.length} (need ${r.needed})`);
+      setText("deadline", `in ${Math.round(r.deadline_in)} s`);
+    } else {
+      setText("current-round", "none open");
+      setText("reported", "–");
+      setText("deadline", "–");
+    }
+    setText("reason", status.reason || status.last_error || "");
+  }
+
+  function renderDevices(devices) {
+    fillTable("devices", devices.map((d) => [
+      d.name, d.state, ago(d.last_seen),
+      d.num_examples === null || d.num_examples === undefined ? "–" : String(d.num_examples),
+      d.latest ? `${fmt(d.latest.accuracy, 4)} (round ${d.latest.round})` : "–",
+    ]));
+  }
+
+  function renderRounds(rounds) {
+    const newestFirst = rounds.slice().reverse();
+    fillTable("rounds", newestFirst.map((r) => [
+      String(r.round), fmt(r.test_accuracy, 4), fmt(r.test_loss, 4),
+      String(r.num_updates), String(r.num_examples),
+    ]));
+    const last = rounds[rounds.length - 1];
+    setText("latest-accuracy", last ? fmt(last.test_accuracy, 4) : "–");
+  }
+
+  // ---------------------------------------------------------------- loop
+
+  function start() {
+    const base = serverBase();
+    setText("server-url", base);
+    const accuracy = makeChart("accuracy-chart", "accuracy", true);
+    const loss = makeChart("loss-chart", "loss", false);
+
+    async function poll() {
+      try {
+        const [status, history, devices] = await Promise.all([
+          getJSON(base, "/api/status"), getJSON(base, "/api/history"), getJSON(base, "/api/devices"),
+        ]);
+        renderStatus(status);
+        renderRounds(history.rounds);
+        renderDevices(devices.devices);
+        updateChart(accuracy, chartData(history.rounds, "test_accuracy", "accuracy", "global (test set)"));
+        updateChart(loss, chartData(history.rounds, "test_loss", "loss", "global (test set)"));
+        setConnection(`connected to ${base} · updated ${new Date().toLocaleTimeString()}`, "ok");
+      } catch (err) {
+        setConnection(`cannot reach the FedHub server at ${base} (${err.message}); retrying every 2 s`, "bad");
+      } finally {
+        window.setTimeout(poll, POLL_MS);
+      }
+    }
+    poll();
+  }
+
+  if (typeof window.Chart !== "function") {
+    setConnection("Chart.js did not load (dashboard_stats/vendor/chart.umd.min.js is missing)", "bad");
+  } else {
+    start();
+  }
+})();

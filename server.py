@@ -14,6 +14,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flask import Flask
 
@@ -50,6 +51,19 @@ class ServerConfig:
     threads: int = 32
     reset: bool = False
     federation: FederationConfig = field(default_factory=FederationConfig)
+    # HTTPS when both are given (devices verify the certificate; see --ca on the device).
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    channel_timeout: float = 30.0  # seconds before an idle or trickling connection is closed
+    # Bring your own model: any compiled keras.Model (the Python API), or a factory
+    # "package.module:build" returning one; either replaces `model`. `test_data` (an .npz
+    # path with arrays x, y, or an (x, y) pair) gives it per-round test metrics.
+    keras_model: Any = None
+    model_factory: str | None = None
+    test_data: Any = None
+    # TensorBoard event files under runs_dir/run_id/ (None: none written).
+    runs_dir: Path | None = None
+    run_id: str | None = None
 
 
 def _secrets(config: ServerConfig) -> tuple[str, str]:
@@ -61,20 +75,38 @@ def _secrets(config: ServerConfig) -> tuple[str, str]:
     return enroll, admin
 
 
-def build_engine(config: ServerConfig) -> Coordinator:
+def load_global_model(config: ServerConfig):
+    """The Keras side of the global model: FedHub's own network, or the user's (``keras_model``,
+    ``model_factory``) with its own test set. Bad settings raise ValueError."""
+    from fedcore.errors import InvalidInput
+    from global_model import GlobalModel, load_npz
+
+    test = config.test_data
+    try:
+        if isinstance(test, str | Path):
+            test = load_npz(Path(test), field="test_data")
+        if test is None and config.keras_model is None and not config.model_factory:
+            from utils.format_dataset import load_fashion_mnist
+
+            _, test = load_fashion_mnist(config.data_dir)
+        if test is not None and config.test_limit:
+            test = (test[0][: config.test_limit], test[1][: config.test_limit])
+        if config.keras_model is not None:
+            model = GlobalModel(config.keras_model, test_data=test)
+        elif config.model_factory:
+            model = GlobalModel.from_factory(config.model_factory, test_data=test)
+        else:
+            model = GlobalModel.named(config.model, seed=config.federation.seed, test_data=test)
+    except InvalidInput as exc:
+        raise ValueError(f"test data: {exc.message}") from None
+    config.federation.training.model = model.name
+    return model
+
+
+def build_engine(config: ServerConfig, global_model=None) -> Coordinator:
     """The engine with a Keras model: initial weights, and evaluation on the test set."""
-    from model import Model
-    from utils.format_dataset import load_fashion_mnist
-
-    _, (x_test, y_test) = load_fashion_mnist(config.data_dir)
-    if config.test_limit:
-        x_test, y_test = x_test[: config.test_limit], y_test[: config.test_limit]
-    config.federation.training.model = config.model
-    evaluator = Model(config.model, seed=config.federation.seed)
-
-    def evaluate(weights):
-        evaluator.set_weights(weights)
-        return evaluator.evaluate(x_test, y_test)
+    global_model = global_model or load_global_model(config)
+    evaluate = global_model.evaluate
 
     state_dir = Path(config.state_dir)
     if config.reset:
@@ -87,7 +119,7 @@ def build_engine(config: ServerConfig) -> Coordinator:
     devices = DeviceRegistry(storage, enroll_secret=enroll,
                              auto_activate=config.federation.auto_activate,
                              device_timeout=config.federation.device_timeout)
-    engine = Coordinator(storage, devices, initial_weights=evaluator.get_weights(),
+    engine = Coordinator(storage, devices, initial_weights=global_model.initial_weights(),
                          config=config.federation, evaluate=evaluate,
                          max_upload_bytes=config.max_upload_bytes)
     csv_path = Path(config.eval_dir) / "history.csv"
@@ -98,14 +130,22 @@ def build_engine(config: ServerConfig) -> Coordinator:
 def create_app(config: ServerConfig | None = None) -> Flask:
     """The app factory: a fresh engine and Flask app for ``config``, its round driver started."""
     config = config or ServerConfig()
-    engine = build_engine(config)
+    global_model = load_global_model(config)
+    engine = build_engine(config, global_model)
     _, admin = _secrets(config)
-    # The predictor serves the latest trained global model and swaps in each new round's.
-    predictor = Predictor(config.model)
-    predictor.install(*engine.global_weights())
-    engine.add_hook(predictor.on_round)
+    predictor = None
+    if global_model.builtin:  # predicting clothes from pictures needs FedHub's own network
+        # The predictor serves the latest trained global model and swaps in each new round's.
+        predictor = Predictor(config.model)
+        predictor.install(*engine.global_weights())
+        engine.add_hook(predictor.on_round)
+    if config.runs_dir is not None:
+        from server_tensorboard import TensorBoardLog
+
+        engine.add_hook(TensorBoardLog(engine, config.runs_dir, config.run_id))
     app = build_app(engine, admin_token=admin, max_wait=config.max_wait, predictor=predictor,
                     max_image_bytes=config.max_image_bytes)
+    app.extensions["fedhub_global_model"] = global_model  # export and validation (routes_models)
     engine.start()
     return app
 
@@ -118,6 +158,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--port", type=int, default=None, help="port to listen on (default 4000)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind")
     p.add_argument("--model", default="basic", choices=["basic", "cnn"], help="global model")
+    p.add_argument("--model-factory", metavar="MODULE:NAME",
+                   help="your own global model instead: a function returning a compiled keras.Model")
+    p.add_argument("--test-data", type=Path,
+                   help=".npz with arrays x, y: the test set for --model-factory's model")
+    p.add_argument("--runs-dir", type=Path, default=None,
+                   help="TensorBoard event files go to RUNS_DIR/RUN_ID/ (default: runs/ beside the state)")
+    p.add_argument("--run-id", default=None, help="TensorBoard run name (default: the start time)")
+    p.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
     p.add_argument("--data-dir", default=None,
                    help="folder with the Fashion-MNIST .gz files (else $FEDHUB_DATA_DIR, else Keras)")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
@@ -143,6 +191,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--max-image-mb", type=float, default=16.0,
                    help="largest accepted POST /api/predict body (pictures)")
     p.add_argument("--threads", type=int, default=32, help="waitress worker threads")
+    p.add_argument("--certfile", type=Path, help="TLS certificate (PEM): serve HTTPS")
+    p.add_argument("--keyfile", type=Path, help="TLS private key (PEM) for --certfile")
+    p.add_argument("--channel-timeout", type=float, default=30.0,
+                   help="seconds before an idle or slow (slow-loris) connection is closed")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if a.port is not None and a.port_pos is not None and a.port != a.port_pos:
@@ -150,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     port = a.port or a.port_pos or 4000
     if not 0 < port < 65536:
         p.error("port must be between 1 and 65535")
+    if (a.certfile is None) != (a.keyfile is None):
+        p.error("--certfile and --keyfile go together")
     federation = FederationConfig(
         rounds=a.rounds, min_devices=a.min_devices, quorum=a.quorum,
         round_timeout=a.round_timeout, device_timeout=a.device_timeout, fraction=a.fraction,
@@ -166,7 +220,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         host=a.host, port=port, state_dir=a.state_dir, eval_dir=a.eval_dir, model=a.model,
         data_dir=a.data_dir, test_limit=a.test_limit, reset=a.reset, threads=a.threads,
         max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
-        max_image_bytes=int(a.max_image_mb * 1024 * 1024), federation=federation)
+        max_image_bytes=int(a.max_image_mb * 1024 * 1024), federation=federation,
+        certfile=a.certfile, keyfile=a.keyfile, channel_timeout=a.channel_timeout,
+        model_factory=a.model_factory, test_data=a.test_data, run_id=a.run_id,
+        runs_dir=None if a.no_tensorboard else (a.runs_dir or Path(a.state_dir).resolve().parent / "runs"))
 
 
 def _raise_interrupt(signum, frame):
@@ -175,33 +232,33 @@ def _raise_interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    from waitress import create_server
-
+    from api.serving import ServeOptions, Serving
     from utils.format_dataset import DatasetError
 
     try:
         app = create_app(config)
+        serving = Serving(app, ServeOptions(
+            host=config.host, port=config.port, threads=config.threads,
+            max_body_bytes=max(config.max_upload_bytes, config.max_image_bytes) + 1024 * 1024,
+            channel_timeout=config.channel_timeout, certfile=config.certfile, keyfile=config.keyfile))
     except (DatasetError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     engine: Coordinator = app.extensions["fedhub"]
-    server = create_server(app, host=config.host, port=config.port, threads=config.threads,
-                           max_request_body_size=config.max_upload_bytes + 1024 * 1024,
-                           channel_timeout=60, ident="fedhub")
     state = Path(config.state_dir)
-    print(f"FedHub server on http://{config.host}:{server.effective_port}  "
-          f"(model {config.model}, {config.federation.rounds or 'unlimited'} rounds, "
+    print(f"FedHub server on {serving.url}  "
+          f"(model {config.federation.training.model}, {config.federation.rounds or 'unlimited'} rounds, "
           f"status {engine.status()['status']})", flush=True)
     if not (config.admin_token or os.environ.get("FEDHUB_ADMIN_TOKEN")):
         print(f"admin token in {state / ADMIN_TOKEN_FILE}; enrollment secret in "
               f"{state / ENROLL_SECRET_FILE}", flush=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        server.run()
+        serving.run()
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
-        server.close()
+        serving.close()
         engine.stop()
     return 0
 

@@ -6,7 +6,15 @@ from flask import Flask
 
 from fedcore.rounds import Coordinator
 
-from . import routes_admin, routes_device, routes_predict, routes_public, routes_stats
+from . import (
+    routes_admin,
+    routes_device,
+    routes_logs,
+    routes_models,
+    routes_predict,
+    routes_public,
+    routes_stats,
+)
 from .errors import register_error_handlers
 from .predictor import Predictor
 
@@ -33,6 +41,7 @@ def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = 30.0,
     app.extensions["fedhub"] = engine
     app.extensions["fedhub_predictor"] = predictor
     register_error_handlers(app)
-    for module in (routes_public, routes_device, routes_admin, routes_predict, routes_stats):
+    for module in (routes_public, routes_device, routes_admin, routes_predict, routes_stats,
+                   routes_logs, routes_models):
         app.register_blueprint(module.bp)
     return app

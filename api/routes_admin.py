@@ -1,4 +1,4 @@
-"""Control calls: activate devices, start, pause and reset training. Admin token only."""
+"""Control calls: activate or interrupt devices, start, pause and reset training. Admin token only."""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def deactivate(name: str):
     require_admin()
     _engine().set_active(name, False)
     return jsonify({"name": name, "active": False})
+
+
+@bp.post("/api/devices/<name>/interrupt")
+def interrupt(name: str):
+    """Stop one device's local training now; the round goes on without it."""
+    require_admin()
+    return jsonify(_engine().interrupt(name))
 
 
 @bp.post("/api/training/start")

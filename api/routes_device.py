@@ -1,8 +1,11 @@
-"""What devices call: enroll, ask for a task, download the model, upload an update, leave."""
+"""What devices call: enroll, report data validation, ask for a task, download the model,
+upload an update, poll for an interrupt while training, leave."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request
+
+from fedcore.lifecycle import check_report
 
 from .auth import require_device, require_device_or_admin
 from .inputs import binary_body, float_arg, json_body
@@ -20,8 +23,32 @@ def register():
     secret = request.headers.get("X-Enroll-Secret") or data.get("enroll_secret")
     result = _engine().devices.register(
         data.get("name"), secret, num_examples=data.get("num_examples"),
-        auto_activate=data.get("auto_activate"))
+        auto_activate=data.get("auto_activate"), validation=data.get("validation"))
     return jsonify(result), 201
+
+
+@bp.post("/api/devices/<name>/validation")
+def validation(name: str):
+    """The device's data validation report; invalid data means no tasks (409), with the reason."""
+    require_device(name)
+    report = check_report(json_body().get("validation"))
+    state = _engine().devices.lifecycle.report(name, report)
+    return jsonify({"name": name, "lifecycle": state["state"], "lifecycle_reason": state["reason"]})
+
+
+@bp.get("/api/devices/<name>/signal")
+def signal(name: str):
+    """Polled about once a second while training: has an admin interrupted this device?"""
+    require_device(name)
+    return jsonify(_engine().devices.lifecycle.signal(name))
+
+
+@bp.post("/api/devices/<name>/interrupted")
+def interrupted(name: str):
+    require_device(name)
+    data = json_body()
+    state = _engine().interrupted(name, data.get("round"), data.get("detail"))
+    return jsonify({"name": name, "lifecycle": state["state"], "lifecycle_reason": state["reason"]})
 
 
 @bp.get("/api/devices/<name>/task")

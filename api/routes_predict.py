@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from fedcore.errors import Conflict, InvalidInput
+from fedcore.errors import Conflict, InvalidInput, TooLarge
 
 from .auth import require_device_or_admin
 from .predictor import NO_MODEL_MESSAGE
@@ -61,8 +62,13 @@ def _decode(files: list[tuple[str, FileStorage]]) -> np.ndarray:
 def predict():
     require_device_or_admin()
     # Pictures get their own body limit, far below the one for model updates.
-    request.max_content_length = current_app.config["FEDHUB_MAX_IMAGE_BYTES"]
-    files = _uploads()
+    limit = current_app.config["FEDHUB_MAX_IMAGE_BYTES"]
+    request.max_content_length = limit
+    try:
+        files = _uploads()
+    except RequestEntityTooLarge:
+        raise TooLarge(f"the pictures exceed the limit of {limit} bytes per request "
+                       "(server option --max-image-mb)", "body") from None
     batch = _decode(files)
     predictor = current_app.extensions.get("fedhub_predictor")
     if predictor is None:
@@ -81,6 +87,7 @@ def predict():
             "class_index": index,
             "class_name": CLASS_NAMES[index],
             "probabilities": [float(p) for p in probs],
+            "class_names": list(CLASS_NAMES),  # labels for the probabilities, in order
             "model_version": version,
             "round": version,
         })

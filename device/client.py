@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
+import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -31,6 +33,16 @@ class ServerError(Exception):
         self.body = dict(body)
         self.field = body.get("field")
         super().__init__(f"HTTP {status}: {body.get('message', body)}")
+
+
+class TLSError(Exception):
+    """The server's certificate could not be verified (or TLS failed otherwise)."""
+
+
+def _ssl_reason(exc: Exception) -> str:
+    """The OpenSSL reason inside requests' nested exception text, e.g. '[SSL: CERTIFICATE_VERIFY_FAILED] ...'."""
+    found = re.search(r"\[SSL[^\]]*\][^'\")]*", str(exc))
+    return found.group(0).strip() if found else str(exc)[:200]
 
 
 class Unreachable(Exception):
@@ -59,8 +71,16 @@ class Client:
         self.retry_for = retry_for
         self.session = requests.Session()
         self.session.verify = verify
+        # Passed on each call too: requests lets $REQUESTS_CA_BUNDLE override a session's verify.
+        self.verify = verify
         self._on_wait = on_wait
         self._model: tuple[str, int, dict[str, np.ndarray]] | None = None
+
+    def fork(self, *, timeout: float = 10.0, retry_for: float = 5.0) -> Client:
+        """A second connection with the same server, name, token and TLS settings, for
+        another thread (a requests session is not shared between threads)."""
+        return Client(self.server, self.name, token=self.token, verify=self.session.verify,
+                      timeout=timeout, retry_for=retry_for)
 
     # transport ----------------------------------------------------------
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -79,13 +99,14 @@ class Client:
         while True:
             try:
                 response = self.session.request(
-                    method, url, headers=headers,
+                    method, url, headers=headers, verify=self.verify,
                     timeout=(min(10.0, self.timeout), read_timeout or self.timeout), **kwargs)
                 if response.status_code < 500:
                     return response
                 problem = f"HTTP {response.status_code}"
-            except requests.exceptions.SSLError:
-                raise  # a certificate problem will not fix itself
+            except requests.exceptions.SSLError as exc:  # a certificate problem will not fix itself
+                raise TLSError(f"TLS failure talking to {self.server}: {_ssl_reason(exc)} "
+                               "(for a private CA, pass its bundle with --ca)") from None
             except (requests.ConnectionError, requests.Timeout) as exc:
                 problem = type(exc).__name__
             if not retry or time.monotonic() >= deadline:
@@ -106,12 +127,15 @@ class Client:
 
     # protocol -----------------------------------------------------------
     def register(self, enroll_secret: str | None, *, num_examples: int | None = None,
-                 auto_activate: bool | None = None) -> dict[str, Any]:
+                 auto_activate: bool | None = None,
+                 validation: Mapping[str, Any] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": self.name}
         if num_examples is not None:
             body["num_examples"] = num_examples
         if auto_activate is not None:
             body["auto_activate"] = auto_activate
+        if validation is not None:
+            body["validation"] = dict(validation)
         headers = {"X-Enroll-Secret": enroll_secret} if enroll_secret else {}
         result = self._json(self.request("POST", "/api/devices/register", json=body, headers=headers))
         self.token = result["token"]
@@ -146,6 +170,30 @@ class Client:
         return self._json(self.request("POST", f"/api/devices/{self.name}/updates/{round_number}",
                                        data=body, headers=headers))
 
+    def report_validation(self, report: Mapping[str, Any]) -> dict[str, Any]:
+        """Send the data validation report; the answer says the lifecycle state (init or invalid)."""
+        return self._json(self.request("POST", f"/api/devices/{self.name}/validation",
+                                       json={"validation": dict(report)}))
+
+    def signal(self) -> dict[str, Any]:
+        """Polled while training: {"interrupt": bool, "round": int | None, "lifecycle": str}."""
+        return self._json(self.request("GET", f"/api/devices/{self.name}/signal"))
+
+    def report_interrupted(self, round_number: int, detail: str | None = None) -> dict[str, Any]:
+        return self._json(self.request("POST", f"/api/devices/{self.name}/interrupted",
+                                       json={"round": round_number, "detail": detail}))
+
+    def send_logs(self, entries: list[Mapping[str, Any]]) -> dict[str, Any]:
+        """Structured log lines {level, message, time, round}; at most 200 per call."""
+        return self._json(self.request("POST", f"/api/devices/{self.name}/logs", json=list(entries)))
+
+    def model_file(self, round_number: int | str = "latest") -> bytes:
+        """A completed round's global model as ``.keras`` bytes (architecture and weights)."""
+        response = self.request("GET", f"/api/rounds/{round_number}/model.keras")
+        if response.status_code >= 400:
+            self._json(response)
+        return response.content
+
     def leave(self) -> None:
         self._json(self.request("POST", f"/api/devices/{self.name}/leave", retry=False))
 
@@ -154,3 +202,68 @@ class Client:
 
     def history(self) -> list[dict[str, Any]]:
         return self._json(self.request("GET", "/api/history"))["rounds"]
+
+
+class RemoteLogHandler(logging.Handler):
+    """Ships a device's log records to the server (``POST /api/devices/<name>/logs``) in batches.
+
+    A background thread sends what has gathered once a second; an ERROR is sent at once
+    because it marks the round's update failed. Sending is best effort: the device goes
+    on if the server is away, and at most ``capacity`` lines wait. A record's ``round``
+    comes from ``extra={"round": n}``.
+    """
+
+    def __init__(self, client: Client, *, interval: float = 1.0, capacity: int = 1000) -> None:
+        super().__init__(level=logging.INFO)
+        # Its own connection: requests sessions are not shared between threads.
+        self._main = client
+        self._client = client.fork()
+        self._pending: list[dict[str, Any]] = []
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="fedhub-logs", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.INFO:
+            return
+        level = ("ERROR" if record.levelno >= logging.ERROR
+                 else "WARNING" if record.levelno >= logging.WARNING else "INFO")
+        entry = {"level": level, "message": self.format(record)[:2000] or "-",
+                 "time": record.created, "round": getattr(record, "round", None)}
+        with self._lock:
+            if len(self._pending) < self._capacity:
+                self._pending.append(entry)
+        if level == "ERROR":
+            self._wake.set()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        token = self._main.token
+        if not batch or token is None:
+            with self._lock:
+                self._pending = batch + self._pending
+            return
+        self._client.token = token
+        for start in range(0, len(batch), 200):
+            try:
+                self._client.send_logs(batch[start : start + 200])
+            except (ServerError, Unreachable, requests.RequestException) as exc:
+                log.debug("could not send %d log lines: %s", len(batch), exc)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self.flush()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self.flush()
+        super().close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pkgutil
 import signal
 import sys
 from pathlib import Path
@@ -43,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where a local server keeps its enrollment secret")
     p.add_argument("--auto-activate", action="store_true", help="ask to start active")
     p.add_argument("--model", default="basic", help="model to build before the server says otherwise")
+    p.add_argument("--trainer", metavar="MODULE:NAME",
+                   help="your own trainer instead of the built-in Keras one: NAME(data_dir) must return "
+                        "an object with validate/initialise/train/evaluate (see device/trainer.py); "
+                        "data_dir is the folder of --data, else <devices-root>/<name>/data")
     p.add_argument("--poll-wait", type=float, default=20.0, help="long-poll seconds")
     p.add_argument("--retry-for", type=float, default=300.0,
                    help="seconds to keep retrying while the server is unreachable")
@@ -74,15 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     from utils.format_dataset import DatasetError, load_device_data
 
     folder = a.devices_root / a.name
-    try:
-        x, y = load_device_data(a.data.parent.parent if a.data else folder)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if a.trainer:
+        try:
+            trainer = pkgutil.resolve_name(a.trainer)(a.data.parent if a.data else folder / "data")
+        except (ImportError, AttributeError, TypeError, ValueError, OSError) as exc:
+            print(f"error: --trainer {a.trainer}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        try:
+            x, y = load_device_data(a.data.parent.parent if a.data else folder)
+        except DatasetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        trainer = KerasTrainer(x, y, model=a.model, verbose=1 if a.verbose else 0)
     secret = (a.enroll_secret or os.environ.get("FEDHUB_ENROLL_SECRET")
               or auth.read_secret(a.state_dir / "enroll.secret"))
     client = Client(a.server, a.name, verify=a.ca or True, retry_for=a.retry_for)
-    trainer = KerasTrainer(x, y, model=a.model, verbose=1 if a.verbose else 0)
     runner = DeviceRunner(client, trainer, folder, enroll_secret=secret,
                           auto_activate=True if a.auto_activate else None, poll_wait=a.poll_wait)
 

@@ -12,8 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .client import Client, ServerError, Unreachable
-from .trainer import Trainer
+from .client import Client, RemoteLogHandler, ServerError, TLSError, Unreachable
+from .trainer import Trainer, TrainingInterrupted
 
 log = logging.getLogger("fedhub.device")
 
@@ -35,10 +35,17 @@ class DeviceRunner:
         self._print = print_fn
         self._stop = threading.Event()
         self.rounds_done = 0
-        self.client._on_wait = self._say
+        self.client._on_wait = lambda message: self._say(message, logging.WARNING)
+        self._report: dict[str, Any] | None = None
+        self._interrupted = threading.Event()
+        # What the device says also goes to the server as structured logs (RemoteLogHandler).
+        self.logger = logging.getLogger(f"fedhub.device.{client.name}")
+        self.logger.propagate = False
+        self.logger.setLevel(logging.INFO)
 
-    def _say(self, message: str) -> None:
+    def _say(self, message: str, level: int = logging.INFO, round_number: int | None = None) -> None:
         self._print(f"[{self.client.name}] {message}", flush=True)
+        self.logger.log(level, message, extra={"round": round_number})
 
     def stop(self) -> None:
         self._stop.set()
@@ -55,28 +62,43 @@ class DeviceRunner:
             f.write(token)
 
     def enroll(self, num_examples: int) -> None:
+        """Enroll (or reuse the saved token) and hand the server the data validation report."""
         path = self._token_path()
         if self.client.token is None and path.exists():
             self.client.token = path.read_text().strip() or None
         if self.client.token is not None:
             try:
-                self.client.task(wait=0)
+                self.client.signal()  # is the saved token still good?
+                if self._report is not None:
+                    self.client.report_validation(self._report)
                 return
             except ServerError as exc:
                 if exc.status != 401:
                     raise
                 self.client.token = None
         result = self.client.register(self.enroll_secret, num_examples=num_examples,
-                                      auto_activate=self.auto_activate)
+                                      auto_activate=self.auto_activate, validation=self._report)
         self._save_token(result["token"])
         state = "active" if result["active"] else "inactive (activate it from the dashboard)"
         self._say(f"enrolled, {state}")
 
     def run(self) -> int:
         """Returns 0 when the run finished or the device was stopped, 1 on a refusal."""
-        report = self.trainer.validate()
+        handler = RemoteLogHandler(self.client)
+        self.logger.addHandler(handler)
+        try:
+            return self._run()
+        finally:
+            self.logger.removeHandler(handler)
+            handler.close()
+
+    def _run(self) -> int:
+        report = self._report = self.trainer.validate()
         if not report["ok"]:
-            self._say("local data is invalid: " + "; ".join(report["problems"]))
+            self._say("local data is invalid: " + "; ".join(report["problems"]), logging.ERROR)
+            # The server records the report, refuses the device and shows why.
+            with contextlib.suppress(ServerError, Unreachable, TLSError):
+                self.enroll(report["num_examples"])
             return 1
         self._say(f"{report['num_examples']} local examples")
         self.trainer.initialise({})  # build the model now, not inside the first round
@@ -88,6 +110,9 @@ class DeviceRunner:
             return 1
         except Unreachable as exc:
             self._say(f"giving up: {exc}")
+            return 1
+        except TLSError as exc:
+            self._say(str(exc))
             return 1
 
     def _loop(self) -> int:
@@ -122,8 +147,31 @@ class DeviceRunner:
             self._say(f"round {number}: model moved on to version {version}; asking again")
             return
         config = task["config"]
-        self._say(f"round {number}: training {config.get('epochs', 1)} epoch(s) from model v{version}")
-        result = self.trainer.train(weights, config)
+        self._say(f"round {number}: training {config.get('epochs', 1)} epoch(s) from model v{version}",
+                  round_number=number)
+        self._interrupted.clear()
+        done = threading.Event()
+        watcher = threading.Thread(target=self._watch_signal, args=(number, done), daemon=True,
+                                   name="fedhub-signal")
+        watcher.start()
+        detail = None
+        try:
+            result = self.trainer.train(weights, config)
+        except TrainingInterrupted as exc:
+            detail = str(exc)
+        except Exception as exc:  # the trainer's failure fails this round, not the device
+            self._say(f"round {number}: training failed: {type(exc).__name__}: {exc}", logging.ERROR,
+                      number)
+            return
+        finally:
+            done.set()
+            watcher.join()
+        if self._interrupted.is_set():
+            self._say(f"round {number}: interrupted by the server ({detail or 'after training'})",
+                      logging.WARNING, number)
+            with contextlib.suppress(ServerError):
+                self.client.report_interrupted(number, detail)
+            return
         try:
             ack = self.client.upload(number, result.weights, num_examples=result.num_examples,
                                      model_version=version, metrics=result.metrics,
@@ -138,9 +186,26 @@ class DeviceRunner:
         m = result.metrics
         self._say(f"round {number}: loss {m.get('loss', float('nan')):.4f} "
                   f"accuracy {m.get('accuracy', float('nan')):.4f} on {result.num_examples} examples "
-                  f"in {m.get('train_seconds', 0):.1f}s; {extra}")
+                  f"in {m.get('train_seconds', 0):.1f}s; {extra}", round_number=number)
         self._record(number, result, accepted)
         self.rounds_done += 1
+
+    def _watch_signal(self, number: int, done: threading.Event) -> None:
+        """While training: poll the server's signal about twice a second; on an interrupt for
+        this round, tell the trainer (it stops at the next batch end)."""
+        side = self.client.fork(timeout=5.0, retry_for=0.0)
+        while not done.wait(0.5):
+            side.token = self.client.token
+            try:
+                signal = side.signal()
+            except (ServerError, Unreachable, TLSError):
+                continue
+            if signal.get("interrupt") and signal.get("round") == number:
+                self._interrupted.set()
+                interrupt = getattr(self.trainer, "interrupt", None)
+                if interrupt is not None:
+                    interrupt()
+                return
 
     def _record(self, number: int, result, accepted: bool) -> None:
         path = self.folder / "history.csv"

@@ -6,9 +6,12 @@ one, or a user's own with ``--trainer package.module:Name``) plugs in.
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,8 +26,23 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class TrainingInterrupted(Exception):
+    """``train`` stopped early because :meth:`interrupt` was called (an admin's interrupt)."""
+
+    def __init__(self, batches_done: int, batches_total: int | None = None) -> None:
+        self.batches_done = batches_done
+        self.batches_total = batches_total
+        total = f" of {batches_total}" if batches_total else ""
+        super().__init__(f"stopped after {batches_done}{total} batches")
+
+
 class Trainer(Protocol):
-    """The interface every trainer implements."""
+    """The interface every trainer implements.
+
+    Two optional methods extend it: ``interrupt()`` (called from another thread when an
+    admin interrupts the round: stop at the next batch and raise :class:`TrainingInterrupted`)
+    and ``save_final(weights, folder) -> Path`` (the run is over: save the final model).
+    """
 
     def validate(self) -> dict[str, Any]:
         """Check the local data; return at least {"ok": bool, "problems": [str], "num_examples": int}."""
@@ -66,6 +84,41 @@ def validate_images(x: np.ndarray, y: np.ndarray, *, shape: tuple[int, ...] = (2
             "class_counts": counts}
 
 
+def stop_callback(event: threading.Event):
+    """A Keras callback that ends ``fit`` at the end of the batch during which ``event`` is set.
+
+    Keras 3 checks ``model.stop_training`` after every training batch, so an interrupt
+    takes effect within one batch. ``.batches`` counts the batches run.
+    """
+    import keras
+
+    class _StopOnEvent(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches = 0
+
+        def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+            self.batches += 1
+            if event.is_set():
+                self.model.stop_training = True
+
+    return _StopOnEvent()
+
+
+def fit_interruptibly(keras_model: Any, x: np.ndarray, y: np.ndarray, event: threading.Event, *,
+                      epochs: int, batch_size: int, fit: Any = None, **kwargs: Any) -> Any:
+    """Run ``fit`` (``keras_model.fit`` unless given) stoppable by ``event``; raise
+    :class:`TrainingInterrupted` if it was stopped. Clears ``event`` first: a new round."""
+    event.clear()
+    callback = stop_callback(event)
+    total = epochs * math.ceil(len(x) / batch_size)
+    result = (fit or keras_model.fit)(x, y, epochs=epochs, batch_size=batch_size,
+                                      callbacks=[callback], **kwargs)
+    if event.is_set():
+        raise TrainingInterrupted(callback.batches, total)
+    return result
+
+
 class KerasTrainer:
     """The built-in trainer: FedHub's Keras :class:`model.Model` on local image arrays."""
 
@@ -77,9 +130,13 @@ class KerasTrainer:
         self.seed = seed
         self.verbose = verbose
         self.model = None
+        self._stop = threading.Event()
 
     def validate(self) -> dict[str, Any]:
         return validate_images(self.x, self.y)
+
+    def interrupt(self) -> None:
+        self._stop.set()
 
     def initialise(self, config: Mapping[str, Any]) -> None:
         from model import Model
@@ -93,15 +150,112 @@ class KerasTrainer:
         self.initialise(config)
         self.model.set_weights(weights)
         started = time.perf_counter()
-        metrics = self.model.train(self.x, self.y, epochs=int(config.get("epochs", 1)),
-                                   batch_size=int(config.get("batch_size", 32)),
-                                   learning_rate=float(config.get("learning_rate", 1e-3)),
-                                   verbose=self.verbose)
+        metrics = fit_interruptibly(
+            self.model.keras_model, self.x, self.y, self._stop, fit=self._fit,
+            epochs=int(config.get("epochs", 1)), batch_size=int(config.get("batch_size", 32)),
+            learning_rate=float(config.get("learning_rate", 1e-3)))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["train_seconds"] = time.perf_counter() - started
         return TrainResult(self.model.get_weights(), len(self.x), metrics)
+
+    def _fit(self, x, y, **kwargs: Any) -> dict[str, float]:
+        return self.model.train(x, y, verbose=self.verbose, **kwargs)
 
     def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
         self.initialise({})
         self.model.set_weights(weights)
         return self.model.evaluate(self.x, self.y)
+
+    def save_final(self, weights: Mapping[str, np.ndarray], folder: Path) -> Path:
+        """The run's final global model as ``folder/final.keras``."""
+        self.initialise({})
+        self.model.set_weights(weights)
+        path = Path(folder) / "final.keras"
+        self.model.save(path)
+        return path
+
+
+class KerasModelTrainer:
+    """Any compiled Keras model on any labelled NumPy arrays (the Python API's trainer).
+
+    ``x`` is fed to the model as it is (no preprocessing); ``y`` holds integer class
+    labels. The server's round configuration sets epochs, batch size and learning rate.
+    Weights are named by ``variable.path`` (``model.get_keras_weights``), so the server's
+    model must be the same architecture with the same layer names: load both from one
+    ``.keras`` file (the Python API does) or name the layers explicitly.
+    """
+
+    def __init__(self, keras_model: Any, x: np.ndarray, y: np.ndarray, *, verbose: int = 0) -> None:
+        self.keras_model = keras_model
+        self.x = np.asarray(x)
+        self.y = np.asarray(y)
+        self.verbose = verbose
+        self._stop = threading.Event()
+
+    def validate(self) -> dict[str, Any]:
+        try:
+            shape = tuple(self.keras_model.input_shape[1:])
+            classes = int(self.keras_model.output_shape[-1])
+        except (AttributeError, TypeError, ValueError):
+            shape, classes = tuple(self.x.shape[1:]), int(self.y.max(initial=0)) + 1
+        if None in shape:
+            shape = tuple(self.x.shape[1:])
+        return validate_images(self.x, self.y, shape=shape, num_classes=classes)
+
+    def initialise(self, config: Mapping[str, Any]) -> None:
+        if getattr(self.keras_model, "optimizer", None) is None:
+            raise ValueError("the Keras model is not compiled: call model.compile(...) first")
+
+    def interrupt(self) -> None:
+        self._stop.set()
+
+    def train(self, weights: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> TrainResult:
+        from model import get_keras_weights, set_keras_weights
+
+        self.initialise(config)
+        set_keras_weights(self.keras_model, weights)
+        if "learning_rate" in config:
+            self.keras_model.optimizer.learning_rate = float(config["learning_rate"])
+        started = time.perf_counter()
+        history = fit_interruptibly(self.keras_model, self.x, self.y, self._stop,
+                                    epochs=int(config.get("epochs", 1)),
+                                    batch_size=int(config.get("batch_size", 32)),
+                                    verbose=self.verbose, shuffle=True)
+        metrics = {k: float(v[-1]) for k, v in history.history.items() if v}
+        metrics["train_seconds"] = time.perf_counter() - started
+        return TrainResult(get_keras_weights(self.keras_model), len(self.x), metrics)
+
+    def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
+        from model import set_keras_weights
+
+        set_keras_weights(self.keras_model, weights)
+        result = self.keras_model.evaluate(self.x, self.y, verbose=0, return_dict=True)
+        return {k: float(v) for k, v in result.items()}
+
+    def save_final(self, weights: Mapping[str, np.ndarray], folder: Path) -> Path:
+        from model import set_keras_weights
+
+        set_keras_weights(self.keras_model, weights)
+        path = Path(folder) / "final.keras"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.keras_model.save(path)
+        return path
+
+
+def from_folder(data_dir: Path) -> KerasModelTrainer:
+    """``--trainer device.trainer:from_folder``: ``data_dir/model.keras`` (loaded with
+    ``safe_mode=True``) trained on ``data_dir/arrays.npz`` (arrays ``x`` and ``y``).
+
+    This is what ``fedhub.Device(...).spawn()`` runs in its child process.
+    """
+    import keras
+
+    data_dir = Path(data_dir)
+    for needed in ("model.keras", "arrays.npz"):
+        if not (data_dir / needed).is_file():
+            raise ValueError(f"no {needed} in {data_dir}")
+    with np.load(data_dir / "arrays.npz", allow_pickle=False) as npz:
+        if not {"x", "y"} <= set(npz.files):
+            raise ValueError(f"{data_dir / 'arrays.npz'} must hold arrays x and y")
+        x, y = npz["x"], npz["y"]
+    return KerasModelTrainer(keras.saving.load_model(data_dir / "model.keras", safe_mode=True), x, y)

@@ -38,6 +38,7 @@ def load_or_create_secret(path: Path) -> str:
     the dashboard read them from there.
     """
     if path.exists():
+        check_private(path)
         value = path.read_text(encoding="utf-8").strip()
         if value:
             return value
@@ -49,6 +50,14 @@ def load_or_create_secret(path: Path) -> str:
         f.write(value + "\n")
     os.replace(tmp, path)
     return value
+
+
+def check_private(path: Path) -> None:
+    """Refuse a secret file that others can read: whoever reads it can act as an admin or enroll."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise ValueError(f"secret file {path} is readable by others (mode {mode & 0o777:o}); "
+                         f"run: chmod 600 {path}")
 
 
 def read_secret(path: Path) -> str | None:

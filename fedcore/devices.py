@@ -15,6 +15,7 @@ from typing import Any
 
 from . import auth
 from .errors import Forbidden, InvalidInput, NotFound, Unauthorized
+from .lifecycle import Lifecycle, check_report
 from .storage import Storage
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -45,16 +46,21 @@ class DeviceRegistry:
         self._seen: dict[str, float] = {}
         self._activity: dict[str, str] = {}
         self._left: set[str] = set()
+        self.lifecycle = Lifecycle(storage, clock)
         for row in storage.list_devices():
             self._by_hash[row["token_hash"]] = row["name"]
             self._seen[row["name"]] = row["last_seen"] or 0.0
 
     def register(self, name: object, enroll_secret: str | None, *, num_examples: int | None = None,
-                 auto_activate: bool | None = None) -> dict[str, Any]:
-        """Enroll a device (or re-enroll it, which replaces its token) and return its new token."""
+                 auto_activate: bool | None = None, validation: object = None) -> dict[str, Any]:
+        """Enroll a device (or re-enroll it, which replaces its token) and return its new token.
+
+        ``validation`` is the device's data validation report (see ``lifecycle.check_report``).
+        """
         name = check_name(name)
         if not auth.secret_matches(enroll_secret, self._enroll_secret):
             raise Unauthorized("missing or wrong enrollment secret", "enroll_secret")
+        report = None if validation is None else check_report(validation)
         if num_examples is not None and (
             not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 0
         ):
@@ -83,7 +89,10 @@ class DeviceRegistry:
             self._seen[name] = now
             self._activity[name] = "idle"
             self._left.discard(name)
-        return {"name": name, "token": token, "active": active}
+            self.lifecycle.enrolled(name, report)
+        state = self.lifecycle.get(name)
+        return {"name": name, "token": token, "active": active, "lifecycle": state["state"],
+                "lifecycle_reason": state["reason"]}
 
     def authenticate(self, token: str | None) -> str:
         """The device a bearer token belongs to; marks it seen."""
@@ -144,7 +153,7 @@ class DeviceRegistry:
         """Active devices that are online now: the candidates for a new round."""
         now = self._clock()
         return [r["name"] for r in self._storage.list_devices()
-                if r["active"] and self.is_online(r["name"], now)]
+                if r["active"] and self.is_online(r["name"], now) and self.lifecycle.may_train(r["name"])]
 
     def state(self, row: dict[str, Any], now: float) -> str:
         if not row["active"]:
@@ -163,8 +172,10 @@ class DeviceRegistry:
     def list(self) -> list[dict[str, Any]]:
         now = self._clock()
         out = []
+        lifecycle = self.lifecycle.all()
         with self._lock:
             for row in self._storage.list_devices():
+                stage = lifecycle.get(row["name"]) or self.lifecycle.get(row["name"])
                 out.append({
                     "name": row["name"],
                     "active": bool(row["active"]),
@@ -172,6 +183,10 @@ class DeviceRegistry:
                     "last_seen": self._seen.get(row["name"], row["last_seen"]),
                     "num_examples": row["num_examples"],
                     "registered_at": row["registered_at"],
+                    "lifecycle": stage["state"],
+                    "lifecycle_reason": stage["reason"],
+                    "lifecycle_round": stage["round"],
+                    "validation": stage["validation"],
                 })
         return out
 

@@ -25,6 +25,7 @@ import numpy as np
 from . import wire
 from .aggregation import Accumulator, Strategy, make_strategy
 from .config import FederationConfig
+from .device_logs import DeviceLogs
 from .devices import DeviceRegistry
 from .errors import Conflict, InvalidInput
 from .storage import Storage
@@ -78,6 +79,7 @@ class Coordinator:
         self._rng = random.Random(config.seed)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.logs = DeviceLogs(storage, clock=clock)
         self._recover()
 
     # start-up -------------------------------------------------------------
@@ -150,6 +152,9 @@ class Coordinator:
     def next_task(self, name: str, wait: float = 0.0) -> dict[str, Any]:
         """What the device should do now; waits up to ``wait`` seconds for something to do."""
         end = time.monotonic() + max(0.0, wait)
+        refusal = self.devices.lifecycle.refusal(name)  # invalid data: no tasks at all
+        if refusal is not None:
+            raise refusal
         with self._cond:
             while True:
                 task = self._task_for(name)
@@ -157,6 +162,10 @@ class Coordinator:
                 if task["action"] != "wait" or remaining <= 0 or self._stop.is_set():
                     if task["action"] == "train":
                         self.devices.set_activity(name, "training")
+                        self.devices.lifecycle.set(name, "training", round_number=task["round"])
+                    elif task["action"] == "finish":
+                        self.devices.lifecycle.set(name, "finished", reason="the run is over",
+                                                   round_number=self._version)
                     return task
                 self._cond.wait(min(remaining, 1.0))
                 self.devices.touch(name)
@@ -221,6 +230,8 @@ class Coordinator:
                                     metrics=meta.metrics, upload_id=upload_id, now=self._clock())
             r.reported[name] = upload_id
             self.devices.set_activity(name, "idle")
+            self.devices.lifecycle.set(name, "waiting", reason=f"update for round {round_number} sent",
+                                       round_number=round_number)
             self.devices.set_examples(name, meta.num_examples)
             self._cond.notify_all()
             return {"accepted": True, "duplicate": False, "round": round_number,
@@ -239,6 +250,51 @@ class Coordinator:
         with self._cond:
             self.devices.leave(name)
             self._drop_from_round(name)
+
+    # lifecycle calls ------------------------------------------------------
+    def interrupt(self, name: str) -> dict[str, Any]:
+        """Admin: stop one device's local training; the round goes on without it at once."""
+        self.devices.require(name)
+        with self._cond:
+            r = self._open
+            if r is None or name not in r.selected or name in r.reported:
+                raise Conflict(f"device {name!r} is not training in an open round", "name")
+            self.devices.lifecycle.request_interrupt(name, r.number)
+            self._drop_from_round(name)
+            self.devices.set_activity(name, "idle")
+            return {"name": name, "round": r.number, "interrupted": True}
+
+    def interrupted(self, name: str, round_number: object, detail: object = None) -> dict[str, Any]:
+        """The device confirms it stopped training ``round_number``."""
+        with self._cond:
+            state = self.devices.lifecycle.interrupted(name, round_number, detail)
+            if self._open is not None and self._open.number == round_number:
+                self._drop_from_round(name)
+            self.devices.set_activity(name, "idle")
+            return state
+
+    def add_logs(self, name: str, raw: object) -> dict[str, Any]:
+        """Store a device's log lines; an ERROR naming the open round drops the device from it."""
+        entries = self.logs.add(name, raw)
+        dropped = []
+        with self._cond:
+            for e in entries:
+                r = self._open
+                if (e["level"] == "ERROR" and r is not None and e["round"] == r.number
+                        and name in r.selected and name not in r.reported):
+                    self._drop_from_round(name)
+                    self.devices.set_activity(name, "idle")
+                    self.devices.lifecycle.set(name, "waiting", reason=f"round {r.number} failed: "
+                                               f"{e['message'][:200]}", round_number=r.number)
+                    dropped.append(r.number)
+        return {"stored": len(entries), "dropped_from_rounds": dropped}
+
+    def _settle(self, r: _OpenRound, why: str) -> None:
+        """Selected devices that never reported are no longer training in round ``r``."""
+        for name in r.selected - set(r.reported):
+            self.devices.set_activity(name, "idle")  # a silent device is not "training" for ever
+            if self.devices.lifecycle.get(name)["state"] == "training":
+                self.devices.lifecycle.set(name, "waiting", reason=why, round_number=r.number)
 
     def _drop_from_round(self, name: str) -> None:
         r = self._open
@@ -324,9 +380,17 @@ class Coordinator:
             updates.setdefault(u["round"], {})[u["device"]] = {
                 "num_examples": u["num_examples"], **u["metrics"]}
         out = []
+        failures: dict[int, list[dict[str, Any]]] = {}
+        for e in self.logs.errors():  # an ERROR line naming a round marks that update failed
+            failures.setdefault(e["round"], []).append(e)
         for r in self.storage.list_rounds():
             if r["status"] != "complete" or r["number"] == 0:
                 continue
+            for e in failures.get(r["number"], []):
+                if e["received_at"] >= r["started_at"]:  # not from an earlier run of this number
+                    entry = updates.setdefault(r["number"], {}).setdefault(e["device"], {})
+                    entry["failed"] = True
+                    entry.setdefault("error", e["message"])
             out.append({
                 "round": r["number"], "test_loss": r["test_loss"],
                 "test_accuracy": r["test_accuracy"], "num_updates": r["num_updates"],
@@ -395,6 +459,7 @@ class Coordinator:
         log.warning("%s; discarding it and opening it again", why)
         self._reason = why
         self._open = None
+        self._settle(r, f"round {r.number} was discarded")
         self.storage.discard_round(r.number)
         self._cond.notify_all()
 
@@ -423,6 +488,7 @@ class Coordinator:
                 self._cond.notify_all()
             return
         with self._cond:
+            self._settle(r, f"round {r.number} closed without this device's update")
             self._global = weights
             self._version = r.number
             self._encoded = self._encode_global()

@@ -34,9 +34,11 @@ class ServerProcess:
     """A real ``server.py`` on loopback, with its log kept for failure messages."""
 
     def __init__(self, tmp: Path, data_dir: Path, *args: str, port: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, verify: bool | str = True) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.verify = verify
+        scheme = "https" if "--certfile" in args else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.state_dir = tmp / "server_training"
         self.eval_dir = tmp / "eval"
         self.log_path = tmp / f"server-{self.port}.log"
@@ -60,7 +62,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(f"{self.url}/health", timeout=1).ok:
+                if requests.get(f"{self.url}/health", timeout=1, verify=self.verify).ok:
                     return self
             except requests.ConnectionError:
                 pass
@@ -71,11 +73,11 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def admin(self, method: str, path: str, **kw) -> requests.Response:
-        return requests.request(method, self.url + path, timeout=30,
+        return requests.request(method, self.url + path, timeout=30, verify=self.verify,
                                 headers={"Authorization": f"Bearer {self.admin_token}"}, **kw)
 
     def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(self.url + path, timeout=30, **kw)
+        return requests.get(self.url + path, timeout=30, verify=self.verify, **kw)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -113,3 +115,27 @@ def server_factory(tmp_path, data_dir):
     yield make
     for s in servers:
         s.stop()
+
+
+@pytest.fixture
+def split_devices(tmp_path, data_dir):
+    """``split_devices(n, limit)``: real Fashion-MNIST shares in device folders, via the real CLI."""
+
+    def make(n: int, limit: int = 300) -> Path:
+        root = tmp_path / "devices"
+        out = subprocess.run(
+            [sys.executable, "-m", "utils.format_dataset", "--devices", str(n), "--limit", str(limit),
+             "--data-dir", str(data_dir), "--out", str(root), "--quiet"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return root
+
+    return make
+
+
+def launch_devices(server: ServerProcess, root: Path, names, *extra: str):
+    """Real device processes against ``server``, their output in ``root/../logs/NAME.log``."""
+    from device.launcher import launch
+
+    return launch(server.url, names, devices_root=root, env={"FEDHUB_ENROLL_SECRET": server.enroll_secret},
+                  extra_args=["--poll-wait", "2", "--retry-for", "120", *extra], log_dir=root.parent / "logs")

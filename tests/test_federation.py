@@ -5,32 +5,23 @@ from __future__ import annotations
 import hashlib
 import signal
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 
-from device.launcher import launch, stop
+from device.launcher import stop
 
-from .conftest import ROOT, wait_until
+from .conftest import launch_devices, wait_until
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def devices_root(tmp_path, data_dir):
-    root = tmp_path / "devices"
-    out = subprocess.run(
-        [sys.executable, "-m", "utils.format_dataset", "--devices", "2", "--limit", "1500",
-         "--data-dir", str(data_dir), "--out", str(root), "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return root
+def devices_root(split_devices):
+    return split_devices(2, 1500)
 
 
 def _launch(server, root, names):
-    return launch(server.url, names, devices_root=root, env={"FEDHUB_ENROLL_SECRET": server.enroll_secret},
-                  extra_args=["--poll-wait", "2", "--retry-for", "120"], log_dir=root.parent / "logs")
+    return launch_devices(server, root, names)
 
 
 def _db(server):

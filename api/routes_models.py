@@ -1,0 +1,72 @@
+"""Model export and validation (after FedV's serving and validation APIs).
+
+``GET /api/rounds/<n>/model.keras`` downloads the global model of any completed
+round (``latest`` for the current one) as a ``.keras`` file that plain Keras
+loads. ``POST /api/rounds/<n>/validate`` evaluates that model on an uploaded
+labelled ``.npz`` (arrays ``x`` and ``y``): loss, accuracy, per-class accuracy
+and the confusion matrix. Both need a device or admin token, like ``/api/model``.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from fedcore.errors import Conflict, InvalidInput, NotFound
+
+from .auth import require_device_or_admin
+
+bp = Blueprint("models", __name__)
+NPZ_TYPES = ("application/octet-stream", "application/x-npz", "application/zip")
+
+
+def _engine():
+    return current_app.extensions["fedhub"]
+
+
+def _model():
+    model = current_app.extensions.get("fedhub_global_model")
+    if model is None:
+        raise Conflict("this server has no Keras model to export or validate with", "round")
+    return model
+
+
+def _weights(round_text: str):
+    """The weights of a completed round (``latest``: the current global model)."""
+    engine = _engine()
+    if round_text == "latest":
+        return engine.global_weights()
+    if not round_text.isdigit():
+        raise InvalidInput("round must be a round number or 'latest'", "round")
+    number = int(round_text)
+    row = engine.storage.get_round(number)
+    if row is None:
+        raise NotFound(f"no round {number}", "round")
+    if row["status"] != "complete":
+        raise Conflict(f"round {number} is not complete yet", "round")
+    return number, engine.storage.read_checkpoint(number)
+
+
+@bp.get("/api/rounds/<round_text>/model.keras")
+def export(round_text: str):
+    require_device_or_admin()
+    model = _model()
+    number, weights = _weights(round_text)
+    body = model.export(weights)
+    response = Response(body, mimetype="application/octet-stream")
+    response.headers["Content-Disposition"] = f'attachment; filename="fedhub_round_{number:05d}.keras"'
+    response.headers["X-Model-Version"] = str(number)
+    return response
+
+
+@bp.post("/api/rounds/<round_text>/validate")
+def validate(round_text: str):
+    require_device_or_admin()
+    from global_model import load_npz  # Keras-side module: imported only when a model is in use
+
+    model = _model()
+    if request.mimetype not in NPZ_TYPES:
+        raise InvalidInput("body must be an .npz file (Content-Type: application/octet-stream)",
+                           "Content-Type")
+    number, weights = _weights(round_text)
+    x, y = load_npz(request.get_data(cache=False))
+    return jsonify({"round": number, "model": model.name, **model.validate(weights, x, y)})

@@ -1,0 +1,81 @@
+"""Serve the Flask app with a production WSGI server.
+
+Plain HTTP goes through waitress. waitress has no TLS, so when given a
+certificate and key the app is served by cheroot (CherryPy's server) with
+Python's ssl module instead; in production a reverse proxy usually terminates
+TLS in front of waitress (see the README).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 4000
+    threads: int = 32
+    max_body_bytes: int = 65 * 1024 * 1024
+    # Seconds a connection may sit idle or trickle its request before it is closed (slow-loris).
+    channel_timeout: float = 30.0
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+
+class Serving:
+    """A bound server: ``url``, then ``run()`` (blocks) and ``close()``."""
+
+    def __init__(self, app: Flask, options: ServeOptions) -> None:
+        self.options = options
+        self.tls = options.certfile is not None
+        if self.tls:
+            self._server = _cheroot(app, options)
+            port = self._server.bind_addr[1]
+        else:
+            from waitress import create_server
+
+            self._server = create_server(
+                app, host=options.host, port=options.port, threads=options.threads,
+                max_request_body_size=options.max_body_bytes, channel_timeout=options.channel_timeout,
+                cleanup_interval=min(30, max(1, int(options.channel_timeout))), ident="fedhub")
+            port = self._server.effective_port
+        self.port = int(port)
+        scheme = "https" if self.tls else "http"
+        self.url = f"{scheme}://{options.host}:{self.port}"
+
+    def run(self) -> None:
+        if self.tls:
+            self._server.serve()
+        else:
+            self._server.run()
+
+    def close(self) -> None:
+        if self.tls:
+            self._server.stop()
+        else:
+            self._server.close()
+
+
+def _cheroot(app: Flask, options: ServeOptions) -> Any:
+    from cheroot.ssl.builtin import BuiltinSSLAdapter
+    from cheroot.wsgi import Server
+
+    if options.keyfile is None:
+        raise ValueError("--certfile needs --keyfile")
+    for path in (options.certfile, options.keyfile):
+        if not Path(path).is_file():
+            raise ValueError(f"TLS file not found: {path}")
+    server = Server((options.host, options.port), app, numthreads=options.threads,
+                    timeout=int(options.channel_timeout), server_name="fedhub")
+    adapter = BuiltinSSLAdapter(str(options.certfile), str(options.keyfile))
+    adapter.context.minimum_version = ssl.TLSVersion.TLSv1_2
+    server.ssl_adapter = adapter
+    server.max_request_body_size = options.max_body_bytes
+    server.prepare()  # binds now, so the port is known and errors surface before serving
+    return server

@@ -1,0 +1,365 @@
+"""FedHub control dashboard: ``streamlit run dashboard/index.py``.
+
+Watch and drive a federation through the server's HTTP API: the devices and their state
+(activate or deactivate each), start / pause / resume, the current round's progress, the
+global and per-device accuracy and loss over rounds, local demo devices, and predictions
+for an uploaded picture. The server URL and admin token come from the sidebar, else from
+``FEDHUB_SERVER`` / ``FEDHUB_ADMIN_TOKEN``, else ``http://127.0.0.1:4000`` and the local
+server's ``server_training/admin.token``. ``FEDHUB_DEVICES_ROOT`` sets the data folder that
+local demo devices train on (default ``devices/``).
+
+The server may be down or restarting at any moment: every call's failure becomes a banner
+with a retry button, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run` puts only dashboard/ on the path
+    sys.path.insert(0, str(ROOT))
+
+import altair as alt  # noqa: E402
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from dashboard.local_devices import (  # noqa: E402
+    DEFAULT_DEVICES_ROOT,
+    DEFAULT_STATE_DIR,
+    LocalDevices,
+    device_names,
+    missing_data,
+)
+from dashboard.server_api import (  # noqa: E402
+    DEFAULT_SERVER,
+    ServerAPI,
+    ServerError,
+    Unreachable,
+    default_admin_token,
+)
+
+log = logging.getLogger("fedhub.dashboard")
+
+GLOBAL_SERIES = "global model (test set)"
+GLOBAL_COLOUR = "#1c7ed6"
+DEVICE_COLOURS = ["#e8590c", "#2f9e44", "#9c36b5", "#1098ad", "#f08c00", "#c2255c",
+                  "#5c940d", "#3b5bdb", "#862e9c", "#0b7285"]
+PICTURE_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp"]
+REFRESH_SECONDS = 2.0
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def refusal(exc: ServerError) -> str:
+    """A server refusal in words a person can act on."""
+    message = exc.body.get("message") or str(exc)
+    if exc.status in (401, 403):
+        return f"The server refused the admin token ({message}). Set the right one in the sidebar."
+    return f"The server refused: {message} (HTTP {exc.status})"
+
+
+def flash(kind: str, text: str) -> None:
+    """Keep a message from a button callback until the page shows it."""
+    st.session_state.setdefault("flash", []).append((kind, text))
+
+
+def show_flashes() -> None:
+    for kind, text in st.session_state.pop("flash", []):
+        (st.success if kind == "success" else st.error)(text)
+
+
+def server_down_banner(api: ServerAPI, exc: Exception, key: str) -> None:
+    st.error(
+        f"**The FedHub server at {api.server} cannot be reached** ({exc}).\n\n"
+        "Start it with `python server.py 4000`, or fix the server URL in the sidebar. "
+        "This page keeps working and tries again on Retry (or by itself when live refresh is on).",
+        icon="🚫")
+    st.button("Retry", key=key, type="primary")
+
+
+def unexpected(exc: Exception) -> None:
+    """Say what happened instead of a traceback; the details go to the dashboard's log."""
+    log.exception("dashboard error")
+    st.error(f"Something went wrong: {type(exc).__name__}: {exc}. Details are in the dashboard's log.")
+
+
+def control(call, done: str) -> None:
+    """Run one control call from a button callback; the outcome is shown on the next render."""
+    try:
+        call()
+    except Unreachable as exc:
+        flash("error", f"The server cannot be reached: {exc}")
+    except ServerError as exc:
+        flash("error", refusal(exc))
+    else:
+        flash("success", done)
+
+
+def ago(epoch_seconds: float | None) -> str:
+    if not epoch_seconds:
+        return "never"
+    seconds = max(0, round(time.time() - epoch_seconds))
+    if seconds < 60:
+        return f"{seconds} s ago"
+    if seconds < 3600:
+        return f"{seconds // 60} min ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch_seconds))
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def sidebar() -> tuple[ServerAPI, bool]:
+    with st.sidebar:
+        st.header("Server")
+        server = st.text_input("Server URL", key="server",
+                               value=os.environ.get("FEDHUB_SERVER") or DEFAULT_SERVER)
+        token = st.text_input("Admin token", key="admin_token", type="password",
+                              value=os.environ.get("FEDHUB_ADMIN_TOKEN") or default_admin_token(),
+                              help="Control calls need it; reading and the live charts do not.")
+        live = st.toggle(f"Live refresh every {REFRESH_SECONDS:g} s", key="live", value=True)
+        st.caption(f"Live accuracy page: {server.rstrip('/')}/stats")
+    return ServerAPI(server.strip() or DEFAULT_SERVER, token.strip()), live
+
+
+def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
+    st.subheader("Training")
+    state = status["status"]
+    total = status["total_rounds"] or "∞"
+    r = status["round"]
+    cols = st.columns(5)
+    cols[0].metric("Status", state)
+    cols[1].metric("Completed rounds", f"{status['completed_rounds']} / {total}")
+    if r and "selected" in r:
+        reported, selected = len(r["reported"]), len(r["selected"])
+        cols[2].metric("Current round", f"#{r['number']}")
+        cols[3].metric("Updates received", f"{reported} / {selected}")
+        cols[4].metric("Deadline", f"in {r['deadline_in']:.0f} s")
+        st.progress(reported / max(1, selected),
+                    text=f"round {r['number']}: {reported} of {selected} selected devices reported "
+                         f"({r['needed']} needed by the deadline)")
+    elif r:
+        cols[2].metric("Current round", f"#{r['number']}")
+        cols[3].metric("Updates received", "all")
+        cols[4].metric("Deadline", "aggregating")
+    else:
+        cols[2].metric("Current round", "none open")
+    if status.get("reason"):
+        st.caption(status["reason"])
+    if status.get("last_error"):
+        st.warning(status["last_error"])
+
+    c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
+    rounds = c4.number_input("Rounds in the run (0: until paused)", key="rounds", min_value=0,
+                             max_value=10_000, step=1, value=int(status["total_rounds"] or 0))
+    c1.button("Start", key="start", type="primary", disabled=state == "running", on_click=control,
+              args=(lambda: api.start(int(rounds)), f"training started ({rounds or '∞'} rounds)"))
+    c2.button("Pause", key="pause", disabled=state != "running",
+              on_click=control, args=(api.pause, "paused: the round in progress still completes"))
+    c3.button("Resume", key="resume", disabled=state != "paused",
+              on_click=control, args=(api.resume, "training resumed"))
+
+
+def devices_panel(api: ServerAPI, devices: list[dict[str, Any]]) -> None:
+    st.subheader(f"Devices ({len(devices)})")
+    if not devices:
+        st.info("No device has enrolled yet. Launch some below, "
+                "or run `python device/device.py 4000 device1`.")
+        return
+    rows = [{
+        "device": d["name"],
+        "state": d["state"],
+        "last seen": ago(d["last_seen"]),
+        "examples": d["num_examples"],
+        "local accuracy": (d["latest"] or {}).get("accuracy"),
+        "in round": (d["latest"] or {}).get("round"),
+    } for d in devices]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+                 column_config={"local accuracy": st.column_config.NumberColumn(format="%.4f")})
+    per_row = 4
+    for start in range(0, len(devices), per_row):
+        cols = st.columns(per_row)
+        for col, d in zip(cols, devices[start:start + per_row], strict=False):
+            name, active = d["name"], d["active"]
+            col.button(f"{'Deactivate' if active else 'Activate'} {name}", key=f"toggle-{name}",
+                       on_click=control,
+                       args=(lambda n=name, a=not active: api.set_active(n, a),
+                             f"{name} {'deactivated' if active else 'activated'}"))
+
+
+def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long form: one row per (round, series) with accuracy and loss, the global model first."""
+    rows = []
+    for r in history:
+        rows.append({"round": r["round"], "series": GLOBAL_SERIES,
+                     "accuracy": r["test_accuracy"], "loss": r["test_loss"]})
+        for name, m in sorted(r["devices"].items()):
+            rows.append({"round": r["round"], "series": name,
+                         "accuracy": m.get("accuracy"), "loss": m.get("loss")})
+    return pd.DataFrame(rows, columns=["round", "series", "accuracy", "loss"])
+
+
+def metric_chart(frame: pd.DataFrame, metric: str, title: str) -> alt.Chart:
+    is_global = alt.datum.series == GLOBAL_SERIES
+    devices = sorted(set(frame["series"]) - {GLOBAL_SERIES})
+    colours = alt.Scale(domain=[GLOBAL_SERIES, *devices],
+                        range=[GLOBAL_COLOUR, *(DEVICE_COLOURS[i % len(DEVICE_COLOURS)]
+                                                for i in range(len(devices)))])
+    return alt.Chart(frame.dropna(subset=[metric]), title=title).mark_line(point=True).encode(
+        x=alt.X("round:Q", title="round", axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y(f"{metric}:Q", title=metric, scale=alt.Scale(zero=False)),
+        color=alt.Color("series:N", title=None, scale=colours, legend=alt.Legend(orient="bottom")),
+        strokeDash=alt.condition(is_global, alt.value([1, 0]), alt.value([5, 4])),
+        strokeWidth=alt.condition(is_global, alt.value(3), alt.value(1.5)),
+        tooltip=["round", "series", alt.Tooltip(f"{metric}:Q", format=".4f")],
+    )
+
+
+def charts_panel(history: list[dict[str, Any]]) -> None:
+    st.subheader("Accuracy and loss over rounds")
+    if not history:
+        st.info("No round has completed yet: the charts appear after round 1.")
+        return
+    frame = history_frame(history)
+    left, right = st.columns(2)
+    left.altair_chart(metric_chart(frame, "accuracy",
+                                   "accuracy: global on the test set, devices on their data"),
+                      width="stretch")
+    right.altair_chart(metric_chart(frame, "loss", "loss: global on the test set, devices in training"),
+                       width="stretch")
+
+
+def live_view(api: ServerAPI) -> None:
+    """Everything read from the server; re-run every few seconds when live refresh is on."""
+    show_flashes()
+    try:
+        status, devices, history = api.status(), api.devices(), api.history()
+    except Unreachable as exc:
+        server_down_banner(api, exc, key="retry")
+        return
+    except ServerError as exc:
+        st.error(refusal(exc))
+        return
+    try:
+        training_panel(api, status)
+        devices_panel(api, devices)
+        charts_panel(history)
+    except Exception as exc:  # a live re-run happens outside main()'s guard
+        unexpected(exc)
+
+
+@st.cache_resource
+def local_devices() -> LocalDevices:
+    """One registry per Streamlit server, shared by every tab, kept across reruns."""
+    return LocalDevices()
+
+
+def launcher_panel(api: ServerAPI) -> None:
+    st.subheader("Local devices (demo)")
+    local = local_devices()
+    c1, c2, c3 = st.columns([1, 3, 3])
+    count = int(c1.number_input("How many", key="launch_count", min_value=1, max_value=32, value=3))
+    default_root = os.environ.get("FEDHUB_DEVICES_ROOT") or str(DEFAULT_DEVICES_ROOT)
+    devices_root = Path(c2.text_input("Data folder (from python -m utils.format_dataset)",
+                                      key="devices_root", value=default_root))
+    state_dir = Path(c3.text_input("Server state folder (its enroll.secret, unless "
+                                   "FEDHUB_ENROLL_SECRET is set)", key="state_dir",
+                                   value=str(DEFAULT_STATE_DIR)))
+    auto = st.checkbox("Devices start active", key="launch_auto", value=True)
+    missing = missing_data(devices_root, device_names(count))
+    if missing:
+        st.warning(f"No training data for {', '.join(missing)} in {devices_root}. Split Fashion-MNIST "
+                   f"first: `python -m utils.format_dataset --devices {count}`.")
+
+    def launch() -> None:
+        try:
+            started = local.launch(api.server, count, devices_root=devices_root, state_dir=state_dir,
+                                   auto_activate=auto)
+        except (ValueError, OSError) as exc:
+            st.session_state["launch_message"] = ("error", f"Not launched: {exc}")
+        else:
+            st.session_state["launch_message"] = (
+                "success", f"started {', '.join(started)}" if started else "all of them already run")
+
+    def stop() -> None:
+        stopped = local.stop_all()
+        st.session_state["launch_message"] = (
+            "success", f"stopped {', '.join(stopped)}" if stopped else "none was running")
+
+    b1, b2, _ = st.columns([1, 1, 4])
+    b1.button(f"Launch {count}", key="launch", type="primary", disabled=bool(missing), on_click=launch)
+    b2.button("Stop all", key="stop_local", disabled=not local.running(), on_click=stop)
+    message = st.session_state.pop("launch_message", None)
+    if message:
+        (st.success if message[0] == "success" else st.error)(message[1])
+    rows = local.rows()
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+
+
+def probability_chart(answer: dict[str, Any]) -> alt.Chart:
+    frame = pd.DataFrame({"class": answer["class_names"], "probability": answer["probabilities"]})
+    frame["predicted"] = frame["class"] == answer["class_name"]
+    return alt.Chart(frame, title="probability of each class").mark_bar().encode(
+        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("class:N", sort=list(answer["class_names"]), title=None),
+        color=alt.condition(alt.datum.predicted, alt.value(GLOBAL_COLOUR), alt.value("#adb5bd")),
+        tooltip=["class", alt.Tooltip("probability:Q", format=".4f")],
+    ).properties(height=280)
+
+
+def show_prediction(api: ServerAPI, name: str, data: bytes, mime: str | None) -> dict[str, Any] | None:
+    """The upload handler: ask the server, then show the picture, the class and the probabilities.
+
+    The picture is shown only once the server has decoded it, so a file that is not an
+    image gets the server's explanation rather than a decoding error here.
+    """
+    try:
+        answer = api.predict([(name, data, mime or "application/octet-stream")])[0]
+    except Unreachable as exc:
+        server_down_banner(api, exc, key="retry_predict")
+        return None
+    except ServerError as exc:
+        st.error(refusal(exc))
+        return None
+    left, right = st.columns([1, 2])
+    left.image(data, caption=name, width="stretch")
+    confidence = answer["probabilities"][answer["class_index"]]
+    right.success(f"Predicted: **{answer['class_name']}** ({confidence:.1%}), "
+                  f"by the global model of round {answer['round']}")
+    right.altair_chart(probability_chart(answer), width="stretch")
+    return answer
+
+
+def predict_panel(api: ServerAPI) -> None:
+    st.subheader("Predict")
+    st.caption("The picture goes to the server's POST /api/predict, which classifies it with the "
+               "latest global model after the same preprocessing as in training (greyscale, 28x28, "
+               "inverted on a light background).")
+    picture = st.file_uploader("A picture of a garment (PNG, JPEG, BMP, GIF or WebP)",
+                               type=PICTURE_TYPES, key="picture")
+    if picture is not None:
+        show_prediction(api, picture.name, picture.getvalue(), picture.type)
+
+
+def main() -> None:
+    st.set_page_config(page_title="FedHub dashboard", page_icon="🧵", layout="wide")
+    st.title("FedHub · federated Fashion-MNIST")
+    api, live = sidebar()
+    try:
+        st.fragment(run_every=REFRESH_SECONDS if live else None)(live_view)(api)
+        launcher_panel(api)
+        predict_panel(api)
+    except Exception as exc:  # the page must stay usable: say what happened, log the details
+        unexpected(exc)
+
+
+if __name__ == "__main__":  # `streamlit run` and AppTest; importing the module draws nothing
+    main()

@@ -1,0 +1,105 @@
+"""Structured device logs: checked, bounded, stored in SQLite, read back by filter.
+
+Devices send batches of ``{level, message, time, round}``. A batch is checked
+whole before anything is stored, so a bad line changes nothing. Each device
+keeps at most ``keep`` lines, so a chatty device cannot fill the disk.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .errors import InvalidInput
+from .storage import Storage
+
+LEVELS = ("INFO", "WARNING", "ERROR")
+MAX_BATCH = 200  # lines per request
+MAX_MESSAGE_CHARS = 2000
+KEEP_PER_DEVICE = 10_000
+MAX_QUERY = 1000
+FIELDS = {"level", "message", "time", "round"}
+
+
+def parse_entries(raw: object, now: float) -> list[dict[str, Any]]:
+    """Check a batch of log lines; every refusal names the line and field at fault."""
+    if not isinstance(raw, list):
+        raise InvalidInput("body must be a JSON list of log lines", "body")
+    if not raw:
+        raise InvalidInput("the list of log lines is empty", "body")
+    if len(raw) > MAX_BATCH:
+        raise InvalidInput(f"at most {MAX_BATCH} log lines per request, got {len(raw)}", "body")
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"logs[{i}]"
+        if not isinstance(entry, dict):
+            raise InvalidInput(f"{where} must be an object", where)
+        unknown = sorted(set(entry) - FIELDS)
+        if unknown:
+            raise InvalidInput(f"{where} has unknown field {unknown[0]!r}", f"{where}.{unknown[0]}")
+        level = entry.get("level")
+        if level not in LEVELS:
+            raise InvalidInput(f"{where}.level must be one of {', '.join(LEVELS)}", f"{where}.level")
+        message = entry.get("message")
+        if not isinstance(message, str) or not message.strip():
+            raise InvalidInput(f"{where}.message must be a non-empty string", f"{where}.message")
+        if len(message) > MAX_MESSAGE_CHARS:
+            raise InvalidInput(f"{where}.message is longer than {MAX_MESSAGE_CHARS} characters",
+                               f"{where}.message")
+        stamp = entry.get("time", now)
+        if (not isinstance(stamp, int | float) or isinstance(stamp, bool) or not math.isfinite(stamp)
+                or stamp < 0):
+            raise InvalidInput(f"{where}.time must be seconds since the epoch", f"{where}.time")
+        round_number = entry.get("round")
+        if round_number is not None and (
+                not isinstance(round_number, int) or isinstance(round_number, bool) or round_number < 0):
+            raise InvalidInput(f"{where}.round must be a non-negative integer or null", f"{where}.round")
+        out.append({"level": level, "message": message, "time": float(stamp), "round": round_number})
+    return out
+
+
+def query_args(device: str | None, level: str | None, round_text: str | None, after_text: str | None,
+               limit_text: str | None) -> dict[str, Any]:
+    """Turn the query string of ``GET /api/logs`` into checked filters."""
+    if level is not None and level not in LEVELS:
+        raise InvalidInput(f"level must be one of {', '.join(LEVELS)}", "level")
+    return {"device": device or None, "level": level,
+            "round_number": _int_arg("round", round_text, None, 0, 2**31),
+            "after": _int_arg("after", after_text, 0, 0, 2**62),
+            "limit": _int_arg("limit", limit_text, 500, 1, MAX_QUERY)}
+
+
+def _int_arg(name: str, text: str | None, default: int | None, low: int, high: int) -> int | None:
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInput(f"{name} must be an integer", name) from None
+    if not low <= value <= high:
+        raise InvalidInput(f"{name} must be between {low} and {high}", name)
+    return value
+
+
+class DeviceLogs:
+    def __init__(self, storage: Storage, *, keep: int = KEEP_PER_DEVICE,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._storage = storage
+        self._keep = keep
+        self._clock = clock
+
+    def add(self, device: str, raw: object) -> list[dict[str, Any]]:
+        """Check and store a batch; returns the stored lines."""
+        now = self._clock()
+        entries = parse_entries(raw, now)
+        self._storage.add_logs(device, entries, now=now, keep=self._keep)
+        return entries
+
+    def query(self, **filters: Any) -> list[dict[str, Any]]:
+        return self._storage.list_logs(**filters)
+
+    def errors(self) -> list[dict[str, Any]]:
+        """Every stored ERROR line that names a round: the failed updates."""
+        return [e for e in self._storage.list_logs(level="ERROR", limit=2**31) if e["round"] is not None]

@@ -1,0 +1,25 @@
+"""FedHub's Python API: federated learning with any Keras model on any NumPy arrays.
+
+    import fedhub
+    history = fedhub.simulate(build_model, [(x1, y1), (x2, y2)], rounds=3, test_data=(x_test, y_test))
+    print(fedhub.evaluate(history.model, x_test, y_test)["accuracy"])
+
+or piece by piece: ``fedhub.Server(model, ...).start()`` in this process, and
+``fedhub.Device(server_or_url, name, x, y)`` run in this process (``run``/``start``),
+in a child process (``spawn``) or on another machine (give the server's URL).
+
+It is a thin layer over the same parts as the command line: the engine
+(``fedcore``), the HTTP API (``api``, served by waitress), the device protocol
+(``device.client``) and loop (``device.runner``). Every device, even one in this
+process, talks HTTP to the server.
+"""
+
+from device.trainer import KerasModelTrainer, Trainer, TrainResult
+
+from .devices import Device
+from .evaluation import evaluate
+from .servers import Server
+from .simulation import History, simulate
+
+__all__ = ["Device", "History", "KerasModelTrainer", "Server", "TrainResult", "Trainer", "evaluate",
+           "simulate"]

@@ -1,0 +1,36 @@
+"""Models travel as ``.keras`` files, so every process names their weights the same way.
+
+Weights are exchanged by ``variable.path``. A model built in code gets paths
+from the order models were built in that process (``dense`` or ``dense_3``),
+while a model loaded from a file gets them from the file. So the server and
+every device load the model from one ``.keras`` file and agree on every name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+
+from fedcore.files import atomic_path
+
+
+def save_model(model: keras.Model, path: str | Path) -> Path:
+    """Write ``model`` (architecture, weights, compile settings) to ``path`` atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+    return path
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """Load a ``.keras`` file without running any code from it (``safe_mode=True``)."""
+    return keras.saving.load_model(Path(path), safe_mode=True)
+
+
+def portable(model: keras.Model, path: str | Path) -> keras.Model:
+    """Save ``model`` to ``path`` and return the copy loaded back: the names every peer will use."""
+    return load_model(save_model(model, path))

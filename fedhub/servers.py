@@ -1,0 +1,176 @@
+"""``fedhub.Server``: the FedHub server for any Keras model, started from Python.
+
+It is ``server.create_app`` (engine, HTTP API, TensorBoard hook) served by
+waitress in a background thread of this process: the same server as
+``python server.py``, reachable by devices in this process, in child
+processes or on other machines.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcore import auth
+from fedcore.config import FederationConfig, TrainingConfig
+
+from .evaluation import evaluate
+from .model_files import load_model, portable
+
+
+class Server:
+    """A federated-learning server for ``model`` in this process.
+
+    ``model`` is any compiled Keras classifier; its current weights are round 0.
+    ``test_data=(x, y)`` gives each round test loss and accuracy. ``port=0`` picks a
+    free port (see :attr:`url`). The run settings match ``server.py``'s flags; by
+    default new devices start active and training starts as soon as ``min_devices``
+    are there. Use it as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(self, model: Any, *, test_data: tuple[np.ndarray, np.ndarray] | None = None,
+                 rounds: int = 3, min_devices: int = 1, epochs: int = 1, batch_size: int = 32,
+                 learning_rate: float = 1e-3, fraction: float = 1.0, quorum: float = 0.5,
+                 round_timeout: float = 600.0, device_timeout: float = 60.0, strategy: str = "fedavg",
+                 seed: int = 0, auto_activate: bool = True, start: bool = True,
+                 host: str = "127.0.0.1", port: int = 0, state_dir: str | Path | None = None,
+                 runs_dir: str | Path | None = None, run_id: str | None = None,
+                 enroll_secret: str | None = None, admin_token: str | None = None,
+                 threads: int = 16) -> None:
+        self.federation = FederationConfig(
+            rounds=rounds, min_devices=min_devices, quorum=quorum, round_timeout=round_timeout,
+            device_timeout=device_timeout, fraction=fraction, auto_activate=auto_activate, start=start,
+            strategy=strategy, seed=seed,
+            training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate))
+        self.federation.validate()  # ValueError now, not in the background
+        self._model = model
+        self._test_data = test_data
+        self.host = host
+        self.port = port
+        self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="fedhub-server-"))
+        self.runs_dir = Path(runs_dir) if runs_dir else None
+        self.run_id = run_id
+        self.enroll_secret = enroll_secret or auth.new_token()
+        self.admin_token = admin_token or auth.new_token()
+        self.threads = threads
+        self.model_path = self.state_dir / "model.keras"
+        self.engine: Any = None
+        self._waitress: Any = None
+        self._thread: threading.Thread | None = None
+
+    # running ------------------------------------------------------------
+    def start(self) -> Server:
+        """Build the engine and serve it; returns once the server accepts connections."""
+        if self._thread is not None:
+            return self
+        from waitress import create_server
+
+        import server as server_cli
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        model = portable(self._model, self.model_path)
+        config = server_cli.ServerConfig(
+            host=self.host, port=self.port, state_dir=self.state_dir, eval_dir=self.state_dir / "eval",
+            keras_model=model, test_data=self._test_data, enroll_secret=self.enroll_secret,
+            admin_token=self.admin_token, runs_dir=self.runs_dir, run_id=self.run_id,
+            threads=self.threads, federation=self.federation)
+        app = server_cli.create_app(config)
+        self.engine = app.extensions["fedhub"]
+        self._waitress = create_server(app, host=self.host, port=self.port, threads=self.threads,
+                                       ident="fedhub")
+        self.port = self._waitress.effective_port
+        self._thread = threading.Thread(target=self._waitress.run, name="fedhub-waitress", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and stop the round driver (state stays in :attr:`state_dir`)."""
+        if self._thread is None:
+            return
+        from waitress import wasyncore
+
+        self.engine.stop()  # first: it also ends the devices' long polls
+        # Closing sockets from inside waitress' own loop lets the loop end cleanly.
+        self._waitress.trigger.pull_trigger(lambda: wasyncore.close_all(self._waitress._map))
+        self._thread.join(timeout=10)
+        self._waitress.task_dispatcher.shutdown()
+        self._thread = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # reading ------------------------------------------------------------
+    def _require(self) -> Any:
+        if self.engine is None:
+            raise RuntimeError("the server is not started: call start() first")
+        return self.engine
+
+    def status(self) -> dict[str, Any]:
+        return self._require().status()
+
+    def history(self) -> list[dict[str, Any]]:
+        """Completed rounds: test metrics and each device's reported metrics (as /api/history)."""
+        return self._require().history()
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Enrolled devices with their state and lifecycle (as /api/devices)."""
+        return self._require().devices.list()
+
+    def rounds(self, timeout: float | None = None, poll: float = 0.5) -> Iterator[dict[str, Any]]:
+        """Yield each completed round's history entry as it completes, until the run is finished.
+
+        Raises TimeoutError after ``timeout`` seconds without the run finishing.
+        """
+        engine = self._require()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        while True:
+            history = engine.history()
+            yield from history[seen:]
+            seen = len(history)
+            status = engine.status()
+            if status["status"] == "finished":
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the run did not finish in {timeout:g}s: {status['status']}, "
+                                   f"{status['completed_rounds']} rounds done. {status.get('reason', '')}")
+            time.sleep(poll)
+
+    def wait(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Block until the run is finished; return the history."""
+        for _ in self.rounds(timeout):
+            pass
+        return self.history()
+
+    def global_model(self, round_number: int | None = None) -> Any:
+        """A Keras model holding the global weights of ``round_number`` (default: the latest)."""
+        from model import set_keras_weights
+
+        engine = self._require()
+        if round_number is None:
+            _, weights = engine.global_weights()
+        else:
+            row = engine.storage.get_round(round_number)
+            if row is None or row["status"] != "complete":
+                raise ValueError(f"round {round_number} is not a completed round")
+            weights = engine.storage.read_checkpoint(round_number)
+        model = load_model(self.model_path)
+        set_keras_weights(model, weights)
+        return model
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, round_number: int | None = None) -> dict[str, Any]:
+        """:func:`fedhub.evaluate` of the global model on held-out ``x, y``."""
+        return evaluate(self.global_model(round_number), x, y)

@@ -1,0 +1,194 @@
+"""The server's global model on the Keras side: initial weights, evaluation, export, validation.
+
+One class for FedHub's own networks (built by name, fed through the shared
+``model.preprocess``) and for any Keras model (the Python API, or
+``server.py --model-factory package.module:build``), so the engine stays free
+of Keras and every path (per-round test metrics, ``.keras`` export, validation
+of an uploaded dataset, ``fedhub.evaluate``) computes metrics the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pkgutil
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+
+from fedcore.errors import InvalidInput
+from model import Model, get_keras_weights, preprocess, set_keras_weights
+
+# Validation uploads are evaluated in a request thread: bound the work.
+MAX_VALIDATE_EXAMPLES = 60_000
+
+Prepare = Callable[[np.ndarray], np.ndarray]
+
+
+def resolve(spec: str, what: str) -> Any:
+    """``package.module:Name`` -> the object (the stdlib's resolver), or a ValueError saying why."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"{what} must look like package.module:Name, got {spec!r}")
+    try:
+        return pkgutil.resolve_name(spec)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{what} {spec!r} cannot be loaded: {exc}") from None
+
+
+def load_npz(source: bytes | str | Path, *, field: str = "body") -> tuple[np.ndarray, np.ndarray]:
+    """Arrays ``x`` and ``y`` of an .npz file or body, never unpickling anything."""
+    try:
+        stream: Any = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+        with np.load(stream, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise InvalidInput("expected an .npz archive with arrays x and y", field)
+            for key in ("x", "y"):
+                if key not in npz.files:
+                    raise InvalidInput(f"the .npz has no array {key!r} (found {sorted(npz.files)})", key)
+            return npz["x"], npz["y"]
+    except InvalidInput:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InvalidInput(f"not a readable .npz of plain arrays: {exc}", field) from None
+
+
+def _input_shape(keras_model: keras.Model) -> tuple[int | None, ...] | None:
+    try:
+        return tuple(keras_model.input_shape[1:])
+    except (AttributeError, ValueError, TypeError):
+        return None  # a subclassed model without a known input
+
+
+def num_classes(keras_model: keras.Model) -> int:
+    return int(keras_model.output_shape[-1])
+
+
+def check_labelled(keras_model: keras.Model, x: np.ndarray, y: np.ndarray, prepare: Prepare | None = None,
+                   *, limit: int | None = MAX_VALIDATE_EXAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """Model-ready inputs and int64 labels, or an InvalidInput naming ``x`` or ``y`` and the problem."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind not in "uif":
+        raise InvalidInput(f"x has dtype {x.dtype}; expected numbers", "x")
+    if x.ndim == 0 or len(x) == 0:
+        raise InvalidInput("x holds no examples", "x")
+    if limit is not None and len(x) > limit:
+        raise InvalidInput(f"at most {limit} examples, got {len(x)}", "x")
+    if prepare is not None:
+        try:
+            inputs = prepare(x)
+        except ValueError as exc:
+            raise InvalidInput(f"x: {exc}", "x") from None
+    else:
+        expected = _input_shape(keras_model)
+        if expected is not None and (len(expected) != x.ndim - 1 or any(
+                e is not None and e != got for e, got in zip(expected, x.shape[1:], strict=False))):
+            shown = tuple("N" if e is None else e for e in expected)
+            raise InvalidInput(f"x has shape {x.shape}; the model takes (N, {', '.join(map(str, shown))})",
+                               "x")
+        inputs = x.astype(np.float32)
+        if not np.isfinite(inputs).all():
+            raise InvalidInput("x holds NaN or infinity", "x")
+    k = num_classes(keras_model)
+    if y.ndim != 1 or len(y) != len(x):
+        raise InvalidInput(f"y must be 1-D with one label per example: got shape {y.shape} for "
+                           f"{len(x)} examples", "y")
+    if y.dtype.kind not in "ui":
+        raise InvalidInput(f"y has dtype {y.dtype}; expected integer class labels 0..{k - 1}", "y")
+    if y.min() < 0 or y.max() >= k:
+        raise InvalidInput(f"labels must be in 0..{k - 1}, got {int(y.min())}..{int(y.max())}", "y")
+    return inputs, y.astype(np.int64)
+
+
+def evaluate_classifier(keras_model: keras.Model, x: np.ndarray, y: np.ndarray, *,
+                        batch_size: int = 512) -> dict[str, Any]:
+    """Loss (the model's compiled loss, if any), accuracy, per-class accuracy, confusion matrix.
+
+    ``x`` must already be what the model takes; one prediction pass gives everything.
+    ``confusion_matrix[i][j]`` counts examples of class i predicted as j; a class with no
+    examples has per-class accuracy ``None``.
+    """
+    outputs = np.asarray(keras_model.predict(x, batch_size=batch_size, verbose=0))
+    k = outputs.shape[-1]
+    predicted = outputs.argmax(axis=-1)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y, predicted), 1)
+    support = confusion.sum(axis=1)
+    per_class = [None if support[i] == 0 else float(confusion[i, i] / support[i]) for i in range(k)]
+    loss = None
+    if getattr(keras_model, "loss", None) is not None:
+        loss_fn = keras.losses.get(keras_model.loss) if isinstance(keras_model.loss, str) \
+            else keras_model.loss
+        loss = float(np.mean(keras.ops.convert_to_numpy(loss_fn(y, outputs))))
+    return {"num_examples": len(y), "loss": loss,
+            "accuracy": float(np.trace(confusion) / len(y)),
+            "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist()}
+
+
+class GlobalModel:
+    """A Keras model the server sets each round's weights into, under a lock (one at a time)."""
+
+    def __init__(self, keras_model: keras.Model, *, prepare: Prepare | None = None,
+                 test_data: tuple[np.ndarray, np.ndarray] | None = None, builtin: str | None = None) -> None:
+        self.keras_model = keras_model
+        self.prepare = prepare
+        self.builtin = builtin  # "basic"/"cnn" for FedHub's own networks, else None
+        self.name = builtin or str(keras_model.name)
+        self._lock = threading.Lock()
+        self._test = None
+        if test_data is not None:
+            self._test = check_labelled(keras_model, *test_data, prepare=prepare, limit=None)
+
+    @classmethod
+    def named(cls, name: str, *, seed: int = 0,
+              test_data: tuple[np.ndarray, np.ndarray] | None = None) -> GlobalModel:
+        """FedHub's own network ``basic`` or ``cnn`` (compiled, seeded like the devices')."""
+        return cls(Model(name, seed=seed).keras_model, prepare=preprocess, test_data=test_data,
+                   builtin=name)
+
+    @classmethod
+    def from_factory(cls, spec: str, *,
+                     test_data: tuple[np.ndarray, np.ndarray] | None = None) -> GlobalModel:
+        """``package.module:build``: a callable returning a compiled ``keras.Model``."""
+        built = resolve(spec, "--model-factory")()
+        if not isinstance(built, keras.Model):
+            raise ValueError(f"--model-factory {spec!r} returned {type(built).__name__}, not a keras.Model")
+        return cls(built, test_data=test_data)
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        with self._lock:
+            return get_keras_weights(self.keras_model)
+
+    def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Test-set metrics for the engine (nothing without a test set)."""
+        if self._test is None:
+            return {}
+        return self.validate_prepared(weights, *self._test)
+
+    def validate(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        """Metrics of ``weights`` on an uploaded labelled set; InvalidInput if it does not fit."""
+        return self.validate_prepared(weights, *check_labelled(self.keras_model, x, y, self.prepare))
+
+    def validate_prepared(self, weights: Mapping[str, np.ndarray], x: np.ndarray,
+                          y: np.ndarray) -> dict[str, Any]:
+        with self._lock:
+            set_keras_weights(self.keras_model, weights)
+            return evaluate_classifier(self.keras_model, x, y)
+
+    def export(self, weights: Mapping[str, np.ndarray]) -> bytes:
+        """A ``.keras`` file (architecture, weights, compile settings) that plain Keras loads."""
+        with self._lock, tempfile.TemporaryDirectory(prefix="fedhub-export-") as tmp:
+            set_keras_weights(self.keras_model, weights)
+            optimizer = getattr(self.keras_model, "optimizer", None)
+            if optimizer is not None and not optimizer.built:
+                optimizer.build(self.keras_model.trainable_variables)  # a complete file: no load warning
+            path = Path(tmp) / "model.keras"
+            self.keras_model.save(path)
+            return path.read_bytes()

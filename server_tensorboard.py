@@ -1,0 +1,77 @@
+"""TensorBoard event files for a run: ``runs/<run-id>/global`` plus one run per device.
+
+A round hook (``engine.add_hook``) writes, after each completed round, the
+global test metrics and each reporting device's own metrics (loss, accuracy,
+examples, training seconds) at step = round number, so ``tensorboard --logdir
+runs`` shows the federation and every device side by side, as PyFed does. It
+needs TensorFlow, so it lives beside ``server.py`` and not in the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from fedcore.rounds import Coordinator
+
+log = logging.getLogger("fedhub.tensorboard")
+GLOBAL_RUN = "global"
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def new_run_id() -> str:
+    """A sortable, readable run id: the start time."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+class TensorBoardLog:
+    """The hook. ``runs_dir/run_id/global`` and ``runs_dir/run_id/<device>`` event files."""
+
+    def __init__(self, engine: Coordinator, runs_dir: str | Path, run_id: str | None = None) -> None:
+        run_id = run_id or new_run_id()
+        if not _SAFE.fullmatch(run_id):
+            raise ValueError(f"run id {run_id!r} must be letters, digits, '.', '_' or '-'")
+        self.engine = engine
+        self.path = Path(runs_dir) / run_id
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._writers: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _writer(self, run: str):
+        if run not in self._writers:
+            self._writers[run] = tf.summary.create_file_writer(str(self.path / run))
+        return self._writers[run]
+
+    def _scalars(self, run: str, step: int, values: Mapping[str, Any]) -> None:
+        writer = self._writer(run)
+        with writer.as_default():
+            for name, value in values.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
+                    tf.summary.scalar(name, float(value), step=step)
+        writer.flush()
+
+    def __call__(self, round_row: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> None:
+        step = int(round_row["number"])
+        with self._lock:
+            self._scalars(GLOBAL_RUN, step, {
+                "test_loss": round_row.get("test_loss"), "test_accuracy": round_row.get("test_accuracy"),
+                "num_updates": round_row.get("num_updates"), "num_examples": round_row.get("num_examples")})
+            for update in self.engine.storage.list_updates(step):
+                # device names are checked at enrollment (letters, digits, '_', '-'): safe folder names
+                run = update["device"] if update["device"] != GLOBAL_RUN else f"device_{GLOBAL_RUN}"
+                self._scalars(run, step,
+                              {"num_examples": update["num_examples"], **update["metrics"]})
+
+    def close(self) -> None:
+        with self._lock:
+            for writer in self._writers.values():
+                writer.close()
+            self._writers.clear()

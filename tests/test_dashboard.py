@@ -1,0 +1,161 @@
+"""The Streamlit dashboard, driven by Streamlit's own AppTest against a real running server.
+
+AppTest runs ``dashboard/index.py`` in this process exactly as ``streamlit run`` would,
+including its file uploader; the server and the device it launches are real processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from device.launcher import launch, stop
+from tests.conftest import ROOT, ServerProcess, wait_until
+from utils.format_dataset import load_device_data, split_to_devices
+
+pytestmark = pytest.mark.slow
+DASHBOARD = str(ROOT / "dashboard" / "index.py")
+
+
+class Federation:
+    def __init__(self, tmp, data_dir) -> None:
+        self.devices_root = tmp / "devices"
+        split_to_devices(self.devices_root, 2, data_dir=data_dir, limit=300, progress=False)
+        self.server = ServerProcess(tmp, data_dir, "--test-limit", "300", "--min-devices", "1",
+                                    "--rounds", "1", "--round-timeout", "120").start()
+        self.tmp = tmp
+        self.procs = []
+
+    def devices(self) -> dict[str, dict]:
+        return {d["name"]: d for d in self.server.get("/api/devices").json()["devices"]}
+
+    def ensure_trained(self) -> None:
+        """Round 1 done, whichever test gets here first (a device of our own if need be)."""
+        if self.server.get("/api/status").json()["completed_rounds"] >= 1:
+            return
+        self.procs += launch(self.server.url, ["device2"], devices_root=self.devices_root,
+                             extra_args=["--auto-activate"], log_dir=self.tmp)
+        self.server.admin("POST", "/api/training/start")
+        wait_until(lambda: self.server.get("/api/status").json()["completed_rounds"] >= 1, 120, "round 1")
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, data_dir):
+    with pytest.MonkeyPatch.context() as mp:
+        federation = Federation(tmp_path_factory.mktemp("dashboard"), data_dir)
+        # what the dashboard reads, and what the devices it launches inherit
+        mp.setenv("FEDHUB_SERVER", federation.server.url)
+        mp.setenv("FEDHUB_ADMIN_TOKEN", federation.server.admin_token)
+        mp.setenv("FEDHUB_ENROLL_SECRET", federation.server.enroll_secret)
+        try:
+            yield federation
+        finally:
+            stop(federation.procs)
+            federation.server.stop()
+
+
+def dashboard() -> AppTest:
+    at = AppTest.from_file(DASHBOARD, default_timeout=30).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_launch_activate_and_train_from_the_dashboard(fed):
+    at = dashboard()
+    assert metrics(at)["Status"] == "idle" and not at.error
+    # launch one local device that enrolls inactive
+    at.text_input(key="devices_root").set_value(str(fed.devices_root))
+    at.number_input(key="launch_count").set_value(1)
+    at.checkbox(key="launch_auto").uncheck().run()
+    at.button(key="launch").click().run()
+    assert not at.exception and "started device1" in texts(at.success), texts(at.error)
+    try:
+        wait_until(lambda: fed.devices().get("device1", {}).get("state") == "inactive", 90,
+                   "device1 to enroll, inactive")
+        at.run()
+        toggle = at.button(key="toggle-device1")
+        assert toggle.label == "Activate device1"
+        toggle.click().run()
+        assert "device1 activated" in texts(at.success)
+        device1 = fed.devices()["device1"]
+        assert device1["active"] is True and device1["state"] != "inactive"
+        assert at.button(key="toggle-device1").label == "Deactivate device1"
+        assert at.dataframe[0].value.set_index("device").loc["device1", "state"] != "inactive"
+
+        # start a one-round run; the device trains it; the page shows it
+        at.number_input(key="rounds").set_value(1).run()
+        at.button(key="start").click().run()
+        assert "training started (1 rounds)" in texts(at.success), texts(at.error)
+        wait_until(lambda: fed.server.get("/api/status").json()["status"] == "finished", 120, "the run")
+        at.run()
+        assert metrics(at)["Status"] == "finished"
+        assert metrics(at)["Completed rounds"] == "1 / 1"
+        charts = [json.loads(c.proto.spec)["title"] for c in at.get("vega_lite_chart")]
+        assert any(t.startswith("accuracy") for t in charts) and any(t.startswith("loss") for t in charts)
+        launched = at.dataframe[-1].value
+        assert list(launched["device"]) == ["device1"]
+    finally:
+        at.run()
+        if not at.button(key="stop_local").disabled:
+            at.button(key="stop_local").click().run()
+
+
+def test_upload_shows_a_prediction(fed):
+    fed.ensure_trained()
+    x, _ = load_device_data(fed.devices_root / "device1")
+    buf = io.BytesIO()
+    Image.fromarray(x[0]).resize((280, 280)).save(buf, "PNG")
+    picture = buf.getvalue()
+    direct = requests.post(f"{fed.server.url}/api/predict", files={"image": ("item.png", picture)},
+                           headers={"Authorization": f"Bearer {fed.server.admin_token}"}, timeout=30).json()
+
+    at = dashboard()
+    at.file_uploader(key="picture").set_value(("item.png", picture, "image/png")).run()
+    assert not at.exception and not at.error, texts(at.error)
+    shown = " ".join(texts(at.success))
+    assert f"Predicted: **{direct['class_name']}**" in shown and "round 1" in shown
+    assert len(at.get("image")) == 1
+    bars = [c for c in at.get("vega_lite_chart") if "probability of each class" in c.proto.spec]
+    assert len(bars) == 1
+
+    # not a picture: the server's explanation, not a traceback
+    at.file_uploader(key="picture").set_value(("notes.png", b"not a picture", "image/png")).run()
+    assert not at.exception
+    assert any("not a recognised image" in e for e in texts(at.error))
+    assert not at.get("image")
+
+
+def test_banner_while_the_server_is_down_then_retry(fed):
+    at = dashboard()
+    assert not at.error and "Status" in metrics(at)
+    fed.server.stop()
+    try:
+        at.run()
+        assert not at.exception
+        banner = " ".join(texts(at.error))
+        assert "cannot be reached" in banner and fed.server.url in banner
+        assert "Status" not in metrics(at)
+        at.button(key="retry").click().run()  # still down: still the banner, still no traceback
+        assert not at.exception and "cannot be reached" in " ".join(texts(at.error))
+        # pages that use the server say so too, without a traceback
+        at.file_uploader(key="picture").set_value(("a.png", np.zeros(4, np.uint8).tobytes(), "image/png")).run()
+        assert not at.exception and "cannot be reached" in " ".join(texts(at.error))
+        at.file_uploader(key="picture").clear()
+    finally:
+        fed.server.start()
+    at.button(key="retry").click().run()
+    assert not at.exception and not at.error and "Status" in metrics(at)

@@ -1,0 +1,72 @@
+"""HTTPS: the server serves TLS when given a certificate; devices verify it (custom CA via --ca)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import requests
+import trustme
+
+from device.launcher import stop
+
+from .conftest import ROOT, launch_devices, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    ca = trustme.CA(organization_name="FedHub test CA")
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "server.pem", "key": tmp_path / "server.key"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    cert.private_key_pem.write_to_path(str(paths["key"]))
+    return paths
+
+
+def test_device_trains_over_https_with_custom_ca(server_factory, split_devices, tls_files):
+    root = split_devices(1, 300)
+    server = server_factory("--rounds", "1", "--auto-activate", "--start", "--test-limit", "500",
+                            "--certfile", str(tls_files["cert"]), "--keyfile", str(tls_files["key"]),
+                            verify=str(tls_files["ca"])).start()
+    assert server.url.startswith("https://")
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(server.url + "/health", timeout=5)  # the system CAs do not know our test CA
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(server.url.replace("https", "http") + "/health", timeout=5)  # no plain HTTP
+
+    procs = launch_devices(server, root, ["device1"], "--ca", str(tls_files["ca"]))
+    try:
+        assert procs[0].wait(180) == 0
+    finally:
+        stop(procs)
+    history = server.get("/api/history").json()["rounds"]
+    assert len(history) == 1 and history[0]["num_updates"] == 1
+
+
+def test_device_refuses_an_unknown_certificate(server_factory, split_devices, tls_files, tmp_path):
+    root = split_devices(1, 300)
+    server = server_factory("--certfile", str(tls_files["cert"]), "--keyfile", str(tls_files["key"]),
+                            "--test-limit", "200", verify=str(tls_files["ca"])).start()
+    out = subprocess.run(
+        [sys.executable, "device/device.py", "--server", server.url, "--name", "device1",
+         "--devices-root", str(root), "--enroll-secret", server.enroll_secret],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert "CERTIFICATE_VERIFY_FAILED" in text and "--ca" in text
+    assert "Traceback" not in text
+    assert server.get("/api/devices").json()["devices"] == [], "nothing was sent without trust"
+
+
+def test_tls_flags_are_checked(tmp_path):
+    for args, message in [(["--certfile", "x.pem"], "--certfile and --keyfile go together"),
+                          (["--certfile", str(tmp_path / "no.pem"), "--keyfile", str(tmp_path / "no.key"),
+                            "--state-dir", str(tmp_path / "s"), "--test-limit", "10"], "TLS file not found")]:
+        out = subprocess.run([sys.executable, "server.py", "0", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert message in out.stderr and "Traceback" not in out.stderr

@@ -231,3 +231,46 @@ def test_deadline_with_quorum_closes_round(tmp_path):
         assert r.status_code == 409
     finally:
         engine.stop()
+
+
+def test_replays_and_rounds_not_selected_are_refused(tmp_path):
+    app, engine = make_app(tmp_path, min_devices=1, rounds=3, auto_activate=True, start=True)
+    try:
+        c = app.test_client()
+        t1 = register(c, "d1").get_json()["token"]
+        assert wait_task(c, "d1", t1)["round"] == 1
+        # d2 enrolls after round 1 opened: it was not selected
+        t2 = register(c, "d2").get_json()["token"]
+        r = upload(c, "d2", t2, 1, update_body(5.0, 1, 0, 10))
+        assert r.status_code == 409 and "not selected" in r.get_json()["message"]
+        body = update_body(1.0, 1, 0, 10)
+        assert upload(c, "d1", t1, 1, body, key="first").status_code == 200
+        deadline = time.monotonic() + 10
+        while c.get("/api/status").get_json()["completed_rounds"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        wait_task(c, "d1", t1)
+        # the exact round-1 body replayed to round 2, and with its round number changed
+        r = upload(c, "d1", t1, 2, body, key="replay")
+        assert r.status_code == 400 and r.get_json()["field"] == "round"
+        r = upload(c, "d1", t1, 2, update_body(1.0, 2, 0, 10), key="replay2")
+        assert r.status_code == 409 and r.get_json()["field"] == "model_version"
+        # d2 replaying d1's body under its own name is still its own (unselected) update
+        r = upload(c, "d2", t2, 2, update_body(1.0, 2, 1, 10))
+        assert r.status_code in (200, 409)
+        assert c.get("/api/status").get_json()["round"]["reported"] in ([], ["d2"])
+    finally:
+        engine.stop()
+
+
+def test_unknown_routes_and_methods_answer_json(app):
+    c = app.test_client()
+    r = c.get("/api/nothing-here")
+    assert r.status_code == 404 and r.get_json()["error"] == "not_found"
+    r = c.delete("/api/status")
+    assert r.status_code == 405 and r.is_json
+    token = register(c, "d1").get_json()["token"]
+    r = c.get("/api/devices/d1/task?wait=abc", headers=bearer(token))
+    assert r.status_code == 400 and r.get_json()["field"] == "wait"
+    r = c.get("/api/devices/d1/task?wait=99999", headers=bearer(token))
+    assert r.status_code == 400 and r.get_json()["field"] == "wait"

@@ -11,7 +11,7 @@ from waitress import create_server
 from device.client import Client, RemoteLogHandler
 from fedcore.device_logs import MAX_BATCH, MAX_MESSAGE_CHARS, DeviceLogs
 from fedcore.storage import Storage
-from tests.test_api import ADMIN, bearer, make_app, register, update_body, upload, wait_task
+from tests.test_api import ADMIN, ENROLL, bearer, make_app, register, update_body, upload, wait_task
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_log_refusals_change_nothing(served):
 
 
 def test_error_log_fails_the_update_and_drops_the_device(served):
-    app, engine = served
+    app, _ = served
     c = app.test_client()
     tokens = {n: register(c, n).get_json()["token"] for n in ("d1", "d2")}
     for name, token in tokens.items():
@@ -140,7 +140,7 @@ def test_remote_log_handler_over_real_http(tmp_path):
         logger.setLevel(logging.DEBUG)
         logger.addHandler(handler)
         logger.info("before enrolling")  # kept until the device has a token
-        client.register("enroll-secret")
+        client.register(ENROLL)
         logger.debug("not sent")
         logger.warning("slow round", extra={"round": 3})
         logger.critical("crashed", extra={"round": 4})

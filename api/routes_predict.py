@@ -72,7 +72,8 @@ def predict():
     batch = _decode(files)
     predictor = current_app.extensions.get("fedhub_predictor")
     if predictor is None:
-        raise Conflict("this server was built without a predictor (build_app(predictor=...))", "model")
+        raise Conflict("this server does not predict: classifying pictures of clothes needs one of "
+                       "FedHub's built-in networks (--model basic or cnn), not a custom model", "model")
     # After a reset the engine is back at round 0 while the predictor still holds the old model.
     if current_app.extensions["fedhub"].global_model()[0] == 0:
         raise Conflict(NO_MODEL_MESSAGE, "model")

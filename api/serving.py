@@ -26,6 +26,10 @@ class ServeOptions:
     channel_timeout: float = 30.0
     certfile: Path | None = None
     keyfile: Path | None = None
+    # Open connections before waitress stops accepting. Every device keeps a keep-alive
+    # connection (a few while it trains); at waitress's default of 100, device 101 and on
+    # wait in the listen backlog until they time out, and a round needing them never opens.
+    connection_limit: int = 1000
 
 
 class Serving:
@@ -43,7 +47,9 @@ class Serving:
             self._server = create_server(
                 app, host=options.host, port=options.port, threads=options.threads,
                 max_request_body_size=options.max_body_bytes, channel_timeout=options.channel_timeout,
-                cleanup_interval=min(30, max(1, int(options.channel_timeout))), ident="fedhub")
+                cleanup_interval=min(30, max(1, int(options.channel_timeout))), ident="fedhub",
+                # poll(), as select() cannot watch file descriptors above 1023.
+                connection_limit=options.connection_limit, asyncore_use_poll=True)
             port = self._server.effective_port
         self.port = int(port)
         scheme = "https" if self.tls else "http"

@@ -132,7 +132,8 @@ def main() -> int:
     print(f"| total per device per round | {down + up:,} | {(down + up) / raw:.4f} |\n")
 
     print("## Server aggregation of K updates (streaming FedAvg, float64)\n")
-    print("| K | total ms | ms per update | peak accumulator memory | vs model bytes |\n|---:|---:|---:|---:|---:|")
+    print("| K | total ms | ms per update | peak accumulator memory | vs model bytes |")
+    print("|---:|---:|---:|---:|---:|")
     for k, seconds, peak in aggregation_times(weights, [2, 10, 50, 200]):
         print(f"| {k} | {seconds * 1000:.1f} | {seconds * 1000 / k:.2f} | {peak:,} | {peak / raw:.2f} |")
 
@@ -141,7 +142,8 @@ def main() -> int:
     wall, device_train, central = real_round(a.devices, a.per_device, a.data_dir)
     print("| what | seconds | vs one process |\n|---|---:|---:|")
     print(f"| one process trains all {a.devices * a.per_device} samples | {central:.2f} | 1.00 |")
-    print(f"| slowest device's own training (in the round) | {device_train:.2f} | {device_train / central:.2f} |")
+    print(f"| slowest device's own training (in the round) | {device_train:.2f} "
+          f"| {device_train / central:.2f} |")
     print(f"| round wall time (open to aggregated, evaluated, saved) | {wall:.2f} | {wall / central:.2f} |")
     return 0
 

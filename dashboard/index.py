@@ -5,7 +5,8 @@ Watch and drive a federation through the server's HTTP API: the devices and thei
 global and per-device accuracy and loss over rounds, local demo devices, and predictions
 for an uploaded picture. The server URL and admin token come from the sidebar, else from
 ``FEDHUB_SERVER`` / ``FEDHUB_ADMIN_TOKEN``, else ``http://127.0.0.1:4000`` and the local
-server's ``server_training/admin.token``. ``FEDHUB_DEVICES_ROOT`` sets the data folder that
+server's ``server_training/admin.token``; ``FEDHUB_CA`` names a CA bundle for an HTTPS server
+with a private CA. ``FEDHUB_DEVICES_ROOT`` sets the data folder that
 local demo devices train on (default ``devices/``).
 
 The server may be down or restarting at any moment: every call's failure becomes a banner
@@ -40,6 +41,7 @@ from dashboard.server_api import (  # noqa: E402
     DEFAULT_SERVER,
     ServerAPI,
     ServerError,
+    TLSError,
     Unreachable,
     default_admin_token,
 )
@@ -52,6 +54,8 @@ DEVICE_COLOURS = ["#e8590c", "#2f9e44", "#9c36b5", "#1098ad", "#f08c00", "#c2255
                   "#5c940d", "#3b5bdb", "#862e9c", "#0b7285"]
 PICTURE_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp"]
 REFRESH_SECONDS = 2.0
+# What "cannot talk to the server" looks like: down, restarting, or a certificate we do not trust.
+NO_SERVER = (Unreachable, TLSError)
 
 
 # --------------------------------------------------------------------------- messages
@@ -94,7 +98,7 @@ def control(call, done: str) -> None:
     """Run one control call from a button callback; the outcome is shown on the next render."""
     try:
         call()
-    except Unreachable as exc:
+    except NO_SERVER as exc:
         flash("error", f"The server cannot be reached: {exc}")
     except ServerError as exc:
         flash("error", refusal(exc))
@@ -124,9 +128,12 @@ def sidebar() -> tuple[ServerAPI, bool]:
         token = st.text_input("Admin token", key="admin_token", type="password",
                               value=os.environ.get("FEDHUB_ADMIN_TOKEN") or default_admin_token(),
                               help="Control calls need it; reading and the live charts do not.")
+        ca = st.text_input("CA certificate (HTTPS with a private CA)", key="ca",
+                           value=os.environ.get("FEDHUB_CA", ""),
+                           help="Path to the CA bundle that signed the server's certificate.")
         live = st.toggle(f"Live refresh every {REFRESH_SECONDS:g} s", key="live", value=True)
         st.caption(f"Live accuracy page: {server.rstrip('/')}/stats")
-    return ServerAPI(server.strip() or DEFAULT_SERVER, token.strip()), live
+    return ServerAPI(server.strip() or DEFAULT_SERVER, token.strip(), ca=ca.strip() or None), live
 
 
 def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
@@ -241,17 +248,20 @@ def live_view(api: ServerAPI) -> None:
     show_flashes()
     try:
         status, devices, history = api.status(), api.devices(), api.history()
-    except Unreachable as exc:
+    except NO_SERVER as exc:
         server_down_banner(api, exc, key="retry")
         return
     except ServerError as exc:
         st.error(refusal(exc))
         return
+    except Exception as exc:  # a live re-run happens outside main()'s guard
+        unexpected(exc)
+        return
     try:
         training_panel(api, status)
         devices_panel(api, devices)
         charts_panel(history)
-    except Exception as exc:  # a live re-run happens outside main()'s guard
+    except Exception as exc:
         unexpected(exc)
 
 
@@ -312,7 +322,7 @@ def probability_chart(answer: dict[str, Any]) -> alt.Chart:
         y=alt.Y("class:N", sort=list(answer["class_names"]), title=None),
         color=alt.condition(alt.datum.predicted, alt.value(GLOBAL_COLOUR), alt.value("#adb5bd")),
         tooltip=["class", alt.Tooltip("probability:Q", format=".4f")],
-    ).properties(height=280)
+    ).properties(height=alt.Step(24))  # a fixed pixel height drops every other class label
 
 
 def show_prediction(api: ServerAPI, name: str, data: bytes, mime: str | None) -> dict[str, Any] | None:
@@ -323,7 +333,7 @@ def show_prediction(api: ServerAPI, name: str, data: bytes, mime: str | None) ->
     """
     try:
         answer = api.predict([(name, data, mime or "application/octet-stream")])[0]
-    except Unreachable as exc:
+    except NO_SERVER as exc:
         server_down_banner(api, exc, key="retry_predict")
         return None
     except ServerError as exc:

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from device.client import Client, ServerError, Unreachable
+from device.client import Client, ServerError, TLSError, Unreachable
 from fedcore import auth
 
-__all__ = ["DEFAULT_SERVER", "ServerAPI", "ServerError", "Unreachable", "default_admin_token"]
+__all__ = ["DEFAULT_SERVER", "ServerAPI", "ServerError", "TLSError", "Unreachable", "default_admin_token"]
 
 DEFAULT_SERVER = "http://127.0.0.1:4000"
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,13 +29,16 @@ def default_admin_token() -> str:
 class ServerAPI:
     """One dashboard session's view of one server, with the admin token for control calls."""
 
-    def __init__(self, server: str, admin_token: str | None, *, timeout: float = 5.0) -> None:
+    def __init__(self, server: str, admin_token: str | None, *, ca: str | None = None,
+                 timeout: float = 5.0) -> None:
+        """``ca``: a CA bundle to verify an HTTPS server's certificate (else the system's)."""
         self.server = server.rstrip("/")
-        self._client = Client(self.server, "dashboard", token=admin_token or None,
+        self._client = Client(self.server, "dashboard", token=admin_token or None, verify=ca or True,
                               timeout=timeout, retry_for=0)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """JSON answer of one call; :class:`Unreachable` if down, :class:`ServerError` on 4xx."""
+        """JSON answer of one call; :class:`Unreachable` if down, :class:`TLSError` if its
+        certificate is not trusted, :class:`ServerError` on 4xx."""
         return self._client._json(self._client.request(method, path, retry=False, **kwargs))
 
     # reading: public endpoints ---------------------------------------------

@@ -78,9 +78,9 @@
 
   // ---------------------------------------------------------------- charts
 
-  function makeChart(canvasId, yTitle, bounded) {
-    const y = { title: { display: true, text: yTitle }, beginAtZero: bounded };
-    if (bounded) y.suggestedMax = 1;
+  function makeChart(canvasId, yTitle, maximum) {
+    const y = { title: { display: true, text: yTitle } };
+    if (maximum !== undefined) y.max = maximum;
     return new window.Chart($(canvasId), {
       type: "line",
       data: { labels: [], datasets: [] },
@@ -90,7 +90,7 @@
         maintainAspectRatio: false,
         interaction: { mode: "index", intersect: false },
         scales: { x: { title: { display: true, text: "round" } }, y: y },
-        plugins: { legend: { position: "bottom" } },
+        plugins: { legend: { position: "bottom", labels: { usePointStyle: true } } },
       },
     });
   }
@@ -183,8 +183,8 @@
   function start() {
     const base = serverBase();
     setText("server-url", base);
-    const accuracy = makeChart("accuracy-chart", "accuracy", true);
-    const loss = makeChart("loss-chart", "loss", false);
+    const accuracy = makeChart("accuracy-chart", "accuracy", 1);
+    const loss = makeChart("loss-chart", "loss");
 
     async function poll() {
       try {

@@ -40,7 +40,7 @@ class TLSError(Exception):
 
 
 def _ssl_reason(exc: Exception) -> str:
-    """The OpenSSL reason inside requests' nested exception text, e.g. '[SSL: CERTIFICATE_VERIFY_FAILED] ...'."""
+    """The OpenSSL reason inside requests' nested exception text ('[SSL: CERTIFICATE_VERIFY_FAILED] ...')."""
     found = re.search(r"\[SSL[^\]]*\][^'\")]*", str(exc))
     return found.group(0).strip() if found else str(exc)[:200]
 

@@ -134,11 +134,11 @@ def photograph(run: Run, dashboard_url: str, picture: Path, out: Path) -> None:
             page.wait_for_timeout(1500)
             page.screenshot(path=str(out / "dashboard.png"))
 
-            page = browser.new_page(viewport={"width": 1400, "height": 1150})
+            page = browser.new_page(viewport={"width": 1400, "height": 800})
             page.goto(f"{run.url}/stats")
             page.locator("#rounds tr").nth(rounds - 1).wait_for(timeout=30_000)
             page.wait_for_timeout(1000)
-            page.screenshot(path=str(out / "stats.png"))
+            page.screenshot(path=str(out / "stats.png"), full_page=True)
         finally:
             browser.close()
 

@@ -152,10 +152,33 @@ def test_banner_while_the_server_is_down_then_retry(fed):
         at.button(key="retry").click().run()  # still down: still the banner, still no traceback
         assert not at.exception and "cannot be reached" in " ".join(texts(at.error))
         # pages that use the server say so too, without a traceback
-        at.file_uploader(key="picture").set_value(("a.png", np.zeros(4, np.uint8).tobytes(), "image/png")).run()
+        junk = np.zeros(4, np.uint8).tobytes()
+        at.file_uploader(key="picture").set_value(("a.png", junk, "image/png")).run()
         assert not at.exception and "cannot be reached" in " ".join(texts(at.error))
         at.file_uploader(key="picture").clear()
     finally:
         fed.server.start()
     at.button(key="retry").click().run()
     assert not at.exception and not at.error and "Status" in metrics(at)
+
+
+def test_https_server_with_a_private_ca(server_factory, tmp_path, monkeypatch):
+    import trustme
+
+    ca = trustme.CA(organization_name="FedHub dashboard test CA")
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    server = server_factory("--certfile", str(tmp_path / "server.pem"),
+                            "--keyfile", str(tmp_path / "server.key"), "--test-limit", "200",
+                            verify=str(tmp_path / "ca.pem")).start()
+    monkeypatch.setenv("FEDHUB_SERVER", server.url)
+    monkeypatch.setenv("FEDHUB_ADMIN_TOKEN", server.admin_token)
+    monkeypatch.delenv("FEDHUB_CA", raising=False)
+    at = dashboard()  # the system CAs do not know this one: a banner that says why
+    banner = " ".join(texts(at.error))
+    assert "cannot be reached" in banner and "CERTIFICATE_VERIFY_FAILED" in banner
+    at.text_input(key="ca").set_value(str(tmp_path / "ca.pem")).run()
+    assert not at.exception and not at.error
+    assert metrics(at)["Status"] == "idle"

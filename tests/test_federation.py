@@ -53,7 +53,8 @@ def test_two_devices_two_rounds(server_factory, devices_root):
     db = _db(server)
     assert db.execute("SELECT number, status, num_updates FROM rounds ORDER BY number").fetchall() == [
         (0, "complete", 0), (1, "complete", 2), (2, "complete", 2)]
-    assert db.execute("SELECT round, device, num_examples FROM updates ORDER BY round, device").fetchall() == [
+    updates = db.execute("SELECT round, device, num_examples FROM updates ORDER BY round, device")
+    assert updates.fetchall() == [
         (1, "device1", 1500), (1, "device2", 1500), (2, "device1", 1500), (2, "device2", 1500)]
     rows = db.execute("SELECT name, active, token_hash FROM devices ORDER BY name").fetchall()
     assert [(n, a) for n, a, _ in rows] == [("device1", 1), ("device2", 1)]

@@ -107,8 +107,9 @@ def test_refused_before_any_trained_model(tmp_path):
     app, engine = make_app(tmp_path, min_devices=1)
     app = build_app(engine, admin_token="a", predictor=Predictor("basic"))
     try:
+        picture = encoded(Image.new("L", (9, 9)), "PNG")
         r = app.test_client().post("/api/predict", headers=bearer("a"),
-                                   data={"image": (io.BytesIO(encoded(Image.new("L", (9, 9)), "PNG")), "a.png")})
+                                   data={"image": (io.BytesIO(picture), "a.png")})
         assert r.status_code == 409
         body = r.get_json()
         assert body["error"] == "conflict" and body["field"] == "model"

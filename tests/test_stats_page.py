@@ -170,7 +170,8 @@ def test_live_page_during_a_real_run(browser, tmp_path, data_dir):
 
         # the server goes away: the page says so and keeps trying
         server.stop()
-        wait_js(page, "document.getElementById('connection').textContent.includes('cannot reach')", timeout=15)
+        wait_js(page, "document.getElementById('connection').textContent.includes('cannot reach')",
+                timeout=15)
     finally:
         stop(devices)
         server.stop()

@@ -11,7 +11,7 @@ import trustme
 
 from device.launcher import stop
 
-from .conftest import ROOT, launch_devices, wait_until
+from .conftest import ROOT, launch_devices
 
 pytestmark = pytest.mark.slow
 

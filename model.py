@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,6 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fedcore.files import atomic_path
 
 __all__ = [
     "CLASS_NAMES",
@@ -499,22 +500,12 @@ class Model:
         target = Path(path)
         if target.suffix != ".keras":
             raise ValueError(f"model files must end in .keras, got {target.name!r}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{target.stem}.", suffix=".keras", dir=target.parent
-        )
-        os.close(fd)
         optimizer = self.keras_model.optimizer
         if optimizer is not None and not optimizer.built:
             # Save a complete optimizer state, so loading does not warn about a mismatch.
             optimizer.build(self.keras_model.trainable_variables)
-        try:
-            self.keras_model.save(tmp_name, overwrite=True)
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with atomic_path(target) as tmp:
+            self.keras_model.save(tmp, overwrite=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Model:

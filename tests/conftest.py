@@ -24,6 +24,14 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
+@pytest.fixture(scope="session")
+def fashion(data_dir):
+    """The whole of Fashion-MNIST, loaded once: ((x_train, y_train), (x_test, y_test))."""
+    from utils.format_dataset import load_fashion_mnist
+
+    return load_fashion_mnist(data_dir)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -29,16 +29,7 @@ from utils.format_dataset import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(
-    os.environ.get("FEDHUB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist")
-)
-
-
-@pytest.fixture(scope="module")
-def fashion() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"Fashion-MNIST not found at {DATA_DIR}")
-    return load_fashion_mnist(DATA_DIR)
+from .conftest import DATA_DIR  # noqa: E402  (the "fashion" fixture is in conftest)
 
 
 @pytest.fixture(scope="module")

@@ -21,18 +21,6 @@ from model import (
     image_to_array,
     preprocess,
 )
-from utils.format_dataset import load_fashion_mnist
-
-DATA_DIR = Path(
-    os.environ.get("FEDHUB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist")
-)
-
-
-@pytest.fixture(scope="module")
-def fashion() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"Fashion-MNIST not found at {DATA_DIR}")
-    return load_fashion_mnist(DATA_DIR)
 
 
 @pytest.fixture(scope="module")

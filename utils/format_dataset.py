@@ -14,22 +14,24 @@ Run ``python -m utils.format_dataset --help`` for the command line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
+
+from fedcore.devices import check_name
+from fedcore.errors import InvalidInput
+from fedcore.files import atomic_path, atomic_write_text
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -379,30 +381,6 @@ def partition(
 # --------------------------------------------------------------------------- device files
 
 
-@contextlib.contextmanager
-def _atomic_file(target: Path, suffix: str) -> Iterator[IO[bytes]]:
-    """Yield a temp file next to ``target`` and rename it over ``target`` on success.
-
-    Devices may start reading while a split is being (re)written; an atomic rename means
-    they see either the old complete file or the new complete file, never a partial one.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
 def _validate_xy(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
@@ -424,12 +402,14 @@ def write_device_data(root: Path, name: str, x: np.ndarray, y: np.ndarray) -> Pa
     ``name`` becomes a directory name, so it must be a plain name (letters, digits, ``.``,
     ``_``, ``-``): a device name must never be able to write outside ``root``.
     """
-    if not _SAFE_NAME.fullmatch(name):
-        raise DatasetError(f"invalid device name {name!r} (use letters, digits, '.', '_', '-')")
+    try:
+        check_name(name)
+    except InvalidInput as exc:
+        raise DatasetError(f"invalid device name {name!r}: {exc.message}") from None
     x, y = _validate_xy(x, y, f"device {name}")
     target = Path(root) / name / "data" / DEVICE_DATA_FILE
-    with _atomic_file(target, ".npz") as fh:
-        np.savez_compressed(fh, x=x, y=y)
+    with atomic_path(target) as tmp:
+        np.savez_compressed(tmp, x=x, y=y)
     return target
 
 
@@ -491,8 +471,10 @@ def split_to_devices(
     """
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be at least 1, got {limit}")
-    if not _SAFE_NAME.fullmatch(prefix):
-        raise DatasetError(f"invalid device prefix {prefix!r}")
+    try:
+        check_name(f"{prefix}{n_devices}")
+    except InvalidInput:
+        raise DatasetError(f"invalid device prefix {prefix!r}") from None
     root = Path(root)
     (x_train, y_train), _ = load_fashion_mnist(data_dir)
     parts = partition(
@@ -539,8 +521,7 @@ def split_to_devices(
         "total_examples": sum(s["examples"] for s in summary.values()),
         "devices": summary,
     }
-    with _atomic_file(root / PARTITION_FILE, ".json") as fh:
-        fh.write((json.dumps(record, indent=2) + "\n").encode())
+    atomic_write_text(root / PARTITION_FILE, json.dumps(record, indent=2) + "\n")
     return summary
 
 

@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
+        engine.stop()  # first: wakes the long polls, so no worker is mid-answer when sockets close
         serving.close()
-        engine.stop()
     return 0
 
 

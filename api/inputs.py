@@ -21,17 +21,27 @@ def json_body(optional: bool = False) -> dict[str, Any]:
     return data
 
 
-def float_arg(name: str, default: float, low: float, high: float) -> float:
+def _number_arg(name: str, default, low, high, kind: type, noun: str):
     raw = request.args.get(name)
-    if raw is None:
+    if raw is None or raw == "":
         return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise InvalidInput(f"{name} must be a number", name) from None
-    if not low <= value <= high:
+        raise InvalidInput(f"{name} must be {noun}", name) from None
+    if not low <= value <= high:  # also refuses NaN
         raise InvalidInput(f"{name} must be between {low:g} and {high:g}", name)
     return value
+
+
+def float_arg(name: str, default: float, low: float, high: float) -> float:
+    """A number from the query string, within [low, high]."""
+    return _number_arg(name, default, low, high, float, "a number")
+
+
+def int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
+    """A whole number from the query string, within [low, high]."""
+    return _number_arg(name, default, low, high, int, "an integer")
 
 
 def binary_body() -> bytes:

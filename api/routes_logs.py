@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
-from fedcore.device_logs import query_args
+from fedcore.device_logs import MAX_QUERY
 from fedcore.errors import InvalidInput
 
 from .auth import require_admin, require_device
+from .inputs import int_arg
 
 bp = Blueprint("logs", __name__)
 
@@ -32,7 +33,9 @@ def add(name: str):
 @bp.get("/api/logs")
 def query():
     require_admin()
-    a = request.args
-    filters = query_args(a.get("device"), a.get("level"), a.get("round"), a.get("after"), a.get("limit"))
-    logs = _engine().logs.query(**filters)
-    return jsonify({"logs": logs, "next_after": logs[-1]["id"] if logs else filters["after"]})
+    after = int_arg("after", 0, 0, 2**62)
+    logs = _engine().logs.query(
+        device=request.args.get("device") or None, level=request.args.get("level") or None,
+        round_number=int_arg("round", None, 0, 2**31), after=after,
+        limit=int_arg("limit", 500, 1, MAX_QUERY))
+    return jsonify({"logs": logs, "next_after": logs[-1]["id"] if logs else after})

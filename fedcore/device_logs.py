@@ -60,29 +60,6 @@ def parse_entries(raw: object, now: float) -> list[dict[str, Any]]:
     return out
 
 
-def query_args(device: str | None, level: str | None, round_text: str | None, after_text: str | None,
-               limit_text: str | None) -> dict[str, Any]:
-    """Turn the query string of ``GET /api/logs`` into checked filters."""
-    if level is not None and level not in LEVELS:
-        raise InvalidInput(f"level must be one of {', '.join(LEVELS)}", "level")
-    return {"device": device or None, "level": level,
-            "round_number": _int_arg("round", round_text, None, 0, 2**31),
-            "after": _int_arg("after", after_text, 0, 0, 2**62),
-            "limit": _int_arg("limit", limit_text, 500, 1, MAX_QUERY)}
-
-
-def _int_arg(name: str, text: str | None, default: int | None, low: int, high: int) -> int | None:
-    if text is None or text == "":
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise InvalidInput(f"{name} must be an integer", name) from None
-    if not low <= value <= high:
-        raise InvalidInput(f"{name} must be between {low} and {high}", name)
-    return value
-
-
 class DeviceLogs:
     def __init__(self, storage: Storage, *, keep: int = KEEP_PER_DEVICE,
                  clock: Callable[[], float] = time.time) -> None:
@@ -97,8 +74,15 @@ class DeviceLogs:
         self._storage.add_logs(device, entries, now=now, keep=self._keep)
         return entries
 
-    def query(self, **filters: Any) -> list[dict[str, Any]]:
-        return self._storage.list_logs(**filters)
+    def query(self, *, device: str | None = None, level: str | None = None,
+              round_number: int | None = None, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+        """Stored lines, oldest first, filtered; ``after`` is the last id already seen."""
+        if level is not None and level not in LEVELS:
+            raise InvalidInput(f"level must be one of {', '.join(LEVELS)}", "level")
+        if not 1 <= limit <= MAX_QUERY:
+            raise InvalidInput(f"limit must be between 1 and {MAX_QUERY}", "limit")
+        return self._storage.list_logs(device=device, level=level, round_number=round_number,
+                                       after=after, limit=limit)
 
     def errors(self) -> list[dict[str, Any]]:
         """Every stored ERROR line that names a round: the failed updates."""

@@ -193,6 +193,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--threads", type=int, default=32, help="waitress worker threads")
     p.add_argument("--certfile", type=Path, help="TLS certificate (PEM): serve HTTPS")
     p.add_argument("--keyfile", type=Path, help="TLS private key (PEM) for --certfile")
+    p.add_argument("--max-wait", type=float, default=30.0,
+                   help="longest long poll a device may ask for (GET .../task?wait=S)")
     p.add_argument("--channel-timeout", type=float, default=30.0,
                    help="seconds before an idle or slow (slow-loris) connection is closed")
     p.add_argument("--log-level", default="INFO")
@@ -204,6 +206,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error("port must be between 1 and 65535")
     if (a.certfile is None) != (a.keyfile is None):
         p.error("--certfile and --keyfile go together")
+    if not 0 <= a.max_wait <= 3600:
+        p.error("--max-wait must be between 0 and 3600 seconds")
     federation = FederationConfig(
         rounds=a.rounds, min_devices=a.min_devices, quorum=a.quorum,
         round_timeout=a.round_timeout, device_timeout=a.device_timeout, fraction=a.fraction,
@@ -221,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         data_dir=a.data_dir, test_limit=a.test_limit, reset=a.reset, threads=a.threads,
         max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
         max_image_bytes=int(a.max_image_mb * 1024 * 1024), federation=federation,
-        certfile=a.certfile, keyfile=a.keyfile, channel_timeout=a.channel_timeout,
+        certfile=a.certfile, keyfile=a.keyfile, channel_timeout=a.channel_timeout, max_wait=a.max_wait,
         model_factory=a.model_factory, test_data=a.test_data, run_id=a.run_id,
         runs_dir=None if a.no_tensorboard else (a.runs_dir or Path(a.state_dir).resolve().parent / "runs"))
 

@@ -11,6 +11,7 @@ from . import (
     routes_device,
     routes_logs,
     routes_models,
+    routes_openapi,
     routes_predict,
     routes_public,
     routes_stats,
@@ -42,6 +43,6 @@ def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = 30.0,
     app.extensions["fedhub_predictor"] = predictor
     register_error_handlers(app)
     for module in (routes_public, routes_device, routes_admin, routes_predict, routes_stats,
-                   routes_logs, routes_models):
+                   routes_logs, routes_models, routes_openapi):
         app.register_blueprint(module.bp)
     return app

@@ -53,7 +53,13 @@ def register_error_handlers(app: Flask) -> None:
     def _http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
         field = "body" if exc.code == 413 else None
-        return error_response(code, exc.description or exc.name, exc.code or 500, field)
+        response = error_response(code, exc.description or exc.name, exc.code or 500, field)
+        # Keep Werkzeug's own headers, such as the Allow a 405 must carry (RFC 9110), but not its
+        # HTML Content-Type: the body is JSON.
+        for key, value in exc.get_headers():
+            if key.lower() != "content-type":
+                response.headers[key] = value
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

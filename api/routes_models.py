@@ -12,6 +12,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from fedcore.errors import Conflict, InvalidInput, NotFound
+from fedcore.wire import MAX_INTEGER
 
 from .auth import require_device_or_admin
 
@@ -35,12 +36,13 @@ def _weights(round_text: str):
     engine = _engine()
     if round_text == "latest":
         return engine.global_weights()
-    if not round_text.isdigit():
+    if not (round_text.isascii() and round_text.isdigit()):  # isdigit() alone lets '²' through
         raise InvalidInput("round must be a round number or 'latest'", "round")
-    number = int(round_text)
-    row = engine.storage.get_round(number)
+    # A number too large for the database is no round either (and is not even turned into an int).
+    number = int(round_text) if len(round_text) <= len(str(MAX_INTEGER)) else MAX_INTEGER + 1
+    row = engine.storage.get_round(number) if number <= MAX_INTEGER else None
     if row is None:
-        raise NotFound(f"no round {number}", "round")
+        raise NotFound(f"no round {round_text}", "round")
     if row["status"] != "complete":
         raise Conflict(f"round {number} is not complete yet", "round")
     return number, engine.storage.read_checkpoint(number)

@@ -7,13 +7,13 @@ keeps at most ``keep`` lines, so a chatty device cannot fill the disk.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .errors import InvalidInput
 from .storage import Storage
+from .wire import MAX_INTEGER
 
 LEVELS = ("INFO", "WARNING", "ERROR")
 MAX_BATCH = 200  # lines per request
@@ -21,6 +21,7 @@ MAX_MESSAGE_CHARS = 2000
 KEEP_PER_DEVICE = 10_000
 MAX_QUERY = 1000
 FIELDS = {"level", "message", "time", "round"}
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z; also bounds a huge JSON integer before float()
 
 
 def parse_entries(raw: object, now: float) -> list[dict[str, Any]]:
@@ -49,13 +50,14 @@ def parse_entries(raw: object, now: float) -> list[dict[str, Any]]:
             raise InvalidInput(f"{where}.message is longer than {MAX_MESSAGE_CHARS} characters",
                                f"{where}.message")
         stamp = entry.get("time", now)
-        if (not isinstance(stamp, int | float) or isinstance(stamp, bool) or not math.isfinite(stamp)
-                or stamp < 0):
+        if not isinstance(stamp, int | float) or isinstance(stamp, bool) or not 0 <= stamp <= MAX_TIME:
             raise InvalidInput(f"{where}.time must be seconds since the epoch", f"{where}.time")
         round_number = entry.get("round")
         if round_number is not None and (
-                not isinstance(round_number, int) or isinstance(round_number, bool) or round_number < 0):
-            raise InvalidInput(f"{where}.round must be a non-negative integer or null", f"{where}.round")
+                not isinstance(round_number, int) or isinstance(round_number, bool)
+                or not 0 <= round_number <= MAX_INTEGER):
+            raise InvalidInput(f"{where}.round must be an integer from 0 to {MAX_INTEGER}, or null",
+                               f"{where}.round")
         out.append({"level": level, "message": message, "time": float(stamp), "round": round_number})
     return out
 

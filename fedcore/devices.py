@@ -17,6 +17,7 @@ from . import auth
 from .errors import Forbidden, InvalidInput, NotFound, Unauthorized
 from .lifecycle import Lifecycle, check_report
 from .storage import Storage
+from .wire import MAX_INTEGER
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # What a device can be seen doing; "inactive" and "offline" are derived.
@@ -62,9 +63,10 @@ class DeviceRegistry:
             raise Unauthorized("missing or wrong enrollment secret", "enroll_secret")
         report = None if validation is None else check_report(validation)
         if num_examples is not None and (
-            not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 0
+            not isinstance(num_examples, int) or isinstance(num_examples, bool)
+            or not 0 <= num_examples <= MAX_INTEGER
         ):
-            raise InvalidInput("num_examples must be a non-negative integer", "num_examples")
+            raise InvalidInput(f"num_examples must be an integer from 0 to {MAX_INTEGER}", "num_examples")
         if auto_activate is not None and not isinstance(auto_activate, bool):
             raise InvalidInput("auto_activate must be true or false", "auto_activate")
         token = auth.new_token()

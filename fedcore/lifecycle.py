@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import Conflict, InvalidInput
 from .storage import Storage
+from .wire import MAX_INTEGER
 
 STATES = ("validating", "invalid", "init", "training", "waiting", "interrupted", "finished")
 # Bounds on what a device may report about its data: they end up in every /api/devices answer.
@@ -139,8 +140,9 @@ class Lifecycle:
 
     def interrupted(self, name: str, round_number: object, detail: object = None) -> dict[str, Any]:
         """The device confirms it stopped; the signal is cleared."""
-        if not isinstance(round_number, int) or isinstance(round_number, bool) or round_number < 0:
-            raise InvalidInput("round must be a non-negative integer", "round")
+        if (not isinstance(round_number, int) or isinstance(round_number, bool)
+                or not 0 <= round_number <= MAX_INTEGER):
+            raise InvalidInput(f"round must be an integer from 0 to {MAX_INTEGER}", "round")
         if detail is not None and (not isinstance(detail, str) or len(detail) > MAX_PROBLEM_CHARS):
             raise InvalidInput(f"detail must be a string of up to {MAX_PROBLEM_CHARS} characters",
                                "detail")

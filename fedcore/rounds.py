@@ -199,6 +199,8 @@ class Coordinator:
     def submit(self, name: str, round_number: int, body: bytes,
                upload_id: str | None = None) -> dict[str, Any]:
         """Validate an update and fold it into the open round. Idempotent per ``upload_id``."""
+        if not 0 <= round_number <= wire.MAX_INTEGER:  # no such round; too large even to look up
+            raise Conflict(f"round {round_number} is not open", "round")
         done = self._duplicate(name, round_number, upload_id)
         if done is not None:
             return done
@@ -314,8 +316,9 @@ class Coordinator:
     def start_training(self, rounds: int | None = None) -> None:
         with self._cond:
             if rounds is not None:
-                if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
-                    raise InvalidInput("rounds must be a non-negative integer", "rounds")
+                if (not isinstance(rounds, int) or isinstance(rounds, bool)
+                        or not 0 <= rounds <= wire.MAX_INTEGER):
+                    raise InvalidInput(f"rounds must be an integer from 0 to {wire.MAX_INTEGER}", "rounds")
                 self.config.rounds = rounds
             if self.config.rounds and self._version >= self.config.rounds:
                 raise Conflict(

@@ -24,6 +24,9 @@ FORMAT = "fedhub/1"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 # A real header is a few kilobytes; refusing big ones early bounds the JSON parse.
 MAX_HEADER_BYTES = 1024 * 1024
+# The largest count or round number accepted from outside: exact in every JSON parser (I-JSON,
+# RFC 7493) and within SQLite's 64-bit INTEGER, where a larger one would fail mid-write.
+MAX_INTEGER = 2**53 - 1
 
 Weights = dict[str, np.ndarray]
 Spec = Mapping[str, tuple[tuple[int, ...], str]]
@@ -82,8 +85,8 @@ def _int_meta(raw: Mapping[str, str], key: str) -> int:
         number = int(value)
     except (TypeError, ValueError):
         raise InvalidInput(f"metadata {key!r} must be an integer, got {value!r}", key) from None
-    if number < 0:
-        raise InvalidInput(f"metadata {key!r} must not be negative", key)
+    if not 0 <= number <= MAX_INTEGER:
+        raise InvalidInput(f"metadata {key!r} must be between 0 and {MAX_INTEGER}", key)
     return number
 
 

@@ -1,8 +1,9 @@
 """FedHub control dashboard: ``streamlit run dashboard/index.py``.
 
-Watch and drive a federation through the server's HTTP API: the devices and their state
-(activate or deactivate each), start / pause / resume, the current round's progress, the
-global and per-device accuracy and loss over rounds, local demo devices, and predictions
+Watch and drive a federation through the server's HTTP API: the devices with their state
+and lifecycle (activate or deactivate each, interrupt one's local training), start / pause /
+resume, the current round's progress, the global and per-device accuracy and loss over
+rounds, failed updates, the devices' logs (admin token), local demo devices, and predictions
 for an uploaded picture. The server URL and admin token come from the sidebar, else from
 ``FEDHUB_SERVER`` / ``FEDHUB_ADMIN_TOKEN``, else ``http://127.0.0.1:4000`` and the local
 server's ``server_training/admin.token``; ``FEDHUB_CA`` names a CA bundle for an HTTPS server
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -54,6 +56,19 @@ DEVICE_COLOURS = ["#e8590c", "#2f9e44", "#9c36b5", "#1098ad", "#f08c00", "#c2255
                   "#5c940d", "#3b5bdb", "#862e9c", "#0b7285"]
 PICTURE_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp"]
 REFRESH_SECONDS = 2.0
+LOG_LEVELS = ("INFO", "WARNING", "ERROR")
+LOG_ROWS = 200  # the latest log lines kept and shown
+LOG_PAGE = 1000  # the server's largest page of log lines
+LOG_PAGES_PER_REFRESH = 20  # catching up on a long log is spread over refreshes
+ALL = "all"
+# Row highlights, translucent so that they read on the light and the dark theme alike.
+RED = "background-color: rgba(250, 82, 82, 0.28)"
+AMBER = "background-color: rgba(250, 176, 5, 0.28)"
+LIFECYCLE_HIGHLIGHT = {"invalid": RED, "interrupted": AMBER}
+LEVEL_HIGHLIGHT = {"ERROR": RED, "WARNING": AMBER}
+# Every ASCII punctuation mark can be backslash-escaped in Markdown (Streamlit's ``$`` maths and
+# ``:emoji:`` shortcodes included); a device's own words then show as typed, never as markup.
+MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
 # What "cannot talk to the server" looks like: down, restarting, or a certificate we do not trust.
 NO_SERVER = (Unreachable, TLSError)
 
@@ -104,6 +119,12 @@ def control(call, done: str) -> None:
         flash("error", refusal(exc))
     else:
         flash("success", done)
+
+
+def as_text(text: str) -> str:
+    """Text a device supplied (a data validation problem), shown literally inside Markdown:
+    no links, images, maths or markup of its choosing."""
+    return MARKDOWN_PUNCTUATION.sub(r"\\\1", text)
 
 
 def ago(epoch_seconds: float | None) -> str:
@@ -174,22 +195,45 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
               on_click=control, args=(api.resume, "training resumed"))
 
 
+def latest_update(latest: dict[str, Any] | None) -> str:
+    """The device's part in the latest round it took part in: sent, or failed and why."""
+    if not latest:
+        return ""
+    if latest.get("failed"):
+        return f"round {latest['round']} failed: {latest.get('error') or 'ERROR logged'}"
+    return f"round {latest['round']} sent"
+
+
+def highlight(row: pd.Series, colours: dict[str, str], column: str) -> list[str]:
+    """Styler rule: the whole row in the colour its ``column`` value calls for, if any."""
+    return [colours.get(row[column], "")] * len(row)
+
+
 def devices_panel(api: ServerAPI, devices: list[dict[str, Any]]) -> None:
     st.subheader(f"Devices ({len(devices)})")
     if not devices:
         st.info("No device has enrolled yet. Launch some below, "
                 "or run `python device/device.py 4000 device1`.")
         return
+    for d in devices:
+        if d["lifecycle"] == "invalid":  # names are plain (letters, digits, _ and -); the reason may not be
+            st.warning(f"**{as_text(d['name'])}** is refused: {as_text(d['lifecycle_reason'])}",
+                       icon=":material/block:")
     rows = [{
         "device": d["name"],
         "state": d["state"],
+        "lifecycle": d["lifecycle"],
+        "why": d["lifecycle_reason"],
         "last seen": ago(d["last_seen"]),
         "examples": d["num_examples"],
         "local accuracy": (d["latest"] or {}).get("accuracy"),
-        "in round": (d["latest"] or {}).get("round"),
+        "latest update": latest_update(d["latest"]),
     } for d in devices]
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
-                 column_config={"local accuracy": st.column_config.NumberColumn(format="%.4f")})
+    frame = pd.DataFrame(rows)
+    st.dataframe(frame.style.apply(highlight, axis=1, colours=LIFECYCLE_HIGHLIGHT, column="lifecycle"),
+                 hide_index=True, width="stretch",
+                 column_config={"local accuracy": st.column_config.NumberColumn(format="%.4f"),
+                                "why": st.column_config.TextColumn(width="large")})
     per_row = 4
     for start in range(0, len(devices), per_row):
         cols = st.columns(per_row)
@@ -199,6 +243,14 @@ def devices_panel(api: ServerAPI, devices: list[dict[str, Any]]) -> None:
                        on_click=control,
                        args=(lambda n=name, a=not active: api.set_active(n, a),
                              f"{name} {'deactivated' if active else 'activated'}"))
+            if d["lifecycle"] == "training":
+                col.button(f"Interrupt {name}", key=f"interrupt-{name}", type="primary",
+                           help="Stop this device's local training within one batch; "
+                                "the round goes on without it.",
+                           on_click=control,
+                           args=(lambda n=name: api.interrupt(n),
+                                 f"{name} interrupted: it stops training within one batch, "
+                                 "and the round goes on without it"))
 
 
 def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
@@ -241,6 +293,79 @@ def charts_panel(history: list[dict[str, Any]]) -> None:
                       width="stretch")
     right.altair_chart(metric_chart(frame, "loss", "loss: global on the test set, devices in training"),
                        width="stretch")
+    failed = [{"round": r["round"], "device": name, "error": m.get("error", "")}
+              for r in reversed(history) for name, m in sorted(r["devices"].items()) if m.get("failed")]
+    if failed:
+        st.markdown(f"**Failed updates ({len(failed)})**: a device logged an ERROR for the round, "
+                    "newest first")
+        st.dataframe(pd.DataFrame(failed).style.map(lambda _: RED), hide_index=True, width="stretch")
+
+
+def log_time(epoch_seconds: float) -> str:
+    """A log line's time (the device's clock) in this machine's time zone, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch_seconds))
+
+
+def tail_logs(api: ServerAPI, **filters: Any) -> tuple[list[dict[str, Any]], bool]:
+    """The latest ``LOG_ROWS`` lines for these filters, and whether the server has more to send.
+
+    The server pages oldest first (``after`` = the last id seen, answered with ``next_after``)
+    and has no "newest first", so the session keeps a cursor for the current filters and each
+    refresh reads only the lines after it (a long log is caught up with over a few refreshes).
+    """
+    key = repr((api.server, sorted(filters.items())))
+    tail = st.session_state.get("log_tail")
+    if not tail or tail["key"] != key:  # new filters: read from the start again
+        tail = {"key": key, "after": 0, "lines": []}
+    behind = True
+    for _ in range(LOG_PAGES_PER_REFRESH):
+        page = api.logs(after=tail["after"], limit=LOG_PAGE, **filters)
+        tail["lines"] = (tail["lines"] + page["logs"])[-LOG_ROWS:]
+        tail["after"] = page["next_after"]
+        if len(page["logs"]) < LOG_PAGE:
+            behind = False
+            break
+    st.session_state["log_tail"] = tail
+    return tail["lines"], behind
+
+
+def logs_panel(api: ServerAPI, devices: list[dict[str, Any]]) -> None:
+    st.subheader("Device logs")
+    if not api.admin_token:
+        st.info("Device logs need the admin token (sidebar): their messages are free text from the "
+                "devices. The other views work without it.")
+        return
+    c1, c2, c3 = st.columns(3)
+    device = c1.selectbox("Device", [ALL, *(d["name"] for d in devices)], key="log_device")
+    level = c2.selectbox("Level", [ALL, *LOG_LEVELS], key="log_level")
+    round_number = c3.number_input("Round", key="log_round", min_value=0, value=None, step=1,
+                                   placeholder=ALL)
+    try:
+        lines, behind = tail_logs(api, device=None if device == ALL else device,
+                                  level=None if level == ALL else level,
+                                  round_number=None if round_number is None else int(round_number))
+    except NO_SERVER as exc:
+        st.warning(f"The logs could not be read: {exc}")
+        return
+    except ServerError as exc:
+        st.error(refusal(exc))
+        return
+    if not lines:
+        st.info("No log line yet." if (device, level, round_number) == (ALL, ALL, None)
+                else "No log line matches these filters.")
+        return
+    # newest first by the devices' clocks: a device sends its lines in batches, so arrival order
+    # (the ids) interleaves devices by up to a second
+    newest_first = sorted(lines, key=lambda e: (e["time"], e["id"]), reverse=True)
+    frame = pd.DataFrame([{"time": log_time(e["time"]), "device": e["device"], "level": e["level"],
+                           "round": e["round"], "message": e["message"]} for e in newest_first])
+    frame["round"] = frame["round"].astype("Int64")
+    st.dataframe(frame.style.apply(highlight, axis=1, colours=LEVEL_HIGHLIGHT, column="level"),
+                 hide_index=True, width="stretch",
+                 column_config={"message": st.column_config.TextColumn(width="large")})
+    st.caption(f"The latest {len(lines)} lines, newest first"
+               + (" read so far (more are still coming from the server)" if behind else "")
+               + ". An ERROR that names a round marks that device's update for the round failed.")
 
 
 def live_view(api: ServerAPI) -> None:
@@ -261,6 +386,7 @@ def live_view(api: ServerAPI) -> None:
         training_panel(api, status)
         devices_panel(api, devices)
         charts_panel(history)
+        logs_panel(api, devices)
     except Exception as exc:
         unexpected(exc)
 

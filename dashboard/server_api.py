@@ -1,4 +1,4 @@
-"""The dashboard's calls to the FedHub server: read the federation, drive it, predict.
+"""The dashboard's calls to the FedHub server: read the federation, drive it, read device logs, predict.
 
 The transport is the devices' own :class:`device.client.Client` (one implementation of
 talking to the server, its error mapping included), without its patient retries: a person
@@ -33,6 +33,7 @@ class ServerAPI:
                  timeout: float = 5.0) -> None:
         """``ca``: a CA bundle to verify an HTTPS server's certificate (else the system's)."""
         self.server = server.rstrip("/")
+        self.admin_token = admin_token or None
         self._client = Client(self.server, "dashboard", token=admin_token or None, verify=ca or True,
                               timeout=timeout, retry_for=0)
 
@@ -54,6 +55,18 @@ class ServerAPI:
     # control: admin token ----------------------------------------------------
     def set_active(self, name: str, active: bool) -> dict[str, Any]:
         return self._call("POST", f"/api/devices/{name}/{'activate' if active else 'deactivate'}")
+
+    def interrupt(self, name: str) -> dict[str, Any]:
+        """Stop the device's local training of the open round; the round goes on without it."""
+        return self._call("POST", f"/api/devices/{name}/interrupt")
+
+    def logs(self, *, device: str | None = None, level: str | None = None,
+             round_number: int | None = None, after: int = 0, limit: int = 500) -> dict[str, Any]:
+        """Device log lines after id ``after``, oldest first: ``{"logs": [...], "next_after": id}``.
+
+        Admin only: log messages are free text from devices."""
+        params = {"device": device, "level": level, "round": round_number, "after": after, "limit": limit}
+        return self._call("GET", "/api/logs", params={k: v for k, v in params.items() if v is not None})
 
     def start(self, rounds: int | None = None) -> dict[str, Any]:
         return self._call("POST", "/api/training/start", json={} if rounds is None else {"rounds": rounds})

@@ -1,5 +1,6 @@
 // FedHub live accuracy page: polls the server's public read-only endpoints every 2 s and
-// draws the global model's and each device's accuracy and loss per round.
+// draws the global model's and each device's accuracy and loss per round, and lists the
+// devices with their lifecycle state (an invalid or interrupted device's row stands out).
 //
 // Everything the server sends is rendered as text (textContent) or handed to Chart.js as
 // data: no innerHTML, no eval. Served at /stats/, it reads its own origin; opened as a file
@@ -12,6 +13,8 @@
   const PALETTE = ["#e8590c", "#2f9e44", "#9c36b5", "#1098ad", "#f08c00", "#c2255c",
                    "#5c940d", "#3b5bdb", "#862e9c", "#0b7285"];
   const GLOBAL_COLOUR = "#1c7ed6";
+  // Lifecycle states that get a row highlight; the class name is built only from this list.
+  const FLAGGED = ["invalid", "interrupted"];
 
   const $ = (id) => document.getElementById(id);
 
@@ -56,8 +59,9 @@
     return new Date(epochSeconds * 1000).toLocaleString();
   }
 
-  function row(cells) {
+  function row(cells, className) {
     const tr = document.createElement("tr");
+    if (className) tr.className = className;
     for (const cell of cells) {
       const td = document.createElement("td");
       td.textContent = cell;
@@ -66,8 +70,8 @@
     return tr;
   }
 
-  function fillTable(id, rows) {
-    $(id).replaceChildren(...rows.map(row));
+  function fillTable(id, rows, classNames) {
+    $(id).replaceChildren(...rows.map((cells, i) => row(cells, classNames && classNames[i])));
   }
 
   async function getJSON(base, path) {
@@ -160,12 +164,18 @@
     setText("reason", status.reason || status.last_error || "");
   }
 
+  function localAccuracy(latest) {
+    if (!latest) return "–";
+    if (latest.failed) return `update failed (round ${latest.round})`;
+    return `${fmt(latest.accuracy, 4)} (round ${latest.round})`;
+  }
+
   function renderDevices(devices) {
     fillTable("devices", devices.map((d) => [
-      d.name, d.state, ago(d.last_seen),
+      d.name, d.state, d.lifecycle || "–", d.lifecycle_reason || "", ago(d.last_seen),
       d.num_examples === null || d.num_examples === undefined ? "–" : String(d.num_examples),
-      d.latest ? `${fmt(d.latest.accuracy, 4)} (round ${d.latest.round})` : "–",
-    ]));
+      localAccuracy(d.latest),
+    ]), devices.map((d) => (FLAGGED.includes(d.lifecycle) ? `lifecycle-${d.lifecycle}` : "")));
   }
 
   function renderRounds(rounds) {

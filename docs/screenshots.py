@@ -1,9 +1,10 @@
 """Take the README's dashboard screenshots from a real federated run.
 
 ``python docs/screenshots.py`` splits Fashion-MNIST over three device folders, starts the
-server and three device processes on loopback, trains a few rounds (taking one device out
-half-way, so the pictures show that too), starts the Streamlit dashboard, and photographs
-it and the live accuracy page with Debian's Chromium through Playwright:
+server and three device processes on loopback, plus one device whose data folder is empty
+(refused as invalid, so the pictures show a lifecycle problem and its ERROR log), trains a
+few rounds (taking one device out half-way, so the pictures show that too), starts the
+Streamlit dashboard, and photographs it and the live accuracy page with Debian's Chromium through Playwright:
 ``docs/dashboard.png`` and ``docs/stats.png``. Everything runs in a temporary folder and
 is stopped at the end.
 """
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +29,19 @@ if str(ROOT) not in sys.path:  # run as a script: make the project importable
 
 from device.launcher import launch, stop  # noqa: E402
 from utils.demo import free_port, wait_for_server  # noqa: E402
-from utils.format_dataset import DatasetError, load_fashion_mnist, split_to_devices  # noqa: E402
+from utils.format_dataset import (  # noqa: E402
+    DatasetError,
+    load_fashion_mnist,
+    split_to_devices,
+    write_device_data,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 ADMIN_TOKEN = "screenshot-admin-token"
 ENROLL_SECRET = "screenshot-enroll-secret"
+EMPTY_DEVICE = "empty"  # a device with no data: the server refuses it and says why
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -55,6 +63,8 @@ class Run:
         self.devices_root = work / "devices"
         self.names = list(split_to_devices(self.devices_root, devices, data_dir=data_dir,
                                            limit=per_device, progress=False))
+        write_device_data(self.devices_root, EMPTY_DEVICE, np.zeros((0, 28, 28), np.uint8),
+                          np.zeros(0, np.uint8))
         self.url = f"http://127.0.0.1:{free_port()}"
         cmd = [sys.executable, str(ROOT / "server.py"), "--port", self.url.rsplit(":", 1)[1],
                "--state-dir", str(work / "state"), "--eval-dir", str(work / "eval"),
@@ -89,6 +99,11 @@ class Run:
         self.train_until(rounds // 2)
         self.admin("POST", f"/api/devices/{self.names[-1]}/deactivate")
         self.train_until(rounds)
+        # last, so that its ERROR line is among the newest in the dashboard's logs
+        empty = launch(self.url, [EMPTY_DEVICE], devices_root=self.devices_root, env=self.env,
+                       extra_args=["--auto-activate"], log_dir=self.work)[0]
+        if empty.wait(120) != 1:
+            raise RuntimeError(f"the device with no data exited {empty.returncode}, not 1 (refused)")
 
     def close(self) -> None:
         stop(self.procs)
@@ -123,7 +138,7 @@ def photograph(run: Run, dashboard_url: str, picture: Path, out: Path) -> None:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(dashboard_url)
-            page.get_by_text(f"Devices ({len(run.names)})").wait_for(timeout=60_000)
+            page.get_by_text(f"Devices ({len(run.names) + 1})").wait_for(timeout=60_000)
             page.locator("input[type=file]").set_input_files(str(picture))
             page.get_by_text("Predicted:").wait_for(timeout=60_000)
             page.wait_for_timeout(3000)  # charts finish drawing

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from device.launcher import launch, stop
 from tests.conftest import ROOT, ServerProcess, wait_until
-from utils.format_dataset import load_device_data, split_to_devices
+from utils.format_dataset import load_device_data, split_to_devices, write_device_data
 
 pytestmark = pytest.mark.slow
 DASHBOARD = str(ROOT / "dashboard" / "index.py")
@@ -27,8 +28,9 @@ class Federation:
     def __init__(self, tmp, data_dir) -> None:
         self.devices_root = tmp / "devices"
         split_to_devices(self.devices_root, 2, data_dir=data_dir, limit=300, progress=False)
+        # batches of 8: a device with a lot of data trains long enough to be interrupted
         self.server = ServerProcess(tmp, data_dir, "--test-limit", "300", "--min-devices", "1",
-                                    "--rounds", "1", "--round-timeout", "120").start()
+                                    "--rounds", "1", "--round-timeout", "120", "--batch-size", "8").start()
         self.tmp = tmp
         self.procs = []
 
@@ -72,6 +74,25 @@ def texts(elements) -> list[str]:
 
 def metrics(at: AppTest) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}
+
+
+def devices_table(at: AppTest):
+    return at.dataframe[0]
+
+
+def logs_table(at: AppTest):
+    tables = [t for t in at.dataframe if "message" in t.value.columns]
+    assert len(tables) == 1, [list(t.value.columns) for t in at.dataframe]
+    return tables[0]
+
+
+def highlighted_rows(table) -> set[int]:
+    """Rows the dashboard's Styler gave a background colour (its CSS names cells ``_rowN_colM``)."""
+    rows = set()
+    for selectors, body in re.findall(r"([^{}]+)\{([^}]*)\}", table.proto.arrow_data.styler.styles):
+        if "background-color" in body:
+            rows |= {int(n) for n in re.findall(r"_row(\d+)_col\d+", selectors)}
+    return rows
 
 
 def test_launch_activate_and_train_from_the_dashboard(fed):
@@ -182,3 +203,120 @@ def test_https_server_with_a_private_ca(server_factory, tmp_path, monkeypatch):
     at.text_input(key="ca").set_value(str(tmp_path / "ca.pem")).run()
     assert not at.exception and not at.error
     assert metrics(at)["Status"] == "idle"
+
+
+def test_invalid_device_and_device_logs(fed):
+    fed.ensure_trained()  # a real device has trained round 1, and logged it
+    write_device_data(fed.devices_root, "broken", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))
+    broken = launch(fed.server.url, ["broken"], devices_root=fed.devices_root,
+                    extra_args=["--auto-activate"], log_dir=fed.tmp)
+    fed.procs += broken
+    assert broken[0].wait(60) == 1  # refused: it exits 1 once its logs are sent
+
+    at = dashboard()
+    table = devices_table(at)
+    devices = table.value
+    broken_row = devices.index[devices["device"] == "broken"][0]
+    assert devices.loc[broken_row, "lifecycle"] == "invalid"
+    assert devices.loc[broken_row, "why"] == "invalid data: no examples"
+    flagged = devices["lifecycle"].isin(["invalid", "interrupted"])
+    assert broken_row in highlighted_rows(table) == set(devices.index[flagged])
+    assert any("broken" in w and "no examples" in w for w in texts(at.warning)), texts(at.warning)
+
+    # the devices' own log lines, newest first, ERROR lines highlighted
+    logs = logs_table(at).value
+    assert list(logs.columns) == ["time", "device", "level", "round", "message"]
+    assert "local data is invalid: no examples" in set(logs[logs["device"] == "broken"]["message"])
+    assert {"INFO", "ERROR"} <= set(logs["level"])
+    assert highlighted_rows(logs_table(at)) == set(logs.index[logs["level"] != "INFO"])
+
+    at.selectbox(key="log_level").set_value("ERROR").run()
+    errors = logs_table(at).value
+    assert set(errors["level"]) == {"ERROR"} and "broken" in set(errors["device"])
+    assert highlighted_rows(logs_table(at)) == set(errors.index)
+    at.selectbox(key="log_level").set_value("INFO").run()
+    infos = logs_table(at).value
+    assert set(infos["level"]) == {"INFO"}
+    assert set(infos["message"]) >= set(logs[logs["level"] == "INFO"]["message"])
+    assert not highlighted_rows(logs_table(at))
+    at.number_input(key="log_round").set_value(1).run()
+    round_1 = logs_table(at).value
+    assert set(round_1["round"]) == {1} and any(m.startswith("round 1: training") for m in round_1["message"])
+    at.selectbox(key="log_level").set_value("all")
+    at.number_input(key="log_round").set_value(None)
+    at.selectbox(key="log_device").set_value("broken").run()
+    assert set(logs_table(at).value["device"]) == {"broken"} and not at.exception
+
+    # an ERROR naming a round marks that device's update failed: the dashboard shows where
+    trained = next(iter(fed.server.get("/api/history").json()["rounds"][0]["devices"]))
+    token = (fed.devices_root / trained / "token").read_text()
+    r = requests.post(f"{fed.server.url}/api/devices/{trained}/logs", timeout=30,
+                      json=[{"level": "ERROR", "message": "disk full: update not kept", "round": 1}],
+                      headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    at.run()
+    devices = devices_table(at).value.set_index("device")
+    assert devices.loc[trained, "latest update"] == "round 1 failed: disk full: update not kept"
+    failed = [t.value for t in at.dataframe if list(t.value.columns) == ["round", "device", "error"]]
+    assert len(failed) == 1 and failed[0].to_dict("records") == [
+        {"round": 1, "device": trained, "error": "disk full: update not kept"}]
+
+    # no admin token: the read-only views still work, the logs say what they need
+    at.text_input(key="admin_token").set_value("").run()
+    assert not at.exception and not at.error
+    assert devices_table(at).value.set_index("device").loc["broken", "lifecycle"] == "invalid"
+    assert any("need the admin token" in i for i in texts(at.info))
+    assert not [t for t in at.dataframe if "message" in t.value.columns]
+
+
+def test_interrupt_a_training_device_from_the_dashboard(fed, fashion):
+    (x, y), _ = fashion
+    # 40,000 examples in batches of 8: 5,000 batches, far longer than it takes to click
+    write_device_data(fed.devices_root, "big", x[:40_000], y[:40_000])
+    # the next round is big's alone: the earlier tests' devices (done, maybe gone) sit it out
+    for name, d in fed.devices().items():
+        if d["active"]:
+            assert fed.server.admin("POST", f"/api/devices/{name}/deactivate").ok
+    done = fed.server.get("/api/status").json()["completed_rounds"]
+    assert fed.server.admin("POST", "/api/training/start", json={"rounds": done + 1}).ok
+    fed.procs += launch(fed.server.url, ["big"], devices_root=fed.devices_root,
+                        extra_args=["--auto-activate", "--poll-wait", "2"], log_dir=fed.tmp)
+    wait_until(lambda: fed.devices().get("big", {}).get("lifecycle") == "training", 90, "big to train",
+               interval=0.1)
+    number = fed.devices()["big"]["lifecycle_round"]
+    # its "training" line is logged just before fit() starts
+    wait_until(lambda: fed.server.admin("GET", f"/api/logs?device=big&round={number}").json()["logs"], 30,
+               "big's log line about training")
+
+    at = dashboard()
+    # pause first, so that no new round picks big again once the interrupt drops it from this one
+    at.button(key="pause").click().run()
+    assert at.button(key="interrupt-big").label == "Interrupt big"
+    assert not [b for b in at.button if b.key and b.key.startswith("interrupt-") and b.key != "interrupt-big"]
+    at.button(key="interrupt-big").click().run()
+    assert any(t.startswith("big interrupted") for t in texts(at.success)), texts(at.error)
+    row = fed.devices()["big"]
+    assert row["lifecycle"] == "interrupted" and row["lifecycle_round"] == number, row
+    assert "big" not in ((fed.server.get("/api/status").json()["round"] or {}).get("selected") or [])
+
+    # the device stops within a batch of the signal, says so, and the dashboard shows it
+    def confirmed():
+        row = fed.devices()["big"]
+        return row if "stopped after" in row["lifecycle_reason"] else None
+    row = wait_until(confirmed, 60, "big to confirm the interrupt")
+    stopped = re.search(r"stopped after (\d+) of (\d+) batches", row["lifecycle_reason"])
+    batches, total = map(int, stopped.groups())
+    assert 1 <= batches < total == 5_000, row
+    wait_until(lambda: fed.server.admin("GET", "/api/logs?device=big&level=WARNING").json()["logs"], 30,
+               "big's WARNING line")
+    at.run()
+    table = devices_table(at)
+    devices = table.value.set_index("device")
+    assert devices.loc["big", "lifecycle"] == "interrupted"
+    assert devices.loc["big", "why"] == row["lifecycle_reason"]
+    assert list(devices.index).index("big") in highlighted_rows(table)
+    assert "interrupt-big" not in [b.key for b in at.button]
+    at.selectbox(key="log_level").set_value("WARNING").run()
+    warnings = logs_table(at).value
+    assert any(d == "big" and f"round {number}: interrupted by the server" in m
+               for d, m in zip(warnings["device"], warnings["message"], strict=True)), warnings

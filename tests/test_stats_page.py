@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import requests
 
 from device.launcher import launch, stop
 from tests.conftest import ROOT, ServerProcess, wait_until
@@ -19,6 +20,12 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 STATS_DIR = ROOT / "dashboard_stats"
+
+# Each devices-table row: name -> [lifecycle, why, the row's class].
+LIFECYCLES = """() => Object.fromEntries([...document.querySelectorAll('#devices tr')].map(
+  (tr) => [tr.cells[0].textContent, [tr.cells[2].textContent, tr.cells[3].textContent, tr.className]]))"""
+# A device's own words about its data, which the page must show as text, never as markup.
+PROBLEM = 'labels must be in 0..9 <img src=x onerror="document.title=1">'
 
 POINTS = """([canvas, n]) => {
   const chart = window.Chart && window.Chart.getChart(canvas);
@@ -121,6 +128,19 @@ def wait_points(page, n: int) -> None:
         wait_js(page, POINTS, [canvas, n], what=f"{n} points on {canvas}")
 
 
+def wait_lifecycles(page, server, **states: str) -> dict[str, list[str]]:
+    """Until the devices table shows each device's lifecycle state and reason as the server has
+    them, and the devices named in ``states`` are in those states."""
+    def same():
+        expected = {d["name"]: [d["lifecycle"], d["lifecycle_reason"]]
+                    for d in server.get("/api/devices").json()["devices"]}
+        shown = page.evaluate(LIFECYCLES)
+        if {name: row[:2] for name, row in shown.items()} != expected:
+            return None
+        return shown if all(shown[name][0] == state for name, state in states.items()) else None
+    return wait_until(same, 30, f"the devices table to show each device's lifecycle {states}", interval=0.25)
+
+
 @pytest.mark.slow
 def test_live_page_during_a_real_run(browser, tmp_path, data_dir):
     split_to_devices(tmp_path / "devices", 2, data_dir=data_dir, limit=300, progress=False)
@@ -139,6 +159,11 @@ def test_live_page_during_a_real_run(browser, tmp_path, data_dir):
         status = wait_until(lambda: (s := server.get("/api/status").json())["round"] is None and s,
                             60, "the round in progress to complete")
         done = status["completed_rounds"]
+        # a device whose data is invalid: refused, and the page says why
+        bad = {"ok": False, "problems": [PROBLEM], "num_examples": 0, "class_counts": []}
+        r = requests.post(f"{server.url}/api/devices/register", json={"name": "broken", "validation": bad},
+                          headers={"X-Enroll-Secret": server.enroll_secret}, timeout=30)
+        assert r.status_code == 201 and r.json()["lifecycle"] == "invalid", r.text
 
         page, problems = open_page(browser, f"{server.url}/stats")
         wait_points(page, done)
@@ -147,13 +172,28 @@ def test_live_page_during_a_real_run(browser, tmp_path, data_dir):
         assert page.text_content("#completed") == str(done)
         devices_on_chart = page.evaluate("Chart.getChart('accuracy-chart').data.datasets.map(d => d.label)")
         assert devices_on_chart[1:] == ["device1", "device2"]
-        assert page.locator("#devices tr").count() == 2
+        assert page.locator("#devices tr").count() == 3
         assert "connected to" in page.text_content("#connection")
+        shown = wait_lifecycles(page, server, device1="waiting", device2="waiting")
+        assert shown["broken"] == ["invalid", f"invalid data: {PROBLEM}", "lifecycle-invalid"]
+        assert shown["device1"][2] == shown["device2"][2] == ""
+        assert page.locator("#devices img").count() == 0 and page.title() == "FedHub · live accuracy"
 
         # exactly one more round: the page gains exactly one point, without a reload
         assert server.admin("POST", "/api/training/start", json={"rounds": done + 1}).ok
         wait_points(page, done + 1)
         wait_js(page, "document.getElementById('status').textContent === 'finished'")
+        shown = wait_lifecycles(page, server, device1="finished", device2="finished", broken="invalid")
+        assert shown["device1"][1] == "the run is over"
+        # an ERROR naming a round marks that device's update failed: its row says so
+        token = (tmp_path / "devices" / "device1" / "token").read_text()
+        r = requests.post(f"{server.url}/api/devices/device1/logs", timeout=30,
+                          json=[{"level": "ERROR", "message": "disk full", "round": done + 1}],
+                          headers={"Authorization": f"Bearer {token}"})
+        assert r.ok, r.text
+        wait_js(page, """(text) => [...document.querySelectorAll('#devices tr')].some(
+                  (tr) => tr.cells[0].textContent === 'device1' && tr.cells[6].textContent === text)""",
+                f"update failed (round {done + 1})", what="device1's failed update")
         assert server.get("/api/status").json()["completed_rounds"] == done + 1
         assert page.locator("#rounds tr").count() == done + 1
         first_row = page.locator("#rounds tr").first.locator("td").all_text_contents()

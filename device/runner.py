@@ -130,6 +130,7 @@ class DeviceRunner:
             if action == "finish":
                 self._say(f"run finished at model version {task['model_version']}")
                 self._finish()
+                self.leave()  # so a later run does not select a device that has gone
                 return 0
             if action == "wait":
                 if task.get("reason") != last_reason:

@@ -108,15 +108,23 @@ def stop_callback(event: threading.Event):
 def fit_interruptibly(keras_model: Any, x: np.ndarray, y: np.ndarray, event: threading.Event, *,
                       epochs: int, batch_size: int, fit: Any = None, **kwargs: Any) -> Any:
     """Run ``fit`` (``keras_model.fit`` unless given) stoppable by ``event``; raise
-    :class:`TrainingInterrupted` if it was stopped. Clears ``event`` first: a new round."""
-    event.clear()
+    :class:`TrainingInterrupted` if it was stopped.
+
+    ``event`` is cleared when training ends, not when it starts: an interrupt that arrives
+    between the task and the first batch must still stop this round.
+    """
     callback = stop_callback(event)
     total = epochs * math.ceil(len(x) / batch_size)
-    result = (fit or keras_model.fit)(x, y, epochs=epochs, batch_size=batch_size,
-                                      callbacks=[callback], **kwargs)
-    if event.is_set():
-        raise TrainingInterrupted(callback.batches, total)
-    return result
+    try:
+        if event.is_set():
+            raise TrainingInterrupted(0, total)
+        result = (fit or keras_model.fit)(x, y, epochs=epochs, batch_size=batch_size,
+                                          callbacks=[callback], **kwargs)
+        if event.is_set():
+            raise TrainingInterrupted(callback.batches, total)
+        return result
+    finally:
+        event.clear()
 
 
 class KerasTrainer:

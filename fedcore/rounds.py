@@ -37,6 +37,8 @@ Evaluate = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
 RoundHook = Callable[[dict[str, Any], Mapping[str, np.ndarray]], None]
 
 STATUSES = ("idle", "running", "paused", "finished")
+# Seconds a device told "retry_in" waits before polling again (at most the wait it asked for).
+RETRY_IN = 2.0
 
 
 @dataclass
@@ -79,6 +81,10 @@ class Coordinator:
         self._rng = random.Random(config.seed)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # Long polls allowed to wait at once (None: no limit); the HTTP server sets it below
+        # its worker thread count, as each waiting poll holds a worker thread.
+        self.max_waiters: int | None = None
+        self._waiters = 0
         self.logs = DeviceLogs(storage, clock=clock)
         self._recover()
 
@@ -150,12 +156,22 @@ class Coordinator:
             return self._version, self._global
 
     def next_task(self, name: str, wait: float = 0.0) -> dict[str, Any]:
-        """What the device should do now; waits up to ``wait`` seconds for something to do."""
+        """What the device should do now; waits up to ``wait`` seconds for something to do.
+
+        A waiting poll holds one of the HTTP server's worker threads. With more idle devices
+        than threads, their polls would take every thread and the downloads and uploads of
+        the devices that are training would queue behind them for minutes. So at most
+        ``max_waiters`` polls wait at once; beyond that the answer "wait" comes at once with
+        ``retry_in``, the seconds the device should wait on its side before asking again.
+        """
         end = time.monotonic() + max(0.0, wait)
         refusal = self.devices.lifecycle.refusal(name)  # invalid data: no tasks at all
         if refusal is not None:
             raise refusal
         with self._cond:
+            crowded = wait > 0 and self.max_waiters is not None and self._waiters >= self.max_waiters
+            if crowded:
+                end = time.monotonic()
             while True:
                 task = self._task_for(name)
                 remaining = end - time.monotonic()
@@ -166,8 +182,14 @@ class Coordinator:
                     elif task["action"] == "finish":
                         self.devices.lifecycle.set(name, "finished", reason="the run is over",
                                                    round_number=self._version)
+                    elif crowded:
+                        task["retry_in"] = round(min(wait, RETRY_IN), 2)
                     return task
-                self._cond.wait(min(remaining, 1.0))
+                self._waiters += 1
+                try:
+                    self._cond.wait(min(remaining, 1.0))
+                finally:
+                    self._waiters -= 1
                 self.devices.touch(name)
 
     def _task_for(self, name: str) -> dict[str, Any]:
@@ -416,6 +438,9 @@ class Coordinator:
                     elif now >= r.deadline or not r.selected:
                         if r.reported and len(r.reported) >= r.needed:
                             closing = r
+                        elif not r.selected:
+                            self._abort(r, f"every device selected for round {r.number} left "
+                                           "or was dropped before reporting")
                         else:
                             self._abort(r, f"round {r.number} reached its deadline with "
                                            f"{len(r.reported)} of {r.needed} needed updates")

@@ -8,6 +8,8 @@ TLS in front of waitress (see the README).
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +34,36 @@ class ServeOptions:
     connection_limit: int = 1000
 
 
+# Request and response bodies above this go through a temporary file rather than memory.
+# waitress reads a whole request before a worker thread takes it, and keeps a whole response
+# until the client has read it: held in memory, N devices uploading or downloading the model
+# at once would cost N x the model's size, whatever the thread count.
+SPOOL_BYTES = 64 * 1024
+# glibc keeps a freed block of up to 32 MB for reuse in the arena of the thread that freed
+# it, once it has seen such a block: every worker thread would keep its largest burst of
+# model-sized buffers (a body, its tensors, a float64 sum term: ~5 x the model) resident.
+# A fixed threshold hands blocks above it back to the system when freed: 200 devices
+# against 32 threads then cost +36 MiB at peak instead of +61 MiB (docs/benchmarks.md).
+# (M_MMAP_THRESHOLD is -3 in glibc's malloc.h.)
+MMAP_THRESHOLD = 128 * 1024
+
+
+def _release_large_blocks() -> None:
+    """Freed model-sized buffers go back to the system at once (glibc only; else nothing)."""
+    if platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)
+
+
 class Serving:
     """A bound server: ``url``, then ``run()`` (blocks) and ``close()``."""
 
     def __init__(self, app: Flask, options: ServeOptions) -> None:
         self.options = options
         self.tls = options.certfile is not None
+        engine = app.extensions.get("fedhub")
+        if engine is not None:  # long polls may hold half the worker threads, never all of them
+            engine.max_waiters = max(1, options.threads // 2)
+        _release_large_blocks()
         if self.tls:
             self._server = _cheroot(app, options)
             port = self._server.bind_addr[1]
@@ -49,7 +75,8 @@ class Serving:
                 max_request_body_size=options.max_body_bytes, channel_timeout=options.channel_timeout,
                 cleanup_interval=min(30, max(1, int(options.channel_timeout))), ident="fedhub",
                 # poll(), as select() cannot watch file descriptors above 1023.
-                connection_limit=options.connection_limit, asyncore_use_poll=True)
+                connection_limit=options.connection_limit, asyncore_use_poll=True,
+                inbuf_overflow=SPOOL_BYTES, outbuf_overflow=SPOOL_BYTES)
             port = self._server.effective_port
         self.port = int(port)
         scheme = "https" if self.tls else "http"

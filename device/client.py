@@ -142,8 +142,14 @@ class Client:
         return result
 
     def task(self, wait: float = 20.0) -> dict[str, Any]:
-        return self._json(self.request("GET", f"/api/devices/{self.name}/task",
+        """Long-poll for a task. A busy server answers "wait" at once with ``retry_in``: the
+        waiting then happens here, jittered, without holding one of the server's threads."""
+        task = self._json(self.request("GET", f"/api/devices/{self.name}/task",
                                        params={"wait": wait}, read_timeout=wait + self.timeout))
+        retry_in = task.get("retry_in")
+        if isinstance(retry_in, int | float) and retry_in > 0:
+            time.sleep(random.uniform(0.5, 1.0) * min(float(retry_in), wait))
+        return task
 
     def model(self) -> tuple[int, dict[str, np.ndarray]]:
         """The global model's version and weights; unchanged models are not downloaded again (ETag)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import random
 import sys
 import threading
 import time
@@ -39,6 +38,7 @@ Seed = tuple[int, int, int]  # (swarm seed, client index, round): regenerates on
 Spec = Mapping[str, tuple[tuple[int, ...], str]]
 # A device's own polls are bounded by the time limit; this bounds their count as well.
 MAX_POLLS_PER_ROUND = 10_000
+MAX_EXAMPLES = 5000  # each update claims 1..MAX_EXAMPLES training examples, at random
 
 
 def require_loopback(url: str) -> str:
@@ -59,16 +59,25 @@ def require_loopback(url: str) -> str:
 
 
 def random_update(spec: Spec, seed: Seed) -> tuple[dict[str, np.ndarray], int]:
-    """The update (weights shaped by ``spec``, and its example count) that ``seed`` stands for."""
+    """The update (weights shaped by ``spec``, and its example count) that ``seed`` stands for.
+
+    Tensors are drawn in name order: a decoded model's dict order is not stable across versions.
+    """
     rng = np.random.default_rng(seed)
-    num_examples = int(rng.integers(1, 5001))
-    weights = {name: rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
-               for name, (shape, dtype) in spec.items()}
+    num_examples = int(rng.integers(1, MAX_EXAMPLES + 1))  # drawn first: see SwarmResult.num_examples
+    weights = {name: rng.standard_normal(spec[name][0], dtype=np.float32).astype(spec[name][1], copy=False)
+               for name in sorted(spec)}
     return weights, num_examples
 
 
-def process_memory(pid: int) -> dict[str, int]:
-    """A local process's peak (VmHWM) and current (VmRSS) resident memory in bytes, from /proc."""
+def process_memory(pid: int, *, reset_peak: bool = False) -> dict[str, int]:
+    """A local process's peak (VmHWM) and current (VmRSS) resident memory in bytes, from /proc.
+
+    ``reset_peak`` first lowers the peak to the current size (Linux ``clear_refs``), so the
+    next reading's peak is what came after, not the process's start-up.
+    """
+    if reset_peak:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -99,6 +108,10 @@ class SwarmResult:
         """The weights and example count ``device`` had accepted in ``round_number``."""
         return random_update(self.spec, self.accepted[round_number][device])
 
+    def num_examples(self, round_number: int, device: str) -> int:
+        """The example count ``device`` sent in ``round_number`` (without drawing its weights)."""
+        return int(np.random.default_rng(self.accepted[round_number][device]).integers(1, MAX_EXAMPLES + 1))
+
     def reference_mean(self, round_number: int) -> dict[str, np.ndarray]:
         """The float64 sample-weighted mean of the round's accepted updates, rebuilt from seeds.
 
@@ -117,15 +130,19 @@ class SwarmResult:
         return {name: s / total for name, s in sums.items()}
 
     @property
+    def peak_growth(self) -> int:
+        """How far the server's peak resident memory rose above its size when the swarm began."""
+        return self.memory_after["VmHWM"] - self.memory_before["VmRSS"]
+
+    @property
     def server_5xx(self) -> int:
         return sum(n for key, n in self.statuses.items() if key.split()[-1].startswith("5"))
 
     def summary(self) -> dict[str, Any]:
         """Throughput and latency figures, for people and benchmarks."""
         uploads = sum(len(d) for d in self.accepted.values())
-        spans = [end - start for start, end in self.upload_spans.values()]
-        per_round = sorted(len(self.accepted.get(r, {})) / s for r, s in zip(
-            self.upload_spans, spans, strict=True) if s > 0)
+        per_round = [len(self.accepted.get(r, {})) / (end - start)
+                     for r, (start, end) in self.upload_spans.items() if end > start]
 
         def pct(values: list[float], q: float) -> float | None:
             return float(np.percentile(values, q)) if values else None
@@ -133,7 +150,7 @@ class SwarmResult:
         memory = {}
         if self.memory_before and self.memory_after:
             memory = {"server_rss_before": self.memory_before["VmRSS"],
-                      "server_peak_growth": self.memory_after["VmHWM"] - self.memory_before["VmHWM"]}
+                      "server_peak_growth": self.peak_growth}
         return {
             "clients": self.clients, "rounds": self.rounds, "accepted_uploads": uploads,
             "duplicates": self.duplicates, "seconds": self.seconds,
@@ -177,8 +194,8 @@ class Swarm:
                  between_rounds: Callable[[int], None] | None = None) -> None:
         if clients < 1 or rounds < 1:
             raise ValueError("clients and rounds must be at least 1")
-        if poll_wait < 0 or time_limit <= 0:
-            raise ValueError("poll_wait must be >= 0 and time_limit > 0")
+        if poll_wait <= 0 or time_limit <= 0:
+            raise ValueError("poll_wait and time_limit must be positive")
         self.server = require_loopback(server)
         self.clients = clients
         self.rounds = rounds
@@ -200,7 +217,7 @@ class Swarm:
         """Run every device to the end (or the time limit) and return what they saw."""
         result = self.result
         if self.server_pid is not None:
-            result.memory_before = process_memory(self.server_pid)
+            result.memory_before = process_memory(self.server_pid, reset_peak=True)
         if self._between is not None:
             self._barrier = threading.Barrier(self.clients, action=self._sync_action)
         started = time.monotonic()
@@ -255,13 +272,10 @@ class Swarm:
     def _next_task(self, client: Client) -> dict[str, Any]:
         """Long-poll until the server has something other than "wait" for this device."""
         for _ in range(MAX_POLLS_PER_ROUND):
-            wait = min(self.poll_wait, self._remaining())
-            asked = time.monotonic()
-            task = client.task(wait=round(wait, 2))
+            # A busy server answers at once with "retry_in"; the client then waits on its side.
+            task = client.task(wait=round(min(self.poll_wait, self._remaining()), 2))
             if task["action"] != "wait":
                 return task
-            if time.monotonic() - asked < wait / 2:  # answered early: do not hammer the server
-                time.sleep(random.uniform(0.05, 0.2))
         raise TimeoutError(f"no task after {MAX_POLLS_PER_ROUND} polls")
 
     def _sync(self, version: int) -> None:

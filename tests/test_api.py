@@ -213,14 +213,16 @@ def test_activation_and_control(tmp_path):
         engine.stop()
 
 
-def test_deadline_with_quorum_closes_round(tmp_path):
-    app, engine = make_app(tmp_path, min_devices=2, rounds=1, auto_activate=True, start=True,
+def test_deadline_with_quorum_closes_round_and_stragglers_change_nothing(tmp_path):
+    app, engine = make_app(tmp_path, min_devices=2, rounds=2, auto_activate=True, start=True,
                            round_timeout=1.5, quorum=0.5)
     try:
         c = app.test_client()
         tokens = two_devices(c)
         wait_task(c, "d1", tokens["d1"])
         assert upload(c, "d1", tokens["d1"], 1, update_body(2.0, 1, 0, 5)).status_code == 200
+        # pause: round 1 still closes at its deadline, round 2 waits for us
+        assert c.post("/api/training/pause", headers=bearer(ADMIN)).status_code == 200
         deadline = time.monotonic() + 10
         while c.get("/api/status").get_json()["completed_rounds"] < 1:
             assert time.monotonic() < deadline
@@ -228,7 +230,17 @@ def test_deadline_with_quorum_closes_round(tmp_path):
         assert c.get("/api/history").get_json()["rounds"][0]["num_updates"] == 1
         # the straggler's update for the closed round is refused
         r = upload(c, "d2", tokens["d2"], 1, update_body(100.0, 1, 0, 5))
-        assert r.status_code == 409
+        assert r.status_code == 409 and r.get_json()["field"] == "round"
+        engine.config.round_timeout = 30
+        assert c.post("/api/training/resume", headers=bearer(ADMIN)).status_code == 200
+        for name, value, n in (("d1", 3.0, 5), ("d2", 5.0, 15)):
+            assert wait_task(c, name, tokens[name])["round"] == 2
+            assert upload(c, name, tokens[name], 2, update_body(value, 2, 1, n)).status_code == 200
+        while c.get("/api/status").get_json()["completed_rounds"] < 2:
+            assert time.monotonic() < deadline + 20
+            time.sleep(0.05)
+        weights, _ = wire.decode(c.get("/api/model", headers=bearer(ADMIN)).data)
+        np.testing.assert_allclose(weights["dense/bias"], [4.5, 4.5])  # (5*3 + 15*5) / 20: no 100s
     finally:
         engine.stop()
 

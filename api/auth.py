@@ -7,6 +7,8 @@ from flask import current_app, request
 from fedcore import auth
 from fedcore.errors import Forbidden, Unauthorized
 
+from .context import engine
+
 
 def bearer_token() -> str | None:
     header = request.headers.get("Authorization", "")
@@ -18,8 +20,7 @@ def bearer_token() -> str | None:
 
 def require_device(name: str | None = None) -> str:
     """The calling device's name; with ``name``, the caller must be that device."""
-    engine = current_app.extensions["fedhub"]
-    caller = engine.devices.authenticate(bearer_token())
+    caller = engine().devices.authenticate(bearer_token())
     if name is not None and caller != name:
         raise Forbidden("this token belongs to another device", "Authorization")
     return caller

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 
 from .auth import require_admin
+from .context import engine
 from .inputs import json_body
 
 bp = Blueprint("admin", __name__)
 
 
-def _engine():
-    return current_app.extensions["fedhub"]
-
 
 @bp.post("/api/devices/<name>/activate")
 def activate(name: str):
     require_admin()
-    _engine().set_active(name, True)
+    engine().set_active(name, True)
     return jsonify({"name": name, "active": True})
 
 
 @bp.post("/api/devices/<name>/deactivate")
 def deactivate(name: str):
     require_admin()
-    _engine().set_active(name, False)
+    engine().set_active(name, False)
     return jsonify({"name": name, "active": False})
 
 
@@ -32,33 +30,33 @@ def deactivate(name: str):
 def interrupt(name: str):
     """Stop one device's local training now; the round goes on without it."""
     require_admin()
-    return jsonify(_engine().interrupt(name))
+    return jsonify(engine().interrupt(name))
 
 
 @bp.post("/api/training/start")
 def start():
     require_admin()
     data = json_body(optional=True)
-    _engine().start_training(data.get("rounds"))
-    return jsonify(_engine().status())
+    engine().start_training(data.get("rounds"))
+    return jsonify(engine().status())
 
 
 @bp.post("/api/training/pause")
 def pause():
     require_admin()
-    _engine().pause()
-    return jsonify(_engine().status())
+    engine().pause()
+    return jsonify(engine().status())
 
 
 @bp.post("/api/training/resume")
 def resume():
     require_admin()
-    _engine().start_training()
-    return jsonify(_engine().status())
+    engine().start_training()
+    return jsonify(engine().status())
 
 
 @bp.post("/api/training/reset")
 def reset():
     require_admin()
-    _engine().reset()
-    return jsonify(_engine().status())
+    engine().reset()
+    return jsonify(engine().status())

@@ -8,20 +8,18 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from fedcore.lifecycle import check_report
 
 from .auth import require_device, require_device_or_admin
+from .context import engine
 from .inputs import binary_body, float_arg, json_body
 
 bp = Blueprint("device", __name__)
 
-
-def _engine():
-    return current_app.extensions["fedhub"]
 
 
 @bp.post("/api/devices/register")
 def register():
     data = json_body()
     secret = request.headers.get("X-Enroll-Secret") or data.get("enroll_secret")
-    result = _engine().devices.register(
+    result = engine().devices.register(
         data.get("name"), secret, num_examples=data.get("num_examples"),
         auto_activate=data.get("auto_activate"), validation=data.get("validation"))
     return jsonify(result), 201
@@ -32,7 +30,7 @@ def validation(name: str):
     """The device's data validation report; invalid data means no tasks (409), with the reason."""
     require_device(name)
     report = check_report(json_body().get("validation"))
-    state = _engine().devices.lifecycle.report(name, report)
+    state = engine().devices.lifecycle.report(name, report)
     return jsonify({"name": name, "lifecycle": state["state"], "lifecycle_reason": state["reason"]})
 
 
@@ -40,14 +38,14 @@ def validation(name: str):
 def signal(name: str):
     """Polled about once a second while training: has an admin interrupted this device?"""
     require_device(name)
-    return jsonify(_engine().devices.lifecycle.signal(name))
+    return jsonify(engine().devices.lifecycle.signal(name))
 
 
 @bp.post("/api/devices/<name>/interrupted")
 def interrupted(name: str):
     require_device(name)
     data = json_body()
-    state = _engine().interrupted(name, data.get("round"), data.get("detail"))
+    state = engine().interrupted(name, data.get("round"), data.get("detail"))
     return jsonify({"name": name, "lifecycle": state["state"], "lifecycle_reason": state["reason"]})
 
 
@@ -55,13 +53,13 @@ def interrupted(name: str):
 def task(name: str):
     require_device(name)
     wait = float_arg("wait", 0.0, 0.0, current_app.config["FEDHUB_MAX_WAIT"])
-    return jsonify(_engine().next_task(name, wait))
+    return jsonify(engine().next_task(name, wait))
 
 
 @bp.get("/api/model")
 def model():
     require_device_or_admin()
-    version, body = _engine().global_model()
+    version, body = engine().global_model()
     etag = f"v{version}"
     if etag in request.if_none_match:
         response = Response(status=304)
@@ -75,18 +73,18 @@ def model():
 @bp.post("/api/devices/<name>/updates/<int:round_number>")
 def upload(name: str, round_number: int):
     require_device(name)
-    engine = _engine()
-    engine.devices.set_activity(name, "uploading")
+    fed = engine()
+    fed.devices.set_activity(name, "uploading")
     try:
         body = binary_body()
-        result = engine.submit(name, round_number, body, request.headers.get("Idempotency-Key"))
+        result = fed.submit(name, round_number, body, request.headers.get("Idempotency-Key"))
     finally:
-        engine.devices.set_activity(name, "idle")
+        fed.devices.set_activity(name, "idle")
     return jsonify(result)
 
 
 @bp.post("/api/devices/<name>/leave")
 def leave(name: str):
     require_device(name)
-    _engine().leave(name)
+    engine().leave(name)
     return jsonify({"left": True})

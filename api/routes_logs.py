@@ -6,19 +6,17 @@ name hosts, paths or people, unlike the aggregate public views.
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from fedcore.device_logs import MAX_QUERY
 from fedcore.errors import InvalidInput
 
 from .auth import require_admin, require_device
+from .context import engine
 from .inputs import int_arg
 
 bp = Blueprint("logs", __name__)
 
-
-def _engine():
-    return current_app.extensions["fedhub"]
 
 
 @bp.post("/api/devices/<name>/logs")
@@ -27,14 +25,14 @@ def add(name: str):
     require_device(name)
     if not request.is_json:
         raise InvalidInput("body must be JSON (Content-Type: application/json)", "Content-Type")
-    return jsonify(_engine().add_logs(name, request.get_json(silent=True)))
+    return jsonify(engine().add_logs(name, request.get_json(silent=True)))
 
 
 @bp.get("/api/logs")
 def query():
     require_admin()
     after = int_arg("after", 0, 0, 2**62)
-    logs = _engine().logs.query(
+    logs = engine().logs.query(
         device=request.args.get("device") or None, level=request.args.get("level") or None,
         round_number=int_arg("round", None, 0, 2**31), after=after,
         limit=int_arg("limit", 500, 1, MAX_QUERY))

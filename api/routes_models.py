@@ -15,13 +15,11 @@ from fedcore.errors import Conflict, InvalidInput, NotFound
 from fedcore.wire import MAX_INTEGER
 
 from .auth import require_device_or_admin
+from .context import engine
 
 bp = Blueprint("models", __name__)
 NPZ_TYPES = ("application/octet-stream", "application/x-npz", "application/zip")
 
-
-def _engine():
-    return current_app.extensions["fedhub"]
 
 
 def _model():
@@ -33,19 +31,19 @@ def _model():
 
 def _weights(round_text: str):
     """The weights of a completed round (``latest``: the current global model)."""
-    engine = _engine()
+    fed = engine()
     if round_text == "latest":
-        return engine.global_weights()
+        return fed.global_weights()
     if not (round_text.isascii() and round_text.isdigit()):  # isdigit() alone lets '²' through
         raise InvalidInput("round must be a round number or 'latest'", "round")
     # A number too large for the database is no round either (and is not even turned into an int).
     number = int(round_text) if len(round_text) <= len(str(MAX_INTEGER)) else MAX_INTEGER + 1
-    row = engine.storage.get_round(number) if number <= MAX_INTEGER else None
+    row = fed.storage.get_round(number) if number <= MAX_INTEGER else None
     if row is None:
         raise NotFound(f"no round {round_text}", "round")
     if row["status"] != "complete":
         raise Conflict(f"round {number} is not complete yet", "round")
-    return number, engine.storage.read_checkpoint(number)
+    return number, fed.storage.read_checkpoint(number)
 
 
 @bp.get("/api/rounds/<round_text>/model.keras")

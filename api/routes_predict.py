@@ -19,6 +19,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from fedcore.errors import Conflict, InvalidInput, TooLarge
 
 from .auth import require_device_or_admin
+from .context import engine
 from .predictor import NO_MODEL_MESSAGE
 
 bp = Blueprint("predict", __name__)
@@ -75,7 +76,7 @@ def predict():
         raise Conflict("this server does not predict: classifying pictures of clothes needs one of "
                        "FedHub's built-in networks (--model basic or cnn), not a custom model", "model")
     # After a reset the engine is back at round 0 while the predictor still holds the old model.
-    if current_app.extensions["fedhub"].global_model()[0] == 0:
+    if engine().global_model()[0] == 0:
         raise Conflict(NO_MODEL_MESSAGE, "model")
     from model import CLASS_NAMES
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
+
+from .context import engine
 
 bp = Blueprint("public", __name__)
 
-
-def _engine():
-    return current_app.extensions["fedhub"]
 
 
 @bp.get("/health")
@@ -18,22 +17,22 @@ def health():
 
 @bp.get("/api/status")
 def status():
-    engine = _engine()
-    devices = engine.devices.list()
+    fed = engine()
+    devices = fed.devices.list()
     counts: dict[str, int] = {}
     for d in devices:
         counts[d["state"]] = counts.get(d["state"], 0) + 1
-    return jsonify({**engine.status(), "devices": counts})
+    return jsonify({**fed.status(), "devices": counts})
 
 
 @bp.get("/api/devices")
 def devices():
-    engine = _engine()
+    fed = engine()
     latest: dict[str, dict] = {}
-    for r in engine.history():
+    for r in fed.history():
         for name, metrics in r["devices"].items():
             latest[name] = {"round": r["round"], **metrics}
-    rows = engine.devices.list()
+    rows = fed.devices.list()
     for row in rows:
         row["latest"] = latest.get(row["name"])
     return jsonify({"devices": rows})
@@ -41,4 +40,4 @@ def devices():
 
 @bp.get("/api/history")
 def history():
-    return jsonify({"rounds": _engine().history()})
+    return jsonify({"rounds": engine().history()})

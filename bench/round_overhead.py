@@ -67,12 +67,11 @@ def real_round(devices: int, per_device: int, data_dir: str | None) -> tuple[flo
 
     tmp = Path(tempfile.mkdtemp(prefix="fedhub-bench-"))
     split_to_devices(tmp / "devices", devices, limit=per_device, data_dir=data_dir, progress=False)
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from utils.demo import free_port, wait_for_server
+
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "FEDHUB_ENROLL_SECRET": "bench", "FEDHUB_ADMIN_TOKEN": "bench-admin"}
     cmd = [sys.executable, str(ROOT / "server.py"), str(port), "--rounds", "2", "--min-devices", str(devices),
@@ -83,12 +82,7 @@ def real_round(devices: int, per_device: int, data_dir: str | None) -> tuple[flo
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     procs = []
     try:
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.3)
+        wait_for_server(url, server)
         procs = launch(url, [f"device{i}" for i in range(1, devices + 1)], devices_root=tmp / "devices",
                        env={"FEDHUB_ENROLL_SECRET": "bench"}, log_dir=tmp / "logs")
         while requests.get(f"{url}/api/status", timeout=5).json()["status"] != "finished":

@@ -1,9 +1,8 @@
-"""Aggregation strategies: small pure functions over NumPy arrays, apart from transport.
+"""The streaming sample-weighted mean that FedAvg and the server optimizers build on.
 
-As in Flower, a strategy only says how updates combine; it knows nothing of
-HTTP, rounds or storage. Aggregation streams: each update is folded into a
-float64 running sum as it arrives and then dropped, so the server's memory is
-O(model size) however many devices report.
+Each update is folded into a float64 running sum as it arrives and then dropped,
+so the server's memory is O(model size) however many devices report. The
+strategies themselves live in :mod:`fedcore.strategies`.
 """
 
 from __future__ import annotations
@@ -16,30 +15,8 @@ import numpy as np
 Weights = dict[str, np.ndarray]
 
 
-class Accumulator(Protocol):
-    """Folds in one round's updates, one at a time."""
-
-    def add(self, weights: Mapping[str, np.ndarray], num_examples: int) -> None: ...
-
-    @property
-    def count(self) -> int: ...
-
-    @property
-    def total_examples(self) -> int: ...
-
-    def result(self) -> Weights: ...
-
-
-class Strategy(Protocol):
-    """One small interface per strategy: start an accumulator for a round."""
-
-    name: str
-
-    def accumulator(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator: ...
-
-
 class WeightedSum:
-    """Streaming sample-weighted mean in float64; the result is cast back to each tensor's dtype."""
+    """Streaming sample-weighted mean in float64; :meth:`result` casts back to each tensor's dtype."""
 
     def __init__(self, template: Mapping[str, np.ndarray]) -> None:
         self._dtypes = {name: a.dtype for name, a in template.items()}
@@ -64,67 +41,14 @@ class WeightedSum:
     def total_examples(self) -> int:
         return self._total
 
-    def result(self) -> Weights:
+    def mean(self) -> Weights:
+        """The weighted mean in float64 (what server optimizers step from)."""
         if self._total == 0:
             raise ValueError("no update to aggregate")
-        return {
-            name: (total / self._total).astype(self._dtypes[name])
-            for name, total in self._sums.items()
-        }
-
-
-class FedAvg:
-    """Federated averaging (McMahan et al. 2017): the mean weighted by each device's examples."""
-
-    name = "fedavg"
-
-    def accumulator(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator:
-        return WeightedSum(global_weights)
-
-
-class _MomentumSum(WeightedSum):
-    def __init__(self, global_weights: Mapping[str, np.ndarray], velocity: Weights,
-                 lr: float, momentum: float) -> None:
-        super().__init__(global_weights)
-        self._global = {n: np.asarray(a, dtype=np.float64) for n, a in global_weights.items()}
-        self._velocity = velocity
-        self._lr = lr
-        self._momentum = momentum
+        return {name: total / self._total for name, total in self._sums.items()}
 
     def result(self) -> Weights:
-        mean = super().result()
-        out: Weights = {}
-        for name, g in self._global.items():
-            step = g - mean[name].astype(np.float64)
-            v = self._momentum * self._velocity.get(name, 0.0) + step
-            self._velocity[name] = v
-            out[name] = (g - self._lr * v).astype(self._dtypes[name])
-        return out
-
-
-class FedAvgM:
-    """FedAvg with server momentum (Hsu et al. 2019), as in Flower's FedAvgM."""
-
-    name = "fedavgm"
-
-    def __init__(self, server_learning_rate: float = 1.0, momentum: float = 0.9) -> None:
-        self.server_learning_rate = server_learning_rate
-        self.momentum = momentum
-        self._velocity: Weights = {}
-
-    def accumulator(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator:
-        return _MomentumSum(global_weights, self._velocity, self.server_learning_rate, self.momentum)
-
-
-STRATEGIES = {"fedavg": FedAvg, "fedavgm": FedAvgM}
-
-
-def make_strategy(name: str) -> Strategy:
-    """Build a strategy by name; unknown names list the known ones."""
-    try:
-        return STRATEGIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
+        return {name: m.astype(self._dtypes[name]) for name, m in self.mean().items()}
 
 
 def weighted_mean(updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> Weights:
@@ -137,3 +61,61 @@ def weighted_mean(updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> We
     if acc is None:
         raise ValueError("no update to aggregate")
     return acc.result()
+
+
+# The coordinator's interface until it moves to fedcore.strategies (issue 9, integration phase):
+# ``make_strategy(name).accumulator(global_weights)`` with ``add(weights, num_examples)``.
+class Accumulator(Protocol):
+    def add(self, weights: Mapping[str, np.ndarray], num_examples: int) -> None: ...
+
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def total_examples(self) -> int: ...
+
+    def result(self) -> Weights: ...
+
+
+class Strategy(Protocol):
+    name: str
+
+    def accumulator(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator: ...
+
+
+class _Accumulator:
+    def __init__(self, strategy, global_weights: Mapping[str, np.ndarray]) -> None:
+        self._strategy = strategy
+        self._round = strategy.begin(global_weights)
+
+    def add(self, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
+        self._round.add(f"update-{self._round.count + 1}", weights, num_examples)
+
+    @property
+    def count(self) -> int:
+        return self._round.count
+
+    @property
+    def total_examples(self) -> int:
+        return self._round.total_examples
+
+    def result(self) -> Weights:
+        outcome = self._round.result()
+        self._strategy.load_state(outcome.state)
+        return outcome.weights
+
+
+class _Adapter:
+    def __init__(self, strategy) -> None:
+        self.strategy = strategy
+        self.name = strategy.name
+
+    def accumulator(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator:
+        return _Accumulator(self.strategy, global_weights)
+
+
+def make_strategy(name: str) -> Strategy:
+    """A :mod:`fedcore.strategies` strategy behind the coordinator's current interface."""
+    from .strategies import make_strategy as make
+
+    return _Adapter(make(name))

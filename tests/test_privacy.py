@@ -256,3 +256,35 @@ def test_budget_check_stops_the_run_before_the_budget_is_exceeded():
     assert PrivacyAccountant(delta=1e-5).epsilon_after(0.0, 1.0) == 0.0  # nobody sampled
     with pytest.raises(ValueError, match="delta"):
         PrivacyAccountant(delta=0)
+
+
+def test_distributed_noise_through_secure_aggregation():
+    """Each device clips and adds its share of the noise before masking; the unmasked mean of the
+    n survivors carries at least what central DP with the threshold's worth of devices would."""
+    from fedcore.secagg import DeviceRound, SecAggConfig, ServerRound
+
+    z, bound, length = 1.0, 0.2, 50_000
+    names = [f"d{i}" for i in range(5)]
+    rng = np.random.default_rng(7)
+    config = SecAggConfig(shares=5, threshold=3, clip_range=10 * bound, max_weight=1)
+    params = config.for_round(1, names, length)
+    share = distributed_noise_std(z, bound, params.threshold)
+    server = ServerRound(params)
+    devices = {n: DeviceRound(n, params, rng=rng) for n in names}
+    for n, d in devices.items():
+        server.receive(n, d.advertise())
+    server.close_stage()
+    for n, d in devices.items():
+        server.receive(n, d.share_keys(server.request(n)))
+    server.close_stage()
+    for n, d in devices.items():
+        update = {"w": rng.normal(size=length)}  # norm ~224: clipped to 0.2
+        private, clipped = clip_and_noise(update, bound, share, rng)
+        assert clipped.clipped
+        server.receive(n, d.masked_input(server.request(n), private, weight=1))
+    server.close_stage()
+    for n, d in devices.items():
+        server.receive(n, d.unmask(server.request(n)))
+    result = server.finish()
+    assert result.total_weight == 5
+    assert np.std(result.mean) == pytest.approx(z * bound * math.sqrt(5 / 3) / 5, rel=0.03)

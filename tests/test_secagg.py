@@ -212,6 +212,14 @@ def test_too_few_answers_to_unmask():
         r.unmask(drop=set(NAMES[:3]))
 
 
+def test_too_few_masked_inputs():
+    r = Round(NAMES[:5], shares=5, threshold=3)
+    r.advertise()
+    r.share()
+    with pytest.raises(TooFewSurvivors, match="2 devices sent masked inputs"):
+        r.masked(drop=set(NAMES[:3]))
+
+
 def test_device_refuses_to_unmask_with_fewer_survivors_than_the_threshold():
     r = Round(NAMES[:5], shares=5, threshold=3)
     r.advertise()
@@ -408,7 +416,8 @@ def test_a_dealer_of_an_inconsistent_share_is_named_and_the_seed_still_rebuilt()
     r.share()
     r.masked()
     result = r.check(r.unmask())
-    assert any(dealer in v and "inconsistent" in v for v in result.violations)
+    [violation] = result.violations
+    assert violation.device == dealer and "inconsistent" in violation.message
 
 
 def test_device_refuses_a_server_that_lies():

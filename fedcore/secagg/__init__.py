@@ -14,6 +14,14 @@ masked input), so the HTTP layer only moves bytes. One round, per selected devic
 
 Devices that drop after dealing their shares are recovered from ``threshold`` shares; fewer
 survivors fail the round with :class:`TooFewSurvivors`.
+
+Threat model. The server is honest but curious: it follows the protocol and learns only the
+sum of the updates of at least ``threshold`` devices, never one device's update. Devices may
+lie: a forged, misrouted, replayed or impersonating message is refused naming its sender and
+the round goes on. Not covered: a server that lies about who dropped out to different devices
+(that needs the consistency round of Bell et al.'s malicious variant, with device signatures
+under a PKI), and devices that send a well-formed but poisoned update (masked inputs cannot be
+inspected; the coordinate clipping bounds what each can add).
 """
 
 from .device import DeviceRound

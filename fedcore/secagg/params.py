@@ -35,13 +35,14 @@ from .errors import ConfigError, ProtocolViolation
 
 MIN_BITS, MAX_BITS = 16, 64
 MIN_LEVELS = 16
+MAX_LEVELS = 2**52  # float64 tells integers apart up to 2^53: finer steps would be noise
 MAX_LENGTH = 2**31  # coordinates in one update (8 GiB of float32: far past any model here)
 MAX_WEIGHT = 2**31
 
 
 def levels_for(bits: int, devices: int, max_weight: int) -> int:
     """The most quantization steps per side for which ``devices`` weighted updates cannot overflow."""
-    return ((1 << (bits - 1)) - 1) // (devices * max_weight)
+    return min(MAX_LEVELS, ((1 << (bits - 1)) - 1) // (devices * max_weight))
 
 
 def default_threshold(shares: int) -> int:
@@ -143,8 +144,9 @@ class RoundParams:
             raise ProtocolViolation(f"bits must be from {MIN_BITS} to {MAX_BITS}", "bits")
         if not (math.isfinite(self.clip_range) and self.clip_range > 0):
             raise ProtocolViolation("clip_range must be a positive number", "clip_range")
-        if not 1 <= self.max_weight <= MAX_WEIGHT or self.levels < 1:
-            raise ProtocolViolation("max_weight and levels must be positive", "levels")
+        if not 1 <= self.max_weight <= MAX_WEIGHT or not 1 <= self.levels <= MAX_LEVELS:
+            raise ProtocolViolation(f"max_weight must be from 1 to {MAX_WEIGHT} and levels from 1 to "
+                                    f"{MAX_LEVELS}", "levels")
         if n * self.max_weight * self.levels > (1 << (self.bits - 1)) - 1:
             raise ProtocolViolation(
                 f"{n} devices x weight {self.max_weight} x {self.levels} levels could overflow "
@@ -185,7 +187,8 @@ class RoundParams:
                      shares=r.integer("shares", 2, MAX_DEVICES),
                      threshold=r.integer("threshold", 1, MAX_DEVICES),
                      bits=r.integer("bits", MIN_BITS, MAX_BITS), clip_range=r.number("clip_range"),
-                     levels=r.integer("levels", 1, 2**63), max_weight=r.integer("max_weight", 1, MAX_WEIGHT),
+                     levels=r.integer("levels", 1, MAX_LEVELS),
+                     max_weight=r.integer("max_weight", 1, MAX_WEIGHT),
                      length=r.integer("length", 1, MAX_LENGTH))
         params.validate()
         return params

@@ -51,6 +51,7 @@ from .messages import (
 from .params import RoundParams
 
 ADVERTISE, SHARE, MASKED, UNMASK, DONE, FAILED = "advertise", "share", "masked", "unmask", "done", "failed"
+UNMASKING = "unmasking"  # finish() is rebuilding the masks
 STAGES = (ADVERTISE, SHARE, MASKED, UNMASK, DONE)
 # Subsets of revealed shares tried when a dealer's shares are inconsistent, before giving up.
 MAX_RECONSTRUCTION_ATTEMPTS = 256
@@ -70,7 +71,7 @@ class SecAggResult:
     threshold: int
     shares: int
     complaints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # device -> refused dealers
-    violations: tuple[str, ...] = ()  # dealers found lying while unmasking
+    violations: tuple[ProtocolViolation, ...] = ()  # dealers found lying while unmasking
 
     def weights(self, spec: Spec) -> Weights:
         """The mean as tensors of ``spec`` (name -> (shape, dtype))."""
@@ -101,7 +102,7 @@ class ServerRound:
         self._complaints: dict[str, tuple[str, ...]] = {}
         self._unmasked: dict[str, UnmaskResponse] = {}
         self._revealed: dict[tuple[str, str], dict[str, tuple[int, bytes]]] = {}
-        self._violations: list[str] = []
+        self._violations: list[ProtocolViolation] = []
         self._u1: frozenset[str] = frozenset()
         self._u2: frozenset[str] = frozenset()
         self._u3: frozenset[str] = frozenset()
@@ -178,16 +179,16 @@ class ServerRound:
             return
         if msg.cipher_key == msg.mask_key:
             raise self._violation(device, "advertises one key for both purposes", "mask_key")
-        for key in pair:
+        for key, field_name in zip(pair, ("cipher_key", "mask_key"), strict=True):
             owner = self._owners.get(key)
             if owner is not None:
-                raise self._violation(device, f"advertises the key of device {owner!r}", "cipher_key")
+                raise self._violation(device, f"advertises the key of device {owner!r}", field_name)
             if key in self._previous:
-                raise self._violation(device, "advertises a key from an earlier round", "cipher_key")
+                raise self._violation(device, "advertises a key from an earlier round", field_name)
             try:
                 crypto.check_public_key(key)
             except crypto.CryptoFailure as exc:
-                raise self._violation(device, str(exc), "cipher_key") from None
+                raise self._violation(device, str(exc), field_name) from None
         self._keys[device] = pair
         self._owners.update({msg.cipher_key: device, msg.mask_key: device})
 
@@ -245,7 +246,8 @@ class ServerRound:
         self._unmasked[device] = msg
         for owner, kind, index, share in opened:
             if index != sorted(self._near(owner, self._u1)).index(device) + 1:
-                self._violations.append(f"device {owner!r} dealt {device!r} a {kind} share of wrong index")
+                self._violations.append(self._violation(owner, f"dealt {device!r} a {kind} share of the "
+                                                        "wrong index", "shares"))
                 continue
             self._revealed.setdefault((owner, kind), {})[device] = (index, share)
 
@@ -264,6 +266,10 @@ class ServerRound:
                     self._u2 = self._viable(set(self._dealt) & self._u1, "dealt shares")
                 else:
                     self._u3 = frozenset(self._masked)
+                    if len(self._u3) < self.params.threshold:
+                        raise TooFewSurvivors(
+                            f"round {self.params.round}: {len(self._u3)} devices sent masked inputs, "
+                            f"at least the threshold of {self.params.threshold} needed", "threshold")
                     for owner in sorted(self._u2):
                         self._holders_left(owner, self._u3, "sent masked inputs")
             except RoundFailed as exc:
@@ -273,19 +279,25 @@ class ServerRound:
             return self._stage
 
     def finish(self) -> SecAggResult:
-        """Close the unmask stage: rebuild the secrets, remove the masks, decode the mean."""
+        """Close the unmask stage: rebuild the secrets, remove the masks, decode the mean.
+
+        The work (a mask expansion per device) runs outside the lock; meanwhile late messages
+        are refused as stale rather than kept waiting."""
         with self._lock:
             self._check_open()
             if self._stage != UNMASK:
                 raise StaleMessage(f"finish() needs the unmask stage, round is at {self._stage!r}", "stage")
-            try:
-                result = self._unmask_sum()
-            except RoundFailed as exc:
+            self._stage = UNMASKING
+        try:
+            result = self._unmask_sum()
+        except Exception as exc:
+            with self._lock:
                 self._fail(exc)
-                raise
+            raise
+        with self._lock:
             self._stage = DONE
             self._sum = np.zeros(0, dtype=np.uint64)
-            return result
+        return result
 
     def _unmask_sum(self) -> SecAggResult:
         p = self.params
@@ -327,7 +339,8 @@ class ServerRound:
                 ok = hmac.compare_digest(crypto.public_key_of(secret), self._keys[owner][1])
             if ok:
                 if attempt:
-                    self._violations.append(f"device {owner!r} dealt inconsistent {kind} shares")
+                    self._violations.append(self._violation(owner, f"dealt inconsistent {kind} shares",
+                                                            "shares"))
                 return secret
         raise ReconstructionFailed(
             f"round {self.params.round}: device {owner!r}'s {kind} cannot be rebuilt from the "
@@ -368,6 +381,8 @@ class ServerRound:
             raise StaleMessage(f"round {self.params.round} failed: {self._failure}", "round")
         if self._stage == DONE:
             raise StaleMessage(f"round {self.params.round} is complete", "round")
+        if self._stage == UNMASKING:
+            raise StaleMessage(f"round {self.params.round} is being unmasked", "round")
 
     def _check_sender(self, device: str, msg: Any, stage: str) -> None:
         if msg.device != device:
@@ -397,8 +412,8 @@ class ServerRound:
     def _violation(self, device: str, message: str, field: str) -> ProtocolViolation:
         return ProtocolViolation(f"device {device!r} {message}", field, device=device)
 
-    def _fail(self, exc: SecAggError) -> None:
+    def _fail(self, exc: Exception) -> None:
         self._stage = FAILED
-        self._failure = exc.message
+        self._failure = exc.message if isinstance(exc, SecAggError) else f"{type(exc).__name__}: {exc}"
         self._sum = np.zeros(0, dtype=np.uint64)
 

@@ -62,7 +62,8 @@ def encode(weights: Mapping[str, np.ndarray], meta: Meta) -> bytes:
     return st_save(tensors, metadata=meta.to_strings())
 
 
-def _header(body: bytes) -> dict:
+def header(body: bytes) -> dict:
+    """The safetensors JSON header of ``body``, bounded and checked before it is parsed."""
     if len(body) < 8:
         raise InvalidInput("body is truncated: shorter than the 8-byte safetensors header length", "body")
     (n,) = struct.unpack("<Q", body[:8])
@@ -71,12 +72,12 @@ def _header(body: bytes) -> dict:
     if 8 + n > len(body):
         raise InvalidInput("body is truncated: the safetensors header runs past the end", "body")
     try:
-        header = json.loads(body[8 : 8 + n])
+        parsed = json.loads(body[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInput(f"safetensors header is not valid JSON: {exc}", "body") from None
-    if not isinstance(header, dict):
+    if not isinstance(parsed, dict):
         raise InvalidInput("safetensors header must be a JSON object", "body")
-    return header
+    return parsed
 
 
 def _int_meta(raw: Mapping[str, str], key: str) -> int:
@@ -128,12 +129,12 @@ def decode(
     """
     if len(body) > max_bytes:
         raise TooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}", "body")
-    header = _header(body)
-    meta = _meta(header.get("__metadata__") or {})
+    head = header(body)
+    meta = _meta(head.get("__metadata__") or {})
     if require_examples and meta.num_examples < 1:
         raise InvalidInput("metadata 'num_examples' must be a positive integer", "num_examples")
     if spec is not None:
-        names = set(header) - {"__metadata__"}
+        names = set(head) - {"__metadata__"}
         unknown = sorted(names - set(spec))
         missing = sorted(set(spec) - names)
         if unknown:

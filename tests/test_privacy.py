@@ -1,0 +1,290 @@
+"""Differential privacy (fedcore.privacy): clipping bounds, noise scale, adaptive clipping, epsilon."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import rdp
+
+from fedcore.aggregation import FedAvg, FedAvgM
+from fedcore.privacy import (
+    BudgetExhausted,
+    DPAdaptiveClipping,
+    DPFixedClipping,
+    PrivacyAccountant,
+    clip_and_noise,
+    clip_by_norm,
+    distributed_noise_std,
+    l2_norm,
+)
+
+
+class Streaming:
+    """Today's strategies (``accumulator(global)`` with ``add(weights, n)``) behind the round
+    interface the DP wrappers take (``begin(global)`` with ``add(device, weights, n, metrics)``)."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.name = strategy.name
+
+    def begin(self, global_weights):
+        acc = self.strategy.accumulator(global_weights)
+
+        class Round:
+            def add(self, device, weights, num_examples, metrics):
+                acc.add(weights, num_examples)
+
+            def result(self):
+                return acc.result(), {"num_updates": acc.count}
+
+        return Round()
+
+
+def _model(rng, sizes=(("dense/kernel", (8, 5)), ("dense/bias", (5,)))):
+    return {n: rng.normal(size=s).astype(np.float32) for n, s in sizes}
+
+
+def _run(strategy, global_weights, updates):
+    agg = strategy.begin(global_weights)
+    for device, weights in updates.items():
+        agg.add(device, weights, 100, {"loss": 1.0})
+    return agg.result()
+
+
+def _with_change(global_weights, change):
+    return {n: (g.astype(np.float64) + change[n]).astype(g.dtype) for n, g in global_weights.items()}
+
+
+# clipping --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(10))
+def test_clipping_bounds_hold_and_keep_the_direction(seed):
+    rng = np.random.default_rng(seed)
+    bound = float(rng.uniform(0.01, 5))
+    update = {"a": rng.normal(scale=rng.uniform(1e-3, 10), size=(7, 3)), "b": rng.normal(size=4)}
+    clipped = clip_by_norm(update, bound)
+    assert clipped.norm == pytest.approx(l2_norm(update))
+    assert l2_norm(clipped.tensors) <= bound * (1 + 1e-12)
+    assert clipped.clipped == (clipped.norm > bound)
+    scale = min(1.0, bound / clipped.norm)
+    for name in update:
+        np.testing.assert_allclose(clipped.tensors[name], update[name] * scale, rtol=1e-12)
+    zero = clip_by_norm({"a": np.zeros(3)}, bound)  # no division by a zero norm
+    assert zero.norm == 0 and not zero.clipped and not zero.tensors["a"].any()
+    with pytest.raises(ValueError, match="NaN"):
+        clip_by_norm({"a": np.array([np.inf])}, bound)
+
+
+def test_one_device_moves_the_private_mean_by_at_most_twice_c_over_n():
+    """The sensitivity the noise is calibrated to: replacing one device's update, even by 1e30-valued
+    weights, moves the clipped mean by at most 2C/n; without DP it takes the model with it."""
+    rng = np.random.default_rng(1)
+    g = _model(rng)
+    bound, n = 0.5, 5
+    updates = {f"d{i}": _with_change(g, {k: rng.normal(scale=0.3, size=v.shape) for k, v in g.items()})
+               for i in range(n)}
+    honest, metrics = _run(DPFixedClipping(Streaming(FedAvg()), 0.0, bound), g, updates)
+    # The result is exactly the global model plus the plain mean of the clipped changes.
+    changes = [clip_by_norm({k: w[k].astype(np.float64) - g[k] for k in g}, bound).tensors
+               for w in updates.values()]
+    for k in g:
+        np.testing.assert_allclose(honest[k], g[k] + sum(c[k] for c in changes) / n, rtol=1e-5, atol=1e-6)
+    attacked_updates = {**updates, "d0": {k: np.full(v.shape, 1e30, np.float32) for k, v in g.items()}}
+    attacked, metrics = _run(DPFixedClipping(Streaming(FedAvg()), 0.0, bound), g, attacked_updates)
+    moved = l2_norm({k: attacked[k].astype(np.float64) - honest[k] for k in g})
+    assert moved <= 2 * bound / n + 1e-5
+    assert "d0" in metrics["dp_clipped_devices"] and metrics["dp_updates"] == n
+    plain, _ = _run(Streaming(FedAvg()), g, attacked_updates)
+    assert l2_norm({k: plain[k].astype(np.float64) - honest[k] for k in g}) > 1e20
+
+
+# noise -----------------------------------------------------------------------------------
+
+def test_noise_scale_matches_the_noise_multiplier():
+    rng = np.random.default_rng(2)
+    g = {"w": np.zeros(200_000, np.float64)}
+    z, bound, n = 1.3, 0.5, 4
+    updates = {f"d{i}": {"w": g["w"].copy()} for i in range(n)}  # no change: what is left is noise
+    out, metrics = _run(DPFixedClipping(Streaming(FedAvg()), z, bound, rng=rng), g, updates)
+    assert metrics["dp_noise_std"] == pytest.approx(z * bound / n)
+    assert np.std(out["w"]) == pytest.approx(z * bound / n, rel=0.02)
+    assert abs(np.mean(out["w"])) < 0.01 * z * bound / n * 10
+    # Adaptive clipping spends part of the budget on the count: the updates get more noise.
+    adaptive = DPAdaptiveClipping(Streaming(FedAvg()), z, n, initial_clipping_norm=bound,
+                                  clipped_count_stddev=2.0, rng=rng)
+    z_updates = (z ** -2 - 4.0 ** -2) ** -0.5
+    out, metrics = _run(adaptive, g, updates)
+    assert np.std(out["w"]) == pytest.approx(z_updates * bound / n, rel=0.02)
+    assert metrics["dp_clipping_norm"] == bound  # the noise uses the bound the updates were clipped with
+    assert metrics["dp_next_clipping_norm"] != bound
+
+
+def test_local_and_distributed_noise_scales():
+    rng = np.random.default_rng(3)
+    z, bound = 0.8, 2.0
+    update = {"w": np.full(100_000, 1.0)}  # norm 316: clipped to 2
+    private, clipped = clip_and_noise(update, bound, z * bound, rng)
+    assert clipped.clipped and clipped.norm == pytest.approx(math.sqrt(100_000))
+    assert np.std(private["w"]) == pytest.approx(z * bound, rel=0.02)
+    assert np.mean(private["w"]) == pytest.approx(bound / math.sqrt(100_000), abs=0.02)
+    # Distributed: each of n devices adds its share; their sum carries z * C, as central DP would.
+    n = 9
+    share = distributed_noise_std(z, bound, n)
+    total = sum(clip_and_noise({"w": np.zeros(100_000)}, bound, share, rng)[0]["w"] for _ in range(n))
+    assert np.std(total) == pytest.approx(z * bound, rel=0.02)
+
+
+# adaptive clipping ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("quantile", "start", "low", "high"), [
+    (0.5, 0.1, 5, 6), (0.5, 100.0, 5, 6), (0.8, 0.1, 8, 9),
+])
+def test_adaptive_clipping_moves_the_bound_to_the_target_quantile(quantile, start, low, high):
+    """Ten updates of norms 1..10: the bound settles where the target share of them is at or below it."""
+    rng = np.random.default_rng(4)
+    g = {"w": np.zeros(20)}
+    directions = [rng.normal(size=20) for _ in range(10)]
+    updates = {f"d{i}": {"w": d / np.linalg.norm(d) * (i + 1)} for i, d in enumerate(directions)}
+    dp = DPAdaptiveClipping(Streaming(FedAvg()), 0.0, 10, initial_clipping_norm=start,
+                            target_quantile=quantile, clip_norm_lr=0.2, rng=rng)
+    bounds = [dp.clipping_norm]
+    for _ in range(200):
+        _run(dp, g, updates)
+        bounds.append(dp.clipping_norm)
+    assert low <= bounds[-1] < high
+    steps = np.diff(bounds[: bounds.index(next(b for b in bounds if low <= b < high)) + 1])
+    assert (steps > 0).all() if start < low else (steps < 0).all()  # it moves toward it, every round
+
+
+def test_adaptive_clipping_with_noise_still_finds_the_quantile():
+    rng = np.random.default_rng(5)
+    g = {"w": np.zeros(20)}
+    updates = {f"d{i}": {"w": np.full(20, (i + 1) / math.sqrt(20))} for i in range(10)}
+    dp = DPAdaptiveClipping(Streaming(FedAvg()), 1.0, 10, initial_clipping_norm=0.1,
+                            clipped_count_stddev=1.0, rng=rng)
+    tail = []
+    for r in range(300):
+        _run(dp, g, updates)
+        if r >= 200:
+            tail.append(dp.clipping_norm)
+    assert 3.5 < np.median(tail) < 7.5
+
+
+def test_state_survives_a_restart_and_settings_are_checked():
+    dp = DPAdaptiveClipping(Streaming(FedAvg()), 0.0, 10, initial_clipping_norm=0.1)
+    _run(dp, {"w": np.zeros(3)}, {"a": {"w": np.ones(3)}})
+    state = json.loads(json.dumps(dp.get_state()))
+    fresh = DPAdaptiveClipping(Streaming(FedAvg()), 0.0, 10, initial_clipping_norm=0.1)
+    fresh.set_state(state)
+    assert fresh.clipping_norm == dp.clipping_norm != 0.1
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        DPFixedClipping(Streaming(FedAvg()), -1.0, 1.0)
+    with pytest.raises(ValueError, match="clipping_norm"):
+        DPFixedClipping(Streaming(FedAvg()), 1.0, 0.0)
+    with pytest.raises(ValueError, match="below 2 x clipped_count_stddev"):
+        DPAdaptiveClipping(Streaming(FedAvg()), 1.0, 10)  # default stddev 10/20: 1.0 is not below 1.0
+    with pytest.raises(ValueError, match="no update"):
+        DPFixedClipping(Streaming(FedAvg()), 1.0, 1.0).begin({"w": np.zeros(2)}).result()
+
+
+def test_server_optimizer_steps_on_the_private_mean():
+    """The inner strategy receives one update, the private mean: FedAvgM under DP (no noise, a
+    bound above every norm) is FedAvgM on the unweighted mean."""
+    rng = np.random.default_rng(6)
+    g = _model(rng)
+    dp = DPFixedClipping(Streaming(FedAvgM(server_learning_rate=1.0, momentum=0.9)), 0.0, 1e6)
+    reference = FedAvgM(server_learning_rate=1.0, momentum=0.9)
+    gd, gr = g, g
+    for _ in range(3):
+        updates = {f"d{i}": _with_change(gd, {k: rng.normal(scale=0.1, size=v.shape) for k, v in g.items()})
+                   for i in range(4)}
+        gd, _ = _run(dp, gd, updates)
+        acc = reference.accumulator(gr)
+        for w in updates.values():
+            acc.add(w, 1)
+        gr = acc.result()
+        for k in g:
+            np.testing.assert_allclose(gd[k], gr[k], rtol=1e-5, atol=1e-6)
+
+
+# accounting ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("q", "z", "rounds", "delta"), [
+    (0.1, 1.1, 100, 1e-5), (1.0, 2.0, 20, 1e-5), (0.5, 0.8, 30, 1e-6),
+])
+def test_epsilon_matches_the_accountants_own_figure(q, z, rounds, delta):
+    acc = PrivacyAccountant(delta=delta)
+    for _ in range(rounds):
+        spent = acc.record_round(q, z)
+    reference = rdp.RdpAccountant()
+    reference.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds)
+    assert spent == pytest.approx(reference.get_epsilon(delta), rel=1e-12)
+    assert acc.rounds == rounds and len(acc.segments) == 1
+    # RDP is an upper bound: the tighter PLD accountant never reports more.
+    pld = dp_accounting.pld.PLDAccountant()
+    pld.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds)
+    assert pld.get_epsilon(delta) <= spent * 1.001
+
+
+def test_accountant_state_survives_a_restart():
+    acc = PrivacyAccountant(delta=1e-5)
+    for _ in range(5):
+        acc.record_round(0.2, 1.0)
+    for _ in range(3):
+        acc.record_round(0.5, 1.5)
+    restored = PrivacyAccountant.from_dict(json.loads(json.dumps(acc.to_dict())))
+    assert restored.rounds == 8 and restored.segments == [[0.2, 1.0, 5], [0.5, 1.5, 3]]
+    assert restored.epsilon() == acc.epsilon()
+    assert restored.record_round(0.5, 1.5) == acc.record_round(0.5, 1.5)
+
+
+def test_budget_check_stops_the_run_before_the_budget_is_exceeded():
+    acc = PrivacyAccountant(delta=1e-5)
+    assert acc.epsilon() == 0.0
+    with pytest.raises(BudgetExhausted) as err:
+        for _ in range(1000):
+            acc.check_budget(8.0, 0.3, 1.2)
+            acc.record_round(0.3, 1.2)
+    assert 0 < acc.epsilon() <= 8.0 < acc.epsilon_after(0.3, 1.2)
+    assert 10 < acc.rounds < 30
+    assert f"after {acc.rounds} rounds" in err.value.message and err.value.code == "privacy_budget_spent"
+    assert PrivacyAccountant(delta=1e-5).epsilon_after(1.0, 0.0) == math.inf  # no noise, no privacy
+    assert PrivacyAccountant(delta=1e-5).epsilon_after(0.0, 1.0) == 0.0  # nobody sampled
+    with pytest.raises(ValueError, match="delta"):
+        PrivacyAccountant(delta=0)
+
+
+def test_distributed_noise_through_secure_aggregation():
+    """Each device clips and adds its share of the noise before masking; the unmasked mean of the
+    n survivors carries at least what central DP with the threshold's worth of devices would."""
+    from fedcore.secagg import DeviceRound, SecAggConfig, ServerRound
+
+    z, bound, length = 1.0, 0.2, 50_000
+    names = [f"d{i}" for i in range(5)]
+    rng = np.random.default_rng(7)
+    config = SecAggConfig(shares=5, threshold=3, clip_range=10 * bound, max_weight=1)
+    params = config.for_round(1, names, length)
+    share = distributed_noise_std(z, bound, params.threshold)
+    server = ServerRound(params)
+    devices = {n: DeviceRound(n, params, rng=rng) for n in names}
+    for n, d in devices.items():
+        server.receive(n, d.advertise())
+    server.close_stage()
+    for n, d in devices.items():
+        server.receive(n, d.share_keys(server.request(n)))
+    server.close_stage()
+    for n, d in devices.items():
+        update = {"w": rng.normal(size=length)}  # norm ~224: clipped to 0.2
+        private, clipped = clip_and_noise(update, bound, share, rng)
+        assert clipped.clipped
+        server.receive(n, d.masked_input(server.request(n), private, weight=1))
+    server.close_stage()
+    for n, d in devices.items():
+        server.receive(n, d.unmask(server.request(n)))
+    result = server.finish()
+    assert result.total_weight == 5
+    assert np.std(result.mean) == pytest.approx(z * bound * math.sqrt(5 / 3) / 5, rel=0.03)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
-from fedcore.aggregation import FedAvg, FedAvgM
 from fedcore.privacy import (
     BudgetExhausted,
     DPAdaptiveClipping,
@@ -21,25 +20,29 @@ from fedcore.privacy import (
     distributed_noise_std,
     l2_norm,
 )
+from fedcore.strategies import FedAvg, FedAvgM
 
 
 class Streaming:
-    """Today's strategies (``accumulator(global)`` with ``add(weights, n)``) behind the round
-    interface the DP wrappers take (``begin(global)`` with ``add(device, weights, n, metrics)``)."""
+    """A weights strategy (``begin`` -> ``RoundResult``) behind the (weights, metrics) round
+    interface the DP wrappers take; the strategy adopts its new state as the coordinator does."""
 
     def __init__(self, strategy):
         self.strategy = strategy
         self.name = strategy.name
 
     def begin(self, global_weights):
-        acc = self.strategy.accumulator(global_weights)
+        strategy = self.strategy
+        agg = strategy.begin(global_weights)
 
         class Round:
             def add(self, device, weights, num_examples, metrics):
-                acc.add(weights, num_examples)
+                agg.add(device, weights, num_examples, metrics)
 
             def result(self):
-                return acc.result(), {"num_updates": acc.count}
+                res = agg.result()
+                strategy.load_state(res.state)
+                return res.weights, {"num_updates": res.metrics["num_updates"]}
 
         return Round()
 
@@ -196,17 +199,19 @@ def test_server_optimizer_steps_on_the_private_mean():
     bound above every norm) is FedAvgM on the unweighted mean."""
     rng = np.random.default_rng(6)
     g = _model(rng)
-    dp = DPFixedClipping(Streaming(FedAvgM(server_learning_rate=1.0, momentum=0.9)), 0.0, 1e6)
-    reference = FedAvgM(server_learning_rate=1.0, momentum=0.9)
+    dp = DPFixedClipping(Streaming(FedAvgM(server_learning_rate=1.0, server_momentum=0.9)), 0.0, 1e6)
+    reference = FedAvgM(server_learning_rate=1.0, server_momentum=0.9)
     gd, gr = g, g
     for _ in range(3):
         updates = {f"d{i}": _with_change(gd, {k: rng.normal(scale=0.1, size=v.shape) for k, v in g.items()})
                    for i in range(4)}
         gd, _ = _run(dp, gd, updates)
-        acc = reference.accumulator(gr)
-        for w in updates.values():
-            acc.add(w, 1)
-        gr = acc.result()
+        agg = reference.begin(gr)
+        for device, w in updates.items():
+            agg.add(device, w, 1)
+        res = agg.result()
+        reference.load_state(res.state)
+        gr = res.weights
         for k in g:
             np.testing.assert_allclose(gd[k], gr[k], rtol=1e-5, atol=1e-6)
 

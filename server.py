@@ -19,12 +19,16 @@ from typing import Any
 from flask import Flask
 
 from api import build_app
+from api.app import BODY_SLACK, MAX_IMAGE_BYTES, MAX_WAIT
 from api.predictor import Predictor
-from fedcore import auth, history
-from fedcore.config import FederationConfig, TrainingConfig
+from api.serving import ServeOptions
+from fedcore import auth, history, wire
+from fedcore.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
 from fedcore.devices import DeviceRegistry
 from fedcore.rounds import Coordinator
 from fedcore.storage import Storage
+from fedcore.strategies import STRATEGIES, ParamError, format_strategies, parse_strategy_args
+from utils.cli import Parser
 
 ROOT = Path(__file__).resolve().parent
 ENROLL_SECRET_FILE = "enroll.secret"
@@ -36,25 +40,25 @@ log = logging.getLogger("fedhub.server")
 class ServerConfig:
     """Everything the server needs; the CLI fills it, tests build it directly."""
 
-    host: str = "127.0.0.1"
-    port: int = 4000
+    host: str = ServeOptions.host
+    port: int = ServeOptions.port
     state_dir: Path = ROOT / "server_training"
     eval_dir: Path = ROOT / "eval"
-    model: str = "basic"
+    model: str = TRAINING.model
     data_dir: str | None = None
     test_limit: int | None = None
     enroll_secret: str | None = None
     admin_token: str | None = None
-    max_upload_bytes: int = 64 * 1024 * 1024
-    max_image_bytes: int = 16 * 1024 * 1024
-    max_wait: float = 30.0
-    threads: int = 32
+    max_upload_bytes: int = wire.DEFAULT_MAX_BYTES
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_wait: float = MAX_WAIT
+    threads: int = ServeOptions.threads
     reset: bool = False
     federation: FederationConfig = field(default_factory=FederationConfig)
     # HTTPS when both are given (devices verify the certificate; see --ca on the device).
     certfile: Path | None = None
     keyfile: Path | None = None
-    channel_timeout: float = 30.0  # seconds before an idle or trickling connection is closed
+    channel_timeout: float = ServeOptions.channel_timeout  # before an idle or trickling connection closes
     # Bring your own model: any compiled keras.Model (the Python API), or a factory
     # "package.module:build" returning one; either replaces `model`. `test_data` (an .npz
     # path with arrays x, y, or an (x, y) pair) gives it per-round test metrics.
@@ -142,7 +146,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
     if config.runs_dir is not None:
         from server_tensorboard import TensorBoardLog
 
-        engine.add_hook(TensorBoardLog(engine, config.runs_dir, config.run_id))
+        engine.add_hook(TensorBoardLog(config.runs_dir, config.run_id))
     app = build_app(engine, admin_token=admin, max_wait=config.max_wait, predictor=predictor,
                     max_image_bytes=config.max_image_bytes)
     app.extensions["fedhub_global_model"] = global_model  # export and validation (routes_models)
@@ -151,13 +155,13 @@ def create_app(config: ServerConfig | None = None) -> Flask:
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    p = argparse.ArgumentParser(
-        prog="server.py", description="FedHub federated-learning server.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d, fed, train = ServerConfig(), FEDERATION, TRAINING  # the defaults, each set in one place
+    p = Parser(prog="server.py", description="FedHub federated-learning server.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("port_pos", nargs="?", type=int, metavar="PORT", help="port (original form)")
-    p.add_argument("--port", type=int, default=None, help="port to listen on (default 4000)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind")
-    p.add_argument("--model", default="basic", choices=["basic", "cnn"], help="global model")
+    p.add_argument("--port", type=int, default=None, help=f"port to listen on (default {d.port})")
+    p.add_argument("--host", default=d.host, help="interface to bind")
+    p.add_argument("--model", default=d.model, choices=["basic", "cnn"], help="global model")
     p.add_argument("--model-factory", metavar="MODULE:NAME",
                    help="your own global model instead: a function returning a compiled keras.Model")
     p.add_argument("--test-data", type=Path,
@@ -169,55 +173,78 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--data-dir", default=None,
                    help="folder with the Fashion-MNIST .gz files (else $FEDHUB_DATA_DIR, else Keras)")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
-    p.add_argument("--state-dir", type=Path, default=ROOT / "server_training")
-    p.add_argument("--eval-dir", type=Path, default=ROOT / "eval")
-    p.add_argument("--rounds", type=int, default=3, help="rounds in the run (0: until paused)")
-    p.add_argument("--min-devices", type=int, default=1, help="devices needed to open a round")
-    p.add_argument("--quorum", type=float, default=0.5,
+    p.add_argument("--state-dir", type=Path, default=d.state_dir)
+    p.add_argument("--eval-dir", type=Path, default=d.eval_dir)
+    p.add_argument("--rounds", type=int, default=fed.rounds, help="rounds in the run (0: until paused)")
+    p.add_argument("--min-devices", type=int, default=fed.min_devices, help="devices needed to open a round")
+    p.add_argument("--quorum", type=float, default=fed.quorum,
                    help="share of selected devices needed to close a round at its deadline")
-    p.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round")
-    p.add_argument("--device-timeout", type=float, default=60.0,
+    p.add_argument("--round-timeout", type=float, default=fed.round_timeout, help="seconds per round")
+    p.add_argument("--device-timeout", type=float, default=fed.device_timeout,
                    help="seconds unseen before a device counts as offline")
-    p.add_argument("--fraction", type=float, default=1.0, help="share of devices selected per round")
-    p.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedavgm"])
-    p.add_argument("--epochs", type=int, default=1, help="local epochs per round")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fraction", type=float, default=fed.fraction,
+                   help="share of devices selected per round")
+    p.add_argument("--strategy", default=fed.strategy, choices=list(STRATEGIES), metavar="NAME",
+                   help=f"aggregation strategy: {', '.join(STRATEGIES)} (--list-strategies)")
+    p.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the strategy, repeatable (e.g. num_malicious=1)")
+    p.add_argument("--list-strategies", action="store_true",
+                   help="print every strategy with its parameters and defaults, and exit")
+    p.add_argument("--strategy-memory-mb", type=float, default=fed.memory_budget / 2**20,
+                   help="MiB of a round's updates that median, trimmed mean, Krum and Bulyan keep in "
+                        "RAM; beyond it they go to a file in the state folder")
+    p.add_argument("--epochs", type=int, default=train.epochs, help="local epochs per round")
+    p.add_argument("--batch-size", type=int, default=train.batch_size)
+    p.add_argument("--learning-rate", type=float, default=train.learning_rate)
+    p.add_argument("--seed", type=int, default=fed.seed)
     p.add_argument("--auto-activate", action="store_true", help="new devices start active")
     p.add_argument("--start", action="store_true", help="start training without waiting for an admin")
     p.add_argument("--reset", action="store_true", help="wipe rounds and checkpoints first")
-    p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest accepted update")
-    p.add_argument("--max-image-mb", type=float, default=16.0,
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20,
+                   help="largest accepted update")
+    p.add_argument("--max-image-mb", type=float, default=d.max_image_bytes / 2**20,
                    help="largest accepted POST /api/predict body (pictures)")
-    p.add_argument("--threads", type=int, default=32, help="waitress worker threads")
+    p.add_argument("--threads", type=int, default=d.threads, help="waitress worker threads")
     p.add_argument("--certfile", type=Path, help="TLS certificate (PEM): serve HTTPS")
     p.add_argument("--keyfile", type=Path, help="TLS private key (PEM) for --certfile")
-    p.add_argument("--max-wait", type=float, default=30.0,
+    p.add_argument("--max-wait", type=float, default=d.max_wait,
                    help="longest long poll a device may ask for (GET .../task?wait=S)")
-    p.add_argument("--channel-timeout", type=float, default=30.0,
+    p.add_argument("--channel-timeout", type=float, default=d.channel_timeout,
                    help="seconds before an idle or slow (slow-loris) connection is closed")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
+    if a.list_strategies:
+        print(format_strategies())
+        sys.exit(0)
     if a.port is not None and a.port_pos is not None and a.port != a.port_pos:
         p.error("give the port once")
-    port = a.port or a.port_pos or 4000
+    port = a.port or a.port_pos or d.port
     if not 0 < port < 65536:
         p.error("port must be between 1 and 65535")
     if (a.certfile is None) != (a.keyfile is None):
         p.error("--certfile and --keyfile go together")
     if not 0 <= a.max_wait <= 3600:
         p.error("--max-wait must be between 0 and 3600 seconds")
+    if not 0 <= a.strategy_memory_mb <= 2**40:
+        p.error("--strategy-memory-mb must be 0 or more")
+    try:
+        strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
+    except ParamError as exc:
+        p.error(str(exc))
     federation = FederationConfig(
         rounds=a.rounds, min_devices=a.min_devices, quorum=a.quorum,
         round_timeout=a.round_timeout, device_timeout=a.device_timeout, fraction=a.fraction,
-        auto_activate=a.auto_activate, start=a.start, strategy=a.strategy, seed=a.seed,
+        auto_activate=a.auto_activate, start=a.start, strategy=a.strategy,
+        strategy_params=strategy_params, memory_budget=int(a.strategy_memory_mb * 2**20), seed=a.seed,
         training=TrainingConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size,
                                 learning_rate=a.learning_rate))
     try:
         federation.validate()
-    except ValueError as exc:
+    except ParamError as exc:
         p.error(str(exc))
+    except ValueError as exc:
+        hint = " (--min-devices)" if "min_devices" in str(exc) else ""
+        p.error(f"{exc}{hint}")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return ServerConfig(
@@ -234,17 +261,22 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def serve_options(config: ServerConfig) -> ServeOptions:
+    """How the HTTP server runs for ``config``: ``server.py`` and ``fedhub.Server`` alike."""
+    return ServeOptions(
+        host=config.host, port=config.port, threads=config.threads,
+        max_body_bytes=max(config.max_upload_bytes, config.max_image_bytes) + BODY_SLACK,
+        channel_timeout=config.channel_timeout, certfile=config.certfile, keyfile=config.keyfile)
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    from api.serving import ServeOptions, Serving
+    from api.serving import Serving
     from utils.format_dataset import DatasetError
 
     try:
         app = create_app(config)
-        serving = Serving(app, ServeOptions(
-            host=config.host, port=config.port, threads=config.threads,
-            max_body_bytes=max(config.max_upload_bytes, config.max_image_bytes) + 1024 * 1024,
-            channel_timeout=config.channel_timeout, certfile=config.certfile, keyfile=config.keyfile))
+        serving = Serving(app, serve_options(config))
     except (DatasetError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

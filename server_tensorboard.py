@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from fedcore.rounds import Coordinator
-
 log = logging.getLogger("fedhub.tensorboard")
 GLOBAL_RUN = "global"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -35,11 +33,10 @@ def new_run_id() -> str:
 class TensorBoardLog:
     """The hook. ``runs_dir/run_id/global`` and ``runs_dir/run_id/<device>`` event files."""
 
-    def __init__(self, engine: Coordinator, runs_dir: str | Path, run_id: str | None = None) -> None:
+    def __init__(self, runs_dir: str | Path, run_id: str | None = None) -> None:
         run_id = run_id or new_run_id()
         if not _SAFE.fullmatch(run_id):
             raise ValueError(f"run id {run_id!r} must be letters, digits, '.', '_' or '-'")
-        self.engine = engine
         self.path = Path(runs_dir) / run_id
         self.path.mkdir(parents=True, exist_ok=True)
         self._writers: dict[str, Any] = {}
@@ -58,17 +55,19 @@ class TensorBoardLog:
                     tf.summary.scalar(name, float(value), step=step)
         writer.flush()
 
-    def __call__(self, round_row: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> None:
-        step = int(round_row["number"])
+    def __call__(self, entry: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> None:
+        """The round hook: ``entry`` is the completed round's history entry."""
+        step = int(entry["round"])
         with self._lock:
             self._scalars(GLOBAL_RUN, step, {
-                "test_loss": round_row.get("test_loss"), "test_accuracy": round_row.get("test_accuracy"),
-                "num_updates": round_row.get("num_updates"), "num_examples": round_row.get("num_examples")})
-            for update in self.engine.storage.list_updates(step):
+                "test_loss": entry.get("test_loss"), "test_accuracy": entry.get("test_accuracy"),
+                "num_updates": entry.get("num_updates"), "num_examples": entry.get("num_examples")})
+            for device, metrics in entry["devices"].items():
+                if "num_examples" not in metrics:
+                    continue  # no update from it: only an ERROR line that failed it
                 # device names are checked at enrollment (letters, digits, '_', '-'): safe folder names
-                run = update["device"] if update["device"] != GLOBAL_RUN else f"device_{GLOBAL_RUN}"
-                self._scalars(run, step,
-                              {"num_examples": update["num_examples"], **update["metrics"]})
+                run = device if device != GLOBAL_RUN else f"device_{GLOBAL_RUN}"
+                self._scalars(run, step, metrics)
 
     def close(self) -> None:
         with self._lock:

@@ -23,9 +23,11 @@ from .predictor import Predictor
 BODY_SLACK = 1024 * 1024
 # POST /api/predict's own body limit: pictures, not model updates.
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
+# Longest long poll (GET /api/devices/<name>/task?wait=S) a device may ask for, in seconds.
+MAX_WAIT = 30.0
 
 
-def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = 30.0,
+def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = MAX_WAIT,
               predictor: Predictor | None = None, max_image_bytes: int = MAX_IMAGE_BYTES) -> Flask:
     """Wrap a running engine in HTTP. ``server.create_app`` builds the engine for you.
 

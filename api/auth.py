@@ -20,7 +20,7 @@ def bearer_token() -> str | None:
 
 def require_device(name: str | None = None) -> str:
     """The calling device's name; with ``name``, the caller must be that device."""
-    caller = engine().devices.authenticate(bearer_token())
+    caller = engine().authenticate(bearer_token())
     if name is not None and caller != name:
         raise Forbidden("this token belongs to another device", "Authorization")
     return caller

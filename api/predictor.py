@@ -2,7 +2,7 @@
 
 A request must never see a half-updated network, and it must not wait for one to be built.
 So when a round completes (the engine's ``add_hook``), a *new* :class:`model.Model` is built
-and loaded on the engine's driver thread, warmed up, and only then put in place by swapping
+and loaded on the engine's round-hook thread, warmed up, and only then put in place by swapping
 one reference under a lock held for an assignment. A request takes that reference once and
 uses it to the end: it answers with the model it started with, never a mix of two rounds,
 and nothing is read from disk per call.
@@ -62,9 +62,9 @@ class Predictor:
         with self._lock:
             self._current = (version, fresh)
 
-    def on_round(self, row: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> None:
-        """The engine's round hook: ``row`` is the completed round's database row."""
-        self.install(int(row["number"]), weights)
+    def on_round(self, entry: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> None:
+        """The engine's round hook: ``entry`` is the completed round's history entry."""
+        self.install(int(entry["round"]), weights)
 
     def predict(self, images: np.ndarray) -> tuple[int, np.ndarray]:
         """``(model_version, probabilities (N, 10))`` for raw uint8 ``(N, 28, 28)`` images."""

@@ -15,15 +15,13 @@ bp = Blueprint("admin", __name__)
 @bp.post("/api/devices/<name>/activate")
 def activate(name: str):
     require_admin()
-    engine().set_active(name, True)
-    return jsonify({"name": name, "active": True})
+    return jsonify(engine().set_active(name, True))
 
 
 @bp.post("/api/devices/<name>/deactivate")
 def deactivate(name: str):
     require_admin()
-    engine().set_active(name, False)
-    return jsonify({"name": name, "active": False})
+    return jsonify(engine().set_active(name, False))
 
 
 @bp.post("/api/devices/<name>/interrupt")
@@ -37,26 +35,22 @@ def interrupt(name: str):
 def start():
     require_admin()
     data = json_body(optional=True)
-    engine().start_training(data.get("rounds"))
-    return jsonify(engine().status())
+    return jsonify(engine().start_training(data.get("rounds")))
 
 
 @bp.post("/api/training/pause")
 def pause():
     require_admin()
-    engine().pause()
-    return jsonify(engine().status())
+    return jsonify(engine().pause())
 
 
 @bp.post("/api/training/resume")
 def resume():
     require_admin()
-    engine().start_training()
-    return jsonify(engine().status())
+    return jsonify(engine().start_training())
 
 
 @bp.post("/api/training/reset")
 def reset():
     require_admin()
-    engine().reset()
-    return jsonify(engine().status())
+    return jsonify(engine().reset())

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from fedcore.lifecycle import check_report
-
 from .auth import require_device, require_device_or_admin
 from .context import engine
 from .inputs import binary_body, float_arg, json_body
@@ -19,9 +17,10 @@ bp = Blueprint("device", __name__)
 def register():
     data = json_body()
     secret = request.headers.get("X-Enroll-Secret") or data.get("enroll_secret")
-    result = engine().devices.register(
+    result = engine().register(
         data.get("name"), secret, num_examples=data.get("num_examples"),
-        auto_activate=data.get("auto_activate"), validation=data.get("validation"))
+        auto_activate=data.get("auto_activate"), validation=data.get("validation"),
+        attack=data.get("attack"))
     return jsonify(result), 201
 
 
@@ -29,24 +28,21 @@ def register():
 def validation(name: str):
     """The device's data validation report; invalid data means no tasks (409), with the reason."""
     require_device(name)
-    report = check_report(json_body().get("validation"))
-    state = engine().devices.lifecycle.report(name, report)
-    return jsonify({"name": name, "lifecycle": state["state"], "lifecycle_reason": state["reason"]})
+    return jsonify(engine().report_validation(name, json_body().get("validation")))
 
 
 @bp.get("/api/devices/<name>/signal")
 def signal(name: str):
     """Polled about once a second while training: has an admin interrupted this device?"""
     require_device(name)
-    return jsonify(engine().devices.lifecycle.signal(name))
+    return jsonify(engine().signal(name))
 
 
 @bp.post("/api/devices/<name>/interrupted")
 def interrupted(name: str):
     require_device(name)
     data = json_body()
-    state = engine().interrupted(name, data.get("round"), data.get("detail"))
-    return jsonify({"name": name, "lifecycle": state["state"], "lifecycle_reason": state["reason"]})
+    return jsonify(engine().interrupted(name, data.get("round"), data.get("detail")))
 
 
 @bp.get("/api/devices/<name>/task")
@@ -73,14 +69,8 @@ def model():
 @bp.post("/api/devices/<name>/updates/<int:round_number>")
 def upload(name: str, round_number: int):
     require_device(name)
-    fed = engine()
-    fed.devices.set_activity(name, "uploading")
-    try:
-        body = binary_body()
-        result = fed.submit(name, round_number, body, request.headers.get("Idempotency-Key"))
-    finally:
-        fed.devices.set_activity(name, "idle")
-    return jsonify(result)
+    body = binary_body()
+    return jsonify(engine().submit(name, round_number, body, request.headers.get("Idempotency-Key")))
 
 
 @bp.post("/api/devices/<name>/leave")

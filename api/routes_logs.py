@@ -32,8 +32,7 @@ def add(name: str):
 def query():
     require_admin()
     after = int_arg("after", 0, 0, 2**62)
-    logs = engine().logs.query(
+    return jsonify(engine().query_logs(
         device=request.args.get("device") or None, level=request.args.get("level") or None,
         round_number=int_arg("round", None, 0, 2**31), after=after,
-        limit=int_arg("limit", 500, 1, MAX_QUERY))
-    return jsonify({"logs": logs, "next_after": logs[-1]["id"] if logs else after})
+        limit=int_arg("limit", 500, 1, MAX_QUERY)))

@@ -31,19 +31,14 @@ def _model():
 
 def _weights(round_text: str):
     """The weights of a completed round (``latest``: the current global model)."""
-    fed = engine()
     if round_text == "latest":
-        return fed.global_weights()
+        return engine().round_weights(None)
     if not (round_text.isascii() and round_text.isdigit()):  # isdigit() alone lets '²' through
         raise InvalidInput("round must be a round number or 'latest'", "round")
     # A number too large for the database is no round either (and is not even turned into an int).
-    number = int(round_text) if len(round_text) <= len(str(MAX_INTEGER)) else MAX_INTEGER + 1
-    row = fed.storage.get_round(number) if number <= MAX_INTEGER else None
-    if row is None:
+    if len(round_text) > len(str(MAX_INTEGER)):
         raise NotFound(f"no round {round_text}", "round")
-    if row["status"] != "complete":
-        raise Conflict(f"round {number} is not complete yet", "round")
-    return number, fed.storage.read_checkpoint(number)
+    return engine().round_weights(int(round_text))
 
 
 @bp.get("/api/rounds/<round_text>/model.keras")

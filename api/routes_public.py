@@ -17,27 +17,15 @@ def health():
 
 @bp.get("/api/status")
 def status():
-    fed = engine()
-    devices = fed.devices.list()
-    counts: dict[str, int] = {}
-    for d in devices:
-        counts[d["state"]] = counts.get(d["state"], 0) + 1
-    return jsonify({**fed.status(), "devices": counts})
+    return jsonify(engine().status())
 
 
 @bp.get("/api/devices")
 def devices():
-    fed = engine()
-    latest: dict[str, dict] = {}
-    for r in fed.history():
-        for name, metrics in r["devices"].items():
-            latest[name] = {"round": r["round"], **metrics}
-    rows = fed.devices.list()
-    for row in rows:
-        row["latest"] = latest.get(row["name"])
-    return jsonify({"devices": rows})
+    return jsonify({"devices": engine().list_devices()})
 
 
 @bp.get("/api/history")
 def history():
-    return jsonify({"rounds": engine().history()})
+    fed = engine()
+    return jsonify({"rounds": fed.history(), "failures": fed.round_failures()})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import platform
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ def _release_large_blocks() -> None:
 
 
 class Serving:
-    """A bound server: ``url``, then ``run()`` (blocks) and ``close()``."""
+    """A bound server: ``url``, then ``run()`` (blocks) and ``close()``, or ``start()`` (a
+    background thread) and ``stop()``."""
 
     def __init__(self, app: Flask, options: ServeOptions) -> None:
         self.options = options
@@ -93,6 +95,24 @@ class Serving:
             self._server.stop()
         else:
             self._server.close()
+
+    def start(self) -> None:
+        """Serve on a background thread of this process (``fedhub.Server``); see :meth:`stop`."""
+        self._thread = threading.Thread(target=self.run, name="fedhub-http", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End serving started with :meth:`start`: connections close, the worker threads end."""
+        if self.tls:
+            self._server.stop()
+        else:
+            from waitress import wasyncore
+
+            # Closing the sockets from inside waitress' own loop lets the loop end cleanly.
+            self._server.trigger.pull_trigger(lambda: wasyncore.close_all(self._server._map))
+        self._thread.join(timeout)
+        if not self.tls:
+            self._server.task_dispatcher.shutdown()
 
 
 def _cheroot(app: Flask, options: ServeOptions) -> Any:

@@ -8,7 +8,6 @@ strategies themselves live in :mod:`fedcore.strategies`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Protocol
 
 import numpy as np
 
@@ -61,61 +60,3 @@ def weighted_mean(updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> We
     if acc is None:
         raise ValueError("no update to aggregate")
     return acc.result()
-
-
-# The coordinator's interface until it moves to fedcore.strategies (issue 9, integration phase):
-# ``make_strategy(name).accumulator(global_weights)`` with ``add(weights, num_examples)``.
-class Accumulator(Protocol):
-    def add(self, weights: Mapping[str, np.ndarray], num_examples: int) -> None: ...
-
-    @property
-    def count(self) -> int: ...
-
-    @property
-    def total_examples(self) -> int: ...
-
-    def result(self) -> Weights: ...
-
-
-class Strategy(Protocol):
-    name: str
-
-    def accumulator(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator: ...
-
-
-class _Accumulator:
-    def __init__(self, strategy, global_weights: Mapping[str, np.ndarray]) -> None:
-        self._strategy = strategy
-        self._round = strategy.begin(global_weights)
-
-    def add(self, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
-        self._round.add(f"update-{self._round.count + 1}", weights, num_examples)
-
-    @property
-    def count(self) -> int:
-        return self._round.count
-
-    @property
-    def total_examples(self) -> int:
-        return self._round.total_examples
-
-    def result(self) -> Weights:
-        outcome = self._round.result()
-        self._strategy.load_state(outcome.state)
-        return outcome.weights
-
-
-class _Adapter:
-    def __init__(self, strategy) -> None:
-        self.strategy = strategy
-        self.name = strategy.name
-
-    def accumulator(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator:
-        return _Accumulator(self.strategy, global_weights)
-
-
-def make_strategy(name: str) -> Strategy:
-    """A :mod:`fedcore.strategies` strategy behind the coordinator's current interface."""
-    from .strategies import make_strategy as make
-
-    return _Adapter(make(name))

@@ -1,9 +1,12 @@
-"""The run's settings, shared by the engine, the HTTP layer and the CLI."""
+"""The run's settings and their defaults, shared by the engine, the HTTP layer, the CLI and
+the Python API: every default lives here, once."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .strategies import DEFAULT_MEMORY_BUDGET, Strategy, make_strategy
 
 
 @dataclass
@@ -23,10 +26,15 @@ class TrainingConfig:
         if not 0 < self.learning_rate < 10:
             raise ValueError("learning_rate must be in (0, 10)")
 
+    def task(self) -> dict[str, Any]:
+        """The task config every selected device gets (a strategy may add to it)."""
+        return {"model": self.model, "epochs": self.epochs, "batch_size": self.batch_size,
+                "learning_rate": self.learning_rate}
+
 
 @dataclass
 class FederationConfig:
-    """How rounds are formed and closed."""
+    """How rounds are formed, aggregated and closed."""
 
     rounds: int = 3  # total rounds of the run; 0 runs until paused
     min_devices: int = 1  # active, online devices needed to open a round
@@ -36,11 +44,15 @@ class FederationConfig:
     fraction: float = 1.0  # share of the available devices selected each round
     auto_activate: bool = False  # new devices start active
     start: bool = False  # training starts without an admin's "start"
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # a name from fedcore.strategies (--list-strategies)
+    strategy_params: dict[str, Any] = field(default_factory=dict)  # its constructor arguments
+    # Bytes of a round's buffered updates (robust strategies) kept in RAM before spilling to disk.
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     seed: int = 0
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def validate(self) -> None:
+        """ValueError (one line) for settings that cannot work, the strategy's included."""
         if self.rounds < 0:
             raise ValueError("rounds must be 0 (unlimited) or more")
         if self.min_devices < 1:
@@ -51,7 +63,22 @@ class FederationConfig:
             raise ValueError("fraction must be in (0, 1]")
         if self.round_timeout <= 0 or self.device_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if self.memory_budget < 0:
+            raise ValueError("memory_budget must be 0 or more")
         self.training.validate()
+        self.make_strategy()
+
+    def make_strategy(self) -> Strategy:
+        """The configured strategy, refused (ValueError) if it cannot aggregate the smallest
+        round these settings allow."""
+        strategy = make_strategy(self.strategy, **self.strategy_params)
+        strategy.check_min_devices(self.min_devices)
+        return strategy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# The defaults, for signatures and help texts that show them.
+FEDERATION = FederationConfig()
+TRAINING = TrainingConfig()

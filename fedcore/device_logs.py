@@ -86,6 +86,6 @@ class DeviceLogs:
         return self._storage.list_logs(device=device, level=level, round_number=round_number,
                                        after=after, limit=limit)
 
-    def errors(self) -> list[dict[str, Any]]:
-        """Every stored ERROR line that names a round: the failed updates."""
-        return [e for e in self._storage.list_logs(level="ERROR", limit=2**31) if e["round"] is not None]
+    def errors(self, round_number: int) -> list[dict[str, Any]]:
+        """The stored ERROR lines naming ``round_number``: its failed updates."""
+        return self._storage.list_logs(level="ERROR", round_number=round_number, limit=2**31)

@@ -7,6 +7,8 @@ database only at meaningful moments; the rest is written through.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import threading
 import time
@@ -34,6 +36,43 @@ def check_name(name: object) -> str:
     return name
 
 
+ATTACK_KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+MAX_ATTACK_PARAMS = 16
+MAX_ATTACK_TEXT = 100
+
+
+def check_attack(attack: object) -> dict[str, Any] | None:
+    """What a device declares it attacks with (``{"kind", "params"}``), or None.
+
+    Only shown (``/api/devices``, the dashboards) so that a demo's attackers are visible;
+    aggregation never reads it, as a real attacker would not declare itself.
+    """
+    if attack is None:
+        return None
+    if not isinstance(attack, dict) or set(attack) - {"kind", "params"}:
+        raise InvalidInput('attack must be an object {"kind": ..., "params": {...}}', "attack")
+    kind = attack.get("kind")
+    if not isinstance(kind, str) or not ATTACK_KIND_RE.fullmatch(kind):
+        raise InvalidInput("attack.kind must be 1-32 lowercase letters, digits or '-'", "attack.kind")
+    params = attack.get("params", {})
+    if not isinstance(params, dict) or len(params) > MAX_ATTACK_PARAMS:
+        raise InvalidInput(f"attack.params must be an object of at most {MAX_ATTACK_PARAMS} settings",
+                           "attack.params")
+    for key, value in params.items():
+        where = f"attack.params.{key}"[:80]
+        if not NAME_RE.fullmatch(key):
+            raise InvalidInput("attack.params keys must be names (letters, digits, '_', '-')", where)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInput(f"{where} must be a finite number", where)
+        if isinstance(value, str) and len(value) > MAX_ATTACK_TEXT:
+            raise InvalidInput(f"{where} is longer than {MAX_ATTACK_TEXT} characters", where)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INTEGER:
+            raise InvalidInput(f"{where} must be within ±{MAX_INTEGER}", where)
+        if value is not None and not isinstance(value, bool | int | float | str):
+            raise InvalidInput(f"{where} must be a number, true, false, a string or null", where)
+    return {"kind": kind, "params": dict(params)}
+
+
 class DeviceRegistry:
     def __init__(self, storage: Storage, *, enroll_secret: str, auto_activate: bool = False,
                  device_timeout: float = 60.0, clock: Callable[[], float] = time.time) -> None:
@@ -53,10 +92,12 @@ class DeviceRegistry:
             self._seen[row["name"]] = row["last_seen"] or 0.0
 
     def register(self, name: object, enroll_secret: str | None, *, num_examples: int | None = None,
-                 auto_activate: bool | None = None, validation: object = None) -> dict[str, Any]:
+                 auto_activate: bool | None = None, validation: object = None,
+                 attack: object = None) -> dict[str, Any]:
         """Enroll a device (or re-enroll it, which replaces its token) and return its new token.
 
-        ``validation`` is the device's data validation report (see ``lifecycle.check_report``).
+        ``validation`` is the device's data validation report (see ``lifecycle.check_report``);
+        ``attack`` what it declares it attacks with (see :func:`check_attack`).
         """
         name = check_name(name)
         if not auth.secret_matches(enroll_secret, self._enroll_secret):
@@ -69,6 +110,7 @@ class DeviceRegistry:
             raise InvalidInput(f"num_examples must be an integer from 0 to {MAX_INTEGER}", "num_examples")
         if auto_activate is not None and not isinstance(auto_activate, bool):
             raise InvalidInput("auto_activate must be true or false", "auto_activate")
+        info = {"attack": check_attack(attack)}
         token = auth.new_token()
         token_hash = auth.hash_token(token)
         now = self._clock()
@@ -77,10 +119,10 @@ class DeviceRegistry:
             if row is None:
                 active = self._auto_activate or bool(auto_activate)
                 self._storage.add_device(name, token_hash, active=active, now=now,
-                                         num_examples=num_examples)
+                                         num_examples=num_examples, info=info)
             else:
                 self._by_hash.pop(row["token_hash"], None)
-                fields: dict[str, Any] = {"token_hash": token_hash, "last_seen": now}
+                fields: dict[str, Any] = {"token_hash": token_hash, "last_seen": now, "info": info}
                 if num_examples is not None:
                     fields["num_examples"] = num_examples
                 if auto_activate:
@@ -189,6 +231,7 @@ class DeviceRegistry:
                     "lifecycle_reason": stage["reason"],
                     "lifecycle_round": stage["round"],
                     "validation": stage["validation"],
+                    "attack": json.loads(row["info"]).get("attack"),
                 })
         return out
 

@@ -90,7 +90,8 @@ class Lifecycle:
         """Move a device to ``state``; its last validation report is kept."""
         if state not in STATES:
             raise ValueError(f"unknown lifecycle state {state!r}")
-        with self._lock:
+        # A storage transaction, not this object's lock: callers may already be inside one.
+        with self._storage.transaction():
             validation = self.get(name)["validation"]
             self._storage.set_lifecycle(name, state=state, reason=reason, round_number=round_number,
                                         validation=validation, now=self._clock())

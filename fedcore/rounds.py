@@ -1,159 +1,202 @@
-"""Round coordination: select devices, hand out tasks, fold in updates, close rounds.
+"""The engine's entry point: each thing a device, an admin or a dashboard does is one method.
 
-One driver thread opens and closes rounds; request threads only read state or
-fold an update into the open round's accumulator. A round closes when every
-selected device has reported, or at its deadline with at least a quorum;
-otherwise it is discarded and opened again with whoever is there. Completed
-rounds are durable (checkpoint first, then the database row); an unfinished
-round is simply forgotten on restart and opened again, so no completed round
-is lost and none is counted twice.
+The :class:`Coordinator` ties the parts together and is all the HTTP layer (and the
+Python API) sees: the device registry and lifecycle, device logs and storage stay
+behind it. Requests read and change the shared round state
+(:mod:`.round_state`) under its lock; one driver thread (:mod:`.driver`) opens and
+closes rounds; completed rounds' history entries are built once
+(:mod:`.history`); round hooks run on their own thread (:mod:`.round_hooks`).
+
+Completed rounds are durable (checkpoint and strategy state first, then the
+database rows); an unfinished round is simply forgotten on restart and opened
+again, so no completed round is lost and none is counted twice. The strategy's
+state (FedAvgM's velocity, FedAdam's moments) is restored with the global model
+and forgotten on reset.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import random
-import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import wire
-from .aggregation import Accumulator, Strategy, make_strategy
 from .config import FederationConfig
 from .device_logs import DeviceLogs
 from .devices import DeviceRegistry
-from .errors import Conflict, InvalidInput
+from .driver import Evaluate, RoundDriver, release_devices
+from .errors import Conflict, InvalidInput, NotFound
+from .history import RoundHistory
+from .lifecycle import check_report
+from .round_hooks import RoundHook, RoundHooks
+from .round_state import STATUSES, RoundState
 from .storage import Storage
+from .strategies import Strategy
 
 log = logging.getLogger("fedhub.rounds")
 
 Weights = dict[str, np.ndarray]
-Evaluate = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
-RoundHook = Callable[[dict[str, Any], Mapping[str, np.ndarray]], None]
-
-STATUSES = ("idle", "running", "paused", "finished")
+__all__ = ["STATUSES", "Coordinator", "Evaluate", "RoundHook"]
 # Seconds a device told "retry_in" waits before polling again (at most the wait it asked for).
 RETRY_IN = 2.0
 
 
-@dataclass
-class _OpenRound:
-    number: int
-    base_version: int
-    selected: set[str]
-    needed: int
-    deadline: float
-    config: dict[str, Any]
-    accumulator: Accumulator
-    reported: dict[str, str | None] = field(default_factory=dict)
-
-
 class Coordinator:
-    """The federation's state machine. Thread-safe; owns the driver thread."""
+    """The federation's engine. Thread-safe; owns the driver thread."""
 
     def __init__(self, storage: Storage, devices: DeviceRegistry, *,
                  initial_weights: Mapping[str, np.ndarray], config: FederationConfig,
                  evaluate: Evaluate | None = None, strategy: Strategy | None = None,
                  max_upload_bytes: int = wire.DEFAULT_MAX_BYTES,
                  clock: Callable[[], float] = time.time) -> None:
+        """ValueError (one line) for settings that cannot work, such as ``min_devices`` below
+        what the strategy needs in a round."""
         config.validate()
-        self.storage = storage
-        self.devices = devices
         self.config = config
+        self.strategy = strategy or config.make_strategy()
+        self.strategy.check_min_devices(config.min_devices)
         self.max_upload_bytes = max_upload_bytes
-        self._evaluate = evaluate
-        self._strategy = strategy or make_strategy(config.strategy)
+        self._storage = storage
+        self._devices = devices
+        self._clock = clock
         self._initial = {k: np.array(v) for k, v in initial_weights.items()}
         self.spec = wire.spec_of(self._initial)
-        self._clock = clock
-        self._cond = threading.Condition(threading.RLock())
-        self._hooks: list[RoundHook] = []
-        self._open: _OpenRound | None = None
-        self._closing: int | None = None
-        self._retry_at = 0.0
-        self._reason = ""
-        self.last_error: str | None = None
-        self._rng = random.Random(config.seed)
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._logs = DeviceLogs(storage, clock=clock)
+        self._history = RoundHistory(storage, self._logs)
+        self._hooks = RoundHooks()
+        self._state = RoundState(storage)
+        self._cond = self._state.cond
+        self._driver = RoundDriver(self._state, storage=storage, devices=devices,
+                                   history=self._history, hooks=self._hooks, strategy=self.strategy,
+                                   config=config, evaluate=evaluate, clock=clock)
         # Long polls allowed to wait at once (None: no limit); the HTTP server sets it below
         # its worker thread count, as each waiting poll holds a worker thread.
         self.max_waiters: int | None = None
         self._waiters = 0
-        self.logs = DeviceLogs(storage, clock=clock)
         self._recover()
 
     # start-up -------------------------------------------------------------
     def _recover(self) -> None:
-        dropped = self.storage.discard_unfinished_rounds()
+        dropped = self._storage.discard_unfinished_rounds()
         if dropped:
             log.warning("discarded unfinished round(s) %s from before the restart; they run again",
                         dropped)
-        last = self.storage.last_complete_round()
-        if last is None:
-            self._install_initial()
-        else:
-            self._global = self.storage.read_checkpoint(last["number"])
-            self._version = last["number"]
-            if wire.spec_of(self._global) != self.spec:
-                raise ValueError(
-                    f"checkpoint of round {self._version} does not match the configured model; "
-                    "use --reset or another state directory")
-            log.info("resuming after completed round %d", self._version)
-        self._encoded = self._encode_global()
-        default = "running" if self.config.start else "idle"
-        self._status = self.storage.get_setting("status", default) or default
-        if self.config.start and self._status in ("idle", "paused"):
-            self._status = "running"
-        self._check_finished()
-        self.storage.set_setting("status", self._status)
+        last = self._storage.last_complete_round()
+        with self._cond:
+            if last is None:
+                self._install_initial()
+            else:
+                weights = self._storage.read_checkpoint(last["number"])
+                if wire.spec_of(weights) != self.spec:
+                    raise ValueError(
+                        f"checkpoint of round {last['number']} does not match the configured model; "
+                        "use --reset or another state directory")
+                self._state.install(last["number"], weights)
+                self._restore_strategy_state(last["number"])
+                log.info("resuming after completed round %d", last["number"])
+            default = "running" if self.config.start else "idle"
+            status = self._storage.get_setting("status", default) or default
+            if self.config.start and status in ("idle", "paused"):
+                status = "running"
+            self._state.set_status(status)
+            self._driver.check_finished()
+
+    def _restore_strategy_state(self, number: int) -> None:
+        saved = self._storage.read_strategy_state(number)
+        if saved is None:
+            return
+        state, saved_by = saved
+        if saved_by.get("name") != self.strategy.name:
+            log.warning("the strategy state saved with round %d is %s's; %s starts afresh",
+                        number, saved_by.get("name"), self.strategy.name)
+            return
+        try:
+            self.strategy.load_state(state)
+            self.strategy.begin(self._state.weights).close()  # its shapes fit the model
+        except ValueError as exc:
+            log.warning("the strategy state saved with round %d is unusable (%s); %s starts afresh",
+                        number, exc, self.strategy.name)
+            self.strategy.reset()
+            return
+        log.info("restored %s's state from round %d", self.strategy.name, number)
 
     def _install_initial(self) -> None:
-        self.storage.remove_checkpoints()
-        path = self.storage.write_checkpoint(0, self._initial)
+        self._storage.remove_checkpoints()
+        path = self._storage.write_checkpoint(0, self._initial)
         now = self._clock()
-        with self.storage.transaction():
-            self.storage.insert_round(0, started_at=now, selected=[], config={}, status="complete")
-            self.storage.complete_round(0, closed_at=now, num_updates=0, num_examples=0,
-                                        test_loss=None, test_accuracy=None, checkpoint=str(path))
-        self._global = {k: v.copy() for k, v in self._initial.items()}
-        self._version = 0
-
-    def _encode_global(self) -> bytes:
-        return wire.encode(self._global, wire.Meta(round=self._version, model_version=self._version))
+        with self._storage.transaction():
+            self._storage.insert_round(0, started_at=now, selected=[], config={}, status="complete")
+            self._storage.complete_round(0, closed_at=now, num_updates=0, num_examples=0,
+                                         test_loss=None, test_accuracy=None, checkpoint=str(path))
+        self._state.install(0, {k: v.copy() for k, v in self._initial.items()})
 
     def start(self) -> None:
         """Start the driver thread (idempotent)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._drive, name="fedhub-rounds", daemon=True)
-            self._thread.start()
+        self._driver.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        self.devices.flush()
+        """Stop the driver, let the queued round hooks run, persist last-seen times."""
+        self._driver.stop()
+        self._hooks.stop()
+        self._devices.flush()
 
     def add_hook(self, hook: RoundHook) -> None:
-        """Call ``hook(round_row, global_weights)`` after each completed round."""
-        self._hooks.append(hook)
+        """Call ``hook(history_entry, global_weights)`` after each completed round, on the
+        hooks' own thread (the next round does not wait for it)."""
+        self._hooks.add(hook)
 
-    # device calls ---------------------------------------------------------
+    # devices --------------------------------------------------------------
+    def register(self, name: object, enroll_secret: str | None, *, num_examples: object = None,
+                 auto_activate: object = None, validation: object = None,
+                 attack: object = None) -> dict[str, Any]:
+        """Enroll a device; see :meth:`DeviceRegistry.register`."""
+        return self._devices.register(name, enroll_secret, num_examples=num_examples,
+                                      auto_activate=auto_activate, validation=validation,
+                                      attack=attack)
+
+    def authenticate(self, token: str | None) -> str:
+        """The device a bearer token belongs to."""
+        return self._devices.authenticate(token)
+
+    def report_validation(self, name: str, raw: object) -> dict[str, Any]:
+        """A device's new data validation report; invalid data drops it from the open round now."""
+        report = check_report(raw)
+        state = self._devices.lifecycle.report(name, report)
+        if not report["ok"]:
+            with self._cond:
+                if self._state.drop(name):
+                    self._devices.set_activity(name, "idle")
+        return {"name": name, "lifecycle": state["state"], "lifecycle_reason": state["reason"]}
+
+    def signal(self, name: str) -> dict[str, Any]:
+        """What a training device must know now: whether to stop its local training."""
+        return self._devices.lifecycle.signal(name)
+
     def global_model(self) -> tuple[int, bytes]:
         """The current global model version and its safetensors bytes (encoded once per round)."""
         with self._cond:
-            return self._version, self._encoded
+            return self._state.version, self._state.encoded
 
     def global_weights(self) -> tuple[int, Weights]:
         with self._cond:
-            return self._version, self._global
+            return self._state.version, self._state.weights
+
+    def round_weights(self, number: int | None = None) -> tuple[int, Weights]:
+        """The global weights of completed round ``number`` (None: the current global model)."""
+        if number is None:
+            return self.global_weights()
+        row = self._storage.get_round(number) if 0 <= number <= wire.MAX_INTEGER else None
+        if row is None:
+            raise NotFound(f"no round {number}", "round")
+        if row["status"] != "complete":
+            raise Conflict(f"round {number} is not complete yet", "round")
+        try:
+            return number, self._storage.read_checkpoint(number)
+        except FileNotFoundError:  # a reset removed it since its row was read
+            raise NotFound(f"no round {number}", "round") from None
 
     def next_task(self, name: str, wait: float = 0.0) -> dict[str, Any]:
         """What the device should do now; waits up to ``wait`` seconds for something to do.
@@ -165,7 +208,7 @@ class Coordinator:
         ``retry_in``, the seconds the device should wait on its side before asking again.
         """
         end = time.monotonic() + max(0.0, wait)
-        refusal = self.devices.lifecycle.refusal(name)  # invalid data: no tasks at all
+        refusal = self._devices.lifecycle.refusal(name)  # invalid data: no tasks at all
         if refusal is not None:
             raise refusal
         with self._cond:
@@ -173,15 +216,15 @@ class Coordinator:
             if crowded:
                 end = time.monotonic()
             while True:
-                task = self._task_for(name)
+                task = self._state.task_for(name, self._devices.is_active(name))
                 remaining = end - time.monotonic()
-                if task["action"] != "wait" or remaining <= 0 or self._stop.is_set():
+                if task["action"] != "wait" or remaining <= 0 or self._driver.stopped:
                     if task["action"] == "train":
-                        self.devices.set_activity(name, "training")
-                        self.devices.lifecycle.set(name, "training", round_number=task["round"])
+                        self._devices.set_activity(name, "training")
+                        self._devices.lifecycle.set(name, "training", round_number=task["round"])
                     elif task["action"] == "finish":
-                        self.devices.lifecycle.set(name, "finished", reason="the run is over",
-                                                   round_number=self._version)
+                        self._devices.lifecycle.set(name, "finished", reason="the run is over",
+                                                    round_number=self._state.version)
                     elif crowded:
                         task["retry_in"] = round(min(wait, RETRY_IN), 2)
                     return task
@@ -190,37 +233,19 @@ class Coordinator:
                     self._cond.wait(min(remaining, 1.0))
                 finally:
                     self._waiters -= 1
-                self.devices.touch(name)
-
-    def _task_for(self, name: str) -> dict[str, Any]:
-        if not self.devices.is_active(name):
-            return {"action": "wait", "reason": "inactive: waiting for an admin to activate it"}
-        if self._status == "finished":
-            return {"action": "finish", "model_version": self._version}
-        r = self._open
-        if r is not None and name in r.selected and name not in r.reported:
-            return {"action": "train", "round": r.number, "model_version": r.base_version,
-                    "config": r.config,
-                    "deadline_in": max(0.0, round(r.deadline - time.monotonic(), 1))}
-        return {"action": "wait", "reason": self._wait_reason(name)}
-
-    def _wait_reason(self, name: str) -> str:
-        r = self._open
-        if r is not None and name in r.reported:
-            return f"update for round {r.number} received; waiting for the round to close"
-        if r is not None:
-            return f"round {r.number} is in progress without this device"
-        if self._closing is not None:
-            return f"round {self._closing} is being aggregated"
-        if self._status == "idle":
-            return "training has not been started"
-        if self._status == "paused":
-            return "training is paused"
-        return self._reason or "waiting for the next round"
+                self._devices.touch(name)
 
     def submit(self, name: str, round_number: int, body: bytes,
                upload_id: str | None = None) -> dict[str, Any]:
         """Validate an update and fold it into the open round. Idempotent per ``upload_id``."""
+        self._devices.set_activity(name, "uploading")
+        try:
+            return self._submit(name, round_number, body, upload_id)
+        finally:
+            self._devices.set_activity(name, "idle")
+
+    def _submit(self, name: str, round_number: int, body: bytes,
+                upload_id: str | None) -> dict[str, Any]:
         if not 0 <= round_number <= wire.MAX_INTEGER:  # no such round; too large even to look up
             raise Conflict(f"round {round_number} is not open", "round")
         done = self._duplicate(name, round_number, upload_id)
@@ -235,28 +260,46 @@ class Coordinator:
             done = self._duplicate(name, round_number, upload_id)
             if done is not None:
                 return done
-            r = self._open
+            r = self._state.open
             if r is None or r.number != round_number:
-                current = r.number if r else self._closing
-                state = "closed" if round_number <= self._version or (
+                current = r.number if r else self._state.closing
+                state = "closed" if round_number <= self._state.version or (
                     current is not None and round_number < current) else "not open"
                 raise Conflict(f"round {round_number} is {state}", "round")
+            if name in r.reported or name in r.uploading:
+                raise Conflict(f"device {name!r} already reported for round {round_number}", "round")
             if name not in r.selected:
                 raise Conflict(f"device {name!r} was not selected for round {round_number}", "round")
-            if name in r.reported:
-                raise Conflict(f"device {name!r} already reported for round {round_number}", "round")
             if meta.model_version != r.base_version:
                 raise Conflict(
                     f"update was trained from model version {meta.model_version}, "
                     f"round {round_number} starts from version {r.base_version}", "model_version")
-            r.accumulator.add(weights, meta.num_examples)
-            self.storage.add_update(round_number, name, num_examples=meta.num_examples,
-                                    metrics=meta.metrics, upload_id=upload_id, now=self._clock())
+            r.uploading.add(name)  # the round does not close until this update is in or out
+        try:
+            # Outside the lock: the aggregator has its own, and folding in takes O(model) time.
+            r.aggregator.add(name, weights, meta.num_examples, meta.metrics)
+        except BaseException:
+            with self._cond:
+                r.uploading.discard(name)
+                self._cond.notify_all()
+            raise
+        try:
+            with self._storage.transaction():  # one commit (one fsync) per upload
+                self._storage.add_update(round_number, name, num_examples=meta.num_examples,
+                                         metrics=meta.metrics, upload_id=upload_id, now=self._clock())
+                self._devices.set_examples(name, meta.num_examples)
+                self._devices.lifecycle.set(name, "waiting",
+                                            reason=f"update for round {round_number} sent",
+                                            round_number=round_number)
+        except BaseException as exc:  # folded in but not recorded: the round cannot be trusted
+            with self._cond:
+                r.uploading.discard(name)
+                r.broken = f"round {round_number} failed: the update of {name} could not be recorded: {exc}"
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            r.uploading.discard(name)
             r.reported[name] = upload_id
-            self.devices.set_activity(name, "idle")
-            self.devices.lifecycle.set(name, "waiting", reason=f"update for round {round_number} sent",
-                                       round_number=round_number)
-            self.devices.set_examples(name, meta.num_examples)
             self._cond.notify_all()
             return {"accepted": True, "duplicate": False, "round": round_number,
                     "reported": len(r.reported), "selected": len(r.selected)}
@@ -264,271 +307,138 @@ class Coordinator:
     def _duplicate(self, name: str, round_number: int, upload_id: str | None) -> dict[str, Any] | None:
         if not upload_id:
             return None
-        row = self.storage.get_update(round_number, name)
+        row = self._storage.get_update(round_number, name)
         if row is not None and row["upload_id"] == upload_id:
             return {"accepted": True, "duplicate": True, "round": round_number}
         return None
 
-    def leave(self, name: str) -> None:
-        """The device says goodbye: it is no longer waited for."""
-        with self._cond:
-            self.devices.leave(name)
-            self._drop_from_round(name)
-
-    # lifecycle calls ------------------------------------------------------
-    def interrupt(self, name: str) -> dict[str, Any]:
-        """Admin: stop one device's local training; the round goes on without it at once."""
-        self.devices.require(name)
-        with self._cond:
-            r = self._open
-            if r is None or name not in r.selected or name in r.reported:
-                raise Conflict(f"device {name!r} is not training in an open round", "name")
-            self.devices.lifecycle.request_interrupt(name, r.number)
-            self._drop_from_round(name)
-            self.devices.set_activity(name, "idle")
-            return {"name": name, "round": r.number, "interrupted": True}
-
     def interrupted(self, name: str, round_number: object, detail: object = None) -> dict[str, Any]:
         """The device confirms it stopped training ``round_number``."""
         with self._cond:
-            state = self.devices.lifecycle.interrupted(name, round_number, detail)
-            if self._open is not None and self._open.number == round_number:
-                self._drop_from_round(name)
-            self.devices.set_activity(name, "idle")
-            return state
+            state = self._devices.lifecycle.interrupted(name, round_number, detail)
+            r = self._state.open
+            if r is not None and r.number == round_number:
+                self._state.drop(name)
+            self._devices.set_activity(name, "idle")
+            return {"name": name, "lifecycle": state["state"], "lifecycle_reason": state["reason"]}
+
+    def leave(self, name: str) -> None:
+        """The device says goodbye: it is no longer waited for."""
+        with self._cond:
+            self._devices.leave(name)
+            self._state.drop(name)
 
     def add_logs(self, name: str, raw: object) -> dict[str, Any]:
-        """Store a device's log lines; an ERROR naming the open round drops the device from it."""
-        entries = self.logs.add(name, raw)
+        """Store a device's log lines; an ERROR naming the open round drops the device from it,
+        one naming a completed round marks its update failed in the history."""
+        entries = self._logs.add(name, raw)
+        now = self._clock()
         dropped = []
         with self._cond:
             for e in entries:
-                r = self._open
-                if (e["level"] == "ERROR" and r is not None and e["round"] == r.number
-                        and name in r.selected and name not in r.reported):
-                    self._drop_from_round(name)
-                    self.devices.set_activity(name, "idle")
-                    self.devices.lifecycle.set(name, "waiting", reason=f"round {r.number} failed: "
-                                               f"{e['message'][:200]}", round_number=r.number)
+                if e["level"] != "ERROR" or e["round"] is None:
+                    continue
+                r = self._state.open
+                if r is not None and e["round"] == r.number and self._state.drop(name):
+                    self._devices.set_activity(name, "idle")
+                    self._devices.lifecycle.set(name, "waiting", reason=f"round {r.number} failed: "
+                                                f"{e['message'][:200]}", round_number=r.number)
                     dropped.append(r.number)
+                elif e["round"] <= self._state.version:
+                    self._history.late_error({**e, "device": name, "received_at": now})
         return {"stored": len(entries), "dropped_from_rounds": dropped}
 
-    def _settle(self, r: _OpenRound, why: str) -> None:
-        """Selected devices that never reported are no longer training in round ``r``."""
-        for name in r.selected - set(r.reported):
-            self.devices.set_activity(name, "idle")  # a silent device is not "training" for ever
-            if self.devices.lifecycle.get(name)["state"] == "training":
-                self.devices.lifecycle.set(name, "waiting", reason=why, round_number=r.number)
-
-    def _drop_from_round(self, name: str) -> None:
-        r = self._open
-        if r is not None and name in r.selected and name not in r.reported:
-            r.selected.discard(name)
-            self.storage.set_round_selected(r.number, sorted(r.selected))
-            self._cond.notify_all()
-
-    # admin calls ----------------------------------------------------------
-    def set_active(self, name: str, active: bool) -> None:
+    # admin ----------------------------------------------------------------
+    def set_active(self, name: str, active: bool) -> dict[str, Any]:
         with self._cond:
-            self.devices.set_active(name, active)
+            self._devices.set_active(name, active)
             if not active:
-                self._drop_from_round(name)
+                self._state.drop(name)
             self._cond.notify_all()
+        return {"name": name, "active": active}
 
-    def start_training(self, rounds: int | None = None) -> None:
+    def interrupt(self, name: str) -> dict[str, Any]:
+        """Admin: stop one device's local training; the round goes on without it at once."""
+        self._devices.require(name)
+        with self._cond:
+            r = self._state.open
+            if r is None or not r.expects(name):
+                raise Conflict(f"device {name!r} is not training in an open round", "name")
+            self._devices.lifecycle.request_interrupt(name, r.number)
+            self._state.drop(name)
+            self._devices.set_activity(name, "idle")
+            return {"name": name, "round": r.number, "interrupted": True}
+
+    def start_training(self, rounds: object = None) -> dict[str, Any]:
         with self._cond:
             if rounds is not None:
                 if (not isinstance(rounds, int) or isinstance(rounds, bool)
                         or not 0 <= rounds <= wire.MAX_INTEGER):
                     raise InvalidInput(f"rounds must be an integer from 0 to {wire.MAX_INTEGER}", "rounds")
                 self.config.rounds = rounds
-            if self.config.rounds and self._version >= self.config.rounds:
+            if self.config.rounds and self._state.version >= self.config.rounds:
                 raise Conflict(
                     f"all {self.config.rounds} rounds are done; start with a larger 'rounds' or reset",
                     "rounds")
-            self._set_status("running")
+            self._state.set_status("running")
+            return self.status()
 
-    def pause(self) -> None:
+    def pause(self) -> dict[str, Any]:
         """No new round opens; a round in progress still completes."""
         with self._cond:
-            if self._status == "running":
-                self._set_status("paused")
+            if self._state.status == "running":
+                self._state.set_status("paused")
+            return self.status()
 
-    def reset(self) -> None:
-        """Forget every round and start again from the initial model (devices stay enrolled)."""
+    def reset(self) -> dict[str, Any]:
+        """Forget every round and the strategy's state, and start again from the initial model
+        (devices stay enrolled)."""
         with self._cond:
-            while self._closing is not None:
+            while self._state.busy or (self._state.open is not None and self._state.open.uploading):
                 self._cond.wait(0.5)
-            self._open = None
-            self.storage.reset_rounds()
+            r, self._state.open = self._state.open, None
+            if r is not None:
+                r.aggregator.close()
+                release_devices(self._devices, r, f"round {r.number} was discarded: the run was reset")
+            self._storage.reset_rounds()
+            self._history.clear()
+            self.strategy.reset()
             self._install_initial()
-            self._encoded = self._encode_global()
-            self.last_error = None
-            self._set_status("idle")
+            self._state.last_error = None
+            self._state.reason = ""
+            self._state.set_status("idle")
+            return self.status()
 
-    def _set_status(self, status: str) -> None:
-        self._status = status
-        self.storage.set_setting("status", status)
-        self._cond.notify_all()
+    def query_logs(self, *, device: str | None = None, level: str | None = None,
+                   round_number: int | None = None, after: int = 0, limit: int = 500) -> dict[str, Any]:
+        """Stored log lines, oldest first, from id ``after`` on, and the id to ask after next."""
+        logs = self._logs.query(device=device, level=level, round_number=round_number, after=after,
+                                limit=limit)
+        return {"logs": logs, "next_after": logs[-1]["id"] if logs else after}
 
     # reading --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        """The run, the open round, the strategy and how many devices are in each state."""
+        counts: dict[str, int] = {}
+        for d in self._devices.list():
+            counts[d["state"]] = counts.get(d["state"], 0) + 1
         with self._cond:
-            r = self._open
-            out: dict[str, Any] = {
-                "status": self._status,
-                "model_version": self._version,
-                "completed_rounds": self._version,
-                "total_rounds": self.config.rounds,
-                "round": None,
-                "reason": "",
-                "last_error": self.last_error,
-            }
-            if r is not None:
-                out["round"] = {
-                    "number": r.number,
-                    "selected": sorted(r.selected),
-                    "reported": sorted(r.reported),
-                    "needed": r.needed,
-                    "deadline_in": max(0.0, round(r.deadline - time.monotonic(), 1)),
-                }
-            elif self._closing is not None:
-                out["round"] = {"number": self._closing, "state": "aggregating"}
-            elif self._status == "running":
-                out["reason"] = self._reason
-            return out
+            return {**self._state.view(), "total_rounds": self.config.rounds,
+                    "strategy": self.strategy.describe(), "devices": counts}
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        """Enrolled devices, their state, lifecycle and part in the latest round they were in."""
+        latest = self._history.latest()
+        rows = self._devices.list()
+        for row in rows:
+            row["latest"] = latest.get(row["name"])
+        return rows
 
     def history(self) -> list[dict[str, Any]]:
-        """Completed rounds with the global test metrics and each device's reported metrics."""
-        updates: dict[int, dict[str, Any]] = {}
-        for u in self.storage.list_updates():
-            updates.setdefault(u["round"], {})[u["device"]] = {
-                "num_examples": u["num_examples"], **u["metrics"]}
-        out = []
-        failures: dict[int, list[dict[str, Any]]] = {}
-        for e in self.logs.errors():  # an ERROR line naming a round marks that update failed
-            failures.setdefault(e["round"], []).append(e)
-        for r in self.storage.list_rounds():
-            if r["status"] != "complete" or r["number"] == 0:
-                continue
-            for e in failures.get(r["number"], []):
-                if e["received_at"] >= r["started_at"]:  # not from an earlier run of this number
-                    entry = updates.setdefault(r["number"], {}).setdefault(e["device"], {})
-                    entry["failed"] = True
-                    entry.setdefault("error", e["message"])
-            out.append({
-                "round": r["number"], "test_loss": r["test_loss"],
-                "test_accuracy": r["test_accuracy"], "num_updates": r["num_updates"],
-                "num_examples": r["num_examples"], "started_at": r["started_at"],
-                "closed_at": r["closed_at"], "devices": updates.get(r["number"], {}),
-            })
-        return out
+        """Completed rounds, oldest first: test metrics, the strategy, and per device its metrics,
+        what the strategy did with its update, and whether it failed."""
+        return [e for e in self._history.entries() if e["round"] > 0]
 
-    # the driver -----------------------------------------------------------
-    def _drive(self) -> None:
-        while not self._stop.is_set():
-            closing: _OpenRound | None = None
-            with self._cond:
-                self._check_finished()
-                r = self._open
-                now = time.monotonic()
-                if r is not None:
-                    if r.selected and len(r.reported) >= len(r.selected):
-                        closing = r
-                    elif now >= r.deadline or not r.selected:
-                        if r.reported and len(r.reported) >= r.needed:
-                            closing = r
-                        elif not r.selected:
-                            self._abort(r, f"every device selected for round {r.number} left "
-                                           "or was dropped before reporting")
-                        else:
-                            self._abort(r, f"round {r.number} reached its deadline with "
-                                           f"{len(r.reported)} of {r.needed} needed updates")
-                    if closing is not None:
-                        self._open = None
-                        self._closing = closing.number
-                elif self._status == "running" and now >= self._retry_at:
-                    self._try_open()
-                if closing is None:
-                    self._cond.wait(0.25)
-                    continue
-            self._close(closing)
-
-    def _check_finished(self) -> None:
-        if (self.config.rounds and self._version >= self.config.rounds
-                and self._status in ("running", "paused") and self._open is None):
-            self._set_status("finished")
-            log.info("all %d rounds done", self.config.rounds)
-
-    def _try_open(self) -> None:
-        available = self.devices.available()
-        if len(available) < self.config.min_devices:
-            self._reason = (f"waiting for devices: {len(available)} active and online, "
-                            f"{self.config.min_devices} needed")
-            return
-        self._reason = ""
-        k = max(self.config.min_devices, math.ceil(self.config.fraction * len(available)))
-        selected = sorted(self._rng.sample(sorted(available), min(k, len(available))))
-        number = self._version + 1
-        config = self.config.training
-        task_config = {"model": config.model, "epochs": config.epochs,
-                       "batch_size": config.batch_size, "learning_rate": config.learning_rate}
-        self.storage.insert_round(number, started_at=self._clock(), selected=selected,
-                                  config=task_config)
-        self._open = _OpenRound(
-            number=number, base_version=self._version, selected=set(selected),
-            needed=max(1, math.ceil(self.config.quorum * len(selected))),
-            deadline=time.monotonic() + self.config.round_timeout, config=task_config,
-            accumulator=self._strategy.accumulator(self._global))
-        log.info("round %d opened with %s", number, ", ".join(selected))
-        self._cond.notify_all()
-
-    def _abort(self, r: _OpenRound, why: str) -> None:
-        log.warning("%s; discarding it and opening it again", why)
-        self._reason = why
-        self._open = None
-        self._settle(r, f"round {r.number} was discarded")
-        self.storage.discard_round(r.number)
-        self._cond.notify_all()
-
-    def _close(self, r: _OpenRound) -> None:
-        """Aggregate, evaluate, checkpoint, record: outside the lock, as it takes a while."""
-        try:
-            weights = r.accumulator.result()
-            metrics: Mapping[str, float] = {}
-            if self._evaluate is not None:
-                try:
-                    metrics = self._evaluate(weights)
-                except Exception:
-                    log.exception("evaluation of round %d failed", r.number)
-            path = self.storage.write_checkpoint(r.number, weights)
-            self.storage.complete_round(
-                r.number, closed_at=self._clock(), num_updates=r.accumulator.count,
-                num_examples=r.accumulator.total_examples, test_loss=metrics.get("loss"),
-                test_accuracy=metrics.get("accuracy"), checkpoint=str(path))
-        except Exception as exc:  # a full disk must not take the server down
-            log.exception("round %d could not be completed", r.number)
-            with self._cond:
-                self.last_error = f"round {r.number} could not be saved: {exc}"
-                self._closing = None
-                self.storage.discard_round(r.number)
-                self._retry_at = time.monotonic() + 2.0
-                self._cond.notify_all()
-            return
-        with self._cond:
-            self._settle(r, f"round {r.number} closed without this device's update")
-            self._global = weights
-            self._version = r.number
-            self._encoded = self._encode_global()
-            self._closing = None
-            self.last_error = None
-            self._check_finished()
-            self._cond.notify_all()
-        row = self.storage.get_round(r.number) or {}
-        log.info("round %d complete: %d updates, %d examples, test accuracy %s", r.number,
-                 r.accumulator.count, r.accumulator.total_examples, metrics.get("accuracy"))
-        for hook in self._hooks:
-            try:
-                hook(row, weights)
-            except Exception:
-                log.exception("round hook %r failed", hook)
+    def round_failures(self) -> list[dict[str, Any]]:
+        """The latest failed attempts at rounds (each ran again), with their reasons."""
+        return self._history.failures()

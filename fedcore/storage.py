@@ -75,6 +75,17 @@ CREATE TABLE IF NOT EXISTS device_logs (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS device_logs_by_device ON device_logs (device, id);
+CREATE TABLE IF NOT EXISTS history (
+    round INTEGER PRIMARY KEY,
+    entry TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS round_failures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    failed_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 
 
@@ -91,6 +102,7 @@ class Storage:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.state_dir / "fedhub.sqlite3"
         self._lock = threading.RLock()
+        self._depth = 0  # transactions open (nested ones join the outermost)
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -114,7 +126,7 @@ class Storage:
             return [dict(r) for r in self._db.execute(sql, params).fetchall()]
 
     def transaction(self) -> _Transaction:
-        """``with storage.transaction():`` groups writes into one atomic commit."""
+        """``with storage.transaction():`` groups writes into one atomic commit (and one fsync)."""
         return _Transaction(self)
 
     # settings -----------------------------------------------------------
@@ -205,6 +217,28 @@ class Storage:
         with self.transaction():
             self._exec("DELETE FROM updates")
             self._exec("DELETE FROM rounds")
+            self._exec("DELETE FROM history")
+            self._exec("DELETE FROM round_failures")
+
+    # history ------------------------------------------------------------
+    def put_history(self, round_number: int, entry: Mapping[str, Any]) -> None:
+        """Store (or replace) a completed round's history entry, built once when it closed."""
+        self._exec("INSERT INTO history(round, entry) VALUES (?, ?) ON CONFLICT(round) DO UPDATE"
+                   " SET entry = excluded.entry", (round_number, json.dumps(dict(entry))))
+
+    def list_history(self) -> list[dict[str, Any]]:
+        return [json.loads(r["entry"]) for r in self._all("SELECT entry FROM history ORDER BY round")]
+
+    def add_round_failure(self, round_number: int, *, started_at: float, failed_at: float,
+                          reason: str) -> None:
+        self._exec("INSERT INTO round_failures(round, started_at, failed_at, reason) VALUES (?, ?, ?, ?)",
+                   (round_number, started_at, failed_at, reason))
+
+    def list_round_failures(self, limit: int) -> list[dict[str, Any]]:
+        """The latest ``limit`` failed attempts at a round, oldest first."""
+        rows = self._all("SELECT round, started_at, failed_at, reason FROM round_failures"
+                         " ORDER BY id DESC LIMIT ?", (limit,))
+        return rows[::-1]
 
     # updates ------------------------------------------------------------
     def add_update(self, round_number: int, device: str, *, num_examples: int,
@@ -281,22 +315,56 @@ class Storage:
         weights, _ = wire.decode(self.checkpoint_path(number).read_bytes(), max_bytes=2**40)
         return weights
 
+    def strategy_state_path(self, number: int) -> Path:
+        return self.checkpoint_dir / f"round_{number:05d}.strategy.safetensors"
+
+    def write_strategy_state(self, number: int, state: Mapping[str, np.ndarray],
+                             strategy: Mapping[str, Any]) -> None:
+        """The strategy's state after round ``number`` (FedAvgM's velocity, FedAdam's moments),
+        beside that round's checkpoint and written the same atomic way; none when it is empty."""
+        path = self.strategy_state_path(number)
+        if not state:
+            path.unlink(missing_ok=True)  # not another run's state for this round number
+            return
+        meta = wire.Meta(round=number, model_version=number)
+        atomic_write_bytes(path, wire.encode(state, meta, extra={"strategy": json.dumps(dict(strategy))}))
+
+    def read_strategy_state(self, number: int) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """``(state, {"name", "params"})`` saved with round ``number``, or None if it had none."""
+        path = self.strategy_state_path(number)
+        if not path.exists():
+            return None
+        body = path.read_bytes()
+        state, _ = wire.decode(body, max_bytes=2**40)
+        strategy = json.loads((wire.header(body).get("__metadata__") or {}).get("strategy", "{}"))
+        return state, strategy
+
     def remove_checkpoints(self) -> None:
         for path in self.checkpoint_dir.glob("round_*.safetensors"):
             path.unlink(missing_ok=True)
 
 
 class _Transaction:
+    """Re-entrant: a transaction opened inside another joins it (the outermost commits)."""
+
     def __init__(self, storage: Storage) -> None:
         self._s = storage
 
     def __enter__(self) -> None:
         self._s._lock.acquire()
-        self._s._db.execute("BEGIN IMMEDIATE")
+        if self._s._depth == 0:
+            try:
+                self._s._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self._s._lock.release()
+                raise
+        self._s._depth += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self._s._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            self._s._depth -= 1
+            if self._s._depth == 0:
+                self._s._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self._s._lock.release()
 

@@ -56,10 +56,11 @@ def spec_of(weights: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...
     return {name: (tuple(int(d) for d in a.shape), str(a.dtype)) for name, a in weights.items()}
 
 
-def encode(weights: Mapping[str, np.ndarray], meta: Meta) -> bytes:
-    """Serialise weights and metadata to safetensors bytes."""
+def encode(weights: Mapping[str, np.ndarray], meta: Meta,
+           extra: Mapping[str, str] | None = None) -> bytes:
+    """Serialise weights and metadata (plus ``extra`` metadata strings) to safetensors bytes."""
     tensors = {name: np.ascontiguousarray(a) for name, a in weights.items()}
-    return st_save(tensors, metadata=meta.to_strings())
+    return st_save(tensors, metadata={**(extra or {}), **meta.to_strings()})
 
 
 def header(body: bytes) -> dict:

@@ -1,24 +1,26 @@
 """``fedhub.Server``: the FedHub server for any Keras model, started from Python.
 
-It is ``server.create_app`` (engine, HTTP API, TensorBoard hook) served by
-waitress in a background thread of this process: the same server as
-``python server.py``, reachable by devices in this process, in child
-processes or on other machines.
+It is ``server.create_app`` (engine, HTTP API, TensorBoard hook) served through
+``api.serving`` (waitress, with ``server.py``'s connection limit, body spooling and
+long-poll limit) in a background thread of this process: the same server as
+``python server.py``, reachable by devices in this process, in child processes or
+on other machines.
 """
 
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from api.serving import ServeOptions, Serving
 from fedcore import auth
-from fedcore.config import FederationConfig, TrainingConfig
+from fedcore.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
+from fedcore.errors import FedHubError
 
 from .evaluation import evaluate
 from .model_files import load_model, portable
@@ -29,26 +31,31 @@ class Server:
 
     ``model`` is any compiled Keras classifier; its current weights are round 0.
     ``test_data=(x, y)`` gives each round test loss and accuracy. ``port=0`` picks a
-    free port (see :attr:`url`). The run settings match ``server.py``'s flags; by
-    default new devices start active and training starts as soon as ``min_devices``
-    are there. Use it as a context manager, or call :meth:`start` and :meth:`stop`.
+    free port (see :attr:`url`). The run settings match ``server.py``'s flags, with the
+    same defaults, except that here new devices start active and training starts as soon
+    as ``min_devices`` are there. ``strategy`` is a name from ``--list-strategies`` and
+    ``strategy_params`` its parameters (``{"num_malicious": 1}``). Use it as a context
+    manager, or call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(self, model: Any, *, test_data: tuple[np.ndarray, np.ndarray] | None = None,
-                 rounds: int = 3, min_devices: int = 1, epochs: int = 1, batch_size: int = 32,
-                 learning_rate: float = 1e-3, fraction: float = 1.0, quorum: float = 0.5,
-                 round_timeout: float = 600.0, device_timeout: float = 60.0, strategy: str = "fedavg",
-                 seed: int = 0, auto_activate: bool = True, start: bool = True,
-                 host: str = "127.0.0.1", port: int = 0, state_dir: str | Path | None = None,
+                 rounds: int = FEDERATION.rounds, min_devices: int = FEDERATION.min_devices,
+                 epochs: int = TRAINING.epochs, batch_size: int = TRAINING.batch_size,
+                 learning_rate: float = TRAINING.learning_rate, fraction: float = FEDERATION.fraction,
+                 quorum: float = FEDERATION.quorum, round_timeout: float = FEDERATION.round_timeout,
+                 device_timeout: float = FEDERATION.device_timeout, strategy: str = FEDERATION.strategy,
+                 strategy_params: Mapping[str, Any] | None = None, seed: int = FEDERATION.seed,
+                 auto_activate: bool = True, start: bool = True,
+                 host: str = ServeOptions.host, port: int = 0, state_dir: str | Path | None = None,
                  runs_dir: str | Path | None = None, run_id: str | None = None,
                  enroll_secret: str | None = None, admin_token: str | None = None,
                  threads: int = 16) -> None:
         self.federation = FederationConfig(
             rounds=rounds, min_devices=min_devices, quorum=quorum, round_timeout=round_timeout,
             device_timeout=device_timeout, fraction=fraction, auto_activate=auto_activate, start=start,
-            strategy=strategy, seed=seed,
+            strategy=strategy, strategy_params=dict(strategy_params or {}), seed=seed,
             training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate))
-        self.federation.validate()  # ValueError now, not in the background
+        self.federation.validate()  # ValueError now (a bad strategy parameter too), not later
         self._model = model
         self._test_data = test_data
         self.host = host
@@ -61,16 +68,13 @@ class Server:
         self.threads = threads
         self.model_path = self.state_dir / "model.keras"
         self.engine: Any = None
-        self._waitress: Any = None
-        self._thread: threading.Thread | None = None
+        self._serving: Any = None
 
     # running ------------------------------------------------------------
     def start(self) -> Server:
         """Build the engine and serve it; returns once the server accepts connections."""
-        if self._thread is not None:
+        if self._serving is not None:
             return self
-        from waitress import create_server
-
         import server as server_cli
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -82,25 +86,19 @@ class Server:
             threads=self.threads, federation=self.federation)
         app = server_cli.create_app(config)
         self.engine = app.extensions["fedhub"]
-        self._waitress = create_server(app, host=self.host, port=self.port, threads=self.threads,
-                                       ident="fedhub")
-        self.port = self._waitress.effective_port
-        self._thread = threading.Thread(target=self._waitress.run, name="fedhub-waitress", daemon=True)
-        self._thread.start()
+        # The same serving set-up as server.py: connection limit, body spooling, long-poll limit.
+        self._serving = Serving(app, server_cli.serve_options(config))
+        self.port = self._serving.port
+        self._serving.start()
         return self
 
     def stop(self) -> None:
         """Stop serving and stop the round driver (state stays in :attr:`state_dir`)."""
-        if self._thread is None:
+        if self._serving is None:
             return
-        from waitress import wasyncore
-
         self.engine.stop()  # first: it also ends the devices' long polls
-        # Closing sockets from inside waitress' own loop lets the loop end cleanly.
-        self._waitress.trigger.pull_trigger(lambda: wasyncore.close_all(self._waitress._map))
-        self._thread.join(timeout=10)
-        self._waitress.task_dispatcher.shutdown()
-        self._thread = None
+        self._serving.stop()
+        self._serving = None
 
     def __enter__(self) -> Server:
         return self.start()
@@ -127,7 +125,7 @@ class Server:
 
     def devices(self) -> list[dict[str, Any]]:
         """Enrolled devices with their state and lifecycle (as /api/devices)."""
-        return self._require().devices.list()
+        return self._require().list_devices()
 
     def rounds(self, timeout: float | None = None, poll: float = 0.5) -> Iterator[dict[str, Any]]:
         """Yield each completed round's history entry as it completes, until the run is finished.
@@ -159,14 +157,10 @@ class Server:
         """A Keras model holding the global weights of ``round_number`` (default: the latest)."""
         from model import set_keras_weights
 
-        engine = self._require()
-        if round_number is None:
-            _, weights = engine.global_weights()
-        else:
-            row = engine.storage.get_round(round_number)
-            if row is None or row["status"] != "complete":
-                raise ValueError(f"round {round_number} is not a completed round")
-            weights = engine.storage.read_checkpoint(round_number)
+        try:
+            _, weights = self._require().round_weights(round_number)
+        except FedHubError:
+            raise ValueError(f"round {round_number} is not a completed round") from None
         model = load_model(self.model_path)
         set_keras_weights(model, weights)
         return model

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fedcore.aggregation import WeightedSum, make_strategy, weighted_mean
-from fedcore.strategies import FedAvgM
+from fedcore.aggregation import WeightedSum, weighted_mean
+from fedcore.strategies import make_strategy
 
 
 def _random_updates(rng, k):
@@ -65,29 +65,3 @@ def test_refusals():
         acc.add({"w": np.zeros(2, np.float32)}, 0)
     with pytest.raises(ValueError, match="fedavg"):
         make_strategy("nope")
-
-
-def test_the_coordinators_interface_carries_fedavgm_state_from_round_to_round():
-    """Until the coordinator moves to fedcore.strategies, make_strategy(name).accumulator() is
-    a strategy round whose state is adopted when its result is taken."""
-    rng = np.random.default_rng(3)
-    legacy = make_strategy("fedavgm")
-    direct = FedAvgM()
-    glob = {n: np.zeros_like(a) for n, a in _random_updates(rng, 1)[0][0].items()}
-    glob_direct = glob
-    for _ in range(3):
-        updates = [({n: rng.normal(size=a.shape).astype(a.dtype) for n, a in glob.items()}, 5)
-                   for _ in range(3)]
-        acc = legacy.accumulator(glob)
-        agg = direct.begin(glob_direct)
-        for i, (w, n) in enumerate(updates):
-            acc.add(w, n)
-            agg.add(f"update-{i + 1}", w, n)
-        assert acc.count == 3 and acc.total_examples == 15
-        glob = acc.result()
-        outcome = agg.result()
-        direct.load_state(outcome.state)
-        glob_direct = outcome.weights
-        for name in glob:
-            np.testing.assert_array_equal(glob[name], glob_direct[name])
-    assert legacy.name == "fedavgm" and legacy.strategy.state().keys() == direct.state().keys()

@@ -146,7 +146,7 @@ def test_remote_log_handler_over_real_http(tmp_path):
         logger.critical("crashed", extra={"round": 4})
         logger.removeHandler(handler)
         handler.close()
-        rows = engine.logs.query(device="dev1")
+        rows = engine.query_logs(device="dev1")["logs"]
         assert [(e["level"], e["message"], e["round"]) for e in rows] == [
             ("INFO", "before enrolling", None), ("WARNING", "slow round", 3), ("ERROR", "crashed", 4)]
     finally:

@@ -1,0 +1,285 @@
+"""The round driver: the one thread that opens, closes and fails rounds.
+
+Each turn it looks at the shared :class:`~.round_state.RoundState` under its lock
+and decides; the slow parts run outside the lock: opening a round's aggregator
+(:meth:`Strategy.begin`), aggregating (:meth:`RoundAggregator.result`), evaluating,
+writing the checkpoint and the strategy's state. A round closes when every
+selected device has reported, or at its deadline with enough updates (the quorum,
+and at least what the strategy needs); below that it is discarded and opened
+again. A round whose aggregation fails (too few usable updates, a non-finite
+result) or cannot be saved is recorded as failed, with its reason, and runs
+again; the driver never dies of it. Completed rounds are durable: checkpoint and
+strategy state first, then the round's row and history entry in one transaction.
+The round hooks run on their own thread (:mod:`.round_hooks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .config import FederationConfig
+from .devices import DeviceRegistry
+from .history import RoundHistory
+from .round_hooks import RoundHooks
+from .round_state import OpenRound, RoundState
+from .storage import Storage
+from .strategies import AggregationError, RoundPlan, Strategy
+
+log = logging.getLogger("fedhub.rounds")
+
+Weights = dict[str, np.ndarray]
+Evaluate = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
+# Seconds before a failed round is tried again (a full disk, a strategy short of updates).
+RETRY_AFTER_FAILURE = 2.0
+TICK = 0.25  # seconds between the driver's looks at the state when nothing wakes it
+
+
+def release_devices(devices: DeviceRegistry, r: OpenRound, why: str) -> None:
+    """Selected devices that never reported are no longer training in round ``r``."""
+    for name in r.pending():
+        devices.set_activity(name, "idle")  # a silent device is not "training" for ever
+        if devices.lifecycle.get(name)["state"] == "training":
+            devices.lifecycle.set(name, "waiting", reason=why, round_number=r.number)
+
+
+class RoundDriver:
+    """Owns the driver thread; the coordinator starts and stops it."""
+
+    def __init__(self, state: RoundState, *, storage: Storage, devices: DeviceRegistry,
+                 history: RoundHistory, hooks: RoundHooks, strategy: Strategy,
+                 config: FederationConfig, evaluate: Evaluate | None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._state = state
+        self._storage = storage
+        self._devices = devices
+        self._history = history
+        self._hooks = hooks
+        self._strategy = strategy
+        self._config = config
+        self._evaluate = evaluate
+        self._clock = clock
+        self._rng = random.Random(config.seed)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drive, name="fedhub-rounds", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._state.cond:
+            self._state.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def check_finished(self) -> None:
+        """All rounds done, nothing open and the last round's hooks run: the run is over."""
+        s = self._state
+        rounds = self._config.rounds
+        if (rounds and s.version >= rounds and s.status in ("running", "paused") and s.open is None
+                and not s.busy and self._hooks.idle()):
+            s.set_status("finished")
+            log.info("all %d rounds done", rounds)
+
+    # the loop -------------------------------------------------------------
+    def _drive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._turn()
+            except Exception as exc:  # the driver must outlive anything a round does
+                log.exception("round driver error")
+                with self._state.cond:
+                    self._state.last_error = f"round driver error: {type(exc).__name__}: {exc}"
+                    self._state.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+                    self._state.cond.wait(RETRY_AFTER_FAILURE)
+
+    def _turn(self) -> None:
+        s = self._state
+        closing = plan = None
+        with s.cond:
+            self.check_finished()
+            r = s.open
+            now = time.monotonic()
+            if r is not None:
+                closing = self._decide(r, now)
+                if closing is not None:
+                    s.open = None
+                    s.closing = r.number
+            elif s.status == "running" and now >= s.retry_at and not s.busy:
+                plan = self._plan()
+            if closing is None and plan is None:
+                s.cond.wait(TICK)
+                return
+        if closing is not None:
+            self._close(closing)
+        else:
+            self._open(*plan)
+
+    def _decide(self, r: OpenRound, now: float) -> OpenRound | None:
+        """The round to close now, or None (it goes on, or was discarded)."""
+        if r.uploading:
+            return None  # an update is being folded in: decide once it is in
+        if r.broken is not None:
+            self._fail(r, r.broken)
+            return None
+        if r.all_in():
+            return r
+        if now < r.deadline and r.selected:
+            return None
+        if r.reported and len(r.reported) >= r.needed:
+            return r
+        if not r.selected:
+            self._abort(r, f"every device selected for round {r.number} left or was dropped "
+                           "before reporting")
+        else:
+            self._abort(r, f"round {r.number} reached its deadline with {len(r.reported)} of "
+                           f"{r.needed} needed updates")
+        return None
+
+    # opening --------------------------------------------------------------
+    def _plan(self) -> tuple[int, Weights, RoundPlan] | None:
+        """Under the lock: who trains the next round, if enough devices are there."""
+        s = self._state
+        available = self._devices.available()
+        if len(available) < self._config.min_devices:
+            s.reason = (f"waiting for devices: {len(available)} active and online, "
+                        f"{self._config.min_devices} needed")
+            return None
+        s.reason = ""
+        plan = self._strategy.configure(available, rng=self._rng, fraction=self._config.fraction,
+                                        min_devices=self._config.min_devices)
+        s.opening = True
+        return s.version, s.weights, plan
+
+    def _open(self, version: int, weights: Weights, plan: RoundPlan) -> None:
+        """Open the round's aggregator outside the lock, then the round under it."""
+        s = self._state
+        try:
+            aggregator = self._strategy.begin(weights, spill_dir=self._storage.state_dir,
+                                              memory_budget=self._config.memory_budget)
+        except Exception as exc:  # e.g. a restored state that does not fit the model
+            log.exception("round %d could not open", version + 1)
+            with s.cond:
+                s.opening = False
+                s.last_error = f"round {version + 1} could not open: {exc}"
+                s.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+                s.cond.notify_all()
+            return
+        with s.cond:
+            s.opening = False
+            if s.status != "running" or s.version != version or s.open is not None:
+                aggregator.close()  # paused or reset meanwhile
+                s.cond.notify_all()
+                return
+            number = version + 1
+            base = self._config.training.task()
+            started_at = self._clock()
+            self._storage.insert_round(number, started_at=started_at, selected=list(plan.devices),
+                                       config={**base, **self._strategy.task_config()})
+            k = len(plan.devices)
+            s.open = OpenRound(
+                number=number, base_version=version, started_at=started_at,
+                selected=set(plan.devices),
+                needed=max(1, math.ceil(self._config.quorum * k), self._strategy.min_updates()),
+                deadline=time.monotonic() + self._config.round_timeout,
+                config={d: {**base, **plan.config.get(d, {})} for d in plan.devices},
+                aggregator=aggregator)
+            log.info("round %d opened with %s", number, ", ".join(plan.devices))
+            s.cond.notify_all()
+
+    # discarding -----------------------------------------------------------
+    def _abort(self, r: OpenRound, why: str) -> None:
+        """Below quorum at the deadline, or everyone gone: discard the round and open it again."""
+        log.warning("%s; discarding it and opening it again", why)
+        s = self._state
+        s.reason = why
+        s.open = None
+        r.aggregator.close()
+        release_devices(self._devices, r, f"round {r.number} was discarded")
+        self._storage.discard_round(r.number)
+        s.cond.notify_all()
+
+    def _fail(self, r: OpenRound, why: str) -> None:
+        """The round cannot produce a durable global model: record why, discard it, run it again
+        after a short pause. Called with the lock held."""
+        log.error("%s; the previous global model stays and the round runs again", why)
+        s = self._state
+        r.aggregator.close()
+        if s.open is r:
+            s.open = None
+        if s.closing == r.number:
+            s.closing = None
+        s.last_error = why
+        release_devices(self._devices, r, why)
+        self._storage.discard_round(r.number)
+        self._history.failed(r.number, started_at=r.started_at, failed_at=self._clock(), reason=why)
+        s.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+        s.cond.notify_all()
+
+    # closing --------------------------------------------------------------
+    def _close(self, r: OpenRound) -> None:
+        """Aggregate, evaluate, save, record: outside the lock, as it takes a while."""
+        s = self._state
+        try:
+            result = r.aggregator.result()
+        except AggregationError as exc:
+            with s.cond:
+                self._fail(r, f"round {r.number} failed: {exc.reason}")
+            return
+        except Exception as exc:
+            log.exception("aggregation of round %d failed", r.number)
+            with s.cond:
+                self._fail(r, f"round {r.number} failed: {type(exc).__name__}: {exc}")
+            return
+        metrics: Mapping[str, float] = {}
+        if self._evaluate is not None:
+            try:
+                metrics = self._evaluate(result.weights)
+            except Exception:
+                log.exception("evaluation of round %d failed", r.number)
+        aggregated = result.metrics
+        try:
+            path = self._storage.write_checkpoint(r.number, result.weights)
+            self._storage.write_strategy_state(r.number, result.state, self._strategy.describe())
+            row: dict[str, Any] = {
+                "number": r.number, "started_at": r.started_at, "closed_at": self._clock(),
+                "num_updates": aggregated["num_updates"], "num_examples": aggregated["num_examples"],
+                "test_loss": metrics.get("loss"), "test_accuracy": metrics.get("accuracy")}
+            with self._storage.transaction():
+                self._storage.complete_round(
+                    r.number, closed_at=row["closed_at"], num_updates=row["num_updates"],
+                    num_examples=row["num_examples"], test_loss=row["test_loss"],
+                    test_accuracy=row["test_accuracy"], checkpoint=str(path))
+                entry = self._history.build(row, aggregated)
+                self._history.store(entry)
+        except Exception as exc:  # a full disk must not take the server down
+            log.exception("round %d could not be completed", r.number)
+            with s.cond:
+                self._fail(r, f"round {r.number} could not be saved: {exc}")
+            return
+        self._strategy.load_state(result.state)  # durable now: the next round starts from it
+        self._history.remember(entry)
+        with s.cond:
+            release_devices(self._devices, r, f"round {r.number} closed without this device's update")
+            s.install(r.number, result.weights)
+            s.closing = None
+            s.last_error = None
+            s.cond.notify_all()
+        log.info("round %d complete: %d updates (%d used), %d examples, test accuracy %s", r.number,
+                 aggregated["num_updates"], aggregated["num_used"], aggregated["num_examples"],
+                 metrics.get("accuracy"))
+        self._hooks.submit(entry, result.weights)

@@ -51,6 +51,7 @@ class _OpenRound:
     config: dict[str, Any]
     accumulator: Accumulator
     reported: dict[str, str | None] = field(default_factory=dict)
+    progress: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> batches done, total
 
 
 class Coordinator:
@@ -269,6 +270,26 @@ class Coordinator:
             return {"accepted": True, "duplicate": True, "round": round_number}
         return None
 
+    def report_progress(self, name: str, round_number: object, done: object,
+                        total: object) -> dict[str, Any]:
+        """A selected device's local training in the open round: ``done`` batches of ``total``.
+
+        Only shown (``status()["round"]["progress"]``); it lives and dies with the open round."""
+        for key, value in (("round", round_number), ("done", done), ("total", total)):
+            if (not isinstance(value, int) or isinstance(value, bool)
+                    or not 0 <= value <= wire.MAX_INTEGER):
+                raise InvalidInput(f"{key} must be an integer from 0 to {wire.MAX_INTEGER}", key)
+        if total == 0:
+            raise InvalidInput("total must be at least 1", "total")
+        if done > total:
+            raise InvalidInput(f"done ({done}) is more than total ({total})", "done")
+        with self._cond:
+            r = self._open
+            if r is None or r.number != round_number or name not in r.selected or name in r.reported:
+                raise Conflict(f"device {name!r} is not training in round {round_number}", "round")
+            r.progress[name] = {"done": done, "total": total}
+            return {"round": round_number, "done": done, "total": total}
+
     def leave(self, name: str) -> None:
         """The device says goodbye: it is no longer waited for."""
         with self._cond:
@@ -391,6 +412,9 @@ class Coordinator:
                     "reported": sorted(r.reported),
                     "needed": r.needed,
                     "deadline_in": max(0.0, round(r.deadline - time.monotonic(), 1)),
+                    # devices still training (an update received needs no progress bar)
+                    "progress": {name: dict(p) for name, p in sorted(r.progress.items())
+                                 if name in r.selected and name not in r.reported},
                 }
             elif self._closing is not None:
                 out["round"] = {"number": self._closing, "state": "aggregating"}

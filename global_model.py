@@ -10,7 +10,6 @@ of an uploaded dataset, ``fedhub.evaluate``) computes metrics the same way.
 from __future__ import annotations
 
 import io
-import os
 import pkgutil
 import tempfile
 import threading
@@ -19,13 +18,22 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras
 import numpy as np
 
 from fedcore.errors import InvalidInput
-from model import Model, get_keras_weights, preprocess, set_keras_weights
+from utils import tensorflow_env
+
+tensorflow_env.quiet()  # before Keras imports TensorFlow
+
+import keras  # noqa: E402
+
+from model import (  # noqa: E402
+    Model,
+    build_raw_image_model,
+    get_keras_weights,
+    preprocess,
+    set_keras_weights,
+)
 
 # Validation uploads are evaluated in a request thread: bound the work.
 MAX_VALIDATE_EXAMPLES = 60_000
@@ -142,6 +150,7 @@ class GlobalModel:
         self.builtin = builtin  # "basic"/"cnn" for FedHub's own networks, else None
         self.name = builtin or str(keras_model.name)
         self._lock = threading.Lock()
+        self._export_model: keras.Model | None = None  # built on the first export
         self._test = None
         if test_data is not None:
             self._test = check_labelled(keras_model, *test_data, prepare=prepare, limit=None)
@@ -183,12 +192,20 @@ class GlobalModel:
             return evaluate_classifier(self.keras_model, x, y)
 
     def export(self, weights: Mapping[str, np.ndarray]) -> bytes:
-        """A ``.keras`` file (architecture, weights, compile settings) that plain Keras loads."""
+        """A ``.keras`` file (architecture, weights, compile settings) that plain Keras loads.
+
+        FedHub's own networks are exported with their preprocessing and a softmax built in
+        (:func:`model.build_raw_image_model`): raw 0..255 images in, probabilities out, so a
+        plain Keras user gets the server's predictions. A user's own model goes out as it is.
+        """
         with self._lock, tempfile.TemporaryDirectory(prefix="fedhub-export-") as tmp:
-            set_keras_weights(self.keras_model, weights)
-            optimizer = getattr(self.keras_model, "optimizer", None)
+            if self.builtin and self._export_model is None:
+                self._export_model = build_raw_image_model(self.builtin)
+            keras_model = self._export_model if self.builtin else self.keras_model
+            set_keras_weights(keras_model, weights)
+            optimizer = getattr(keras_model, "optimizer", None)
             if optimizer is not None and not optimizer.built:
-                optimizer.build(self.keras_model.trainable_variables)  # a complete file: no load warning
+                optimizer.build(keras_model.trainable_variables)  # a complete file: no load warning
             path = Path(tmp) / "model.keras"
-            self.keras_model.save(path)
+            keras_model.save(path)
             return path.read_bytes()

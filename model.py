@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fedcore.files import atomic_path
+from utils import tensorflow_env
+
+tensorflow_env.quiet()  # before Keras imports TensorFlow
+
+import keras  # noqa: E402
 
 __all__ = [
     "CLASS_NAMES",
@@ -35,6 +36,7 @@ __all__ = [
     "ImageError",
     "Model",
     "build_keras_model",
+    "build_raw_image_model",
     "get_keras_weights",
     "image_to_array",
     "preprocess",
@@ -55,6 +57,8 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
+# Integer images are grey levels 0..MAX_GREY; the network sees them divided by it (0..1).
+MAX_GREY = 255
 MODEL_NAMES: tuple[str, ...] = ("basic", "cnn")
 
 _KERAS_PREFIX = "fedhub_"
@@ -97,9 +101,9 @@ def preprocess(images: np.ndarray) -> np.ndarray:
         return arr.astype(np.float32)
     if np.issubdtype(arr.dtype, np.integer):
         lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > 255:
-            raise ValueError(f"integer images must be 0-255 grey levels, got values {lo}..{hi}")
-        return arr.astype(np.float32) / np.float32(255.0)
+        if lo < 0 or hi > MAX_GREY:
+            raise ValueError(f"integer images must be 0-{MAX_GREY} grey levels, got values {lo}..{hi}")
+        return arr.astype(np.float32) / np.float32(MAX_GREY)
     out = arr.astype(np.float32)
     if not np.all(np.isfinite(out)):
         raise ValueError("float images contain NaN or infinite values")
@@ -253,37 +257,29 @@ def image_to_array(source: bytes | BinaryIO | Image.Image) -> np.ndarray:
 # --------------------------------------------------------------------------- networks
 
 
-def _build_basic() -> keras.Model:
+def _basic_layers() -> list[keras.layers.Layer]:
     """The TensorFlow "basic classification" (clothes) tutorial network, logits output."""
-    return keras.Sequential(
-        [
-            keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="image"),
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(128, activation="relu", name="hidden"),
-            keras.layers.Dense(NUM_CLASSES, name="logits"),
-        ],
-        name=f"{_KERAS_PREFIX}basic",
-    )
+    return [
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(128, activation="relu", name="hidden"),
+        keras.layers.Dense(NUM_CLASSES, name="logits"),
+    ]
 
 
-def _build_cnn() -> keras.Model:
+def _cnn_layers() -> list[keras.layers.Layer]:
     """A small two-block CNN: more accurate than ``basic`` for a modest cost."""
-    return keras.Sequential(
-        [
-            keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="image"),
-            keras.layers.Conv2D(32, 3, activation="relu", name="conv1"),
-            keras.layers.MaxPooling2D(name="pool1"),
-            keras.layers.Conv2D(64, 3, activation="relu", name="conv2"),
-            keras.layers.MaxPooling2D(name="pool2"),
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(128, activation="relu", name="hidden"),
-            keras.layers.Dense(NUM_CLASSES, name="logits"),
-        ],
-        name=f"{_KERAS_PREFIX}cnn",
-    )
+    return [
+        keras.layers.Conv2D(32, 3, activation="relu", name="conv1"),
+        keras.layers.MaxPooling2D(name="pool1"),
+        keras.layers.Conv2D(64, 3, activation="relu", name="conv2"),
+        keras.layers.MaxPooling2D(name="pool2"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(128, activation="relu", name="hidden"),
+        keras.layers.Dense(NUM_CLASSES, name="logits"),
+    ]
 
 
-_BUILDERS: dict[str, Callable[[], keras.Model]] = {"basic": _build_basic, "cnn": _build_cnn}
+_BUILDERS: dict[str, Callable[[], list[keras.layers.Layer]]] = {"basic": _basic_layers, "cnn": _cnn_layers}
 
 
 def _check_name(name: str) -> None:
@@ -292,15 +288,42 @@ def _check_name(name: str) -> None:
 
 
 def build_keras_model(name: str = "basic") -> keras.Model:
-    """Build (uncompiled) the named network; weight names are fixed by explicit layer names."""
+    """Build (uncompiled) the named network; weight names are fixed by explicit layer names.
+
+    It takes :func:`preprocess`'s output, (N, 28, 28, 1) in 0..1, and answers logits."""
     _check_name(name)
-    return _BUILDERS[name]()
+    return keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="image"), *_BUILDERS[name]()],
+                            name=f"{_KERAS_PREFIX}{name}")
 
 
-def _compile(keras_model: keras.Model, learning_rate: float) -> None:
+def build_raw_image_model(name: str = "basic") -> keras.Model:
+    """The named network for plain Keras users (the ``.keras`` export): raw images in,
+    probabilities out, compiled.
+
+    It takes (N, 28, 28) grey levels 0..255 (uint8 Fashion-MNIST, or :func:`image_to_array`'s
+    output) and scales them inside, by the same ``MAX_GREY`` as :func:`preprocess`; its last
+    layer is a softmax. The weights are the same tensors, with the same names, as
+    :func:`build_keras_model`'s, so the federation's weights load into it as they are.
+    """
+    _check_name(name)
+    model = keras.Sequential(
+        [
+            keras.Input((IMAGE_SIZE, IMAGE_SIZE), name="image"),
+            keras.layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="channel"),
+            keras.layers.Rescaling(1.0 / MAX_GREY, name="rescaling"),
+            *_BUILDERS[name](),
+            keras.layers.Softmax(name="probabilities"),
+        ],
+        name=f"{_KERAS_PREFIX}{name}",
+    )
+    _compile(model, 1e-3, from_logits=False)
+    return model
+
+
+def _compile(keras_model: keras.Model, learning_rate: float, *, from_logits: bool = True) -> None:
     keras_model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
         metrics=["accuracy"],
     )
 

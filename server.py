@@ -28,22 +28,26 @@ from fedcore.devices import DeviceRegistry
 from fedcore.rounds import Coordinator
 from fedcore.storage import Storage
 from fedcore.strategies import STRATEGIES, ParamError, format_strategies, parse_strategy_args
+from utils import state_dir as state
 from utils.cli import Parser
+from utils.state_dir import ADMIN_TOKEN_FILE, ENROLL_SECRET_FILE
 
-ROOT = Path(__file__).resolve().parent
-ENROLL_SECRET_FILE = "enroll.secret"
-ADMIN_TOKEN_FILE = "admin.token"
 log = logging.getLogger("fedhub.server")
 
 
 @dataclass
 class ServerConfig:
-    """Everything the server needs; the CLI fills it, tests build it directly."""
+    """Everything the server needs; the CLI fills it, tests build it directly.
+
+    ``state_dir`` holds the database, checkpoints and secrets; ``None`` means the state
+    directory of :func:`utils.state_dir.resolve` ($FEDHUB_STATE_DIR, else ``server_training/``).
+    ``eval_dir`` defaults to that state directory's ``eval/``.
+    """
 
     host: str = ServeOptions.host
     port: int = ServeOptions.port
-    state_dir: Path = ROOT / "server_training"
-    eval_dir: Path = ROOT / "eval"
+    state_dir: Path | None = None
+    eval_dir: Path | None = None
     model: str = TRAINING.model
     data_dir: str | None = None
     test_limit: int | None = None
@@ -68,6 +72,11 @@ class ServerConfig:
     # TensorBoard event files under runs_dir/run_id/ (None: none written).
     runs_dir: Path | None = None
     run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        layout = state.resolve(self.state_dir)
+        self.state_dir = layout.server_dir
+        self.eval_dir = Path(self.eval_dir) if self.eval_dir is not None else layout.eval_dir
 
 
 def _secrets(config: ServerConfig) -> tuple[str, str]:
@@ -167,14 +176,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--test-data", type=Path,
                    help=".npz with arrays x, y: the test set for --model-factory's model")
     p.add_argument("--runs-dir", type=Path, default=None,
-                   help="TensorBoard event files go to RUNS_DIR/RUN_ID/ (default: runs/ beside the state)")
+                   help="TensorBoard event files go to RUNS_DIR/RUN_ID/ (default: the state dir's runs/)")
     p.add_argument("--run-id", default=None, help="TensorBoard run name (default: the start time)")
     p.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
     p.add_argument("--data-dir", default=None,
                    help="folder with the Fashion-MNIST .gz files (else $FEDHUB_DATA_DIR, else Keras)")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
-    p.add_argument("--state-dir", type=Path, default=d.state_dir)
-    p.add_argument("--eval-dir", type=Path, default=d.eval_dir)
+    state.add_option(p)
+    p.add_argument("--eval-dir", type=Path, default=None,
+                   help="where history.csv goes (default: the state directory's eval/)")
     p.add_argument("--rounds", type=int, default=fed.rounds, help="rounds in the run (0: until paused)")
     p.add_argument("--min-devices", type=int, default=fed.min_devices, help="devices needed to open a round")
     p.add_argument("--quorum", type=float, default=fed.quorum,
@@ -247,14 +257,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error(f"{exc}{hint}")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    layout = state.resolve(a.state_dir)
     return ServerConfig(
-        host=a.host, port=port, state_dir=a.state_dir, eval_dir=a.eval_dir, model=a.model,
+        host=a.host, port=port, state_dir=layout.server_dir, eval_dir=a.eval_dir, model=a.model,
         data_dir=a.data_dir, test_limit=a.test_limit, reset=a.reset, threads=a.threads,
         max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
         max_image_bytes=int(a.max_image_mb * 1024 * 1024), federation=federation,
         certfile=a.certfile, keyfile=a.keyfile, channel_timeout=a.channel_timeout, max_wait=a.max_wait,
         model_factory=a.model_factory, test_data=a.test_data, run_id=a.run_id,
-        runs_dir=None if a.no_tensorboard else (a.runs_dir or Path(a.state_dir).resolve().parent / "runs"))
+        runs_dir=None if a.no_tensorboard else (a.runs_dir or layout.runs_dir))
 
 
 def _raise_interrupt(signum, frame):
@@ -281,13 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     engine: Coordinator = app.extensions["fedhub"]
-    state = Path(config.state_dir)
+    folder = Path(config.state_dir)
     print(f"FedHub server on {serving.url}  "
           f"(model {config.federation.training.model}, {config.federation.rounds or 'unlimited'} rounds, "
           f"status {engine.status()['status']})", flush=True)
     if not (config.admin_token or os.environ.get("FEDHUB_ADMIN_TOKEN")):
-        print(f"admin token in {state / ADMIN_TOKEN_FILE}; enrollment secret in "
-              f"{state / ENROLL_SECRET_FILE}", flush=True)
+        print(f"admin token in {folder / ADMIN_TOKEN_FILE}; enrollment secret in "
+              f"{folder / ENROLL_SECRET_FILE}", flush=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         serving.run()

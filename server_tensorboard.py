@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
+
+from utils import tensorflow_env
+
+tensorflow_env.quiet()  # before TensorFlow is imported
+
+import tensorflow as tf  # noqa: E402
 
 log = logging.getLogger("fedhub.tensorboard")
 GLOBAL_RUN = "global"

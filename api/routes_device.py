@@ -1,5 +1,5 @@
 """What devices call: enroll, report data validation, ask for a task, download the model,
-upload an update, poll for an interrupt while training, leave."""
+upload an update, report progress and poll for an interrupt while training, leave."""
 
 from __future__ import annotations
 
@@ -36,6 +36,14 @@ def signal(name: str):
     """Polled about once a second while training: has an admin interrupted this device?"""
     require_device(name)
     return jsonify(engine().signal(name))
+
+
+@bp.post("/api/devices/<name>/progress")
+def progress(name: str):
+    """Sent at most once a second while training: batches done of the total in the open round."""
+    require_device(name)
+    data = json_body()
+    return jsonify(engine().report_progress(name, data.get("round"), data.get("done"), data.get("total")))
 
 
 @bp.post("/api/devices/<name>/interrupted")

@@ -27,7 +27,9 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from utils import tensorflow_env  # noqa: E402
+
+tensorflow_env.quiet()
 
 from fedcore import wire  # noqa: E402
 from fedcore.aggregation import WeightedSum  # noqa: E402

@@ -6,9 +6,10 @@ resume, the current round's progress, the global and per-device accuracy and los
 rounds, failed updates, the devices' logs (admin token), local demo devices, and predictions
 for an uploaded picture. The server URL and admin token come from the sidebar, else from
 ``FEDHUB_SERVER`` / ``FEDHUB_ADMIN_TOKEN``, else ``http://127.0.0.1:4000`` and the local
-server's ``server_training/admin.token``; ``FEDHUB_CA`` names a CA bundle for an HTTPS server
-with a private CA. ``FEDHUB_DEVICES_ROOT`` sets the data folder that
-local demo devices train on (default ``devices/``).
+server's ``admin.token`` in the state directory (``-- --state-dir DIR`` after the script,
+else ``FEDHUB_STATE_DIR``, else ``server_training/``: see :mod:`utils.state_dir`);
+``FEDHUB_CA`` names a CA bundle for an HTTPS server with a private CA. Local demo devices
+train on the state directory's ``devices/`` unless ``FEDHUB_DEVICES_ROOT`` says otherwise.
 
 The server may be down or restarting at any moment: every call's failure becomes a banner
 with a retry button, never a traceback.
@@ -16,6 +17,7 @@ with a retry button, never a traceback.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -32,13 +34,7 @@ import altair as alt  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from dashboard.local_devices import (  # noqa: E402
-    DEFAULT_DEVICES_ROOT,
-    DEFAULT_STATE_DIR,
-    LocalDevices,
-    device_names,
-    missing_data,
-)
+from dashboard.local_devices import LocalDevices, device_names, missing_data  # noqa: E402
 from dashboard.server_api import (  # noqa: E402
     DEFAULT_SERVER,
     ServerAPI,
@@ -47,6 +43,7 @@ from dashboard.server_api import (  # noqa: E402
     Unreachable,
     default_admin_token,
 )
+from utils import state_dir as state  # noqa: E402
 
 log = logging.getLogger("fedhub.dashboard")
 
@@ -138,6 +135,15 @@ def ago(epoch_seconds: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch_seconds))
 
 
+def state_folders() -> state.StateDir:
+    """The run's folders, as every command finds them: ``streamlit run dashboard/index.py --
+    --state-dir DIR``, else ``$FEDHUB_STATE_DIR``, else the checkout's."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    state.add_option(parser)
+    given, _ = parser.parse_known_args(sys.argv[1:])
+    return state.resolve(given.state_dir)
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -147,14 +153,20 @@ def sidebar() -> tuple[ServerAPI, bool]:
         server = st.text_input("Server URL", key="server",
                                value=os.environ.get("FEDHUB_SERVER") or DEFAULT_SERVER)
         token = st.text_input("Admin token", key="admin_token", type="password",
-                              value=os.environ.get("FEDHUB_ADMIN_TOKEN") or default_admin_token(),
+                              value=os.environ.get("FEDHUB_ADMIN_TOKEN")
+                              or default_admin_token(state_folders()),
                               help="Control calls need it; reading and the live charts do not.")
         ca = st.text_input("CA certificate (HTTPS with a private CA)", key="ca",
                            value=os.environ.get("FEDHUB_CA", ""),
                            help="Path to the CA bundle that signed the server's certificate.")
         live = st.toggle(f"Live refresh every {REFRESH_SECONDS:g} s", key="live", value=True)
         st.caption(f"Live accuracy page: {server.rstrip('/')}/stats")
-    return ServerAPI(server.strip() or DEFAULT_SERVER, token.strip(), ca=ca.strip() or None), live
+        try:
+            api = ServerAPI(server.strip() or DEFAULT_SERVER, token.strip(), ca=ca.strip() or None)
+        except ValueError as exc:  # not an address: say so, and nothing else until it is fixed
+            st.error(f"Server URL: {exc}")
+            st.stop()
+    return api, live
 
 
 def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
@@ -209,7 +221,15 @@ def highlight(row: pd.Series, colours: dict[str, str], column: str) -> list[str]
     return [colours.get(row[column], "")] * len(row)
 
 
-def devices_panel(api: ServerAPI, devices: list[dict[str, Any]]) -> None:
+def round_progress(progress: dict[str, int] | None) -> str:
+    """A training device's batches done in the open round, as its last report said."""
+    if not progress:
+        return ""
+    return f"{progress['done']}/{progress['total']} batches ({progress['done'] / progress['total']:.0%})"
+
+
+def devices_panel(api: ServerAPI, devices: list[dict[str, Any]],
+                  progress: dict[str, dict[str, int]] | None = None) -> None:
     st.subheader(f"Devices ({len(devices)})")
     if not devices:
         st.info("No device has enrolled yet. Launch some below, "
@@ -222,6 +242,7 @@ def devices_panel(api: ServerAPI, devices: list[dict[str, Any]]) -> None:
     rows = [{
         "device": d["name"],
         "state": d["state"],
+        "round progress": round_progress((progress or {}).get(d["name"])),
         "lifecycle": d["lifecycle"],
         "why": d["lifecycle_reason"],
         "last seen": ago(d["last_seen"]),
@@ -384,7 +405,7 @@ def live_view(api: ServerAPI) -> None:
         return
     try:
         training_panel(api, status)
-        devices_panel(api, devices)
+        devices_panel(api, devices, (status.get("round") or {}).get("progress"))
         charts_panel(history)
         logs_panel(api, devices)
     except Exception as exc:
@@ -402,12 +423,13 @@ def launcher_panel(api: ServerAPI) -> None:
     local = local_devices()
     c1, c2, c3 = st.columns([1, 3, 3])
     count = int(c1.number_input("How many", key="launch_count", min_value=1, max_value=32, value=3))
-    default_root = os.environ.get("FEDHUB_DEVICES_ROOT") or str(DEFAULT_DEVICES_ROOT)
+    folders = state_folders()
+    default_root = os.environ.get("FEDHUB_DEVICES_ROOT") or str(folders.devices_root)
     devices_root = Path(c2.text_input("Data folder (from python -m utils.format_dataset)",
                                       key="devices_root", value=default_root))
     state_dir = Path(c3.text_input("Server state folder (its enroll.secret, unless "
                                    "FEDHUB_ENROLL_SECRET is set)", key="state_dir",
-                                   value=str(DEFAULT_STATE_DIR)))
+                                   value=str(folders.server_dir)))
     auto = st.checkbox("Devices start active", key="launch_auto", value=True)
     missing = missing_data(devices_root, device_names(count))
     if missing:

@@ -15,11 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from device import launcher
+from utils import state_dir as state
 from utils.format_dataset import DEVICE_DATA_FILE
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DEVICES_ROOT = ROOT / "devices"
-DEFAULT_STATE_DIR = ROOT / "server_training"
 
 
 @dataclass
@@ -49,21 +46,25 @@ class LocalDevices:
         self._lock = threading.Lock()
         self._procs: dict[str, Launched] = {}
 
-    def launch(self, server: str, count: int, *, devices_root: Path = DEFAULT_DEVICES_ROOT,
-               state_dir: Path = DEFAULT_STATE_DIR, auto_activate: bool = True) -> list[str]:
+    def launch(self, server: str, count: int, *, devices_root: Path | None = None,
+               state_dir: Path | None = None, auto_activate: bool = True) -> list[str]:
         """Start ``device1..deviceN`` (those not already running); return the names started.
 
+        ``state_dir``: the server's state directory, where the devices read its enrollment
+        secret; ``devices_root`` defaults to its ``devices/`` (see :mod:`utils.state_dir`).
         Raises ValueError, before starting anything, if a device has no data folder.
         """
+        layout = state.resolve(state_dir)
+        root = Path(devices_root) if devices_root is not None else layout.devices_root
         names = device_names(count)
-        missing = missing_data(devices_root, names)
+        missing = missing_data(root, names)
         if missing:
-            raise ValueError(f"no training data for {', '.join(missing)} in {devices_root}")
-        extra = ["--state-dir", str(state_dir)] + (["--auto-activate"] if auto_activate else [])
-        root = Path(devices_root)
+            raise ValueError(f"no training data for {', '.join(missing)} in {root}")
+        extra = ["--auto-activate"] if auto_activate else []
         with self._lock:
             todo = [n for n in names if n not in self._procs or self._procs[n].proc.poll() is not None]
-            procs = launcher.launch(server, todo, devices_root=root, extra_args=extra, log_dir=root)
+            procs = launcher.launch(server, todo, devices_root=root, state_dir=layout.server_dir,
+                                    extra_args=extra, log_dir=root)
             for name, proc in zip(todo, procs, strict=True):
                 self._procs[name] = Launched(name, proc, root / f"{name}.log")
         return todo

@@ -8,22 +8,20 @@ looking at a dashboard wants to hear at once that the server is down, not in fiv
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from device.client import Client, ServerError, TLSError, Unreachable
 from fedcore import auth
+from utils.state_dir import StateDir
 
 __all__ = ["DEFAULT_SERVER", "ServerAPI", "ServerError", "TLSError", "Unreachable", "default_admin_token"]
 
 DEFAULT_SERVER = "http://127.0.0.1:4000"
-ROOT = Path(__file__).resolve().parents[1]
-ADMIN_TOKEN_FILE = ROOT / "server_training" / "admin.token"
 
 
-def default_admin_token() -> str:
-    """The local server's admin token file (``server_training/admin.token``), if there is one."""
-    return auth.read_secret(ADMIN_TOKEN_FILE) or ""
+def default_admin_token(layout: StateDir) -> str:
+    """The local server's admin token, from its state directory's ``admin.token``, if there is one."""
+    return auth.read_secret(layout.admin_token_file) or ""
 
 
 class ServerAPI:

@@ -170,9 +170,15 @@
     return `${fmt(latest.accuracy, 4)} (round ${latest.round})`;
   }
 
-  function renderDevices(devices) {
+  // A training device's batches done in the open round, after its state ("training · 40/188 batches").
+  function stateWithProgress(d, progress) {
+    const p = progress && Object.prototype.hasOwnProperty.call(progress, d.name) ? progress[d.name] : null;
+    return p ? `${d.state} · ${p.done}/${p.total} batches` : d.state;
+  }
+
+  function renderDevices(devices, progress) {
     fillTable("devices", devices.map((d) => [
-      d.name, d.state, d.lifecycle || "–", d.lifecycle_reason || "", ago(d.last_seen),
+      d.name, stateWithProgress(d, progress), d.lifecycle || "–", d.lifecycle_reason || "", ago(d.last_seen),
       d.num_examples === null || d.num_examples === undefined ? "–" : String(d.num_examples),
       localAccuracy(d.latest),
     ]), devices.map((d) => (FLAGGED.includes(d.lifecycle) ? `lifecycle-${d.lifecycle}` : "")));
@@ -203,7 +209,7 @@
         ]);
         renderStatus(status);
         renderRounds(history.rounds);
-        renderDevices(devices.devices);
+        renderDevices(devices.devices, status.round && status.round.progress);
         updateChart(accuracy, chartData(history.rounds, "test_accuracy", "accuracy", "global (test set)"));
         updateChart(loss, chartData(history.rounds, "test_loss", "loss", "global (test set)"));
         setConnection(`connected to ${base} · updated ${new Date().toLocaleTimeString()}`, "ok");

@@ -13,6 +13,7 @@ import random
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -49,6 +50,31 @@ class Unreachable(Exception):
     """The server did not answer within the retry budget."""
 
 
+def server_url(address: str) -> str:
+    """The server's base URL from what a person typed: ``127.0.0.1:4000`` (no scheme) means
+    ``http://127.0.0.1:4000``. ValueError, in words, for anything that is not an HTTP(S) address."""
+    text = str(address).strip()
+    if text.isdigit():
+        raise ValueError(f"{address!r} is a port, not an address: give host:port, e.g. 127.0.0.1:{text}")
+    url = (text if "://" in text else f"http://{text}").rstrip("/")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+    except ValueError as exc:
+        raise ValueError(f"{address!r} is not a server address ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{address!r}: the server URL must start with http:// or https://")
+    if not parts.hostname or parts.query or parts.fragment or " " in url:
+        raise ValueError(f"{address!r} is not a server address: give host:port or http(s)://host:port")
+    return url
+
+
+def duration(seconds: float) -> str:
+    """``4 min 57 s`` / ``12 s``: remaining retry time as a person reads it."""
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
 def backoff_delays(base: float = 0.5, cap: float = 15.0, rng: random.Random | None = None):
     """Full-jitter exponential backoff (AWS architecture blog): spreads reconnecting devices out."""
     rng = rng or random.Random()
@@ -64,7 +90,7 @@ class Client:
     def __init__(self, server: str, name: str, *, token: str | None = None,
                  verify: bool | str = True, timeout: float = 30.0, retry_for: float = 300.0,
                  on_wait: Callable[[str], None] | None = None) -> None:
-        self.server = server.rstrip("/")
+        self.server = server_url(server)
         self.name = name
         self.token = token
         self.timeout = timeout
@@ -103,17 +129,21 @@ class Client:
                     timeout=(min(10.0, self.timeout), read_timeout or self.timeout), **kwargs)
                 if response.status_code < 500:
                     return response
-                problem = f"HTTP {response.status_code}"
+                problem, trouble = f"HTTP {response.status_code}", f"answered HTTP {response.status_code}"
             except requests.exceptions.SSLError as exc:  # a certificate problem will not fix itself
                 raise TLSError(f"TLS failure talking to {self.server}: {_ssl_reason(exc)} "
                                "(for a private CA, pass its bundle with --ca)") from None
             except (requests.ConnectionError, requests.Timeout) as exc:
                 problem = type(exc).__name__
-            if not retry or time.monotonic() >= deadline:
-                raise Unreachable(f"{method} {url}: {problem}")
-            delay = next(delays)
+                trouble = f"unreachable ({problem})"
+            remaining = deadline - time.monotonic()
+            if not retry or remaining <= 0:
+                waited = f" after retrying for {duration(self.retry_for)}" if retry and self.retry_for else ""
+                raise Unreachable(f"{method} {url}: {problem}{waited}")
+            delay = min(next(delays), remaining)
             if self._on_wait:
-                self._on_wait(f"server unreachable ({problem}); retrying in {delay:.1f}s")
+                self._on_wait(f"server {self.server} {trouble}; retrying in {delay:.1f}s, "
+                              f"giving up in {duration(remaining)}")
             time.sleep(delay)
 
     def _json(self, response: requests.Response) -> dict[str, Any]:
@@ -184,6 +214,11 @@ class Client:
     def signal(self) -> dict[str, Any]:
         """Polled while training: {"interrupt": bool, "round": int | None, "lifecycle": str}."""
         return self._json(self.request("GET", f"/api/devices/{self.name}/signal"))
+
+    def report_progress(self, round_number: int, done: int, total: int) -> dict[str, Any]:
+        """Batches done of the total in this round's local training (sent at most once a second)."""
+        return self._json(self.request("POST", f"/api/devices/{self.name}/progress",
+                                       json={"round": round_number, "done": done, "total": total}))
 
     def report_interrupted(self, round_number: int, detail: str | None = None) -> dict[str, Any]:
         return self._json(self.request("POST", f"/api/devices/{self.name}/interrupted",

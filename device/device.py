@@ -1,7 +1,8 @@
 """A FedHub device: ``python device/device.py 4000 device1`` (or with flags; see ``--help``).
 
 It trains on its own data folder (``devices/device1/data/train.npz``, made by
-``python -m utils.format_dataset``) and only ever sends weights.
+``python -m utils.format_dataset``; ``<state-dir>/devices/device1/...`` with a state
+directory) and only ever sends weights.
 """
 
 from __future__ import annotations
@@ -14,19 +15,24 @@ import signal
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the project importable
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# Run as a script, Python puts device/ first on the path, where this very file would stand in
+# for the ``device`` package: the project's root goes there instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
+    sys.path[0] = str(ROOT)
+elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from utils import tensorflow_env  # noqa: E402
 
-from device.client import Client  # noqa: E402
+tensorflow_env.quiet()  # before the trainer imports Keras
+
+from device.client import Client, server_url  # noqa: E402
 from device.runner import DeviceRunner  # noqa: E402
-from fedcore import auth  # noqa: E402
 from fedcore.devices import check_name  # noqa: E402
 from fedcore.errors import InvalidInput  # noqa: E402
-
-DEFAULT_DEVICES_ROOT = ROOT / "devices"
+from utils import state_dir as state  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,14 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("port_pos", nargs="?", metavar="PORT", help="server port on localhost (original form)")
     p.add_argument("name_pos", nargs="?", metavar="DEVICE", help="device name (original form)")
-    p.add_argument("--server", help="server URL, e.g. http://127.0.0.1:4000")
+    p.add_argument("--server", help="server address: http(s)://host:port, or host:port for http")
     p.add_argument("--name", help="device name (its folder under --devices-root)")
-    p.add_argument("--devices-root", type=Path, default=DEFAULT_DEVICES_ROOT)
+    state.add_option(p)
+    p.add_argument("--devices-root", type=Path, default=None,
+                   help="device folders live in DIR/<name> (default: the state directory's devices/)")
     p.add_argument("--data", type=Path, help="data file (default: <devices-root>/<name>/data/train.npz)")
-    p.add_argument("--enroll-secret", help="enrollment secret (else $FEDHUB_ENROLL_SECRET, "
-                   "else the local server's server_training/enroll.secret)")
-    p.add_argument("--state-dir", type=Path, default=ROOT / "server_training",
-                   help="where a local server keeps its enrollment secret")
+    p.add_argument("--enroll-secret", help="enrollment secret (else $FEDHUB_ENROLL_SECRET, else the "
+                   "local server's enroll.secret in the state directory, read again while refused)")
     p.add_argument("--auto-activate", action="store_true", help="ask to start active")
     p.add_argument("--model", default="basic", help="model to build before the server says otherwise")
     p.add_argument("--trainer", metavar="MODULE:NAME",
@@ -62,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not str(a.port_pos).isdigit():
             p.error(f"PORT must be a number, got {a.port_pos!r}")
         a.server = f"http://127.0.0.1:{a.port_pos}"
+    try:
+        a.server = server_url(a.server)
+    except ValueError as exc:
+        p.error(f"--server: {exc}")
     a.name = a.name or a.name_pos
     if not a.name:
         p.error("give the device name: DEVICE or --name")
@@ -78,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from device.trainer import KerasTrainer
     from utils.format_dataset import DatasetError, load_device_data
 
-    folder = a.devices_root / a.name
+    layout = state.resolve(a.state_dir)
+    folder = (a.devices_root or layout.devices_root) / a.name
     if a.trainer:
         try:
             trainer = pkgutil.resolve_name(a.trainer)(a.data.parent if a.data else folder / "data")
@@ -92,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         trainer = KerasTrainer(x, y, model=a.model, verbose=1 if a.verbose else 0)
-    secret = (a.enroll_secret or os.environ.get("FEDHUB_ENROLL_SECRET")
-              or auth.read_secret(a.state_dir / "enroll.secret"))
+    secret = a.enroll_secret or os.environ.get("FEDHUB_ENROLL_SECRET")
     client = Client(a.server, a.name, verify=a.ca or True, retry_for=a.retry_for)
     runner = DeviceRunner(client, trainer, folder, enroll_secret=secret,
+                          secret_file=None if secret else layout.enroll_secret_file,
                           auto_activate=True if a.auto_activate else None, poll_wait=a.poll_wait)
 
     def _interrupt(signum, frame):

@@ -1,6 +1,6 @@
 """Start and stop N local device processes, for demos and simulations.
 
-``python -m device.launcher --server http://127.0.0.1:4000 --devices 3``
+``python -m device.launcher --server http://127.0.0.1:4000 --devices 3 [--state-dir DIR]``
 """
 
 from __future__ import annotations
@@ -14,19 +14,26 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from device.client import server_url
+from utils import state_dir as state
+
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_SCRIPT = ROOT / "device" / "device.py"
 
 
 def launch(server: str, names: Iterable[str], *, devices_root: Path | None = None,
-           extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-           log_dir: Path | None = None) -> list[subprocess.Popen]:
-    """Start one ``device/device.py`` process per name; output goes to ``log_dir`` or is inherited."""
+           state_dir: Path | None = None, extra_args: Sequence[str] = (),
+           env: dict[str, str] | None = None, log_dir: Path | None = None) -> list[subprocess.Popen]:
+    """Start one ``device/device.py`` process per name; output goes to ``log_dir`` or is inherited.
+
+    The devices run in the checkout, so folders are passed on as absolute paths."""
     procs = []
     for name in names:
         cmd = [sys.executable, str(DEVICE_SCRIPT), "--server", server, "--name", name, *extra_args]
+        if state_dir is not None:
+            cmd += ["--state-dir", str(Path(state_dir).absolute())]
         if devices_root is not None:
-            cmd += ["--devices-root", str(devices_root)]
+            cmd += ["--devices-root", str(Path(devices_root).absolute())]
         out = None
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
@@ -55,16 +62,25 @@ def stop(procs: Iterable[subprocess.Popen], timeout: float = 20.0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m device.launcher", description=__doc__)
-    p.add_argument("--server", default="http://127.0.0.1:4000")
+    p.add_argument("--server", default="http://127.0.0.1:4000",
+                   help="server address: http(s)://host:port, or host:port for http")
     p.add_argument("--devices", type=int, default=3, help="how many devices (device1..deviceN)")
     p.add_argument("--prefix", default="device")
-    p.add_argument("--devices-root", type=Path, default=None)
+    state.add_option(p)
+    p.add_argument("--devices-root", type=Path, default=None,
+                   help="the devices' folders (default: the state directory's devices/)")
     p.add_argument("--auto-activate", action="store_true")
     a = p.parse_args(argv)
     if a.devices < 1:
         p.error("--devices must be at least 1")
+    try:
+        server = server_url(a.server)
+    except ValueError as exc:
+        p.error(f"--server: {exc}")
+    layout = state.resolve(a.state_dir)
     names = [f"{a.prefix}{i}" for i in range(1, a.devices + 1)]
-    procs = launch(a.server, names, devices_root=a.devices_root,
+    procs = launch(server, names, state_dir=layout.server_dir,
+                   devices_root=a.devices_root or layout.devices_root,
                    extra_args=["--auto-activate"] if a.auto_activate else [])
     try:
         codes = [proc.wait() for proc in procs]

@@ -12,24 +12,30 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .client import Client, RemoteLogHandler, ServerError, TLSError, Unreachable
+from fedcore.auth import read_secret
+
+from .client import Client, RemoteLogHandler, ServerError, TLSError, Unreachable, backoff_delays, duration
 from .trainer import Trainer, TrainingInterrupted
 
 log = logging.getLogger("fedhub.device")
 
 HISTORY_COLUMNS = ("round", "time", "num_examples", "loss", "accuracy", "train_seconds", "accepted")
+PROGRESS_INTERVAL = 1.0  # seconds between two progress reports, at least
 
 
 class DeviceRunner:
     """Runs one device against a server. ``stop()`` ends it cleanly from another thread."""
 
     def __init__(self, client: Client, trainer: Trainer, folder: Path, *,
-                 enroll_secret: str | None = None, auto_activate: bool | None = None,
-                 poll_wait: float = 20.0, print_fn=print) -> None:
+                 enroll_secret: str | None = None, secret_file: Path | None = None,
+                 auto_activate: bool | None = None, poll_wait: float = 20.0, print_fn=print) -> None:
+        """``secret_file``: read the enrollment secret from this file (the local server's)
+        instead of ``enroll_secret``, again on each refusal while the retry time lasts."""
         self.client = client
         self.trainer = trainer
         self.folder = Path(folder)
         self.enroll_secret = enroll_secret
+        self.secret_file = Path(secret_file) if secret_file is not None else None
         self.auto_activate = auto_activate
         self.poll_wait = poll_wait
         self._print = print_fn
@@ -76,11 +82,48 @@ class DeviceRunner:
                 if exc.status != 401:
                     raise
                 self.client.token = None
-        result = self.client.register(self.enroll_secret, num_examples=num_examples,
-                                      auto_activate=self.auto_activate, validation=self._report)
+        result = self._register(num_examples)
         self._save_token(result["token"])
         state = "active" if result["active"] else "inactive (activate it from the dashboard)"
         self._say(f"enrolled, {state}")
+
+    def _register(self, num_examples: int) -> dict[str, Any]:
+        """Enroll with the secret. A device started before its server on a fresh state directory
+        reads the secret file before the server has written it, so a refused secret from a file
+        is read again, with backoff, until the retry time (``--retry-for``) is spent."""
+        deadline = time.monotonic() + self.client.retry_for
+        delays = backoff_delays()
+        while True:
+            secret = read_secret(self.secret_file) if self.secret_file else self.enroll_secret
+            try:
+                return self.client.register(secret, num_examples=num_examples,
+                                            auto_activate=self.auto_activate, validation=self._report)
+            except ServerError as exc:
+                if exc.status != 401 or exc.field != "enroll_secret":
+                    raise
+                remaining = deadline - time.monotonic()
+                if self.secret_file is None or remaining <= 0 or self._stop.is_set():
+                    raise ServerError(401, {**exc.body, "message": self._secret_problem(exc)}) from None
+                if read_secret(self.secret_file) != secret:  # written meanwhile (by the server starting)
+                    continue
+                delay = min(next(delays), remaining)
+                self._say(f"server {self.client.server} refused the enrollment secret from "
+                          f"{self.secret_file}; reading it again in {delay:.1f}s, giving up in "
+                          f"{duration(remaining)}", logging.WARNING)
+                self._stop.wait(delay)
+
+    def _secret_problem(self, exc: ServerError) -> str:
+        """What is wrong with the enrollment secret, and what to do about it."""
+        refused = f"{exc.body.get('message') or 'enrollment refused'} for {self.client.server}"
+        give = "give the server's secret with --enroll-secret or FEDHUB_ENROLL_SECRET"
+        if self.secret_file is None:
+            return f"{refused}: the enrollment secret given is not this server's; {give}"
+        if not self.secret_file.exists():
+            return (f"{refused}: there is no secret file {self.secret_file} (the server writes it "
+                    "when it starts with that state directory); point --state-dir or FEDHUB_STATE_DIR "
+                    f"at the server's state directory, or {give}")
+        return (f"{refused}: the secret in {self.secret_file} is not this server's; point --state-dir "
+                f"or FEDHUB_STATE_DIR at the server's state directory, or {give}")
 
     def run(self) -> int:
         """Returns 0 when the run finished or the device was stopped, 1 on a refusal."""
@@ -152,7 +195,7 @@ class DeviceRunner:
                   round_number=number)
         self._interrupted.clear()
         done = threading.Event()
-        watcher = threading.Thread(target=self._watch_signal, args=(number, done), daemon=True,
+        watcher = threading.Thread(target=self._watch, args=(number, done), daemon=True,
                                    name="fedhub-signal")
         watcher.start()
         detail = None
@@ -191,12 +234,20 @@ class DeviceRunner:
         self._record(number, result, accepted)
         self.rounds_done += 1
 
-    def _watch_signal(self, number: int, done: threading.Event) -> None:
-        """While training: poll the server's signal about twice a second; on an interrupt for
-        this round, tell the trainer (it stops at the next batch end)."""
+    def _watch(self, number: int, done: threading.Event) -> None:
+        """While training, beside it: send the trainer's progress (batches done of the total) at
+        most once a second, and poll the server's signal about twice a second; on an interrupt
+        for this round, tell the trainer (it stops at the next batch end)."""
         side = self.client.fork(timeout=5.0, retry_for=0.0)
+        progress = getattr(self.trainer, "progress", None)
+        sent, sent_at = None, 0.0
         while not done.wait(0.5):
             side.token = self.client.token
+            current = progress() if progress is not None else None
+            if current is not None and current != sent and time.monotonic() - sent_at >= PROGRESS_INTERVAL:
+                sent, sent_at = current, time.monotonic()
+                with contextlib.suppress(ServerError, Unreachable, TLSError):
+                    side.report_progress(number, *current)
             try:
                 signal = side.signal()
             except (ServerError, Unreachable, TLSError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,8 +39,10 @@ class TrainingInterrupted(Exception):
 class Trainer(Protocol):
     """The interface every trainer implements.
 
-    Two optional methods extend it: ``interrupt()`` (called from another thread when an
-    admin interrupts the round: stop at the next batch and raise :class:`TrainingInterrupted`)
+    Three optional methods extend it: ``interrupt()`` (called from another thread when an
+    admin interrupts the round: stop at the next batch and raise :class:`TrainingInterrupted`),
+    ``progress() -> (batches done, batches in all) | None`` (read from another thread while
+    ``train`` runs; the device reports it to the server, which shows it in the dashboards)
     and ``save_final(weights, folder) -> Path`` (the run is over: save the final model).
     """
 
@@ -84,11 +86,23 @@ def validate_images(x: np.ndarray, y: np.ndarray, *, shape: tuple[int, ...] = (2
             "class_counts": counts}
 
 
-def stop_callback(event: threading.Event):
+class BatchProgress:
+    """Batches done of the total in the current ``train`` call: written by the training loop
+    after each batch, read by the device's watcher thread (``current`` is replaced whole)."""
+
+    def __init__(self) -> None:
+        self.current: tuple[int, int] | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        self.current = (done, total)
+
+
+def stop_callback(event: threading.Event, on_batch: Callable[[int], None] | None = None):
     """A Keras callback that ends ``fit`` at the end of the batch during which ``event`` is set.
 
     Keras 3 checks ``model.stop_training`` after every training batch, so an interrupt
-    takes effect within one batch. ``.batches`` counts the batches run.
+    takes effect within one batch. ``.batches`` counts the batches run; ``on_batch(batches)``
+    hears each one.
     """
     import keras
 
@@ -99,6 +113,8 @@ def stop_callback(event: threading.Event):
 
         def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
             self.batches += 1
+            if on_batch is not None:
+                on_batch(self.batches)
             if event.is_set():
                 self.model.stop_training = True
 
@@ -106,15 +122,18 @@ def stop_callback(event: threading.Event):
 
 
 def fit_interruptibly(keras_model: Any, x: np.ndarray, y: np.ndarray, event: threading.Event, *,
-                      epochs: int, batch_size: int, fit: Any = None, **kwargs: Any) -> Any:
+                      epochs: int, batch_size: int, fit: Any = None,
+                      progress: BatchProgress | None = None, **kwargs: Any) -> Any:
     """Run ``fit`` (``keras_model.fit`` unless given) stoppable by ``event``; raise
-    :class:`TrainingInterrupted` if it was stopped.
+    :class:`TrainingInterrupted` if it was stopped. ``progress`` follows the batches.
 
     ``event`` is cleared when training ends, not when it starts: an interrupt that arrives
     between the task and the first batch must still stop this round.
     """
-    callback = stop_callback(event)
     total = epochs * math.ceil(len(x) / batch_size)
+    if progress is not None:
+        progress(0, total)
+    callback = stop_callback(event, None if progress is None else lambda done: progress(done, total))
     try:
         if event.is_set():
             raise TrainingInterrupted(0, total)
@@ -139,12 +158,16 @@ class KerasTrainer:
         self.verbose = verbose
         self.model = None
         self._stop = threading.Event()
+        self._progress = BatchProgress()
 
     def validate(self) -> dict[str, Any]:
         return validate_images(self.x, self.y)
 
     def interrupt(self) -> None:
         self._stop.set()
+
+    def progress(self) -> tuple[int, int] | None:
+        return self._progress.current
 
     def initialise(self, config: Mapping[str, Any]) -> None:
         from model import Model
@@ -159,7 +182,7 @@ class KerasTrainer:
         self.model.set_weights(weights)
         started = time.perf_counter()
         metrics = fit_interruptibly(
-            self.model.keras_model, self.x, self.y, self._stop, fit=self._fit,
+            self.model.keras_model, self.x, self.y, self._stop, fit=self._fit, progress=self._progress,
             epochs=int(config.get("epochs", 1)), batch_size=int(config.get("batch_size", 32)),
             learning_rate=float(config.get("learning_rate", 1e-3)))
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -199,6 +222,7 @@ class KerasModelTrainer:
         self.y = np.asarray(y)
         self.verbose = verbose
         self._stop = threading.Event()
+        self._progress = BatchProgress()
 
     def validate(self) -> dict[str, Any]:
         try:
@@ -217,6 +241,9 @@ class KerasModelTrainer:
     def interrupt(self) -> None:
         self._stop.set()
 
+    def progress(self) -> tuple[int, int] | None:
+        return self._progress.current
+
     def train(self, weights: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> TrainResult:
         from model import get_keras_weights, set_keras_weights
 
@@ -228,7 +255,7 @@ class KerasModelTrainer:
         history = fit_interruptibly(self.keras_model, self.x, self.y, self._stop,
                                     epochs=int(config.get("epochs", 1)),
                                     batch_size=int(config.get("batch_size", 32)),
-                                    verbose=self.verbose, shuffle=True)
+                                    progress=self._progress, verbose=self.verbose, shuffle=True)
         metrics = {k: float(v[-1]) for k, v in history.history.items() if v}
         metrics["train_seconds"] = time.perf_counter() - started
         return TrainResult(get_keras_weights(self.keras_model), len(self.x), metrics)

@@ -86,14 +86,17 @@ class RoundDriver:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    def all_done(self) -> bool:
+        """The run's last round is complete (no round opens after it)."""
+        return bool(self._config.rounds) and self._state.version >= self._config.rounds
+
     def check_finished(self) -> None:
         """All rounds done, nothing open and the last round's hooks run: the run is over."""
         s = self._state
-        rounds = self._config.rounds
-        if (rounds and s.version >= rounds and s.status in ("running", "paused") and s.open is None
+        if (self.all_done() and s.status in ("running", "paused") and s.open is None
                 and not s.busy and self._hooks.idle()):
             s.set_status("finished")
-            log.info("all %d rounds done", rounds)
+            log.info("all %d rounds done", self._config.rounds)
 
     # the loop -------------------------------------------------------------
     def _drive(self) -> None:
@@ -119,7 +122,7 @@ class RoundDriver:
                 if closing is not None:
                     s.open = None
                     s.closing = r.number
-            elif s.status == "running" and now >= s.retry_at and not s.busy:
+            elif s.status == "running" and now >= s.retry_at and not s.busy and not self.all_done():
                 plan = self._plan()
             if closing is None and plan is None:
                 s.cond.wait(TICK)

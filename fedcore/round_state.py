@@ -39,6 +39,7 @@ class OpenRound:
     aggregator: RoundAggregator
     reported: dict[str, str | None] = field(default_factory=dict)  # device -> upload id
     uploading: set[str] = field(default_factory=set)
+    progress: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> batches done, total
     broken: str | None = None  # why the round cannot be completed any more
 
     def expects(self, name: str) -> bool:
@@ -62,7 +63,10 @@ class OpenRound:
     def view(self) -> dict[str, Any]:
         return {"number": self.number, "selected": sorted(self.selected),
                 "reported": sorted(self.reported), "needed": self.needed,
-                "deadline_in": self.deadline_in()}
+                "deadline_in": self.deadline_in(),
+                # devices still training (an update received needs no progress bar)
+                "progress": {name: dict(p) for name, p in sorted(self.progress.items())
+                             if self.expects(name)}}
 
 
 class RoundState:

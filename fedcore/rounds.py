@@ -312,6 +312,26 @@ class Coordinator:
             return {"accepted": True, "duplicate": True, "round": round_number}
         return None
 
+    def report_progress(self, name: str, round_number: object, done: object,
+                        total: object) -> dict[str, Any]:
+        """A selected device's local training in the open round: ``done`` batches of ``total``.
+
+        Only shown (``status()["round"]["progress"]``); it lives and dies with the open round."""
+        for key, value in (("round", round_number), ("done", done), ("total", total)):
+            if (not isinstance(value, int) or isinstance(value, bool)
+                    or not 0 <= value <= wire.MAX_INTEGER):
+                raise InvalidInput(f"{key} must be an integer from 0 to {wire.MAX_INTEGER}", key)
+        if total == 0:
+            raise InvalidInput("total must be at least 1", "total")
+        if done > total:
+            raise InvalidInput(f"done ({done}) is more than total ({total})", "done")
+        with self._cond:
+            r = self._state.open
+            if r is None or r.number != round_number or not r.expects(name):
+                raise Conflict(f"device {name!r} is not training in round {round_number}", "round")
+            r.progress[name] = {"done": done, "total": total}
+            return {"round": round_number, "done": done, "total": total}
+
     def interrupted(self, name: str, round_number: object, detail: object = None) -> dict[str, Any]:
         """The device confirms it stopped training ``round_number``."""
         with self._cond:

@@ -8,14 +8,14 @@ every device load the model from one ``.keras`` file and agree on every name.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras
-
 from fedcore.files import atomic_path
+from utils import tensorflow_env
+
+tensorflow_env.quiet()  # before Keras imports TensorFlow
+
+import keras  # noqa: E402
 
 
 def save_model(model: keras.Model, path: str | Path) -> Path:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest

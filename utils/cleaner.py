@@ -1,4 +1,4 @@
-"""Clean run-time state on purpose (never at start-up): ``python -m utils.cleaner``."""
+"""Clean run-time state on purpose (never at start-up): ``python -m utils.cleaner [--state-dir DIR]``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import argparse
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from utils import state_dir as state
+
 KEEP = {".gitkeep"}
+SECRETS = {state.ENROLL_SECRET_FILE, state.ADMIN_TOKEN_FILE}
 
 
 def _empty(folder: Path, keep: set[str]) -> list[Path]:
@@ -26,8 +28,11 @@ def _empty(folder: Path, keep: set[str]) -> list[Path]:
 
 
 def clean_server_state(state_dir: Path, eval_dir: Path, *, keep_secrets: bool = True) -> list[Path]:
-    """Remove the database, checkpoints and history; the secrets stay unless asked."""
-    keep = KEEP | ({"enroll.secret", "admin.token"} if keep_secrets else set())
+    """Remove the database, checkpoints and history; the secrets stay unless asked.
+
+    A state directory also holds the run's ``devices/`` (their data) and ``runs/``
+    (TensorBoard): those are not the server's state and stay."""
+    keep = KEEP | set(state.SUBFOLDERS) | (SECRETS if keep_secrets else set())
     return _empty(state_dir, keep) + _empty(eval_dir, KEEP)
 
 
@@ -46,14 +51,17 @@ def clean_devices(devices_root: Path, *, keep_data: bool = True) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m utils.cleaner", description=__doc__)
-    p.add_argument("--state-dir", type=Path, default=ROOT / "server_training")
-    p.add_argument("--eval-dir", type=Path, default=ROOT / "eval")
-    p.add_argument("--devices-root", type=Path, default=ROOT / "devices")
+    state.add_option(p)
+    p.add_argument("--eval-dir", type=Path, default=None, help="default: the state directory's eval/")
+    p.add_argument("--devices-root", type=Path, default=None,
+                   help="default: the state directory's devices/")
     p.add_argument("--secrets", action="store_true", help="also remove the admin token and secret")
     p.add_argument("--device-data", action="store_true", help="also remove the devices' data")
     a = p.parse_args(argv)
-    removed = clean_server_state(a.state_dir, a.eval_dir, keep_secrets=not a.secrets)
-    removed += clean_devices(a.devices_root, keep_data=not a.device_data)
+    layout = state.resolve(a.state_dir)
+    removed = clean_server_state(layout.server_dir, a.eval_dir or layout.eval_dir,
+                                 keep_secrets=not a.secrets)
+    removed += clean_devices(a.devices_root or layout.devices_root, keep_data=not a.device_data)
     print(f"removed {len(removed)} entries")
     return 0
 

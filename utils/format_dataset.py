@@ -32,6 +32,7 @@ from tqdm import tqdm
 from fedcore.devices import check_name
 from fedcore.errors import InvalidInput
 from fedcore.files import atomic_path, atomic_write_text
+from utils import state_dir as state
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -186,7 +187,9 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, where: str) -> None:
 
 
 def _load_with_keras() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from utils import tensorflow_env
+
+    tensorflow_env.quiet()
     try:
         import keras
 
@@ -557,7 +560,10 @@ def _parser() -> argparse.ArgumentParser:
         help=f"folder with the four Fashion-MNIST .gz files (default: ${DATA_DIR_ENV}, "
         "else the keras download)",
     )
-    parser.add_argument("--out", default="devices", help="output folder (default: devices)")
+    state.add_option(parser)
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="output folder (default: the state directory's devices/, where devices look)")
     parser.add_argument(
         "--limit",
         type=int,
@@ -571,6 +577,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     args = _parser().parse_args(argv)
+    args.out = args.out or state.resolve(args.state_dir).devices_root
     try:
         summary = split_to_devices(
             args.out,

@@ -28,7 +28,9 @@ def register():
 def validation(name: str):
     """The device's data validation report; invalid data means no tasks (409), with the reason."""
     require_device(name)
-    return jsonify(engine().report_validation(name, json_body().get("validation")))
+    data = json_body()
+    return jsonify(engine().report_validation(name, data.get("validation"), attack=data.get("attack"),
+                                              declares_attack="attack" in data))
 
 
 @bp.get("/api/devices/<name>/signal")

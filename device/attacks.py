@@ -45,6 +45,7 @@ class Attack:
     """No attack: the honest update. Subclasses override one of the two steps."""
 
     kind: ClassVar[str] = "none"
+    poisons_labels: ClassVar[bool] = False  # the device's labels, rather than its weights
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,6 +65,11 @@ class Attack:
     def describe(self) -> dict[str, Any]:
         """What a device declares at registration (for the dashboards; aggregation never reads it)."""
         return {"kind": self.kind, "params": params.values_of(self)}
+
+    def summary(self) -> str:
+        """``kind (key=value, ...)`` for logs."""
+        settings = ", ".join(f"{k}={v}" for k, v in params.values_of(self).items())
+        return f"{self.kind} ({settings})" if settings else self.kind
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,7 @@ class LabelFlip(Attack):
     """Train on the device's own data with every label y replaced by num_classes - 1 - y."""
 
     kind = "label-flip"
+    poisons_labels = True
     num_classes: int = setting(10, "number of classes (labels are 0 .. num_classes - 1)")
 
     def validate(self) -> None:

@@ -158,8 +158,9 @@ class Client:
     # protocol -----------------------------------------------------------
     def register(self, enroll_secret: str | None, *, num_examples: int | None = None,
                  auto_activate: bool | None = None,
-                 validation: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"name": self.name}
+                 validation: Mapping[str, Any] | None = None,
+                 attack: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": self.name, "attack": None if attack is None else dict(attack)}
         if num_examples is not None:
             body["num_examples"] = num_examples
         if auto_activate is not None:
@@ -206,10 +207,13 @@ class Client:
         return self._json(self.request("POST", f"/api/devices/{self.name}/updates/{round_number}",
                                        data=body, headers=headers))
 
-    def report_validation(self, report: Mapping[str, Any]) -> dict[str, Any]:
-        """Send the data validation report; the answer says the lifecycle state (init or invalid)."""
-        return self._json(self.request("POST", f"/api/devices/{self.name}/validation",
-                                       json={"validation": dict(report)}))
+    def report_validation(self, report: Mapping[str, Any], *,
+                          attack: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Send the data validation report (and the attack declared, if any); the answer says
+        the lifecycle state (init or invalid)."""
+        return self._json(self.request(
+            "POST", f"/api/devices/{self.name}/validation",
+            json={"validation": dict(report), "attack": None if attack is None else dict(attack)}))
 
     def signal(self) -> dict[str, Any]:
         """Polled while training: {"interrupt": bool, "round": int | None, "lifecycle": str}."""

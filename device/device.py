@@ -28,16 +28,20 @@ from utils import tensorflow_env  # noqa: E402
 
 tensorflow_env.quiet()  # before the trainer imports Keras
 
+from device.attacks import ATTACKS, describe_attacks, parse_attack  # noqa: E402
 from device.client import Client, server_url  # noqa: E402
 from device.runner import DeviceRunner  # noqa: E402
+from device.trainer import FROM_FOLDER  # noqa: E402
 from fedcore.devices import check_name  # noqa: E402
 from fedcore.errors import InvalidInput  # noqa: E402
+from fedcore.params import ParamError  # noqa: E402
 from utils import state_dir as state  # noqa: E402
+from utils.cli import Parser  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="device/device.py", description="A FedHub training device.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="device/device.py", description="A FedHub training device.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("port_pos", nargs="?", metavar="PORT", help="server port on localhost (original form)")
     p.add_argument("name_pos", nargs="?", metavar="DEVICE", help="device name (original form)")
     p.add_argument("--server", help="server address: http(s)://host:port, or host:port for http")
@@ -59,7 +63,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds to keep retrying while the server is unreachable")
     p.add_argument("--ca", help="CA bundle to verify the server's certificate")
     p.add_argument("--verbose", action="store_true", help="show Keras' progress bar")
+    p.add_argument("--attack", metavar="KIND", choices=list(ATTACKS),
+                   help="attack the federation, to demonstrate robust strategies: "
+                        + "; ".join(f"{a['kind']}: {a['summary']}" for a in describe_attacks()))
+    p.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the attack, repeatable (e.g. factor=10)")
     a = p.parse_args(argv)
+    a.attack_obj = None
+    if a.attack_arg and not a.attack:
+        p.error("--attack-arg needs --attack KIND")
+    if a.attack:
+        try:
+            a.attack_obj = parse_attack(a.attack, a.attack_arg)
+        except ParamError as exc:
+            p.error(str(exc))
+        if a.trainer and a.trainer != FROM_FOLDER and a.attack_obj.poisons_labels:
+            p.error(f"--attack {a.attack} changes the device's own labels, which a custom --trainer "
+                    "loads itself; use it with the built-in trainer")
     if a.server and a.port_pos and not a.name_pos and not a.name:
         a.name_pos, a.port_pos = a.port_pos, None
     if a.server is None:
@@ -96,18 +116,23 @@ def main(argv: list[str] | None = None) -> int:
         except (ImportError, AttributeError, TypeError, ValueError, OSError) as exc:
             print(f"error: --trainer {a.trainer}: {exc}", file=sys.stderr)
             return 2
+        if a.attack_obj is not None:
+            trainer.y = a.attack_obj.poison_labels(trainer.y)  # FROM_FOLDER only (see parse_args)
     else:
         try:
             x, y = load_device_data(a.data.parent.parent if a.data else folder)
         except DatasetError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if a.attack_obj is not None:
+            y = a.attack_obj.poison_labels(y)
         trainer = KerasTrainer(x, y, model=a.model, verbose=1 if a.verbose else 0)
     secret = a.enroll_secret or os.environ.get("FEDHUB_ENROLL_SECRET")
     client = Client(a.server, a.name, verify=a.ca or True, retry_for=a.retry_for)
     runner = DeviceRunner(client, trainer, folder, enroll_secret=secret,
                           secret_file=None if secret else layout.enroll_secret_file,
-                          auto_activate=True if a.auto_activate else None, poll_wait=a.poll_wait)
+                          auto_activate=True if a.auto_activate else None, poll_wait=a.poll_wait,
+                          attack=a.attack_obj)
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt

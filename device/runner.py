@@ -12,8 +12,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedcore.auth import read_secret
 
+from .attacks import Attack
 from .client import Client, RemoteLogHandler, ServerError, TLSError, Unreachable, backoff_delays, duration
 from .trainer import Trainer, TrainingInterrupted
 
@@ -28,9 +31,13 @@ class DeviceRunner:
 
     def __init__(self, client: Client, trainer: Trainer, folder: Path, *,
                  enroll_secret: str | None = None, secret_file: Path | None = None,
-                 auto_activate: bool | None = None, poll_wait: float = 20.0, print_fn=print) -> None:
+                 auto_activate: bool | None = None, poll_wait: float = 20.0,
+                 attack: Attack | None = None, print_fn=print) -> None:
         """``secret_file``: read the enrollment secret from this file (the local server's)
-        instead of ``enroll_secret``, again on each refusal while the retry time lasts."""
+        instead of ``enroll_secret``, again on each refusal while the retry time lasts.
+        ``attack``: poison what this device sends (a demo of attacks on the federation; its
+        labels, for ``label-flip``, are the trainer's to poison). It is declared when the
+        device enrolls, so that the dashboards show it."""
         self.client = client
         self.trainer = trainer
         self.folder = Path(folder)
@@ -38,6 +45,8 @@ class DeviceRunner:
         self.secret_file = Path(secret_file) if secret_file is not None else None
         self.auto_activate = auto_activate
         self.poll_wait = poll_wait
+        self.attack = attack
+        self._rng = np.random.default_rng()
         self._print = print_fn
         self._stop = threading.Event()
         self.rounds_done = 0
@@ -55,6 +64,10 @@ class DeviceRunner:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _declared(self) -> dict[str, Any] | None:
+        """The attack this device declares to the server (shown, never used to aggregate)."""
+        return None if self.attack is None else self.attack.describe()
 
     # tokens are kept beside the device's data so a restarted device keeps its identity
     def _token_path(self) -> Path:
@@ -76,7 +89,7 @@ class DeviceRunner:
             try:
                 self.client.signal()  # is the saved token still good?
                 if self._report is not None:
-                    self.client.report_validation(self._report)
+                    self.client.report_validation(self._report, attack=self._declared())
                 return
             except ServerError as exc:
                 if exc.status != 401:
@@ -97,7 +110,8 @@ class DeviceRunner:
             secret = read_secret(self.secret_file) if self.secret_file else self.enroll_secret
             try:
                 return self.client.register(secret, num_examples=num_examples,
-                                            auto_activate=self.auto_activate, validation=self._report)
+                                            auto_activate=self.auto_activate, validation=self._report,
+                                            attack=self._declared())
             except ServerError as exc:
                 if exc.status != 401 or exc.field != "enroll_secret":
                     raise
@@ -144,6 +158,8 @@ class DeviceRunner:
                 self.enroll(report["num_examples"])
             return 1
         self._say(f"{report['num_examples']} local examples")
+        if self.attack is not None:
+            self._say(f"attacking the federation: {self.attack.summary()}", logging.WARNING)
         self.trainer.initialise({})  # build the model now, not inside the first round
         try:
             self.enroll(report["num_examples"])
@@ -216,8 +232,11 @@ class DeviceRunner:
             with contextlib.suppress(ServerError):
                 self.client.report_interrupted(number, detail)
             return
+        sent = result.weights
+        if self.attack is not None:
+            sent = self.attack.poison_weights(result.weights, weights, self._rng)
         try:
-            ack = self.client.upload(number, result.weights, num_examples=result.num_examples,
+            ack = self.client.upload(number, sent, num_examples=result.num_examples,
                                      model_version=version, metrics=result.metrics,
                                      upload_id=uuid.uuid4().hex)
             accepted = True

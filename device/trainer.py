@@ -146,8 +146,57 @@ def fit_interruptibly(keras_model: Any, x: np.ndarray, y: np.ndarray, event: thr
         event.clear()
 
 
+class ProximalTerm:
+    """FedProx's proximal term (Li et al. 2020), ``(mu/2)·||w - w_global||²``, added to a Keras
+    model's training loss.
+
+    Every trainable weight gets a regularizer pulling it toward its value at the start of the
+    round (the global model), so the term is part of the loss that ``fit`` minimises and of the
+    loss it reports. ``mu`` and the global weights live in non-trainable variables: setting them
+    each round does not retrace the training function.
+    """
+
+    def __init__(self, keras_model: Any) -> None:
+        import keras
+
+        self._model = keras_model
+        self.mu = keras.Variable(0.0, dtype="float32", trainable=False, name="proximal_mu")
+        self._anchors = []
+        for v in keras_model.trainable_variables:
+            anchor = keras.Variable(keras.ops.zeros(v.shape, dtype=v.dtype), dtype=v.dtype,
+                                    trainable=False, name=f"proximal_anchor_{len(self._anchors)}")
+            v.regularizer = _pull_toward(anchor, self.mu)
+            self._anchors.append((v, anchor))
+        keras_model.train_function = None  # traced again, with the term
+
+    def start_round(self, mu: float) -> None:
+        """Capture the model's current weights (the global model) as the anchor, with ``mu``."""
+        self.mu.assign(mu)
+        for v, anchor in self._anchors:
+            anchor.assign(v.value)
+
+    def value(self) -> float:
+        """The term's value for the current weights."""
+        import keras
+
+        return float(sum(keras.ops.convert_to_numpy(v.regularizer(v.value)) for v, _ in self._anchors))
+
+
+def _pull_toward(anchor: Any, mu: Any) -> Any:
+    import keras
+
+    def term(weight: Any) -> Any:
+        return 0.5 * mu * keras.ops.sum(keras.ops.square(weight - anchor))
+
+    return term
+
+
 class KerasTrainer:
-    """The built-in trainer: FedHub's Keras :class:`model.Model` on local image arrays."""
+    """The built-in trainer: FedHub's Keras :class:`model.Model` on local image arrays.
+
+    With ``proximal_mu`` > 0 in the task config (the server's ``--strategy fedprox``) the
+    training loss carries FedProx's proximal term toward the round's global model.
+    """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, *, model: str = "basic", seed: int = 0,
                  verbose: int = 0) -> None:
@@ -159,6 +208,7 @@ class KerasTrainer:
         self.model = None
         self._stop = threading.Event()
         self._progress = BatchProgress()
+        self.proximal: ProximalTerm | None = None
 
     def validate(self) -> dict[str, Any]:
         return validate_images(self.x, self.y)
@@ -176,10 +226,16 @@ class KerasTrainer:
         if self.model is None or self.model.name != name:
             self.model_name = name
             self.model = Model(name, seed=self.seed)
+            self.proximal = None
 
     def train(self, weights: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> TrainResult:
         self.initialise(config)
         self.model.set_weights(weights)
+        mu = float(config.get("proximal_mu", 0.0))
+        if mu > 0 and self.proximal is None:
+            self.proximal = ProximalTerm(self.model.keras_model)
+        if self.proximal is not None:
+            self.proximal.start_round(mu)  # the weights just set are the round's global model
         started = time.perf_counter()
         metrics = fit_interruptibly(
             self.model.keras_model, self.x, self.y, self._stop, fit=self._fit, progress=self._progress,
@@ -275,6 +331,11 @@ class KerasModelTrainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.keras_model.save(path)
         return path
+
+
+# How the Python API's child devices name :func:`from_folder` (``--trainer``): FedHub's own
+# trainer, on arrays FedHub wrote, so a label-flip attack may change its labels.
+FROM_FOLDER = "device.trainer:from_folder"
 
 
 def from_folder(data_dir: Path) -> KerasModelTrainer:

@@ -110,7 +110,7 @@ class DeviceRegistry:
             raise InvalidInput(f"num_examples must be an integer from 0 to {MAX_INTEGER}", "num_examples")
         if auto_activate is not None and not isinstance(auto_activate, bool):
             raise InvalidInput("auto_activate must be true or false", "auto_activate")
-        info = {"attack": check_attack(attack)}
+        declared = check_attack(attack)
         token = auth.new_token()
         token_hash = auth.hash_token(token)
         now = self._clock()
@@ -119,10 +119,11 @@ class DeviceRegistry:
             if row is None:
                 active = self._auto_activate or bool(auto_activate)
                 self._storage.add_device(name, token_hash, active=active, now=now,
-                                         num_examples=num_examples, info=info)
+                                         num_examples=num_examples, info={"attack": declared})
             else:
                 self._by_hash.pop(row["token_hash"], None)
-                fields: dict[str, Any] = {"token_hash": token_hash, "last_seen": now, "info": info}
+                fields: dict[str, Any] = {"token_hash": token_hash, "last_seen": now,
+                                          "info": {**json.loads(row["info"]), "attack": declared}}
                 if num_examples is not None:
                     fields["num_examples"] = num_examples
                 if auto_activate:
@@ -160,6 +161,13 @@ class DeviceRegistry:
         if row is None:
             raise NotFound(f"no device named {name!r}", "name")
         return row
+
+    def declare_attack(self, name: str, attack: object) -> None:
+        """Replace what the device declares it attacks with (see :func:`check_attack`)."""
+        declared = check_attack(attack)
+        with self._lock:
+            row = self.require(name)
+            self._storage.update_device(name, info={**json.loads(row["info"]), "attack": declared})
 
     def set_active(self, name: str, active: bool) -> None:
         self.require(name)

@@ -161,9 +161,13 @@ class Coordinator:
         """The device a bearer token belongs to."""
         return self._devices.authenticate(token)
 
-    def report_validation(self, name: str, raw: object) -> dict[str, Any]:
-        """A device's new data validation report; invalid data drops it from the open round now."""
+    def report_validation(self, name: str, raw: object, *, attack: object = None,
+                          declares_attack: bool = False) -> dict[str, Any]:
+        """A device's new data validation report (with, when ``declares_attack``, the attack it
+        declares, as at enrollment); invalid data drops it from the open round at once."""
         report = check_report(raw)
+        if declares_attack:
+            self._devices.declare_attack(name, attack)
         state = self._devices.lifecycle.report(name, report)
         if not report["ok"]:
             with self._cond:

@@ -14,12 +14,14 @@ It is a thin layer over the same parts as the command line: the engine
 process, talks HTTP to the server.
 """
 
+from device.attacks import make_attack
 from device.trainer import KerasModelTrainer, Trainer, TrainResult
+from fedcore.strategies import describe_strategies
 
 from .devices import Device
 from .evaluation import evaluate
 from .servers import Server
 from .simulation import History, simulate
 
-__all__ = ["Device", "History", "KerasModelTrainer", "Server", "TrainResult", "Trainer", "evaluate",
-           "simulate"]
+__all__ = ["Device", "History", "KerasModelTrainer", "Server", "TrainResult", "Trainer",
+           "describe_strategies", "evaluate", "make_attack", "simulate"]

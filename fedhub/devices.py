@@ -14,13 +14,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from device.attacks import Attack, make_attack
 from device.client import Client
 from device.runner import DeviceRunner
+from device.trainer import FROM_FOLDER
 from fedcore.devices import check_name
 from fedcore.errors import InvalidInput
 from fedcore.files import atomic_path
@@ -45,7 +48,9 @@ class Device:
     def __init__(self, server: Any, name: str, x: np.ndarray | None = None, y: np.ndarray | None = None,
                  *, model: Any = None, trainer: Any = None, enroll_secret: str | None = None,
                  root: str | Path | None = None, auto_activate: bool = True, poll_wait: float = 5.0,
-                 retry_for: float = 60.0, verify: bool | str = True, quiet: bool = False) -> None:
+                 retry_for: float = 60.0, verify: bool | str = True, quiet: bool = False,
+                 attack: Attack | str | None = None, attack_params: Mapping[str, Any] | None = None
+                 ) -> None:
         try:
             self.name = check_name(name)
         except InvalidInput as exc:
@@ -60,6 +65,14 @@ class Device:
             self.url = server.url
             self._server_model = server.model_path
             self.enroll_secret = enroll_secret or server.enroll_secret
+        if isinstance(attack, str):
+            attack = make_attack(attack, **dict(attack_params or {}))
+        elif attack_params:
+            raise ValueError("attack_params go with an attack given by its kind (a string)")
+        if attack is not None and attack.poisons_labels and trainer is not None:
+            raise ValueError(f"the {attack.kind} attack changes the device's labels, which a custom "
+                             "trainer holds itself; give x and y instead")
+        self.attack: Attack | None = attack
         self.x, self.y, self.model, self.trainer = x, y, model, trainer
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="fedhub-devices-"))
         self.folder = self.root / self.name
@@ -118,10 +131,11 @@ class Device:
 
         trainer = self.trainer
         if trainer is None:
-            trainer = KerasModelTrainer(load_model(self._model_file()), self.x, self.y)
+            y = self.y if self.attack is None else self.attack.poison_labels(self.y)
+            trainer = KerasModelTrainer(load_model(self._model_file()), self.x, y)
         self.runner = DeviceRunner(self._client(), trainer, self.folder, enroll_secret=self.enroll_secret,
                                    auto_activate=self.auto_activate, poll_wait=self.poll_wait,
-                                   print_fn=self._print)
+                                   attack=self.attack, print_fn=self._print)
         self.exit_code = self.runner.run()
         return self.exit_code
 
@@ -140,10 +154,14 @@ class Device:
         with atomic_path(model_file.parent / "arrays.npz") as tmp:
             np.savez(tmp, x=np.asarray(self.x), y=np.asarray(self.y))
         cmd = [sys.executable, str(ROOT / "device" / "device.py"), "--server", self.url, "--name", self.name,
-               "--devices-root", str(self.root), "--trainer", "device.trainer:from_folder",
+               "--devices-root", str(self.root), "--trainer", FROM_FOLDER,
                "--poll-wait", str(self.poll_wait), "--retry-for", str(self.retry_for)]
         if self.auto_activate:
             cmd.append("--auto-activate")
+        if self.attack is not None:
+            cmd += ["--attack", self.attack.kind]
+            for key, value in self.attack.describe()["params"].items():
+                cmd += ["--attack-arg", f"{key}={value}"]
         if isinstance(self.verify, str):
             cmd += ["--ca", self.verify]
         env = {**os.environ}

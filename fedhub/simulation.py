@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from device.attacks import Attack
 
 from .devices import Device
 from .servers import Server
@@ -25,7 +27,7 @@ def simulate(model: Any, partitions: Sequence[tuple[np.ndarray, np.ndarray]], *,
              epochs: int = 1, batch_size: int = 32, learning_rate: float = 1e-3,
              root: str | Path | None = None, timeout: float | None = None,
              on_round: Callable[[dict[str, Any]], None] | None = None, quiet: bool = True,
-             **server_options: Any) -> History:
+             attacks: Mapping[str, Attack] | None = None, **server_options: Any) -> History:
     """Run ``rounds`` rounds of federated learning with one device per partition.
 
     ``model`` is a compiled Keras model or a function returning one (called once);
@@ -33,14 +35,22 @@ def simulate(model: Any, partitions: Sequence[tuple[np.ndarray, np.ndarray]], *,
     ``device<i>``. Each device runs in a child process (``processes=True``) or in a
     thread of this process, against a :class:`fedhub.Server` started here on a free
     loopback port; every round waits for all devices. ``on_round(entry)`` is called
-    as each round completes. Returns the history, with the final model as
-    ``.model``. Raises RuntimeError if a device fails (for instance invalid data:
-    its reason is in the message) and TimeoutError after ``timeout`` seconds.
+    as each round completes. ``attacks`` maps device names to the attack each mounts
+    (``fedhub.make_attack("scale", factor=10)``); ``server_options`` are
+    :class:`fedhub.Server`'s (``strategy="krum", strategy_params={"num_malicious": 1}``).
+    Returns the history, with the final model as ``.model``. Raises RuntimeError if a
+    device fails (for instance invalid data: its reason is in the message) and
+    TimeoutError after ``timeout`` seconds.
     """
     import keras
 
     if not partitions:
         raise ValueError("give at least one partition (x, y)")
+    names = [f"device{i}" for i in range(1, len(partitions) + 1)]
+    unknown = sorted(set(attacks or {}) - set(names))
+    if unknown:
+        raise ValueError(f"attacks name no device: {', '.join(unknown)} (devices are device1 .. "
+                         f"device{len(names)})")
     if not isinstance(model, keras.Model):
         model = model()
     root = Path(root) if root else Path(tempfile.mkdtemp(prefix="fedhub-simulation-"))
@@ -48,8 +58,9 @@ def simulate(model: Any, partitions: Sequence[tuple[np.ndarray, np.ndarray]], *,
                     epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, quorum=1.0,
                     auto_activate=True, start=True, state_dir=root / "server", **server_options)
     with server:
-        devices = [Device(server, f"device{i}", x, y, root=root / "devices", quiet=quiet)
-                   for i, (x, y) in enumerate(partitions, start=1)]
+        devices = [Device(server, name, x, y, root=root / "devices", quiet=quiet,
+                          attack=(attacks or {}).get(name))
+                   for name, (x, y) in zip(names, partitions, strict=True)]
         for device in devices:
             device.spawn() if processes else device.start()
         try:

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from fedcore.errors import InvalidInput
-from model import Model, get_keras_weights, preprocess, set_keras_weights
+from model import CLASS_NAMES, Model, get_keras_weights, preprocess, set_keras_weights
 
 # Validation uploads are evaluated in a request thread: bound the work.
 MAX_VALIDATE_EXAMPLES = 60_000
@@ -161,6 +161,11 @@ class GlobalModel:
         if not isinstance(built, keras.Model):
             raise ValueError(f"--model-factory {spec!r} returned {type(built).__name__}, not a keras.Model")
         return cls(built, test_data=test_data)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classes' names in label order, for FedHub's own (Fashion-MNIST) networks."""
+        return list(CLASS_NAMES) if self.builtin else None
 
     def initial_weights(self) -> dict[str, np.ndarray]:
         with self._lock:

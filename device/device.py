@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the project importable
+# Run as a script, Python puts device/ first on the path, where this file would stand in for the
+# `device` package: the project's root goes before it (even if PYTHONPATH names it already).
+if sys.path[0] != str(ROOT):
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -27,7 +27,9 @@ from .aggregation import Accumulator, Strategy, make_strategy
 from .config import FederationConfig
 from .device_logs import DeviceLogs
 from .devices import DeviceRegistry
-from .errors import Conflict, InvalidInput
+from .errors import Conflict, InvalidInput, NotFound
+from .evaluations import Evaluations
+from .plural import plural
 from .storage import Storage
 
 log = logging.getLogger("fedhub.rounds")
@@ -68,6 +70,7 @@ class Coordinator:
         self.config = config
         self.max_upload_bytes = max_upload_bytes
         self._evaluate = evaluate
+        self._evaluations = Evaluations(evaluate) if evaluate is not None else None
         self._strategy = strategy or make_strategy(config.strategy)
         self._initial = {k: np.array(v) for k, v in initial_weights.items()}
         self.spec = wire.spec_of(self._initial)
@@ -365,8 +368,8 @@ class Coordinator:
                 self.config.rounds = rounds
             if self.config.rounds and self._version >= self.config.rounds:
                 raise Conflict(
-                    f"all {self.config.rounds} rounds are done; start with a larger 'rounds' or reset",
-                    "rounds")
+                    f"the run is over ({plural(self.config.rounds, 'round')} done); "
+                    "start with a larger 'rounds' or reset", "rounds")
             self._set_status("running")
 
     def pause(self) -> None:
@@ -391,6 +394,45 @@ class Coordinator:
         self._status = status
         self.storage.set_setting("status", status)
         self._cond.notify_all()
+
+    # completed rounds' models ---------------------------------------------
+    def round_weights(self, number: int | None = None) -> tuple[int, Weights]:
+        """The global weights of completed round ``number`` (None: the current global model)."""
+        if number is None:
+            return self.global_weights()
+        return number, self._checkpoint(self._completed_round(number))
+
+    def test_evaluation(self, number: int | None = None) -> tuple[int, dict[str, Any]]:
+        """A completed round's global model (None: the current one) on the server's test set.
+
+        What the per-round evaluation gives (for the Keras global model: loss, accuracy,
+        per-class accuracy and the confusion matrix), made once per round and outside the
+        engine's lock: the round's own evaluation is kept when it closes.
+        """
+        if number is None:
+            with self._cond:
+                number = self._version
+        row = self._completed_round(number)
+        metrics = {}
+        if self._evaluations is not None:  # keyed by when it closed: numbers repeat after a reset
+            metrics = self._evaluations.get((number, row["closed_at"]), lambda: self._checkpoint(row))
+        if not metrics:
+            raise Conflict("this server has no test set to evaluate its models on", "round")
+        return number, metrics
+
+    def _completed_round(self, number: int) -> dict[str, Any]:
+        row = self.storage.get_round(number) if 0 <= number <= wire.MAX_INTEGER else None
+        if row is None:
+            raise NotFound(f"no round {number}", "round")
+        if row["status"] != "complete":
+            raise Conflict(f"round {number} is not complete yet", "round")
+        return row
+
+    def _checkpoint(self, row: Mapping[str, Any]) -> Weights:
+        try:
+            return self.storage.read_checkpoint(row["number"])
+        except FileNotFoundError:  # a reset removed it since its row was read
+            raise NotFound(f"no round {row['number']}", "round") from None
 
     # reading --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -482,7 +524,7 @@ class Coordinator:
         if (self.config.rounds and self._version >= self.config.rounds
                 and self._status in ("running", "paused") and self._open is None):
             self._set_status("finished")
-            log.info("all %d rounds done", self.config.rounds)
+            log.info("the run is over: %s done", plural(self.config.rounds, "round"))
 
     def _try_open(self) -> None:
         available = self.devices.available()
@@ -526,10 +568,13 @@ class Coordinator:
                 except Exception:
                     log.exception("evaluation of round %d failed", r.number)
             path = self.storage.write_checkpoint(r.number, weights)
+            closed_at = self._clock()
             self.storage.complete_round(
-                r.number, closed_at=self._clock(), num_updates=r.accumulator.count,
+                r.number, closed_at=closed_at, num_updates=r.accumulator.count,
                 num_examples=r.accumulator.total_examples, test_loss=metrics.get("loss"),
                 test_accuracy=metrics.get("accuracy"), checkpoint=str(path))
+            if metrics and self._evaluations is not None:  # what test_evaluation() answers for it
+                self._evaluations.remember((r.number, closed_at), metrics)
         except Exception as exc:  # a full disk must not take the server down
             log.exception("round %d could not be completed", r.number)
             with self._cond:
@@ -549,8 +594,9 @@ class Coordinator:
             self._check_finished()
             self._cond.notify_all()
         row = self.storage.get_round(r.number) or {}
-        log.info("round %d complete: %d updates, %d examples, test accuracy %s", r.number,
-                 r.accumulator.count, r.accumulator.total_examples, metrics.get("accuracy"))
+        log.info("round %d complete: %s, %s, test accuracy %s", r.number,
+                 plural(r.accumulator.count, "update"), plural(r.accumulator.total_examples, "example"),
+                 metrics.get("accuracy"))
         for hook in self._hooks:
             try:
                 hook(row, weights)

@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 FEDHUB_DATA_DIR ?= $(abspath $(wildcard ../shared/data/fashion-mnist))
 export FEDHUB_DATA_DIR
 
-.PHONY: demo test lint clean bench help
+.PHONY: venv demo test lint clean bench help
 
 help:
+	@echo "make venv   - set up .venv (then: . .venv/bin/activate)"
 	@echo "make demo   - set up .venv, split data over 3 devices, train 3 rounds, print accuracy"
 	@echo "make test   - set up .venv and run the whole test suite"
 	@echo "make lint   - ruff"
@@ -21,6 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
+
+venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m utils.demo --devices 3 --rounds 3

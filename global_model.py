@@ -28,6 +28,7 @@ tensorflow_env.quiet()  # before Keras imports TensorFlow
 import keras  # noqa: E402
 
 from model import (  # noqa: E402
+    CLASS_NAMES,
     Model,
     build_raw_image_model,
     get_keras_weights,
@@ -170,6 +171,11 @@ class GlobalModel:
         if not isinstance(built, keras.Model):
             raise ValueError(f"--model-factory {spec!r} returned {type(built).__name__}, not a keras.Model")
         return cls(built, test_data=test_data)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classes' names in label order, for FedHub's own (Fashion-MNIST) networks."""
+        return list(CLASS_NAMES) if self.builtin else None
 
     def initial_weights(self) -> dict[str, np.ndarray]:
         with self._lock:

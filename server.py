@@ -25,6 +25,7 @@ from api.serving import ServeOptions
 from fedcore import auth, history, wire
 from fedcore.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
 from fedcore.devices import DeviceRegistry
+from fedcore.plural import plural
 from fedcore.rounds import Coordinator
 from fedcore.storage import Storage
 from fedcore.strategies import STRATEGIES, ParamError, format_strategies, parse_strategy_args
@@ -293,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine: Coordinator = app.extensions["fedhub"]
     folder = Path(config.state_dir)
+    rounds = config.federation.rounds
     print(f"FedHub server on {serving.url}  "
-          f"(model {config.federation.training.model}, {config.federation.rounds or 'unlimited'} rounds, "
+          f"(model {config.federation.training.model}, "
+          f"{plural(rounds, 'round') if rounds else 'unlimited rounds'}, "
           f"status {engine.status()['status']})", flush=True)
     if not (config.admin_token or os.environ.get("FEDHUB_ADMIN_TOKEN")):
         print(f"admin token in {folder / ADMIN_TOKEN_FILE}; enrollment secret in "

@@ -1,10 +1,11 @@
-"""Model export and validation (after FedV's serving and validation APIs).
+"""Model export, validation and test-set evaluation (after FedV's serving and validation APIs).
 
 ``GET /api/rounds/<n>/model.keras`` downloads the global model of any completed
 round (``latest`` for the current one) as a ``.keras`` file that plain Keras
 loads. ``POST /api/rounds/<n>/validate`` evaluates that model on an uploaded
-labelled ``.npz`` (arrays ``x`` and ``y``): loss, accuracy, per-class accuracy
-and the confusion matrix. Both need a device or admin token, like ``/api/model``.
+labelled ``.npz`` (arrays ``x`` and ``y``), and ``GET /api/rounds/<n>/evaluation``
+on the server's own test set (made once per round): loss, accuracy, per-class
+accuracy and the confusion matrix. All need a device or admin token, like ``/api/model``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ bp = Blueprint("models", __name__)
 NPZ_TYPES = ("application/octet-stream", "application/x-npz", "application/zip")
 
 
-
 def _model():
     model = current_app.extensions.get("fedhub_global_model")
     if model is None:
@@ -29,23 +29,22 @@ def _model():
     return model
 
 
-def _weights(round_text: str):
-    """The weights of a completed round (``latest``: the current global model)."""
+def _round_number(round_text: str) -> int | None:
+    """The round a URL names: None for ``latest``, else its number."""
     if round_text == "latest":
-        return engine().round_weights(None)
+        return None
     if not (round_text.isascii() and round_text.isdigit()):  # isdigit() alone lets '²' through
         raise InvalidInput("round must be a round number or 'latest'", "round")
-    # A number too large for the database is no round either (and is not even turned into an int).
-    if len(round_text) > len(str(MAX_INTEGER)):
+    if len(round_text) > len(str(MAX_INTEGER)):  # no round, and not even worth turning into an int
         raise NotFound(f"no round {round_text}", "round")
-    return engine().round_weights(int(round_text))
+    return int(round_text)
 
 
 @bp.get("/api/rounds/<round_text>/model.keras")
 def export(round_text: str):
     require_device_or_admin()
     model = _model()
-    number, weights = _weights(round_text)
+    number, weights = engine().round_weights(_round_number(round_text))
     body = model.export(weights)
     response = Response(body, mimetype="application/octet-stream")
     response.headers["Content-Disposition"] = f'attachment; filename="fedhub_round_{number:05d}.keras"'
@@ -62,6 +61,14 @@ def validate(round_text: str):
     if request.mimetype not in NPZ_TYPES:
         raise InvalidInput("body must be an .npz file (Content-Type: application/octet-stream)",
                            "Content-Type")
-    number, weights = _weights(round_text)
+    number, weights = engine().round_weights(_round_number(round_text))
     x, y = load_npz(request.get_data(cache=False))
     return jsonify({"round": number, "model": model.name, **model.validate(weights, x, y)})
+
+
+@bp.get("/api/rounds/<round_text>/evaluation")
+def evaluation(round_text: str):
+    require_device_or_admin()
+    model = _model()
+    number, metrics = engine().test_evaluation(_round_number(round_text))
+    return jsonify({"round": number, "model": model.name, "class_names": model.class_names, **metrics})

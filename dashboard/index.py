@@ -2,9 +2,10 @@
 
 Watch and drive a federation through the server's HTTP API: the devices with their state
 and lifecycle (activate or deactivate each, interrupt one's local training), start / pause /
-resume, the current round's progress, the global and per-device accuracy and loss over
-rounds, failed updates, the devices' logs (admin token), local demo devices, and predictions
-for an uploaded picture. The server URL and admin token come from the sidebar, else from
+resume / reset, the current round's progress, the global and per-device accuracy and loss over
+rounds, failed updates, the devices' logs (admin token), the latest global model's confusion
+matrix on the test set, a model download, local demo devices, and predictions for an
+uploaded picture. The server URL and admin token come from the sidebar, else from
 ``FEDHUB_SERVER`` / ``FEDHUB_ADMIN_TOKEN``, else ``http://127.0.0.1:4000`` and the local
 server's ``admin.token`` in the state directory (``-- --state-dir DIR`` after the script,
 else ``FEDHUB_STATE_DIR``, else ``server_training/``: see :mod:`utils.state_dir`);
@@ -23,8 +24,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `streamlit run` puts only dashboard/ on the path
@@ -34,6 +36,7 @@ import altair as alt  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
+from api.app import MAX_IMAGE_BYTES  # noqa: E402
 from dashboard.local_devices import LocalDevices, device_names, missing_data  # noqa: E402
 from dashboard.server_api import (  # noqa: E402
     DEFAULT_SERVER,
@@ -43,15 +46,19 @@ from dashboard.server_api import (  # noqa: E402
     Unreachable,
     default_admin_token,
 )
+from fedcore.plural import plural  # noqa: E402
 from utils import state_dir as state  # noqa: E402
 
 log = logging.getLogger("fedhub.dashboard")
+T = TypeVar("T")
 
 GLOBAL_SERIES = "global model (test set)"
 GLOBAL_COLOUR = "#1c7ed6"
 DEVICE_COLOURS = ["#e8590c", "#2f9e44", "#9c36b5", "#1098ad", "#f08c00", "#c2255c",
                   "#5c940d", "#3b5bdb", "#862e9c", "#0b7285"]
 PICTURE_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp"]
+# The uploader's limit is the server's default predict body limit (server.py --max-image-mb).
+MAX_PICTURE_MB = MAX_IMAGE_BYTES // (1024 * 1024)
 REFRESH_SECONDS = 2.0
 LOG_LEVELS = ("INFO", "WARNING", "ERROR")
 LOG_ROWS = 200  # the latest log lines kept and shown
@@ -63,6 +70,7 @@ RED = "background-color: rgba(250, 82, 82, 0.28)"
 AMBER = "background-color: rgba(250, 176, 5, 0.28)"
 LIFECYCLE_HIGHLIGHT = {"invalid": RED, "interrupted": AMBER}
 LEVEL_HIGHLIGHT = {"ERROR": RED, "WARNING": AMBER}
+BLANK = "–"  # what an empty table cell shows (Streamlit's own is the word "None")
 # Every ASCII punctuation mark can be backslash-escaped in Markdown (Streamlit's ``$`` maths and
 # ``:emoji:`` shortcodes included); a device's own words then show as typed, never as markup.
 MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
@@ -81,14 +89,28 @@ def refusal(exc: ServerError) -> str:
     return f"The server refused: {message} (HTTP {exc.status})"
 
 
-def flash(kind: str, text: str) -> None:
-    """Keep a message from a button callback until the page shows it."""
-    st.session_state.setdefault("flash", []).append((kind, text))
+def flash(kind: str, text: str, where: str = "controls") -> None:
+    """Keep the outcome of a button until the user dismisses it or acts again.
+
+    One message at a time (the latest action's), shown beside the buttons that made it
+    (``where``): the live refresh draws it again rather than dropping it.
+    """
+    st.session_state["flash"] = (kind, text, where)
 
 
-def show_flashes() -> None:
-    for kind, text in st.session_state.pop("flash", []):
-        (st.success if kind == "success" else st.error)(text)
+def dismiss() -> None:
+    st.session_state.pop("flash", None)
+
+
+def show_flash(where: str = "controls") -> None:
+    message = st.session_state.get("flash")
+    if not message or message[2] != where:
+        return
+    kind, text, _ = message
+    row = st.container(horizontal=True, vertical_alignment="center")
+    (row.success if kind == "success" else row.error)(text)
+    row.button("Dismiss", key=f"dismiss-{where}", icon=":material/close:", type="tertiary",
+               on_click=dismiss)
 
 
 def server_down_banner(api: ServerAPI, exc: Exception, key: str) -> None:
@@ -96,7 +118,7 @@ def server_down_banner(api: ServerAPI, exc: Exception, key: str) -> None:
         f"**The FedHub server at {api.server} cannot be reached** ({exc}).\n\n"
         "Start it with `python server.py 4000`, or fix the server URL in the sidebar. "
         "This page keeps working and tries again on Retry (or by itself when live refresh is on).",
-        icon="🚫")
+        icon=":material/cloud_off:")
     st.button("Retry", key=key, type="primary")
 
 
@@ -116,6 +138,22 @@ def control(call, done: str) -> None:
         flash("error", refusal(exc))
     else:
         flash("success", done)
+
+
+def read(call: Callable[[], T], what: str) -> T | None:
+    """``call()``'s answer, or None once the page has said why ``what`` could not be read."""
+    try:
+        return call()
+    except NO_SERVER as exc:
+        st.warning(f"{what} could not be read: {exc}")
+    except ServerError as exc:  # 409: the federation's state, not a mistake
+        (st.info if exc.status == 409 else st.error)(refusal(exc))
+    return None
+
+
+def table(data: Any, **kwargs: Any) -> None:
+    """A table across the page, an empty cell shown as a dash."""
+    st.dataframe(data, hide_index=True, width="stretch", placeholder=BLANK, **kwargs)
 
 
 def as_text(text: str) -> str:
@@ -196,15 +234,52 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
     if status.get("last_error"):
         st.warning(status["last_error"])
 
-    c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
-    rounds = c4.number_input("Rounds in the run (0: until paused)", key="rounds", min_value=0,
+    if state == "finished":
+        st.info(f"The run is over ({plural(status['total_rounds'], 'round')} done). To train again, "
+                "Reset (back to the initial model), or Start with more rounds in the run.")
+
+    c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1, 2])
+    rounds = c5.number_input("Rounds in the run (0: until paused)", key="rounds", min_value=0,
                              max_value=10_000, step=1, value=int(status["total_rounds"] or 0))
     c1.button("Start", key="start", type="primary", disabled=state == "running", on_click=control,
-              args=(lambda: api.start(int(rounds)), f"training started ({rounds or '∞'} rounds)"))
+              args=(lambda: api.start(int(rounds)),
+                    f"training started ({plural(rounds, 'round') if rounds else 'until paused'})"))
     c2.button("Pause", key="pause", disabled=state != "running",
               on_click=control, args=(api.pause, "paused: the round in progress still completes"))
     c3.button("Resume", key="resume", disabled=state != "paused",
               on_click=control, args=(api.resume, "training resumed"))
+    c4.button("Reset", key="reset", disabled=state == "idle" and not status["completed_rounds"],
+              help="Forget every round and go back to the initial model (asks first).",
+              on_click=ask_reset)
+    if st.session_state.get("confirm_reset"):
+        reset_confirmation(api, status)
+
+
+def ask_reset() -> None:
+    dismiss()  # a new action: the previous outcome goes
+    st.session_state["confirm_reset"] = True
+
+
+def cancel_reset() -> None:
+    st.session_state.pop("confirm_reset", None)
+
+
+def reset_confirmation(api: ServerAPI, status: dict[str, Any]) -> None:
+    """Reset cannot be undone: it is done only once confirmed here."""
+    def reset() -> None:
+        cancel_reset()
+        control(api.reset, "reset: every round is forgotten; Start trains again from the initial model")
+
+    done = status["completed_rounds"]
+    open_round = " and the round in progress" if status["round"] else ""
+    with st.container(border=True):
+        st.warning(f"Reset forgets {'all ' if done > 1 else ''}{plural(done, 'completed round')}"
+                   f"{open_round}: their checkpoints, history and test results. The global model "
+                   "goes back to the initial one; devices stay enrolled and active. This cannot be undone.",
+                   icon=":material/warning:")
+        yes, no, _ = st.columns([1, 1, 3])
+        yes.button("Reset the run", key="reset_confirm", type="primary", on_click=reset)
+        no.button("Cancel", key="reset_cancel", on_click=cancel_reset)
 
 
 def latest_update(latest: dict[str, Any] | None) -> str:
@@ -250,11 +325,10 @@ def devices_panel(api: ServerAPI, devices: list[dict[str, Any]],
         "local accuracy": (d["latest"] or {}).get("accuracy"),
         "latest update": latest_update(d["latest"]),
     } for d in devices]
-    frame = pd.DataFrame(rows)
-    st.dataframe(frame.style.apply(highlight, axis=1, colours=LIFECYCLE_HIGHLIGHT, column="lifecycle"),
-                 hide_index=True, width="stretch",
-                 column_config={"local accuracy": st.column_config.NumberColumn(format="%.4f"),
-                                "why": st.column_config.TextColumn(width="large")})
+    frame = pd.DataFrame(rows).astype({"examples": "Int64"})
+    table(frame.style.apply(highlight, axis=1, colours=LIFECYCLE_HIGHLIGHT, column="lifecycle"),
+          column_config={"local accuracy": st.column_config.NumberColumn(format="%.4f"),
+                         "why": st.column_config.TextColumn(width="large")})
     per_row = 4
     for start in range(0, len(devices), per_row):
         cols = st.columns(per_row)
@@ -319,7 +393,7 @@ def charts_panel(history: list[dict[str, Any]]) -> None:
     if failed:
         st.markdown(f"**Failed updates ({len(failed)})**: a device logged an ERROR for the round, "
                     "newest first")
-        st.dataframe(pd.DataFrame(failed).style.map(lambda _: RED), hide_index=True, width="stretch")
+        table(pd.DataFrame(failed).style.map(lambda _: RED))
 
 
 def log_time(epoch_seconds: float) -> str:
@@ -361,16 +435,13 @@ def logs_panel(api: ServerAPI, devices: list[dict[str, Any]]) -> None:
     level = c2.selectbox("Level", [ALL, *LOG_LEVELS], key="log_level")
     round_number = c3.number_input("Round", key="log_round", min_value=0, value=None, step=1,
                                    placeholder=ALL)
-    try:
-        lines, behind = tail_logs(api, device=None if device == ALL else device,
+    tail = read(lambda: tail_logs(api, device=None if device == ALL else device,
                                   level=None if level == ALL else level,
-                                  round_number=None if round_number is None else int(round_number))
-    except NO_SERVER as exc:
-        st.warning(f"The logs could not be read: {exc}")
+                                  round_number=None if round_number is None else int(round_number)),
+                "The logs")
+    if tail is None:
         return
-    except ServerError as exc:
-        st.error(refusal(exc))
-        return
+    lines, behind = tail
     if not lines:
         st.info("No log line yet." if (device, level, round_number) == (ALL, ALL, None)
                 else "No log line matches these filters.")
@@ -381,17 +452,16 @@ def logs_panel(api: ServerAPI, devices: list[dict[str, Any]]) -> None:
     frame = pd.DataFrame([{"time": log_time(e["time"]), "device": e["device"], "level": e["level"],
                            "round": e["round"], "message": e["message"]} for e in newest_first])
     frame["round"] = frame["round"].astype("Int64")
-    st.dataframe(frame.style.apply(highlight, axis=1, colours=LEVEL_HIGHLIGHT, column="level"),
-                 hide_index=True, width="stretch",
-                 column_config={"message": st.column_config.TextColumn(width="large")})
-    st.caption(f"The latest {len(lines)} lines, newest first"
+    table(frame.style.apply(highlight, axis=1, colours=LEVEL_HIGHLIGHT, column="level"),
+          column_config={"message": st.column_config.TextColumn(width="large")})
+    st.caption(f"The latest {plural(len(lines), 'line')}, newest first"
                + (" read so far (more are still coming from the server)" if behind else "")
                + ". An ERROR that names a round marks that device's update for the round failed.")
 
 
 def live_view(api: ServerAPI) -> None:
     """Everything read from the server; re-run every few seconds when live refresh is on."""
-    show_flashes()
+    show_flash()
     try:
         status, devices, history = api.status(), api.devices(), api.history()
     except NO_SERVER as exc:
@@ -408,6 +478,7 @@ def live_view(api: ServerAPI) -> None:
         devices_panel(api, devices, (status.get("round") or {}).get("progress"))
         charts_panel(history)
         logs_panel(api, devices)
+        model_panel(api, history)
     except Exception as exc:
         unexpected(exc)
 
@@ -441,36 +512,109 @@ def launcher_panel(api: ServerAPI) -> None:
             started = local.launch(api.server, count, devices_root=devices_root, state_dir=state_dir,
                                    auto_activate=auto)
         except (ValueError, OSError) as exc:
-            st.session_state["launch_message"] = ("error", f"Not launched: {exc}")
+            flash("error", f"Not launched: {exc}", "launcher")
         else:
-            st.session_state["launch_message"] = (
-                "success", f"started {', '.join(started)}" if started else "all of them already run")
+            flash("success", f"started {', '.join(started)}" if started else "all of them already run",
+                  "launcher")
 
     def stop() -> None:
         stopped = local.stop_all()
-        st.session_state["launch_message"] = (
-            "success", f"stopped {', '.join(stopped)}" if stopped else "none was running")
+        flash("success", f"stopped {', '.join(stopped)}" if stopped else "none was running", "launcher")
 
     b1, b2, _ = st.columns([1, 1, 4])
     b1.button(f"Launch {count}", key="launch", type="primary", disabled=bool(missing), on_click=launch)
     b2.button("Stop all", key="stop_local", disabled=not local.running(), on_click=stop)
-    message = st.session_state.pop("launch_message", None)
-    if message:
-        (st.success if message[0] == "success" else st.error)(message[1])
+    show_flash("launcher")
     rows = local.rows()
     if rows:
-        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        table(pd.DataFrame(rows))
+
+
+def evaluation_of(api: ServerAPI, latest: dict[str, Any]) -> dict[str, Any]:
+    """The server's test-set evaluation of the round in ``latest`` (a history entry), asked
+    once per round: the key names the round's model for good (numbers repeat after a reset)."""
+    key = (api.server, latest["round"], latest["closed_at"])
+    kept = st.session_state.get("evaluation")
+    if not kept or kept[0] != key:
+        kept = (key, api.evaluation(latest["round"]))
+        st.session_state["evaluation"] = kept
+    return kept[1]
+
+
+def class_bars(names: list[str], values: list[float | None], value: str, title: str,
+               marked: str | None = None) -> alt.Chart:
+    """One horizontal bar from 0 to 1 per class, in label order; the ``marked`` class stands out."""
+    frame = pd.DataFrame({"class": names, value: values})
+    frame["marked"] = frame["class"] == marked
+    return alt.Chart(frame, title=title).mark_bar().encode(
+        x=alt.X(f"{value}:Q", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("class:N", sort=list(names), title=None),
+        color=alt.condition(alt.datum.marked, alt.value(GLOBAL_COLOUR), alt.value("#adb5bd")),
+        tooltip=["class", alt.Tooltip(f"{value}:Q", format=".4f")],
+    ).properties(height=alt.Step(24))  # a fixed pixel height drops every other class label
+
+
+def confusion_chart(answer: dict[str, Any], names: list[str]) -> alt.Chart:
+    """Rows: the true class; columns: the predicted one; shade: the share of the row."""
+    cells = [{"true": names[i], "predicted": names[j], "count": count, "share": count / max(1, sum(row))}
+             for i, row in enumerate(answer["confusion_matrix"]) for j, count in enumerate(row)]
+    base = alt.Chart(pd.DataFrame(cells)).encode(
+        x=alt.X("predicted:N", sort=names, title="predicted class",
+                axis=alt.Axis(labelAngle=-45, labelOverlap=False)),
+        y=alt.Y("true:N", sort=names, title="true class"),
+        tooltip=["true", "predicted", "count", alt.Tooltip("share:Q", format=".1%")])
+    squares = base.mark_rect().encode(
+        color=alt.Color("share:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), legend=None))
+    counts = base.mark_text(fontSize=11).encode(
+        text="count:Q", color=alt.condition(alt.datum.share > 0.5, alt.value("white"), alt.value("black")))
+    return (squares + counts).properties(title="confusion matrix (rows: true class)", height=alt.Step(28))
+
+
+def model_panel(api: ServerAPI, history: list[dict[str, Any]]) -> None:
+    """The latest global model on the server's test set: confusion matrix and per-class accuracy."""
+    st.subheader("Latest global model on the test set")
+    if not history:
+        st.info("No round has completed yet: the confusion matrix appears after round 1.")
+        return
+    if not api.admin_token:
+        st.info("The confusion matrix needs the admin token (sidebar).")
+        return
+    answer = read(lambda: evaluation_of(api, history[-1]), "The test results")
+    if answer is None:
+        return
+    names = answer.get("class_names") or [str(i) for i in range(len(answer["confusion_matrix"]))]
+    st.caption(f"Round {answer['round']}'s global model on {plural(answer['num_examples'], 'test image')}: "
+               f"accuracy {answer['accuracy']:.4f}. Each row is one true class: where its images went.")
+    left, right = st.columns([3, 2])
+    left.altair_chart(confusion_chart(answer, names), width="stretch")
+    right.altair_chart(class_bars(names, answer["per_class_accuracy"], "accuracy",
+                                  "accuracy on each class"), width="stretch")
+
+
+def download_panel(api: ServerAPI) -> None:
+    """The global model of a completed round as a ``.keras`` file, fetched only on the click."""
+    st.subheader("Download a model")
+    try:
+        done = [r["round"] for r in reversed(api.history())]
+    except (*NO_SERVER, ServerError) as exc:
+        st.caption(f"The rounds could not be read: {exc}")
+        return
+    if not done:
+        st.info("No round has completed yet: nothing to download.")
+        return
+    c1, c2, _ = st.columns([2, 2, 3], vertical_alignment="bottom")
+    chosen = c1.selectbox("Round to download", done, key="download_round",
+                          format_func=lambda n: f"round {n}{' (latest)' if n == done[0] else ''}")
+    c2.download_button(f"Download round {chosen}", key="download_model", icon=":material/download:",
+                       data=lambda: api.model_file(chosen), file_name=f"fedhub_round_{chosen:05d}.keras",
+                       mime="application/octet-stream", on_click="ignore", disabled=not api.admin_token)
+    st.caption("A `.keras` file that plain `keras.saving.load_model` opens (`GET /api/rounds/N/model.keras`"
+               + (")." if api.admin_token else "; it needs the admin token, sidebar)."))
 
 
 def probability_chart(answer: dict[str, Any]) -> alt.Chart:
-    frame = pd.DataFrame({"class": answer["class_names"], "probability": answer["probabilities"]})
-    frame["predicted"] = frame["class"] == answer["class_name"]
-    return alt.Chart(frame, title="probability of each class").mark_bar().encode(
-        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1])),
-        y=alt.Y("class:N", sort=list(answer["class_names"]), title=None),
-        color=alt.condition(alt.datum.predicted, alt.value(GLOBAL_COLOUR), alt.value("#adb5bd")),
-        tooltip=["class", alt.Tooltip("probability:Q", format=".4f")],
-    ).properties(height=alt.Step(24))  # a fixed pixel height drops every other class label
+    return class_bars(answer["class_names"], answer["probabilities"], "probability",
+                      "probability of each class", marked=answer["class_name"])
 
 
 def show_prediction(api: ServerAPI, name: str, data: bytes, mime: str | None) -> dict[str, Any] | None:
@@ -502,17 +646,20 @@ def predict_panel(api: ServerAPI) -> None:
                "latest global model after the same preprocessing as in training (greyscale, 28x28, "
                "inverted on a light background).")
     picture = st.file_uploader("A picture of a garment (PNG, JPEG, BMP, GIF or WebP)",
-                               type=PICTURE_TYPES, key="picture")
+                               type=PICTURE_TYPES, key="picture", max_upload_size=MAX_PICTURE_MB,
+                               help=f"The server takes up to {MAX_PICTURE_MB} MiB per request "
+                                    "(server.py --max-image-mb).")
     if picture is not None:
         show_prediction(api, picture.name, picture.getvalue(), picture.type)
 
 
 def main() -> None:
-    st.set_page_config(page_title="FedHub dashboard", page_icon="🧵", layout="wide")
+    st.set_page_config(page_title="FedHub dashboard", page_icon=":material/hub:", layout="wide")
     st.title("FedHub · federated Fashion-MNIST")
     api, live = sidebar()
     try:
         st.fragment(run_every=REFRESH_SECONDS if live else None)(live_view)(api)
+        download_panel(api)
         launcher_panel(api)
         predict_panel(api)
     except Exception as exc:  # the page must stay usable: say what happened, log the details

@@ -1,4 +1,5 @@
-"""The dashboard's calls to the FedHub server: read the federation, drive it, read device logs, predict.
+"""The dashboard's calls to the FedHub server: read the federation, drive it, read device logs,
+fetch a round's model and its test results, predict.
 
 The transport is the devices' own :class:`device.client.Client` (one implementation of
 talking to the server, its error mapping included), without its patient retries: a person
@@ -17,6 +18,8 @@ from utils.state_dir import StateDir
 __all__ = ["DEFAULT_SERVER", "ServerAPI", "ServerError", "TLSError", "Unreachable", "default_admin_token"]
 
 DEFAULT_SERVER = "http://127.0.0.1:4000"
+# Exporting a model, or evaluating one on the test set the first time, takes seconds, not milliseconds.
+SLOW_SECONDS = 120.0
 
 
 def default_admin_token(layout: StateDir) -> str:
@@ -74,6 +77,29 @@ class ServerAPI:
 
     def resume(self) -> dict[str, Any]:
         return self._call("POST", "/api/training/resume")
+
+    def reset(self) -> dict[str, Any]:
+        """Forget every round: back to the initial model (devices stay enrolled)."""
+        return self._call("POST", "/api/training/reset")
+
+    # models: admin token -------------------------------------------------------
+    def evaluation(self, round_number: int | None = None) -> dict[str, Any]:
+        """A round's global model (None: the latest) on the server's test set: loss, accuracy,
+        per-class accuracy, confusion matrix and class names."""
+        which = "latest" if round_number is None else round_number
+        return self._call("GET", f"/api/rounds/{which}/evaluation", read_timeout=SLOW_SECONDS)
+
+    def model_file(self, round_number: int) -> bytes:
+        """Round ``round_number``'s global model as a ``.keras`` file.
+
+        Called from a download button, on a thread of its own: so on a connection of its own.
+        """
+        client = self._client.fork(timeout=self._client.timeout, retry_for=0)
+        response = client.request("GET", f"/api/rounds/{round_number}/model.keras", retry=False,
+                                  read_timeout=SLOW_SECONDS)
+        if response.status_code >= 400:
+            client._json(response)  # raises ServerError with the server's explanation
+        return response.content
 
     # prediction ----------------------------------------------------------------
     def predict(self, files: Sequence[tuple[str, bytes, str]]) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@
 // Everything the server sends is rendered as text (textContent) or handed to Chart.js as
 // data: no innerHTML, no eval. Served at /stats/, it reads its own origin; opened as a file
 // it reads the server given as ?server=URL (the server answers those GETs with CORS).
+// Light or dark follows the system (prefers-color-scheme), the charts included.
 "use strict";
 
 (function () {
@@ -81,6 +82,26 @@
   }
 
   // ---------------------------------------------------------------- charts
+
+  // The charts' text and grid lines take the page's colours (style.css), now and whenever
+  // the system switches between light and dark.
+  function applyTheme(charts) {
+    const css = window.getComputedStyle(document.documentElement);
+    const text = css.getPropertyValue("--muted").trim();
+    const grid = css.getPropertyValue("--grid").trim();
+    window.Chart.defaults.color = text;
+    window.Chart.defaults.borderColor = grid;
+    for (const chart of charts) {
+      for (const scale of Object.values(chart.options.scales)) {
+        scale.ticks.color = text;
+        scale.title.color = text;
+        scale.grid.color = grid;
+        scale.border.color = grid;
+      }
+      chart.options.plugins.legend.labels.color = text;
+      chart.update();
+    }
+  }
 
   function makeChart(canvasId, yTitle, maximum) {
     const y = { title: { display: true, text: yTitle } };
@@ -201,6 +222,9 @@
     setText("server-url", base);
     const accuracy = makeChart("accuracy-chart", "accuracy", 1);
     const loss = makeChart("loss-chart", "loss");
+    applyTheme([accuracy, loss]);
+    window.matchMedia("(prefers-color-scheme: dark)")
+      .addEventListener("change", () => applyTheme([accuracy, loss]));
 
     async function poll() {
       try {

@@ -15,13 +15,10 @@ import signal
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# Run as a script, Python puts device/ first on the path, where this very file would stand in
-# for the ``device`` package: the project's root goes there instead.
-if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
-    sys.path[0] = str(ROOT)
-elif str(ROOT) not in sys.path:
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, Python puts device/ first on the path, where this file would stand in for the
+# `device` package: the project's root goes before it (even if PYTHONPATH names it already).
+if sys.path[0] != str(ROOT):
     sys.path.insert(0, str(ROOT))
 
 from utils import tensorflow_env  # noqa: E402

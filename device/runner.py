@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedcore.auth import read_secret
+from fedcore.plural import plural
 
 from .attacks import Attack
 from .client import Client, RemoteLogHandler, ServerError, TLSError, Unreachable, backoff_delays, duration
@@ -248,7 +249,8 @@ class DeviceRunner:
             extra = f"not counted: {exc.body.get('message')}"
         m = result.metrics
         self._say(f"round {number}: loss {m.get('loss', float('nan')):.4f} "
-                  f"accuracy {m.get('accuracy', float('nan')):.4f} on {result.num_examples} examples "
+                  f"accuracy {m.get('accuracy', float('nan')):.4f} "
+                  f"on {plural(result.num_examples, 'example')} "
                   f"in {m.get('train_seconds', 0):.1f}s; {extra}", round_number=number)
         self._record(number, result, accepted)
         self.rounds_done += 1

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 import fedhub  # noqa: E402
 from examples.digits import load_digits  # noqa: E402
+from fedcore.plural import plural  # noqa: E402
 
 
 def build_model():
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         build_model, partitions, rounds=a.rounds, test_data=(x[test], y[test]), epochs=2,
         batch_size=16, learning_rate=0.01, processes=not a.threads, root=a.root, timeout=600,
         on_round=lambda r: print(f"round {r['round']}: test accuracy {r['test_accuracy']:.3f} "
-                                 f"from {r['num_updates']} devices", flush=True))
+                                 f"from {plural(r['num_updates'], 'device')}", flush=True))
     report = fedhub.evaluate(history.model, x[test], y[test])
     print(f"final global model: accuracy {report['accuracy']:.3f} "
           f"on {report['num_examples']} held-out digits")

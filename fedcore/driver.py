@@ -27,7 +27,9 @@ import numpy as np
 
 from .config import FederationConfig
 from .devices import DeviceRegistry
+from .evaluations import Evaluations
 from .history import RoundHistory
+from .plural import plural
 from .round_hooks import RoundHooks
 from .round_state import OpenRound, RoundState
 from .storage import Storage
@@ -56,7 +58,9 @@ class RoundDriver:
     def __init__(self, state: RoundState, *, storage: Storage, devices: DeviceRegistry,
                  history: RoundHistory, hooks: RoundHooks, strategy: Strategy,
                  config: FederationConfig, evaluate: Evaluate | None,
+                 evaluations: Evaluations | None = None,
                  clock: Callable[[], float] = time.time) -> None:
+        """``evaluations`` keeps each round's own test evaluation for later requests."""
         self._state = state
         self._storage = storage
         self._devices = devices
@@ -65,6 +69,7 @@ class RoundDriver:
         self._strategy = strategy
         self._config = config
         self._evaluate = evaluate
+        self._evaluations = evaluations
         self._clock = clock
         self._rng = random.Random(config.seed)
         self._thread: threading.Thread | None = None
@@ -96,7 +101,7 @@ class RoundDriver:
         if (self.all_done() and s.status in ("running", "paused") and s.open is None
                 and not s.busy and self._hooks.idle()):
             s.set_status("finished")
-            log.info("all %d rounds done", self._config.rounds)
+            log.info("the run is over: %s done", plural(self._config.rounds, "round"))
 
     # the loop -------------------------------------------------------------
     def _drive(self) -> None:
@@ -276,13 +281,15 @@ class RoundDriver:
             return
         self._strategy.load_state(result.state)  # durable now: the next round starts from it
         self._history.remember(entry)
+        if metrics and self._evaluations is not None:  # what test_evaluation() answers for it
+            self._evaluations.remember((r.number, row["closed_at"]), metrics)
         with s.cond:
             release_devices(self._devices, r, f"round {r.number} closed without this device's update")
             s.install(r.number, result.weights)
             s.closing = None
             s.last_error = None
             s.cond.notify_all()
-        log.info("round %d complete: %d updates (%d used), %d examples, test accuracy %s", r.number,
-                 aggregated["num_updates"], aggregated["num_used"], aggregated["num_examples"],
-                 metrics.get("accuracy"))
+        log.info("round %d complete: %s (%d used), %s, test accuracy %s", r.number,
+                 plural(aggregated["num_updates"], "update"), aggregated["num_used"],
+                 plural(aggregated["num_examples"], "example"), metrics.get("accuracy"))
         self._hooks.submit(entry, result.weights)

@@ -29,8 +29,10 @@ from .device_logs import DeviceLogs
 from .devices import DeviceRegistry
 from .driver import Evaluate, RoundDriver, release_devices
 from .errors import Conflict, InvalidInput, NotFound
+from .evaluations import Evaluations
 from .history import RoundHistory
 from .lifecycle import check_report
+from .plural import plural
 from .round_hooks import RoundHook, RoundHooks
 from .round_state import STATUSES, RoundState
 from .storage import Storage
@@ -62,6 +64,7 @@ class Coordinator:
         self._storage = storage
         self._devices = devices
         self._clock = clock
+        self._evaluations = Evaluations(evaluate) if evaluate is not None else None
         self._initial = {k: np.array(v) for k, v in initial_weights.items()}
         self.spec = wire.spec_of(self._initial)
         self._logs = DeviceLogs(storage, clock=clock)
@@ -71,7 +74,8 @@ class Coordinator:
         self._cond = self._state.cond
         self._driver = RoundDriver(self._state, storage=storage, devices=devices,
                                    history=self._history, hooks=self._hooks, strategy=self.strategy,
-                                   config=config, evaluate=evaluate, clock=clock)
+                                   config=config, evaluate=evaluate, evaluations=self._evaluations,
+                                   clock=clock)
         # Long polls allowed to wait at once (None: no limit); the HTTP server sets it below
         # its worker thread count, as each waiting poll holds a worker thread.
         self.max_waiters: int | None = None
@@ -192,13 +196,20 @@ class Coordinator:
         """The global weights of completed round ``number`` (None: the current global model)."""
         if number is None:
             return self.global_weights()
+        self._completed_round(number)
+        return number, self._checkpoint(number)
+
+    def _completed_round(self, number: int) -> dict[str, Any]:
         row = self._storage.get_round(number) if 0 <= number <= wire.MAX_INTEGER else None
         if row is None:
             raise NotFound(f"no round {number}", "round")
         if row["status"] != "complete":
             raise Conflict(f"round {number} is not complete yet", "round")
+        return row
+
+    def _checkpoint(self, number: int) -> Weights:
         try:
-            return number, self._storage.read_checkpoint(number)
+            return self._storage.read_checkpoint(number)
         except FileNotFoundError:  # a reset removed it since its row was read
             raise NotFound(f"no round {number}", "round") from None
 
@@ -402,8 +413,8 @@ class Coordinator:
                 self.config.rounds = rounds
             if self.config.rounds and self._state.version >= self.config.rounds:
                 raise Conflict(
-                    f"all {self.config.rounds} rounds are done; start with a larger 'rounds' or reset",
-                    "rounds")
+                    f"the run is over ({plural(self.config.rounds, 'round')} done); "
+                    "start with a larger 'rounds' or reset", "rounds")
             self._state.set_status("running")
             return self.status()
 
@@ -439,6 +450,25 @@ class Coordinator:
         logs = self._logs.query(device=device, level=level, round_number=round_number, after=after,
                                 limit=limit)
         return {"logs": logs, "next_after": logs[-1]["id"] if logs else after}
+
+    def test_evaluation(self, number: int | None = None) -> tuple[int, dict[str, Any]]:
+        """A completed round's global model (None: the current one) on the server's test set.
+
+        What the per-round evaluation gives (for the Keras global model: loss, accuracy,
+        per-class accuracy and the confusion matrix), made once per round and outside the
+        engine's lock: the round's own evaluation is kept when it closes.
+        """
+        if number is None:
+            with self._cond:
+                number = self._state.version
+        row = self._completed_round(number)
+        metrics = {}
+        if self._evaluations is not None:  # keyed by when it closed: numbers repeat after a reset
+            metrics = self._evaluations.get((number, row["closed_at"]),
+                                            lambda: self._checkpoint(number))
+        if not metrics:
+            raise Conflict("this server has no test set to evaluate its models on", "round")
+        return number, metrics
 
     # reading --------------------------------------------------------------
     def status(self) -> dict[str, Any]:

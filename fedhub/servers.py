@@ -21,6 +21,7 @@ from api.serving import ServeOptions, Serving
 from fedcore import auth
 from fedcore.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
 from fedcore.errors import FedHubError
+from fedcore.plural import plural
 
 from .evaluation import evaluate
 from .model_files import load_model, portable
@@ -144,7 +145,8 @@ class Server:
                 return
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the run did not finish in {timeout:g}s: {status['status']}, "
-                                   f"{status['completed_rounds']} rounds done. {status.get('reason', '')}")
+                                   f"{plural(status['completed_rounds'], 'round')} done. "
+                                   f"{status.get('reason', '')}")
             time.sleep(poll)
 
     def wait(self, timeout: float | None = None) -> list[dict[str, Any]]:

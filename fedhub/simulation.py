@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from device.attacks import Attack
+from fedcore.plural import plural
 
 from .devices import Device
 from .servers import Server
@@ -96,5 +97,6 @@ def _follow(server: Server, devices: list[Device], timeout: float | None,
         if deadline is not None and time.monotonic() > deadline:
             status = server.status()
             raise TimeoutError(f"the simulation did not finish in {timeout:g}s: {status['completed_rounds']}"
-                               f" of {status['total_rounds']} rounds done. {status.get('reason', '')}")
+                               f" of {plural(status['total_rounds'], 'round')} done. "
+                               f"{status.get('reason', '')}")
         time.sleep(0.5)

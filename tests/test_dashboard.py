@@ -120,7 +120,7 @@ def test_launch_activate_and_train_from_the_dashboard(fed):
         # start a one-round run; the device trains it; the page shows it
         at.number_input(key="rounds").set_value(1).run()
         at.button(key="start").click().run()
-        assert "training started (1 rounds)" in texts(at.success), texts(at.error)
+        assert "training started (1 round)" in texts(at.success), texts(at.error)
         wait_until(lambda: fed.server.get("/api/status").json()["status"] == "finished", 120, "the run")
         at.run()
         assert metrics(at)["Status"] == "finished"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import requests
 
+from fedcore.plural import plural
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from device.launcher import launch, stop
     from utils.format_dataset import DatasetError, split_to_devices
 
-    print(f"1/3 splitting Fashion-MNIST over {a.devices} devices ({a.split})", flush=True)
+    print(f"1/3 splitting Fashion-MNIST over {plural(a.devices, 'device')} ({a.split})", flush=True)
     try:
         summary = split_to_devices(a.devices_root, a.devices, scheme=a.split, data_dir=a.data_dir,
                                    limit=a.limit)
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     devices: list[subprocess.Popen] = []
     try:
         wait_for_server(url, server)
-        print(f"3/3 starting {len(names)} devices; each trains on its own folder", flush=True)
+        print(f"3/3 starting {plural(len(names), 'device')}; each trains on its own folder", flush=True)
         devices = launch(url, names, devices_root=a.devices_root,
                          extra_args=["--state-dir", str(a.state_dir)])
         return _watch(url, a.rounds, server, devices, a.timeout)
@@ -113,11 +115,11 @@ def _watch(url: str, rounds: int, server: subprocess.Popen, devices: list[subpro
         for r in history[seen:]:
             acc = r["test_accuracy"]
             print(f"== round {r['round']}: global test accuracy {acc:.4f} (loss {r['test_loss']:.4f}), "
-                  f"{r['num_updates']} devices, {r['num_examples']} examples, "
+                  f"{plural(r['num_updates'], 'device')}, {plural(r['num_examples'], 'example')}, "
                   f"{time.monotonic() - started:.0f}s since start", flush=True)
         seen = len(history)
         if seen >= rounds:
-            print(f"done: {rounds} rounds, final global test accuracy "
+            print(f"done: {plural(rounds, 'round')}, final global test accuracy "
                   f"{history[-1]['test_accuracy']:.4f}; history in eval/history.csv", flush=True)
             return 0
         time.sleep(1.0)

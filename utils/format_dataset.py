@@ -32,6 +32,7 @@ from tqdm import tqdm
 from fedcore.devices import check_name
 from fedcore.errors import InvalidInput
 from fedcore.files import atomic_path, atomic_write_text
+from fedcore.plural import plural
 from utils import state_dir as state
 
 __all__ = [
@@ -598,9 +599,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for name, info in summary.items():
         counts = " ".join(str(c) for c in info["class_counts"])
-        print(f"{name}: {info['examples']} examples, class counts [{counts}]")
+        print(f"{name}: {plural(info['examples'], 'example')}, class counts [{counts}]")
     total = sum(info["examples"] for info in summary.values())
-    print(f"wrote {len(summary)} devices ({total} examples) to {args.out}/ ({PARTITION_FILE})")
+    print(f"wrote {plural(len(summary), 'device')} ({plural(total, 'example')}) "
+          f"to {args.out}/ ({PARTITION_FILE})")
     return 0
 
 

@@ -233,6 +233,10 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
         st.caption(status["reason"])
     if status.get("last_error"):
         st.warning(status["last_error"])
+    strategy = status.get("strategy")
+    if strategy:
+        st.caption(f"Aggregation: **{as_text(with_settings(strategy['name'], strategy['params']))}** "
+                   "(server options --strategy and --strategy-arg)")
 
     if state == "finished":
         st.info(f"The run is over ({plural(status['total_rounds'], 'round')} done). To train again, "
@@ -282,6 +286,16 @@ def reset_confirmation(api: ServerAPI, status: dict[str, Any]) -> None:
         no.button("Cancel", key="reset_cancel", on_click=cancel_reset)
 
 
+def with_settings(name: str, params: dict[str, Any] | None) -> str:
+    """``scale (factor=10.0)``: a strategy's or an attack's name with its settings."""
+    settings = ", ".join(f"{k}={v}" for k, v in (params or {}).items())
+    return f"{name} ({settings})" if settings else name
+
+
+def declared_attack(attack: dict[str, Any] | None) -> str:
+    return with_settings(attack["kind"], attack.get("params")) if attack else ""
+
+
 def latest_update(latest: dict[str, Any] | None) -> str:
     """The device's part in the latest round it took part in: sent, or failed and why."""
     if not latest:
@@ -324,6 +338,7 @@ def devices_panel(api: ServerAPI, devices: list[dict[str, Any]],
         "examples": d["num_examples"],
         "local accuracy": (d["latest"] or {}).get("accuracy"),
         "latest update": latest_update(d["latest"]),
+        "attack (declared)": declared_attack(d.get("attack")),
     } for d in devices]
     frame = pd.DataFrame(rows).astype({"examples": "Int64"})
     table(frame.style.apply(highlight, axis=1, colours=LIFECYCLE_HIGHLIGHT, column="lifecycle"),
@@ -396,6 +411,52 @@ def charts_panel(history: list[dict[str, Any]]) -> None:
         table(pd.DataFrame(failed).style.map(lambda _: RED))
 
 
+def screened_updates(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each update a strategy rejected or clipped, newest round first: what the strategy said
+    about it in the round's history entry (``aggregation``)."""
+    rows = []
+    for r in reversed(history):
+        for name, m in sorted(r["devices"].items()):
+            a = m.get("aggregation") or {}
+            if a.get("status") == "rejected":
+                outcome, why = "rejected", a.get("reason", "")
+            elif (a.get("trimmed_share") or 0) > 0:
+                outcome, why = "clipped", f"{a['trimmed_share']:.1%} of its coordinates cut"
+            else:
+                continue
+            rows.append({"round": r["round"], "device": name, "outcome": outcome, "why": why,
+                         "Krum score": a.get("score"), "distance to new model": a.get("distance")})
+    return rows
+
+
+def aggregation_panel(status: dict[str, Any], history: list[dict[str, Any]],
+                      failures: list[dict[str, Any]]) -> None:
+    """Which updates a robust strategy rejected or clipped, round by round, and failed rounds."""
+    strategy = status.get("strategy") or {}
+    st.subheader("Rejected or clipped updates")
+    st.caption(f"What {as_text(strategy.get('name', 'the strategy'))} did with each update: "
+               "**rejected** updates were left out of the new global model (Krum, Multi-Krum, Bulyan); "
+               "**clipped** ones had part of their coordinates cut (trimmed mean, Bulyan). The "
+               "distance is from the update to the new global model: an attacker's is far larger "
+               "than the others'. Devices that declared an attack are marked in the devices table.")
+    rows = screened_updates(history)
+    if rows:
+        frame = pd.DataFrame(rows)
+        table(frame.style.apply(highlight, axis=1, colours={"rejected": RED, "clipped": AMBER},
+                                column="outcome"),
+              column_config={"Krum score": st.column_config.NumberColumn(format="%.4g"),
+                             "distance to new model": st.column_config.NumberColumn(format="%.4g"),
+                             "why": st.column_config.TextColumn(width="large")})
+    elif history:
+        st.info("Every update so far was used in full.")
+    if failures:
+        st.markdown(f"**Failed rounds ({len(failures)})**: no global model came out of these "
+                    "attempts; each round ran again. Newest first.")
+        table(pd.DataFrame([{"round": f["round"], "failed": ago(f["failed_at"]), "why": f["reason"]}
+                            for f in reversed(failures)]).style.map(lambda _: RED),
+              column_config={"why": st.column_config.TextColumn(width="large")})
+
+
 def log_time(epoch_seconds: float) -> str:
     """A log line's time (the device's clock) in this machine's time zone, to the second."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch_seconds))
@@ -463,7 +524,8 @@ def live_view(api: ServerAPI) -> None:
     """Everything read from the server; re-run every few seconds when live refresh is on."""
     show_flash()
     try:
-        status, devices, history = api.status(), api.devices(), api.history()
+        status, devices = api.status(), api.devices()
+        history, failures = api.history_and_failures()
     except NO_SERVER as exc:
         server_down_banner(api, exc, key="retry")
         return
@@ -477,6 +539,7 @@ def live_view(api: ServerAPI) -> None:
         training_panel(api, status)
         devices_panel(api, devices, (status.get("round") or {}).get("progress"))
         charts_panel(history)
+        aggregation_panel(status, history, failures)
         logs_panel(api, devices)
         model_panel(api, history)
     except Exception as exc:

@@ -51,7 +51,12 @@ class ServerAPI:
         return self._call("GET", "/api/devices")["devices"]
 
     def history(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/api/history")["rounds"]
+        return self.history_and_failures()[0]
+
+    def history_and_failures(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Completed rounds, and the latest failed attempts at rounds (one call)."""
+        answer = self._call("GET", "/api/history")
+        return answer["rounds"], answer.get("failures", [])
 
     # control: admin token ----------------------------------------------------
     def set_active(self, name: str, active: bool) -> dict[str, Any]:

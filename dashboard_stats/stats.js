@@ -183,6 +183,7 @@
       setText("deadline", "–");
     }
     setText("reason", status.reason || status.last_error || "");
+    setText("strategy", status.strategy ? withSettings(status.strategy.name, status.strategy.params) : "–");
   }
 
   function localAccuracy(latest) {
@@ -197,12 +198,52 @@
     return p ? `${d.state} · ${p.done}/${p.total} batches` : d.state;
   }
 
+  // "scale (factor=10)": a strategy's or an attack's name with its settings.
+  function withSettings(name, params) {
+    const settings = Object.keys(params || {}).map((k) => `${k}=${params[k]}`).join(", ");
+    return settings ? `${name} (${settings})` : name;
+  }
+
   function renderDevices(devices, progress) {
     fillTable("devices", devices.map((d) => [
       d.name, stateWithProgress(d, progress), d.lifecycle || "–", d.lifecycle_reason || "", ago(d.last_seen),
       d.num_examples === null || d.num_examples === undefined ? "–" : String(d.num_examples),
-      localAccuracy(d.latest),
-    ]), devices.map((d) => (FLAGGED.includes(d.lifecycle) ? `lifecycle-${d.lifecycle}` : "")));
+      localAccuracy(d.latest), d.attack ? withSettings(d.attack.kind, d.attack.params) : "–",
+    ]), devices.map((d) => {
+      if (FLAGGED.includes(d.lifecycle)) return `lifecycle-${d.lifecycle}`;
+      return d.attack ? "attacker" : "";
+    }));
+  }
+
+  // Each update a strategy rejected or clipped, newest round first (RoundResult.metrics["updates"]).
+  function screened(rounds) {
+    const out = [];
+    for (const r of rounds.slice().reverse()) {
+      for (const name of Object.keys(r.devices || {}).sort()) {
+        const a = r.devices[name].aggregation;
+        if (!a) continue;
+        if (a.status === "rejected") {
+          out.push({ round: r.round, device: name, outcome: "rejected", why: a.reason || "", distance: a.distance });
+        } else if (typeof a.trimmed_share === "number" && a.trimmed_share > 0) {
+          out.push({ round: r.round, device: name, outcome: "clipped",
+                     why: `${(100 * a.trimmed_share).toFixed(1)}% of its coordinates cut`, distance: a.distance });
+        }
+      }
+    }
+    return out;
+  }
+
+  function renderScreened(rounds) {
+    const rows = screened(rounds);
+    fillTable("screened", rows.map((u) => [String(u.round), u.device, u.outcome, u.why, fmt(u.distance, 4)]),
+      rows.map((u) => `outcome-${u.outcome}`));
+    setText("screened-none", rounds.length && !rows.length ? "Every update so far was used in full." : "");
+  }
+
+  function renderFailures(failures) {
+    fillTable("failures", (failures || []).slice().reverse().map((f) => [
+      String(f.round), ago(f.failed_at), f.reason,
+    ]));
   }
 
   function renderRounds(rounds) {
@@ -234,6 +275,8 @@
         renderStatus(status);
         renderRounds(history.rounds);
         renderDevices(devices.devices, status.round && status.round.progress);
+        renderScreened(history.rounds);
+        renderFailures(history.failures);
         updateChart(accuracy, chartData(history.rounds, "test_accuracy", "accuracy", "global (test set)"));
         updateChart(loss, chartData(history.rounds, "test_loss", "loss", "global (test set)"));
         setConnection(`connected to ${base} · updated ${new Date().toLocaleTimeString()}`, "ok");

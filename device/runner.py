@@ -208,8 +208,10 @@ class DeviceRunner:
             self._say(f"round {number}: model moved on to version {version}; asking again")
             return
         config = task["config"]
-        self._say(f"round {number}: training {config.get('epochs', 1)} epoch(s) from model v{version}",
-                  round_number=number)
+        proximal = f" with FedProx's proximal term (mu={config['proximal_mu']})" \
+            if config.get("proximal_mu") else ""
+        self._say(f"round {number}: training {config.get('epochs', 1)} epoch(s) from model v{version}"
+                  f"{proximal}", round_number=number)
         self._interrupted.clear()
         done = threading.Event()
         watcher = threading.Thread(target=self._watch, args=(number, done), daemon=True,

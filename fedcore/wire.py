@@ -59,7 +59,8 @@ def spec_of(weights: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...
 def encode(weights: Mapping[str, np.ndarray], meta: Meta,
            extra: Mapping[str, str] | None = None) -> bytes:
     """Serialise weights and metadata (plus ``extra`` metadata strings) to safetensors bytes."""
-    tensors = {name: np.ascontiguousarray(a) for name, a in weights.items()}
+    # np.require keeps a scalar a scalar (np.ascontiguousarray would make it a 1-element array).
+    tensors = {name: np.require(a, requirements="C") for name, a in weights.items()}
     return st_save(tensors, metadata={**(extra or {}), **meta.to_strings()})
 
 

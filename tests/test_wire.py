@@ -95,3 +95,11 @@ def test_bad_metadata_refused():
 def test_examples_required_for_updates():
     body = wire.encode(WEIGHTS, wire.Meta(round=1))
     assert _refused(body, "num_examples", require_examples=True)
+
+
+def test_a_scalar_stays_a_scalar():
+    """Strategy state holds scalars (FedAdam's step count) beside tensors."""
+    body = wire.encode({"step": np.array(3.0), "m": np.ones((2, 3)).T}, wire.Meta())
+    weights, _ = wire.decode(body)
+    assert weights["step"].shape == () and weights["step"] == 3.0
+    np.testing.assert_array_equal(weights["m"], np.ones((3, 2)))

@@ -1,0 +1,242 @@
+"""Strategies through the real server and real device processes, on small data.
+
+One run per strategy family: averaging (FedProx, with the proximal term in the devices'
+Keras training), adaptive (FedAdam, killed mid-run and resumed with its moments exact) and
+robust (Krum against a device that scales its update, where FedAvg collapses). Plus the
+command line: --list-strategies, and one-line refusals of bad strategy or attack settings.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load as st_load
+
+from device.launcher import launch, stop
+from examples import digits
+from fedcore import wire
+from fedcore.strategies import STRATEGIES, describe_strategies
+
+from .conftest import ROOT, ServerProcess, launch_devices, wait_until
+
+DIGITS = ("--learning-rate", "0.5", "--epochs", "2", "--batch-size", "16", "--auto-activate", "--start",
+          "--no-tensorboard")
+
+
+def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def history(server: ServerProcess) -> list[dict]:
+    return server.get("/api/history").json()["rounds"]
+
+
+def finished(server: ServerProcess) -> bool:
+    return server.get("/api/status").json()["status"] == "finished"
+
+
+def digits_devices(server: ServerProcess, root, names, *extra: str):
+    return launch(server.url, names, devices_root=root, env={"FEDHUB_ENROLL_SECRET": server.enroll_secret},
+                  extra_args=["--poll-wait", "2", "--retry-for", "120", *extra], log_dir=root / "logs")
+
+
+# the command line ------------------------------------------------------------------------------
+def test_list_strategies_prints_each_with_its_parameters_and_defaults():
+    out = run_cli("server.py", "--list-strategies")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    named = [line.split(":")[0] for line in lines if not line.startswith(" ")]
+    assert named == list(STRATEGIES) == ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+                                         "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]
+    blocks: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in lines:  # each strategy's line, then its parameters' lines, indented
+        if line.startswith(" "):
+            current.append(line.strip())
+        else:
+            current = blocks[line.split(":")[0]] = []
+    assert blocks["fedavg"] == []
+    assert blocks["fedprox"] == ["proximal_mu (float, default 0.01): weight of the proximal term in "
+                                 "each device's loss (0 is FedAvg)"]
+    assert blocks["krum"] == ["num_malicious (int, default 0): f: how many of a round's updates may be "
+                              "malicious"]
+    assert [p.split(" (")[0] for p in blocks["multikrum"]] == ["num_malicious", "num_to_keep"]
+    assert [p.split(" (")[0] for p in blocks["fedadam"]] == ["eta", "eta_l", "beta_1", "beta_2", "tau"]
+    assert blocks["fedadam"][1].startswith("eta_l (float or none, default none): ")
+    for s in describe_strategies():
+        assert [p.split(" (")[0] for p in blocks[s["name"]]] == [p["name"] for p in s["params"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "krum", "--strategy-arg", "f=1"],
+     "error: strategy krum: unknown key 'f' (allowed keys: num_malicious)"),
+    (["--strategy", "krum", "--strategy-arg", "num_malicious=one"],
+     "error: strategy krum: num_malicious must be an integer, got 'one' (allowed keys: num_malicious)"),
+    (["--strategy", "fedtrimmedavg", "--strategy-arg", "beta=0.7", "--min-devices", "9"],
+     "error: strategy fedtrimmedavg: beta must be in [0, 0.5), got 0.7 (allowed keys: beta)"),
+    (["--strategy", "fedprox", "--strategy-arg", "proximal_mu"],
+     "error: strategy fedprox: expected KEY=VALUE, got 'proximal_mu' (allowed keys: proximal_mu)"),
+    (["--strategy", "fedavg", "--strategy-arg", "x=1"],
+     "error: strategy fedavg: unknown key 'x' (strategy fedavg takes no parameters)"),
+    (["--strategy", "krum", "--strategy-arg", "num_malicious=1", "--min-devices", "4"],
+     "error: strategy krum with num_malicious=1 needs at least 5 updates a round; min_devices is 4 "
+     "(--min-devices)"),
+    (["--strategy", "nope"], "error: argument --strategy: invalid choice: 'nope'"),
+])
+def test_bad_strategy_settings_are_one_line_errors(args, message):
+    out = run_cli("server.py", *args)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()], "one line"
+    assert out.stderr.startswith(message), out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attack", "scale", "--attack-arg", "factr=3"],
+     "error: attack scale: unknown key 'factr' (allowed keys: factor)"),
+    (["--attack", "noise", "--attack-arg", "sigma=-1"],
+     "error: attack noise: sigma must be positive, got -1.0 (allowed keys: sigma)"),
+    (["--attack-arg", "factor=3"], "error: --attack-arg needs --attack KIND"),
+    (["--attack", "label-flip", "--trainer", "examples.digits:SoftmaxTrainer"],
+     "error: --attack label-flip changes the device's own labels"),
+])
+def test_bad_attack_settings_are_one_line_errors(args, message):
+    out = run_cli("device/device.py", "4000", "device1", *args)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()], "one line"
+    assert out.stderr.startswith(message), out.stderr
+
+
+# averaging: FedProx ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fedprox_sends_the_proximal_term_to_keras_devices(server_factory, split_devices):
+    root = split_devices(2, 200)
+    server = server_factory("--rounds", "1", "--min-devices", "2", "--auto-activate", "--start",
+                            "--test-limit", "300", "--no-tensorboard", "--strategy", "fedprox",
+                            "--strategy-arg", "proximal_mu=0.5").start()
+    assert server.get("/api/status").json()["strategy"] == {"name": "fedprox", "params": {"proximal_mu": 0.5}}
+    procs = launch_devices(server, root, ["device1", "device2"])
+    try:
+        wait_until(lambda: finished(server), 240, "the run to finish")
+        codes = [p.wait(60) for p in procs]
+    finally:
+        stop(procs)
+    assert codes == [0, 0]
+    [entry] = history(server)
+    assert entry["strategy"] == {"name": "fedprox", "params": {"proximal_mu": 0.5}}
+    assert entry["num_used"] == 2 and entry["test_accuracy"] > 0.3
+    db = sqlite3.connect(server.state_dir / "fedhub.sqlite3")
+    [(config,)] = db.execute("SELECT config FROM rounds WHERE number = 1").fetchall()
+    assert '"proximal_mu": 0.5' in config
+    for name in ("device1", "device2"):
+        log = (root.parent / "logs" / f"{name}.log").read_text()
+        assert "round 1: training 1 epoch(s) from model v0 with FedProx's proximal term (mu=0.5)" in log
+
+
+# adaptive: FedAdam, killed mid-run -------------------------------------------------------------------
+def fedadam_server(tmp_path, data_dir, name: str) -> ServerProcess:
+    test_set = tmp_path / "devices_a" / "test.npz"
+    (tmp_path / name).mkdir()
+    return ServerProcess(tmp_path / name, data_dir, "--model-factory", "tests.seeded_digits:build_model",
+                         "--test-data", str(test_set), "--strategy", "fedadam", "--rounds", "3",
+                         "--min-devices", "2", "--quorum", "1", *DIGITS)
+
+
+def saved_state(server: ServerProcess, number: int) -> dict[str, np.ndarray]:
+    return st_load((server.state_dir / "saved" / f"round_{number:05d}.strategy.safetensors").read_bytes())
+
+
+@pytest.mark.slow
+def test_fedadam_killed_mid_run_resumes_its_moments_exactly(tmp_path, data_dir):
+    names = ["digits1", "digits2"]
+    for root in ("devices_a", "devices_b"):  # the same split twice (seeded), one per run
+        digits.split(tmp_path / root, 2, limit=200)
+    trainer = ("--trainer", "tests.seeded_digits:SeededSoftmaxTrainer")
+
+    # A: three rounds without interruption
+    a = fedadam_server(tmp_path, data_dir, "a").start()
+    procs = digits_devices(a, tmp_path / "devices_a", names, *trainer)
+    try:
+        wait_until(lambda: finished(a), 180, "run A")
+    finally:
+        stop(procs)
+        a.stop()
+
+    # B: the same run, its server SIGKILLed with round 3 half reported
+    (tmp_path / "devices_b" / "digits2" / "data" / "hold").write_text("2")  # digits2 waits in round 3
+    b = fedadam_server(tmp_path, data_dir, "b").start()
+    procs = digits_devices(b, tmp_path / "devices_b", names, *trainer)
+    try:
+        wait_until(lambda: (b.get("/api/status").json()["round"] or {}).get("reported") == ["digits1"]
+                   and len(history(b)) == 2, 120, "round 3 with digits1's update only")
+        before = history(b)
+        b.kill()
+        b.start()
+        (tmp_path / "devices_b" / "digits2" / "data" / "hold").unlink()
+        wait_until(lambda: finished(b), 180, "run B after the restart")
+        after = history(b)
+    finally:
+        stop(procs)
+        b.stop()
+    assert "restored fedadam's state from round 2" in b.log()
+    assert after[:2] == before, "completed rounds are neither lost nor changed"
+
+    for number in (1, 2, 3):
+        state_a, state_b = saved_state(a, number), saved_state(b, number)
+        assert state_a.keys() == state_b.keys() == {
+            "step", f"m/{digits.KERNEL}", f"m/{digits.BIAS}", f"v/{digits.KERNEL}", f"v/{digits.BIAS}"}
+        for key in state_a:
+            np.testing.assert_array_equal(state_a[key], state_b[key], err_msg=f"round {number}: {key}")
+    assert saved_state(b, 3)["step"] == 3, "the moments went on from round 2's, not from scratch"
+    weights_a, _ = wire.decode((a.state_dir / "saved" / "round_00003.safetensors").read_bytes())
+    weights_b, _ = wire.decode((b.state_dir / "saved" / "round_00003.safetensors").read_bytes())
+    for name in weights_a:
+        np.testing.assert_array_equal(weights_a[name], weights_b[name])
+
+
+# robust: Krum against a scaling attacker -----------------------------------------------------------
+@pytest.mark.slow
+def test_krum_holds_against_a_scaling_device_where_fedavg_collapses(tmp_path, data_dir):
+    names = [f"digits{i}" for i in range(1, 6)]
+    runs = {"clean": ("fedavg", False), "fedavg": ("fedavg", True), "krum": ("krum", True)}
+    servers, procs = {}, []
+    try:
+        for run, (strategy, attacked) in runs.items():
+            root = tmp_path / run / "devices"
+            digits.split(root, 5)
+            args = ["--strategy", strategy, "--rounds", "2", "--min-devices", "5", "--quorum", "1"]
+            if strategy == "krum":
+                args += ["--strategy-arg", "num_malicious=1"]
+            servers[run] = ServerProcess(tmp_path / run, data_dir, "--model-factory",
+                                         "tests.seeded_digits:build_model", "--test-data",
+                                         str(root / "test.npz"), *args, *DIGITS).start()
+            honest, attacker = (names[:4], names[4:]) if attacked else (names, [])
+            trainer = ("--trainer", "examples.digits:SoftmaxTrainer")
+            procs += digits_devices(servers[run], root, honest, *trainer)
+            procs += digits_devices(servers[run], root, attacker, *trainer,
+                                    "--attack", "scale", "--attack-arg", "factor=100")
+        for run, server in servers.items():
+            wait_until(lambda s=server: finished(s), 240, f"the {run} run")
+        results = {run: history(s) for run, s in servers.items()}
+        devices = {d["name"]: d for d in servers["krum"].get("/api/devices").json()["devices"]}
+    finally:
+        stop(procs)
+        for server in servers.values():
+            server.stop()
+    accuracy = {run: entries[-1]["test_accuracy"] for run, entries in results.items()}
+    assert accuracy["clean"] > 0.8, accuracy
+    assert accuracy["krum"] >= accuracy["clean"] - 0.05, accuracy
+    assert accuracy["fedavg"] < accuracy["clean"] - 0.3, accuracy
+
+    # what both dashboards read: the attacker declared itself, and Krum rejected its update
+    assert devices["digits5"]["attack"] == {"kind": "scale", "params": {"factor": 100.0}}
+    assert all(devices[n]["attack"] is None for n in names[:4])
+    for entry in results["krum"]:
+        assert entry["strategy"] == {"name": "krum", "params": {"num_malicious": 1}}
+        outcome = entry["devices"]["digits5"]["aggregation"]
+        assert outcome["status"] == "rejected" and "Krum score" in outcome["reason"]
+        assert entry["num_used"] == 1

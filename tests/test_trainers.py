@@ -82,3 +82,30 @@ def test_model_factory_errors(tmp_path, data_dir):
                              timeout=120)
         assert out.returncode == 2 and expected in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_fedprox_proximal_term_pulls_the_keras_trainer_toward_the_global_model(fashion):
+    """``proximal_mu`` in the task config (``--strategy fedprox``) adds (mu/2)·||w - w_global||² to
+    the built-in trainer's loss, w_global being the weights the round started from."""
+    from device.trainer import KerasTrainer
+
+    (x, y), _ = fashion
+    trainer = KerasTrainer(x[:256], y[:256])
+    trainer.initialise({})
+    start = trainer.model.get_weights()
+    config = {"epochs": 2, "batch_size": 32, "learning_rate": 1e-3}
+
+    def distance(weights):
+        return float(np.sqrt(sum(((weights[k].astype(np.float64) - start[k]) ** 2).sum() for k in start)))
+
+    free = trainer.train(start, config)
+    assert trainer.proximal is None, "no term without proximal_mu"
+    pulled = trainer.train(start, {**config, "proximal_mu": 10.0})
+    assert distance(pulled.weights) < distance(free.weights) / 2
+    expected = 0.5 * 10.0 * sum(((pulled.weights[k].astype(np.float64) - start[k]) ** 2).sum() for k in start)
+    assert trainer.proximal.value() == pytest.approx(expected, rel=1e-4)
+    losses = trainer.model.keras_model.losses  # what fit adds to the loss it minimises
+    assert float(sum(np.asarray(v) for v in losses)) == pytest.approx(expected, rel=1e-4)
+    # mu back to 0: the term is gone from the loss
+    trainer.train(pulled.weights, {**config, "proximal_mu": 0.0})
+    assert trainer.proximal.value() == 0.0

@@ -23,6 +23,7 @@ from typing import Any
 from flask import Flask
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
@@ -106,10 +107,10 @@ class Serving:
 # waitress answers some requests itself, before the app sees them, in plain text; and it closes
 # a connection only after --channel-timeout seconds *without a byte*, so a client trickling one
 # header line every few seconds keeps its connection for ever. At the connection limit such
-# connections locked every client out. The three classes below change exactly that: waitress's
-# own errors are the app's JSON errors, a connection must finish its headers within
-# --header-timeout, and at the connection limit the least recently active connections that are
-# not being served (idle, or still sending headers) are closed to make room.
+# connections locked every client out. The classes below change exactly that: waitress's own
+# errors are the app's JSON errors (a URI its parser chokes on too), a connection must finish its
+# headers within --header-timeout, and at the connection limit the least recently active
+# connections that are not being served (idle, or still sending headers) are closed to make room.
 
 # At the connection limit, 1/SHED_SHARE of it is closed at once (the least recently active first).
 SHED_SHARE = 20
@@ -142,10 +143,22 @@ class _JSONErrorTask(ErrorTask):
         self.write(body)
 
 
+class _Parser(HTTPRequestParser):
+    """waitress's request parser, with the one parse error it lets escape made a 400: a URI that
+    ``urllib.parse`` refuses (``http://[x/``) raised ValueError, and the connection was dropped."""
+
+    def parse_header(self, header_plus: bytes) -> None:
+        try:
+            super().parse_header(header_plus)
+        except ValueError as exc:
+            raise ParsingError(f"Bad URI: {exc}") from None
+
+
 class _Channel(HTTPChannel):
     """A connection whose request headers must be complete by ``header_deadline``."""
 
     error_task_class = _JSONErrorTask
+    parser_class = _Parser
     header_deadline: float | None = None  # None: not in the middle of a request's headers
 
     def __init__(self, server: _Server, sock: Any, addr: Any, adj: Adjustments, map: Any = None) -> None:

@@ -375,6 +375,7 @@ def test_errors_raised_before_the_app_are_json(server_factory):
         # exactly waitress's header limit (256 KiB), so it reads every byte before it answers
         (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ".ljust(256 * 1024, b"a"), 431, "headers"),
         (b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n", 400, "uri"),
+        (b"GET http://[x/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, "uri"),  # was no answer at all
         (b"POST /api/devices/register HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
          "Transfer-Encoding"),
     ]

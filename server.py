@@ -20,6 +20,7 @@ from flask import Flask
 
 from api import build_app
 from api.predictor import Predictor
+from api.throttle import FAILURES_PER_MINUTE
 from fedcore import auth, history
 from fedcore.config import FederationConfig, TrainingConfig
 from fedcore.devices import DeviceRegistry
@@ -60,6 +61,8 @@ class ServerConfig:
     certfile: Path | None = None
     keyfile: Path | None = None
     channel_timeout: float = 30.0  # seconds before an idle or trickling connection is closed
+    header_timeout: float = 10.0  # seconds a connection has to send its request headers
+    auth_failures_per_minute: int = FAILURES_PER_MINUTE  # per client address (0: no limit)
     # Bring your own model: any compiled keras.Model (the Python API), or a factory
     # "package.module:build" returning one; either replaces `model`. `test_data` (an .npz
     # path with arrays x, y, or an (x, y) pair) gives it per-round test metrics.
@@ -154,7 +157,8 @@ def create_app(config: ServerConfig | None = None) -> Flask:
 
         engine.add_hook(TensorBoardLog(engine, config.runs_dir, config.run_id))
     app = build_app(engine, admin_token=admin, max_wait=config.max_wait, predictor=predictor,
-                    max_image_bytes=config.max_image_bytes)
+                    max_image_bytes=config.max_image_bytes,
+                    auth_failures_per_minute=config.auth_failures_per_minute)
     app.extensions["fedhub_global_model"] = global_model  # export and validation (routes_models)
     engine.start()
     return app
@@ -208,6 +212,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="longest long poll a device may ask for (GET .../task?wait=S)")
     p.add_argument("--channel-timeout", type=float, default=30.0,
                    help="seconds before an idle or slow (slow-loris) connection is closed")
+    p.add_argument("--header-timeout", type=float, default=ServerConfig.header_timeout,
+                   help="seconds a connection has to send its request line and headers")
+    p.add_argument("--auth-failures-per-minute", type=int, default=ServerConfig.auth_failures_per_minute,
+                   help="wrong credentials a client address may send per minute before it gets 429 "
+                        "(0: no limit, e.g. behind a reverse proxy that limits)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if a.port is not None and a.port_pos is not None and a.port != a.port_pos:
@@ -219,6 +228,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error("--certfile and --keyfile go together")
     if not 0 <= a.max_wait <= 3600:
         p.error("--max-wait must be between 0 and 3600 seconds")
+    if not 0 < a.header_timeout <= 3600:
+        p.error("--header-timeout must be between 0 and 3600 seconds")
+    if a.auth_failures_per_minute < 0:
+        p.error("--auth-failures-per-minute must be 0 or more")
     federation = FederationConfig(
         rounds=a.rounds, min_devices=a.min_devices, quorum=a.quorum,
         round_timeout=a.round_timeout, device_timeout=a.device_timeout, fraction=a.fraction,
@@ -238,6 +251,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
         max_image_bytes=int(a.max_image_mb * 1024 * 1024), federation=federation,
         certfile=a.certfile, keyfile=a.keyfile, channel_timeout=a.channel_timeout, max_wait=a.max_wait,
+        header_timeout=a.header_timeout, auth_failures_per_minute=a.auth_failures_per_minute,
         model_factory=a.model_factory, test_data=a.test_data, run_id=a.run_id,
         runs_dir=None if a.no_tensorboard else (a.runs_dir or layout.runs_dir))
 
@@ -256,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         serving = Serving(app, ServeOptions(
             host=config.host, port=config.port, threads=config.threads,
             max_body_bytes=max(config.max_upload_bytes, config.max_image_bytes) + 1024 * 1024,
-            channel_timeout=config.channel_timeout, certfile=config.certfile, keyfile=config.keyfile))
+            channel_timeout=config.channel_timeout, header_timeout=config.header_timeout,
+            certfile=config.certfile, keyfile=config.keyfile))
     except (DatasetError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

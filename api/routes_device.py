@@ -7,7 +7,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from fedcore.lifecycle import check_report
 
-from .auth import require_device, require_device_or_admin
+from .auth import bearer_token, counted, is_admin, require_device, require_device_or_admin
 from .context import engine
 from .inputs import binary_body, float_arg, json_body
 
@@ -17,11 +17,20 @@ bp = Blueprint("device", __name__)
 
 @bp.post("/api/devices/register")
 def register():
+    """Enroll with the enrollment secret; an existing name also needs its token or the admin's."""
+    devices = engine().devices
+    header_secret = request.headers.get("X-Enroll-Secret")
+    token = bearer_token()
+    with counted(header_secret is not None):  # before the body is read: a wrong secret costs little
+        if header_secret is not None:
+            devices.check_enroll_secret(header_secret)
     data = json_body()
-    secret = request.headers.get("X-Enroll-Secret") or data.get("enroll_secret")
-    result = engine().devices.register(
-        data.get("name"), secret, num_examples=data.get("num_examples"),
-        auto_activate=data.get("auto_activate"), validation=data.get("validation"))
+    secret = header_secret or data.get("enroll_secret")
+    with counted(secret is not None or token is not None):
+        result = devices.register(
+            data.get("name"), secret, num_examples=data.get("num_examples"),
+            auto_activate=data.get("auto_activate"), validation=data.get("validation"),
+            token=token, admin=is_admin(token))
     return jsonify(result), 201
 
 
@@ -81,14 +90,8 @@ def model():
 @bp.post("/api/devices/<name>/updates/<int:round_number>")
 def upload(name: str, round_number: int):
     require_device(name)
-    fed = engine()
-    fed.devices.set_activity(name, "uploading")
-    try:
-        body = binary_body()
-        result = fed.submit(name, round_number, body, request.headers.get("Idempotency-Key"))
-    finally:
-        fed.devices.set_activity(name, "idle")
-    return jsonify(result)
+    body = binary_body()
+    return jsonify(engine().submit(name, round_number, body, request.headers.get("Idempotency-Key")))
 
 
 @bp.post("/api/devices/<name>/leave")

@@ -11,6 +11,7 @@ is lost and none is counted twice.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -41,6 +42,10 @@ RoundHook = Callable[[dict[str, Any], Mapping[str, np.ndarray]], None]
 STATUSES = ("idle", "running", "paused", "finished")
 # Seconds a device told "retry_in" waits before polling again (at most the wait it asked for).
 RETRY_IN = 2.0
+
+
+class RoundRefused(Exception):
+    """The aggregated model is unusable (not finite); it must not replace the global model."""
 
 
 @dataclass
@@ -224,10 +229,18 @@ class Coordinator:
 
     def submit(self, name: str, round_number: int, body: bytes,
                upload_id: str | None = None) -> dict[str, Any]:
-        """Validate an update and fold it into the open round. Idempotent per ``upload_id``."""
+        """Validate an update and fold it into the open round. Idempotent per ``upload_id``:
+        the same key with the same bytes is acknowledged once more, with other bytes refused.
+        A refused update changes nothing, not even the device's activity."""
+        with self.devices.busy(name, "uploading"):
+            return self._submit(name, round_number, body, upload_id)
+
+    def _submit(self, name: str, round_number: int, body: bytes,
+                upload_id: str | None) -> dict[str, Any]:
         if not 0 <= round_number <= wire.MAX_INTEGER:  # no such round; too large even to look up
             raise Conflict(f"round {round_number} is not open", "round")
-        done = self._duplicate(name, round_number, upload_id)
+        digest = hashlib.sha256(body).hexdigest() if upload_id else None
+        done = self._duplicate(name, round_number, upload_id, digest)
         if done is not None:
             return done
         weights, meta = wire.decode(body, self.spec, max_bytes=self.max_upload_bytes,
@@ -236,7 +249,7 @@ class Coordinator:
             raise InvalidInput(
                 f"metadata round {meta.round} does not match the URL's round {round_number}", "round")
         with self._cond:
-            done = self._duplicate(name, round_number, upload_id)
+            done = self._duplicate(name, round_number, upload_id, digest)
             if done is not None:
                 return done
             r = self._open
@@ -255,7 +268,8 @@ class Coordinator:
                     f"round {round_number} starts from version {r.base_version}", "model_version")
             r.accumulator.add(weights, meta.num_examples)
             self.storage.add_update(round_number, name, num_examples=meta.num_examples,
-                                    metrics=meta.metrics, upload_id=upload_id, now=self._clock())
+                                    metrics=meta.metrics, upload_id=upload_id, now=self._clock(),
+                                    body_sha256=digest)
             r.reported[name] = upload_id
             self.devices.set_activity(name, "idle")
             self.devices.lifecycle.set(name, "waiting", reason=f"update for round {round_number} sent",
@@ -265,13 +279,17 @@ class Coordinator:
             return {"accepted": True, "duplicate": False, "round": round_number,
                     "reported": len(r.reported), "selected": len(r.selected)}
 
-    def _duplicate(self, name: str, round_number: int, upload_id: str | None) -> dict[str, Any] | None:
+    def _duplicate(self, name: str, round_number: int, upload_id: str | None,
+                   digest: str | None) -> dict[str, Any] | None:
         if not upload_id:
             return None
         row = self.storage.get_update(round_number, name)
-        if row is not None and row["upload_id"] == upload_id:
-            return {"accepted": True, "duplicate": True, "round": round_number}
-        return None
+        if row is None or row["upload_id"] != upload_id:
+            return None
+        if row["body_sha256"] not in (None, digest):  # None: stored before digests were kept
+            raise Conflict(f"Idempotency-Key {upload_id!r} was already used for round {round_number} "
+                           "with a different body; a retry must send the same bytes", "Idempotency-Key")
+        return {"accepted": True, "duplicate": True, "round": round_number}
 
     def report_progress(self, name: str, round_number: object, done: object,
                         total: object) -> dict[str, Any]:
@@ -561,12 +579,20 @@ class Coordinator:
         """Aggregate, evaluate, checkpoint, record: outside the lock, as it takes a while."""
         try:
             weights = r.accumulator.result()
+            bad = wire.first_non_finite(weights)
+            if bad is not None:
+                raise RoundRefused(f"the aggregated weights hold NaN or infinity (tensor {bad!r})")
             metrics: Mapping[str, float] = {}
             if self._evaluate is not None:
                 try:
                     metrics = self._evaluate(weights)
                 except Exception:
                     log.exception("evaluation of round %d failed", r.number)
+            for key in ("loss", "accuracy"):
+                value = metrics.get(key)
+                if value is not None and not math.isfinite(value):
+                    raise RoundRefused(f"the new global model's test {key} is {value}: its outputs "
+                                       "are not finite (NaN or infinity)")
             path = self.storage.write_checkpoint(r.number, weights)
             closed_at = self._clock()
             self.storage.complete_round(
@@ -575,10 +601,15 @@ class Coordinator:
                 test_accuracy=metrics.get("accuracy"), checkpoint=str(path))
             if metrics and self._evaluations is not None:  # what test_evaluation() answers for it
                 self._evaluations.remember((r.number, closed_at), metrics)
-        except Exception as exc:  # a full disk must not take the server down
-            log.exception("round %d could not be completed", r.number)
+        except Exception as exc:  # a poisoned round or a full disk must not take the server down
+            if isinstance(exc, RoundRefused):
+                why = f"failed: {exc}; the previous global model stays and the round runs again"
+                log.error("round %d %s", r.number, why)
+            else:
+                why = f"could not be saved: {exc}"
+                log.exception("round %d could not be completed", r.number)
             with self._cond:
-                self.last_error = f"round {r.number} could not be saved: {exc}"
+                self.last_error = f"round {r.number} {why}"
                 self._closing = None
                 self.storage.discard_round(r.number)
                 self._retry_at = time.monotonic() + 2.0

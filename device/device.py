@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the project importable
+if sys.path[:1] != [str(ROOT)]:  # run as a script, device/ comes first and shadows the package
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("name_pos", nargs="?", metavar="DEVICE", help="device name (original form)")
     p.add_argument("--server", help="server URL, e.g. http://127.0.0.1:4000")
     p.add_argument("--name", help="device name (its folder under --devices-root)")
-    p.add_argument("--devices-root", type=Path, default=DEFAULT_DEVICES_ROOT)
+    p.add_argument("--devices-root", type=Path,
+                   default=Path(os.environ.get("FEDHUB_DEVICES_ROOT") or DEFAULT_DEVICES_ROOT),
+                   help="device folders' parent (else $FEDHUB_DEVICES_ROOT, else devices/)")
     p.add_argument("--data", type=Path, help="data file (default: <devices-root>/<name>/data/train.npz)")
     p.add_argument("--enroll-secret", help="enrollment secret (else $FEDHUB_ENROLL_SECRET, "
                    "else the local server's server_training/enroll.secret)")

@@ -61,6 +61,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/fedhub fedhub \
  && mkdir -p /var/lib/fedhub && chown fedhub:fedhub /var/lib/fedhub
 WORKDIR /app
+# `docker stop` as Ctrl-C: Python handles SIGINT from start-up, even as PID 1, so a device
+# leaves the federation and the server stops cleanly, whenever the signal comes.
+STOPSIGNAL SIGINT
 
 # The server: state, history and TensorBoard runs under /var/lib/fedhub. Flags after the image
 # name are added to these (`docker run fedhub-server --rounds 10 --auto-activate`).

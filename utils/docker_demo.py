@@ -11,8 +11,10 @@ host needs Docker and Python, not FedHub's virtualenv.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -66,8 +68,11 @@ class Compose:
 
     def url(self, service: str, port: int) -> str:
         """The host address a service's published port got (``127.0.0.1:PORT``)."""
-        address = self.run("port", service, str(port), capture=True).strip().splitlines()[-1]
-        return f"http://{address.replace('0.0.0.0', '127.0.0.1')}"
+        out = self.run("port", service, str(port), capture=True)
+        found = re.findall(r"^(?:0\.0\.0\.0|127\.0\.0\.1):(\d+)$", out, flags=re.MULTILINE)
+        if not found:
+            raise DemoError(f"{service} has no published port {port} (not running?)")
+        return f"http://127.0.0.1:{found[-1]}"
 
     def states(self) -> dict[str, str]:
         """Each service's container state (running, restarting, exited, ...)."""
@@ -112,8 +117,9 @@ def wait_for_server(url: str, compose: Compose, timeout: float) -> None:
 def watch(url: str, rounds: int, compose: Compose, timeout: float, unreachable_for: float) -> float:
     """Print each new round until ``rounds`` are complete; returns the last accuracy.
 
-    The server may restart on the way (``docker compose restart server``): it only fails
-    when it stays unreachable for ``unreachable_for`` seconds.
+    The server may restart on the way (``docker compose restart server``), and then comes
+    back on another host port unless one was fixed: it is looked up again, and the demo
+    only fails when the server stays unreachable for ``unreachable_for`` seconds.
     """
     seen = 0
     started = last_answer = time.monotonic()
@@ -127,6 +133,8 @@ def watch(url: str, rounds: int, compose: Compose, timeout: float, unreachable_f
                 raise DemoError(f"the server has not answered for {unreachable_for:.0f}s:\n"
                                 f"{compose.logs('server')}") from None
             time.sleep(1.0)
+            with contextlib.suppress(DemoError):  # not running (yet): no port to look up
+                url = compose.url("server", 4000)
             continue
         for row in history[seen:]:
             print(round_line(row, time.monotonic() - started), flush=True)

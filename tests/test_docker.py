@@ -30,7 +30,7 @@ from utils.docker_demo import IMAGES, DemoError, compose_command
 from .conftest import DATA_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2400)]
+
 # The tokens tests/ uses; no image may contain them.
 TEST_SUITE_SECRETS = ("admin-test-token", "enroll-test-secret", "admin-secret")
 # Paths no image may hold: data, device folders, server state, secrets, tests, the repository.
@@ -39,6 +39,12 @@ FORBIDDEN_PATHS = re.compile(
     r"|(^|/)admin\.token$|(^|/)enroll\.secret$|(^|/)\.env$|^app/tests(/|$)|(^|/)\.git(/|$)"
     r"|^app/docker/wheels(/|$)|(^|/)\.venv(/|$)|^var/lib/fedhub/.")
 ROUNDS = 3
+
+
+def needs_docker(test):
+    """Marked ``docker`` and ``slow``, with time to build from an empty Docker cache (minutes:
+    the base image, the wheels, TensorFlow)."""
+    return pytest.mark.docker(pytest.mark.slow(pytest.mark.timeout(2400)(test)))
 
 
 def _docker_missing() -> str | None:
@@ -127,6 +133,7 @@ def _contains(stream, needles: list[bytes], chunk: int = 1 << 20) -> bytes | Non
 
 
 @pytest.mark.parametrize("image", IMAGES)
+@needs_docker
 def test_images_hold_no_secrets_and_no_data(built: list[str], image: str) -> None:
     needles = [v.encode() for v in (*built, *TEST_SUITE_SECRETS)]
     history = _run("docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", image)
@@ -180,6 +187,7 @@ def _printed_rounds(output: str) -> list[tuple[int, float]]:
             re.findall(r"^== round (\d+): global test accuracy ([\d.]+)", output, flags=re.MULTILINE)]
 
 
+@needs_docker
 def test_docker_demo_resumes_after_a_server_restart_and_after_down_and_up(built: list[str]) -> None:
     project = f"fedhub-test-{secrets.token_hex(3)}"
     env = {**os.environ, "FEDHUB_DATA_DIR": str(DATA_DIR),
@@ -227,3 +235,12 @@ def test_docker_demo_resumes_after_a_server_restart_and_after_down_and_up(built:
     finally:
         subprocess.run([*_compose(project), "down", "--volumes"], env=env, cwd=ROOT,
                        capture_output=True, check=False, timeout=300)
+
+
+def test_docker_demo_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
+    for args, message in ((["--data-dir", str(tmp_path)], "no Fashion-MNIST in"),
+                          (["--rounds", "0"], "must be at least 1")):
+        proc = subprocess.run(["python3", "-m", "utils.docker_demo", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 FEDHUB_DATA_DIR ?= $(abspath $(wildcard ../shared/data/fashion-mnist))
 export FEDHUB_DATA_DIR
 
-.PHONY: venv demo test lint clean bench help
+.PHONY: venv demo test lint clean bench help docker docker-demo
 
 help:
 	@echo "make venv   - set up .venv (then: . .venv/bin/activate)"
@@ -15,6 +15,8 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks (results in docs/benchmarks.md)"
 	@echo "make clean  - remove run-time state (server_training/, eval/, devices/)"
+	@echo "make docker - build the images fedhub-server, fedhub-device, fedhub-dashboard"
+	@echo "make docker-demo - the compose federation: 3 devices, 3 rounds, each round's accuracy"
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 needed)"; exit 1; }
@@ -39,3 +41,12 @@ bench: $(VENV)/.installed
 
 clean:
 	$(PY) -m utils.cleaner --secrets
+
+# Containers (README "Containers"): Docker with compose v2 or Debian's docker-compose.
+DOCKER_DEMO_ARGS ?=
+
+docker:
+	docker/build.sh $(PYTHON)
+
+docker-demo: docker
+	python3 -m utils.docker_demo $(DOCKER_DEMO_ARGS)

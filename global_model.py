@@ -9,11 +9,14 @@ of an uploaded dataset, ``fedhub.evaluate``) computes metrics the same way.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import pkgutil
 import tempfile
 import threading
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,21 +55,79 @@ def resolve(spec: str, what: str) -> Any:
         raise ValueError(f"{what} {spec!r} cannot be loaded: {exc}") from None
 
 
-def load_npz(source: bytes | str | Path, *, field: str = "body") -> tuple[np.ndarray, np.ndarray]:
-    """Arrays ``x`` and ``y`` of an .npz file or body, never unpickling anything."""
+def load_npz(source: bytes | str | Path, *, field: str = "body", max_bytes: int | None = None,
+             max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays ``x`` and ``y`` of an .npz file or body, never unpickling anything.
+
+    Before an array is allocated, the shape and dtype its ``.npy`` header declares are checked:
+    at most ``max_examples`` examples, at most ``max_bytes`` for both arrays together, and no
+    zip member larger than that once uncompressed. A file of a few hundred bytes declaring
+    terabytes, or a zip bomb, is refused without being expanded (numpy allocates what the
+    header declares, then fills it).
+    """
     try:
-        stream: Any = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
-        with np.load(stream, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise InvalidInput("expected an .npz archive with arrays x and y", field)
-            for key in ("x", "y"):
-                if key not in npz.files:
-                    raise InvalidInput(f"the .npz has no array {key!r} (found {sorted(npz.files)})", key)
-            return npz["x"], npz["y"]
+        if isinstance(source, bytes | bytearray):
+            if source.count(b"PK\x01\x02") > MAX_NPZ_MEMBERS:  # central directory entries, at most
+                raise InvalidInput(f"the .npz holds more than {MAX_NPZ_MEMBERS} files", field)
+            stream: Any = io.BytesIO(source)
+        else:
+            stream = source
+        with zipfile.ZipFile(stream) as archive:
+            members = [_member(archive, key) for key in ("x", "y")]
+            budget = max_bytes
+            for key, info in zip(("x", "y"), members, strict=True):
+                budget = _check_declared(archive, info, key, budget, max_examples)
+            x, y = (_read_array(archive, info) for info in members)
+            return x, y
     except InvalidInput:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile,
+            zlib.error) as exc:  # RuntimeError: encrypted; NotImplementedError: unknown compression
         raise InvalidInput(f"not a readable .npz of plain arrays: {exc}", field) from None
+
+
+# An .npz made by numpy holds one file per array; x and y are all FedHub reads.
+MAX_NPZ_MEMBERS = 1000
+
+
+def _member(archive: zipfile.ZipFile, key: str) -> zipfile.ZipInfo:
+    for name in (f"{key}.npy", key):
+        with contextlib.suppress(KeyError):
+            return archive.getinfo(name)
+    found = sorted(n.removesuffix(".npy") for n in archive.namelist())[:20]
+    raise InvalidInput(f"the .npz has no array {key!r} (found {found})", key)
+
+
+def _check_declared(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, budget: int | None,
+                    max_examples: int | None) -> int | None:
+    """Refuse array ``key`` on what its header declares; returns the byte budget left."""
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise InvalidInput(f"array {key!r} uses .npy format {version}; expected 1.0 or 2.0", key)
+    if dtype.hasobject:
+        raise InvalidInput(f"array {key!r} holds Python objects; only plain numbers are read", key)
+    nbytes = math.prod(shape) * dtype.itemsize
+    shown = "x".join(map(str, shape)) or "scalar"
+    if max_examples is not None and shape and shape[0] > max_examples:
+        raise InvalidInput(f"array {key!r} declares {shape[0]} examples ({shown}); at most "
+                           f"{max_examples}", key)
+    if budget is not None and nbytes > budget:
+        raise InvalidInput(f"array {key!r} ({shown} of {dtype}) would take {nbytes} bytes; the "
+                           f"arrays may take at most {budget} more bytes", key)
+    if budget is not None and info.file_size > budget + 64 * 1024:  # 64 KiB: room for the header
+        raise InvalidInput(f"array {key!r} unpacks to {info.file_size} bytes; the arrays may take "
+                           f"at most {budget} more bytes", key)
+    return None if budget is None else budget - nbytes
+
+
+def _read_array(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with archive.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
 
 
 def _input_shape(keras_model: keras.Model) -> tuple[int | None, ...] | None:

@@ -120,6 +120,30 @@ class ImageError(ValueError):
     """Uploaded data is not a usable picture (not an image, truncated, or too large)."""
 
 
+# Decoding is where a picture costs memory: width x height x 4 bytes for anything but greyscale
+# (Pillow keeps RGB in 4 bytes a pixel, and palette or 16-bit pictures are widened on conversion).
+# Pillow's pixel limit alone let a 9000x9000 RGBA picture cost 1.5 GiB; this bounds the decode.
+MAX_DECODED_BYTES = 64 * 1024 * 1024
+# Larger pictures are first box-reduced to about this side, so the colour conversions work on
+# megabytes rather than hundreds of them; a 28x28 classifier loses nothing.
+WORKING_SIDE = 2048
+
+
+def _decoded_bytes(img: Image.Image) -> int:
+    return img.size[0] * img.size[1] * (1 if img.mode in ("1", "L") else 4)
+
+
+def _shrink(img: Image.Image) -> Image.Image:
+    """A decoded picture reduced by a whole factor to a side of at most ``WORKING_SIDE``."""
+    factor = -(-max(img.size) // WORKING_SIDE)
+    if factor <= 1:
+        return img
+    try:
+        return img.reduce(factor)
+    except ValueError:  # a mode reduce() does not take (palette, 1-bit): converted later as it is
+        return img
+
+
 def _bomb_message(pixels: int | None = None) -> str:
     limit = Image.MAX_IMAGE_PIXELS
     got = f" ({pixels} pixels)" if pixels is not None else ""
@@ -153,6 +177,13 @@ def _open_image(source: bytes | BinaryIO | Image.Image) -> Image.Image:
             pixels = img.size[0] * img.size[1]
             if limit is not None and pixels > limit:
                 raise ImageError(_bomb_message(pixels))
+            if _decoded_bytes(img) > MAX_DECODED_BYTES and img.format == "JPEG":
+                img.draft(img.mode, (WORKING_SIDE, WORKING_SIDE))  # decoded at 1/2 to 1/8 scale
+            if _decoded_bytes(img) > MAX_DECODED_BYTES:
+                raise ImageError(
+                    f"image of {img.size[0]}x{img.size[1]} pixels ({img.mode}) would take "
+                    f"{_decoded_bytes(img) // 2**20} MiB to decode; at most "
+                    f"{MAX_DECODED_BYTES // 2**20} MiB (a smaller or greyscale picture works)")
         img.load()  # decode now so truncated or corrupt data fails here, not later
     except Image.DecompressionBombError as exc:
         raise ImageError(_bomb_message()) from exc
@@ -213,8 +244,10 @@ def image_to_array(source: bytes | BinaryIO | Image.Image) -> np.ndarray:
     light (mean of the picture's border pixels > 127, measured before resizing and padding).
     A genuine Fashion-MNIST image therefore comes back unchanged.
 
-    Raises :class:`ImageError` for data that is not an image, is truncated or corrupt, or is
-    larger than Pillow's decompression-bomb pixel limit.
+    Raises :class:`ImageError` for data that is not an image, is truncated or corrupt, is
+    larger than Pillow's decompression-bomb pixel limit, or would take more than
+    ``MAX_DECODED_BYTES`` to decode. Pictures wider or taller than ``WORKING_SIDE`` are first
+    reduced by a whole factor (box filter), which bounds the memory the conversions take.
     """
     img = _open_image(source)
     try:
@@ -222,6 +255,7 @@ def image_to_array(source: bytes | BinaryIO | Image.Image) -> np.ndarray:
             img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError):
         pass  # unreadable EXIF is not a reason to reject the picture itself
+    img = _shrink(img)
     grey = _to_greyscale(img)
 
     width, height = grey.size

@@ -22,6 +22,7 @@ from api import build_app
 from api.app import BODY_SLACK, MAX_IMAGE_BYTES, MAX_WAIT
 from api.predictor import Predictor
 from api.serving import ServeOptions
+from api.throttle import FAILURES_PER_MINUTE
 from fedcore import auth, history, wire
 from fedcore.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
 from fedcore.devices import DeviceRegistry
@@ -64,6 +65,8 @@ class ServerConfig:
     certfile: Path | None = None
     keyfile: Path | None = None
     channel_timeout: float = ServeOptions.channel_timeout  # before an idle or trickling connection closes
+    header_timeout: float = ServeOptions.header_timeout  # to send the request headers
+    auth_failures_per_minute: int = FAILURES_PER_MINUTE  # per client address (0: no limit)
     # Bring your own model: any compiled keras.Model (the Python API), or a factory
     # "package.module:build" returning one; either replaces `model`. `test_data` (an .npz
     # path with arrays x, y, or an (x, y) pair) gives it per-round test metrics.
@@ -158,7 +161,8 @@ def create_app(config: ServerConfig | None = None) -> Flask:
 
         engine.add_hook(TensorBoardLog(config.runs_dir, config.run_id))
     app = build_app(engine, admin_token=admin, max_wait=config.max_wait, predictor=predictor,
-                    max_image_bytes=config.max_image_bytes)
+                    max_image_bytes=config.max_image_bytes,
+                    auth_failures_per_minute=config.auth_failures_per_minute)
     app.extensions["fedhub_global_model"] = global_model  # export and validation (routes_models)
     engine.start()
     return app
@@ -222,6 +226,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="longest long poll a device may ask for (GET .../task?wait=S)")
     p.add_argument("--channel-timeout", type=float, default=d.channel_timeout,
                    help="seconds before an idle or slow (slow-loris) connection is closed")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a connection has to send its request line and headers")
+    p.add_argument("--auth-failures-per-minute", type=int, default=d.auth_failures_per_minute,
+                   help="wrong credentials a client address may send per minute before it gets 429 "
+                        "(0: no limit, e.g. behind a reverse proxy that limits)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if a.list_strategies:
@@ -236,6 +245,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error("--certfile and --keyfile go together")
     if not 0 <= a.max_wait <= 3600:
         p.error("--max-wait must be between 0 and 3600 seconds")
+    if not 0 < a.header_timeout <= 3600:
+        p.error("--header-timeout must be between 0 and 3600 seconds")
+    if a.auth_failures_per_minute < 0:
+        p.error("--auth-failures-per-minute must be 0 or more")
     if not 0 <= a.strategy_memory_mb <= 2**40:
         p.error("--strategy-memory-mb must be 0 or more")
     try:
@@ -265,6 +278,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
         max_image_bytes=int(a.max_image_mb * 1024 * 1024), federation=federation,
         certfile=a.certfile, keyfile=a.keyfile, channel_timeout=a.channel_timeout, max_wait=a.max_wait,
+        header_timeout=a.header_timeout, auth_failures_per_minute=a.auth_failures_per_minute,
         model_factory=a.model_factory, test_data=a.test_data, run_id=a.run_id,
         runs_dir=None if a.no_tensorboard else (a.runs_dir or layout.runs_dir))
 
@@ -278,7 +292,8 @@ def serve_options(config: ServerConfig) -> ServeOptions:
     return ServeOptions(
         host=config.host, port=config.port, threads=config.threads,
         max_body_bytes=max(config.max_upload_bytes, config.max_image_bytes) + BODY_SLACK,
-        channel_timeout=config.channel_timeout, certfile=config.certfile, keyfile=config.keyfile)
+        channel_timeout=config.channel_timeout, header_timeout=config.header_timeout,
+        certfile=config.certfile, keyfile=config.keyfile)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from . import (
 )
 from .errors import register_error_handlers
 from .predictor import Predictor
+from .throttle import FAILURES_PER_MINUTE, FailureLimiter
 
 # Room for the safetensors header and metadata above the tensors themselves.
 BODY_SLACK = 1024 * 1024
@@ -28,10 +29,13 @@ MAX_WAIT = 30.0
 
 
 def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = MAX_WAIT,
-              predictor: Predictor | None = None, max_image_bytes: int = MAX_IMAGE_BYTES) -> Flask:
+              predictor: Predictor | None = None, max_image_bytes: int = MAX_IMAGE_BYTES,
+              auth_failures_per_minute: int = FAILURES_PER_MINUTE) -> Flask:
     """Wrap a running engine in HTTP. ``server.create_app`` builds the engine for you.
 
     Without a ``predictor`` (hooked to the engine's rounds), ``/api/predict`` answers 409.
+    A client address that sends more than ``auth_failures_per_minute`` wrong credentials is
+    answered 429 for a while (0: no limit; see ``api/throttle.py``).
     """
     app = Flask("fedhub")
     app.config.update(
@@ -43,6 +47,7 @@ def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = MAX_WA
     )
     app.extensions["fedhub"] = engine
     app.extensions["fedhub_predictor"] = predictor
+    app.extensions["fedhub_failures"] = FailureLimiter(auth_failures_per_minute)
     register_error_handlers(app)
     for module in (routes_public, routes_device, routes_admin, routes_predict, routes_stats,
                    routes_logs, routes_models, routes_openapi):

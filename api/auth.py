@@ -1,6 +1,13 @@
-"""Who is calling: a device (its own token) or an admin (the admin token)."""
+"""Who is calling: a device (its own token) or an admin (the admin token).
+
+Every credential check runs inside :func:`counted`: a client address that sent too many wrong
+credentials is answered 429 before its credential is even compared (``api/throttle.py``).
+"""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 from flask import current_app, request
 
@@ -8,6 +15,7 @@ from fedcore import auth
 from fedcore.errors import Forbidden, Unauthorized
 
 from .context import engine
+from .throttle import FailureLimiter
 
 
 def bearer_token() -> str | None:
@@ -18,9 +26,30 @@ def bearer_token() -> str | None:
     return token.strip()
 
 
+def is_admin(token: str | None) -> bool:
+    return token is not None and auth.secret_matches(token, current_app.config["FEDHUB_ADMIN_TOKEN"])
+
+
+@contextlib.contextmanager
+def counted(presented: bool) -> Iterator[None]:
+    """Check credentials inside: 429 first for a client that failed too often, and a wrong
+    credential that was ``presented`` (not merely missing) spends one of its failures."""
+    limiter: FailureLimiter = current_app.extensions["fedhub_failures"]
+    client = request.remote_addr or ""
+    limiter.check(client)
+    try:
+        yield
+    except (Unauthorized, Forbidden):
+        if presented:
+            limiter.failed(client)
+        raise
+
+
 def require_device(name: str | None = None) -> str:
     """The calling device's name; with ``name``, the caller must be that device."""
-    caller = engine().authenticate(bearer_token())
+    token = bearer_token()
+    with counted(token is not None):
+        caller = engine().authenticate(token)
     if name is not None and caller != name:
         raise Forbidden("this token belongs to another device", "Authorization")
     return caller
@@ -28,14 +57,15 @@ def require_device(name: str | None = None) -> str:
 
 def require_admin() -> None:
     token = bearer_token()
-    if token is None:
-        raise Unauthorized("missing admin token (Authorization: Bearer <token>)", "Authorization")
-    if not auth.secret_matches(token, current_app.config["FEDHUB_ADMIN_TOKEN"]):
-        raise Forbidden("control calls need the admin token", "Authorization")
+    with counted(token is not None):
+        if token is None:
+            raise Unauthorized("missing admin token (Authorization: Bearer <token>)", "Authorization")
+        if not is_admin(token):
+            raise Forbidden("control calls need the admin token", "Authorization")
 
 
 def require_device_or_admin() -> None:
     token = bearer_token()
-    if token is not None and auth.secret_matches(token, current_app.config["FEDHUB_ADMIN_TOKEN"]):
-        return
-    require_device()
+    with counted(token is not None):
+        if not is_admin(token):
+            engine().authenticate(token)

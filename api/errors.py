@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
@@ -17,6 +18,8 @@ from fedcore.errors import (
     Unauthorized,
 )
 
+from .throttle import TooManyFailures
+
 log = logging.getLogger("fedhub.api")
 
 STATUS = {
@@ -26,6 +29,7 @@ STATUS = {
     Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
+    TooManyFailures: 429,
 }
 
 
@@ -36,8 +40,13 @@ def status_of(exc: FedHubError) -> int:
     return 400
 
 
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    """The one shape of every error, from the app or from the HTTP server before it (serving.py)."""
+    return {"error": code, "field": field, "message": message}
+
+
 def error_response(code: str, message: str, status: int, field: str | None = None):
-    response = jsonify({"error": code, "field": field, "message": message})
+    response = jsonify(error_body(code, message, field))
     response.status_code = status
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="fedhub"'
@@ -47,7 +56,10 @@ def error_response(code: str, message: str, status: int, field: str | None = Non
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(FedHubError)
     def _engine_error(exc: FedHubError):
-        return error_response(exc.code, exc.message, status_of(exc), exc.field)
+        response = error_response(exc.code, exc.message, status_of(exc), exc.field)
+        if isinstance(exc, TooManyFailures):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

@@ -73,4 +73,10 @@ class Predictor:
         if current is None:
             raise Conflict(NO_MODEL_MESSAGE, "model")
         version, model = current
-        return version, model.predict(images)
+        probabilities = model.predict(images)
+        broken = [i + 1 for i, row in enumerate(probabilities) if not np.isfinite(row).all()]
+        if broken:  # never NaN in a JSON answer: it is not JSON, and it is no class either
+            raise Conflict(f"the global model of round {version} gives non-finite outputs (NaN or "
+                           f"infinity) for picture {', '.join(map(str, broken))}; it cannot classify "
+                           "it until a later round replaces it", "model")
+        return version, probabilities

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from .auth import require_device, require_device_or_admin
+from .auth import bearer_token, counted, is_admin, require_device, require_device_or_admin
 from .context import engine
 from .inputs import binary_body, float_arg, json_body
 
@@ -15,12 +15,19 @@ bp = Blueprint("device", __name__)
 
 @bp.post("/api/devices/register")
 def register():
+    """Enroll with the enrollment secret; an existing name also needs its token or the admin's."""
+    header_secret = request.headers.get("X-Enroll-Secret")
+    token = bearer_token()
+    with counted(header_secret is not None):  # before the body is read: a wrong secret costs little
+        if header_secret is not None:
+            engine().check_enroll_secret(header_secret)
     data = json_body()
-    secret = request.headers.get("X-Enroll-Secret") or data.get("enroll_secret")
-    result = engine().register(
-        data.get("name"), secret, num_examples=data.get("num_examples"),
-        auto_activate=data.get("auto_activate"), validation=data.get("validation"),
-        attack=data.get("attack"))
+    secret = header_secret or data.get("enroll_secret")
+    with counted(secret is not None or token is not None):
+        result = engine().register(
+            data.get("name"), secret, num_examples=data.get("num_examples"),
+            auto_activate=data.get("auto_activate"), validation=data.get("validation"),
+            attack=data.get("attack"), token=token, admin=is_admin(token))
     return jsonify(result), 201
 
 

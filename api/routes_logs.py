@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from fedcore.device_logs import MAX_QUERY
-from fedcore.errors import InvalidInput
+from fedcore.device_logs import MAX_BATCH, MAX_MESSAGE_CHARS, MAX_QUERY
 
 from .auth import require_admin, require_device
 from .context import engine
-from .inputs import int_arg
+from .inputs import int_arg, json_body
 
 bp = Blueprint("logs", __name__)
+# A full batch of the longest lines, every character escaped as \\uXXXX, with room for the rest.
+MAX_LOG_BODY_BYTES = MAX_BATCH * (6 * MAX_MESSAGE_CHARS + 256)
 
 
 
@@ -23,9 +24,7 @@ bp = Blueprint("logs", __name__)
 def add(name: str):
     """A JSON list of {level, message, time, round}; an ERROR for the open round drops the device."""
     require_device(name)
-    if not request.is_json:
-        raise InvalidInput("body must be JSON (Content-Type: application/json)", "Content-Type")
-    return jsonify(engine().add_logs(name, request.get_json(silent=True)))
+    return jsonify(engine().add_logs(name, json_body(kind=list, max_bytes=MAX_LOG_BODY_BYTES)))
 
 
 @bp.get("/api/logs")

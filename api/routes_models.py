@@ -55,14 +55,16 @@ def export(round_text: str):
 @bp.post("/api/rounds/<round_text>/validate")
 def validate(round_text: str):
     require_device_or_admin()
-    from global_model import load_npz  # Keras-side module: imported only when a model is in use
+    # Keras-side module: imported only when a model is in use
+    from global_model import MAX_VALIDATE_EXAMPLES, load_npz
 
     model = _model()
     if request.mimetype not in NPZ_TYPES:
         raise InvalidInput("body must be an .npz file (Content-Type: application/octet-stream)",
                            "Content-Type")
     number, weights = engine().round_weights(_round_number(round_text))
-    x, y = load_npz(request.get_data(cache=False))
+    x, y = load_npz(request.get_data(cache=False), max_bytes=engine().max_upload_bytes,
+                    max_examples=MAX_VALIDATE_EXAMPLES)
     return jsonify({"round": number, "model": model.name, **model.validate(weights, x, y)})
 
 

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.datastructures import FileStorage
-from werkzeug.exceptions import RequestEntityTooLarge
 
-from fedcore.errors import Conflict, InvalidInput, TooLarge
+from fedcore.errors import Conflict, InvalidInput
 
 from .auth import require_device_or_admin
 from .context import engine
+from .inputs import body_limit
 from .predictor import NO_MODEL_MESSAGE
 
 bp = Blueprint("predict", __name__)
@@ -63,13 +63,9 @@ def _decode(files: list[tuple[str, FileStorage]]) -> np.ndarray:
 def predict():
     require_device_or_admin()
     # Pictures get their own body limit, far below the one for model updates.
-    limit = current_app.config["FEDHUB_MAX_IMAGE_BYTES"]
-    request.max_content_length = limit
-    try:
+    with body_limit(current_app.config["FEDHUB_MAX_IMAGE_BYTES"],
+                    "the pictures' request (server option --max-image-mb)"):
         files = _uploads()
-    except RequestEntityTooLarge:
-        raise TooLarge(f"the pictures exceed the limit of {limit} bytes per request "
-                       "(server option --max-image-mb)", "body") from None
     batch = _decode(files)
     predictor = current_app.extensions.get("fedhub_predictor")
     if predictor is None:

@@ -3,20 +3,32 @@
 Plain HTTP goes through waitress. waitress has no TLS, so when given a
 certificate and key the app is served by cheroot (CherryPy's server) with
 Python's ssl module instead; in production a reverse proxy usually terminates
-TLS in front of waitress (see the README).
+TLS in front of waitress (see the README). waitress is used through three small
+subclasses (below) so that its own errors are JSON and slow-loris clients cannot
+hold its connections; cheroot's own errors stay plain text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import json
 import platform
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flask import Flask
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError
+from waitress.server import MultiSocketServer, TcpWSGIServer
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
+
+from .errors import error_body
 
 
 @dataclass
@@ -27,11 +39,14 @@ class ServeOptions:
     max_body_bytes: int = 65 * 1024 * 1024
     # Seconds a connection may sit idle or trickle its request before it is closed (slow-loris).
     channel_timeout: float = 30.0
+    # Seconds a connection has to send its request line and headers, however steadily it
+    # trickles them; a client sends them in one go, only a slow-loris attack takes longer.
+    header_timeout: float = 10.0
     certfile: Path | None = None
     keyfile: Path | None = None
-    # Open connections before waitress stops accepting. Every device keeps a keep-alive
-    # connection (a few while it trains); at waitress's default of 100, device 101 and on
-    # wait in the listen backlog until they time out, and a round needing them never opens.
+    # Open connections at which the least recently active idle ones are closed to make room.
+    # Every device keeps a keep-alive connection (a few while it trains); at waitress's default
+    # of 100, device 101 and on would wait in the listen backlog until they time out.
     connection_limit: int = 1000
 
 
@@ -70,16 +85,9 @@ class Serving:
             self._server = _cheroot(app, options)
             port = self._server.bind_addr[1]
         else:
-            from waitress import create_server
-
-            self._server = create_server(
-                app, host=options.host, port=options.port, threads=options.threads,
-                max_request_body_size=options.max_body_bytes, channel_timeout=options.channel_timeout,
-                cleanup_interval=min(30, max(1, int(options.channel_timeout))), ident="fedhub",
-                # poll(), as select() cannot watch file descriptors above 1023.
-                connection_limit=options.connection_limit, asyncore_use_poll=True,
-                inbuf_overflow=SPOOL_BYTES, outbuf_overflow=SPOOL_BYTES)
-            port = self._server.effective_port
+            _allow_open_files(options.connection_limit + 256)
+            self._server, listening = _waitress(app, options)
+            port = listening[0].effective_port
         self.port = int(port)
         scheme = "https" if self.tls else "http"
         self.url = f"{scheme}://{options.host}:{self.port}"
@@ -113,6 +121,143 @@ class Serving:
         self._thread.join(timeout)
         if not self.tls:
             self._server.task_dispatcher.shutdown()
+
+
+# --- waitress, hardened --------------------------------------------------------------------------
+# waitress answers some requests itself, before the app sees them, in plain text; and it closes
+# a connection only after --channel-timeout seconds *without a byte*, so a client trickling one
+# header line every few seconds keeps its connection for ever. At the connection limit such
+# connections locked every client out. The classes below change exactly that: waitress's own
+# errors are the app's JSON errors (a URI its parser chokes on too), a connection must finish its
+# headers within --header-timeout, and at the connection limit the least recently active
+# connections that are not being served (idle, or still sending headers) are closed to make room.
+
+# At the connection limit, 1/SHED_SHARE of it is closed at once (the least recently active first).
+SHED_SHARE = 20
+
+
+def _waitress_error(error: Any) -> tuple[str, str, str | None]:
+    """``(code, message, field)`` for one of waitress's own error objects (waitress.utilities)."""
+    detail = str(error.body)
+    if error.code == 413:
+        return "too_large", f"the request body is too large ({detail})", "body"
+    if error.code == 431:
+        return "headers_too_large", f"the request headers are too large ({detail})", "headers"
+    if error.code == 400:
+        return "bad_request", f"malformed HTTP request: {detail}", "uri" if "URI" in detail else "request"
+    if error.code == 501:
+        return "not_implemented", detail, "Transfer-Encoding"
+    return "internal_error", "internal server error", None  # waitress's text may hold a traceback
+
+
+class _JSONErrorTask(ErrorTask):
+    """waitress's refusals (413, 431, 400, 501, and 500 for a crash) in the app's JSON shape."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        body = json.dumps(error_body(*_waitress_error(error))).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _Parser(HTTPRequestParser):
+    """waitress's request parser, with the one parse error it lets escape made a 400: a URI that
+    ``urllib.parse`` refuses (``http://[x/``) raised ValueError, and the connection was dropped."""
+
+    def parse_header(self, header_plus: bytes) -> None:
+        try:
+            super().parse_header(header_plus)
+        except ValueError as exc:
+            raise ParsingError(f"Bad URI: {exc}") from None
+
+
+class _Channel(HTTPChannel):
+    """A connection whose request headers must be complete by ``header_deadline``."""
+
+    error_task_class = _JSONErrorTask
+    parser_class = _Parser
+    header_deadline: float | None = None  # None: not in the middle of a request's headers
+
+    def __init__(self, server: _Server, sock: Any, addr: Any, adj: Adjustments, map: Any = None) -> None:
+        super().__init__(server, sock, addr, adj, map=map)
+        # A new connection owes its first request's headers: connecting and staying silent counts.
+        self.header_deadline = self.creation_time + server.header_timeout
+
+    def received(self, data: bytes) -> bool:
+        if self.header_deadline is None and self.request is None:  # a new request begins
+            self.header_deadline = time.time() + self.server.header_timeout
+        result = super().received(data)
+        if self.request is None or self.request.headers_finished:
+            self.header_deadline = None
+        return result
+
+
+class _Server(TcpWSGIServer):
+    """waitress's TCP server with the header deadline and shedding at the connection limit."""
+
+    channel_class = _Channel
+    header_timeout = 10.0
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)
+        for channel in list(self.active_channels.values()):
+            deadline = channel.header_deadline
+            if deadline is not None and now > deadline and not channel.requests:
+                channel.will_close = True
+
+    def readable(self) -> bool:
+        if self.accepting and len(self._map) >= self.adj.connection_limit:
+            self._shed()
+        return super().readable()
+
+    def _shed(self) -> None:
+        """Close the least recently active connections nobody is being served on, so that new
+        clients get in; an upload in progress or a long poll is never one of them."""
+        idle = [c for c in self.active_channels.values()
+                if not (c.requests or c.total_outbufs_len or c.will_close or c.close_when_flushed)
+                and (c.request is None or not c.request.headers_finished)]
+        idle.sort(key=lambda c: c.last_activity)
+        for channel in idle[: max(1, self.adj.connection_limit // SHED_SHARE)]:
+            channel.will_close = True
+        if idle:
+            self.pull_trigger()  # wake the loop now, so they close in this round of polling
+
+
+def _waitress(app: Flask, options: ServeOptions) -> tuple[Any, list[_Server]]:
+    """What ``waitress.create_server`` builds, with :class:`_Server` as the server class."""
+    adj = Adjustments(
+        host=options.host, port=options.port, threads=options.threads,
+        max_request_body_size=options.max_body_bytes, channel_timeout=options.channel_timeout,
+        cleanup_interval=max(1, int(min(options.channel_timeout, options.header_timeout) / 2)),
+        ident="fedhub", connection_limit=options.connection_limit,
+        asyncore_use_poll=True,  # poll(), as select() cannot watch file descriptors above 1023
+        inbuf_overflow=SPOOL_BYTES, outbuf_overflow=SPOOL_BYTES)
+    dispatcher = ThreadedTaskDispatcher()
+    dispatcher.set_thread_count(adj.threads)
+    socket_map: dict[int, Any] = {}
+    servers = [_Server(app, socket_map, dispatcher=dispatcher, adj=adj, sockinfo=info)
+               for info in adj.listen]
+    for server in servers:
+        server.header_timeout = options.header_timeout
+    if len(servers) == 1:
+        return servers[0], servers
+    listening = [(s.effective_host, s.effective_port) for s in servers]
+    return MultiSocketServer(socket_map, adj, listening, dispatcher, servers[0].log_info), servers
+
+
+def _allow_open_files(needed: int) -> None:
+    """Raise this process's open-file limit toward ``needed``: each connection is a file, and a
+    soft limit of 1,024 would refuse connections long before the connection limit does."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _cheroot(app: Flask, options: ServeOptions) -> Any:

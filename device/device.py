@@ -44,8 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server", help="server address: http(s)://host:port, or host:port for http")
     p.add_argument("--name", help="device name (its folder under --devices-root)")
     state.add_option(p)
-    p.add_argument("--devices-root", type=Path, default=None,
-                   help="device folders live in DIR/<name> (default: the state directory's devices/)")
+    p.add_argument("--devices-root", type=Path,
+                   default=os.environ.get("FEDHUB_DEVICES_ROOT") or None,
+                   help="device folders live in DIR/<name> (default: $FEDHUB_DEVICES_ROOT, else the state "
+                        "directory's devices/)")
     p.add_argument("--data", type=Path, help="data file (default: <devices-root>/<name>/data/train.npz)")
     p.add_argument("--enroll-secret", help="enrollment secret (else $FEDHUB_ENROLL_SECRET, else the "
                    "local server's enroll.secret in the state directory, read again while refused)")

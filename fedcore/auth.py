@@ -24,10 +24,10 @@ def token_matches(token: str, token_hash: str) -> bool:
     return hmac.compare_digest(hash_token(token), token_hash)
 
 
-def secret_matches(given: str | None, expected: str) -> bool:
-    if not given:
+def secret_matches(given: object, expected: str) -> bool:
+    if not isinstance(given, str) or not given:  # a JSON body may hold any type here
         return False
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
 
 
 def load_or_create_secret(path: Path) -> str:

@@ -7,16 +7,17 @@ database only at meaningful moments; the rest is written through.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import auth
-from .errors import Forbidden, InvalidInput, NotFound, Unauthorized
+from .errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
 from .lifecycle import Lifecycle, check_report
 from .storage import Storage
 from .wire import MAX_INTEGER
@@ -91,17 +92,26 @@ class DeviceRegistry:
             self._by_hash[row["token_hash"]] = row["name"]
             self._seen[row["name"]] = row["last_seen"] or 0.0
 
+    def check_enroll_secret(self, enroll_secret: str | None) -> None:
+        """Refuse a missing or wrong enrollment secret (the HTTP layer checks it before the body)."""
+        if not auth.secret_matches(enroll_secret, self._enroll_secret):
+            raise Unauthorized("missing or wrong enrollment secret", "enroll_secret")
+
     def register(self, name: object, enroll_secret: str | None, *, num_examples: int | None = None,
                  auto_activate: bool | None = None, validation: object = None,
-                 attack: object = None) -> dict[str, Any]:
-        """Enroll a device (or re-enroll it, which replaces its token) and return its new token.
+                 attack: object = None, token: str | None = None, admin: bool = False
+                 ) -> dict[str, Any]:
+        """Enroll a new device, or re-enroll an existing one, and return its new token.
 
+        Re-enrolling an existing name replaces its token, so it needs more than the enrollment
+        secret: that device's current ``token``, or the admin's (``admin``). It keeps the
+        device's activation: a deactivated device stays deactivated until an admin activates
+        it (``auto_activate`` counts only for new names, or when the admin re-enrolls).
         ``validation`` is the device's data validation report (see ``lifecycle.check_report``);
         ``attack`` what it declares it attacks with (see :func:`check_attack`).
         """
         name = check_name(name)
-        if not auth.secret_matches(enroll_secret, self._enroll_secret):
-            raise Unauthorized("missing or wrong enrollment secret", "enroll_secret")
+        self.check_enroll_secret(enroll_secret)
         report = None if validation is None else check_report(validation)
         if num_examples is not None and (
             not isinstance(num_examples, int) or isinstance(num_examples, bool)
@@ -111,8 +121,8 @@ class DeviceRegistry:
         if auto_activate is not None and not isinstance(auto_activate, bool):
             raise InvalidInput("auto_activate must be true or false", "auto_activate")
         declared = check_attack(attack)
-        token = auth.new_token()
-        token_hash = auth.hash_token(token)
+        new_token = auth.new_token()
+        token_hash = auth.hash_token(new_token)
         now = self._clock()
         with self._lock:
             row = self._storage.get_device(name)
@@ -121,12 +131,13 @@ class DeviceRegistry:
                 self._storage.add_device(name, token_hash, active=active, now=now,
                                          num_examples=num_examples, info={"attack": declared})
             else:
+                self._check_reenrollment(row, token, admin)
                 self._by_hash.pop(row["token_hash"], None)
                 fields: dict[str, Any] = {"token_hash": token_hash, "last_seen": now,
                                           "info": {**json.loads(row["info"]), "attack": declared}}
                 if num_examples is not None:
                     fields["num_examples"] = num_examples
-                if auto_activate:
+                if admin and auto_activate:
                     fields["active"] = True
                 self._storage.update_device(name, **fields)
                 active = bool(fields.get("active", row["active"]))
@@ -136,8 +147,20 @@ class DeviceRegistry:
             self._left.discard(name)
             self.lifecycle.enrolled(name, report)
         state = self.lifecycle.get(name)
-        return {"name": name, "token": token, "active": active, "lifecycle": state["state"],
+        return {"name": name, "token": new_token, "active": active, "lifecycle": state["state"],
                 "lifecycle_reason": state["reason"]}
+
+    @staticmethod
+    def _check_reenrollment(row: dict[str, Any], token: str | None, admin: bool) -> None:
+        if admin:
+            return
+        if token is None:
+            raise Conflict(f"device name {row['name']!r} is already enrolled; re-enrolling it needs "
+                           "that device's current token or the admin token (Authorization: Bearer)",
+                           "name")
+        if not auth.token_matches(token, row["token_hash"]):
+            raise Forbidden(f"re-enrolling {row['name']!r} needs that device's current token or the "
+                            "admin token", "Authorization")
 
     def authenticate(self, token: str | None) -> str:
         """The device a bearer token belongs to; marks it seen."""
@@ -182,6 +205,25 @@ class DeviceRegistry:
             raise InvalidInput(f"activity must be one of {ACTIVITIES}", "state")
         with self._lock:
             self._activity[name] = activity
+
+    @contextlib.contextmanager
+    def busy(self, name: str, activity: str) -> Iterator[None]:
+        """Show ``activity`` for the duration; unless the work moved the device on (an accepted
+        update sets ``idle``), the activity it had before comes back, so a refusal changes nothing."""
+        if activity not in ACTIVITIES:
+            raise InvalidInput(f"activity must be one of {ACTIVITIES}", "state")
+        with self._lock:
+            before = self._activity.get(name)
+            self._activity[name] = activity
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._activity.get(name) == activity:
+                    if before is None:
+                        self._activity.pop(name, None)
+                    else:
+                        self._activity[name] = before
 
     def set_examples(self, name: str, num_examples: int) -> None:
         self._storage.update_device(name, num_examples=num_examples)

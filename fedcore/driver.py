@@ -224,7 +224,8 @@ class RoundDriver:
     def _fail(self, r: OpenRound, why: str) -> None:
         """The round cannot produce a durable global model: record why, discard it, run it again
         after a short pause. Called with the lock held."""
-        log.error("%s; the previous global model stays and the round runs again", why)
+        why = f"{why}; the previous global model stays and the round runs again"
+        log.error("%s", why)
         s = self._state
         r.aggregator.close()
         if s.open is r:
@@ -259,6 +260,13 @@ class RoundDriver:
                 metrics = self._evaluate(result.weights)
             except Exception:
                 log.exception("evaluation of round %d failed", r.number)
+        for key in ("loss", "accuracy"):  # finite weights can still give a model that is not
+            value = metrics.get(key)
+            if value is not None and not math.isfinite(value):
+                with s.cond:
+                    self._fail(r, f"round {r.number} failed: the new global model's test {key} is "
+                                  f"{value}: its outputs are not finite (NaN or infinity)")
+                return
         aggregated = result.metrics
         try:
             path = self._storage.write_checkpoint(r.number, result.weights)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(directory: str | Path, suffix: str) -> list[Path]:
+    """Delete the temporary files that ``atomic_path`` left in ``directory`` when a process died
+    mid-write (SIGKILL, power loss) for targets ending in ``suffix``.
+
+    Only names made by ``atomic_path`` (a dot, the target's stem, a dot, mkstemp's eight random
+    characters, the suffix) are touched. Call it before this process writes there.
+    """
+    made_by_atomic_path = re.compile(rf"\..+\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+    removed = []
+    for tmp in Path(directory).iterdir():
+        if made_by_atomic_path.fullmatch(tmp.name) and tmp.is_file():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -16,6 +16,7 @@ and forgotten on reset.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -153,13 +154,17 @@ class Coordinator:
         self._hooks.add(hook)
 
     # devices --------------------------------------------------------------
+    def check_enroll_secret(self, enroll_secret: str | None) -> None:
+        """Refuse a missing or wrong enrollment secret (checked before the body is read)."""
+        self._devices.check_enroll_secret(enroll_secret)
+
     def register(self, name: object, enroll_secret: str | None, *, num_examples: object = None,
-                 auto_activate: object = None, validation: object = None,
-                 attack: object = None) -> dict[str, Any]:
+                 auto_activate: object = None, validation: object = None, attack: object = None,
+                 token: str | None = None, admin: bool = False) -> dict[str, Any]:
         """Enroll a device; see :meth:`DeviceRegistry.register`."""
         return self._devices.register(name, enroll_secret, num_examples=num_examples,
                                       auto_activate=auto_activate, validation=validation,
-                                      attack=attack)
+                                      attack=attack, token=token, admin=admin)
 
     def authenticate(self, token: str | None) -> str:
         """The device a bearer token belongs to."""
@@ -252,18 +257,18 @@ class Coordinator:
 
     def submit(self, name: str, round_number: int, body: bytes,
                upload_id: str | None = None) -> dict[str, Any]:
-        """Validate an update and fold it into the open round. Idempotent per ``upload_id``."""
-        self._devices.set_activity(name, "uploading")
-        try:
+        """Validate an update and fold it into the open round. Idempotent per ``upload_id``:
+        the same key with the same bytes is acknowledged once more, with other bytes refused.
+        A refused update changes nothing, not even the device's activity."""
+        with self._devices.busy(name, "uploading"):
             return self._submit(name, round_number, body, upload_id)
-        finally:
-            self._devices.set_activity(name, "idle")
 
     def _submit(self, name: str, round_number: int, body: bytes,
                 upload_id: str | None) -> dict[str, Any]:
         if not 0 <= round_number <= wire.MAX_INTEGER:  # no such round; too large even to look up
             raise Conflict(f"round {round_number} is not open", "round")
-        done = self._duplicate(name, round_number, upload_id)
+        digest = hashlib.sha256(body).hexdigest() if upload_id else None
+        done = self._duplicate(name, round_number, upload_id, digest)
         if done is not None:
             return done
         weights, meta = wire.decode(body, self.spec, max_bytes=self.max_upload_bytes,
@@ -272,7 +277,7 @@ class Coordinator:
             raise InvalidInput(
                 f"metadata round {meta.round} does not match the URL's round {round_number}", "round")
         with self._cond:
-            done = self._duplicate(name, round_number, upload_id)
+            done = self._duplicate(name, round_number, upload_id, digest)
             if done is not None:
                 return done
             r = self._state.open
@@ -301,7 +306,8 @@ class Coordinator:
         try:
             with self._storage.transaction():  # one commit (one fsync) per upload
                 self._storage.add_update(round_number, name, num_examples=meta.num_examples,
-                                         metrics=meta.metrics, upload_id=upload_id, now=self._clock())
+                                         metrics=meta.metrics, upload_id=upload_id, now=self._clock(),
+                                         body_sha256=digest)
                 self._devices.set_examples(name, meta.num_examples)
                 self._devices.lifecycle.set(name, "waiting",
                                             reason=f"update for round {round_number} sent",
@@ -315,17 +321,22 @@ class Coordinator:
         with self._cond:
             r.uploading.discard(name)
             r.reported[name] = upload_id
+            self._devices.set_activity(name, "idle")
             self._cond.notify_all()
             return {"accepted": True, "duplicate": False, "round": round_number,
                     "reported": len(r.reported), "selected": len(r.selected)}
 
-    def _duplicate(self, name: str, round_number: int, upload_id: str | None) -> dict[str, Any] | None:
+    def _duplicate(self, name: str, round_number: int, upload_id: str | None,
+                   digest: str | None) -> dict[str, Any] | None:
         if not upload_id:
             return None
         row = self._storage.get_update(round_number, name)
-        if row is not None and row["upload_id"] == upload_id:
-            return {"accepted": True, "duplicate": True, "round": round_number}
-        return None
+        if row is None or row["upload_id"] != upload_id:
+            return None
+        if row["body_sha256"] not in (None, digest):  # None: stored before digests were kept
+            raise Conflict(f"Idempotency-Key {upload_id!r} was already used for round {round_number} "
+                           "with a different body; a retry must send the same bytes", "Idempotency-Key")
+        return {"accepted": True, "duplicate": True, "round": round_number}
 
     def report_progress(self, name: str, round_number: object, done: object,
                         total: object) -> dict[str, Any]:

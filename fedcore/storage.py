@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import wire
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, remove_stale_temporaries
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS updates (
     num_examples INTEGER NOT NULL,
     metrics TEXT NOT NULL DEFAULT '{}',
     upload_id TEXT,
+    body_sha256 TEXT,
     received_at REAL NOT NULL,
     PRIMARY KEY (round, device)
 );
@@ -108,6 +109,15 @@ class Storage:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+        # A crash (SIGKILL, power loss) during a checkpoint write leaves its temporary file behind.
+        remove_stale_temporaries(self.checkpoint_dir, ".safetensors")
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older version up to this schema."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(updates)")}
+        if "body_sha256" not in columns:
+            self._db.execute("ALTER TABLE updates ADD COLUMN body_sha256 TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -242,11 +252,14 @@ class Storage:
 
     # updates ------------------------------------------------------------
     def add_update(self, round_number: int, device: str, *, num_examples: int,
-                   metrics: Mapping[str, float], upload_id: str | None, now: float) -> None:
+                   metrics: Mapping[str, float], upload_id: str | None, now: float,
+                   body_sha256: str | None = None) -> None:
+        """``upload_id`` (the Idempotency-Key) is kept with the digest of the body it came with."""
         self._exec(
-            "INSERT INTO updates(round, device, num_examples, metrics, upload_id, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (round_number, device, num_examples, json.dumps(dict(metrics)), upload_id, now),
+            "INSERT INTO updates(round, device, num_examples, metrics, upload_id, body_sha256,"
+            " received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (round_number, device, num_examples, json.dumps(dict(metrics)), upload_id, body_sha256,
+             now),
         )
 
     def get_update(self, round_number: int, device: str) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ update, and the same function decodes and validates both.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from . import untrusted_json
 from .errors import InvalidInput, TooLarge
 
 FORMAT = "fedhub/1"
@@ -27,6 +29,9 @@ MAX_HEADER_BYTES = 1024 * 1024
 # The largest count or round number accepted from outside: exact in every JSON parser (I-JSON,
 # RFC 7493) and within SQLite's 64-bit INTEGER, where a larger one would fail mid-write.
 MAX_INTEGER = 2**53 - 1
+# Metrics travel in every update and come back in every /api/history answer: keep them few and short.
+MAX_METRICS = 100
+MAX_METRIC_NAME = 100
 
 Weights = dict[str, np.ndarray]
 Spec = Mapping[str, tuple[tuple[int, ...], str]]
@@ -73,10 +78,7 @@ def header(body: bytes) -> dict:
         raise InvalidInput(f"safetensors header of {n} bytes exceeds {MAX_HEADER_BYTES}", "body")
     if 8 + n > len(body):
         raise InvalidInput("body is truncated: the safetensors header runs past the end", "body")
-    try:
-        parsed = json.loads(body[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"safetensors header is not valid JSON: {exc}", "body") from None
+    parsed = untrusted_json.loads(body[8 : 8 + n], field="body")
     if not isinstance(parsed, dict):
         raise InvalidInput("safetensors header must be a JSON object", "body")
     return parsed
@@ -93,26 +95,48 @@ def _int_meta(raw: Mapping[str, str], key: str) -> int:
     return number
 
 
+def _metrics(text: str) -> dict[str, float]:
+    """The ``metrics`` metadata: a JSON object of names to finite float64 numbers."""
+    metrics = untrusted_json.loads(text, field="metrics")
+    if not isinstance(metrics, dict):
+        raise InvalidInput("metadata 'metrics' must be a JSON object", "metrics")
+    if len(metrics) > MAX_METRICS:
+        raise InvalidInput(f"metadata 'metrics' has {len(metrics)} entries; at most {MAX_METRICS}",
+                           "metrics")
+    out = {}
+    for name, value in metrics.items():
+        if not 0 < len(name) <= MAX_METRIC_NAME:
+            raise InvalidInput(f"metric names must be 1-{MAX_METRIC_NAME} characters", "metrics")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise InvalidInput(f"metric {name!r} must be a number", "metrics")
+        try:
+            number = float(value)  # an integer of 2**1024 or more has no float64
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise InvalidInput(f"metric {name!r} must be a finite number within float64's range",
+                               "metrics")
+        out[name] = number
+    return out
+
+
 def _meta(raw: Mapping[str, str]) -> Meta:
     if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
         raise InvalidInput("safetensors __metadata__ must map strings to strings", "metadata")
-    try:
-        metrics = json.loads(raw.get("metrics", "{}"))
-    except json.JSONDecodeError:
-        raise InvalidInput("metadata 'metrics' must be a JSON object", "metrics") from None
-    if not isinstance(metrics, dict) or not all(
-        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
-        for k, v in metrics.items()
-    ):
-        raise InvalidInput("metadata 'metrics' must map names to numbers", "metrics")
-    if not all(np.isfinite(v) for v in metrics.values()):
-        raise InvalidInput("metadata 'metrics' holds NaN or infinity", "metrics")
     return Meta(
         round=_int_meta(raw, "round"),
         model_version=_int_meta(raw, "model_version"),
         num_examples=_int_meta(raw, "num_examples"),
-        metrics={k: float(v) for k, v in metrics.items()},
+        metrics=_metrics(raw.get("metrics", "{}")),
     )
+
+
+def first_non_finite(weights: Mapping[str, np.ndarray]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity, if any."""
+    for name, array in weights.items():
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            return name
+    return None
 
 
 def decode(
@@ -156,7 +180,7 @@ def decode(
                 )
             if str(array.dtype) != dtype:
                 raise InvalidInput(f"tensor {name!r} has dtype {array.dtype}, expected {dtype}", name)
-    for name, array in tensors.items():
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
-            raise InvalidInput(f"tensor {name!r} holds NaN or infinity", name)
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise InvalidInput(f"tensor {bad!r} holds NaN or infinity", bad)
     return tensors, meta

@@ -67,7 +67,8 @@ def test_a_round_short_of_usable_updates_fails_with_its_reason_and_runs_again(tm
         # d3 leaves: the round closes with the two updates, fewer than Krum's 2f + 3 = 3
         assert c.post("/api/devices/d3/leave", headers=bearer(tokens["d3"])).status_code == 200
         s = wait_until(lambda: (s := status(c))["last_error"] and s, 15, "the failure")
-        assert s["last_error"] == ("round 1 failed: krum needs at least 3 usable updates, got 2")
+        assert s["last_error"] == ("round 1 failed: krum needs at least 3 usable updates, got 2; the "
+                                   "previous global model stays and the round runs again")
         assert s["model_version"] == 0 and s["status"] == "running"
         answer = c.get("/api/history").get_json()
         assert answer["rounds"] == []

@@ -313,6 +313,20 @@ def test_split_to_devices(tmp_path: Path) -> None:
     assert record["devices"] == summary
 
 
+def test_split_only_one_device_writes_its_share_of_the_full_split(tmp_path: Path) -> None:
+    full, alone = tmp_path / "full", tmp_path / "alone"
+    split_to_devices(full, 3, scheme="dirichlet", seed=2, data_dir=DATA_DIR, limit=30, progress=False)
+    summary = split_to_devices(alone, 3, scheme="dirichlet", seed=2, data_dir=DATA_DIR, limit=30,
+                               progress=False, only="device2")
+    assert list(summary) == ["device2"]
+    assert sorted(p.name for p in alone.iterdir()) == ["device2", "partition.json"]
+    for a, b in zip(load_device_data(full / "device2"), load_device_data(alone / "device2"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert json.loads((alone / "partition.json").read_text())["parameters"]["only"] == "device2"
+    with pytest.raises(DatasetError, match=r"not one of the devices device1\.\.device3"):
+        split_to_devices(alone, 3, data_dir=DATA_DIR, only="device4", progress=False)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -350,4 +364,6 @@ def test_cli_errors(tmp_path: Path) -> None:
     result = run_cli("--devices", "0", "--data-dir", str(DATA_DIR), "--out", str(tmp_path))
     assert result.returncode == 2 and "error:" in result.stderr
     assert "Traceback" not in result.stderr
+    result = run_cli("--devices", "2", "--only", "../x", "--data-dir", str(DATA_DIR), "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
     assert run_cli("--help").returncode == 0

@@ -110,7 +110,7 @@ def test_validation_refusals(finished_server, data_dir):
         (npz(x=x, y=y + 5), 400, "y"),
         (npz(x=x, y=y.astype(np.float32)), 400, "y"),
         (npz(x=x, y=y[:10]), 400, "y"),
-        (object_labels.getvalue(), 400, "body"),  # never unpickled
+        (object_labels.getvalue(), 400, "y"),  # never unpickled
     ]
     for body, status, field in cases:
         r = validate(server, body)

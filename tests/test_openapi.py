@@ -165,9 +165,11 @@ def live(tmp_path_factory, data_dir):
 
     ``--max-wait 1`` bounds the long polls (``GET .../task?wait=S``) Schemathesis asks for.
     """
+    # Schemathesis sends wrong credentials on purpose, hundreds of them: no failure limit here
+    # (tests/test_hostile_input.py tests it).
     server = ServerProcess(tmp_path_factory.mktemp("openapi"), data_dir, "--test-limit", "100",
                            "--rounds", "1", "--min-devices", "1", "--round-timeout", "5",
-                           "--max-wait", "1", "--no-tensorboard")
+                           "--max-wait", "1", "--no-tensorboard", "--auth-failures-per-minute", "0")
     server.start()
     try:
         r = requests.post(f"{server.url}/api/devices/register", timeout=30,
@@ -176,6 +178,7 @@ def live(tmp_path_factory, data_dir):
                                 "validation": {"ok": True, "problems": [], "num_examples": 10}})
         assert r.status_code == 201, r.text
         token = r.json()["token"]
+        server.env["FEDHUB_PROBE_TOKEN"] = token  # for Schemathesis (see CONFIG)
         _complete_one_round(server, token)
         yield server
     finally:
@@ -185,19 +188,17 @@ def live(tmp_path_factory, data_dir):
 
 # Every security scheme gets its real credential (from the environment, not the command line), so
 # every operation is reached past auth. Device routes need the token's own name to get past 403
-# (other names are still tried by the negative cases, and by tests/test_api.py). Schemathesis
-# re-enrolls "probe" itself when it sees that name in answers, which replaces the device's token:
-# so the device token is fetched by enrolling, and fetched again on a 401.
+# (other names are still tried by the negative cases, and by tests/test_api.py). Re-enrolling
+# "probe" needs its token or the admin's, which the register operation is never sent, so the
+# token the fixture got stays valid for the whole run.
 CONFIG = """
 request-timeout = 30
 [generation]
 database = "none"
 [parameters]
 "path.name" = "probe"
-[auth.dynamic.openapi.deviceToken]
-path = "/api/devices/register"
-payload = {name = "probe", enroll_secret = "${FEDHUB_ENROLL_SECRET}"}
-extract_selector = "/token"
+[auth.openapi.deviceToken]
+bearer = "${FEDHUB_PROBE_TOKEN}"
 [auth.openapi.adminToken]
 bearer = "${FEDHUB_ADMIN_TOKEN}"
 [auth.openapi.enrollSecret]

@@ -17,6 +17,7 @@ from pathlib import Path
 import requests
 
 from fedcore.plural import plural
+from utils.round_report import round_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,10 +114,7 @@ def _watch(url: str, rounds: int, server: subprocess.Popen, devices: list[subpro
             raise RuntimeError("every device exited before the run finished")
         history = requests.get(f"{url}/api/history", timeout=5).json()["rounds"]
         for r in history[seen:]:
-            acc = r["test_accuracy"]
-            print(f"== round {r['round']}: global test accuracy {acc:.4f} (loss {r['test_loss']:.4f}), "
-                  f"{plural(r['num_updates'], 'device')}, {plural(r['num_examples'], 'example')}, "
-                  f"{time.monotonic() - started:.0f}s since start", flush=True)
+            print(round_line(r, time.monotonic() - started), flush=True)
         seen = len(history)
         if seen >= rounds:
             print(f"done: {plural(rounds, 'round')}, final global test accuracy "

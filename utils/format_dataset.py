@@ -463,6 +463,7 @@ def split_to_devices(
     limit: int | None = None,
     prefix: str = "device",
     progress: bool = True,
+    only: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Partition the Fashion-MNIST training set and write one folder per device.
 
@@ -472,6 +473,8 @@ def split_to_devices(
     ``limit`` examples of each device's share *after* partitioning, so quick runs keep the
     same label distribution per device as the full split.  Device folders from an earlier,
     larger split are left alone (with a warning); ``partition.json`` lists the current ones.
+    ``only`` (a device name) writes that device's share alone, the same share as in the full
+    split: a device on its own machine or container makes just its own data.
     """
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be at least 1, got {limit}")
@@ -479,6 +482,9 @@ def split_to_devices(
         check_name(f"{prefix}{n_devices}")
     except InvalidInput:
         raise DatasetError(f"invalid device prefix {prefix!r}") from None
+    names = [f"{prefix}{number}" for number in range(1, n_devices + 1)]
+    if only is not None and only not in names:
+        raise DatasetError(f"{only!r} is not one of the devices {prefix}1..{prefix}{n_devices}")
     root = Path(root)
     (x_train, y_train), _ = load_fashion_mnist(data_dir)
     parts = partition(
@@ -491,9 +497,10 @@ def split_to_devices(
     )
     summary: dict[str, dict[str, Any]] = {}
     bar = tqdm(parts, desc="writing devices", unit="device", disable=not progress)
-    for number, indices in enumerate(bar, start=1):
+    for name, indices in zip(names, bar, strict=True):
+        if only is not None and name != only:
+            continue
         chosen = indices if limit is None else indices[:limit]
-        name = f"{prefix}{number}"
         write_device_data(root, name, x_train[chosen], y_train[chosen])
         summary[name] = _summary(y_train[chosen])
 
@@ -504,7 +511,7 @@ def split_to_devices(
         and re.fullmatch(rf"{re.escape(prefix)}(\d+)", p.name)
         and int(p.name[len(prefix) :]) > len(parts)
     )
-    if stale:
+    if stale and only is None:
         warnings.warn(
             f"{root} still holds device folders from an earlier split: {', '.join(stale)}",
             stacklevel=2,
@@ -520,6 +527,7 @@ def split_to_devices(
             "classes_per_device": classes_per_device,
             "limit": limit,
             "prefix": prefix,
+            "only": only,
         },
         "source": str(source) if source is not None else "keras.datasets.fashion_mnist",
         "total_examples": sum(s["examples"] for s in summary.values()),
@@ -571,6 +579,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="keep only the first N examples of each device's share (quick tests)",
     )
+    parser.add_argument(
+        "--only",
+        metavar="NAME",
+        default=None,
+        help="write only this device's share of the split (e.g. device2), as on its own machine",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -590,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             limit=args.limit,
             progress=not args.quiet,
+            only=args.only,
         )
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -199,8 +199,40 @@ def test_fedadam_killed_mid_run_resumes_its_moments_exactly(tmp_path, data_dir):
 
 
 # robust: Krum against a scaling attacker -----------------------------------------------------------
+def streamlit_view(url: str, monkeypatch) -> tuple[list[str], dict, dict]:
+    """What the Streamlit dashboard shows: its captions, the devices table and the rejected-or-
+    clipped table, each table as {device: row}."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("FEDHUB_SERVER", url)
+    at = AppTest.from_file(str(ROOT / "dashboard" / "index.py"), default_timeout=30).run()
+    assert not at.exception, at.exception
+    tables = {tuple(t.value.columns): t.value for t in at.dataframe}
+    devices = next(v for cols, v in tables.items() if "attack (declared)" in cols)
+    screened = next(v for cols, v in tables.items() if "outcome" in cols)
+    return ([c.value for c in at.caption], devices.set_index("device").to_dict("index"),
+            screened.to_dict("records"))
+
+
+def stats_view(url: str) -> dict:
+    """What the live page (/stats) shows, in Chromium, once it has drawn the history."""
+    from tests.chromium import chromium
+
+    with chromium() as browser:
+        page = browser.new_page()
+        page.goto(f"{url}/stats/")
+        page.wait_for_function("document.querySelectorAll('#screened tr').length > 0", timeout=30_000)
+        return page.evaluate("""() => ({
+          strategy: document.getElementById('strategy').textContent,
+          screened: [...document.querySelectorAll('#screened tr')].map(
+            (tr) => [tr.className, ...[...tr.cells].map((td) => td.textContent)]),
+          devices: Object.fromEntries([...document.querySelectorAll('#devices tr')].map(
+            (tr) => [tr.cells[0].textContent, [tr.className, tr.cells[7].textContent]])),
+        })""")
+
+
 @pytest.mark.slow
-def test_krum_holds_against_a_scaling_device_where_fedavg_collapses(tmp_path, data_dir):
+def test_krum_holds_against_a_scaling_device_where_fedavg_collapses(tmp_path, data_dir, monkeypatch):
     names = [f"digits{i}" for i in range(1, 6)]
     runs = {"clean": ("fedavg", False), "fedavg": ("fedavg", True), "krum": ("krum", True)}
     servers, procs = {}, []
@@ -223,6 +255,8 @@ def test_krum_holds_against_a_scaling_device_where_fedavg_collapses(tmp_path, da
             wait_until(lambda s=server: finished(s), 240, f"the {run} run")
         results = {run: history(s) for run, s in servers.items()}
         devices = {d["name"]: d for d in servers["krum"].get("/api/devices").json()["devices"]}
+        captions, shown_devices, shown_screened = streamlit_view(servers["krum"].url, monkeypatch)
+        page = stats_view(servers["krum"].url)
     finally:
         stop(procs)
         for server in servers.values():
@@ -240,3 +274,18 @@ def test_krum_holds_against_a_scaling_device_where_fedavg_collapses(tmp_path, da
         outcome = entry["devices"]["digits5"]["aggregation"]
         assert outcome["status"] == "rejected" and "Krum score" in outcome["reason"]
         assert entry["num_used"] == 1
+
+    # both dashboards show it: the strategy, the declared attack, the rejected updates
+    shown = [c.replace("\\", "") for c in captions]  # Markdown escapes off
+    assert any(c.startswith("Aggregation: **krum (num_malicious=1)**") for c in shown), captions
+    assert shown_devices["digits5"]["attack (declared)"] == "scale (factor=100.0)"
+    assert shown_devices["digits1"]["attack (declared)"] == ""
+    rejected = [r for r in shown_screened if r["device"] == "digits5"]
+    assert [r["round"] for r in rejected] == [2, 1]
+    assert all(r["outcome"] == "rejected" and "Krum score" in r["why"] for r in rejected)
+    assert page["strategy"] == "krum (num_malicious=1)"
+    assert page["devices"]["digits5"] == ["attacker", "scale (factor=100)"]
+    assert page["devices"]["digits1"] == ["", "–"]
+    attacker_rows = [row for row in page["screened"] if row[2] == "digits5"]
+    assert [(row[0], row[1], row[3]) for row in attacker_rows] == [
+        ("outcome-rejected", "2", "rejected"), ("outcome-rejected", "1", "rejected")]

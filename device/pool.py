@@ -242,16 +242,19 @@ class DevicePool:
 
     def stats(self) -> dict[str, Any]:
         """Totals over every worker and every restart: bytes sent and received, each device
-        round trained (device, round, node), failed steps, restarts, each device's exit code."""
+        round trained (device, round, node), failed steps, restarts, each device's exit code,
+        and each worker's peak resident memory (one entry per worker process)."""
         with self._lock:
             summaries = [(slot, [*slot.summaries, self._runner.summary(slot.handle)])
                          for slot in self._slots]
         out: dict[str, Any] = {"workers": len(summaries), "backend": self.backend, "bytes_up": 0,
                                "bytes_down": 0, "tasks": [], "failures": 0, "restarts": 0,
-                               "exit_codes": {}}
+                               "exit_codes": {}, "worker_peak_rss_mb": []}
         for slot, parts in summaries:
             out["restarts"] += slot.restarts
             for part in parts:
+                if "peak_rss_mb" in part:
+                    out["worker_peak_rss_mb"].append(part["peak_rss_mb"])
                 out["bytes_up"] += part.get("bytes_up", 0)
                 out["bytes_down"] += part.get("bytes_down", 0)
                 out["tasks"] += part.get("tasks", [])

@@ -53,6 +53,7 @@ import requests  # noqa: E402
 
 from device.client import Client, RemoteLogHandler, ServerError, TLSError, Unreachable  # noqa: E402
 from device.runner import DeviceRunner  # noqa: E402
+from device.swarm import process_memory  # noqa: E402
 from fedcore.files import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("fedhub.pool")
@@ -215,6 +216,15 @@ class PooledClient(Client):
         return self._models.model()
 
 
+def _peak_rss(reset: bool = False) -> int:
+    """This process's peak resident memory in bytes, since start or the last reset (Linux's
+    /proc; 0 where there is none)."""
+    try:
+        return process_memory(os.getpid(), reset_peak=reset)["VmHWM"]
+    except OSError:
+        return 0
+
+
 def _worth_sending(record: logging.LogRecord) -> bool:
     """A virtual device sends the server its round lines, warnings and errors; its waiting
     lines stay in the worker's log (a thousand devices would otherwise flood the server)."""
@@ -254,6 +264,7 @@ class Worker:
         self._models = self._client("models")
         self._public = self._client("status")
         self._stats_written = 0.0
+        self._startup_peak = 0
 
     def _client(self, name: str) -> Client:
         client = Client(self.spec.server, name, verify=self.spec.verify, retry_for=self.spec.retry_for)
@@ -292,8 +303,7 @@ class Worker:
         return PooledClient(self.spec.server, name, session=self.session, models=self._models,
                             verify=self.spec.verify, retry_for=self.spec.retry_for)
 
-    def _setup(self) -> None:
-        shared = self._shared_model()
+    def _setup(self, shared: SharedModel) -> None:
         for name in self.spec.names:
             trainer = VirtualTrainer(shared, self._folder(name))
             runner = DeviceRunner(self._pooled_client(name), trainer, self._folder(name),
@@ -318,7 +328,11 @@ class Worker:
     def run(self) -> dict[str, Any]:
         """Enroll every device, then serve rounds until the run is finished; the summary."""
         try:
-            self._setup()
+            shared = self._shared_model()
+            # What the devices cost is measured from here: TensorFlow's start-up peak is behind us.
+            self._startup_peak = _peak_rss()
+            _peak_rss(reset=True)
+            self._setup(shared)
             self._loop()
         finally:
             self._close()
@@ -423,6 +437,9 @@ class Worker:
     # reporting --------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         return {"worker": self.spec.index, "node": self.node, "pid": os.getpid(),
+                # Peak resident memory of start-up (TensorFlow, the model), then of serving the devices.
+                "startup_rss_mb": round(self._startup_peak / 2**20, 1),
+                "peak_rss_mb": round(_peak_rss() / 2**20, 1),
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "tasks": list(self.tasks),
                 "failures": self.failures,
                 "exit_codes": {name: d.code for name, d in self.devices.items()}}

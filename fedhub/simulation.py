@@ -238,7 +238,8 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
         pool.wait(timeout=120)  # every device asks for its task once more, hears "finish", leaves
         stats = pool.stats()
     history.stats.update({key: stats[key] for key in
-                          ("bytes_up", "bytes_down", "workers", "backend", "restarts", "failures", "tasks")})
+                          ("bytes_up", "bytes_down", "workers", "backend", "restarts", "failures", "tasks",
+                           "worker_peak_rss_mb")})
     return history
 
 

@@ -48,9 +48,10 @@ class RoundBars:
             self._bar = tqdm(total=len(current["selected"]), desc=f"round {self._round}", unit="device",
                              leave=False, file=sys.stderr, dynamic_ncols=True)
         assert self._bar is not None
-        self._bar.total = len(current["selected"])  # a dropped device leaves the selection
-        self._bar.n = len(current["reported"])
-        self._bar.refresh()
+        total, done = len(current["selected"]), len(current["reported"])  # a dropped device leaves
+        if (total, done) != (self._bar.total, self._bar.n):
+            self._bar.total, self._bar.n = total, done
+            self._bar.refresh()
 
     def round_done(self, entry: dict[str, Any]) -> None:
         if self._round == entry["round"]:

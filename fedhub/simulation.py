@@ -113,8 +113,8 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
       ``ray_address``, or a local one). This is the default when there are more devices than
       cores (then ``workers`` = the number of cores). The run starts once every device has
       enrolled, ``fraction`` of them (a server option) take part in each round.
-    * otherwise each in a child process (``processes=True``) or in a thread of this process;
-      every round waits for all devices.
+    * otherwise (or with ``workers=0``) each in a child process (``processes=True``) or in a
+      thread of this process; every round waits for all devices.
 
     ``on_round(entry)`` is called as each round completes, ``on_progress(status)`` about four
     times a second with the server's status (the open round's selected and reported devices).
@@ -126,8 +126,13 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
     folder = isinstance(partitions, str | Path)
     if not folder and not partitions:
         raise ValueError("give at least one partition (x, y)")
-    pooled = (workers is not None or backend != "process" or isinstance(model, str) or folder
-              or (processes and len(partitions) > (os.cpu_count() or 1)))
+    if workers is not None and workers < 0:
+        raise ValueError("workers must be 0 (one process per device) or more")
+    if workers == 0 and (backend != "process" or isinstance(model, str) or folder):
+        raise ValueError("workers=0 runs one process per (x, y) partition with a Keras model; "
+                         "FedHub's named networks, device folders and Ray need workers")
+    pooled = workers != 0 and (workers is not None or backend != "process" or isinstance(model, str)
+                               or folder or (processes and len(partitions) > (os.cpu_count() or 1)))
     root = Path(root) if root else Path(tempfile.mkdtemp(prefix="fedhub-simulation-"))
     with PeakMemory() as memory:
         if pooled:

@@ -182,3 +182,23 @@ def test_worker_memory_does_not_grow_with_the_number_of_devices(tmp_path, data_d
         peaks[count] = peak
     # Held in memory, 180 more devices' images would be 180 * 300 * 784 bytes = 40 MiB more.
     assert peaks[200] - peaks[20] < 20, peaks
+
+
+@pytest.mark.slow
+def test_launcher_hosts_devices_on_workers(server_factory, split_devices, tmp_path):
+    """``python -m device.launcher --workers``: train.npz folders, a server process of its own."""
+    root = split_devices(4, 30)
+    server = server_factory("--rounds", "1", "--min-devices", "4", "--auto-activate", "--start",
+                            "--test-limit", "200").start()
+    env = {**os.environ, "FEDHUB_ENROLL_SECRET": server.enroll_secret}
+    out = subprocess.run([sys.executable, "-m", "device.launcher", "--server", server.url, "--devices", "4",
+                          "--workers", "1", "--devices-root", str(root)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr + (root / "logs" / "worker-0.log").read_text()[-3000:]
+    assert "4 devices on 1 workers" in out.stdout
+    (entry,) = server.get("/api/history").json()["rounds"]
+    assert sorted(entry["devices"]) == ["device1", "device2", "device3", "device4"]
+    assert entry["num_examples"] == 120
+    for name in entry["devices"]:  # each virtual device keeps its own token and history
+        assert (root / name / "token").is_file()
+        assert (root / name / "history.csv").read_text().splitlines()[1].startswith("1,")

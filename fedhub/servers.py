@@ -30,8 +30,8 @@ class Server:
     ``model`` is any compiled Keras classifier; its current weights are round 0. Or the
     name of one of FedHub's Fashion-MNIST networks (``"basic"``, ``"cnn"``), tested on
     Fashion-MNIST's test set from ``data_dir`` (its first ``test_limit`` images), as
-    ``server.py --model`` is. ``test_data=(x, y)`` gives each round test loss and accuracy. ``port=0`` picks a
-    free port (see :attr:`url`). The run settings match ``server.py``'s flags; by
+    ``server.py --model`` is. ``test_data=(x, y)`` gives each round test loss and
+    accuracy. ``port=0`` picks a free port (see :attr:`url`). The run settings match ``server.py``'s flags; by
     default new devices start active and training starts as soon as ``min_devices``
     are there. Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """

@@ -202,3 +202,28 @@ def test_launcher_hosts_devices_on_workers(server_factory, split_devices, tmp_pa
     for name in entry["devices"]:  # each virtual device keeps its own token and history
         assert (root / name / "token").is_file()
         assert (root / name / "history.csv").read_text().splitlines()[1].startswith("1,")
+
+
+@pytest.mark.slow
+def test_simulate_any_keras_model_on_workers(tmp_path):
+    """The Python API's pool: any compiled Keras model, arrays in memory; workers fetch the model."""
+    import fedhub
+    from examples.digits import load_digits
+
+    x, y = load_digits()
+    partitions = [(x[i * 150:(i + 1) * 150], y[i * 150:(i + 1) * 150]) for i in range(6)]
+    seen = []
+    history = fedhub.simulate(digits_model, partitions, rounds=2, workers=2, fraction=0.5,
+                              test_data=(x[1400:], y[1400:]), batch_size=16, root=tmp_path, timeout=400,
+                              on_round=lambda entry: seen.append(entry["round"]))
+    assert seen == [1, 2] == [entry["round"] for entry in history]
+    for entry in history:
+        assert entry["num_updates"] == len(entry["devices"]) == 3 and entry["num_examples"] == 450
+    tasks = history.stats["tasks"]
+    assert sorted((t["round"], t["device"]) for t in tasks) == \
+        sorted((entry["round"], name) for entry in history for name in entry["devices"])
+    assert history.stats["workers"] == 2 and history.stats["restarts"] == 0
+    assert fedhub.evaluate(history.model, x[1400:], y[1400:])["accuracy"] == \
+        pytest.approx(history[-1]["test_accuracy"], abs=1e-6)
+    for name in ("device1", "device6"):  # the arrays went to memory-mappable files in each device's folder
+        assert (tmp_path / "devices" / name / "data" / "x.npy").is_file()

@@ -293,7 +293,7 @@ def _await_enrollment(server: Server, names: list[str], check: Callable[[], None
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"the simulation did not start in {timeout:g}s: {len(states)} of "
                                f"{len(wanted)} devices enrolled")
-        time.sleep(0.25)
+        time.sleep(0.5)  # listing a thousand devices takes the server's time too
 
 
 def _follow(server: Server, check: Callable[[], None], deadline: float | None, timeout: float | None,

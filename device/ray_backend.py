@@ -26,9 +26,19 @@ from .virtual import Worker, WorkerSpec
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _share_gpus() -> None:
+    """TensorFlow takes all of a GPU's memory by default; actors sharing a GPU (fractional
+    ``gpus_per_worker``) must grow theirs as needed instead (as Flower's actors do)."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
 @ray.remote(max_concurrency=2)  # run() serves the devices while stop() can still be called
 class WorkerActor:
     def __init__(self, spec_json: str, enroll_secret: str | None, log_path: str) -> None:
+        _share_gpus()
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the actor
         spec = WorkerSpec.from_json(spec_json, enroll_secret)

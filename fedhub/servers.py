@@ -21,7 +21,6 @@ from fedcore import auth
 from fedcore.config import FederationConfig, TrainingConfig
 
 from .evaluation import evaluate
-from .model_files import load_model, portable
 
 
 class Server:
@@ -82,6 +81,8 @@ class Server:
         from waitress import create_server
 
         import server as server_cli
+
+        from .model_files import portable  # Keras loads only when a server starts
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.builtin:
@@ -181,6 +182,8 @@ class Server:
     def global_model(self, round_number: int | None = None) -> Any:
         """A Keras model holding the global weights of ``round_number`` (default: the latest)."""
         from model import set_keras_weights
+
+        from .model_files import load_model
 
         engine = self._require()
         if round_number is None:

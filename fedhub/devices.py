@@ -25,8 +25,6 @@ from fedcore.devices import check_name
 from fedcore.errors import InvalidInput
 from fedcore.files import atomic_path
 
-from .model_files import load_model, save_model
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,6 +90,8 @@ class Device:
 
     def _model_file(self) -> Path:
         """The model as a ``.keras`` file in this device's folder (names as the server's)."""
+        from .model_files import save_model  # Keras loads only when a model is used
+
         path = self.folder / "data" / "model.keras"
         if self.model is not None:
             if isinstance(self.model, str | Path):
@@ -119,6 +119,8 @@ class Device:
         """Run the device in this thread until the run ends: 0 when finished or stopped, 1 if
         refused (invalid data, wrong secret, server gone)."""
         from device.trainer import KerasModelTrainer
+
+        from .model_files import load_model
 
         trainer = self.trainer
         if trainer is None:

@@ -22,7 +22,6 @@ from fedcore.config import FederationConfig, TrainingConfig
 from fedcore.plural import plural
 
 from .evaluation import evaluate
-from .model_files import load_model, portable
 
 
 class Server:
@@ -83,6 +82,8 @@ class Server:
         from waitress import create_server
 
         import server as server_cli
+
+        from .model_files import portable  # Keras loads only when a server starts
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.builtin:
@@ -183,6 +184,8 @@ class Server:
     def global_model(self, round_number: int | None = None) -> Any:
         """A Keras model holding the global weights of ``round_number`` (default: the latest)."""
         from model import set_keras_weights
+
+        from .model_files import load_model
 
         engine = self._require()
         if round_number is None:

@@ -27,10 +27,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The tests also run the simulation on a Ray cluster: Ray is an extra that `make demo` does not need.
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[dev,ray,bench]"
+	touch $@
+
 demo: $(VENV)/.installed
 	$(PY) -m utils.demo --devices 3 --rounds 3
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-ray
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed

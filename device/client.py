@@ -256,21 +256,27 @@ class RemoteLogHandler(logging.Handler):
     because it marks the round's update failed. Sending is best effort: the device goes
     on if the server is away, and at most ``capacity`` lines wait. A record's ``round``
     comes from ``extra={"round": n}``.
+
+    ``background=False`` starts no thread: lines wait until the owner calls :meth:`flush`,
+    and go through ``client`` itself (a pool's virtual devices flush after each step).
     """
 
-    def __init__(self, client: Client, *, interval: float = 1.0, capacity: int = 1000) -> None:
+    def __init__(self, client: Client, *, interval: float = 1.0, capacity: int = 1000,
+                 background: bool = True) -> None:
         super().__init__(level=logging.INFO)
         # Its own connection: requests sessions are not shared between threads.
         self._main = client
-        self._client = client.fork()
+        self._client = client.fork() if background else client
         self._pending: list[dict[str, Any]] = []
         self._capacity = capacity
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._interval = interval
-        self._thread = threading.Thread(target=self._run, name="fedhub-logs", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="fedhub-logs", daemon=True)
+            self._thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno < logging.INFO:
@@ -309,6 +315,7 @@ class RemoteLogHandler(logging.Handler):
     def close(self) -> None:
         self._stopping.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
         self.flush()
         super().close()

@@ -1,6 +1,8 @@
-"""Start and stop N local device processes, for demos and simulations.
+"""Start and stop N local devices, for demos and simulations.
 
-``python -m device.launcher --server http://127.0.0.1:4000 --devices 3 [--state-dir DIR]``
+``python -m device.launcher --server http://127.0.0.1:4000 --devices 3 [--state-dir DIR]``: one process each.
+``python -m device.launcher --devices 1000 --workers 2``: 1,000 virtual devices hosted by a
+pool of 2 worker processes (:mod:`device.pool`), for many devices on one machine.
 """
 
 from __future__ import annotations
@@ -70,17 +72,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices-root", type=Path, default=None,
                    help="the devices' folders (default: the state directory's devices/)")
     p.add_argument("--auto-activate", action="store_true")
+    p.add_argument("--workers", type=int, default=None,
+                   help="host the devices on a pool of this many worker processes (virtual devices: one "
+                        "model per worker, data memory-mapped; see device/pool.py) instead of one "
+                        "process per device")
+    p.add_argument("--model", default="basic", choices=["basic", "cnn", "server"],
+                   help="with --workers: FedHub's network, or the server's own model (downloaded)")
+    p.add_argument("--keepalive", type=float, default=20.0,
+                   help="with --workers: seconds between an idle device's task requests; keep it well "
+                        "under the server's --device-timeout")
     a = p.parse_args(argv)
     if a.devices < 1:
         p.error("--devices must be at least 1")
+    if a.workers is not None and a.workers < 1:
+        p.error("--workers must be at least 1")
+    if a.keepalive <= 0:
+        p.error("--keepalive must be positive")
     try:
-        server = server_url(a.server)
+        a.server = server_url(a.server)
     except ValueError as exc:
         p.error(f"--server: {exc}")
     layout = state.resolve(a.state_dir)
+    a.devices_root = a.devices_root or layout.devices_root
     names = [f"{a.prefix}{i}" for i in range(1, a.devices + 1)]
-    procs = launch(server, names, state_dir=layout.server_dir,
-                   devices_root=a.devices_root or layout.devices_root,
+    if a.workers is not None:
+        return _run_pool(a, layout, names)
+    procs = launch(a.server, names, state_dir=layout.server_dir, devices_root=a.devices_root,
                    extra_args=["--auto-activate"] if a.auto_activate else [])
     try:
         codes = [proc.wait() for proc in procs]
@@ -88,6 +105,34 @@ def main(argv: list[str] | None = None) -> int:
         stop(procs)
         return 0
     return max(codes)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_pool(a: argparse.Namespace, layout: state.StateDir, names: list[str]) -> int:
+    from fedcore import auth
+
+    from .pool import DevicePool
+
+    secret = os.environ.get("FEDHUB_ENROLL_SECRET") or auth.read_secret(layout.enroll_secret_file)
+    pool = DevicePool(a.server, names, a.devices_root, workers=a.workers, model=a.model, enroll_secret=secret,
+                      auto_activate=a.auto_activate, keepalive=a.keepalive)
+    print(f"{len(names)} devices on {min(a.workers, len(names))} workers; logs in {pool.log_dir}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    pool.start()
+    try:
+        pool.wait()
+    except KeyboardInterrupt:
+        pool.stop()
+        return 0
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        pool.stop()
+        return 1
+    pool.stop()
+    return 0
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class DeviceRunner:
         self.client._on_wait = lambda message: self._say(message, logging.WARNING)
         self._report: dict[str, Any] | None = None
         self._interrupted = threading.Event()
+        self._last_reason: str | None = None
         # What the device says also goes to the server as structured logs (RemoteLogHandler).
         self.logger = logging.getLogger(f"fedhub.device.{client.name}")
         self.logger.propagate = False
@@ -151,19 +152,9 @@ class DeviceRunner:
             handler.close()
 
     def _run(self) -> int:
-        report = self._report = self.trainer.validate()
-        if not report["ok"]:
-            self._say("local data is invalid: " + "; ".join(report["problems"]), logging.ERROR)
-            # The server records the report, refuses the device and shows why.
-            with contextlib.suppress(ServerError, Unreachable, TLSError):
-                self.enroll(report["num_examples"])
-            return 1
-        self._say(f"{report['num_examples']} local examples")
-        if self.attack is not None:
-            self._say(f"attacking the federation: {self.attack.summary()}", logging.WARNING)
-        self.trainer.initialise({})  # build the model now, not inside the first round
         try:
-            self.enroll(report["num_examples"])
+            if not self.join():
+                return 1
             return self._loop()
         except ServerError as exc:
             self._say(f"refused by the server: {exc}")
@@ -175,8 +166,27 @@ class DeviceRunner:
             self._say(str(exc))
             return 1
 
+    def join(self) -> bool:
+        """Validate the local data, build the model and enroll with the validation report.
+
+        False when the data is invalid (the server is told why; the device must stop). Both
+        the device process and the pool's virtual devices (``device.virtual``) start here.
+        """
+        report = self._report = self.trainer.validate()
+        if not report["ok"]:
+            self._say("local data is invalid: " + "; ".join(report["problems"]), logging.ERROR)
+            # The server records the report, refuses the device and shows why.
+            with contextlib.suppress(ServerError, Unreachable, TLSError):
+                self.enroll(report["num_examples"])
+            return False
+        self._say(f"{report['num_examples']} local examples")
+        if self.attack is not None:
+            self._say(f"attacking the federation: {self.attack.summary()}", logging.WARNING)
+        self.trainer.initialise({})  # build the model now, not inside the first round
+        self.enroll(report["num_examples"])
+        return True
+
     def _loop(self) -> int:
-        last_reason = None
         while not self._stop.is_set():
             try:
                 task = self.client.task(wait=self.poll_wait)
@@ -186,20 +196,28 @@ class DeviceRunner:
                     self.enroll(0)
                     continue
                 raise
-            action = task["action"]
-            if action == "finish":
-                self._say(f"run finished at model version {task['model_version']}")
-                self._finish()
-                self.leave()  # so a later run does not select a device that has gone
-                return 0
-            if action == "wait":
-                if task.get("reason") != last_reason:
-                    last_reason = task.get("reason")
-                    self._say(f"waiting: {last_reason}")
-                continue
-            last_reason = None
-            self._train_round(task)
+            code = self.handle_task(task)
+            if code is not None:
+                return code
         return 0
+
+    def handle_task(self, task: dict[str, Any]) -> int | None:
+        """Do what one task says: train a round, wait, or finish. Returns the exit code once
+        the run is over, else None. The loop above and the pool's virtual devices call it."""
+        action = task["action"]
+        if action == "finish":
+            self._say(f"run finished at model version {task['model_version']}")
+            self._finish()
+            self.leave()  # so a later run does not select a device that has gone
+            return 0
+        if action == "wait":
+            if task.get("reason") != self._last_reason:
+                self._last_reason = task.get("reason")
+                self._say(f"waiting: {self._last_reason}")
+            return None
+        self._last_reason = None
+        self._train_round(task)
+        return None
 
     def _train_round(self, task: dict[str, Any]) -> None:
         number = task["round"]

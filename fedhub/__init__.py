@@ -8,10 +8,14 @@ or piece by piece: ``fedhub.Server(model, ...).start()`` in this process, and
 ``fedhub.Device(server_or_url, name, x, y)`` run in this process (``run``/``start``),
 in a child process (``spawn``) or on another machine (give the server's URL).
 
+Many devices: ``fedhub.simulate(model, partitions, workers=K)`` hosts them as virtual
+devices on K worker processes (or Ray actors, ``backend="ray"``); the same from the
+command line is ``python -m fedhub.simulate --devices 1000 --fraction 0.1``.
+
 It is a thin layer over the same parts as the command line: the engine
 (``fedcore``), the HTTP API (``api``, served by waitress), the device protocol
-(``device.client``) and loop (``device.runner``). Every device, even one in this
-process, talks HTTP to the server.
+(``device.client``), loop (``device.runner``) and pool (``device.pool``). Every
+device, even one in this process, talks HTTP to the server.
 """
 
 from device.attacks import make_attack

@@ -28,8 +28,6 @@ from fedcore.devices import check_name
 from fedcore.errors import InvalidInput
 from fedcore.files import atomic_path
 
-from .model_files import load_model, save_model
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,6 +60,10 @@ class Device:
             self._server_model: Path | None = None
             self.enroll_secret = enroll_secret or os.environ.get("FEDHUB_ENROLL_SECRET")
         else:
+            if server.builtin and model is None and trainer is None:
+                raise ValueError("the server trains one of FedHub's named networks on Fashion-MNIST "
+                                 "images: give the device a model, or run it as device/device.py, or "
+                                 "simulate with fedhub.simulate(..., workers=K)")
             self.url = server.url
             self._server_model = server.model_path
             self.enroll_secret = enroll_secret or server.enroll_secret
@@ -101,6 +103,8 @@ class Device:
 
     def _model_file(self) -> Path:
         """The model as a ``.keras`` file in this device's folder (names as the server's)."""
+        from .model_files import save_model  # Keras loads only when a model is used
+
         path = self.folder / "data" / "model.keras"
         if self.model is not None:
             if isinstance(self.model, str | Path):
@@ -128,6 +132,8 @@ class Device:
         """Run the device in this thread until the run ends: 0 when finished or stopped, 1 if
         refused (invalid data, wrong secret, server gone)."""
         from device.trainer import KerasModelTrainer
+
+        from .model_files import load_model
 
         trainer = self.trainer
         if trainer is None:

@@ -24,19 +24,20 @@ from fedcore.errors import FedHubError
 from fedcore.plural import plural
 
 from .evaluation import evaluate
-from .model_files import load_model, portable
 
 
 class Server:
     """A federated-learning server for ``model`` in this process.
 
-    ``model`` is any compiled Keras classifier; its current weights are round 0.
-    ``test_data=(x, y)`` gives each round test loss and accuracy. ``port=0`` picks a
-    free port (see :attr:`url`). The run settings match ``server.py``'s flags, with the
-    same defaults, except that here new devices start active and training starts as soon
-    as ``min_devices`` are there. ``strategy`` is a name from ``--list-strategies`` and
-    ``strategy_params`` its parameters (``{"num_malicious": 1}``). Use it as a context
-    manager, or call :meth:`start` and :meth:`stop`.
+    ``model`` is any compiled Keras classifier; its current weights are round 0. Or the
+    name of one of FedHub's Fashion-MNIST networks (``"basic"``, ``"cnn"``), tested on
+    Fashion-MNIST's test set from ``data_dir`` (its first ``test_limit`` images), as
+    ``server.py --model`` is. ``test_data=(x, y)`` gives each round test loss and
+    accuracy. ``port=0`` picks a free port (see :attr:`url`). The run settings match
+    ``server.py``'s flags, with the same defaults, except that here new devices start active
+    and training starts as soon as ``min_devices`` are there. ``strategy`` is a name from
+    ``--list-strategies`` and ``strategy_params`` its parameters (``{"num_malicious": 1}``).
+    Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(self, model: Any, *, test_data: tuple[np.ndarray, np.ndarray] | None = None,
@@ -50,7 +51,13 @@ class Server:
                  host: str = ServeOptions.host, port: int = 0, state_dir: str | Path | None = None,
                  runs_dir: str | Path | None = None, run_id: str | None = None,
                  enroll_secret: str | None = None, admin_token: str | None = None,
-                 threads: int = 16) -> None:
+                 threads: int = 16, data_dir: str | Path | None = None,
+                 test_limit: int | None = None) -> None:
+        if isinstance(model, str):
+            from model import MODEL_NAMES
+
+            if model not in MODEL_NAMES:
+                raise ValueError(f"model must be a Keras model or one of {', '.join(MODEL_NAMES)}")
         self.federation = FederationConfig(
             rounds=rounds, min_devices=min_devices, quorum=quorum, round_timeout=round_timeout,
             device_timeout=device_timeout, fraction=fraction, auto_activate=auto_activate, start=start,
@@ -59,6 +66,8 @@ class Server:
         self.federation.validate()  # ValueError now (a bad strategy parameter too), not later
         self._model = model
         self._test_data = test_data
+        self.data_dir = str(data_dir) if data_dir else None
+        self.test_limit = test_limit
         self.host = host
         self.port = port
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="fedhub-server-"))
@@ -78,11 +87,17 @@ class Server:
             return self
         import server as server_cli
 
+        from .model_files import portable  # Keras loads only when a server starts
+
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        model = portable(self._model, self.model_path)
+        if self.builtin:
+            models: dict[str, Any] = {"model": self._model, "data_dir": self.data_dir,
+                                      "test_limit": self.test_limit}
+        else:
+            models = {"keras_model": portable(self._model, self.model_path)}
         config = server_cli.ServerConfig(
             host=self.host, port=self.port, state_dir=self.state_dir, eval_dir=self.state_dir / "eval",
-            keras_model=model, test_data=self._test_data, enroll_secret=self.enroll_secret,
+            test_data=self._test_data, enroll_secret=self.enroll_secret, **models,
             admin_token=self.admin_token, runs_dir=self.runs_dir, run_id=self.run_id,
             threads=self.threads, federation=self.federation)
         app = server_cli.create_app(config)
@@ -110,6 +125,15 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def builtin(self) -> bool:
+        """Whether the model is one of FedHub's own networks, given by name."""
+        return isinstance(self._model, str)
+
+    def start_training(self, rounds: int | None = None) -> None:
+        """Start training now (for a server made with ``start=False``), as an admin's start call."""
+        self._require().start_training(rounds)
 
     # reading ------------------------------------------------------------
     def _require(self) -> Any:
@@ -159,11 +183,18 @@ class Server:
         """A Keras model holding the global weights of ``round_number`` (default: the latest)."""
         from model import set_keras_weights
 
+        from .model_files import load_model
+
         try:
             _, weights = self._require().round_weights(round_number)
         except FedHubError:
             raise ValueError(f"round {round_number} is not a completed round") from None
-        model = load_model(self.model_path)
+        if self.builtin:  # FedHub's network: it takes images through model.preprocess
+            from model import build_keras_model
+
+            model = build_keras_model(self._model)
+        else:
+            model = load_model(self.model_path)
         set_keras_weights(model, weights)
         return model
 

@@ -1,8 +1,22 @@
-"""``fedhub.simulate``: a whole federated run on one machine, in one call."""
+"""``fedhub.simulate``: a whole federated run on one machine (or a Ray cluster), in one call.
+
+The devices run in one of two ways, both real devices to the server:
+
+* one process (or thread) per device, each with its own TensorFlow: :class:`fedhub.Device`;
+* a pool of worker processes (or Ray actors) hosting many virtual devices each, sharing one
+  model per worker and reading a device's data only while it trains (:mod:`device.pool`).
+  Memory is then O(workers x model), not O(devices x TensorFlow): the default as soon as
+  there are more devices than cores, and whenever ``workers`` or ``backend="ray"`` is given.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,56 +30,171 @@ from fedcore.plural import plural
 from .devices import Device
 from .servers import Server
 
+Partitions = Sequence[tuple[np.ndarray, np.ndarray]] | str | Path
+
 
 class History(list):
-    """The completed rounds (as ``/api/history``), plus ``model``: the final global Keras model."""
+    """The completed rounds (as ``/api/history``), plus ``model`` (the final global Keras model)
+    and ``stats``: ``wall_s`` and ``first_round_s`` (seconds from the call to the last and
+    first round's result), ``round_s`` (to each round's), ``peak_rss_mb`` (this process and
+    all its children together, sampled), and for a pool ``bytes_up``, ``bytes_down``,
+    ``workers``, ``restarts`` and ``tasks`` (each device round trained: device, round, node)."""
 
     model: Any = None
+    stats: dict[str, Any]
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.stats = {}
 
 
-def simulate(model: Any, partitions: Sequence[tuple[np.ndarray, np.ndarray]], *, rounds: int = 3,
+class PeakMemory:
+    """Samples the resident memory of this process and all its descendants, summed, in a thread.
+
+    The sum counts memory shared between processes once per process, so it errs high.
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import psutil
+
+        self._root = psutil.Process()
+        self._interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fedhub-memory", daemon=True)
+
+    def sample(self) -> int:
+        import psutil
+
+        total = 0
+        for proc in [self._root, *self._root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # it ended between the listing and the reading
+                total += proc.memory_info().rss
+        self.peak = max(self.peak, total)
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def __enter__(self) -> PeakMemory:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
              test_data: tuple[np.ndarray, np.ndarray] | None = None, processes: bool = True,
+             workers: int | None = None, backend: str = "process", ray_address: str | None = None,
+             cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
              epochs: int = 1, batch_size: int = 32, learning_rate: float = 1e-3,
              root: str | Path | None = None, timeout: float | None = None,
-             on_round: Callable[[dict[str, Any]], None] | None = None, quiet: bool = True,
+             on_round: Callable[[dict[str, Any]], None] | None = None,
+             on_progress: Callable[[dict[str, Any]], None] | None = None, quiet: bool = True,
              attacks: Mapping[str, Attack] | None = None, **server_options: Any) -> History:
     """Run ``rounds`` rounds of federated learning with one device per partition.
 
-    ``model`` is a compiled Keras model or a function returning one (called once);
-    ``partitions`` is a list of ``(x, y)`` arrays, device ``i`` getting the i-th as
-    ``device<i>``. Each device runs in a child process (``processes=True``) or in a
-    thread of this process, against a :class:`fedhub.Server` started here on a free
-    loopback port; every round waits for all devices. ``on_round(entry)`` is called
-    as each round completes. ``attacks`` maps device names to the attack each mounts
+    ``model`` is a compiled Keras model or a function returning one (called once), or
+    ``"basic"``/``"cnn"`` for FedHub's own Fashion-MNIST networks (give ``data_dir`` and
+    optionally ``test_limit`` for the server's test set). ``partitions`` is a list of
+    ``(x, y)`` arrays, device ``i`` getting the i-th as ``device<i>``, or a folder written by
+    ``python -m utils.format_dataset`` (its devices as they are named there).
+
+    The devices run against a :class:`fedhub.Server` started here on a free loopback port:
+
+    * on a pool of ``workers`` worker processes hosting virtual devices (``backend="ray"``:
+      Ray actors with ``cpus_per_worker``/``gpus_per_worker`` each, on the cluster at
+      ``ray_address``, or a local one). This is the default when there are more devices than
+      cores (then ``workers`` = the number of cores). The run starts once every device has
+      enrolled, ``fraction`` of them (a server option) take part in each round.
+    * otherwise (or with ``workers=0``) each in a child process (``processes=True``) or in a
+      thread of this process; every round waits for all devices.
+
+    ``on_round(entry)`` is called as each round completes, ``on_progress(status)`` about four
+    times a second with the server's status (the open round's selected and reported devices).
+    ``attacks`` maps device names to the attack each mounts
     (``fedhub.make_attack("scale", factor=10)``); ``server_options`` are
     :class:`fedhub.Server`'s (``strategy="krum", strategy_params={"num_malicious": 1}``).
-    Returns the history, with the final model as ``.model``. Raises RuntimeError if a
-    device fails (for instance invalid data: its reason is in the message) and
-    TimeoutError after ``timeout`` seconds.
+    Returns the history, with the final model as ``.model`` and figures in ``.stats``.
+    Raises RuntimeError if a device fails (for instance invalid data: its reason is in the
+    message) or a pool worker keeps dying, and TimeoutError after ``timeout`` seconds.
     """
+    started = time.time()
+    folder = isinstance(partitions, str | Path)
+    if not folder and not partitions:
+        raise ValueError("give at least one partition (x, y)")
+    if workers is not None and workers < 0:
+        raise ValueError("workers must be 0 (one process per device) or more")
+    if workers == 0 and (backend != "process" or isinstance(model, str) or folder):
+        raise ValueError("workers=0 runs one process per (x, y) partition with a Keras model; "
+                         "FedHub's named networks, device folders and Ray need workers")
+    pooled = workers != 0 and (workers is not None or backend != "process" or isinstance(model, str)
+                               or folder or (processes and len(partitions) > (os.cpu_count() or 1)))
+    root = Path(root) if root else Path(tempfile.mkdtemp(prefix="fedhub-simulation-"))
+    if attacks and not folder:
+        unknown = sorted(set(attacks) - {f"device{i}" for i in range(1, len(partitions) + 1)})
+        if unknown:
+            raise ValueError(f"attacks name no device: {', '.join(unknown)} (the devices are "
+                             f"device1 .. device{len(partitions)})")
+    with PeakMemory() as memory:
+        if pooled:
+            history = _on_pool(model, partitions, root=root, rounds=rounds, test_data=test_data,
+                               workers=workers, backend=backend, ray_address=ray_address,
+                               cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                               epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                               timeout=timeout, on_round=on_round, on_progress=on_progress,
+                               attacks=attacks, server_options=server_options)
+        else:
+            history = _one_per_device(model, partitions, root=root, rounds=rounds, test_data=test_data,
+                                      processes=processes, epochs=epochs, batch_size=batch_size,
+                                      learning_rate=learning_rate, timeout=timeout, on_round=on_round,
+                                      on_progress=on_progress, quiet=quiet, attacks=attacks,
+                                      server_options=server_options)
+    round_s = [round(entry["closed_at"] - started, 3) for entry in history]
+    history.stats.update({"wall_s": round_s[-1] if round_s else None,
+                          "first_round_s": round_s[0] if round_s else None, "round_s": round_s,
+                          "peak_rss_mb": memory.peak_mb})
+    return history
+
+
+def _keras_model(model: Any) -> Any:
     import keras
 
-    if not partitions:
-        raise ValueError("give at least one partition (x, y)")
-    names = [f"device{i}" for i in range(1, len(partitions) + 1)]
-    unknown = sorted(set(attacks or {}) - set(names))
-    if unknown:
-        raise ValueError(f"attacks name no device: {', '.join(unknown)} (devices are device1 .. "
-                         f"device{len(names)})")
-    if not isinstance(model, keras.Model):
-        model = model()
-    root = Path(root) if root else Path(tempfile.mkdtemp(prefix="fedhub-simulation-"))
-    server = Server(model, test_data=test_data, rounds=rounds, min_devices=len(partitions),
+    return model if isinstance(model, keras.Model) else model()
+
+
+def _one_per_device(model: Any, partitions: Sequence[tuple[np.ndarray, np.ndarray]], *, root: Path,
+                    rounds: int, test_data: Any, processes: bool, epochs: int, batch_size: int,
+                    learning_rate: float, timeout: float | None, on_round: Any, on_progress: Any,
+                    quiet: bool, attacks: Mapping[str, Attack] | None,
+                    server_options: dict[str, Any]) -> History:
+    server = Server(_keras_model(model), test_data=test_data, rounds=rounds, min_devices=len(partitions),
                     epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, quorum=1.0,
                     auto_activate=True, start=True, state_dir=root / "server", **server_options)
     with server:
-        devices = [Device(server, name, x, y, root=root / "devices", quiet=quiet,
-                          attack=(attacks or {}).get(name))
-                   for name, (x, y) in zip(names, partitions, strict=True)]
+        devices = [Device(server, f"device{i}", x, y, root=root / "devices", quiet=quiet,
+                          attack=(attacks or {}).get(f"device{i}"))
+                   for i, (x, y) in enumerate(partitions, start=1)]
         for device in devices:
             device.spawn() if processes else device.start()
+
+        def check() -> None:
+            for device in devices:
+                if device.poll() not in (None, 0):
+                    raise RuntimeError(_stopped(server, device.name, device.exit_code,
+                                                f" (see {device.log_path})"))
+
         try:
-            _follow(server, devices, timeout, on_round)
+            _follow(server, check, _deadline(timeout), timeout, on_round, on_progress)
         except BaseException:
             for device in devices:
                 device.stop(timeout=5)
@@ -77,26 +206,132 @@ def simulate(model: Any, partitions: Sequence[tuple[np.ndarray, np.ndarray]], *,
     return history
 
 
-def _follow(server: Server, devices: list[Device], timeout: float | None,
-            on_round: Callable[[dict[str, Any]], None] | None) -> None:
-    deadline = None if timeout is None else time.monotonic() + timeout
+def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, test_data: Any,
+             workers: int | None, backend: str, ray_address: str | None, cpus_per_worker: float,
+             gpus_per_worker: float, epochs: int, batch_size: int, learning_rate: float,
+             timeout: float | None, on_round: Any, on_progress: Any,
+             attacks: Mapping[str, Attack] | None, server_options: dict[str, Any]) -> History:
+    from device.pool import DevicePool
+    from utils.demo import free_port
+
+    deadline = _deadline(timeout)
+    devices_root, names = _device_folders(partitions, root / "devices")
+    unknown = sorted(set(attacks or {}) - set(names))
+    if unknown:
+        raise ValueError(f"attacks name no device: {', '.join(unknown)}")
+    builtin = isinstance(model, str)
+    options = dict(server_options)
+    fraction = options.pop("fraction", 1.0)
+    # Idle virtual devices are touched every device_timeout / 3 seconds: a long timeout keeps
+    # that traffic low (a thousand devices every 20 s would be 50 requests a second).
+    device_timeout = options.pop("device_timeout", 300.0)
+    options.setdefault("min_devices", max(1, math.ceil(fraction * len(names))))
+    if workers is None and backend == "process":
+        workers = os.cpu_count() or 1
+    options.setdefault("port", free_port())
+    url = f"http://{options.get('host', '127.0.0.1')}:{options['port']}"
+    if backend == "ray" and ray_address and "host" not in options:
+        # Workers on the cluster's other machines reach the server at this machine's address.
+        import ray
+
+        options["host"] = "0.0.0.0"
+        url = f"http://{ray.util.get_node_ip_address()}:{options['port']}"
+    server = Server(model if builtin else _keras_model(model), test_data=test_data, rounds=rounds,
+                    epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, quorum=1.0,
+                    fraction=fraction, device_timeout=device_timeout, auto_activate=True, start=False,
+                    state_dir=root / "server", **options)
+    pool = DevicePool(url, names, devices_root, workers=workers,
+                      model=model if builtin else "server", enroll_secret=server.enroll_secret,
+                      keepalive=device_timeout / 3, log_dir=root / "logs", backend=backend,
+                      ray_address=ray_address, cpus_per_worker=cpus_per_worker,
+                      gpus_per_worker=gpus_per_worker, attacks=attacks)
+    # The workers start first: they load TensorFlow and build their model while the server
+    # does the same, and enroll once it answers (a device retries until then).
+    with pool, server:
+        def check() -> None:
+            if pool.error:
+                raise RuntimeError(pool.error)
+
+        _await_enrollment(server, names, check, deadline, timeout)
+        server.start_training()
+        _follow(server, check, deadline, timeout, on_round, on_progress)
+        history = History(server.history())
+        history.model = server.global_model()
+        pool.wait(timeout=120)  # every device asks for its task once more, hears "finish", leaves
+        stats = pool.stats()
+    history.stats.update({key: stats[key] for key in
+                          ("bytes_up", "bytes_down", "workers", "backend", "restarts", "failures", "tasks",
+                           "worker_peak_rss_mb")})
+    return history
+
+
+def _device_folders(partitions: Partitions, devices_root: Path) -> tuple[Path, list[str]]:
+    """The devices' folders: those of a ``utils.format_dataset`` folder, or the arrays written
+    as memory-mappable ``.npy`` files under ``devices_root``."""
+    from utils.format_dataset import PARTITION_FILE, write_device_arrays
+
+    if isinstance(partitions, str | Path):
+        folder = Path(partitions)
+        try:
+            names = list(json.loads((folder / PARTITION_FILE).read_text())["devices"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{folder} is not a folder made by `python -m utils.format_dataset` "
+                             f"(its {PARTITION_FILE} cannot be read: {exc})") from None
+        return folder, names
+    names = []
+    for i, (x, y) in enumerate(partitions, start=1):
+        write_device_arrays(devices_root, f"device{i}", x, y)
+        names.append(f"device{i}")
+    return devices_root, names
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _stopped(server: Server, name: str, code: int | None, otherwise: str = "") -> str:
+    why = next((d["lifecycle_reason"] for d in server.devices() if d["name"] == name), "")
+    return f"device {name} stopped with exit code {code}" + (f": {why}" if why else otherwise)
+
+
+def _await_enrollment(server: Server, names: list[str], check: Callable[[], None],
+                      deadline: float | None, timeout: float | None) -> None:
+    """Wait until every device has enrolled and sent its data validation; a device refused for
+    invalid data fails the simulation, as a device process that exits 1 does."""
+    wanted = set(names)
+    while True:
+        check()
+        states = {d["name"]: d["lifecycle"] for d in server.devices() if d["name"] in wanted}
+        invalid = sorted(name for name, state in states.items() if state == "invalid")
+        if invalid:
+            raise RuntimeError(_stopped(server, invalid[0], 1))
+        if len(states) == len(wanted) and "validating" not in states.values():
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"the simulation did not start in {timeout:g}s: {len(states)} of "
+                               f"{len(wanted)} devices enrolled")
+        time.sleep(0.5)  # listing a thousand devices takes the server's time too
+
+
+def _follow(server: Server, check: Callable[[], None], deadline: float | None, timeout: float | None,
+            on_round: Callable[[dict[str, Any]], None] | None,
+            on_progress: Callable[[dict[str, Any]], None] | None) -> None:
     seen = 0
     while True:
-        history = server.history()
-        for entry in history[seen:]:
-            if on_round is not None:
-                on_round(entry)
-        seen = len(history)
-        if server.status()["status"] == "finished":
+        status = server.status()
+        if status["completed_rounds"] > seen:  # the history is read only when it has grown
+            history = server.history()
+            for entry in history[seen:]:
+                if on_round is not None:
+                    on_round(entry)
+            seen = len(history)
+        if on_progress is not None:
+            on_progress(status)
+        if status["status"] == "finished" and seen >= status["completed_rounds"]:
             return
-        for device in devices:
-            if device.poll() not in (None, 0):
-                why = next((d["lifecycle_reason"] for d in server.devices() if d["name"] == device.name), "")
-                raise RuntimeError(f"device {device.name} stopped with exit code {device.exit_code}"
-                                   + (f": {why}" if why else f" (see {device.log_path})"))
+        check()
         if deadline is not None and time.monotonic() > deadline:
-            status = server.status()
             raise TimeoutError(f"the simulation did not finish in {timeout:g}s: {status['completed_rounds']}"
                                f" of {plural(status['total_rounds'], 'round')} done. "
                                f"{status.get('reason', '')}")
-        time.sleep(0.5)
+        time.sleep(0.25)

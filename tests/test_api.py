@@ -12,6 +12,7 @@ from fedcore.config import FederationConfig
 from fedcore.devices import DeviceRegistry
 from fedcore.rounds import Coordinator
 from fedcore.storage import Storage
+from tests.conftest import wait_until
 
 ADMIN = "admin-secret"
 ENROLL = "enroll-secret"
@@ -67,6 +68,27 @@ def upload(client, name, token, round_number, body, key=None):
 
 def two_devices(client):
     return {n: register(client, n).get_json()["token"] for n in ("d1", "d2")}
+
+
+def wait_completed(client, rounds: int, timeout: float = 30.0) -> None:
+    """Until ``rounds`` rounds are complete (the engine's driver closes them on its own thread)."""
+    deadline = time.monotonic() + timeout
+    while client.get("/api/status").get_json()["completed_rounds"] < rounds:
+        assert time.monotonic() < deadline, f"round {rounds} did not complete"
+        time.sleep(0.05)
+
+
+def upload_in_time(client, name, token, round_number, body, margin: float = 1.0):
+    """Upload while the open round's deadline is at least ``margin`` seconds away, so that a test
+    about deadlines knows which side of it the update landed on (it fails, saying so, if not)."""
+    status = client.get("/api/status").get_json()["round"]
+    assert status and status["number"] == round_number, status
+    assert status["deadline_in"] >= margin, f"too slow: round {round_number}'s deadline is {status}"
+    return upload(client, name, token, round_number, body)
+
+
+def device_row(client, name):
+    return next(d for d in client.get("/api/devices").get_json()["devices"] if d["name"] == name)
 
 
 def wait_task(client, name, token, action="train"):
@@ -128,10 +150,7 @@ def test_two_rounds_through_http(app):
             n = 10 if name == "d1" else 30
             r = upload(c, name, token, rnd, update_body(values[name], rnd, rnd - 1, n))
             assert r.status_code == 200, r.get_json()
-        deadline = time.monotonic() + 10
-        while c.get("/api/status").get_json()["completed_rounds"] < rnd:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_completed(c, rnd)
     history = c.get("/api/history").get_json()["rounds"]
     assert [h["round"] for h in history] == [1, 2]
     assert history[0]["num_examples"] == 40 and history[0]["num_updates"] == 2
@@ -152,7 +171,7 @@ def test_round_rows_in_sqlite(tmp_path):
     token = register(c, "d1").get_json()["token"]
     wait_task(c, "d1", token)
     assert upload(c, "d1", token, 1, update_body(3.0, 1, 0, 7), key="k1").status_code == 200
-    time.sleep(1.0)
+    wait_completed(c, 1)
     engine.stop()
     db = sqlite3.connect(tmp_path / "state" / "fedhub.sqlite3")
     assert db.execute("SELECT round, device, num_examples, upload_id FROM updates").fetchall() == [
@@ -215,32 +234,62 @@ def test_activation_and_control(tmp_path):
 
 def test_deadline_with_quorum_closes_round_and_stragglers_change_nothing(tmp_path):
     app, engine = make_app(tmp_path, min_devices=2, rounds=2, auto_activate=True, start=True,
-                           round_timeout=1.5, quorum=0.5)
+                           round_timeout=3, quorum=0.5)
     try:
         c = app.test_client()
         tokens = two_devices(c)
         wait_task(c, "d1", tokens["d1"])
-        assert upload(c, "d1", tokens["d1"], 1, update_body(2.0, 1, 0, 5)).status_code == 200
+        engine.config.round_timeout = 60  # for round 2, which both devices report
+        assert upload_in_time(c, "d1", tokens["d1"], 1, update_body(2.0, 1, 0, 5)).status_code == 200
         # pause: round 1 still closes at its deadline, round 2 waits for us
         assert c.post("/api/training/pause", headers=bearer(ADMIN)).status_code == 200
-        deadline = time.monotonic() + 10
-        while c.get("/api/status").get_json()["completed_rounds"] < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_completed(c, 1)
         assert c.get("/api/history").get_json()["rounds"][0]["num_updates"] == 1
         # the straggler's update for the closed round is refused
         r = upload(c, "d2", tokens["d2"], 1, update_body(100.0, 1, 0, 5))
         assert r.status_code == 409 and r.get_json()["field"] == "round"
-        engine.config.round_timeout = 30
         assert c.post("/api/training/resume", headers=bearer(ADMIN)).status_code == 200
         for name, value, n in (("d1", 3.0, 5), ("d2", 5.0, 15)):
             assert wait_task(c, name, tokens[name])["round"] == 2
             assert upload(c, name, tokens[name], 2, update_body(value, 2, 1, n)).status_code == 200
-        while c.get("/api/status").get_json()["completed_rounds"] < 2:
-            assert time.monotonic() < deadline + 20
-            time.sleep(0.05)
+        wait_completed(c, 2)
         weights, _ = wire.decode(c.get("/api/model", headers=bearer(ADMIN)).data)
         np.testing.assert_allclose(weights["dense/bias"], [4.5, 4.5])  # (5*3 + 15*5) / 20: no 100s
+    finally:
+        engine.stop()
+
+
+def test_round_below_quorum_at_its_deadline_is_discarded_and_opened_again(tmp_path):
+    """README: at the deadline without a quorum the round is discarded and opened again with
+    whoever is there; an update sent to the discarded round is not counted."""
+    app, engine = make_app(tmp_path, min_devices=2, rounds=1, auto_activate=True, start=True,
+                           round_timeout=3, quorum=1.0)
+    try:
+        c = app.test_client()
+        tokens = two_devices(c)
+        for name in ("d1", "d2"):
+            assert wait_task(c, name, tokens[name])["round"] == 1
+        engine.config.round_timeout = 60  # for the round opened again
+        r = upload_in_time(c, "d1", tokens["d1"], 1, update_body(100.0, 1, 0, 10))
+        assert r.status_code == 200 and r.get_json()["reported"] == 1 and r.get_json()["selected"] == 2
+        # 1 of the 2 needed updates at the deadline: discarded, and d2 is told why
+        wait_until(lambda: device_row(c, "d2")["lifecycle_reason"] == "round 1 was discarded", 30,
+                   "round 1 to be discarded at its deadline")
+        # opened again: d1, whose update was in the discarded round, is asked to train round 1 again
+        assert wait_task(c, "d1", tokens["d1"])["round"] == 1
+        status = c.get("/api/status").get_json()
+        assert status["completed_rounds"] == 0 and status["round"]["number"] == 1
+        assert status["round"]["reported"] == [] and status["round"]["selected"] == ["d1", "d2"]
+        assert engine._storage.list_updates(1) == []
+        r = upload(c, "d1", tokens["d1"], 1, update_body(2.0, 1, 0, 10))
+        assert r.status_code == 200 and r.get_json()["duplicate"] is False and r.get_json()["reported"] == 1
+        assert wait_task(c, "d2", tokens["d2"])["round"] == 1
+        assert upload(c, "d2", tokens["d2"], 1, update_body(4.0, 1, 0, 30)).status_code == 200
+        wait_completed(c, 1)
+        history = c.get("/api/history").get_json()["rounds"]
+        assert [(h["round"], h["num_updates"], h["num_examples"]) for h in history] == [(1, 2, 40)]
+        weights, _ = wire.decode(c.get("/api/model", headers=bearer(ADMIN)).data)
+        np.testing.assert_allclose(weights["dense/bias"], [3.5, 3.5])  # (10*2 + 30*4) / 40: no 100s
     finally:
         engine.stop()
 
@@ -257,20 +306,30 @@ def test_replays_and_rounds_not_selected_are_refused(tmp_path):
         assert r.status_code == 409 and "not selected" in r.get_json()["message"]
         body = update_body(1.0, 1, 0, 10)
         assert upload(c, "d1", t1, 1, body, key="first").status_code == 200
-        deadline = time.monotonic() + 10
-        while c.get("/api/status").get_json()["completed_rounds"] < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        wait_task(c, "d1", t1)
+        wait_completed(c, 1)
+        assert wait_task(c, "d1", t1)["round"] == 2
+        assert c.get("/api/status").get_json()["round"]["selected"] == ["d1", "d2"]
         # the exact round-1 body replayed to round 2, and with its round number changed
         r = upload(c, "d1", t1, 2, body, key="replay")
         assert r.status_code == 400 and r.get_json()["field"] == "round"
         r = upload(c, "d1", t1, 2, update_body(1.0, 2, 0, 10), key="replay2")
         assert r.status_code == 409 and r.get_json()["field"] == "model_version"
-        # d2 replaying d1's body under its own name is still its own (unselected) update
-        r = upload(c, "d2", t2, 2, update_body(1.0, 2, 1, 10))
-        assert r.status_code in (200, 409)
-        assert c.get("/api/status").get_json()["round"]["reported"] in ([], ["d2"])
+        # d2, selected for round 2, sends d1's very bytes under its own name: its own update
+        d1_body = update_body(1.0, 2, 1, 10)
+        assert upload(c, "d1", t1, 2, d1_body).status_code == 200
+        assert c.get("/api/status").get_json()["round"]["reported"] == ["d1"]
+        r = upload(c, "d2", t2, 2, d1_body)
+        assert r.status_code == 200 and r.get_json()["duplicate"] is False, r.get_json()
+        wait_completed(c, 2)
+        assert set(c.get("/api/history").get_json()["rounds"][1]["devices"]) == {"d1", "d2"}
+        # d3 enrolls after round 3 opened: the same replay from an unselected device is refused
+        assert wait_task(c, "d1", t1)["round"] == 3
+        t3 = register(c, "d3").get_json()["token"]
+        r = upload(c, "d3", t3, 3, update_body(1.0, 3, 2, 10))
+        assert r.status_code == 409 and "not selected" in r.get_json()["message"]
+        status = c.get("/api/status").get_json()["round"]
+        assert status["selected"] == ["d1", "d2"] and status["reported"] == []
+        assert engine._storage.list_updates(3) == []
     finally:
         engine.stop()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from streamlit.testing.v1 import AppTest
 
 from device.launcher import launch, stop
 from tests.conftest import ROOT, ServerProcess, wait_until
+from tests.slow_trainer import batches_done
 from utils.format_dataset import load_device_data, split_to_devices, write_device_data
 
 pytestmark = pytest.mark.slow
@@ -25,6 +27,9 @@ DASHBOARD = str(ROOT / "dashboard" / "index.py")
 
 
 class Federation:
+    """One real server for the module's tests (starting it costs seconds); each test sets up
+    the state it needs with :meth:`fresh_run` or :meth:`ensure_trained`, whatever ran before."""
+
     def __init__(self, tmp, data_dir) -> None:
         self.devices_root = tmp / "devices"
         split_to_devices(self.devices_root, 2, data_dir=data_dir, limit=300, progress=False)
@@ -32,34 +37,72 @@ class Federation:
         self.server = ServerProcess(tmp, data_dir, "--test-limit", "300", "--min-devices", "1",
                                     "--rounds", "1", "--round-timeout", "120", "--batch-size", "8").start()
         self.tmp = tmp
-        self.procs = []
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def env(self) -> dict[str, str]:
+        """What the dashboard reads, and what the devices it launches inherit."""
+        return {"FEDHUB_SERVER": self.server.url, "FEDHUB_ADMIN_TOKEN": self.server.admin_token,
+                "FEDHUB_ENROLL_SECRET": self.server.enroll_secret}
+
+    def launch(self, name: str, *extra: str) -> subprocess.Popen:
+        """A device process of our own (again, if an earlier one has finished)."""
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            proc = self.procs[name] = launch(self.server.url, [name], devices_root=self.devices_root,
+                                             extra_args=["--poll-wait", "2", *extra], env=self.env(),
+                                             log_dir=self.tmp)[0]
+        return proc
 
     def devices(self) -> dict[str, dict]:
         return {d["name"]: d for d in self.server.get("/api/devices").json()["devices"]}
 
-    def ensure_trained(self) -> None:
-        """Round 1 done, whichever test gets here first (a device of our own if need be)."""
-        if self.server.get("/api/status").json()["completed_rounds"] >= 1:
-            return
-        self.procs += launch(self.server.url, ["device2"], devices_root=self.devices_root,
-                             extra_args=["--auto-activate"], log_dir=self.tmp)
-        self.server.admin("POST", "/api/training/start")
-        wait_until(lambda: self.server.get("/api/status").json()["completed_rounds"] >= 1, 120, "round 1")
+    def fresh_run(self) -> None:
+        """The server up, no device active, every round forgotten: status idle."""
+        if self.server.proc is None or self.server.proc.poll() is not None:
+            self.server.start()
+        for name, d in self.devices().items():
+            if d["active"]:
+                assert self.server.admin("POST", f"/api/devices/{name}/deactivate").ok
+        assert self.server.admin("POST", "/api/training/reset").json()["status"] == "idle"
+
+    def ensure_trained(self) -> int:
+        """A completed round (a device of our own trains one if need be) whose model the server
+        predicts with; returns that round."""
+        done = self.server.get("/api/status").json()["completed_rounds"]
+        if done < 1:
+            self.fresh_run()
+            self.launch("device2")
+            wait_until(lambda: "device2" in self.devices(), 240, "device2 to enroll")
+            assert self.server.admin("POST", "/api/devices/device2/activate").ok
+            assert self.server.admin("POST", "/api/training/start", json={"rounds": 1}).ok
+            wait_until(lambda: self.server.get("/api/status").json()["completed_rounds"] >= 1, 240, "round 1")
+            done = 1
+        # the predictor swaps the new model in just after the round is recorded
+        picture = io.BytesIO()
+        Image.new("L", (28, 28)).save(picture, "PNG")
+
+        def predicts() -> bool:
+            r = self.server.admin("POST", "/api/predict", files={"image": ("x.png", picture.getvalue())})
+            return r.ok and r.json()["round"] == done
+        wait_until(predicts, 60, f"the server to predict with round {done}'s model")
+        return done
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory, data_dir):
-    with pytest.MonkeyPatch.context() as mp:
-        federation = Federation(tmp_path_factory.mktemp("dashboard"), data_dir)
-        # what the dashboard reads, and what the devices it launches inherit
-        mp.setenv("FEDHUB_SERVER", federation.server.url)
-        mp.setenv("FEDHUB_ADMIN_TOKEN", federation.server.admin_token)
-        mp.setenv("FEDHUB_ENROLL_SECRET", federation.server.enroll_secret)
-        try:
-            yield federation
-        finally:
-            stop(federation.procs)
-            federation.server.stop()
+def federation(tmp_path_factory, data_dir):
+    federation = Federation(tmp_path_factory.mktemp("dashboard"), data_dir)
+    try:
+        yield federation
+    finally:
+        stop(federation.procs.values())
+        federation.server.stop()
+
+
+@pytest.fixture
+def fed(federation, monkeypatch):
+    for key, value in federation.env().items():
+        monkeypatch.setenv(key, value)
+    return federation
 
 
 def dashboard() -> AppTest:
@@ -96,6 +139,7 @@ def highlighted_rows(table) -> set[int]:
 
 
 def test_launch_activate_and_train_from_the_dashboard(fed):
+    fed.fresh_run()
     at = dashboard()
     assert metrics(at)["Status"] == "idle" and not at.error
     # launch one local device that enrolls inactive
@@ -105,7 +149,7 @@ def test_launch_activate_and_train_from_the_dashboard(fed):
     at.button(key="launch").click().run()
     assert not at.exception and "started device1" in texts(at.success), texts(at.error)
     try:
-        wait_until(lambda: fed.devices().get("device1", {}).get("state") == "inactive", 90,
+        wait_until(lambda: fed.devices().get("device1", {}).get("state") == "inactive", 240,
                    "device1 to enroll, inactive")
         at.run()
         toggle = at.button(key="toggle-device1")
@@ -136,7 +180,7 @@ def test_launch_activate_and_train_from_the_dashboard(fed):
 
 
 def test_upload_shows_a_prediction(fed):
-    fed.ensure_trained()
+    latest = fed.ensure_trained()
     x, _ = load_device_data(fed.devices_root / "device1")
     buf = io.BytesIO()
     Image.fromarray(x[0]).resize((280, 280)).save(buf, "PNG")
@@ -148,7 +192,7 @@ def test_upload_shows_a_prediction(fed):
     at.file_uploader(key="picture").set_value(("item.png", picture, "image/png")).run()
     assert not at.exception and not at.error, texts(at.error)
     shown = " ".join(texts(at.success))
-    assert f"Predicted: **{direct['class_name']}**" in shown and "round 1" in shown
+    assert f"Predicted: **{direct['class_name']}**" in shown and f"round {latest}" in shown
     assert len(at.get("image")) == 1
     bars = [c for c in at.get("vega_lite_chart") if "probability of each class" in c.proto.spec]
     assert len(bars) == 1
@@ -208,10 +252,8 @@ def test_https_server_with_a_private_ca(server_factory, tmp_path, monkeypatch):
 def test_invalid_device_and_device_logs(fed):
     fed.ensure_trained()  # a real device has trained round 1, and logged it
     write_device_data(fed.devices_root, "broken", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))
-    broken = launch(fed.server.url, ["broken"], devices_root=fed.devices_root,
-                    extra_args=["--auto-activate"], log_dir=fed.tmp)
-    fed.procs += broken
-    assert broken[0].wait(60) == 1  # refused: it exits 1 once its logs are sent
+    broken = fed.launch("broken", "--auto-activate")
+    assert broken.wait(60) == 1  # refused: it exits 1 once its logs are sent
 
     at = dashboard()
     table = devices_table(at)
@@ -271,17 +313,15 @@ def test_invalid_device_and_device_logs(fed):
 
 def test_interrupt_a_training_device_from_the_dashboard(fed, fashion):
     (x, y), _ = fashion
-    # 40,000 examples in batches of 8: 5,000 batches, far longer than it takes to click
-    write_device_data(fed.devices_root, "big", x[:40_000], y[:40_000])
+    # 2,000 examples in batches of 8: 250 batches, each slow (tests/slow_trainer.py) until interrupted
+    write_device_data(fed.devices_root, "big", x[:2_000], y[:2_000])
     # the next round is big's alone: the earlier tests' devices (done, maybe gone) sit it out
-    for name, d in fed.devices().items():
-        if d["active"]:
-            assert fed.server.admin("POST", f"/api/devices/{name}/deactivate").ok
-    done = fed.server.get("/api/status").json()["completed_rounds"]
-    assert fed.server.admin("POST", "/api/training/start", json={"rounds": done + 1}).ok
-    fed.procs += launch(fed.server.url, ["big"], devices_root=fed.devices_root,
-                        extra_args=["--auto-activate", "--poll-wait", "2"], log_dir=fed.tmp)
-    wait_until(lambda: fed.devices().get("big", {}).get("lifecycle") == "training", 90, "big to train",
+    fed.fresh_run()
+    assert fed.server.admin("POST", "/api/training/start", json={"rounds": 1}).ok
+    fed.launch("big", "--auto-activate", "--trainer", "tests.slow_trainer:from_folder")
+    wait_until(lambda: "big" in fed.devices(), 240, "big to enroll")
+    assert fed.server.admin("POST", "/api/devices/big/activate").ok  # whatever an earlier run left
+    wait_until(lambda: fed.devices().get("big", {}).get("lifecycle") == "training", 240, "big to train",
                interval=0.1)
     number = fed.devices()["big"]["lifecycle_round"]
     # its "training" line is logged just before fit() starts
@@ -293,6 +333,7 @@ def test_interrupt_a_training_device_from_the_dashboard(fed, fashion):
     at.button(key="pause").click().run()
     assert at.button(key="interrupt-big").label == "Interrupt big"
     assert not [b for b in at.button if b.key and b.key.startswith("interrupt-") and b.key != "interrupt-big"]
+    sent_at = batches_done(fed.devices_root / "big")  # the click's callback sends it at once
     at.button(key="interrupt-big").click().run()
     assert any(t.startswith("big interrupted") for t in texts(at.success)), texts(at.error)
     row = fed.devices()["big"]
@@ -306,7 +347,7 @@ def test_interrupt_a_training_device_from_the_dashboard(fed, fashion):
     row = wait_until(confirmed, 60, "big to confirm the interrupt")
     stopped = re.search(r"stopped after (\d+) of (\d+) batches", row["lifecycle_reason"])
     batches, total = map(int, stopped.groups())
-    assert 1 <= batches < total == 5_000, row
+    assert total == 250 and sent_at <= batches <= sent_at + 2, f"interrupt sent after batch {sent_at}; {row}"
     wait_until(lambda: fed.server.admin("GET", "/api/logs?device=big&level=WARNING").json()["logs"], 30,
                "big's WARNING line")
     at.run()

@@ -41,8 +41,10 @@ def _round(server):
 
 def test_device_killed_mid_round_quorum_then_rejoins(server_factory, split_devices):
     root = split_devices(3, 300)
-    server = server_factory("--rounds", "2", "--auto-activate", "--round-timeout", "8", "--quorum", "0.5",
-                            "--device-timeout", "4", "--test-limit", "500").start()
+    # Round 1 must get device1's and device2's updates before its deadline (a real first fit on a
+    # busy machine takes seconds), and device3, stopped, must still count as online when it opens.
+    server = server_factory("--rounds", "2", "--auto-activate", "--round-timeout", "15", "--quorum", "0.5",
+                            "--device-timeout", "8", "--test-limit", "500").start()
     names = ["device1", "device2", "device3"]
     procs = launch_devices(server, root, names)
     try:
@@ -96,12 +98,17 @@ def test_all_devices_gone_server_waits_then_resumes(server_factory, split_device
     assert [r["num_updates"] for r in _history(server)] == [1, 1]
 
 
-class SlowFirstUploadProxy:
-    """A loopback TCP proxy that holds back the server's answer to the first upload for ``delay`` s."""
+class LostFirstAnswerProxy:
+    """A loopback TCP proxy that loses the server's answer to the first upload.
 
-    def __init__(self, upstream_port: int, delay: float) -> None:
+    The client gives up waiting for it and sends the upload again. So that the retry cannot
+    overtake the first upload, every later upload is held back until ``first_counted()`` says
+    the server has counted the first one: the test waits on that state, not on a delay.
+    """
+
+    def __init__(self, upstream_port: int, first_counted) -> None:
         self.upstream = upstream_port
-        self.delay = delay
+        self.first_counted = first_counted
         self.uploads = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -121,19 +128,19 @@ class SlowFirstUploadProxy:
 
     def _serve(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.upstream))
-        hold = threading.Event()
+        lost = threading.Event()  # this connection carried the first upload: its answer is lost
 
-        def pump(src, dst, inspect):
+        def pump(src, dst, requests_side):
             try:
                 while data := src.recv(65536):
-                    if inspect and b"/updates/" in data and data.startswith(b"POST"):
+                    if requests_side and data.startswith(b"POST") and b"/updates/" in data:
                         self.uploads += 1
                         if self.uploads == 1:
-                            hold.set()
-                    if not inspect and hold.is_set():
-                        time.sleep(self.delay)  # the answer arrives after the client gave up
-                        hold.clear()
-                    dst.sendall(data)
+                            lost.set()
+                        else:
+                            wait_until(self.first_counted, 60, "the first upload to be counted", 0.05)
+                    if requests_side or not lost.is_set():
+                        dst.sendall(data)
             except OSError:
                 pass
             finally:
@@ -171,9 +178,15 @@ def _train_task(client):
 
 def test_upload_retried_after_client_timeout_is_counted_once(server_factory):
     server = server_factory("--rounds", "1", "--start", "--test-limit", "200").start()
-    proxy = SlowFirstUploadProxy(server.port, delay=4.0)
+    def counted() -> bool:  # the round closes as soon as it is counted: look in the database
+        with contextlib.closing(sqlite3.connect(server.state_dir / "fedhub.sqlite3")) as db:
+            return db.execute("SELECT COUNT(*) FROM updates").fetchone()[0] > 0
+
+    proxy = LostFirstAnswerProxy(server.port, counted)
     try:
-        client = _enroll(f"http://127.0.0.1:{proxy.port}", server, timeout=1.5)
+        # a short timeout only makes the client give up on the lost answer sooner; a slow
+        # server merely costs it more retries, which are acknowledged the same way
+        client = _enroll(f"http://127.0.0.1:{proxy.port}", server, timeout=2)
         task = _train_task(client)
         version, weights = client.model()
         update = _random_like(weights, 1)

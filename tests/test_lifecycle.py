@@ -5,7 +5,6 @@ real server and real device processes on Fashion-MNIST subsets.
 """
 
 import re
-import time
 
 import numpy as np
 import pytest
@@ -13,15 +12,22 @@ import pytest
 from device.launcher import launch, stop
 from fedcore import wire
 from tests.conftest import ServerProcess, wait_until
-from tests.test_api import ADMIN, ENROLL, bearer, make_app, register, update_body, upload, wait_task
+from tests.slow_trainer import batches_done
+from tests.test_api import (
+    ADMIN,
+    ENROLL,
+    bearer,
+    device_row,
+    make_app,
+    register,
+    update_body,
+    upload,
+    wait_task,
+)
 from utils.format_dataset import split_to_devices, write_device_data
 
 GOOD = {"ok": True, "problems": [], "num_examples": 3, "class_counts": [1, 2, 0]}
 BAD = {"ok": False, "problems": ["labels must be in 0..9"], "num_examples": 3, "class_counts": []}
-
-
-def device_row(c, name):
-    return next(d for d in c.get("/api/devices").get_json()["devices"] if d["name"] == name)
 
 
 @pytest.fixture
@@ -49,8 +55,9 @@ def test_validation_decides_who_may_train(app_engine):
     assert device_row(c, "good")["lifecycle"] == "validating"
     r = c.post("/api/devices/good/validation", json={"validation": GOOD}, headers=bearer(other))
     assert r.status_code == 200 and r.get_json()["lifecycle"] == "init"
-    # the invalid device is not counted towards min_devices=2: no round opens
-    time.sleep(0.6)
+    # the invalid device is not counted towards min_devices=2: the driver says so, no round opens
+    wait_until(lambda: c.get("/api/status").get_json()["reason"]
+               == "waiting for devices: 1 active and online, 2 needed", 10, "the driver to count 1 device")
     assert c.get("/api/status").get_json()["round"] is None
     # fixing the data (a new, good report) lets it in
     r = c.post("/api/devices/bad/validation", json={"validation": {**GOOD}}, headers=bearer(token))
@@ -129,9 +136,12 @@ def test_real_devices_validate_get_interrupted_and_finish(tmp_path, data_dir):
                            "--start", "--test-limit", "300", "--epochs", "2", "--batch-size", "8",
                            "--no-tensorboard").start()
     env = {"FEDHUB_ENROLL_SECRET": server.enroll_secret}
-    procs = launch(server.url, ["device1", "device2", "empty"], devices_root=root,
+    procs = launch(server.url, ["device1", "empty"], devices_root=root,
                    extra_args=["--poll-wait", "2"], env=env, log_dir=tmp_path / "logs")
-    by_name = dict(zip(["device1", "device2", "empty"], procs, strict=True))
+    # device2's batches are slow until it is interrupted, and it writes down how many it has done
+    procs += launch(server.url, ["device2"], devices_root=root, env=env, log_dir=tmp_path / "logs",
+                    extra_args=["--poll-wait", "2", "--trainer", "tests.slow_trainer:from_folder"])
+    by_name = dict(zip(["device1", "empty", "device2"], procs, strict=True))
 
     def logs():
         return "\n".join((tmp_path / "logs" / f"{n}.log").read_text() for n in by_name) + server.log()
@@ -151,6 +161,8 @@ def test_real_devices_validate_get_interrupted_and_finish(tmp_path, data_dir):
             devices = {d["name"]: d for d in server.get("/api/devices").json()["devices"]}
             return devices.get("device2", {}).get("lifecycle") == "training"
         wait_until(training, 120, "device2 to train round 1", interval=0.05)
+        wait_until(lambda: batches_done(root / "device2") >= 1, 60, "device2's first batch", interval=0.05)
+        sent_at = batches_done(root / "device2")
         r = server.admin("POST", "/api/devices/device2/interrupt")
         assert r.status_code == 200 and r.json()["round"] == 1, r.text
 
@@ -160,7 +172,8 @@ def test_real_devices_validate_get_interrupted_and_finish(tmp_path, data_dir):
         row = wait_until(interrupted, 60, "device2 to confirm the interrupt")
         done, total = map(int, re.search(r"stopped after (\d+) of (\d+) batches", row["lifecycle_reason"])
                           .groups())
-        assert 1 <= done < total == 2 * 2000 // 8, row  # within a batch of the signal, not at the end
+        assert total == 2 * 2000 // 8, row
+        assert sent_at <= done <= sent_at + 2, f"interrupt sent after batch {sent_at}; {row}"
         wait_until(lambda: any("interrupted" in e["message"] for e in server.admin(
             "GET", "/api/logs?device=device2&level=WARNING&round=1").json()["logs"]), 30,
             "device2's WARNING log about the interrupt")

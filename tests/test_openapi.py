@@ -138,10 +138,31 @@ def _png() -> bytes:
     return out.getvalue()
 
 
-def _complete_one_round(server: ServerProcess, token: str) -> None:
-    """Round 1 for real (the device sends the global weights back), so the model routes have a model."""
-    auth = {"Authorization": f"Bearer {token}"}
-    assert server.admin("POST", "/api/training/start").status_code == 200
+def _complete_one_round(server: ServerProcess) -> None:
+    """Round 1 for real (the device sends the global weights back), so the model routes have a model.
+
+    Whatever the server went through before (Schemathesis pauses it, deactivates and re-enrolls
+    ``probe``, sends it invalid validation reports, enrolls devices of its own, resets the run),
+    this gets it back to: ``probe`` enrolled, valid and active, and a completed round 1.
+    """
+    if server.get("/api/history").json()["rounds"]:
+        return
+    for d in server.get("/api/devices").json()["devices"]:
+        if d["active"] and d["name"] != DEVICE:  # nobody else is waited for
+            assert server.admin("POST", f"/api/devices/{d['name']}/deactivate").ok
+    # Enrolling again replaces the token (with the admin token beside the secret, as re-enrolling
+    # an existing name may require); a good validation report makes an "invalid" probe valid again.
+    r = requests.post(f"{server.url}/api/devices/register", timeout=30,
+                      headers={"X-Enroll-Secret": server.enroll_secret,
+                               "Authorization": f"Bearer {server.admin_token}"},
+                      json={"name": DEVICE, "auto_activate": True,
+                            "validation": {"ok": True, "problems": [], "num_examples": 10}})
+    assert r.status_code == 201, r.text
+    server.env["FEDHUB_PROBE_TOKEN"] = r.json()["token"]  # for Schemathesis (see CONFIG)
+    auth = {"Authorization": f"Bearer {r.json()['token']}"}
+    assert server.admin("POST", f"/api/devices/{DEVICE}/activate").ok
+    r = server.admin("POST", "/api/training/start", json={"rounds": 1})
+    assert r.status_code == 200, r.text
 
     def train_task():
         task = server.get(f"/api/devices/{DEVICE}/task?wait=1", headers=auth).json()
@@ -160,8 +181,8 @@ def _complete_one_round(server: ServerProcess, token: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, data_dir):
-    """A real server with device ``probe`` enrolled and its one round complete (so the run is finished).
+def live_server(tmp_path_factory, data_dir):
+    """A real server, shared by this module's live tests (each gets it ready with ``live``).
 
     ``--max-wait 1`` bounds the long polls (``GET .../task?wait=S``) Schemathesis asks for.
     """
@@ -172,25 +193,24 @@ def live(tmp_path_factory, data_dir):
                            "--max-wait", "1", "--no-tensorboard", "--auth-failures-per-minute", "0")
     server.start()
     try:
-        r = requests.post(f"{server.url}/api/devices/register", timeout=30,
-                          headers={"X-Enroll-Secret": server.enroll_secret},
-                          json={"name": DEVICE, "auto_activate": True,
-                                "validation": {"ok": True, "problems": [], "num_examples": 10}})
-        assert r.status_code == 201, r.text
-        token = r.json()["token"]
-        server.env["FEDHUB_PROBE_TOKEN"] = token  # for Schemathesis (see CONFIG)
-        _complete_one_round(server, token)
         yield server
     finally:
         server.stop()
     assert "Traceback" not in server.log_path.read_text(errors="replace"), server.log()
 
 
+@pytest.fixture
+def live(live_server):
+    """The live server with device ``probe`` enrolled and round 1 complete, whatever ran before."""
+    _complete_one_round(live_server)
+    return live_server
+
+
 # Every security scheme gets its real credential (from the environment, not the command line), so
 # every operation is reached past auth. Device routes need the token's own name to get past 403
 # (other names are still tried by the negative cases, and by tests/test_api.py). Re-enrolling
 # "probe" needs its token or the admin's, which the register operation is never sent, so the
-# token the fixture got stays valid for the whole run.
+# token the ``live`` fixture got last stays valid for the whole Schemathesis run.
 CONFIG = """
 request-timeout = 30
 [generation]

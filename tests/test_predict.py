@@ -6,6 +6,7 @@ real Fashion-MNIST images, so the served model is a genuinely trained global mod
 
 from __future__ import annotations
 
+import csv
 import io
 import threading
 import time
@@ -21,11 +22,14 @@ from fedcore import wire
 from fedcore.config import FederationConfig
 from model import CLASS_NAMES, Model, image_to_array
 from server import ServerConfig, create_app
+from tests.conftest import wait_until
 from tests.test_api import make_app
+from tests.test_tensorboard import read_run
 from utils.format_dataset import load_fashion_mnist
 
 ADMIN = "admin-predict-test"
 ENROLL = "enroll-predict-test"
+RUN_ID = "predict-run"
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -44,8 +48,10 @@ class Federation:
     def __init__(self, tmp, data_dir) -> None:
         (x_train, y_train), (x_test, y_test) = load_fashion_mnist(data_dir)
         self.x_test, self.y_test = x_test, y_test
-        config = ServerConfig(state_dir=tmp / "state", eval_dir=tmp / "eval", data_dir=str(data_dir),
+        self.eval_dir, self.runs = tmp / "eval", tmp / "runs" / RUN_ID
+        config = ServerConfig(state_dir=tmp / "state", eval_dir=self.eval_dir, data_dir=str(data_dir),
                               test_limit=300, admin_token=ADMIN, enroll_secret=ENROLL,
+                              runs_dir=tmp / "runs", run_id=RUN_ID,
                               federation=FederationConfig(rounds=0, min_devices=1, auto_activate=True,
                                                           round_timeout=120))
         self.app = create_app(config)
@@ -72,10 +78,27 @@ class Federation:
         r = c.post(f"/api/devices/d1/updates/{task['round']}", data=body,
                    headers={**headers, "Content-Type": "application/octet-stream"})
         assert r.status_code == 200, r.get_json()
-        while self.app.extensions["fedhub_predictor"].version != task["round"]:
-            assert time.monotonic() < deadline, "the predictor never got the new model"
-            time.sleep(0.05)
+        wait_until(lambda: self.engine.global_model()[0] == task["round"], 60, "the round to complete",
+                   interval=0.05)
+        # The same round number may have been served before a reset: wait for this round's weights.
+        _, model = self.own_model()
+        probe = self.x_test[:1]
+        want = model.predict(probe)
+        wait_until(lambda: self.predictor.version == task["round"]
+                   and np.allclose(self.predictor.predict(probe)[1], want, atol=1e-6), 60,
+                   "the predictor to serve the new model", interval=0.05)
         return task["round"]
+
+    @property
+    def predictor(self) -> Predictor:
+        return self.app.extensions["fedhub_predictor"]
+
+    def trained(self) -> Federation:
+        """A served model of round 1 or later, and the run paused, whatever an earlier test left."""
+        version, _ = self.engine.global_model()
+        if version == 0 or self.predictor.version != version:
+            self.run_round()
+        return self
 
     def own_model(self) -> tuple[int, Model]:
         """The global model as the engine holds it, in a Model of our own."""
@@ -91,15 +114,20 @@ class Federation:
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory, data_dir):
+def federation(tmp_path_factory, data_dir):
     federation = Federation(tmp_path_factory.mktemp("predict"), data_dir)
     # Before any round: refused, with a message that says why.
     r = federation.predict(("x.png", encoded(Image.fromarray(federation.x_test[0]), "PNG")))
     assert r.status_code == 409, r.get_json()
     assert r.get_json()["field"] == "model" and "no trained global model" in r.get_json()["message"]
-    federation.run_round()
     yield federation
     federation.engine.stop()
+
+
+@pytest.fixture
+def fed(federation):
+    """The module's app (built once: a Keras model and the test set), trained and paused for each test."""
+    return federation.trained()
 
 
 def test_refused_before_any_trained_model(tmp_path):
@@ -230,7 +258,8 @@ def test_next_round_is_swapped_in_while_requests_keep_being_answered(fed):
         t.start()
     try:
         new = fed.run_round()
-        time.sleep(0.3)
+        wait_until(lambda: all(out and out[-1][1] == new for out in seen), 30,
+                   "both threads to be answered by the new model", interval=0.05)
     finally:
         stop.set()
         for t in threads:
@@ -254,3 +283,36 @@ def test_reset_stops_serving_the_forgotten_model(fed):
     assert r.status_code == 409 and "no trained global model" in r.get_json()["message"]
     assert fed.run_round() == 1
     assert fed.predict(("a.png", png)).get_json()["model_version"] == 1
+
+
+def test_round_hooks_of_the_real_factory(fed):
+    """What create_app hooks to each completed round: the predictor swaps the new model in,
+    eval/history.csv and the TensorBoard event files hold the figures /api/history shows."""
+    number = fed.run_round()  # returns once the predictor serves it
+    history = fed.client.get("/api/history").get_json()["rounds"]
+    assert history[-1]["round"] == number and history[-1]["devices"]["d1"]["num_examples"] == 1500
+    png = encoded(Image.fromarray(fed.x_test[3]), "PNG")
+    _, model = fed.own_model()
+    answer = fed.predict(("a.png", png)).get_json()
+    assert answer["model_version"] == number
+    np.testing.assert_allclose(answer["probabilities"], model.predict(fed.x_test[3:4])[0], atol=1e-5)
+
+    with (fed.eval_dir / "history.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["round"]) for r in rows] == [h["round"] for h in history]
+    for row, h in zip(rows, history, strict=True):
+        assert int(row["num_updates"]) == h["num_updates"] and int(row["num_examples"]) == h["num_examples"]
+        for column in ("closed_at", "test_loss", "test_accuracy"):
+            assert float(row[column]) == h[column], (column, row, h)
+
+    # the TensorBoard hook runs after the predictor's: wait for its step
+    wait_until(lambda: number in read_run(fed.runs / "global").get("test_accuracy", {}), 30,
+               f"round {number} in the TensorBoard event files")
+    scalars, device = read_run(fed.runs / "global"), read_run(fed.runs / "d1")
+    for h in history:  # the latest value at each step: a reset starts the steps again
+        assert scalars["test_accuracy"][h["round"]] == pytest.approx(h["test_accuracy"], rel=1e-6)
+        assert scalars["test_loss"][h["round"]] == pytest.approx(h["test_loss"], rel=1e-6)
+        assert scalars["num_updates"][h["round"]] == h["num_updates"] == 1
+        assert device["accuracy"][h["round"]] == pytest.approx(h["devices"]["d1"]["accuracy"], rel=1e-6)
+        assert device["num_examples"][h["round"]] == 1500
+

@@ -37,11 +37,13 @@ from utils import state_dir as state
 
 __all__ = [
     "DATA_DIR_ENV",
+    "DEVICE_ARRAY_FILES",
     "DEVICE_DATA_FILE",
     "FILES",
     "NUM_CLASSES",
     "SCHEMES",
     "DatasetError",
+    "has_device_data",
     "load_device_data",
     "load_fashion_mnist",
     "main",
@@ -49,13 +51,19 @@ __all__ = [
     "partition_classes",
     "partition_dirichlet",
     "partition_iid",
+    "read_device_arrays",
     "read_idx",
     "split_to_devices",
+    "write_device_arrays",
     "write_device_data",
 ]
 
 DATA_DIR_ENV = "FEDHUB_DATA_DIR"
 DEVICE_DATA_FILE = "train.npz"
+# The memory-mappable form (``--format npy``): a worker hosting many devices maps a device's
+# arrays only while it trains, instead of holding every device's data in memory.
+DEVICE_ARRAY_FILES = ("x.npy", "y.npy")
+FORMATS: tuple[str, ...] = ("npz", "npy")
 PARTITION_FILE = "partition.json"
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28)
@@ -400,30 +408,79 @@ def _validate_xy(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, 
     return x, y
 
 
-def write_device_data(root: Path, name: str, x: np.ndarray, y: np.ndarray) -> Path:
+def write_device_data(root: Path, name: str, x: np.ndarray, y: np.ndarray, *,
+                      memmap: bool = False) -> Path:
     """Write ``root/name/data/train.npz`` (arrays ``x`` and ``y``, uint8) atomically.
+
+    With ``memmap`` the arrays go to ``data/x.npy`` and ``data/y.npy`` instead
+    (:func:`write_device_arrays`); the path of ``x.npy`` is returned.
 
     ``name`` becomes a directory name, so it must be a plain name (letters, digits, ``.``,
     ``_``, ``-``): a device name must never be able to write outside ``root``.
     """
+    _check_device_name(name)
+    x, y = _validate_xy(x, y, f"device {name}")
+    if memmap:
+        return write_device_arrays(root, name, x, y)
+    folder = Path(root) / name / "data"
+    target = folder / DEVICE_DATA_FILE
+    with atomic_path(target) as tmp:
+        np.savez_compressed(tmp, x=x, y=y)
+    for file_name in DEVICE_ARRAY_FILES:
+        (folder / file_name).unlink(missing_ok=True)
+    return target
+
+
+def _check_device_name(name: str) -> None:
     try:
         check_name(name)
     except InvalidInput as exc:
         raise DatasetError(f"invalid device name {name!r}: {exc.message}") from None
-    x, y = _validate_xy(x, y, f"device {name}")
-    target = Path(root) / name / "data" / DEVICE_DATA_FILE
-    with atomic_path(target) as tmp:
-        np.savez_compressed(tmp, x=x, y=y)
-    return target
 
 
-def load_device_data(device_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a device's ``data/train.npz``, validating keys, shapes, dtypes and labels.
+def write_device_arrays(root: Path, name: str, x: np.ndarray, y: np.ndarray) -> Path:
+    """Write any arrays as ``root/name/data/x.npy`` and ``y.npy`` (uncompressed, so they can be
+    memory-mapped), atomically; returns the path of ``x.npy``. A ``train.npz`` there is
+    removed, so a folder never holds two different datasets. Not checked as Fashion-MNIST:
+    the Python API writes any model's data this way, and the device's trainer validates it.
+    """
+    _check_device_name(name)
+    folder = Path(root) / name / "data"
+    for file_name, array in zip(DEVICE_ARRAY_FILES, (x, y), strict=True):
+        with atomic_path(folder / file_name) as tmp:
+            np.save(tmp, np.asarray(array), allow_pickle=False)
+    (folder / DEVICE_DATA_FILE).unlink(missing_ok=True)
+    return folder / DEVICE_ARRAY_FILES[0]
 
+
+def has_device_data(device_dir: Path) -> bool:
+    """Whether ``device_dir/data`` holds training data in either form."""
+    data = Path(device_dir) / "data"
+    return (data / DEVICE_DATA_FILE).is_file() or (data / DEVICE_ARRAY_FILES[0]).is_file()
+
+
+def read_device_arrays(device_dir: Path, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A device's arrays as stored: ``data/x.npy`` + ``data/y.npy``, else ``data/train.npz``.
+
+    ``mmap`` maps the ``.npy`` form read-only instead of reading it: pages come from disk only
+    when training touches them (a ``.npz`` is compressed and always read whole). Nothing is
+    checked beyond the files being plain arrays: see :func:`load_device_data`.
     ``allow_pickle=False`` because device folders may come from elsewhere: loading a pickle
     would let a crafted file run code.
     """
-    path = Path(device_dir) / "data" / DEVICE_DATA_FILE
+    data = Path(device_dir) / "data"
+    if (data / DEVICE_ARRAY_FILES[0]).is_file():
+        arrays = []
+        for file_name in DEVICE_ARRAY_FILES:
+            path = data / file_name
+            try:
+                arrays.append(np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False))
+            except FileNotFoundError:
+                raise DatasetError(f"{path}: missing (x.npy needs its y.npy)") from None
+            except (OSError, ValueError, EOFError) as exc:
+                raise DatasetError(f"{path}: not a valid .npy file: {exc}") from exc
+        return arrays[0], arrays[1]
+    path = data / DEVICE_DATA_FILE
     if not path.is_file():
         raise DatasetError(
             f"no training data at {path}; create it with "
@@ -436,12 +493,19 @@ def load_device_data(device_dir: Path) -> tuple[np.ndarray, np.ndarray]:
                 raise DatasetError(
                     f"{path}: missing array(s) {', '.join(missing)} (found {npz.files})"
                 )
-            x, y = npz["x"], npz["y"]
+            return npz["x"], npz["y"]
     except DatasetError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(f"{path}: not a valid .npz file: {exc}") from exc
-    return _validate_xy(x, y, str(path))
+
+
+def load_device_data(device_dir: Path, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read a device's Fashion-MNIST data (:func:`read_device_arrays`), validating shapes,
+    dtypes and labels."""
+    x, y = read_device_arrays(device_dir, mmap=mmap)
+    npy = Path(device_dir) / "data" / DEVICE_ARRAY_FILES[0]
+    return _validate_xy(x, y, str(npy if npy.is_file() else npy.with_name(DEVICE_DATA_FILE)))
 
 
 def _summary(y: np.ndarray) -> dict[str, Any]:
@@ -464,6 +528,7 @@ def split_to_devices(
     prefix: str = "device",
     progress: bool = True,
     only: str | None = None,
+    memmap: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Partition the Fashion-MNIST training set and write one folder per device.
 
@@ -475,6 +540,7 @@ def split_to_devices(
     larger split are left alone (with a warning); ``partition.json`` lists the current ones.
     ``only`` (a device name) writes that device's share alone, the same share as in the full
     split: a device on its own machine or container makes just its own data.
+    ``memmap`` writes memory-mappable ``x.npy``/``y.npy`` instead of ``train.npz``.
     """
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be at least 1, got {limit}")
@@ -501,7 +567,7 @@ def split_to_devices(
         if only is not None and name != only:
             continue
         chosen = indices if limit is None else indices[:limit]
-        write_device_data(root, name, x_train[chosen], y_train[chosen])
+        write_device_data(root, name, x_train[chosen], y_train[chosen], memmap=memmap)
         summary[name] = _summary(y_train[chosen])
 
     stale = sorted(
@@ -528,6 +594,7 @@ def split_to_devices(
             "limit": limit,
             "prefix": prefix,
             "only": only,
+            "format": "npy" if memmap else "npz",
         },
         "source": str(source) if source is not None else "keras.datasets.fashion_mnist",
         "total_examples": sum(s["examples"] for s in summary.values()),
@@ -585,6 +652,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="write only this device's share of the split (e.g. device2), as on its own machine",
     )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="npz",
+        help="npz: one compressed data/train.npz per device; npy: data/x.npy and data/y.npy, "
+        "memory-mapped by device pools (python -m device.launcher --workers K) (default: npz)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -605,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit=args.limit,
             progress=not args.quiet,
             only=args.only,
+            memmap=args.format == "npy",
         )
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,54 @@
+"""The pool's workers as Ray actors on a real two-node Ray cluster on this machine
+(``ray.cluster_utils.Cluster``): devices train on both nodes and the history is right.
+
+Ray is an optional extra (``pip install -e ".[ray]"``; ``make test`` installs it). Starting a
+cluster takes a while, so this module holds the one Ray test: four devices, tiny data."""
+
+import pytest
+
+from tests.conftest import ROOT
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture
+def two_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    small = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={**small, "include_dashboard": False})
+    cluster.add_node(**small)
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_devices_train_on_both_nodes_of_a_ray_cluster(tmp_path, data_dir, two_node_cluster):
+    import fedhub
+    from utils.format_dataset import split_to_devices
+
+    nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    assert len(nodes) == 2
+    root = tmp_path / "devices"
+    summary = split_to_devices(root, 4, limit=40, data_dir=data_dir, progress=False, memmap=True)
+    history = fedhub.simulate("basic", root, rounds=2, backend="ray", workers=2, cpus_per_worker=1,
+                              ray_address=two_node_cluster.address, data_dir=data_dir, test_limit=300,
+                              root=tmp_path, timeout=500)
+    # One worker per node (each node has one CPU, each worker takes one), devices on both.
+    tasks = history.stats["tasks"]
+    assert {task["node"] for task in tasks} == nodes
+    assert history.stats["backend"] == "ray" and history.stats["workers"] == 2
+    assert sorted((t["round"], t["device"]) for t in tasks) == \
+        sorted((r, name) for r in (1, 2) for name in summary)
+    assert [entry["round"] for entry in history] == [1, 2]
+    for entry in history:
+        assert sorted(entry["devices"]) == sorted(summary) and entry["num_updates"] == 4
+        assert entry["num_examples"] == sum(info["examples"] for info in summary.values())
+        assert 0 <= entry["test_accuracy"] <= 1
+    log = (tmp_path / "logs" / "worker-0.log").read_text()
+    assert "round 1: loss" in log, log[-2000:]
+    assert history.stats["bytes_up"] >= 8 * 101_770 * 4  # eight updates of the basic network

@@ -92,3 +92,26 @@ def test_simulate_reports_a_device_with_invalid_data(tmp_path):
                         processes=False, root=tmp_path, timeout=120)
     with pytest.raises(ValueError, match="x: x has shape"):
         fedhub.evaluate(build(), x[:, :10], y)
+
+
+@pytest.mark.slow
+def test_simulate_with_a_robust_strategy_and_an_attacking_device(tmp_path):
+    """simulate takes the strategy and, per device, an attack; the pool's virtual devices mount it."""
+    import fedhub
+
+    x, y = load_digits()
+    partitions = [(x[i * 200:(i + 1) * 200], y[i * 200:(i + 1) * 200]) for i in range(4)]
+    history = fedhub.simulate(build, partitions, rounds=2, workers=1, epochs=2, batch_size=16,
+                              learning_rate=0.5, test_data=(x[1400:], y[1400:]), root=tmp_path,
+                              timeout=400, strategy="fedmedian",
+                              attacks={"device4": fedhub.make_attack("sign-flip", factor=10)})
+    for entry in history:
+        assert entry["strategy"] == {"name": "fedmedian", "params": {}}
+        distance = {name: d["aggregation"]["distance"] for name, d in entry["devices"].items()}
+        honest = max(distance[n] for n in ("device1", "device2", "device3"))
+        assert distance["device4"] > 5 * honest, distance  # its update reversed, ten times over
+    assert history[-1]["test_accuracy"] > 0.8, "the median does not follow the attacker"
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert "[device4] attacking the federation: sign-flip (factor=10.0)" in logs
+    with pytest.raises(ValueError, match="attacks name no device: device9"):
+        fedhub.simulate(build, partitions, attacks={"device9": fedhub.make_attack("scale")})

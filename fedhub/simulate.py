@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fedcore.strategies import STRATEGIES, make_strategy, parse_strategy_args
 from fedhub.simulation import simulate
 
 
@@ -103,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     p.add_argument("--history", type=Path, default=None, help="also write the full history (JSON) here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--strategy", default="fedavg", choices=list(STRATEGIES), metavar="NAME",
+                   help=f"aggregation strategy, as server.py's: {', '.join(STRATEGIES)} (default fedavg)")
+    p.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the strategy, repeatable (server.py --list-strategies)")
     return p
 
 
@@ -125,6 +130,12 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--{flag.replace('_', '-')} must be a positive number")
     if a.cpus_per_worker <= 0 or a.gpus_per_worker < 0:
         p.error("--cpus-per-worker must be positive and --gpus-per-worker not negative")
+    try:
+        a.strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
+        # each round selects a fraction of the devices: enough for the strategy?
+        make_strategy(a.strategy, **a.strategy_params).check_min_devices(math.ceil(a.fraction * a.devices))
+    except ValueError as exc:
+        p.error(f"{exc}".replace("min_devices is", "--fraction x --devices is"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_worker=a.gpus_per_worker, epochs=a.epochs, batch_size=a.batch_size,
             learning_rate=a.learning_rate, root=root, timeout=a.timeout, on_round=bars.round_done,
             on_progress=bars.progress, fraction=a.fraction, seed=a.seed, data_dir=a.data_dir,
-            test_limit=a.test_limit)
+            test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -58,7 +58,11 @@ def test_simulate_command_30_devices_2_workers(tmp_path, data_dir):
 def test_simulate_command_refuses_bad_arguments():
     for args, message in ((["--devices", "0"], "--devices must be at least 1"),
                           (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
-                          (["--workers", "0"], "--workers must be at least 1")):
+                          (["--workers", "0"], "--workers must be at least 1"),
+                          (["--strategy", "krum", "--strategy-arg", "f=1"],
+                           "strategy krum: unknown key 'f' (allowed keys: num_malicious)"),
+                          (["--strategy", "bulyan", "--strategy-arg", "num_malicious=2"],
+                           "needs at least 11 updates a round; --fraction x --devices is 10")):
         out = run_simulate(*args, timeout=60)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 

@@ -106,7 +106,7 @@ def test_200_devices_5_rounds(server_factory):
             np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
     # Memory is O(model), not O(devices x model). Holding every device's update at once would
-    # cost 200 x the model's float32 bytes (~78 MiB); the server may grow by a third of that.
+    # cost 200 x the model's float32 bytes (~78 MiB); the server may grow by half of that.
     # What it legitimately holds, whatever the number of devices:
     # - per busy thread (4 workers, the round driver, waitress's main loop): a request body
     #   (twice while Flask reads it), its decoded tensors and the float64 term of the running
@@ -115,12 +115,14 @@ def test_200_devices_5_rounds(server_factory):
     #   (without that: +2.7 MB per thread, 61 MiB with 32 threads);
     # - the first rounds' one-off Keras/TensorFlow costs (evaluation, the predictor's fresh
     #   model) and a TensorBoard writer per device (~35 KB each): ~7-10 MB.
-    # Measured: ~19 MiB. Not held at all: queued uploads and downloads. waitress reads a
+    # - since issue 8 and 9: the round hooks' own thread overlapping the next round's uploads,
+    #   the per-round history entries and the strategy's round metrics: ~2-8 MB.
+    # Measured: ~19 MiB before issues 8 and 9, 26-29 MiB after. Not held at all: queued uploads and downloads. waitress reads a
     # whole request before a thread takes it and keeps a whole response until the client has
     # read it; api/serving.py spools bodies above 64 KB to temporary files (without: ~93 MiB).
     model_bytes = sum(a.size * a.itemsize for a in models[1][1].values())
     growth = result.peak_growth
-    assert growth < DEVICES * model_bytes / 3, (
+    assert growth < DEVICES * model_bytes / 2, (
         f"server peak memory grew {growth / 2**20:.1f} MiB with {DEVICES} devices; "
         f"the model is {model_bytes / 2**20:.2f} MiB")
 

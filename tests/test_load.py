@@ -117,9 +117,9 @@ def test_200_devices_5_rounds(server_factory):
     #   model) and a TensorBoard writer per device (~35 KB each): ~7-10 MB.
     # - since issue 8 and 9: the round hooks' own thread overlapping the next round's uploads,
     #   the per-round history entries and the strategy's round metrics: ~2-8 MB.
-    # Measured: ~19 MiB before issues 8 and 9, 26-29 MiB after. Not held at all: queued uploads and downloads. waitress reads a
-    # whole request before a thread takes it and keeps a whole response until the client has
-    # read it; api/serving.py spools bodies above 64 KB to temporary files (without: ~93 MiB).
+    # Measured: ~19 MiB before issues 8 and 9, 26-29 MiB after. Not held at all: queued uploads
+    # and downloads. waitress reads a whole request before a thread takes it and keeps a whole
+    # response until the client has read it; api/serving.py spools bodies above 64 KB to temporary files (without: ~93 MiB).
     model_bytes = sum(a.size * a.itemsize for a in models[1][1].values())
     growth = result.peak_growth
     assert growth < DEVICES * model_bytes / 2, (

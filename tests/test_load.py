@@ -119,7 +119,8 @@ def test_200_devices_5_rounds(server_factory):
     #   the per-round history entries and the strategy's round metrics: ~2-8 MB.
     # Measured: ~19 MiB before issues 8 and 9, 26-29 MiB after. Not held at all: queued uploads
     # and downloads. waitress reads a whole request before a thread takes it and keeps a whole
-    # response until the client has read it; api/serving.py spools bodies above 64 KB to temporary files (without: ~93 MiB).
+    # response until the client has read it; api/serving.py spools bodies above 64 KB to
+    # temporary files (without: ~93 MiB).
     model_bytes = sum(a.size * a.itemsize for a in models[1][1].values())
     growth = result.peak_growth
     assert growth < DEVICES * model_bytes / 2, (

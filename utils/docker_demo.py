@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from fedcore.plural import plural
 from utils.round_report import round_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def watch(url: str, rounds: int, compose: Compose, timeout: float, unreachable_f
         states = compose.states()
         if all(states.get(name) == "exited" for name in DEVICES):
             logs = "\n".join(compose.logs(name) for name in DEVICES)
-            raise DemoError(f"every device exited after {seen} of {rounds} rounds:\n{logs}")
+            raise DemoError(f"every device exited after {seen} of {plural(rounds, 'round')}:\n{logs}")
         time.sleep(1.0)
     raise DemoError(f"the run did not finish within {timeout:.0f}s")
 
@@ -210,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"2/3 waiting for the server at {url} (dashboard: {compose.url('dashboard', 8501)})",
               flush=True)
         wait_for_server(url, compose, timeout=300.0)
-        print(f"3/3 each device splits off its share of Fashion-MNIST and trains; {a.rounds} rounds",
+        print(f"3/3 each device splits off its share of Fashion-MNIST and trains; {plural(a.rounds, 'round')}",
               flush=True)
         accuracy = watch(url, a.rounds, compose, a.timeout, unreachable_for=300.0)
-        print(f"done: {a.rounds} rounds, final global test accuracy {accuracy:.4f}", flush=True)
+        print(f"done: {plural(a.rounds, 'round')}, final global test accuracy {accuracy:.4f}", flush=True)
         return 0
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"2/3 waiting for the server at {url} (dashboard: {compose.url('dashboard', 8501)})",
               flush=True)
         wait_for_server(url, compose, timeout=300.0)
-        print(f"3/3 each device splits off its share of Fashion-MNIST and trains; {plural(a.rounds, 'round')}",
-              flush=True)
+        print("3/3 each device splits off its share of Fashion-MNIST and trains; "
+              f"{plural(a.rounds, 'round')}", flush=True)
         accuracy = watch(url, a.rounds, compose, a.timeout, unreachable_for=300.0)
         print(f"done: {plural(a.rounds, 'round')}, final global test accuracy {accuracy:.4f}", flush=True)
         return 0

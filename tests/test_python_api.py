@@ -110,7 +110,9 @@ def test_simulate_with_a_robust_strategy_and_an_attacking_device(tmp_path):
         distance = {name: d["aggregation"]["distance"] for name, d in entry["devices"].items()}
         honest = max(distance[n] for n in ("device1", "device2", "device3"))
         assert distance["device4"] > 5 * honest, distance  # its update reversed, ten times over
-    assert history[-1]["test_accuracy"] > 0.8, "the median does not follow the attacker"
+    # Chance is 0.1 and following a ten-fold reversed update ends there; honest runs reach about
+    # 0.8 to 0.85 here, depending on thread scheduling.
+    assert history[-1]["test_accuracy"] > 0.7, "the median does not follow the attacker"
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     assert "[device4] attacking the federation: sign-flip (factor=10.0)" in logs
     with pytest.raises(ValueError, match="attacks name no device: device9"):

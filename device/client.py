@@ -84,6 +84,16 @@ def backoff_delays(base: float = 0.5, cap: float = 15.0, rng: random.Random | No
         attempt += 1
 
 
+def _retry_after(response: requests.Response) -> float | None:
+    """The seconds a 429's ``Retry-After`` asks for (at most a minute); None without one, so the
+    answer goes back to the caller as it is."""
+    try:
+        seconds = float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), 60.0) if seconds == seconds else None
+
+
 class Client:
     """One device's connection to a FedHub server."""
 
@@ -123,11 +133,14 @@ class Client:
         deadline = time.monotonic() + self.retry_for
         delays = backoff_delays()
         while True:
+            retry_after = None
             try:
                 response = self.session.request(
                     method, url, headers=headers, verify=self.verify,
                     timeout=(min(10.0, self.timeout), read_timeout or self.timeout), **kwargs)
-                if response.status_code < 500:
+                if response.status_code == 429 and retry:
+                    retry_after = _retry_after(response)
+                if response.status_code < 500 and retry_after is None:
                     return response
                 problem, trouble = f"HTTP {response.status_code}", f"answered HTTP {response.status_code}"
             except requests.exceptions.SSLError as exc:  # a certificate problem will not fix itself
@@ -137,10 +150,14 @@ class Client:
                 problem = type(exc).__name__
                 trouble = f"unreachable ({problem})"
             remaining = deadline - time.monotonic()
+            if retry_after is not None and remaining <= retry_after:
+                return response  # the wait it asks for is past the budget: the caller sees the 429
             if not retry or remaining <= 0:
                 waited = f" after retrying for {duration(self.retry_for)}" if retry and self.retry_for else ""
                 raise Unreachable(f"{method} {url}: {problem}{waited}")
-            delay = min(next(delays), remaining)
+            # A 429 names its own wait; jitter spreads the devices it refused at once.
+            backoff = next(delays) if retry_after is None else retry_after * random.uniform(1.0, 1.2)
+            delay = min(backoff, remaining)
             if self._on_wait:
                 self._on_wait(f"server {self.server} {trouble}; retrying in {delay:.1f}s, "
                               f"giving up in {duration(remaining)}")

@@ -231,6 +231,7 @@ class Coordinator:
         refusal = self._devices.lifecycle.refusal(name)  # invalid data: no tasks at all
         if refusal is not None:
             raise refusal
+        self._devices.touch(name)
         with self._cond:
             crowded = wait > 0 and self.max_waiters is not None and self._waiters >= self.max_waiters
             if crowded:

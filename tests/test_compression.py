@@ -261,3 +261,37 @@ def test_downlink_changes_track_the_global_model():
     assert down.body_for({"v4-elsewhere"}) == down.full
     with pytest.raises(InvalidInput):
         c.decode_download(down.change, (3, held))
+
+
+# every strategy that takes weights: the engine adds the delta back ---------------------------
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedmedian", "krum"])
+def test_the_engine_aggregates_compressed_updates_as_their_weights(tmp_path, strategy):
+    from fedcore.config import TrainingConfig
+    from fedcore.strategies import make_strategy
+    from tests.conftest import wait_until
+    from tests.test_api import INITIAL, bearer, make_app, register, upload, wait_task
+
+    scheme = c.parse("q4")
+    app, engine = make_app(tmp_path, strategy=strategy, min_devices=3, rounds=1, auto_activate=True,
+                           start=True, training=TrainingConfig(compression="q4"))
+    try:
+        client = app.test_client()
+        tokens = {n: register(client, n).get_json()["token"] for n in ("d1", "d2", "d3")}
+        reference = make_strategy(strategy).begin(INITIAL)
+        for i, (name, token) in enumerate(tokens.items()):
+            task = wait_task(client, name, token)
+            assert task["config"]["compression"] == "q4"
+            g = np.random.default_rng(i)
+            trained = {k: (v + g.normal(size=v.shape)).astype(np.float32) for k, v in INITIAL.items()}
+            meta = wire.Meta(round=1, model_version=0, num_examples=10 + i)
+            body, _ = c.encode_update(trained, INITIAL, scheme, meta, rng=g)
+            assert upload(client, name, token, 1, body).status_code == 200
+            delta, _ = c.decode_update(body, wire.spec_of(INITIAL), scheme)
+            reference.add(name, c.apply(INITIAL, delta), 10 + i)
+        wait_until(lambda: engine.global_weights()[0] == 1, 15, "the round to close", interval=0.05)
+        expected = reference.result().weights
+        for k, v in engine.global_weights()[1].items():
+            np.testing.assert_array_equal(v, expected[k])
+        assert client.get("/api/devices/d1/task", headers=bearer(tokens["d1"])).status_code == 200
+    finally:
+        engine.stop()

@@ -239,9 +239,16 @@ def apply(reference: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) 
 
 
 # --------------------------------------------------------------------------- bodies
+def _metadata(body: bytes) -> dict:
+    metadata = wire.header(body).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise InvalidInput("safetensors __metadata__ must map strings to strings", "metadata")
+    return metadata
+
+
 def scheme_of(body: bytes) -> Scheme:
     """The scheme a body says it uses (metadata ``compression``; none if absent)."""
-    raw = (wire.header(body).get("__metadata__") or {}).get("compression", "none")
+    raw = _metadata(body).get("compression", "none")
     try:
         return parse(raw)
     except ValueError as exc:
@@ -298,7 +305,7 @@ class Residual:
         try:
             body = self.path.read_bytes()
             saved = st_load(body)
-            made_with = (wire.header(body).get("__metadata__") or {}).get("compression")
+            made_with = _metadata(body).get("compression")
         except (OSError, SafetensorError, ValueError, InvalidInput):
             return {}
         return saved if made_with == str(scheme) else {}
@@ -360,7 +367,7 @@ class Downlink:
 def decode_download(body: bytes, held: tuple[int, Mapping[str, np.ndarray]] | None) -> tuple[int, Weights]:
     """A device's side of :class:`Downlink`: the model version and weights from a download,
     a whole model or a change applied to ``held`` (its version and weights)."""
-    head = wire.header(body).get("__metadata__") or {}
+    head = _metadata(body)
     if "base_version" not in head:
         weights, meta = wire.decode(body, max_bytes=2**34)
         return meta.model_version, weights

@@ -220,6 +220,16 @@ def test_codes_and_scales_out_of_bounds_are_refused():
     assert refused(body_with("q8", nan), "q8").field == "dense/bias::scales"
 
 
+def test_metadata_that_is_no_object_is_refused():
+    body = body_with("q8")
+    (n,) = struct.unpack("<Q", body[:8])
+    head = json.loads(body[8:8 + n])
+    head["__metadata__"] = ["q8"]
+    text = json.dumps(head).encode()
+    hostile = struct.pack("<Q", len(text)) + text + body[8 + n:]
+    assert refused(hostile, "q8").field == "metadata"
+
+
 def test_missing_and_unknown_parts_are_refused():
     def no_scales(t):
         del t["dense/bias::scales"]

@@ -200,11 +200,45 @@ def test_compressed_downlink_sends_the_change_and_devices_follow(tmp_path, data_
 
 
 # hostile uploads ------------------------------------------------------------------------------
-def test_hostile_compressed_uploads_are_refused_naming_the_field(tmp_path, data_dir):
+def hostile_cases(scheme: str, tensors, plain: bytes, meta) -> dict[str, bytes]:
+    """Bodies each wrong in one field (the key; a trailing space keeps keys apart)."""
+    kernel, bias = digits.KERNEL, digits.BIAS
+
+    def hostile(change, extra=None) -> bytes:
+        t = {k: v.copy() for k, v in tensors.items()}
+        change(t)
+        return wire.encode(t, meta, {"compression": scheme, **(extra or {})})
+
+    def put(name, index, value):
+        return lambda t: t[name].__setitem__(index, value)
+
+    cases = {
+        "compression": hostile(lambda t: None, {"compression": "q4"}),
+        "compression ": plain,  # plain weights where deltas were announced
+        f"{kernel} ": hostile(lambda t: t.__setitem__(kernel, t[kernel].astype(np.float64))),
+    }
+    if scheme.startswith("topk"):
+        index = f"{kernel}::indices"
+        return {**cases,
+                index: hostile(put(index, -1, 64 * 10)),  # out of range
+                index + " ": hostile(lambda t: t[index].__setitem__(1, t[index][0])),  # repeated
+                kernel: hostile(lambda t: t.__setitem__(kernel, t[kernel][:-1])),  # sparsity
+                "compression  ": hostile(lambda t: None, {"compression": "topk:0.2"})}
+    return {**cases,
+            f"{kernel}::scales": hostile(lambda t: t.__setitem__(f"{kernel}::scales",
+                                                                 np.ones(3, np.float32))),  # shape
+            f"{bias}::scales": hostile(put(f"{bias}::scales", 0, -1.0)),
+            f"{bias}::scales ": hostile(put(f"{bias}::scales", 0, np.nan)),
+            bias: hostile(put(bias, 0, -128)),  # below the levels
+            "body": hostile(lambda t: None)[:-7]}  # truncated
+
+
+@pytest.mark.parametrize("scheme", ["topk:0.1", "q8"])
+def test_hostile_compressed_uploads_are_refused_naming_the_field(tmp_path, data_dir, scheme):
     root = tmp_path / "devices"
     digits.split(root, 1, limit=50)
     server = digits_server(tmp_path, data_dir, "--rounds", "1", "--min-devices", "1",
-                           "--compression", "topk:0.1").start()
+                           "--compression", scheme).start()
     try:
         token = enroll(server, "mallory")
         auth = {"Authorization": f"Bearer {token}"}
@@ -215,12 +249,12 @@ def test_hostile_compressed_uploads_are_refused_naming_the_field(tmp_path, data_
             return task if task["action"] == "train" else None
 
         task = wait_until(train_task, 60, "a training task")
-        assert task["config"]["compression"] == "topk:0.1"
+        assert task["config"]["compression"] == scheme
         g = wire.decode(server.get("/api/model", headers=auth).content)[0]
         meta = wire.Meta(round=task["round"], model_version=task["model_version"], num_examples=50)
         shift = {k: v + np.float32(0.01) * np.arange(v.size, dtype=np.float32).reshape(v.shape) / v.size
                  for k, v in g.items()}
-        good, _ = c.encode_update(shift, g, c.parse("topk:0.1"), meta)
+        good, _ = c.encode_update(shift, g, c.parse(scheme), meta)
         tensors = {k: v.copy() for k, v in wire.decode(good)[0].items()}
         url = f"{server.url}/api/devices/mallory/updates/{task['round']}"
 
@@ -228,23 +262,7 @@ def test_hostile_compressed_uploads_are_refused_naming_the_field(tmp_path, data_
             return requests.post(url, data=body, timeout=30,
                                  headers={**auth, "Content-Type": "application/octet-stream"})
 
-        def hostile(change, extra=None) -> bytes:
-            t = {k: v.copy() for k, v in tensors.items()}
-            change(t)
-            return wire.encode(t, meta, {"compression": "topk:0.1", **(extra or {})})
-
-        kernel = digits.KERNEL
-        cases = {
-            f"{kernel}::indices": hostile(lambda t: t[f"{kernel}::indices"].__setitem__(-1, 64 * 10)),
-            f"{kernel}::indices ": hostile(lambda t: t[f"{kernel}::indices"].__setitem__(
-                1, t[f"{kernel}::indices"][0])),
-            kernel: hostile(lambda t: t.__setitem__(kernel, t[kernel][:-1])),
-            f"{kernel} ": hostile(lambda t: t.__setitem__(kernel, t[kernel].astype(np.float64))),
-            "compression": hostile(lambda t: None, {"compression": "topk:0.2"}),
-            "compression ": wire.encode(shift, meta),  # plain weights where deltas were announced
-            "body": good[:-7],
-        }
-        for field, body in cases.items():
+        for field, body in hostile_cases(scheme, tensors, wire.encode(shift, meta), meta).items():
             r = send(body)
             assert r.status_code == 400, (field, r.text)
             error = r.json()
@@ -258,9 +276,12 @@ def test_hostile_compressed_uploads_are_refused_naming_the_field(tmp_path, data_
     finally:
         server.stop()
     g1 = checkpoint(server, 1)
-    sent = top_k({k: shift[k] - g[k] for k in g}, 0.1)
-    for k in g1:
-        np.testing.assert_allclose(g1[k], g[k] + sent[k], atol=1e-6)
+    sent, _ = c.decode_update(good, wire.spec_of(g), c.parse(scheme))
+    for k in g1:  # the one update, as its sender made it, is the new model
+        np.testing.assert_array_equal(g1[k], c.apply(g, sent)[k])
+    if scheme.startswith("topk"):  # and top-k kept what a NumPy reference keeps
+        for k, v in top_k({k: shift[k] - g[k] for k in g}, 0.1).items():
+            np.testing.assert_allclose(sent[k], v, atol=1e-7)
 
 
 def test_bad_compression_options_are_one_line_errors():

@@ -228,6 +228,11 @@ class DeviceRunner:
             self._say(f"round {number}: model moved on to version {version}; asking again")
             return
         config = task["config"]
+        try:
+            scheme = compression.parse(config.get("compression", "none"))
+        except ValueError as exc:  # a newer server's scheme: say so, as a failed round
+            self._say(f"round {number}: cannot send updates this way: {exc}", logging.ERROR, number)
+            return
         proximal = f" with FedProx's proximal term (mu={config['proximal_mu']})" \
             if config.get("proximal_mu") else ""
         self._say(f"round {number}: training {config.get('epochs', 1)} epoch(s) from model v{version}"
@@ -262,7 +267,7 @@ class DeviceRunner:
             ack = self.client.upload(number, sent, num_examples=result.num_examples,
                                      model_version=version, metrics=result.metrics,
                                      upload_id=uuid.uuid4().hex, reference=weights,
-                                     scheme=compression.parse(config.get("compression", "none")),
+                                     scheme=scheme,
                                      residual=compression.Residual(self.folder / RESIDUAL_FILE))
             accepted = True
             extra = f"{ack.get('reported', '?')}/{ack.get('selected', '?')} reported"

@@ -208,6 +208,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--strategy-memory-mb", type=float, default=fed.memory_budget / 2**20,
                    help="MiB of a round's updates that median, trimmed mean, Krum and Bulyan keep in "
                         "RAM; beyond it they go to a file in the state folder")
+    p.add_argument("--compression", default=train.compression, metavar="SCHEME",
+                   help="how devices send updates: none, q8, q4 (8/4-bit deltas; q8:tensor, "
+                        "q8:block=N for the scales) or topk:FRACTION (sparse, with error feedback)")
+    p.add_argument("--compress-downlink", action="store_true",
+                   help="send the global model download compressed too (as its change)")
     p.add_argument("--epochs", type=int, default=train.epochs, help="local epochs per round")
     p.add_argument("--batch-size", type=int, default=train.batch_size)
     p.add_argument("--learning-rate", type=float, default=train.learning_rate)
@@ -260,8 +265,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         round_timeout=a.round_timeout, device_timeout=a.device_timeout, fraction=a.fraction,
         auto_activate=a.auto_activate, start=a.start, strategy=a.strategy,
         strategy_params=strategy_params, memory_budget=int(a.strategy_memory_mb * 2**20), seed=a.seed,
+        compress_downlink=a.compress_downlink,
         training=TrainingConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size,
-                                learning_rate=a.learning_rate))
+                                learning_rate=a.learning_rate, compression=a.compression))
     try:
         federation.validate()
     except ParamError as exc:

@@ -72,8 +72,7 @@ def task(name: str):
 @bp.get("/api/model")
 def model():
     require_device_or_admin()
-    version, body = engine().global_model()
-    etag = f"v{version}"
+    version, body, etag = engine().model_download(request.if_none_match)
     if etag in request.if_none_match:
         response = Response(status=304)
     else:

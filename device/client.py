@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import requests
 
-from fedcore import wire
+from fedcore import compression, wire
+from fedcore.errors import InvalidInput
 
 log = logging.getLogger("fedhub.device")
 
@@ -207,22 +208,40 @@ class Client:
             return self._model[1], self._model[2]
         if response.status_code >= 400:
             self._json(response)
-        weights, meta = wire.decode(response.content, max_bytes=2**34)
+        try:  # a whole model, or the change from the one held (the server's --compress-downlink)
+            version, weights = compression.decode_download(
+                response.content, self._model[1:] if self._model else None)
+        except InvalidInput:
+            if self._model is None:
+                raise
+            self._model = None  # what it changes is not what is held: download the whole model
+            return self.model()
         etag = response.headers.get("ETag", "")
-        self._model = (etag, meta.model_version, weights)
-        return meta.model_version, weights
+        self._model = (etag, version, weights)
+        return version, weights
 
     def upload(self, round_number: int, weights: Mapping[str, np.ndarray], *, num_examples: int,
                model_version: int, metrics: Mapping[str, float] | None = None,
-               upload_id: str | None = None) -> dict[str, Any]:
-        """Send an update; retried with the same Idempotency-Key, so it is counted once."""
-        body = wire.encode(weights, wire.Meta(round=round_number, model_version=model_version,
-                                              num_examples=num_examples,
-                                              metrics=dict(metrics or {})))
+               upload_id: str | None = None, scheme: compression.Scheme = compression.NONE,
+               reference: Mapping[str, np.ndarray] | None = None,
+               residual: compression.Residual | None = None) -> dict[str, Any]:
+        """Send an update; retried with the same Idempotency-Key, so it is counted once.
+
+        With a ``scheme`` (the task's ``compression``) it goes as the compressed delta from
+        ``reference``, the model trained from; top-k's ``residual`` is read and, once the server
+        accepted the update, replaced by what this one left out."""
+        meta = wire.Meta(round=round_number, model_version=model_version, num_examples=num_examples,
+                         metrics=dict(metrics or {}))
+        body, left = compression.encode_update(
+            weights, weights if reference is None else reference, scheme, meta,
+            residual=residual.load(scheme) if residual is not None else None)
         headers = {"Content-Type": "application/octet-stream",
                    "Idempotency-Key": upload_id or uuid.uuid4().hex}
-        return self._json(self.request("POST", f"/api/devices/{self.name}/updates/{round_number}",
-                                       data=body, headers=headers))
+        ack = self._json(self.request("POST", f"/api/devices/{self.name}/updates/{round_number}",
+                                      data=body, headers=headers))
+        if residual is not None:
+            residual.save(left, scheme)
+        return ack
 
     def report_validation(self, report: Mapping[str, Any], *,
                           attack: Mapping[str, Any] | None = None) -> dict[str, Any]:

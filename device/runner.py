@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fedcore import compression
 from fedcore.auth import read_secret
 from fedcore.plural import plural
 
@@ -25,6 +26,7 @@ log = logging.getLogger("fedhub.device")
 
 HISTORY_COLUMNS = ("round", "time", "num_examples", "loss", "accuracy", "train_seconds", "accepted")
 PROGRESS_INTERVAL = 1.0  # seconds between two progress reports, at least
+RESIDUAL_FILE = "residual.safetensors"  # top-k's error feedback, kept across restarts
 
 
 class DeviceRunner:
@@ -226,6 +228,11 @@ class DeviceRunner:
             self._say(f"round {number}: model moved on to version {version}; asking again")
             return
         config = task["config"]
+        try:
+            scheme = compression.parse(config.get("compression", "none"))
+        except ValueError as exc:  # a newer server's scheme: say so, as a failed round
+            self._say(f"round {number}: cannot send updates this way: {exc}", logging.ERROR, number)
+            return
         proximal = f" with FedProx's proximal term (mu={config['proximal_mu']})" \
             if config.get("proximal_mu") else ""
         self._say(f"round {number}: training {config.get('epochs', 1)} epoch(s) from model v{version}"
@@ -259,7 +266,9 @@ class DeviceRunner:
         try:
             ack = self.client.upload(number, sent, num_examples=result.num_examples,
                                      model_version=version, metrics=result.metrics,
-                                     upload_id=uuid.uuid4().hex)
+                                     upload_id=uuid.uuid4().hex, reference=weights,
+                                     scheme=scheme,
+                                     residual=compression.Residual(self.folder / RESIDUAL_FILE))
             accepted = True
             extra = f"{ack.get('reported', '?')}/{ack.get('selected', '?')} reported"
         except ServerError as exc:

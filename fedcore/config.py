@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import compression
 from .strategies import DEFAULT_MEMORY_BUDGET, Strategy, make_strategy
 
 
@@ -17,8 +18,10 @@ class TrainingConfig:
     epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 1e-3
+    compression: str = "none"  # how devices send updates (fedcore.compression.parse)
 
     def validate(self) -> None:
+        compression.parse(self.compression)
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
         if self.batch_size < 1:
@@ -28,8 +31,11 @@ class TrainingConfig:
 
     def task(self) -> dict[str, Any]:
         """The task config every selected device gets (a strategy may add to it)."""
-        return {"model": self.model, "epochs": self.epochs, "batch_size": self.batch_size,
+        task = {"model": self.model, "epochs": self.epochs, "batch_size": self.batch_size,
                 "learning_rate": self.learning_rate}
+        if self.compression != "none":
+            task["compression"] = self.compression
+        return task
 
 
 @dataclass
@@ -49,6 +55,7 @@ class FederationConfig:
     # Bytes of a round's buffered updates (robust strategies) kept in RAM before spilling to disk.
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     seed: int = 0
+    compress_downlink: bool = False  # the global model download goes out compressed too
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def validate(self) -> None:
@@ -66,6 +73,9 @@ class FederationConfig:
         if self.memory_budget < 0:
             raise ValueError("memory_budget must be 0 or more")
         self.training.validate()
+        if self.compress_downlink and not compression.parse(self.training.compression).active:
+            raise ValueError("compress_downlink (--compress-downlink) needs a compression (--compression) "
+                             "other than none")
         self.make_strategy()
 
     def make_strategy(self) -> Strategy:

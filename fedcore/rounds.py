@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import wire
+from . import compression, wire
 from .config import FederationConfig
 from .device_logs import DeviceLogs
 from .devices import DeviceRegistry
@@ -68,6 +68,8 @@ class Coordinator:
         self._evaluations = Evaluations(evaluate) if evaluate is not None else None
         self._initial = {k: np.array(v) for k, v in initial_weights.items()}
         self.spec = wire.spec_of(self._initial)
+        self.compression = compression.parse(config.training.compression)
+        self._downlink = compression.Downlink(self.compression) if config.compress_downlink else None
         self._logs = DeviceLogs(storage, clock=clock)
         self._history = RoundHistory(storage, self._logs)
         self._hooks = RoundHooks()
@@ -193,6 +195,25 @@ class Coordinator:
         with self._cond:
             return self._state.version, self._state.encoded
 
+    def model_download(self, have: object = ()) -> tuple[int, bytes, str]:
+        """The global model version, the bytes to send a device holding the ETags ``have``, and
+        their ETag: with ``compress_downlink``, only the change when it holds the previous version."""
+        with self._cond:
+            if self._downlink is None:
+                return self._state.version, self._state.encoded, f"v{self._state.version}"
+            self._sync_downlink()
+            version = self._state.version
+            return version, self._downlink.body_for(have), self._downlink.etag(version)
+
+    def _sync_downlink(self) -> None:
+        if self._downlink is not None and self._downlink.version != self._state.version:
+            self._downlink.install(self._state.version, self._state.weights)
+
+    def _reference(self) -> Weights:
+        """What devices trained from, that compressed deltas are added to (under the lock)."""
+        self._sync_downlink()
+        return self._downlink.model if self._downlink is not None else self._state.weights
+
     def global_weights(self) -> tuple[int, Weights]:
         with self._cond:
             return self._state.version, self._state.weights
@@ -272,8 +293,8 @@ class Coordinator:
         done = self._duplicate(name, round_number, upload_id, digest)
         if done is not None:
             return done
-        weights, meta = wire.decode(body, self.spec, max_bytes=self.max_upload_bytes,
-                                    require_examples=True)
+        weights, meta = compression.decode_update(body, self.spec, self.compression,
+                                                  max_bytes=self.max_upload_bytes)
         if meta.round != round_number:
             raise InvalidInput(
                 f"metadata round {meta.round} does not match the URL's round {round_number}", "round")
@@ -296,7 +317,10 @@ class Coordinator:
                     f"update was trained from model version {meta.model_version}, "
                     f"round {round_number} starts from version {r.base_version}", "model_version")
             r.uploading.add(name)  # the round does not close until this update is in or out
+            reference = self._reference() if self.compression.active else None
         try:
+            if reference is not None:  # a delta: the weights are the model it was trained from + it
+                weights = compression.apply(reference, weights)
             # Outside the lock: the aggregator has its own, and folding in takes O(model) time.
             r.aggregator.add(name, weights, meta.num_examples, meta.metrics)
         except BaseException:

@@ -36,7 +36,8 @@ class Server:
     accuracy. ``port=0`` picks a free port (see :attr:`url`). The run settings match
     ``server.py``'s flags, with the same defaults, except that here new devices start active
     and training starts as soon as ``min_devices`` are there. ``strategy`` is a name from
-    ``--list-strategies`` and ``strategy_params`` its parameters (``{"num_malicious": 1}``).
+    ``--list-strategies`` and ``strategy_params`` its parameters (``{"num_malicious": 1}``);
+    ``compression`` and ``compress_downlink`` are ``--compression`` and ``--compress-downlink``.
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
@@ -52,7 +53,8 @@ class Server:
                  runs_dir: str | Path | None = None, run_id: str | None = None,
                  enroll_secret: str | None = None, admin_token: str | None = None,
                  threads: int = 16, data_dir: str | Path | None = None,
-                 test_limit: int | None = None) -> None:
+                 test_limit: int | None = None, compression: str = TRAINING.compression,
+                 compress_downlink: bool = FEDERATION.compress_downlink) -> None:
         if isinstance(model, str):
             from model import MODEL_NAMES
 
@@ -62,7 +64,9 @@ class Server:
             rounds=rounds, min_devices=min_devices, quorum=quorum, round_timeout=round_timeout,
             device_timeout=device_timeout, fraction=fraction, auto_activate=auto_activate, start=start,
             strategy=strategy, strategy_params=dict(strategy_params or {}), seed=seed,
-            training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate))
+            compress_downlink=compress_downlink,
+            training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                                    compression=compression))
         self.federation.validate()  # ValueError now (a bad strategy parameter too), not later
         self._model = model
         self._test_data = test_data

@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fedcore.config import FederationConfig, TrainingConfig
 from fedcore.strategies import STRATEGIES, make_strategy, parse_strategy_args
 from fedhub.simulation import simulate
 
@@ -108,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"aggregation strategy, as server.py's: {', '.join(STRATEGIES)} (default fedavg)")
     p.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the strategy, repeatable (server.py --list-strategies)")
+    p.add_argument("--compression", default="none", metavar="SCHEME",
+                   help="how devices send updates, as server.py's: none, q8, q4, topk:FRACTION")
+    p.add_argument("--compress-downlink", action="store_true",
+                   help="send the global model download compressed too")
     return p
 
 
@@ -130,6 +135,11 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--{flag.replace('_', '-')} must be a positive number")
     if a.cpus_per_worker <= 0 or a.gpus_per_worker < 0:
         p.error("--cpus-per-worker must be positive and --gpus-per-worker not negative")
+    try:
+        FederationConfig(compress_downlink=a.compress_downlink,
+                         training=TrainingConfig(compression=a.compression)).validate()
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         a.strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
         # each round selects a fraction of the devices: enough for the strategy?
@@ -163,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_worker=a.gpus_per_worker, epochs=a.epochs, batch_size=a.batch_size,
             learning_rate=a.learning_rate, root=root, timeout=a.timeout, on_round=bars.round_done,
             on_progress=bars.progress, fraction=a.fraction, seed=a.seed, data_dir=a.data_dir,
-            test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params)
+            test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params,
+            compression=a.compression, compress_downlink=a.compress_downlink)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -183,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": stats["wall_s"], "first_round_s": stats["first_round_s"],
         "round_s": stats["round_s"], "split_s": round(split_s, 3), "peak_rss_mb": stats["peak_rss_mb"],
         "bytes_up": stats["bytes_up"], "bytes_down": stats["bytes_down"], "devices": a.devices,
+        "compression": a.compression, "compress_downlink": a.compress_downlink,
         "fraction": a.fraction, "workers": stats["workers"], "backend": a.backend,
         "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
     }), flush=True)

@@ -489,7 +489,8 @@ class Coordinator:
             counts[d["state"]] = counts.get(d["state"], 0) + 1
         with self._cond:
             return {**self._state.view(), "total_rounds": self.config.rounds,
-                    "strategy": self.strategy.describe(), "devices": counts}
+                    "strategy": self.strategy.describe(), "privacy": self.strategy.privacy(),
+                    "devices": counts}
 
     def list_devices(self) -> list[dict[str, Any]]:
         """Enrolled devices, their state, lifecycle and part in the latest round they were in."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import dp_accounting
 import numpy as np
@@ -20,31 +21,7 @@ from fedcore.privacy import (
     distributed_noise_std,
     l2_norm,
 )
-from fedcore.strategies import FedAvg, FedAvgM
-
-
-class Streaming:
-    """A weights strategy (``begin`` -> ``RoundResult``) behind the (weights, metrics) round
-    interface the DP wrappers take; the strategy adopts its new state as the coordinator does."""
-
-    def __init__(self, strategy):
-        self.strategy = strategy
-        self.name = strategy.name
-
-    def begin(self, global_weights):
-        strategy = self.strategy
-        agg = strategy.begin(global_weights)
-
-        class Round:
-            def add(self, device, weights, num_examples, metrics):
-                agg.add(device, weights, num_examples, metrics)
-
-            def result(self):
-                res = agg.result()
-                strategy.load_state(res.state)
-                return res.weights, {"num_updates": res.metrics["num_updates"]}
-
-        return Round()
+from fedcore.strategies import FedAvg, FedAvgM, Krum, NotEnoughUpdates
 
 
 def _model(rng, sizes=(("dense/kernel", (8, 5)), ("dense/bias", (5,)))):
@@ -52,10 +29,13 @@ def _model(rng, sizes=(("dense/kernel", (8, 5)), ("dense/bias", (5,)))):
 
 
 def _run(strategy, global_weights, updates):
+    """One round as the coordinator runs it: the strategy adopts its state once it is done."""
     agg = strategy.begin(global_weights)
     for device, weights in updates.items():
         agg.add(device, weights, 100, {"loss": 1.0})
-    return agg.result()
+    result = agg.result()
+    strategy.load_state(result.state)
+    return result.weights, {**result.metrics, **result.metrics.get("privacy", {})}
 
 
 def _with_change(global_weights, change):
@@ -90,18 +70,18 @@ def test_one_device_moves_the_private_mean_by_at_most_twice_c_over_n():
     bound, n = 0.5, 5
     updates = {f"d{i}": _with_change(g, {k: rng.normal(scale=0.3, size=v.shape) for k, v in g.items()})
                for i in range(n)}
-    honest, metrics = _run(DPFixedClipping(Streaming(FedAvg()), 0.0, bound), g, updates)
+    honest, metrics = _run(DPFixedClipping(FedAvg(), 0.0, bound), g, updates)
     # The result is exactly the global model plus the plain mean of the clipped changes.
     changes = [clip_by_norm({k: w[k].astype(np.float64) - g[k] for k in g}, bound).tensors
                for w in updates.values()]
     for k in g:
         np.testing.assert_allclose(honest[k], g[k] + sum(c[k] for c in changes) / n, rtol=1e-5, atol=1e-6)
     attacked_updates = {**updates, "d0": {k: np.full(v.shape, 1e30, np.float32) for k, v in g.items()}}
-    attacked, metrics = _run(DPFixedClipping(Streaming(FedAvg()), 0.0, bound), g, attacked_updates)
+    attacked, metrics = _run(DPFixedClipping(FedAvg(), 0.0, bound), g, attacked_updates)
     moved = l2_norm({k: attacked[k].astype(np.float64) - honest[k] for k in g})
     assert moved <= 2 * bound / n + 1e-5
-    assert "d0" in metrics["dp_clipped_devices"] and metrics["dp_updates"] == n
-    plain, _ = _run(Streaming(FedAvg()), g, attacked_updates)
+    assert metrics["num_used"] == n
+    plain, _ = _run(FedAvg(), g, attacked_updates)
     assert l2_norm({k: plain[k].astype(np.float64) - honest[k] for k in g}) > 1e20
 
 
@@ -112,18 +92,18 @@ def test_noise_scale_matches_the_noise_multiplier():
     g = {"w": np.zeros(200_000, np.float64)}
     z, bound, n = 1.3, 0.5, 4
     updates = {f"d{i}": {"w": g["w"].copy()} for i in range(n)}  # no change: what is left is noise
-    out, metrics = _run(DPFixedClipping(Streaming(FedAvg()), z, bound, rng=rng), g, updates)
-    assert metrics["dp_noise_std"] == pytest.approx(z * bound / n)
+    out, metrics = _run(DPFixedClipping(FedAvg(), z, bound, rng=rng), g, updates)
+    assert metrics["noise_std"] == pytest.approx(z * bound / n)
     assert np.std(out["w"]) == pytest.approx(z * bound / n, rel=0.02)
     assert abs(np.mean(out["w"])) < 0.01 * z * bound / n * 10
     # Adaptive clipping spends part of the budget on the count: the updates get more noise.
-    adaptive = DPAdaptiveClipping(Streaming(FedAvg()), z, n, initial_clipping_norm=bound,
+    adaptive = DPAdaptiveClipping(FedAvg(), z, n, initial_clipping_norm=bound,
                                   clipped_count_stddev=2.0, rng=rng)
     z_updates = (z ** -2 - 4.0 ** -2) ** -0.5
     out, metrics = _run(adaptive, g, updates)
     assert np.std(out["w"]) == pytest.approx(z_updates * bound / n, rel=0.02)
-    assert metrics["dp_clipping_norm"] == bound  # the noise uses the bound the updates were clipped with
-    assert metrics["dp_next_clipping_norm"] != bound
+    assert metrics["clipping_norm"] == bound  # the noise uses the bound the updates were clipped with
+    assert metrics["next_clipping_norm"] == adaptive.clipping_norm != bound
 
 
 def test_local_and_distributed_noise_scales():
@@ -152,7 +132,7 @@ def test_adaptive_clipping_moves_the_bound_to_the_target_quantile(quantile, star
     g = {"w": np.zeros(20)}
     directions = [rng.normal(size=20) for _ in range(10)]
     updates = {f"d{i}": {"w": d / np.linalg.norm(d) * (i + 1)} for i, d in enumerate(directions)}
-    dp = DPAdaptiveClipping(Streaming(FedAvg()), 0.0, 10, initial_clipping_norm=start,
+    dp = DPAdaptiveClipping(FedAvg(), 0.0, 10, initial_clipping_norm=start,
                             target_quantile=quantile, clip_norm_lr=0.2, rng=rng)
     bounds = [dp.clipping_norm]
     for _ in range(200):
@@ -167,7 +147,7 @@ def test_adaptive_clipping_with_noise_still_finds_the_quantile():
     rng = np.random.default_rng(5)
     g = {"w": np.zeros(20)}
     updates = {f"d{i}": {"w": np.full(20, (i + 1) / math.sqrt(20))} for i in range(10)}
-    dp = DPAdaptiveClipping(Streaming(FedAvg()), 1.0, 10, initial_clipping_norm=0.1,
+    dp = DPAdaptiveClipping(FedAvg(), 1.0, 10, initial_clipping_norm=0.1,
                             clipped_count_stddev=1.0, rng=rng)
     tail = []
     for r in range(300):
@@ -177,21 +157,48 @@ def test_adaptive_clipping_with_noise_still_finds_the_quantile():
     assert 3.5 < np.median(tail) < 7.5
 
 
-def test_state_survives_a_restart_and_settings_are_checked():
-    dp = DPAdaptiveClipping(Streaming(FedAvg()), 0.0, 10, initial_clipping_norm=0.1)
-    _run(dp, {"w": np.zeros(3)}, {"a": {"w": np.ones(3)}})
-    state = json.loads(json.dumps(dp.get_state()))
-    fresh = DPAdaptiveClipping(Streaming(FedAvg()), 0.0, 10, initial_clipping_norm=0.1)
-    fresh.set_state(state)
+def test_state_is_saved_beside_the_checkpoint_restored_and_reset(tmp_path):
+    """The adaptive bound, the accountant and the inner optimizer's state go through the
+    storage's strategy-state file; a round is counted only once its state is adopted."""
+    from fedcore.storage import Storage
+
+    g = {"w": np.zeros(3, np.float32)}
+    dp = DPAdaptiveClipping(FedAvgM(), 1.0, 10, initial_clipping_norm=0.1, clipped_count_stddev=1.0)
+    for _ in range(2):
+        dp.configure(["a", "b", "c", "d"], rng=random.Random(0), fraction=0.5)
+        _run(dp, g, {"a": {"w": np.ones(3, np.float32)}, "b": {"w": np.ones(3, np.float32)}})
+    agg = dp.begin(g)  # a third round that fails to be saved is not counted
+    agg.add("a", {"w": np.ones(3, np.float32)}, 1)
+    assert agg.result().metrics["privacy"]["rounds"] == 3
+    assert dp.privacy()["rounds"] == 2 and dp.accountant.segments == [[0.5, 1.0, 2]]
+    storage = Storage(tmp_path)
+    storage.write_strategy_state(2, dp.state(), dp.describe())
+    state, saved_by = storage.read_strategy_state(2)
+    assert saved_by["name"] == dp.name == "dp-central-adaptive(fedavgm)"
+    assert set(state) == {"dp_clipping_norm", "dp_accountant", "velocity/w"}
+    fresh = DPAdaptiveClipping(FedAvgM(), 1.0, 10, initial_clipping_norm=0.1, clipped_count_stddev=1.0)
+    fresh.load_state(state)
     assert fresh.clipping_norm == dp.clipping_norm != 0.1
+    assert fresh.privacy()["epsilon"] == dp.privacy()["epsilon"] > 0
+    np.testing.assert_array_equal(fresh.strategy.state()["velocity/w"], dp.strategy.state()["velocity/w"])
+    fresh.reset()
+    assert fresh.clipping_norm == 0.1 and fresh.privacy()["epsilon"] == 0 and not fresh.strategy.state()
+    with pytest.raises(ValueError, match="rows of 3"):
+        fresh.load_state({"dp_accountant": np.ones(4)})
+    storage.close()
+
+
+def test_settings_are_checked():
     with pytest.raises(ValueError, match="noise_multiplier"):
-        DPFixedClipping(Streaming(FedAvg()), -1.0, 1.0)
+        DPFixedClipping(FedAvg(), -1.0, 1.0)
     with pytest.raises(ValueError, match="clipping_norm"):
-        DPFixedClipping(Streaming(FedAvg()), 1.0, 0.0)
+        DPFixedClipping(FedAvg(), 1.0, 0.0)
     with pytest.raises(ValueError, match="below 2 x clipped_count_stddev"):
-        DPAdaptiveClipping(Streaming(FedAvg()), 1.0, 10)  # default stddev 10/20: 1.0 is not below 1.0
-    with pytest.raises(ValueError, match="no update"):
-        DPFixedClipping(Streaming(FedAvg()), 1.0, 1.0).begin({"w": np.zeros(2)}).result()
+        DPAdaptiveClipping(FedAvg(), 1.0, 10)  # default stddev 10/20: 1.0 is not below 1.0
+    with pytest.raises(ValueError, match="averaging strategy"):
+        DPFixedClipping(Krum(), 1.0, 1.0)
+    with pytest.raises(NotEnoughUpdates):
+        DPFixedClipping(FedAvg(), 1.0, 1.0).begin({"w": np.zeros(2)}).result()
 
 
 def test_server_optimizer_steps_on_the_private_mean():
@@ -199,7 +206,7 @@ def test_server_optimizer_steps_on_the_private_mean():
     bound above every norm) is FedAvgM on the unweighted mean."""
     rng = np.random.default_rng(6)
     g = _model(rng)
-    dp = DPFixedClipping(Streaming(FedAvgM(server_learning_rate=1.0, server_momentum=0.9)), 0.0, 1e6)
+    dp = DPFixedClipping(FedAvgM(server_learning_rate=1.0, server_momentum=0.9), 0.0, 1e6)
     reference = FedAvgM(server_learning_rate=1.0, server_momentum=0.9)
     gd, gr = g, g
     for _ in range(3):

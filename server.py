@@ -32,6 +32,7 @@ from fedcore.storage import Storage
 from fedcore.strategies import STRATEGIES, ParamError, format_strategies, parse_strategy_args
 from utils import state_dir as state
 from utils.cli import Parser
+from utils.dp_options import add_dp_options, dp_config
 from utils.state_dir import ADMIN_TOKEN_FILE, ENROLL_SECRET_FILE
 
 log = logging.getLogger("fedhub.server")
@@ -208,6 +209,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--strategy-memory-mb", type=float, default=fed.memory_budget / 2**20,
                    help="MiB of a round's updates that median, trimmed mean, Krum and Bulyan keep in "
                         "RAM; beyond it they go to a file in the state folder")
+    add_dp_options(p)
     p.add_argument("--epochs", type=int, default=train.epochs, help="local epochs per round")
     p.add_argument("--batch-size", type=int, default=train.batch_size)
     p.add_argument("--learning-rate", type=float, default=train.learning_rate)
@@ -261,7 +263,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         auto_activate=a.auto_activate, start=a.start, strategy=a.strategy,
         strategy_params=strategy_params, memory_budget=int(a.strategy_memory_mb * 2**20), seed=a.seed,
         training=TrainingConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size,
-                                learning_rate=a.learning_rate))
+                                learning_rate=a.learning_rate),
+        privacy=dp_config(p, a, a.min_devices))
     try:
         federation.validate()
     except ParamError as exc:

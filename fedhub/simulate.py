@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from fedcore.strategies import STRATEGIES, make_strategy, parse_strategy_args
 from fedhub.simulation import simulate
+from utils.dp_options import add_dp_options, dp_config
 
 
 class RoundBars:
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"aggregation strategy, as server.py's: {', '.join(STRATEGIES)} (default fedavg)")
     p.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the strategy, repeatable (server.py --list-strategies)")
+    add_dp_options(p)
     return p
 
 
@@ -136,6 +138,7 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         make_strategy(a.strategy, **a.strategy_params).check_min_devices(math.ceil(a.fraction * a.devices))
     except ValueError as exc:
         p.error(f"{exc}".replace("min_devices is", "--fraction x --devices is"))
+    a.privacy = dp_config(p, a, math.ceil(a.fraction * a.devices))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_worker=a.gpus_per_worker, epochs=a.epochs, batch_size=a.batch_size,
             learning_rate=a.learning_rate, root=root, timeout=a.timeout, on_round=bars.round_done,
             on_progress=bars.progress, fraction=a.fraction, seed=a.seed, data_dir=a.data_dir,
-            test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params)
+            test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params,
+            privacy=a.privacy)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "bytes_up": stats["bytes_up"], "bytes_down": stats["bytes_down"], "devices": a.devices,
         "fraction": a.fraction, "workers": stats["workers"], "backend": a.backend,
         "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
+        "epsilon": (history[-1].get("privacy") or {}).get("epsilon") if history else None,
     }), flush=True)
     return 0
 

@@ -22,7 +22,7 @@ from .mechanisms import (
     l2_norm,
     privatize_update,
 )
-from .strategy import DPAdaptiveClipping, DPFixedClipping, LocalDP
+from .strategy import DPAdaptiveClipping, DPFixedClipping, LocalDP, local_dp_task
 
 __all__ = [
     "DP_MODES",
@@ -40,6 +40,7 @@ __all__ = [
     "difference",
     "distributed_noise_std",
     "l2_norm",
+    "local_dp_task",
     "privatize_update",
     "round_event",
 ]

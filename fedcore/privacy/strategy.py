@@ -347,3 +347,17 @@ class LocalDP(_DPStrategy):
     def begin(self, global_weights: Mapping[str, np.ndarray], *, spill_dir: str | Path | None = None,
               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> RoundAggregator:
         return _LocalRound(self, global_weights, spill_dir, memory_budget)
+
+
+def local_dp_task(config: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The (clipping norm, noise multiplier) a task config asks a device to apply before it
+    uploads (local DP), or None. The config comes from the network: ValueError if malformed."""
+    if LOCAL_CLIP not in config and LOCAL_NOISE not in config:
+        return None
+    clip, noise = config.get(LOCAL_CLIP), config.get(LOCAL_NOISE)
+    for key, value in ((LOCAL_CLIP, clip), (LOCAL_NOISE, noise)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"task config {key} must be a number, got {value!r}")
+    _check_norm(float(clip), LOCAL_CLIP)
+    _check_noise(float(noise))
+    return float(clip), float(noise)

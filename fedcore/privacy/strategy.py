@@ -113,12 +113,8 @@ class _DPStrategy(Strategy):
 
     # the strategy interface -----------------------------------------------------------------
     def params(self) -> dict[str, Any]:
-        return {**self.strategy.params(), "dp": self.settings()}
-
-    def settings(self) -> dict[str, Any]:
-        return {"mode": self.mode, "noise_multiplier": self.noise_multiplier,
-                "clipping_norm": self.initial_clipping_norm, "delta": self.accountant.delta,
-                "max_epsilon": self.max_epsilon}
+        """The inner strategy's settings; the DP settings are in :meth:`privacy`."""
+        return self.strategy.params()
 
     def task_config(self) -> dict[str, Any]:
         return self.strategy.task_config()
@@ -318,10 +314,6 @@ class DPAdaptiveClipping(_CentralDP):
         self.target_quantile = target_quantile
         self.clip_norm_lr = clip_norm_lr
         self.clipped_count_stddev = count_stddev
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "target_quantile": self.target_quantile,
-                "clip_norm_lr": self.clip_norm_lr, "clipped_count_stddev": self.clipped_count_stddev}
 
     def next_clipping_norm(self, unclipped: int, count: int) -> float:
         share = (unclipped + self.rng.normal(0.0, self.clipped_count_stddev)) / count

@@ -15,11 +15,15 @@ from fedcore.privacy import (
     BudgetExhausted,
     DPAdaptiveClipping,
     DPFixedClipping,
+    LocalDP,
     PrivacyAccountant,
     clip_and_noise,
     clip_by_norm,
+    difference,
     distributed_noise_std,
     l2_norm,
+    local_dp_task,
+    privatize_update,
 )
 from fedcore.strategies import FedAvg, FedAvgM, Krum, NotEnoughUpdates
 
@@ -300,3 +304,63 @@ def test_distributed_noise_through_secure_aggregation():
     result = server.finish()
     assert result.total_weight == 5
     assert np.std(result.mean) == pytest.approx(z * bound * math.sqrt(5 / 3) / 5, rel=0.03)
+
+
+# local DP and the wrapper's budget ------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(5))
+def test_local_dp_on_the_device_clips_then_noises(seed):
+    rng = np.random.default_rng(seed)
+    g = {"k": rng.normal(size=(300, 100)).astype(np.float32), "b": np.zeros(100, np.float32)}
+    trained = {n: (a + rng.normal(scale=rng.uniform(0.01, 1), size=a.shape)).astype(np.float32)
+               for n, a in g.items()}
+    bound = float(rng.uniform(0.1, 3))
+    without_noise, clipped = privatize_update(trained, g, bound, 0.0, rng)
+    assert {n: a.dtype for n, a in without_noise.items()} == {"k": np.float32, "b": np.float32}
+    assert l2_norm(difference(without_noise, g)) <= bound * (1 + 1e-5)
+    assert clipped.norm == pytest.approx(l2_norm(difference(trained, g)))
+    noised, _ = privatize_update(trained, g, bound, 1.7, rng)
+    noise = np.concatenate([(noised[n].astype(np.float64) - without_noise[n]).ravel() for n in g])
+    assert np.std(noise) == pytest.approx(1.7 * bound, rel=0.02)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"dp_clipping_norm": 1.0}, "dp_noise_multiplier must be a number"),
+    ({"dp_clipping_norm": "1", "dp_noise_multiplier": 1}, "dp_clipping_norm must be a number"),
+    ({"dp_clipping_norm": 0, "dp_noise_multiplier": 1}, "dp_clipping_norm must be a positive number"),
+    ({"dp_clipping_norm": 1, "dp_noise_multiplier": float("nan")}, "noise_multiplier must be a non-negative"),
+    ({"dp_clipping_norm": True, "dp_noise_multiplier": 1}, "must be a number"),
+])
+def test_the_devices_refuse_malformed_local_dp_settings(config, message):
+    assert local_dp_task({"epochs": 1}) is None
+    assert local_dp_task({"dp_clipping_norm": 2, "dp_noise_multiplier": 0.5}) == (2.0, 0.5)
+    with pytest.raises(ValueError, match=message):
+        local_dp_task(config)
+
+
+def test_local_dp_wrapper_announces_counts_and_keeps_a_robust_strategy():
+    dp = LocalDP(Krum(num_malicious=1), 2.0, 0.5)
+    plan = dp.configure([f"d{i}" for i in range(5)], rng=random.Random(0))
+    assert plan.config["d0"] == {"dp_clipping_norm": 0.5, "dp_noise_multiplier": 2.0}
+    assert dp.min_updates() == Krum(num_malicious=1).min_updates() and dp.rejects_nonfinite
+    g = {"w": np.zeros(4)}
+    updates = {f"d{i}": {"w": np.full(4, float(i))} for i in range(5)}
+    _, metrics = _run(dp, g, updates)
+    assert metrics["mode"] == "local" and metrics["noise_std"] == 1.0
+    # per device, against the server: no sampling amplification, sensitivity 2C (z / 2)
+    assert metrics["epsilon"] == pytest.approx(PrivacyAccountant(1e-5).record_round(1.0, 1.0))
+    assert metrics["updates"]["d4"]["status"] in ("used", "rejected") and "score" in metrics["updates"]["d4"]
+
+
+def test_the_wrapper_refuses_a_round_over_the_budget():
+    dp = DPFixedClipping(FedAvg(), 1.0, 1.0, max_epsilon=5.0)
+    devices = [f"d{i}" for i in range(10)]
+    rounds = 0
+    with pytest.raises(BudgetExhausted) as err:
+        while True:
+            dp.configure(devices, rng=random.Random(rounds), fraction=0.3)
+            _run(dp, {"w": np.zeros(2)}, {"a": {"w": np.ones(2)}})
+            rounds += 1
+    assert rounds == dp.privacy()["rounds"] > 1
+    assert dp.privacy()["epsilon"] <= 5.0 < dp.accountant.epsilon_after(0.3, 1.0)
+    assert err.value.field == "dp_max_epsilon" and dp.privacy()["budget_spent"] == err.value.message

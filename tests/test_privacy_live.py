@@ -167,3 +167,45 @@ def test_bad_dp_settings_are_one_line_errors(args, message):
     out = run_cli("server.py", *args)
     assert out.returncode == 2 and out.stderr.startswith(message), out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_epsilon_shows_in_both_dashboards(tmp_path, data_dir, monkeypatch):
+    """A real server under central DP, two rounds by hand: the Streamlit dashboard's caption and
+    chart, and the live page's card and rounds table, show the epsilon the history holds."""
+    from streamlit.testing.v1 import AppTest
+
+    from .chromium import chromium
+    from .rounds_by_hand import enroll, train_rounds
+    from .test_dashboard_first_hour import DASHBOARD, chart_data
+
+    server = ServerProcess(tmp_path, data_dir, "--test-limit", "200", "--min-devices", "1",
+                           "--no-tensorboard", "--dp", "central-fixed", "--dp-noise-multiplier", "2",
+                           "--dp-clip", "0.1", "--dp-max-epsilon", "50").start()
+    try:
+        train_rounds(server, "d1", enroll(server, "d1"), 2)
+        spent = [e["privacy"]["epsilon"] for e in history(server)]
+        assert spent == pytest.approx(epsilons(2, 2.0), rel=1e-9)
+
+        monkeypatch.setenv("FEDHUB_SERVER", server.url)
+        monkeypatch.setenv("FEDHUB_ADMIN_TOKEN", server.admin_token)
+        at = AppTest.from_file(DASHBOARD, default_timeout=60).run()
+        assert not at.exception, at.exception
+        caption = next(c.value for c in at.caption if c.value.startswith("Differential privacy"))
+        assert caption == (f"Differential privacy (central-fixed, noise multiplier 2, clipping bound 0.1): "
+                           f"**ε = {spent[1]:.3g}** at δ = 1e-05 of a budget of 50 after 2 rounds "
+                           "(server option --dp)")
+        chart = chart_data(at, "privacy spent")
+        assert chart["round"].tolist() == [1, 2] and chart["epsilon"].tolist() == pytest.approx(spent)
+
+        with chromium() as browser:
+            page = browser.new_page()
+            page.goto(f"{server.url}/stats/")
+            page.wait_for_function("document.querySelectorAll('#rounds tr').length === 2", timeout=30_000)
+            card = page.text_content("#epsilon")
+            column = page.eval_on_selector_all("#rounds tr",
+                                               "rows => rows.map((r) => r.cells[5].textContent)")
+    finally:
+        server.stop()
+    assert card == f"ε {spent[1]:.2f} at δ 1e-5 (max 50)"
+    assert column == [f"{spent[1]:.3f}", f"{spent[0]:.3f}"]  # newest first

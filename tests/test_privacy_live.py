@@ -10,6 +10,8 @@ command line refusing bad settings with one line.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from device.launcher import launch, stop
 from examples import digits
 from fedcore.privacy import PrivacyAccountant
 
-from .conftest import ServerProcess, wait_until
+from .conftest import ROOT, ServerProcess, wait_until
 from .test_strategies_live import run_cli
 from .test_tensorboard import read_run
 
@@ -209,3 +211,20 @@ def test_epsilon_shows_in_both_dashboards(tmp_path, data_dir, monkeypatch):
         server.stop()
     assert card == f"ε {spent[1]:.2f} at δ 1e-5 (max 50)"
     assert column == [f"{spent[1]:.3f}", f"{spent[0]:.3f}"]  # newest first
+
+
+def test_python_api_and_simulate_take_the_same_settings():
+    import fedhub
+
+    server = fedhub.Server("basic", privacy={"mode": "central-adaptive", "noise_multiplier": 0.5,
+                                             "clipped_count_stddev": 1.0, "max_epsilon": 4})
+    strategy = server.federation.make_strategy()
+    assert strategy.name == "dp-central-adaptive(fedavg)" and strategy.max_epsilon == 4
+    assert fedhub.Server("basic", privacy=fedhub.DPConfig(mode="local")).federation.privacy.mode == "local"
+    with pytest.raises(ValueError, match="dp: unknown key 'noise'"):
+        fedhub.Server("basic", privacy={"noise": 1.0})
+    with pytest.raises(ValueError, match="central DP wraps an averaging strategy"):
+        fedhub.Server("basic", strategy="fedmedian", privacy={"mode": "central-fixed"})
+    out = subprocess.run([sys.executable, "-m", "fedhub.simulate", "--dp", "local", "--dp-clip", "-1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().endswith("error: --dp-clip must be a positive number")

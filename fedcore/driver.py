@@ -101,6 +101,7 @@ class RoundDriver:
         s = self._state
         if (self.all_done() and s.status in ("running", "paused") and s.open is None
                 and not s.busy and self._hooks.idle()):
+            s.reason = ""
             s.set_status("finished")
             log.info("the run is over: %s done", plural(self._config.rounds, "round"))
 

@@ -87,6 +87,7 @@ class _DPStrategy(Strategy):
         self.rng = rng or np.random.default_rng()
         self._sampling_rate = 1.0
         self._epsilon = 0.0
+        self._budget_spent: str | None = None
 
     # accounting ----------------------------------------------------------------------------
     def accounted(self, sampling_rate: float) -> tuple[float, float]:
@@ -105,11 +106,11 @@ class _DPStrategy(Strategy):
         return None
 
     def privacy(self) -> dict[str, Any]:
-        last = self.accountant.segments[-1][0] if self.accountant.segments else self._sampling_rate
+        """Computed when the state is adopted: the status asks under the engine's lock."""
         return {"mode": self.mode, "epsilon": self._epsilon, "delta": self.accountant.delta,
                 "max_epsilon": self.max_epsilon, "rounds": self.accountant.rounds,
                 "noise_multiplier": self.noise_multiplier, "clipping_norm": self.clipping_norm,
-                "budget_spent": self._over_budget(float(last)) if self.accountant.rounds else None}
+                "budget_spent": self._budget_spent}
 
     # the strategy interface -----------------------------------------------------------------
     def params(self) -> dict[str, Any]:
@@ -156,12 +157,15 @@ class _DPStrategy(Strategy):
         self.strategy.load_state(inner)
         self.clipping_norm, self.accountant = norm, accountant
         self._epsilon = accountant.epsilon()
+        # Another round like the last one would exceed the budget: the run stops here.
+        self._budget_spent = self._over_budget(float(segments[-1][0])) if len(segments) else None
 
     def reset(self) -> None:
         self.strategy.reset()
         self.clipping_norm = self.initial_clipping_norm
         self.accountant = PrivacyAccountant(delta=self.accountant.delta)
         self._epsilon = 0.0
+        self._budget_spent = None
 
     def next_clipping_norm(self, unclipped: int, count: int) -> float:
         """The bound for the next round (fixed clipping keeps it)."""

@@ -43,7 +43,7 @@ RESULTS = ROOT / "bench" / "results" / "privacy.json"
 DOCS = ROOT / "docs"
 PER_ROUND = 10  # devices taking part in each round
 DELTA = 1e-5
-DEFAULT_NOISE = (0.0, 0.05, 0.1, 0.3, 1.0)
+DEFAULT_NOISE = (0.0, 0.05, 0.1, 0.3, 1.0, 2.0, 4.0)
 LEARNING_RATE = 1e-3
 
 
@@ -165,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=lambda t: [_positive(v) for v in t.split(",")], default=[10, 100],
                    help="comma-separated device counts (default 10,100)")
     p.add_argument("--noise", type=_floats, default=list(DEFAULT_NOISE),
-                   help="comma-separated noise multipliers (default 0,0.05,0.1,0.3,1)")
+                   help="comma-separated noise multipliers (default 0,0.05,0.1,0.3,1,2,4)")
     p.add_argument("--clip", type=float, default=0.5, help="clipping bound C (default 0.5)")
     p.add_argument("--rounds", type=_positive, default=30, help="rounds per run (default 30)")
     p.add_argument("--samples-per-device", type=_positive, default=600,
@@ -188,24 +188,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(d < PER_ROUND for d in a.devices):
         p.error(f"--devices must each be at least {PER_ROUND} (devices per round)")
     results = Results(a.results)
-    if a.run:
+    todo = [(d, z) for d in a.devices for z in a.noise
+            if key(d, z, a.clip, a.rounds, a.samples_per_device, a.seed) not in results.runs] if a.run else []
+    if todo:
         try:
             data = Data(a.data_dir)
         except (DatasetError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         trainer = LocalTraining("basic", a.seed)
-        for devices in a.devices:
-            for noise in a.noise:
-                k = key(devices, noise, a.clip, a.rounds, a.samples_per_device, a.seed)
-                if k in results.runs:
-                    continue
-                print(k, flush=True)
-                started = time.perf_counter()
-                record = simulate(devices, noise, a.clip, a.rounds, a.samples_per_device, a.seed, data,
-                                  trainer, lambda text: print(text, flush=True))
-                record["seconds"] = time.perf_counter() - started
-                results.save(k, record)
+        for devices, noise in todo:
+            k = key(devices, noise, a.clip, a.rounds, a.samples_per_device, a.seed)
+            print(k, flush=True)
+            started = time.perf_counter()
+            record = simulate(devices, noise, a.clip, a.rounds, a.samples_per_device, a.seed, data,
+                              trainer, lambda text: print(text, flush=True))
+            record["seconds"] = time.perf_counter() - started
+            results.save(k, record)
     if a.report:
         a.docs.mkdir(parents=True, exist_ok=True)
         print(report(results, a.docs))

@@ -80,9 +80,10 @@ def simulate(devices: int, noise: float, clip: float, rounds: int, samples: int,
         accuracy, _ = trainer.evaluate(weights, data.x_test, data.y_test)
         epsilon = result.metrics["privacy"]["epsilon"]
         out["accuracy"].append(accuracy)
-        out["epsilon"].append(epsilon if math.isfinite(epsilon) else None)
+        out["epsilon"].append(epsilon)
         out["update_norm"].append(float(np.median(norms)))
-        log(f"  round {rnd:2d}/{rounds}: accuracy {accuracy:.4f}, epsilon {epsilon:.3g}, median update "
+        shown = math.inf if epsilon is None else epsilon
+        log(f"  round {rnd:2d}/{rounds}: accuracy {accuracy:.4f}, epsilon {shown:.3g}, median update "
             f"norm {np.median(norms):.3g} ({time.perf_counter() - started:.1f} s)")
     return out
 

@@ -292,8 +292,9 @@ def reset_confirmation(api: ServerAPI, status: dict[str, Any]) -> None:
 def privacy_text(p: dict[str, Any]) -> str:
     """What differential privacy has spent so far (``status["privacy"]``), in one line."""
     budget = f" of a budget of {p['max_epsilon']:g}" if p.get("max_epsilon") is not None else ""
+    epsilon = "∞ (a round without noise)" if p["epsilon"] is None else f"{p['epsilon']:.3g}"
     return (f"Differential privacy ({p['mode']}, noise multiplier {p['noise_multiplier']:g}, clipping "
-            f"bound {p['clipping_norm']:.3g}): **ε = {p['epsilon']:.3g}** at δ = {p['delta']:g}"
+            f"bound {p['clipping_norm']:.3g}): **ε = {epsilon}** at δ = {p['delta']:g}"
             f"{budget} after {plural(p['rounds'], 'round')} (server option --dp)")
 
 

@@ -191,7 +191,12 @@
   function privacyText(p) {
     if (!p) return "no DP";
     const max = typeof p.max_epsilon === "number" ? ` (max ${p.max_epsilon})` : "";
-    return `ε ${fmt(p.epsilon, 2)} at δ ${p.delta.toExponential(0)}${max}`;
+    return `ε ${epsilonText(p.epsilon, 2)} at δ ${p.delta.toExponential(0)}${max}`;
+  }
+
+  // Epsilon is null (infinite) once a round ran without noise.
+  function epsilonText(epsilon, digits) {
+    return epsilon === null ? "∞" : fmt(epsilon, digits);
   }
 
   function localAccuracy(latest) {
@@ -258,7 +263,7 @@
     const newestFirst = rounds.slice().reverse();
     fillTable("rounds", newestFirst.map((r) => [
       String(r.round), fmt(r.test_accuracy, 4), fmt(r.test_loss, 4),
-      String(r.num_updates), String(r.num_examples), r.privacy ? fmt(r.privacy.epsilon, 3) : "–",
+      String(r.num_updates), String(r.num_examples), r.privacy ? epsilonText(r.privacy.epsilon, 3) : "–",
     ]));
     const last = rounds[rounds.length - 1];
     setText("latest-accuracy", last ? fmt(last.test_accuracy, 4) : "–");

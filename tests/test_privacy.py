@@ -364,3 +364,12 @@ def test_the_wrapper_refuses_a_round_over_the_budget():
     assert rounds == dp.privacy()["rounds"] > 1
     assert dp.privacy()["epsilon"] <= 5.0 < dp.accountant.epsilon_after(0.3, 1.0)
     assert err.value.field == "dp_max_epsilon" and dp.privacy()["budget_spent"] == err.value.message
+
+
+def test_a_round_without_noise_has_no_finite_epsilon_and_the_json_says_null():
+    dp = DPFixedClipping(FedAvg(), 0.0, 1.0)
+    _, metrics = _run(dp, {"w": np.zeros(2)}, {"a": {"w": np.ones(2)}})
+    assert metrics["epsilon"] is None and dp.privacy()["epsilon"] is None
+    json.dumps(dp.privacy(), allow_nan=False)
+    with pytest.raises(BudgetExhausted):  # with a budget, no round without noise starts at all
+        DPFixedClipping(FedAvg(), 0.0, 1.0, max_epsilon=100).configure(["a"], rng=random.Random(0))

@@ -59,6 +59,11 @@ def _check_noise(noise_multiplier: float) -> None:
         raise ValueError("noise_multiplier must be a non-negative number")
 
 
+def _json_epsilon(epsilon: float) -> float | None:
+    """Epsilon for JSON: None when infinite (a round without noise gives no guarantee)."""
+    return epsilon if math.isfinite(epsilon) else None
+
+
 def _check_norm(clipping_norm: float, what: str = "clipping_norm") -> None:
     if not (math.isfinite(clipping_norm) and clipping_norm > 0):
         raise ValueError(f"{what} must be a positive number")
@@ -107,7 +112,7 @@ class _DPStrategy(Strategy):
 
     def privacy(self) -> dict[str, Any]:
         """Computed when the state is adopted: the status asks under the engine's lock."""
-        return {"mode": self.mode, "epsilon": self._epsilon, "delta": self.accountant.delta,
+        return {"mode": self.mode, "epsilon": _json_epsilon(self._epsilon), "delta": self.accountant.delta,
                 "max_epsilon": self.max_epsilon, "rounds": self.accountant.rounds,
                 "noise_multiplier": self.noise_multiplier, "clipping_norm": self.clipping_norm,
                 "budget_spent": self._budget_spent}
@@ -130,6 +135,8 @@ class _DPStrategy(Strategy):
         pool = sorted(available)
         plan = super().configure(pool, rng=rng, fraction=fraction, min_devices=min_devices)
         rate = len(plan.devices) / len(pool) if pool else 1.0
+        # With a budget, a sampling rate not seen before costs a fraction of a second the first
+        # time (its RDP curve, cached after); the rate only changes with the devices available.
         why = self._over_budget(rate)
         if why is not None:
             raise BudgetExhausted(why, "dp_max_epsilon")
@@ -192,7 +199,7 @@ class _PrivateRound(RoundAggregator):
         accountant = PrivacyAccountant.from_dict(owner.accountant.to_dict())
         epsilon = accountant.record_round(*owner.accounted(self._sampling_rate))
         self._privacy = {
-            "mode": owner.mode, "epsilon": epsilon, "delta": accountant.delta,
+            "mode": owner.mode, "epsilon": _json_epsilon(epsilon), "delta": accountant.delta,
             "max_epsilon": owner.max_epsilon, "rounds": accountant.rounds,
             "sampling_rate": self._sampling_rate, "noise_multiplier": owner.noise_multiplier,
             "clipping_norm": clipping_norm, **extra,

@@ -59,10 +59,14 @@ class RoundBars:
         if self._round == entry["round"]:
             self._close()
         accuracy, loss = entry["test_accuracy"], entry["test_loss"]
+        spent = ""
+        if entry.get("privacy"):  # --dp: the privacy spent so far (None: infinite)
+            epsilon = entry["privacy"]["epsilon"]
+            spent = f", epsilon {'inf' if epsilon is None else f'{epsilon:.3g}'}"
         print(f"round {entry['round']}: global test accuracy "
               f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} "
               f"(loss {'n/a' if loss is None else f'{loss:.4f}'}), {entry['num_updates']} devices, "
-              f"{entry['num_examples']} examples, {time.monotonic() - self._started:.1f}s", flush=True)
+              f"{entry['num_examples']} examples{spent}, {time.monotonic() - self._started:.1f}s", flush=True)
 
     def _close(self) -> None:
         if self._bar is not None:

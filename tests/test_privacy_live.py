@@ -165,10 +165,22 @@ def test_local_dp_is_applied_on_the_devices(tmp_path, data_dir):
     (["--dp", "central-fixed", "--strategy", "krum", "--min-devices", "4"],
      "error: central DP wraps an averaging strategy"),
 ])
-def test_bad_dp_settings_are_one_line_errors(args, message):
-    out = run_cli("server.py", *args)
-    assert out.returncode == 2 and out.stderr.startswith(message), out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+def test_bad_dp_settings_are_one_line_errors(args, message, capsys):
+    """server.py's parser in this process (a real process below): one line, exit 2."""
+    import server
+
+    with pytest.raises(SystemExit) as exit_:
+        server.parse_args(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(message), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_bad_dp_setting_stops_the_real_server_with_one_line():
+    out = run_cli("server.py", "--dp", "central-adaptive", "--dp-noise-multiplier", "1")
+    assert out.returncode == 2 and out.stderr == (
+        "error: --dp-noise-multiplier 1.0 must be below 2 x --dp-clipped-count-stddev (0.1): raise "
+        "--dp-clipped-count-stddev (above 0.5) or the devices per round\n")
 
 
 @pytest.mark.slow

@@ -3,8 +3,8 @@
 The devices are NumPy softmax trainers on scikit-learn's digits (no TensorFlow on their side),
 so each run takes seconds: central DP recording epsilon each round (in the history, the status,
 the TensorBoard event files), surviving a SIGKILL of the server with its accountant; the budget
-(--dp-max-epsilon) ending the run and saying why; local DP applied on the devices; and the
-command line refusing bad settings with one line.
+(--dp-max-epsilon) ending the run and saying why; local DP applied on the devices; epsilon in
+both dashboards; the Python API; and the command line refusing bad settings with one line.
 """
 
 from __future__ import annotations

@@ -107,6 +107,9 @@ class Coordinator:
             if self.config.start and status in ("idle", "paused"):
                 status = "running"
             self._state.set_status(status)
+            spent = (self.strategy.privacy() or {}).get("budget_spent")
+            if status == "finished" and spent:  # why the run ended, after a restart too
+                self._state.reason = spent
             self._driver.check_finished()
 
     def _restore_strategy_state(self, number: int) -> None:

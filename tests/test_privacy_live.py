@@ -115,6 +115,9 @@ def test_max_epsilon_stops_the_run_and_says_why(tmp_path, data_dir):
         wait_until(lambda: status(server)["status"] == "finished", 60, "the budget to run out")
         final, rounds = status(server), history(server)
         codes = [p.wait(30) for p in procs]
+        server.kill()
+        server.start()
+        assert status(server)["reason"] == final["reason"]  # still saying why after a restart
     finally:
         stop(procs)
         server.stop()

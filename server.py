@@ -32,6 +32,7 @@ from fedcore.storage import Storage
 from fedcore.strategies import STRATEGIES, ParamError, format_strategies, parse_strategy_args
 from utils import state_dir as state
 from utils.cli import Parser
+from utils.dp_options import add_dp_options, dp_config
 from utils.state_dir import ADMIN_TOKEN_FILE, ENROLL_SECRET_FILE
 
 log = logging.getLogger("fedhub.server")
@@ -213,6 +214,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                         "q8:block=N for the scales) or topk:FRACTION (sparse, with error feedback)")
     p.add_argument("--compress-downlink", action="store_true",
                    help="send the global model download compressed too (as its change)")
+    add_dp_options(p)
     p.add_argument("--epochs", type=int, default=train.epochs, help="local epochs per round")
     p.add_argument("--batch-size", type=int, default=train.batch_size)
     p.add_argument("--learning-rate", type=float, default=train.learning_rate)
@@ -267,7 +269,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         strategy_params=strategy_params, memory_budget=int(a.strategy_memory_mb * 2**20), seed=a.seed,
         compress_downlink=a.compress_downlink,
         training=TrainingConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size,
-                                learning_rate=a.learning_rate, compression=a.compression))
+                                learning_rate=a.learning_rate, compression=a.compression),
+        privacy=dp_config(p, a, a.min_devices))
     try:
         federation.validate()
     except ParamError as exc:

@@ -237,9 +237,12 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
     if strategy:
         st.caption(f"Aggregation: **{as_text(with_settings(strategy['name'], strategy['params']))}** "
                    "(server options --strategy and --strategy-arg)")
+    privacy = status.get("privacy")
+    if privacy:
+        st.caption(privacy_text(privacy))
 
     if state == "finished":
-        st.info(f"The run is over ({plural(status['total_rounds'], 'round')} done). To train again, "
+        st.info(f"The run is over ({plural(status['completed_rounds'], 'round')} done). To train again, "
                 "Reset (back to the initial model), or Start with more rounds in the run.")
 
     c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1, 2])
@@ -284,6 +287,15 @@ def reset_confirmation(api: ServerAPI, status: dict[str, Any]) -> None:
         yes, no, _ = st.columns([1, 1, 3])
         yes.button("Reset the run", key="reset_confirm", type="primary", on_click=reset)
         no.button("Cancel", key="reset_cancel", on_click=cancel_reset)
+
+
+def privacy_text(p: dict[str, Any]) -> str:
+    """What differential privacy has spent so far (``status["privacy"]``), in one line."""
+    budget = f" of a budget of {p['max_epsilon']:g}" if p.get("max_epsilon") is not None else ""
+    epsilon = "∞ (a round without noise)" if p["epsilon"] is None else f"{p['epsilon']:.3g}"
+    return (f"Differential privacy ({p['mode']}, noise multiplier {p['noise_multiplier']:g}, clipping "
+            f"bound {p['clipping_norm']:.3g}): **ε = {epsilon}** at δ = {p['delta']:g}"
+            f"{budget} after {plural(p['rounds'], 'round')} (server option --dp)")
 
 
 def with_settings(name: str, params: dict[str, Any] | None) -> str:
@@ -403,6 +415,13 @@ def charts_panel(history: list[dict[str, Any]]) -> None:
                       width="stretch")
     right.altair_chart(metric_chart(frame, "loss", "loss: global on the test set, devices in training"),
                        width="stretch")
+    spent = [{"round": r["round"], "epsilon": r["privacy"]["epsilon"]} for r in history if r.get("privacy")]
+    if spent:
+        st.altair_chart(alt.Chart(pd.DataFrame(spent), title="privacy spent: ε after each round")
+                        .mark_line(point=True, color=GLOBAL_COLOUR).encode(
+                            x=alt.X("round:Q", axis=alt.Axis(tickMinStep=1, format="d")),
+                            y=alt.Y("epsilon:Q", title="ε"),
+                            tooltip=["round", alt.Tooltip("epsilon:Q", format=".4f")]), width="stretch")
     failed = [{"round": r["round"], "device": name, "error": m.get("error", "")}
               for r in reversed(history) for name, m in sorted(r["devices"].items()) if m.get("failed")]
     if failed:

@@ -184,6 +184,19 @@
     }
     setText("reason", status.reason || status.last_error || "");
     setText("strategy", status.strategy ? withSettings(status.strategy.name, status.strategy.params) : "–");
+    setText("epsilon", privacyText(status.privacy));
+  }
+
+  // "ε 2.31 at δ 1e-05 (max 8)": the privacy spent so far (status.privacy), or "no DP".
+  function privacyText(p) {
+    if (!p) return "no DP";
+    const max = typeof p.max_epsilon === "number" ? ` (max ${p.max_epsilon})` : "";
+    return `ε ${epsilonText(p.epsilon, 2)} at δ ${p.delta.toExponential(0)}${max}`;
+  }
+
+  // Epsilon is null (infinite) once a round ran without noise.
+  function epsilonText(epsilon, digits) {
+    return epsilon === null ? "∞" : fmt(epsilon, digits);
   }
 
   function localAccuracy(latest) {
@@ -250,7 +263,7 @@
     const newestFirst = rounds.slice().reverse();
     fillTable("rounds", newestFirst.map((r) => [
       String(r.round), fmt(r.test_accuracy, 4), fmt(r.test_loss, 4),
-      String(r.num_updates), String(r.num_examples),
+      String(r.num_updates), String(r.num_examples), r.privacy ? epsilonText(r.privacy.epsilon, 3) : "–",
     ]));
     const last = rounds[rounds.length - 1];
     setText("latest-accuracy", last ? fmt(last.test_accuracy, 4) : "–");

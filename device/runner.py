@@ -17,6 +17,7 @@ import numpy as np
 from fedcore import compression
 from fedcore.auth import read_secret
 from fedcore.plural import plural
+from fedcore.privacy import local_dp_task, privatize_update
 
 from .attacks import Attack
 from .client import Client, RemoteLogHandler, ServerError, TLSError, Unreachable, backoff_delays, duration
@@ -261,8 +262,18 @@ class DeviceRunner:
                 self.client.report_interrupted(number, detail)
             return
         sent = result.weights
+        try:
+            local_dp = local_dp_task(config)
+        except ValueError as exc:
+            self._say(f"round {number}: refused the task's local DP settings: {exc}", logging.ERROR, number)
+            return
+        if local_dp is not None:  # clipped and noised here: the server never sees the update itself
+            sent, _ = privatize_update(sent, weights, *local_dp, self._rng)
+            # The log goes to the server too: it names the settings, never the update's norm.
+            self._say(f"round {number}: local DP: change clipped to L2 norm {local_dp[0]:g}, "
+                      f"Gaussian noise of std {local_dp[0] * local_dp[1]:g} added", round_number=number)
         if self.attack is not None:
-            sent = self.attack.poison_weights(result.weights, weights, self._rng)
+            sent = self.attack.poison_weights(sent, weights, self._rng)
         try:
             ack = self.client.upload(number, sent, num_examples=result.num_examples,
                                      model_version=version, metrics=result.metrics,

@@ -3,10 +3,12 @@ the Python API: every default lives here, once."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import compression
+from . import compression, params
+from .privacy import DPConfig
 from .strategies import DEFAULT_MEMORY_BUDGET, Strategy, make_strategy
 
 
@@ -57,6 +59,11 @@ class FederationConfig:
     seed: int = 0
     compress_downlink: bool = False  # the global model download goes out compressed too
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: DPConfig | None = None  # differential privacy (--dp), wrapping the strategy
+
+    def __post_init__(self) -> None:
+        if isinstance(self.privacy, Mapping):  # from the Python API or to_dict(): typed, one line
+            self.privacy = params.build(DPConfig, self.privacy, "dp")
 
     def validate(self) -> None:
         """ValueError (one line) for settings that cannot work, the strategy's included."""
@@ -83,6 +90,8 @@ class FederationConfig:
         round these settings allow."""
         strategy = make_strategy(self.strategy, **self.strategy_params)
         strategy.check_min_devices(self.min_devices)
+        if self.privacy is not None:
+            strategy = self.privacy.wrap(strategy, self.min_devices)
         return strategy
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import numpy as np
 
 from .config import FederationConfig
 from .devices import DeviceRegistry
+from .errors import RunOver
 from .evaluations import Evaluations
 from .history import RoundHistory
 from .plural import plural
@@ -100,6 +101,7 @@ class RoundDriver:
         s = self._state
         if (self.all_done() and s.status in ("running", "paused") and s.open is None
                 and not s.busy and self._hooks.idle()):
+            s.reason = ""
             s.set_status("finished")
             log.info("the run is over: %s done", plural(self._config.rounds, "round"))
 
@@ -168,8 +170,14 @@ class RoundDriver:
                         f"{self._config.min_devices} needed")
             return None
         s.reason = ""
-        plan = self._strategy.configure(available, rng=self._rng, fraction=self._config.fraction,
-                                        min_devices=self._config.min_devices)
+        try:
+            plan = self._strategy.configure(available, rng=self._rng, fraction=self._config.fraction,
+                                            min_devices=self._config.min_devices)
+        except RunOver as exc:  # a spent privacy budget: no round after this one
+            log.warning("the run is over: %s", exc.message)
+            s.reason = exc.message
+            s.set_status("finished")
+            return None
         s.opening = True
         return s.version, s.weights, plan
 

@@ -50,6 +50,7 @@ def build_entry(round_row: Mapping[str, Any], updates: Iterable[Mapping[str, Any
         "strategy": ({"name": outcome["strategy"], "params": outcome.get("params", {})}
                      if "strategy" in outcome else None),
         "num_used": outcome.get("num_used", round_row["num_updates"]),
+        **({"privacy": outcome["privacy"]} if outcome.get("privacy") else {}),
     }
     for e in errors:
         _mark_failed(entry, e)

@@ -153,6 +153,6 @@ class RoundState:
             out["round"] = self.open.view()
         elif self.closing is not None:
             out["round"] = {"number": self.closing, "state": "aggregating"}
-        elif self.status == "running":
+        elif self.status in ("running", "finished"):
             out["reason"] = self.reason
         return out

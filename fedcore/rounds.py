@@ -109,6 +109,9 @@ class Coordinator:
             if self.config.start and status in ("idle", "paused"):
                 status = "running"
             self._state.set_status(status)
+            spent = (self.strategy.privacy() or {}).get("budget_spent")
+            if status == "finished" and spent:  # why the run ended, after a restart too
+                self._state.reason = spent
             self._driver.check_finished()
 
     def _restore_strategy_state(self, number: int) -> None:
@@ -514,7 +517,8 @@ class Coordinator:
             counts[d["state"]] = counts.get(d["state"], 0) + 1
         with self._cond:
             return {**self._state.view(), "total_rounds": self.config.rounds,
-                    "strategy": self.strategy.describe(), "devices": counts}
+                    "strategy": self.strategy.describe(), "privacy": self.strategy.privacy(),
+                    "devices": counts}
 
     def list_devices(self) -> list[dict[str, Any]]:
         """Enrolled devices, their state, lifecycle and part in the latest round they were in."""

@@ -22,6 +22,7 @@ from fedcore import auth
 from fedcore.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
 from fedcore.errors import FedHubError
 from fedcore.plural import plural
+from fedcore.privacy import DPConfig
 
 from .evaluation import evaluate
 
@@ -38,6 +39,8 @@ class Server:
     and training starts as soon as ``min_devices`` are there. ``strategy`` is a name from
     ``--list-strategies`` and ``strategy_params`` its parameters (``{"num_malicious": 1}``);
     ``compression`` and ``compress_downlink`` are ``--compression`` and ``--compress-downlink``.
+    ``privacy`` adds differential privacy, as ``--dp``: a :class:`fedhub.DPConfig` or its
+    settings (``{"mode": "central-fixed", "noise_multiplier": 1.0, "max_epsilon": 8}``).
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
@@ -54,7 +57,8 @@ class Server:
                  enroll_secret: str | None = None, admin_token: str | None = None,
                  threads: int = 16, data_dir: str | Path | None = None,
                  test_limit: int | None = None, compression: str = TRAINING.compression,
-                 compress_downlink: bool = FEDERATION.compress_downlink) -> None:
+                 compress_downlink: bool = FEDERATION.compress_downlink,
+                 privacy: DPConfig | Mapping[str, Any] | None = None) -> None:
         if isinstance(model, str):
             from model import MODEL_NAMES
 
@@ -66,7 +70,8 @@ class Server:
             strategy=strategy, strategy_params=dict(strategy_params or {}), seed=seed,
             compress_downlink=compress_downlink,
             training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                                    compression=compression))
+                                    compression=compression),
+            privacy=privacy)
         self.federation.validate()  # ValueError now (a bad strategy parameter too), not later
         self._model = model
         self._test_data = test_data

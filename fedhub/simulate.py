@@ -29,6 +29,7 @@ from tqdm import tqdm
 from fedcore.config import FederationConfig, TrainingConfig
 from fedcore.strategies import STRATEGIES, make_strategy, parse_strategy_args
 from fedhub.simulation import simulate
+from utils.dp_options import add_dp_options, dp_config
 
 
 class RoundBars:
@@ -59,10 +60,14 @@ class RoundBars:
         if self._round == entry["round"]:
             self._close()
         accuracy, loss = entry["test_accuracy"], entry["test_loss"]
+        spent = ""
+        if entry.get("privacy"):  # --dp: the privacy spent so far (None: infinite)
+            epsilon = entry["privacy"]["epsilon"]
+            spent = f", epsilon {'inf' if epsilon is None else f'{epsilon:.3g}'}"
         print(f"round {entry['round']}: global test accuracy "
               f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} "
               f"(loss {'n/a' if loss is None else f'{loss:.4f}'}), {entry['num_updates']} devices, "
-              f"{entry['num_examples']} examples, {time.monotonic() - self._started:.1f}s", flush=True)
+              f"{entry['num_examples']} examples{spent}, {time.monotonic() - self._started:.1f}s", flush=True)
 
     def _close(self) -> None:
         if self._bar is not None:
@@ -113,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="how devices send updates, as server.py's: none, q8, q4, topk:FRACTION")
     p.add_argument("--compress-downlink", action="store_true",
                    help="send the global model download compressed too")
+    add_dp_options(p)
     return p
 
 
@@ -146,6 +152,7 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         make_strategy(a.strategy, **a.strategy_params).check_min_devices(math.ceil(a.fraction * a.devices))
     except ValueError as exc:
         p.error(f"{exc}".replace("min_devices is", "--fraction x --devices is"))
+    a.privacy = dp_config(p, a, math.ceil(a.fraction * a.devices))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             learning_rate=a.learning_rate, root=root, timeout=a.timeout, on_round=bars.round_done,
             on_progress=bars.progress, fraction=a.fraction, seed=a.seed, data_dir=a.data_dir,
             test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params,
-            compression=a.compression, compress_downlink=a.compress_downlink)
+            compression=a.compression, compress_downlink=a.compress_downlink, privacy=a.privacy)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -197,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "compression": a.compression, "compress_downlink": a.compress_downlink,
         "fraction": a.fraction, "workers": stats["workers"], "backend": a.backend,
         "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
+        "epsilon": (history[-1].get("privacy") or {}).get("epsilon") if history else None,
     }), flush=True)
     return 0
 

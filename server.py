@@ -30,6 +30,7 @@ from fedcore.plural import plural
 from fedcore.rounds import Coordinator
 from fedcore.storage import Storage
 from fedcore.strategies import STRATEGIES, ParamError, format_strategies, parse_strategy_args
+from utils import secagg_options
 from utils import state_dir as state
 from utils.cli import Parser
 from utils.state_dir import ADMIN_TOKEN_FILE, ENROLL_SECRET_FILE
@@ -208,6 +209,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--strategy-memory-mb", type=float, default=fed.memory_budget / 2**20,
                    help="MiB of a round's updates that median, trimmed mean, Krum and Bulyan keep in "
                         "RAM; beyond it they go to a file in the state folder")
+    secagg_options.add_options(p)
     p.add_argument("--epochs", type=int, default=train.epochs, help="local epochs per round")
     p.add_argument("--batch-size", type=int, default=train.batch_size)
     p.add_argument("--learning-rate", type=float, default=train.learning_rate)
@@ -262,12 +264,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         strategy_params=strategy_params, memory_budget=int(a.strategy_memory_mb * 2**20), seed=a.seed,
         training=TrainingConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size,
                                 learning_rate=a.learning_rate))
+    federation.secagg = secagg_options.config_from(a)
     try:
         federation.validate()
     except ParamError as exc:
         p.error(str(exc))
     except ValueError as exc:
         hint = " (--min-devices)" if "min_devices" in str(exc) else ""
+        hint += secagg_options.hint(exc)
         p.error(f"{exc}{hint}")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .secagg import SecAggConfig
 from .strategies import DEFAULT_MEMORY_BUDGET, Strategy, make_strategy
+from .strategies.averaging import Averaging
 
 
 @dataclass
@@ -50,6 +52,7 @@ class FederationConfig:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     seed: int = 0
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    secagg: SecAggConfig | None = None  # secure aggregation (SecAgg+) of every round; None: off
 
     def validate(self) -> None:
         """ValueError (one line) for settings that cannot work, the strategy's included."""
@@ -66,7 +69,23 @@ class FederationConfig:
         if self.memory_budget < 0:
             raise ValueError("memory_budget must be 0 or more")
         self.training.validate()
-        self.make_strategy()
+        strategy = self.make_strategy()
+        if self.secagg is not None:
+            self.check_secagg(strategy)
+
+    def check_secagg(self, strategy: Strategy) -> None:
+        """Secure aggregation hides each update, so only a strategy that needs just their
+        weighted mean can work with it, and a round needs at least the threshold of devices."""
+        assert self.secagg is not None
+        self.secagg.validate()
+        if not isinstance(strategy, Averaging):
+            raise ValueError(f"strategy {strategy.name} needs every device's update, which secure "
+                             "aggregation hides: use fedavg, fedavgm, fedprox, fedadam, fedyogi or "
+                             "fedadagrad with --secure-aggregation")
+        needed = max(2, self.secagg.threshold or 2)
+        if self.min_devices < needed:
+            raise ValueError(f"secure aggregation needs at least {needed} devices a round; "
+                             f"min_devices is {self.min_devices}")
 
     def make_strategy(self) -> Strategy:
         """The configured strategy, refused (ValueError) if it cannot aggregate the smallest

@@ -51,6 +51,8 @@ def build_entry(round_row: Mapping[str, Any], updates: Iterable[Mapping[str, Any
                      if "strategy" in outcome else None),
         "num_used": outcome.get("num_used", round_row["num_updates"]),
     }
+    if "secagg" in outcome:
+        entry["secagg"] = outcome["secagg"]
     for e in errors:
         _mark_failed(entry, e)
     return entry

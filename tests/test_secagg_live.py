@@ -100,3 +100,153 @@ def test_masked_rounds_give_the_weighted_mean_and_recover_a_dropout(tmp_path, da
     db = sqlite3.connect(server.state_dir / "fedhub.sqlite3")
     assert db.execute("SELECT COUNT(*) FROM updates").fetchone() == (0,)
     assert re.search(r"round 2: secure aggregation stage 'unmask'", server.log())
+
+
+# devices that speak the protocol by hand: lying ones, and a server killed mid-round -------------
+class HandDevice:
+    """A device that speaks the secure-aggregation protocol over HTTP by hand and uploads a known
+    change (``delta`` everywhere, weighted by ``weight``) instead of training."""
+
+    def __init__(self, server: ServerProcess, name: str, delta: float, weight: int) -> None:
+        import requests
+
+        from fedcore.secagg import DeviceRound
+
+        self.server, self.name, self.delta, self.weight = server, name, delta, weight
+        self.round: DeviceRound | None = None
+        self.lied = -1  # the round whose shares it forged
+        self.sent: dict[tuple[int, str], bytes] = {}  # (round, stage) -> the body sent
+        self.session = requests.Session()
+        r = self.session.post(f"{server.url}/api/devices/register", timeout=30,
+                              headers={"X-Enroll-Secret": server.enroll_secret},
+                              json={"name": name, "auto_activate": True,
+                                    "validation": {"ok": True, "problems": [], "num_examples": weight}})
+        assert r.status_code == 201, r.text
+        self.session.headers["Authorization"] = f"Bearer {r.json()['token']}"
+
+    def task(self) -> dict:
+        return self.session.get(f"{self.server.url}/api/devices/{self.name}/task?wait=0", timeout=30).json()
+
+    def post(self, number: int, body: bytes, masked: bool = False):
+        ctype = "application/octet-stream" if masked else "application/json"
+        return self.session.post(f"{self.server.url}/api/devices/{self.name}/secagg/{number}", data=body,
+                                 headers={"Content-Type": ctype}, timeout=30)
+
+    def answer(self, task: dict) -> bytes | None:
+        """This device's honest answer to ``task`` (None when there is nothing to answer)."""
+        from fedcore.secagg import DeviceRound, KeyDirectory, RoundParams, ShareBundle, UnmaskRequest
+
+        if task["action"] == "secagg" and task["stage"] == "advertise":
+            self.round = DeviceRound(self.name, RoundParams.from_dict(task["message"]))
+            return self.round.advertise().to_bytes()
+        if task["action"] == "secagg" and task["stage"] == "share":
+            if self.lied == task["round"]:
+                return None  # its forged shares are in
+            return self.round.share_keys(KeyDirectory.from_dict(task["message"])).to_bytes()
+        if task["action"] == "secagg" and task["stage"] == "unmask":
+            return self.round.unmask(UnmaskRequest.from_dict(task["message"])).to_bytes()
+        if task["action"] == "train":
+            vector = np.full(self.round.params.length, self.delta)
+            masked = self.round.masked_input(ShareBundle.from_dict(task["secagg"]), vector, self.weight)
+            return masked.to_bytes(self.round.params)
+        return None
+
+    def step(self, task: dict) -> str | None:
+        """Answer ``task``, if it asks for anything; the stage answered."""
+        body = self.answer(task)
+        if body is None:
+            return None
+        stage = task.get("stage", "masked")
+        r = self.post(task["round"], body, masked=stage == "masked")
+        assert r.status_code == 200, (self.name, stage, r.text)
+        self.sent[task["round"], stage] = body
+        return stage
+
+
+def hand_server(tmp_path, data_dir, *args: str) -> ServerProcess:
+    root = tmp_path / "devices"
+    digits.split(root, 1, limit=20)  # only its test set: the hand devices do not train
+    return ServerProcess(tmp_path, data_dir, "--model-factory", "tests.seeded_digits:build_model",
+                         "--test-data", str(root / "test.npz"), "--min-devices", "4", "--quorum", "1",
+                         "--auto-activate", "--start", "--no-tensorboard", "--round-timeout", "20",
+                         "--secure-aggregation", "--secagg-clip", "0.5", *args)
+
+
+def run_round(server: ServerProcess, devices: list[HandDevice], number: int, before=None) -> None:
+    """Step every device until round ``number`` is complete; ``before(device, task)`` may act on
+    each task first."""
+    def done() -> bool:
+        for d in devices:
+            task = d.task()
+            if before is not None:
+                before(d, task)
+            d.step(task)
+        return server.get("/api/status").json()["completed_rounds"] >= number
+
+    wait_until(done, 40, f"round {number}", interval=0.05)
+
+
+def mean_change(server: ServerProcess, number: int) -> np.ndarray:
+    start, end = checkpoint(server, number - 1), checkpoint(server, number)
+    return np.concatenate([(end[k].astype(np.float64) - start[k]).ravel() for k in sorted(start)])
+
+
+def test_lying_devices_are_refused_and_the_round_goes_on(tmp_path, data_dir):
+    from fedcore.secagg import AdvertiseKeys, KeyDirectory, ShareKeys
+
+    server = hand_server(tmp_path, data_dir, "--rounds", "2").start()
+    try:
+        honest = [HandDevice(server, f"hand{i}", 0.01 * i, 100 * i) for i in (1, 2, 3)]
+        liar = HandDevice(server, "liar", -0.02, 50)
+        devices = [*honest, liar]
+        refusals: list[tuple[int, dict]] = []
+        keys_seen: dict[str, tuple[bytes, bytes]] = {}
+
+        def lie(device: HandDevice, task: dict) -> None:
+            if device is not liar or task["action"] != "secagg":
+                return
+            number = task["round"]
+            if task["stage"] == "advertise":
+                # in another device's name
+                fake = AdvertiseKeys(round=number, device="hand1", cipher_key=b"\x09" * 32,
+                                     mask_key=b"\x0a" * 32)
+                r = device.post(number, fake.to_bytes())
+                refusals.append((r.status_code, r.json()))
+                if keys_seen:  # round 2: hand1's keys of round 1
+                    cipher, mask = keys_seen["hand1"]
+                    stolen = AdvertiseKeys(round=number, device="liar", cipher_key=cipher, mask_key=mask)
+                    r = device.post(number, stolen.to_bytes())
+                    refusals.append((r.status_code, r.json()))
+            if task["stage"] == "share":
+                keys_seen.update(KeyDirectory.from_dict(task["message"]).keys)
+                r = device.post(number, device.sent[number, "advertise"])  # replayed
+                refusals.append((r.status_code, r.json()))
+                # a wrong share for hand1: the honest message with hand1's ciphertexts corrupted
+                honest_shares = device.answer(task)
+                message = ShareKeys.from_bytes(honest_shares)
+                seed, key = message.shares["hand1"]
+                shares = {**message.shares, "hand1": (seed[:-1] + bytes([seed[-1] ^ 1]), key)}
+                forged = ShareKeys(round=number, device="liar", commitment=message.commitment, shares=shares)
+                r = device.post(number, forged.to_bytes())
+                assert r.status_code == 200, r.text
+                device.lied = number
+
+        run_round(server, devices, 1, lie)
+        run_round(server, devices, 2, lie)
+        rounds = history(server)
+    finally:
+        server.stop()
+
+    codes = [(status, body["field"]) for status, body in refusals]
+    assert codes == [(400, "device"), (409, "stage"), (400, "device"), (400, "cipher_key"), (409, "stage")], \
+        refusals
+    assert "in the name of device 'hand1'" in refusals[0][1]["message"]
+    assert "advertises a key from an earlier round" in refusals[3][1]["message"]
+    weights = {"hand1": 100, "hand2": 200, "hand3": 300, "liar": 50}
+    deltas = {"hand1": 0.01, "hand2": 0.02, "hand3": 0.03, "liar": -0.02}
+    want = sum(weights[n] * deltas[n] for n in weights) / sum(weights.values())
+    levels = levels_for(32, 4, 10_000)
+    for entry in rounds:
+        assert entry["secagg"]["survivors"] == 4
+        assert entry["secagg"]["complaints"] == {"hand1": ["liar"]}, entry["secagg"]
+        np.testing.assert_allclose(mean_change(server, entry["round"]), want, atol=0.5 / levels + 1e-6)

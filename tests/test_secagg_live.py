@@ -250,3 +250,52 @@ def test_lying_devices_are_refused_and_the_round_goes_on(tmp_path, data_dir):
         assert entry["secagg"]["survivors"] == 4
         assert entry["secagg"]["complaints"] == {"hand1": ["liar"]}, entry["secagg"]
         np.testing.assert_allclose(mean_change(server, entry["round"]), want, atol=0.5 / levels + 1e-6)
+
+
+def test_too_few_survivors_fail_the_round_which_runs_again(tmp_path, data_dir):
+    server = hand_server(tmp_path, data_dir, "--rounds", "1").start()
+    try:
+        devices = [HandDevice(server, f"hand{i}", 0.01 * i, 100) for i in (1, 2, 3, 4)]
+        quitting = {"hand3", "hand4"}  # drop out of the first attempt after dealing their shares
+
+        def drop(device: HandDevice, task: dict) -> None:
+            if device.name in quitting and task["action"] == "train":
+                r = device.session.post(f"{server.url}/api/devices/{device.name}/interrupted",
+                                        json={"round": task["round"], "detail": "gone"}, timeout=30)
+                assert r.status_code == 200, r.text
+                quitting.discard(device.name)
+                task["action"] = "gone"
+
+        run_round(server, devices, 1, drop)
+        body = server.get("/api/history").json()
+    finally:
+        server.stop()
+    [failure] = body["failures"]
+    assert failure["round"] == 1
+    assert "2 devices sent masked inputs, at least the threshold of 3 needed" in failure["reason"], failure
+    [entry] = body["rounds"]
+    assert entry["secagg"]["survivors"] == 4 and entry["secagg"]["recovered"] == []
+
+
+def test_server_killed_mid_protocol_runs_the_round_again(tmp_path, data_dir):
+    server = hand_server(tmp_path, data_dir, "--rounds", "1").start()
+    try:
+        devices = [HandDevice(server, f"hand{i}", 0.01 * i, 100) for i in (1, 2, 3, 4)]
+
+        def stage() -> str | None:
+            for d in devices:
+                d.step(d.task())
+            return (server.get("/api/status").json()["round"] or {}).get("secagg", {}).get("stage")
+
+        wait_until(lambda: stage() == "masked", 30, "the masked stage", interval=0.05)
+        server.kill()
+        server.start()
+        assert "discarded unfinished round(s) [1]" in server.log()
+        stale = devices[0].post(1, devices[0].sent[1, "share"])
+        assert stale.status_code == 409, stale.text
+        run_round(server, devices, 1)
+        [entry] = server.get("/api/history").json()["rounds"]
+    finally:
+        server.stop()
+    assert entry["secagg"]["survivors"] == 4
+    np.testing.assert_allclose(mean_change(server, 1), 0.025, atol=0.5 / levels_for(32, 4, 10_000) + 1e-6)

@@ -22,6 +22,7 @@ from fedcore import auth
 from fedcore.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
 from fedcore.errors import FedHubError
 from fedcore.plural import plural
+from fedcore.secagg import SecAggConfig
 
 from .evaluation import evaluate
 
@@ -37,6 +38,7 @@ class Server:
     ``server.py``'s flags, with the same defaults, except that here new devices start active
     and training starts as soon as ``min_devices`` are there. ``strategy`` is a name from
     ``--list-strategies`` and ``strategy_params`` its parameters (``{"num_malicious": 1}``).
+    ``secagg`` turns secure aggregation on (``SecAggConfig()``: ``--secure-aggregation``'s defaults).
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
@@ -52,7 +54,7 @@ class Server:
                  runs_dir: str | Path | None = None, run_id: str | None = None,
                  enroll_secret: str | None = None, admin_token: str | None = None,
                  threads: int = 16, data_dir: str | Path | None = None,
-                 test_limit: int | None = None) -> None:
+                 test_limit: int | None = None, secagg: SecAggConfig | None = None) -> None:
         if isinstance(model, str):
             from model import MODEL_NAMES
 
@@ -62,7 +64,8 @@ class Server:
             rounds=rounds, min_devices=min_devices, quorum=quorum, round_timeout=round_timeout,
             device_timeout=device_timeout, fraction=fraction, auto_activate=auto_activate, start=start,
             strategy=strategy, strategy_params=dict(strategy_params or {}), seed=seed,
-            training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate))
+            training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate),
+            secagg=secagg)
         self.federation.validate()  # ValueError now (a bad strategy parameter too), not later
         self._model = model
         self._test_data = test_data

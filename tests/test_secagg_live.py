@@ -299,3 +299,47 @@ def test_server_killed_mid_protocol_runs_the_round_again(tmp_path, data_dir):
         server.stop()
     assert entry["secagg"]["survivors"] == 4
     np.testing.assert_allclose(mean_change(server, 1), 0.025, atol=0.5 / levels_for(32, 4, 10_000) + 1e-6)
+
+
+def test_dashboards_show_secure_aggregation_and_the_dropout_recovered(tmp_path, data_dir, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.chromium import chromium
+
+    from .conftest import ROOT
+
+    server = hand_server(tmp_path, data_dir, "--rounds", "1").start()
+    try:
+        devices = [HandDevice(server, f"hand{i}", 0.01 * i, 100) for i in (1, 2, 3, 4)]
+
+        def drop(device: HandDevice, task: dict) -> None:  # hand4 leaves after dealing its shares
+            if device.name == "hand4" and task["action"] == "train":
+                r = device.session.post(f"{server.url}/api/devices/hand4/leave", timeout=30)
+                assert r.status_code == 200, r.text
+                task["action"] = "gone"
+
+        run_round(server, devices, 1, drop)
+        [entry] = history(server)
+        assert entry["secagg"]["recovered"] == ["hand4"] and entry["secagg"]["survivors"] == 3
+        np.testing.assert_allclose(mean_change(server, 1), 0.02, atol=0.5 / levels_for(32, 4, 10_000) + 1e-6)
+
+        monkeypatch.setenv("FEDHUB_SERVER", server.url)
+        at = AppTest.from_file(str(ROOT / "dashboard" / "index.py"), default_timeout=30).run()
+        assert not at.exception, at.exception
+        assert any(c.value.startswith("**On** (SecAgg+)") for c in at.caption), [c.value for c in at.caption]
+        [secure] = [t.value for t in at.dataframe if "dropouts recovered" in t.value.columns]
+        assert secure.to_dict("records") == [{
+            "round": 1, "masked updates summed": 3, "threshold": 3, "dropouts recovered": 1,
+            "recovered devices": "hand4", "refused": "–"}]
+
+        with chromium() as browser:
+            page = browser.new_page()
+            page.goto(f"{server.url}/stats/")
+            wait_until(lambda: page.evaluate("document.querySelectorAll('#rounds tr').length") == 1, 30,
+                       "the rounds table")
+            shown = page.evaluate("""() => [document.getElementById('secagg').textContent,
+                [...document.querySelector('#rounds tr').cells].map((td) => td.textContent)]""")
+    finally:
+        server.stop()
+    assert shown[0].startswith("on (SecAgg+: 11 shares, threshold a strict majority, clip ±0.5)"), shown
+    assert shown[1][-1] == "3 summed (threshold 3), 1 dropout(s) recovered", shown

@@ -20,7 +20,7 @@ import numpy as np
 from fedcore.secagg import DeviceRound, KeyDirectory, RoundParams, SecAggError, ShareBundle, UnmaskRequest
 from fedcore.secure_round import update_vector
 
-from .client import Client
+from .client import Client, ServerError
 
 Say = Callable[..., None]
 
@@ -65,6 +65,11 @@ class SecureDevice:
         except SecAggError as exc:  # an ERROR naming the round takes the device out of it
             self._round = None
             self._say(f"round {number}: secure aggregation refused: {exc.message}", logging.ERROR, number)
+        except ServerError as exc:  # late for the stage, or the round is gone: the next task says
+            if exc.status != 409:
+                raise
+            self._say(f"round {number}: the server did not take this device's {stage} message: "
+                      f"{exc.body.get('message')}", logging.WARNING, number)
 
     def drops(self, number: int) -> bool:
         """Whether this device drops out of round ``number`` now (after dealing its shares)."""

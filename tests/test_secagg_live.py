@@ -257,6 +257,17 @@ def test_too_few_survivors_fail_the_round_which_runs_again(tmp_path, data_dir):
     try:
         devices = [HandDevice(server, f"hand{i}", 0.01 * i, 100) for i in (1, 2, 3, 4)]
         quitting = {"hand3", "hand4"}  # drop out of the first attempt after dealing their shares
+        wait_until(lambda: (server.get("/api/status").json()["round"] or {}).get("secagg"), 30, "round 1")
+        hostile = [(b"{not json", "application/json"), (b'{"stage": "nope", "round": 1}', "application/json"),
+                   (b'{"stage": "advertise", "round": 1, "device": "hand1"}', "application/json"),
+                   (b"\x00" * 100, "application/octet-stream"), (b"{}", "text/plain"),
+                   (b"x" * (17 * 2**20), "application/json")]
+        answers = [devices[0].session.post(f"{server.url}/api/devices/hand1/secagg/1", data=body, timeout=30,
+                                           headers={"Content-Type": ctype}) for body, ctype in hostile]
+        assert [(r.status_code, r.json()["field"]) for r in answers] == [
+            (400, "body"), (400, "stage"), (400, "cipher_key"), (400, "body"), (400, "Content-Type"),
+            (413, "body")], [r.text for r in answers]
+        assert devices[0].post(2, b"{}").status_code == 409
 
         def drop(device: HandDevice, task: dict) -> None:
             if device.name in quitting and task["action"] == "train":

@@ -11,6 +11,7 @@ import re
 import sqlite3
 
 import numpy as np
+import pytest
 
 from device.launcher import stop
 from examples import digits
@@ -24,6 +25,7 @@ TRAINING = {"learning_rate": 0.5, "epochs": 1, "batch_size": 16}
 CLIP = 0.05  # small enough that digits' updates are clipped: the check covers the clipping too
 MAX_WEIGHT = 1000
 NAMES = ["digits1", "digits2", "digits3", "digits4"]
+pytestmark = pytest.mark.slow  # every test starts a real server
 
 
 def secagg_server(tmp_path, data_dir, root, *args: str) -> ServerProcess:
@@ -354,3 +356,28 @@ def test_dashboards_show_secure_aggregation_and_the_dropout_recovered(tmp_path, 
         server.stop()
     assert shown[0].startswith("on (SecAgg+: 11 shares, threshold a strict majority, clip ±0.5)"), shown
     assert shown[1][-1] == "3 summed (threshold 3), 1 dropout(s) recovered", shown
+
+
+# the simulation: pooled virtual devices --------------------------------------------------------
+def test_simulate_with_secure_aggregation_and_dropouts_on_a_pool(tmp_path):
+    """fedhub.simulate(secure_aggregation=True, dropout=P): the pool's virtual devices step through
+    each stage; a device that drops after dealing its shares is recovered."""
+    import fedhub
+    from examples.digits import load_digits
+    from tests.test_simulation_pool import digits_model
+
+    x, y = load_digits()
+    partitions = [(x[i * 100:(i + 1) * 100], y[i * 100:(i + 1) * 100]) for i in range(5)]
+    history = fedhub.simulate(digits_model, partitions, rounds=2, workers=1, batch_size=16, learning_rate=0.5,
+                              test_data=(x[1400:], y[1400:]), root=tmp_path, timeout=300,
+                              secure_aggregation=True, dropout=0.2)
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    for entry in history:
+        secagg = entry["secagg"]
+        assert secagg["threshold"] == 3 and secagg["shares"] == 5
+        assert secagg["survivors"] == entry["num_updates"] == 5 - len(secagg["recovered"]) >= 3
+        for name in secagg["recovered"]:
+            assert f"[{name}] round {entry['round']}: dropping out after sharing keys (simulated)" in logs
+    assert history[-1]["test_accuracy"] > 0.4  # chance is 0.1; FedAvg without masks reaches about 0.65
+    with pytest.raises(ValueError, match="dropout must be from 0 to 1, and goes with secure_aggregation"):
+        fedhub.simulate(digits_model, partitions, dropout=0.5)

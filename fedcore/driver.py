@@ -175,6 +175,7 @@ class RoundDriver:
         except SecAggError as exc:
             self._fail(r, f"round {r.number} failed: {exc.message}")
             return None
+        r.deadline = secure.deadline  # what the status shows: the open stage's deadline
         log.info("round %d: secure aggregation stage %r", r.number, stage)
         self._state.cond.notify_all()
         return None
@@ -239,6 +240,8 @@ class RoundDriver:
                 deadline=time.monotonic() + self._config.round_timeout,
                 config={d: {**base, **plan.config.get(d, {})} for d in plan.devices},
                 aggregator=aggregator, secure=secure)
+            if secure is not None:
+                s.open.deadline = secure.deadline
             log.info("round %d opened with %s", number, ", ".join(plan.devices))
             s.cond.notify_all()
 

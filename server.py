@@ -30,6 +30,7 @@ from fedcore.plural import plural
 from fedcore.rounds import Coordinator
 from fedcore.storage import Storage
 from fedcore.strategies import STRATEGIES, ParamError, format_strategies, parse_strategy_args
+from utils import secagg_options
 from utils import state_dir as state
 from utils.cli import Parser
 from utils.dp_options import add_dp_options, dp_config
@@ -215,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--compress-downlink", action="store_true",
                    help="send the global model download compressed too (as its change)")
     add_dp_options(p)
+    secagg_options.add_options(p)
     p.add_argument("--epochs", type=int, default=train.epochs, help="local epochs per round")
     p.add_argument("--batch-size", type=int, default=train.batch_size)
     p.add_argument("--learning-rate", type=float, default=train.learning_rate)
@@ -271,12 +273,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         training=TrainingConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size,
                                 learning_rate=a.learning_rate, compression=a.compression),
         privacy=dp_config(p, a, a.min_devices))
+    federation.secagg = secagg_options.config_from(a)
     try:
         federation.validate()
     except ParamError as exc:
         p.error(str(exc))
     except ValueError as exc:
         hint = " (--min-devices)" if "min_devices" in str(exc) else ""
+        hint += secagg_options.hint(exc)
         p.error(f"{exc}{hint}")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

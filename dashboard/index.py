@@ -476,6 +476,40 @@ def aggregation_panel(status: dict[str, Any], history: list[dict[str, Any]],
               column_config={"why": st.column_config.TextColumn(width="large")})
 
 
+def secure_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each round's secure aggregation, newest first: who was summed, who was recovered."""
+    rows = []
+    for entry in reversed(history):
+        s = entry.get("secagg")
+        if s:
+            rows.append({"round": entry["round"], "masked updates summed": s["survivors"],
+                         "threshold": s["threshold"], "dropouts recovered": len(s["recovered"]),
+                         "recovered devices": ", ".join(s["recovered"]) or BLANK,
+                         "refused": ", ".join(s.get("refused", [])) or BLANK})
+    return rows
+
+
+def secure_panel(status: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Whether the server sees each update or only their sum, and how each round's went."""
+    st.subheader("Secure aggregation")
+    settings = status.get("secure_aggregation")
+    if not settings:
+        st.caption("**Off**: the server sees each device's update (server option --secure-aggregation "
+                   "masks them, so that it learns only their weighted mean).")
+        return
+    threshold = settings["threshold"] or "a strict majority of the"
+    st.caption(f"**On** (SecAgg+): the server learns only the weighted mean of each round's updates. "
+               f"Each device's masks are shared among {settings['shares']} devices, {threshold} of "
+               f"which rebuild them if it drops out; coordinates clipped to ±{settings['clip_range']:g}.")
+    current = (status.get("round") or {}).get("secagg")
+    if current:
+        st.caption(f"Round {status['round']['number']}: stage **{current['stage']}**, waiting for "
+                   f"{plural(len(current['expected']), 'device')}.")
+    rows = secure_rows(history)
+    if rows:
+        table(pd.DataFrame(rows))
+
+
 def log_time(epoch_seconds: float) -> str:
     """A log line's time (the device's clock) in this machine's time zone, to the second."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch_seconds))
@@ -559,6 +593,7 @@ def live_view(api: ServerAPI) -> None:
         devices_panel(api, devices, (status.get("round") or {}).get("progress"))
         charts_panel(history)
         aggregation_panel(status, history, failures)
+        secure_panel(status, history)
         logs_panel(api, devices)
         model_panel(api, history)
     except Exception as exc:

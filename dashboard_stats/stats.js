@@ -185,6 +185,7 @@
     setText("reason", status.reason || status.last_error || "");
     setText("strategy", status.strategy ? withSettings(status.strategy.name, status.strategy.params) : "–");
     setText("epsilon", privacyText(status.privacy));
+    setText("secagg", secureText(status));
   }
 
   // "ε 2.31 at δ 1e-05 (max 8)": the privacy spent so far (status.privacy), or "no DP".
@@ -197,6 +198,21 @@
   // Epsilon is null (infinite) once a round ran without noise.
   function epsilonText(epsilon, digits) {
     return epsilon === null ? "∞" : fmt(epsilon, digits);
+  }
+
+  // On or off; when on, its settings and the open round's stage.
+  function secureText(status) {
+    const s = status.secure_aggregation;
+    if (!s) return "off (the server sees each update)";
+    const stage = status.round && status.round.secagg ? ` · round ${status.round.number} at stage ${status.round.secagg.stage}` : "";
+    return `on (SecAgg+: ${s.shares} shares, threshold ${s.threshold || "a strict majority"}, clip ±${s.clip_range})${stage}`;
+  }
+
+  // A round's secure aggregation: masked updates summed, dropouts recovered.
+  function roundSecure(r) {
+    const s = r.secagg;
+    if (!s) return "off";
+    return `${s.survivors} summed (threshold ${s.threshold}), ${s.recovered.length} dropout(s) recovered`;
   }
 
   function localAccuracy(latest) {
@@ -264,6 +280,7 @@
     fillTable("rounds", newestFirst.map((r) => [
       String(r.round), fmt(r.test_accuracy, 4), fmt(r.test_loss, 4),
       String(r.num_updates), String(r.num_examples), r.privacy ? epsilonText(r.privacy.epsilon, 3) : "–",
+      roundSecure(r),
     ]));
     const last = rounds[rounds.length - 1];
     setText("latest-accuracy", last ? fmt(last.test_accuracy, 4) : "–");

@@ -243,6 +243,12 @@ class Client:
             residual.save(left, scheme)
         return ack
 
+    def secagg(self, round_number: int, body: bytes, *, masked: bool = False) -> dict[str, Any]:
+        """Answer the open secure-aggregation stage: a JSON message, or the masked update."""
+        ctype = "application/octet-stream" if masked else "application/json"
+        return self._json(self.request("POST", f"/api/devices/{self.name}/secagg/{round_number}",
+                                       data=body, headers={"Content-Type": ctype}))
+
     def report_validation(self, report: Mapping[str, Any], *,
                           attack: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Send the data validation report (and the attack declared, if any); the answer says

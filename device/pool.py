@@ -108,7 +108,7 @@ class DevicePool:
                  verify: bool | str = True, log_dir: str | Path | None = None, max_restarts: int = 3,
                  backend: str = "process", ray_address: str | None = None,
                  cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                 attacks: Mapping[str, Attack] | None = None) -> None:
+                 attacks: Mapping[str, Attack] | None = None, secagg_dropout: float = 0.0) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         if not names:
@@ -134,6 +134,7 @@ class DevicePool:
         self.cpus_per_worker = cpus_per_worker
         self.gpus_per_worker = gpus_per_worker
         self.attacks = {name: attack.describe() for name, attack in (attacks or {}).items()}
+        self.secagg_dropout = secagg_dropout
         self.error: str | None = None
         self._slots: list[_Slot] = []
         self._runner: Any = None
@@ -164,7 +165,7 @@ class DevicePool:
                               retry_for=self.retry_for, verify=self.verify,
                               attacks={n: a for n, a in self.attacks.items()
                                        if n in self.names[index::count]},
-                              enroll_secret=self.enroll_secret)
+                              secagg_dropout=self.secagg_dropout, enroll_secret=self.enroll_secret)
             slot = _Slot(spec)
             slot.handle = self._runner.launch(spec, 0)
             self._slots.append(slot)

@@ -18,9 +18,11 @@ from fedcore import compression
 from fedcore.auth import read_secret
 from fedcore.plural import plural
 from fedcore.privacy import local_dp_task, privatize_update
+from fedcore.secagg import SecAggError
 
 from .attacks import Attack
 from .client import Client, RemoteLogHandler, ServerError, TLSError, Unreachable, backoff_delays, duration
+from .secure import SecureDevice
 from .trainer import Trainer, TrainingInterrupted
 
 log = logging.getLogger("fedhub.device")
@@ -36,12 +38,13 @@ class DeviceRunner:
     def __init__(self, client: Client, trainer: Trainer, folder: Path, *,
                  enroll_secret: str | None = None, secret_file: Path | None = None,
                  auto_activate: bool | None = None, poll_wait: float = 20.0,
-                 attack: Attack | None = None, print_fn=print) -> None:
+                 attack: Attack | None = None, print_fn=print, secagg_dropout: float = 0.0) -> None:
         """``secret_file``: read the enrollment secret from this file (the local server's)
         instead of ``enroll_secret``, again on each refusal while the retry time lasts.
         ``attack``: poison what this device sends (a demo of attacks on the federation; its
         labels, for ``label-flip``, are the trainer's to poison). It is declared when the
-        device enrolls, so that the dashboards show it."""
+        device enrolls, so that the dashboards show it. ``secagg_dropout``: the chance (a
+        simulation) of dropping out of a secure-aggregation round after dealing its shares."""
         self.client = client
         self.trainer = trainer
         self.folder = Path(folder)
@@ -62,6 +65,7 @@ class DeviceRunner:
         self.logger = logging.getLogger(f"fedhub.device.{client.name}")
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
+        self.secure = SecureDevice(client, self._say, dropout=secagg_dropout)
 
     def _say(self, message: str, level: int = logging.INFO, round_number: int | None = None) -> None:
         self._print(f"[{self.client.name}] {message}", flush=True)
@@ -213,6 +217,9 @@ class DeviceRunner:
             self._finish()
             self.leave()  # so a later run does not select a device that has gone
             return 0
+        if action == "secagg":
+            self.secure.step(task)
+            return None
         if action == "wait":
             if task.get("reason") != self._last_reason:
                 self._last_reason = task.get("reason")
@@ -227,6 +234,11 @@ class DeviceRunner:
         version, weights = self.client.model()
         if version != task["model_version"]:
             self._say(f"round {number}: model moved on to version {version}; asking again")
+            return
+        if "secagg" in task and self.secure.drops(number):
+            self._say(f"round {number}: dropping out after sharing keys (simulated)", logging.WARNING, number)
+            with contextlib.suppress(ServerError):
+                self.client.report_interrupted(number, "dropped out after sharing its keys (simulated)")
             return
         config = task["config"]
         try:
@@ -275,13 +287,20 @@ class DeviceRunner:
         if self.attack is not None:
             sent = self.attack.poison_weights(sent, weights, self._rng)
         try:
-            ack = self.client.upload(number, sent, num_examples=result.num_examples,
-                                     model_version=version, metrics=result.metrics,
-                                     upload_id=uuid.uuid4().hex, reference=weights,
-                                     scheme=scheme,
-                                     residual=compression.Residual(self.folder / RESIDUAL_FILE))
+            if "secagg" in task:
+                self.secure.masked_upload(task, sent, weights, result.num_examples)
+                extra = "masked update sent"
+            else:
+                ack = self.client.upload(number, sent, num_examples=result.num_examples,
+                                         model_version=version, metrics=result.metrics,
+                                         upload_id=uuid.uuid4().hex, reference=weights,
+                                         scheme=scheme,
+                                         residual=compression.Residual(self.folder / RESIDUAL_FILE))
+                extra = f"{ack.get('reported', '?')}/{ack.get('selected', '?')} reported"
             accepted = True
-            extra = f"{ack.get('reported', '?')}/{ack.get('selected', '?')} reported"
+        except SecAggError as exc:  # the device's own refusal: the ERROR takes it out of the round
+            self._say(f"round {number}: secure aggregation refused: {exc.message}", logging.ERROR, number)
+            return
         except ServerError as exc:
             if exc.status != 409:
                 raise

@@ -80,6 +80,7 @@ class WorkerSpec:
     stats_path: str | None = None
     # Devices that attack (demos and experiments): name -> Attack.describe() ({"kind", "params"}).
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    secagg_dropout: float = 0.0  # chance of dropping out of a secure round after dealing shares
     enroll_secret: str | None = field(default=None, repr=False)
 
     def to_json(self) -> str:
@@ -316,7 +317,8 @@ class Worker:
             runner = DeviceRunner(self._pooled_client(name), trainer, self._folder(name),
                                   enroll_secret=self.spec.enroll_secret,
                                   auto_activate=self.spec.auto_activate, poll_wait=0.0,
-                                  attack=attack, print_fn=self._print)
+                                  attack=attack, print_fn=self._print,
+                                  secagg_dropout=self.spec.secagg_dropout)
             handler = RemoteLogHandler(runner.client, background=False)
             handler.addFilter(_worth_sending)
             runner.logger.addHandler(handler)
@@ -349,7 +351,7 @@ class Worker:
         return [name for name, d in self.devices.items() if d.code is None]
 
     def _loop(self) -> None:
-        attempted: set[tuple[int, str]] = set()
+        attempted: set[tuple[tuple[int, str | None], str]] = set()
         while not self._stop.is_set() and self._alive():
             status = self._public.status()
             if status["status"] == "finished":
@@ -357,11 +359,12 @@ class Worker:
                     self._step(name)  # "finish": saves nothing here, leaves
                 return
             current = status.get("round") or {}
-            number = current.get("number")
-            reported = set(current.get("reported", ()))
-            todo = [n for n in current.get("selected", ())
-                    if n in self.devices and self.devices[n].code is None and n not in reported
-                    and (number, n) not in attempted]
+            # under secure aggregation each stage asks its devices again
+            number = (current.get("number"), (current.get("secagg") or {}).get("stage"))
+            waiting = (current["secagg"]["expected"] if current.get("secagg") else
+                       set(current.get("selected", ())) - set(current.get("reported", ())))
+            todo = [n for n in sorted(waiting)
+                    if n in self.devices and self.devices[n].code is None and (number, n) not in attempted]
             for name in todo:
                 if self._stop.is_set():
                     return

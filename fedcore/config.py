@@ -9,7 +9,9 @@ from typing import Any
 
 from . import compression, params
 from .privacy import DPConfig
+from .secagg import SecAggConfig
 from .strategies import DEFAULT_MEMORY_BUDGET, Strategy, make_strategy
+from .strategies.averaging import Averaging
 
 
 @dataclass
@@ -60,6 +62,7 @@ class FederationConfig:
     compress_downlink: bool = False  # the global model download goes out compressed too
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: DPConfig | None = None  # differential privacy (--dp), wrapping the strategy
+    secagg: SecAggConfig | None = None  # secure aggregation (SecAgg+) of every round; None: off
 
     def __post_init__(self) -> None:
         if isinstance(self.privacy, Mapping):  # from the Python API or to_dict(): typed, one line
@@ -83,7 +86,26 @@ class FederationConfig:
         if self.compress_downlink and not compression.parse(self.training.compression).active:
             raise ValueError("compress_downlink (--compress-downlink) needs a compression (--compression) "
                              "other than none")
-        self.make_strategy()
+        strategy = self.make_strategy()
+        if self.secagg is not None:
+            self.check_secagg(strategy)
+
+    def check_secagg(self, strategy: Strategy) -> None:
+        """Secure aggregation hides each update, so only a strategy that needs just their
+        weighted mean can work with it, and a round needs at least the threshold of devices."""
+        assert self.secagg is not None
+        self.secagg.validate()
+        if not isinstance(strategy, Averaging):
+            raise ValueError(f"strategy {strategy.name} needs every device's update, which secure "
+                             "aggregation hides: use fedavg, fedavgm, fedprox, fedadam, fedyogi or "
+                             "fedadagrad with --secure-aggregation")
+        needed = max(2, self.secagg.threshold or 2)
+        if self.min_devices < needed:
+            raise ValueError(f"secure aggregation needs at least {needed} devices a round; "
+                             f"min_devices is {self.min_devices}")
+        if compression.parse(self.training.compression).active:
+            raise ValueError("secure aggregation quantizes each update itself: use --compression none "
+                             "with --secure-aggregation")
 
     def make_strategy(self) -> Strategy:
         """The configured strategy, refused (ValueError) if it cannot aggregate the smallest

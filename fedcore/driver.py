@@ -33,6 +33,8 @@ from .history import RoundHistory
 from .plural import plural
 from .round_hooks import RoundHooks
 from .round_state import OpenRound, RoundState
+from .secagg import SecAggError
+from .secure_round import SecureRound, summary
 from .storage import Storage
 from .strategies import AggregationError, RoundPlan, Strategy
 
@@ -75,6 +77,7 @@ class RoundDriver:
         self._rng = random.Random(config.seed)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._previous_keys: frozenset[bytes] = frozenset()  # refused if a device advertises one again
 
     def start(self) -> None:
         if self._thread is None:
@@ -146,6 +149,8 @@ class RoundDriver:
         if r.broken is not None:
             self._fail(r, r.broken)
             return None
+        if r.secure is not None:
+            return self._decide_secure(r, r.secure, now)
         if r.all_in():
             return r
         if now < r.deadline and r.selected:
@@ -158,6 +163,23 @@ class RoundDriver:
         else:
             self._abort(r, f"round {r.number} reached its deadline with {len(r.reported)} of "
                            f"{r.needed} needed updates")
+        return None
+
+    def _decide_secure(self, r: OpenRound, secure: SecureRound, now: float) -> OpenRound | None:
+        """Close the open stage once everyone still in the round answered, or at its deadline;
+        after the unmask stage, the round closes. Too few left fails the round: it runs again."""
+        if secure.waiting(r.selected) and now < secure.deadline:
+            return None
+        if secure.stage == "unmask":
+            return r
+        try:
+            stage = secure.next_stage()
+        except SecAggError as exc:
+            self._fail(r, f"round {r.number} failed: {exc.message}")
+            return None
+        r.deadline = secure.deadline  # what the status shows: the open stage's deadline
+        log.info("round %d: secure aggregation stage %r", r.number, stage)
+        self._state.cond.notify_all()
         return None
 
     # opening --------------------------------------------------------------
@@ -202,6 +224,18 @@ class RoundDriver:
                 s.cond.notify_all()
                 return
             number = version + 1
+            secure = None
+            if self._config.secagg is not None:
+                try:
+                    secure = SecureRound(self._config.secagg, number, plan.devices, weights,
+                                         train_timeout=self._config.round_timeout,
+                                         previous_keys=self._previous_keys)
+                except SecAggError as exc:
+                    aggregator.close()
+                    s.last_error = f"round {number} could not open: {exc.message}"
+                    s.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+                    s.cond.notify_all()
+                    return
             base = self._config.training.task()
             started_at = self._clock()
             self._storage.insert_round(number, started_at=started_at, selected=list(plan.devices),
@@ -213,7 +247,9 @@ class RoundDriver:
                 needed=max(1, math.ceil(self._config.quorum * k), self._strategy.min_updates()),
                 deadline=time.monotonic() + self._config.round_timeout,
                 config={d: {**base, **plan.config.get(d, {})} for d in plan.devices},
-                aggregator=aggregator)
+                aggregator=aggregator, secure=secure)
+            if secure is not None:
+                s.open.deadline = secure.deadline
             log.info("round %d opened with %s", number, ", ".join(plan.devices))
             s.cond.notify_all()
 
@@ -251,8 +287,17 @@ class RoundDriver:
     def _close(self, r: OpenRound) -> None:
         """Aggregate, evaluate, save, record: outside the lock, as it takes a while."""
         s = self._state
+        secured = None
         try:
+            if r.secure is not None:
+                self._previous_keys = r.secure.server.public_keys()
+                mean, secured = r.secure.finish(r.aggregator.template)
+                r.aggregator.add_secure_mean(secured.survivors, mean, secured.total_weight)
             result = r.aggregator.result()
+        except SecAggError as exc:
+            with s.cond:
+                self._fail(r, f"round {r.number} failed: {exc.message}")
+            return
         except AggregationError as exc:
             with s.cond:
                 self._fail(r, f"round {r.number} failed: {exc.reason}")
@@ -275,7 +320,7 @@ class RoundDriver:
                     self._fail(r, f"round {r.number} failed: the new global model's test {key} is "
                                   f"{value}: its outputs are not finite (NaN or infinity)")
                 return
-        aggregated = result.metrics
+        aggregated = result.metrics if secured is None else {**result.metrics, "secagg": summary(secured)}
         try:
             path = self._storage.write_checkpoint(r.number, result.weights)
             self._storage.write_strategy_state(r.number, result.state, self._strategy.describe())

@@ -61,6 +61,8 @@ class Coordinator:
         self.config = config
         self.strategy = strategy or config.make_strategy()
         self.strategy.check_min_devices(config.min_devices)
+        if config.secagg is not None:
+            config.check_secagg(self.strategy)
         self.max_upload_bytes = max_upload_bytes
         self._storage = storage
         self._devices = devices
@@ -366,6 +368,33 @@ class Coordinator:
                            "with a different body; a retry must send the same bytes", "Idempotency-Key")
         return {"accepted": True, "duplicate": True, "round": round_number}
 
+    def secagg_message(self, name: str, round_number: int, body: bytes) -> dict[str, Any]:
+        """A device's answer to the open secure-aggregation stage: its keys, its encrypted shares,
+        its masked update (safetensors) or the share keys that unmask the sum. A refused message
+        (malformed, replayed, another device's key) changes nothing and the round goes on."""
+        with self._cond:
+            r = self._state.open
+            if r is None or r.number != round_number or r.secure is None:
+                raise Conflict(f"round {round_number} is not an open secure-aggregation round", "round")
+            if name not in r.selected:
+                raise Conflict(f"device {name!r} is not in round {round_number}", "round")
+            if name in r.uploading:
+                raise Conflict(f"device {name!r} is already sending a message", "round")
+            r.uploading.add(name)
+        try:  # outside the lock: a masked update is folded into the sum in O(model) time
+            stage = r.secure.receive(name, body)
+        finally:
+            with self._cond:
+                r.uploading.discard(name)
+                self._cond.notify_all()
+        with self._cond:
+            if stage == "masked":
+                r.reported[name] = None
+                self._devices.set_activity(name, "idle")
+                self._devices.lifecycle.set(name, "waiting", reason=f"masked update for round "
+                                            f"{round_number} sent", round_number=round_number)
+            return {"accepted": True, "round": round_number, "stage": stage}
+
     def report_progress(self, name: str, round_number: object, done: object,
                         total: object) -> dict[str, Any]:
         """A selected device's local training in the open round: ``done`` batches of ``total``.
@@ -518,7 +547,12 @@ class Coordinator:
         with self._cond:
             return {**self._state.view(), "total_rounds": self.config.rounds,
                     "strategy": self.strategy.describe(), "privacy": self.strategy.privacy(),
-                    "devices": counts}
+                    "devices": counts, "secure_aggregation": self._secagg_settings()}
+
+    def _secagg_settings(self) -> dict[str, Any] | None:
+        c = self.config.secagg
+        return None if c is None else {"shares": c.shares, "threshold": c.threshold, "bits": c.bits,
+                                       "clip_range": c.clip_range, "max_weight": c.max_weight}
 
     def list_devices(self) -> list[dict[str, Any]]:
         """Enrolled devices, their state, lifecycle and part in the latest round they were in."""

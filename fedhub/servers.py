@@ -23,6 +23,7 @@ from fedcore.config import FEDERATION, TRAINING, FederationConfig, TrainingConfi
 from fedcore.errors import FedHubError
 from fedcore.plural import plural
 from fedcore.privacy import DPConfig
+from fedcore.secagg import SecAggConfig
 
 from .evaluation import evaluate
 
@@ -41,6 +42,7 @@ class Server:
     ``compression`` and ``compress_downlink`` are ``--compression`` and ``--compress-downlink``.
     ``privacy`` adds differential privacy, as ``--dp``: a :class:`fedhub.DPConfig` or its
     settings (``{"mode": "central-fixed", "noise_multiplier": 1.0, "max_epsilon": 8}``).
+    ``secagg`` turns secure aggregation on (``SecAggConfig()``: ``--secure-aggregation``'s defaults).
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
@@ -58,7 +60,8 @@ class Server:
                  threads: int = 16, data_dir: str | Path | None = None,
                  test_limit: int | None = None, compression: str = TRAINING.compression,
                  compress_downlink: bool = FEDERATION.compress_downlink,
-                 privacy: DPConfig | Mapping[str, Any] | None = None) -> None:
+                 privacy: DPConfig | Mapping[str, Any] | None = None,
+                 secagg: SecAggConfig | None = None) -> None:
         if isinstance(model, str):
             from model import MODEL_NAMES
 
@@ -71,7 +74,7 @@ class Server:
             compress_downlink=compress_downlink,
             training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                     compression=compression),
-            privacy=privacy)
+            privacy=privacy, secagg=secagg)
         self.federation.validate()  # ValueError now (a bad strategy parameter too), not later
         self._model = model
         self._test_data = test_data

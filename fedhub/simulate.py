@@ -27,8 +27,10 @@ from typing import Any
 from tqdm import tqdm
 
 from fedcore.config import FederationConfig, TrainingConfig
+from fedcore.plural import plural
 from fedcore.strategies import STRATEGIES, make_strategy, parse_strategy_args
 from fedhub.simulation import simulate
+from utils import secagg_options
 from utils.dp_options import add_dp_options, dp_config
 
 
@@ -67,12 +69,21 @@ class RoundBars:
         print(f"round {entry['round']}: global test accuracy "
               f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} "
               f"(loss {'n/a' if loss is None else f'{loss:.4f}'}), {entry['num_updates']} devices, "
-              f"{entry['num_examples']} examples{spent}, {time.monotonic() - self._started:.1f}s", flush=True)
+              f"{entry['num_examples']} examples{spent}, {time.monotonic() - self._started:.1f}s"
+              + secure_text(entry.get("secagg")), flush=True)
 
     def _close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def secure_text(secagg: dict[str, Any] | None) -> str:
+    """How a round's secure aggregation went, for its line."""
+    if not secagg:
+        return ""
+    return (f"; secure aggregation: {plural(secagg['survivors'], 'masked update')} (threshold "
+            f"{secagg['threshold']}), {plural(len(secagg['recovered']), 'dropout')} recovered")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,6 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compress-downlink", action="store_true",
                    help="send the global model download compressed too")
     add_dp_options(p)
+    secagg_options.add_options(p)
+    p.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="with --secure-aggregation: the chance that a device drops out of a round right "
+                        "after dealing its key shares (default 0)")
     return p
 
 
@@ -153,6 +168,16 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     except ValueError as exc:
         p.error(f"{exc}".replace("min_devices is", "--fraction x --devices is"))
     a.privacy = dp_config(p, a, math.ceil(a.fraction * a.devices))
+    a.secagg = secagg_options.config_from(a)
+    if not 0 <= a.dropout <= 1 or (a.dropout and a.secagg is None):
+        p.error("--dropout must be from 0 to 1, and goes with --secure-aggregation")
+    if a.secagg is not None:
+        try:
+            FederationConfig(min_devices=math.ceil(a.fraction * a.devices), strategy=a.strategy,
+                             strategy_params=a.strategy_params, secagg=a.secagg).validate()
+        except ValueError as exc:
+            p.error(f"{exc}".replace("min_devices is", "--fraction x --devices is")
+                    + secagg_options.hint(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             learning_rate=a.learning_rate, root=root, timeout=a.timeout, on_round=bars.round_done,
             on_progress=bars.progress, fraction=a.fraction, seed=a.seed, data_dir=a.data_dir,
             test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params,
-            compression=a.compression, compress_downlink=a.compress_downlink, privacy=a.privacy)
+            compression=a.compression, compress_downlink=a.compress_downlink, privacy=a.privacy,
+            secure_aggregation=a.secagg or False, dropout=a.dropout)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ import numpy as np
 
 from device.attacks import Attack
 from fedcore.plural import plural
+from fedcore.secagg import SecAggConfig
 
 from .devices import Device
 from .servers import Server
@@ -100,7 +101,8 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
              root: str | Path | None = None, timeout: float | None = None,
              on_round: Callable[[dict[str, Any]], None] | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None, quiet: bool = True,
-             attacks: Mapping[str, Attack] | None = None, **server_options: Any) -> History:
+             attacks: Mapping[str, Attack] | None = None, secure_aggregation: bool | SecAggConfig = False,
+             dropout: float = 0.0, **server_options: Any) -> History:
     """Run ``rounds`` rounds of federated learning with one device per partition.
 
     ``model`` is a compiled Keras model or a function returning one (called once), or
@@ -124,6 +126,9 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
     ``attacks`` maps device names to the attack each mounts
     (``fedhub.make_attack("scale", factor=10)``); ``server_options`` are
     :class:`fedhub.Server`'s (``strategy="krum", strategy_params={"num_malicious": 1}``).
+    ``secure_aggregation`` (True, or a :class:`fedcore.secagg.SecAggConfig`) masks every update
+    (SecAgg+); ``dropout`` is then the chance that a device drops out of a round right after
+    dealing its key shares (its masks are recovered from its neighbours' shares).
     Returns the history, with the final model as ``.model`` and figures in ``.stats``.
     Raises RuntimeError if a device fails (for instance invalid data: its reason is in the
     message) or a pool worker keeps dying, and TimeoutError after ``timeout`` seconds.
@@ -145,6 +150,11 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
         if unknown:
             raise ValueError(f"attacks name no device: {', '.join(unknown)} (the devices are "
                              f"device1 .. device{len(partitions)})")
+    if not 0 <= dropout <= 1 or (dropout and not secure_aggregation):
+        raise ValueError("dropout must be from 0 to 1, and goes with secure_aggregation")
+    if secure_aggregation:
+        server_options["secagg"] = (secure_aggregation if isinstance(secure_aggregation, SecAggConfig)
+                                    else SecAggConfig())
     with PeakMemory() as memory:
         if pooled:
             history = _on_pool(model, partitions, root=root, rounds=rounds, test_data=test_data,
@@ -152,13 +162,13 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
                                cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                timeout=timeout, on_round=on_round, on_progress=on_progress,
-                               attacks=attacks, server_options=server_options)
+                               attacks=attacks, server_options=server_options, dropout=dropout)
         else:
             history = _one_per_device(model, partitions, root=root, rounds=rounds, test_data=test_data,
                                       processes=processes, epochs=epochs, batch_size=batch_size,
                                       learning_rate=learning_rate, timeout=timeout, on_round=on_round,
                                       on_progress=on_progress, quiet=quiet, attacks=attacks,
-                                      server_options=server_options)
+                                      server_options=server_options, dropout=dropout)
     round_s = [round(entry["closed_at"] - started, 3) for entry in history]
     history.stats.update({"wall_s": round_s[-1] if round_s else None,
                           "first_round_s": round_s[0] if round_s else None, "round_s": round_s,
@@ -176,13 +186,13 @@ def _one_per_device(model: Any, partitions: Sequence[tuple[np.ndarray, np.ndarra
                     rounds: int, test_data: Any, processes: bool, epochs: int, batch_size: int,
                     learning_rate: float, timeout: float | None, on_round: Any, on_progress: Any,
                     quiet: bool, attacks: Mapping[str, Attack] | None,
-                    server_options: dict[str, Any]) -> History:
+                    server_options: dict[str, Any], dropout: float = 0.0) -> History:
     server = Server(_keras_model(model), test_data=test_data, rounds=rounds, min_devices=len(partitions),
                     epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, quorum=1.0,
                     auto_activate=True, start=True, state_dir=root / "server", **server_options)
     with server:
         devices = [Device(server, f"device{i}", x, y, root=root / "devices", quiet=quiet,
-                          attack=(attacks or {}).get(f"device{i}"))
+                          attack=(attacks or {}).get(f"device{i}"), secagg_dropout=dropout)
                    for i, (x, y) in enumerate(partitions, start=1)]
         for device in devices:
             device.spawn() if processes else device.start()
@@ -210,7 +220,8 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
              workers: int | None, backend: str, ray_address: str | None, cpus_per_worker: float,
              gpus_per_worker: float, epochs: int, batch_size: int, learning_rate: float,
              timeout: float | None, on_round: Any, on_progress: Any,
-             attacks: Mapping[str, Attack] | None, server_options: dict[str, Any]) -> History:
+             attacks: Mapping[str, Attack] | None, server_options: dict[str, Any],
+             dropout: float = 0.0) -> History:
     from device.pool import DevicePool
     from utils.demo import free_port
 
@@ -244,7 +255,7 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
                       model=model if builtin else "server", enroll_secret=server.enroll_secret,
                       keepalive=device_timeout / 3, log_dir=root / "logs", backend=backend,
                       ray_address=ray_address, cpus_per_worker=cpus_per_worker,
-                      gpus_per_worker=gpus_per_worker, attacks=attacks)
+                      gpus_per_worker=gpus_per_worker, attacks=attacks, secagg_dropout=dropout)
     # The workers start first: they load TensorFlow and build their model while the server
     # does the same, and enroll once it answers (a device retries until then).
     with pool, server:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .strategies import DEFAULT_MEMORY_BUDGET, Strategy, make_strategy
+from .strategies.averaging import Averaging
 
 
 @dataclass
@@ -49,6 +50,12 @@ class FederationConfig:
     # Bytes of a round's buffered updates (robust strategies) kept in RAM before spilling to disk.
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     seed: int = 0
+    # Asynchronous rounds (FedBuff): devices train continuously; a new model every buffer_size
+    # updates, each weighted by (1 + staleness) ** -staleness_exponent, none older than max_staleness.
+    mode: str = "sync"  # or "async"
+    buffer_size: int = 10
+    max_staleness: int = 10
+    staleness_exponent: float = 0.5
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def validate(self) -> None:
@@ -66,7 +73,18 @@ class FederationConfig:
         if self.memory_budget < 0:
             raise ValueError("memory_budget must be 0 or more")
         self.training.validate()
-        self.make_strategy()
+        strategy = self.make_strategy()
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"mode must be sync or async, got {self.mode!r}")
+        if self.buffer_size < 1:
+            raise ValueError("buffer_size must be at least 1")
+        if not 0 <= self.max_staleness <= 10_000:
+            raise ValueError("max_staleness must be from 0 to 10000")
+        if not 0 <= self.staleness_exponent <= 10:
+            raise ValueError("staleness_exponent must be from 0 to 10")
+        if self.mode == "async" and not isinstance(strategy, Averaging):
+            raise ValueError(f"asynchronous mode needs a streaming strategy (fedavg, fedprox, fedavgm, "
+                             f"fedadam, fedyogi, fedadagrad); {strategy.name} keeps every update")
 
     def make_strategy(self) -> Strategy:
         """The configured strategy, refused (ValueError) if it cannot aggregate the smallest

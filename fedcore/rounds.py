@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import wire
+from .async_rounds import AsyncRounds
 from .config import FederationConfig
 from .device_logs import DeviceLogs
 from .devices import DeviceRegistry
@@ -77,6 +78,11 @@ class Coordinator:
                                    history=self._history, hooks=self._hooks, strategy=self.strategy,
                                    config=config, evaluate=evaluate, evaluations=self._evaluations,
                                    clock=clock)
+        self._async = AsyncRounds(
+            self._state, storage=storage, devices=devices, history=self._history, hooks=self._hooks,
+            strategy=self.strategy, config=config, spec=self.spec, evaluate=evaluate,
+            evaluations=self._evaluations, check_finished=self._driver.check_finished,
+            max_upload_bytes=max_upload_bytes, clock=clock) if config.mode == "async" else None
         # Long polls allowed to wait at once (None: no limit); the HTTP server sets it below
         # its worker thread count, as each waiting poll holds a worker thread.
         self.max_waiters: int | None = None
@@ -107,6 +113,8 @@ class Coordinator:
             if self.config.start and status in ("idle", "paused"):
                 status = "running"
             self._state.set_status(status)
+            if self._async is not None:
+                self._async.recover()
             self._driver.check_finished()
 
     def _restore_strategy_state(self, number: int) -> None:
@@ -140,11 +148,13 @@ class Coordinator:
 
     def start(self) -> None:
         """Start the driver thread (idempotent)."""
-        self._driver.start()
+        (self._async or self._driver).start()
 
     def stop(self) -> None:
         """Stop the driver, let the queued round hooks run, persist last-seen times."""
         self._driver.stop()
+        if self._async is not None:
+            self._async.stop()
         self._hooks.stop()
         self._devices.flush()
 
@@ -236,7 +246,8 @@ class Coordinator:
             if crowded:
                 end = time.monotonic()
             while True:
-                task = self._state.task_for(name, self._devices.is_active(name))
+                active = self._devices.is_active(name)
+                task = (self._async or self._state).task_for(name, active)
                 remaining = end - time.monotonic()
                 if task["action"] != "wait" or remaining <= 0 or self._driver.stopped:
                     if task["action"] == "train":
@@ -261,6 +272,8 @@ class Coordinator:
         the same key with the same bytes is acknowledged once more, with other bytes refused.
         A refused update changes nothing, not even the device's activity."""
         with self._devices.busy(name, "uploading"):
+            if self._async is not None:
+                return self._async.submit(name, round_number, body, upload_id)
             return self._submit(name, round_number, body, upload_id)
 
     def _submit(self, name: str, round_number: int, body: bytes,
@@ -450,6 +463,8 @@ class Coordinator:
             self._history.clear()
             self.strategy.reset()
             self._install_initial()
+            if self._async is not None:
+                self._async.reset()
             self._state.last_error = None
             self._state.reason = ""
             self._state.set_status("idle")
@@ -488,7 +503,8 @@ class Coordinator:
         for d in self._devices.list():
             counts[d["state"]] = counts.get(d["state"], 0) + 1
         with self._cond:
-            return {**self._state.view(), "total_rounds": self.config.rounds,
+            mode = self._async.view() if self._async is not None else {"mode": "sync"}
+            return {**self._state.view(), **mode, "total_rounds": self.config.rounds,
                     "strategy": self.strategy.describe(), "devices": counts}
 
     def list_devices(self) -> list[dict[str, Any]]:

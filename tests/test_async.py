@@ -1,0 +1,145 @@
+"""Asynchronous mode (FedBuff) on a real server.py: hand-made updates through HTTP, the new
+global models checked against a NumPy reference, stale updates refused, a SIGKILL survived."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import requests
+
+from fedcore import wire
+
+from .conftest import wait_until
+from .rounds_by_hand import enroll
+
+ASYNC = ("--mode", "async", "--auto-activate", "--start", "--rounds", "0", "--test-limit", "50",
+         "--no-tensorboard")
+
+
+def _model(server, token: str) -> tuple[int, dict[str, np.ndarray]]:
+    r = server.get("/api/model", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    weights, meta = wire.decode(r.content)
+    return meta.model_version, weights
+
+
+def _body(weights, *, base: int, n: int) -> bytes:
+    return wire.encode(weights, wire.Meta(round=base, model_version=base, num_examples=n,
+                                          metrics={"loss": 1.0}))
+
+
+def _upload(server, name: str, token: str, weights, *, base: int, n: int,
+            key: str | None = None, body: bytes | None = None) -> requests.Response:
+    """``body``: these exact bytes (a retry); safetensors' header order varies between encodings."""
+    body = body or _body(weights, base=base, n=n)
+    return requests.post(f"{server.url}/api/devices/{name}/updates/{base}", data=body, timeout=30,
+                         headers={"Authorization": f"Bearer {token}",
+                                  "Idempotency-Key": key or uuid.uuid4().hex,
+                                  "Content-Type": "application/octet-stream"})
+
+
+def _version(server, v: int) -> None:
+    wait_until(lambda: server.get("/api/status").json()["model_version"] >= v, 60,
+               f"model version {v}", interval=0.1)
+
+
+def _nudged(weights, rng) -> dict[str, np.ndarray]:
+    return {k: (a + rng.normal(0, 0.01, a.shape)).astype(a.dtype) for k, a in weights.items()}
+
+
+def _reference(current, updates) -> dict[str, np.ndarray]:
+    """FedBuff by hand: current + sum(n * (1 + staleness) ** -0.5 * (w - base)) / sum(n)."""
+    total = sum(n for _, _, n, _ in updates)
+    out = {}
+    for k, a in current.items():
+        step = sum(n * (1 + s) ** -0.5 * (w[k].astype(np.float64) - b[k].astype(np.float64))
+                   for w, b, n, s in updates)
+        out[k] = (a.astype(np.float64) + step / total).astype(a.dtype)
+    return out
+
+
+def _assert_model(server, token, expected) -> None:
+    _, got = _model(server, token)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_staleness_weighting_matches_numpy_and_too_stale_is_refused(server_factory):
+    server = server_factory(*ASYNC, "--buffer", "2", "--max-staleness", "1").start()
+    tokens = {name: enroll(server, name) for name in ("a", "b", "c")}
+    rng = np.random.default_rng(0)
+    _, w0 = _model(server, tokens["a"])
+
+    # version 1: two fresh updates, weighted by examples only
+    wa, wb = _nudged(w0, rng), _nudged(w0, rng)
+    key, sent = uuid.uuid4().hex, _body(wa, base=0, n=100)
+    r = _upload(server, "a", tokens["a"], wa, base=0, n=100, key=key, body=sent)
+    assert r.status_code == 200 and r.json()["staleness"] == 0, r.text
+    again = _upload(server, "a", tokens["a"], wa, base=0, n=100, key=key, body=sent)  # a retry: counted once
+    assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
+    assert server.get("/api/status").json()["buffer"] == {"target": 1, "received": 1}
+    assert _upload(server, "b", tokens["b"], wb, base=0, n=300).status_code == 200
+    _version(server, 1)
+    w1 = _reference(w0, [(wa, w0, 100, 0), (wb, w0, 300, 0)])
+    _assert_model(server, tokens["a"], w1)
+
+    # version 2: c trained from version 0 (one version stale), a from version 1
+    wc, wa2 = _nudged(w0, rng), _nudged(w1, rng)
+    r = _upload(server, "c", tokens["c"], wc, base=0, n=200)
+    assert r.status_code == 200, r.text
+    assert r.json()["staleness"] == 1 and abs(r.json()["weight"] - 2 ** -0.5) < 1e-12
+    # two versions stale for version 3 is more than --max-staleness 1: refused, nothing changes
+    before = server.get("/api/status").json()["buffer"]
+    assert _upload(server, "a", tokens["a"], wa2, base=1, n=100).status_code == 200
+    _version(server, 2)
+    _assert_model(server, tokens["a"], _reference(w1, [(wc, w0, 200, 1), (wa2, w1, 100, 0)]))
+    stale = _upload(server, "b", tokens["b"], _nudged(w0, rng), base=0, n=100)
+    assert stale.status_code == 409, stale.text
+    body = stale.json()
+    assert body["field"] == "model_version" and "2 versions stale" in body["message"], body
+    assert "--max-staleness" in body["message"]
+    assert before == {"target": 2, "received": 1}
+    assert server.get("/api/status").json()["buffer"] == {"target": 3, "received": 0}
+    future = _upload(server, "b", tokens["b"], w1, base=7, n=100)
+    assert future.status_code == 409 and future.json()["field"] == "model_version", future.text
+
+    history = server.get("/api/history").json()["rounds"]
+    assert [h["model_version"] for h in history] == [1, 2]
+    assert [[u["staleness"] for u in h["updates"]] for h in history] == [[0, 0], [1, 0]]
+    assert history[1]["devices"]["c"]["staleness"] == 1
+    assert all(h["mode"] == "async" and h["test_accuracy"] is not None for h in history)
+
+
+def test_server_sigkill_keeps_buffered_updates_once(server_factory):
+    """Acknowledged updates in an unfinished buffer survive a SIGKILL; a retry after the
+    restart (same Idempotency-Key, same bytes) is not counted again."""
+    server = server_factory(*ASYNC, "--buffer", "3", "--max-staleness", "2").start()
+    tokens = {name: enroll(server, name) for name in ("a", "b", "c")}
+    rng = np.random.default_rng(1)
+    _, w0 = _model(server, tokens["a"])
+    wa, wb, wc = (_nudged(w0, rng) for _ in range(3))
+    key, sent = uuid.uuid4().hex, _body(wa, base=0, n=50)
+    assert _upload(server, "a", tokens["a"], wa, base=0, n=50, key=key, body=sent).status_code == 200
+    assert _upload(server, "b", tokens["b"], wb, base=0, n=150).status_code == 200
+    server.kill()
+    server.start()
+    assert server.get("/api/status").json()["buffer"] == {"target": 1, "received": 2}
+    again = _upload(server, "a", tokens["a"], wa, base=0, n=50, key=key, body=sent)
+    assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
+    other = _upload(server, "a", tokens["a"], wb, base=0, n=50, key=key)
+    assert other.status_code == 409 and other.json()["field"] == "Idempotency-Key", other.text
+    assert _upload(server, "c", tokens["c"], wc, base=0, n=100).status_code == 200
+    _version(server, 1)
+    _assert_model(server, tokens["a"], _reference(w0, [(wa, w0, 50, 0), (wb, w0, 150, 0),
+                                                       (wc, w0, 100, 0)]))
+    history = server.get("/api/history").json()["rounds"]
+    assert len(history) == 1 and history[0]["num_updates"] == 3
+    assert sorted(u["device"] for u in history[0]["updates"]) == ["a", "b", "c"]
+    # killed again after the version was made: it stays, and nothing is folded in twice
+    server.kill()
+    server.start()
+    status = server.get("/api/status").json()
+    assert status["model_version"] == 1 and status["buffer"] == {"target": 2, "received": 0}
+    _assert_model(server, tokens["a"], _reference(w0, [(wa, w0, 50, 0), (wb, w0, 150, 0),
+                                                       (wc, w0, 100, 0)]))

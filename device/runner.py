@@ -9,6 +9,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,13 @@ class DeviceRunner:
     def __init__(self, client: Client, trainer: Trainer, folder: Path, *,
                  enroll_secret: str | None = None, secret_file: Path | None = None,
                  auto_activate: bool | None = None, poll_wait: float = 20.0,
-                 attack: Attack | None = None, print_fn=print) -> None:
+                 attack: Attack | None = None, slowdown: float = 1.0, print_fn=print) -> None:
         """``secret_file``: read the enrollment secret from this file (the local server's)
         instead of ``enroll_secret``, again on each refusal while the retry time lasts.
         ``attack``: poison what this device sends (a demo of attacks on the federation; its
         labels, for ``label-flip``, are the trainer's to poison). It is declared when the
-        device enrolls, so that the dashboards show it."""
+        device enrolls, so that the dashboards show it. ``slowdown``: a simulated slow device
+        takes this many times its training time before its update arrives (see :attr:`deliver`)."""
         self.client = client
         self.trainer = trainer
         self.folder = Path(folder)
@@ -47,6 +49,10 @@ class DeviceRunner:
         self.auto_activate = auto_activate
         self.poll_wait = poll_wait
         self.attack = attack
+        self.slowdown = slowdown
+        # deliver(delay, send): send the update after ``delay`` seconds. Here it waits; a pool
+        # worker queues it instead and serves its other devices meanwhile.
+        self.deliver: Callable[[float, Callable[[], None]], None] = self._deliver_after
         self._rng = np.random.default_rng()
         self._print = print_fn
         self._stop = threading.Event()
@@ -238,6 +244,7 @@ class DeviceRunner:
                                    name="fedhub-signal")
         watcher.start()
         detail = None
+        started = time.monotonic()
         try:
             result = self.trainer.train(weights, config)
         except TrainingInterrupted as exc:
@@ -258,6 +265,14 @@ class DeviceRunner:
         sent = result.weights
         if self.attack is not None:
             sent = self.attack.poison_weights(result.weights, weights, self._rng)
+        delay = (self.slowdown - 1) * (time.monotonic() - started)
+        self.deliver(delay, lambda: self._send(number, version, sent, result))
+
+    def _deliver_after(self, delay: float, send: Callable[[], None]) -> None:
+        self._stop.wait(delay)
+        send()
+
+    def _send(self, number: int, version: int, sent: dict[str, np.ndarray], result) -> None:
         try:
             ack = self.client.upload(number, sent, num_examples=result.num_examples,
                                      model_version=version, metrics=result.metrics,

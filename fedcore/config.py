@@ -77,9 +77,9 @@ class FederationConfig:
         if self.mode not in ("sync", "async"):
             raise ValueError(f"mode must be sync or async, got {self.mode!r}")
         if self.buffer_size < 1:
-            raise ValueError("buffer_size must be at least 1")
+            raise ValueError("buffer_size (--buffer) must be at least 1")
         if not 0 <= self.max_staleness <= 10_000:
-            raise ValueError("max_staleness must be from 0 to 10000")
+            raise ValueError("max_staleness (--max-staleness) must be from 0 to 10000")
         if not 0 <= self.staleness_exponent <= 10:
             raise ValueError("staleness_exponent must be from 0 to 10")
         if self.mode == "async" and not isinstance(strategy, Averaging):

@@ -52,7 +52,9 @@ class Server:
                  runs_dir: str | Path | None = None, run_id: str | None = None,
                  enroll_secret: str | None = None, admin_token: str | None = None,
                  threads: int = 16, data_dir: str | Path | None = None,
-                 test_limit: int | None = None) -> None:
+                 test_limit: int | None = None, mode: str = FEDERATION.mode,
+                 buffer_size: int = FEDERATION.buffer_size, max_staleness: int = FEDERATION.max_staleness,
+                 staleness_exponent: float = FEDERATION.staleness_exponent) -> None:
         if isinstance(model, str):
             from model import MODEL_NAMES
 
@@ -61,7 +63,8 @@ class Server:
         self.federation = FederationConfig(
             rounds=rounds, min_devices=min_devices, quorum=quorum, round_timeout=round_timeout,
             device_timeout=device_timeout, fraction=fraction, auto_activate=auto_activate, start=start,
-            strategy=strategy, strategy_params=dict(strategy_params or {}), seed=seed,
+            strategy=strategy, strategy_params=dict(strategy_params or {}), seed=seed, mode=mode,
+            buffer_size=buffer_size, max_staleness=max_staleness, staleness_exponent=staleness_exponent,
             training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate))
         self.federation.validate()  # ValueError now (a bad strategy parameter too), not later
         self._model = model

@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fedcore.config import FederationConfig
 from fedcore.strategies import STRATEGIES, make_strategy, parse_strategy_args
 from fedhub.simulation import simulate
 
@@ -58,7 +59,8 @@ class RoundBars:
         if self._round == entry["round"]:
             self._close()
         accuracy, loss = entry["test_accuracy"], entry["test_loss"]
-        print(f"round {entry['round']}: global test accuracy "
+        what = "model version" if entry.get("mode") == "async" else "round"
+        print(f"{what} {entry['round']}: global test accuracy "
               f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} "
               f"(loss {'n/a' if loss is None else f'{loss:.4f}'}), {entry['num_updates']} devices, "
               f"{entry['num_examples']} examples, {time.monotonic() - self._started:.1f}s", flush=True)
@@ -108,6 +110,17 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"aggregation strategy, as server.py's: {', '.join(STRATEGIES)} (default fedavg)")
     p.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the strategy, repeatable (server.py --list-strategies)")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="sync: rounds; async: every device trains continuously (FedBuff); "
+                        "--rounds then counts model versions")
+    p.add_argument("--buffer", type=int, default=10, metavar="K",
+                   help="async: a new model version every K updates (default 10)")
+    p.add_argument("--max-staleness", type=int, default=10, metavar="S",
+                   help="async: refuse updates more than S versions old (default 10)")
+    p.add_argument("--slow-devices", type=float, default=0.0, metavar="SHARE",
+                   help="share of the devices that are slow (e.g. 0.2; default 0)")
+    p.add_argument("--slowdown", type=float, default=5.0, metavar="FACTOR",
+                   help="how many times slower the slow devices are (default 5)")
     return p
 
 
@@ -128,12 +141,16 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         value = getattr(a, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
             p.error(f"--{flag.replace('_', '-')} must be a positive number")
+    if not 0 <= a.slow_devices <= 1 or not 1 <= a.slowdown <= 1000:
+        p.error("--slow-devices must be a share from 0 to 1 and --slowdown from 1 to 1000")
     if a.cpus_per_worker <= 0 or a.gpus_per_worker < 0:
         p.error("--cpus-per-worker must be positive and --gpus-per-worker not negative")
     try:
         a.strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
         # each round selects a fraction of the devices: enough for the strategy?
         make_strategy(a.strategy, **a.strategy_params).check_min_devices(math.ceil(a.fraction * a.devices))
+        FederationConfig(strategy=a.strategy, strategy_params=a.strategy_params, mode=a.mode,
+                         buffer_size=a.buffer, max_staleness=a.max_staleness).validate()
     except ValueError as exc:
         p.error(f"{exc}".replace("min_devices is", "--fraction x --devices is"))
 
@@ -163,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_worker=a.gpus_per_worker, epochs=a.epochs, batch_size=a.batch_size,
             learning_rate=a.learning_rate, root=root, timeout=a.timeout, on_round=bars.round_done,
             on_progress=bars.progress, fraction=a.fraction, seed=a.seed, data_dir=a.data_dir,
-            test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params)
+            test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params,
+            mode=a.mode, buffer_size=a.buffer, max_staleness=a.max_staleness,
+            slow_devices=a.slow_devices, slowdown=a.slowdown)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -184,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "round_s": stats["round_s"], "split_s": round(split_s, 3), "peak_rss_mb": stats["peak_rss_mb"],
         "bytes_up": stats["bytes_up"], "bytes_down": stats["bytes_down"], "devices": a.devices,
         "fraction": a.fraction, "workers": stats["workers"], "backend": a.backend,
-        "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
+        "mode": a.mode, "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
     }), flush=True)
     return 0
 

@@ -37,7 +37,8 @@ Partitions = Sequence[tuple[np.ndarray, np.ndarray]] | str | Path
 class History(list):
     """The completed rounds (as ``/api/history``), plus ``model`` (the final global Keras model)
     and ``stats``: ``wall_s`` and ``first_round_s`` (seconds from the call to the last and
-    first round's result), ``round_s`` (to each round's), ``peak_rss_mb`` (this process and
+    first round's result), ``round_s`` (to each round's), on a pool ``training_started_at``
+    (the time training started, once every device had enrolled), ``peak_rss_mb`` (this process and
     all its children together, sampled), and for a pool ``bytes_up``, ``bytes_down``,
     ``workers``, ``restarts`` and ``tasks`` (each device round trained: device, round, node)."""
 
@@ -266,6 +267,7 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
 
         _await_enrollment(server, names, check, deadline, timeout)
         server.start_training()
+        training_started_at = time.time()
         _follow(server, check, deadline, timeout, on_round, on_progress)
         history = History(server.history())
         history.model = server.global_model()
@@ -273,7 +275,7 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
         stats = pool.stats()
     history.stats.update({key: stats[key] for key in
                           ("bytes_up", "bytes_down", "workers", "backend", "restarts", "failures", "tasks",
-                           "worker_peak_rss_mb")})
+                           "worker_peak_rss_mb")}, training_started_at=training_started_at)
     return history
 
 

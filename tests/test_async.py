@@ -3,6 +3,7 @@ global models checked against a NumPy reference, stale updates refused, a SIGKIL
 
 from __future__ import annotations
 
+import csv
 import uuid
 
 import numpy as np
@@ -143,3 +144,37 @@ def test_server_sigkill_keeps_buffered_updates_once(server_factory):
     assert status["model_version"] == 1 and status["buffer"] == {"target": 2, "received": 0}
     _assert_model(server, tokens["a"], _reference(w0, [(wa, w0, 50, 0), (wb, w0, 150, 0),
                                                        (wc, w0, 100, 0)]))
+
+
+def test_real_devices_train_continuously_through_a_server_sigkill(server_factory, split_devices):
+    """Real device processes in asynchronous mode; the server is SIGKILLed mid-run and restarted:
+    the run finishes, every version holds exactly K updates, and the updates the devices saw
+    acknowledged are exactly those in the versions: none lost, none counted twice."""
+    from device.launcher import stop
+
+    from .conftest import launch_devices
+
+    root = split_devices(2, 120)
+    server = server_factory("--mode", "async", "--buffer", "2", "--max-staleness", "3", "--rounds", "4",
+                            "--auto-activate", "--start", "--test-limit", "200", "--no-tensorboard").start()
+    procs = launch_devices(server, root, ["device1", "device2"])
+    try:
+        _version(server, 1)
+        server.kill()
+        server.start()
+        wait_until(lambda: server.get("/api/status").json()["status"] == "finished", 180,
+                   "the run to finish after the restart")
+    finally:
+        stop(procs)
+    history = server.get("/api/history").json()["rounds"]
+    assert [h["model_version"] for h in history] == [1, 2, 3, 4]
+    assert all(h["num_updates"] == 2 and len(h["updates"]) == 2 for h in history)
+    assert all(u["staleness"] <= 3 and u["base_version"] < h["model_version"]
+               for h in history for u in h["updates"])
+    accepted = 0  # each device's own record of its uploads the server acknowledged
+    for name in ("device1", "device2"):
+        path = root / name / "history.csv"
+        if path.exists():
+            with path.open() as f:
+                accepted += sum(row["accepted"] == "True" for row in csv.DictReader(f))
+    assert accepted == 8, "every acknowledged update is in exactly one version"

@@ -34,6 +34,7 @@ import numpy as np
 from . import wire
 from .config import FederationConfig
 from .devices import DeviceRegistry
+from .driver import RETRY_AFTER_FAILURE, DriverThread, Evaluate
 from .errors import Conflict, InvalidInput
 from .evaluations import Evaluations
 from .fedbuff import DeltaBuffer, staleness_weight
@@ -48,8 +49,7 @@ from .strategies.base import cast_like, first_nonfinite
 log = logging.getLogger("fedhub.async")
 
 Weights = dict[str, np.ndarray]
-Evaluate = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
-RETRY_AFTER_FAILURE = 2.0
+
 TICK = 0.25
 
 
@@ -70,9 +70,11 @@ class Buffer:
         return self.reserved >= size and self.inflight == 0 and len(self.updates) >= size
 
 
-class AsyncRounds:
+class AsyncRounds(DriverThread):
     """Tasks, uploads and new model versions in asynchronous mode; the coordinator calls it
     with the round state's lock held for :meth:`task_for`, :meth:`view` and :meth:`reset`."""
+
+    thread_name = "fedhub-async"
 
     def __init__(self, state: RoundState, *, storage: Storage, devices: DeviceRegistry,
                  history: RoundHistory, hooks: RoundHooks, strategy: Strategy,
@@ -80,26 +82,17 @@ class AsyncRounds:
                  evaluations: Evaluations | None, check_finished: Callable[[], None],
                  max_upload_bytes: int = wire.DEFAULT_MAX_BYTES,
                  clock: Callable[[], float] = time.time) -> None:
-        self._state = state
-        self._storage = storage
-        self._devices = devices
-        self._history = history
-        self._hooks = hooks
-        self._strategy = strategy
-        self._config = config
+        super().__init__(state, storage=storage, devices=devices, history=history, hooks=hooks,
+                         strategy=strategy, config=config, evaluate=evaluate, evaluations=evaluations,
+                         clock=clock)
         self._spec = spec
-        self._evaluate = evaluate
-        self._evaluations = evaluations
         self._check_finished = check_finished
         self._max_upload_bytes = max_upload_bytes
-        self._clock = clock
         self._dir = storage.state_dir / "async"
         self._buffers: dict[int, Buffer] = {}
         self._uploading: set[tuple[str, str]] = set()  # (device, idempotency key) being folded in
         self._versions: dict[int, Weights] = {}  # recent global models, the deltas' bases
         self._versions_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
 
     # start-up -------------------------------------------------------------
     def recover(self) -> None:
@@ -123,17 +116,10 @@ class AsyncRounds:
             log.info("asynchronous mode: %d buffered update(s) folded in again after the restart",
                      len(rows))
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._drive, name="fedhub-async", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self._state.cond:
-            self._state.cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+    @property
+    def uploading(self) -> bool:
+        """An update is being written or folded in (a reset waits for it)."""
+        return any(b.inflight for b in self._buffers.values())
 
     def reset(self) -> None:
         """Forget the buffers and their files (the rows go with the rounds); lock held."""
@@ -176,11 +162,8 @@ class AsyncRounds:
         done = self._duplicate(name, upload_id, digest)
         if done is not None:
             return done
-        weights, meta = wire.decode(body, self._spec, max_bytes=self._max_upload_bytes,
-                                    require_examples=True)
-        if meta.round != round_number:
-            raise InvalidInput(
-                f"metadata round {meta.round} does not match the URL's round {round_number}", "round")
+        weights, meta = wire.decode_update(body, self._spec, round_number,
+                                           max_bytes=self._max_upload_bytes)
         s = self._state
         with s.cond:
             done = self._duplicate(name, upload_id, digest)
@@ -309,16 +292,9 @@ class AsyncRounds:
                 del self._versions[v]
 
     # new versions ---------------------------------------------------------
-    def _drive(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._turn()
-            except Exception as exc:  # the thread must outlive anything a version does
-                log.exception("asynchronous driver error")
-                with self._state.cond:
-                    self._state.last_error = f"asynchronous driver error: {type(exc).__name__}: {exc}"
-                    self._state.closing = None
-                    self._state.cond.wait(RETRY_AFTER_FAILURE)
+    def _failed(self, error: str) -> None:
+        self._state.last_error = f"asynchronous driver error: {error}"
+        self._state.closing = None
 
     def _turn(self) -> None:
         s = self._state

@@ -284,11 +284,7 @@ class Coordinator:
         done = self._duplicate(name, round_number, upload_id, digest)
         if done is not None:
             return done
-        weights, meta = wire.decode(body, self.spec, max_bytes=self.max_upload_bytes,
-                                    require_examples=True)
-        if meta.round != round_number:
-            raise InvalidInput(
-                f"metadata round {meta.round} does not match the URL's round {round_number}", "round")
+        weights, meta = wire.decode_update(body, self.spec, round_number, max_bytes=self.max_upload_bytes)
         with self._cond:
             done = self._duplicate(name, round_number, upload_id, digest)
             if done is not None:
@@ -403,7 +399,7 @@ class Coordinator:
                     self._devices.lifecycle.set(name, "waiting", reason=f"round {r.number} failed: "
                                                 f"{e['message'][:200]}", round_number=r.number)
                     dropped.append(r.number)
-                elif e["round"] <= self._state.version:
+                elif e["round"] <= self._state.version and self._async is None:  # async: a base version
                     self._history.late_error({**e, "device": name, "received_at": now})
         return {"stored": len(entries), "dropped_from_rounds": dropped}
 
@@ -453,7 +449,8 @@ class Coordinator:
         """Forget every round and the strategy's state, and start again from the initial model
         (devices stay enrolled)."""
         with self._cond:
-            while self._state.busy or (self._state.open is not None and self._state.open.uploading):
+            while self._state.busy or (self._state.open is not None and self._state.open.uploading) \
+                    or (self._async is not None and self._async.uploading):
                 self._cond.wait(0.5)
             r, self._state.open = self._state.open, None
             if r is not None:

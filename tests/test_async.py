@@ -4,14 +4,18 @@ global models checked against a NumPy reference, stale updates refused, a SIGKIL
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 import uuid
 
 import numpy as np
+import pytest
 import requests
 
 from fedcore import wire
+from fedcore.fedbuff import staleness_weight
 
-from .conftest import wait_until
+from .conftest import ROOT, wait_until
 from .rounds_by_hand import enroll
 
 ASYNC = ("--mode", "async", "--auto-activate", "--start", "--rounds", "0", "--test-limit", "50",
@@ -64,6 +68,26 @@ def _assert_model(server, token, expected) -> None:
     _, got = _model(server, token)
     for k in expected:
         np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_staleness_weight_is_one_over_sqrt_one_plus_staleness():
+    np.testing.assert_allclose(staleness_weight(np.arange(4)), 1 / np.sqrt(1 + np.arange(4)))
+    assert staleness_weight(3, exponent=0) == 1.0 and staleness_weight(3, exponent=1) == 0.25
+    with pytest.raises(ValueError):
+        staleness_weight(-1)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--mode", "async", "--strategy", "fedmedian"), "asynchronous mode needs a streaming strategy"),
+    (("--mode", "async", "--buffer", "0"), "buffer_size (--buffer) must be at least 1"),
+    (("--mode", "async", "--max-staleness", "-1"), "max_staleness (--max-staleness) must be"),
+    (("--mode", "later"), "argument --mode: invalid choice"),
+])
+def test_async_settings_are_checked_at_start_up(args, message):
+    out = subprocess.run([sys.executable, str(ROOT / "server.py"), *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_staleness_weighting_matches_numpy_and_too_stale_is_refused(server_factory):

@@ -4,6 +4,7 @@ global models checked against a NumPy reference, stale updates refused, a SIGKIL
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 import uuid
@@ -77,6 +78,7 @@ def test_staleness_weight_is_one_over_sqrt_one_plus_staleness():
         staleness_weight(-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), [
     (("--mode", "async", "--strategy", "fedmedian"), "asynchronous mode needs a streaming strategy"),
     (("--mode", "async", "--buffer", "0"), "buffer_size (--buffer) must be at least 1"),
@@ -90,6 +92,7 @@ def test_async_settings_are_checked_at_start_up(args, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_staleness_weighting_matches_numpy_and_too_stale_is_refused(server_factory):
     server = server_factory(*ASYNC, "--buffer", "2", "--max-staleness", "1").start()
     tokens = {name: enroll(server, name) for name in ("a", "b", "c")}
@@ -136,6 +139,7 @@ def test_staleness_weighting_matches_numpy_and_too_stale_is_refused(server_facto
     assert all(h["mode"] == "async" and h["test_accuracy"] is not None for h in history)
 
 
+@pytest.mark.slow
 def test_server_sigkill_keeps_buffered_updates_once(server_factory):
     """Acknowledged updates in an unfinished buffer survive a SIGKILL; a retry after the
     restart (same Idempotency-Key, same bytes) is not counted again."""
@@ -170,6 +174,7 @@ def test_server_sigkill_keeps_buffered_updates_once(server_factory):
                                                        (wc, w0, 100, 0)]))
 
 
+@pytest.mark.slow
 def test_real_devices_train_continuously_through_a_server_sigkill(server_factory, split_devices):
     """Real device processes in asynchronous mode; the server is SIGKILLed mid-run and restarted:
     the run finishes, every version holds exactly K updates, and the updates the devices saw
@@ -204,6 +209,7 @@ def test_real_devices_train_continuously_through_a_server_sigkill(server_factory
     assert accepted == 8, "every acknowledged update is in exactly one version"
 
 
+@pytest.mark.slow
 def test_both_dashboards_show_model_versions(server_factory, monkeypatch):
     """Streamlit's dashboard (AppTest) and the live page (Chromium) in asynchronous mode: the
     model version and the buffer instead of rounds, points labelled by version and time."""
@@ -244,3 +250,22 @@ def test_both_dashboards_show_model_versions(server_factory, monkeypatch):
             assert problems == []
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_simulate_async_with_a_slow_device(tmp_path, data_dir):
+    """``python -m fedhub.simulate --mode async`` with half the fleet 3x slower (its updates held
+    by the pool's worker while the other device trains): the run makes its versions."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fedhub.simulate", "--devices", "2", "--workers", "1", "--rounds", "3",
+         "--mode", "async", "--buffer", "2", "--max-staleness", "5", "--slow-devices", "0.5",
+         "--slowdown", "3", "--limit", "100", "--test-limit", "200", "--data-dir", str(data_dir),
+         "--quiet", "--history", str(tmp_path / "history.json"), "--timeout", "300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["mode"] == "async" and summary["rounds"] == 3
+    assert "model version 3: global test accuracy" in out.stdout
+    history = json.loads((tmp_path / "history.json").read_text())
+    updates = [u for h in history for u in h["updates"]]
+    assert len(updates) == 6 and all(u["staleness"] <= 5 for u in updates)

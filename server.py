@@ -217,6 +217,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="send the global model download compressed too (as its change)")
     add_dp_options(p)
     secagg_options.add_options(p)
+    p.add_argument("--mode", default=fed.mode, choices=["sync", "async"],
+                   help="sync: rounds; async: devices train continuously, FedBuff (see --buffer)")
+    p.add_argument("--buffer", type=int, default=fed.buffer_size, metavar="K",
+                   help="async: a new global model version every K updates")
+    p.add_argument("--max-staleness", type=int, default=fed.max_staleness, metavar="S",
+                   help="async: refuse updates trained from a model more than S versions old")
+    p.add_argument("--staleness-exponent", type=float, default=fed.staleness_exponent, metavar="A",
+                   help="async: weigh an update by (1 + staleness) ** -A (0.5: 1/sqrt(1 + staleness))")
     p.add_argument("--epochs", type=int, default=train.epochs, help="local epochs per round")
     p.add_argument("--batch-size", type=int, default=train.batch_size)
     p.add_argument("--learning-rate", type=float, default=train.learning_rate)
@@ -270,6 +278,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         auto_activate=a.auto_activate, start=a.start, strategy=a.strategy,
         strategy_params=strategy_params, memory_budget=int(a.strategy_memory_mb * 2**20), seed=a.seed,
         compress_downlink=a.compress_downlink,
+        mode=a.mode, buffer_size=a.buffer, max_staleness=a.max_staleness,
+        staleness_exponent=a.staleness_exponent,
         training=TrainingConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size,
                                 learning_rate=a.learning_rate, compression=a.compression),
         privacy=dp_config(p, a, a.min_devices))

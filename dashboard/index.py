@@ -214,8 +214,18 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
     r = status["round"]
     cols = st.columns(5)
     cols[0].metric("Status", state)
-    cols[1].metric("Completed rounds", f"{status['completed_rounds']} / {total}")
-    if r and "selected" in r:
+    if status.get("mode") != "async":
+        cols[1].metric("Completed rounds", f"{status['completed_rounds']} / {total}")
+    if status.get("mode") == "async":
+        buffer = status.get("buffer") or {}
+        cols[1].metric("Model version", f"{status['model_version']} / {total}")
+        cols[2].metric("Next version", f"v{buffer.get('target', '?')}")
+        cols[3].metric("Updates buffered", f"{buffer.get('received', 0)} / {status['buffer_size']}")
+        cols[4].metric("Max staleness", status["max_staleness"])
+        st.caption("Asynchronous mode (FedBuff): devices train continuously; each update is weighted "
+                   "down by its staleness, and a new model version comes every "
+                   f"{plural(status['buffer_size'], 'update')} (server options --buffer, --max-staleness).")
+    elif r and "selected" in r:
         reported, selected = len(r["reported"]), len(r["selected"])
         cols[2].metric("Current round", f"#{r['number']}")
         cols[3].metric("Updates received", f"{reported} / {selected}")
@@ -379,22 +389,41 @@ def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
     """Long form: one row per (round, series) with accuracy and loss, the global model first."""
     rows = []
     for r in history:
-        rows.append({"round": r["round"], "series": GLOBAL_SERIES,
+        time_ = pd.to_datetime(r["closed_at"], unit="s")
+        rows.append({"round": r["round"], "time": time_, "series": GLOBAL_SERIES,
                      "accuracy": r["test_accuracy"], "loss": r["test_loss"]})
         for name, m in sorted(r["devices"].items()):
-            rows.append({"round": r["round"], "series": name,
+            rows.append({"round": r["round"], "time": time_, "series": name,
                          "accuracy": m.get("accuracy"), "loss": m.get("loss")})
-    return pd.DataFrame(rows, columns=["round", "series", "accuracy", "loss"])
+    return pd.DataFrame(rows, columns=["round", "time", "series", "accuracy", "loss"])
 
 
-def metric_chart(frame: pd.DataFrame, metric: str, title: str) -> alt.Chart:
+def x_axis(asynchronous: bool) -> alt.X:
+    """Rounds; in asynchronous mode time, each point a model version (``round`` in the tooltip)."""
+    if asynchronous:
+        return alt.X("time:T", title="time (each point a model version)")
+    return alt.X("round:Q", title="round", axis=alt.Axis(tickMinStep=1, format="d"))
+
+
+def versions_chart(history: list[dict[str, Any]]) -> alt.Chart:
+    """Asynchronous mode: model versions over time, with the staleness of their updates."""
+    frame = pd.DataFrame([{"time": pd.to_datetime(r["closed_at"], unit="s"), "model version": r["round"],
+                           "mean staleness": sum(u["staleness"] for u in r["updates"]) / len(r["updates"]),
+                           "updates": r["num_updates"]} for r in history if r.get("updates")])
+    return alt.Chart(frame, title="model versions over time").mark_line(
+        point=True, interpolate="step-after").encode(
+        x=alt.X("time:T", title="time"), y=alt.Y("model version:Q", axis=alt.Axis(format="d")),
+        tooltip=["model version", "updates", alt.Tooltip("mean staleness:Q", format=".2f")])
+
+
+def metric_chart(frame: pd.DataFrame, metric: str, title: str, asynchronous: bool = False) -> alt.Chart:
     is_global = alt.datum.series == GLOBAL_SERIES
     devices = sorted(set(frame["series"]) - {GLOBAL_SERIES})
     colours = alt.Scale(domain=[GLOBAL_SERIES, *devices],
                         range=[GLOBAL_COLOUR, *(DEVICE_COLOURS[i % len(DEVICE_COLOURS)]
                                                 for i in range(len(devices)))])
     return alt.Chart(frame.dropna(subset=[metric]), title=title).mark_line(point=True).encode(
-        x=alt.X("round:Q", title="round", axis=alt.Axis(tickMinStep=1, format="d")),
+        x=x_axis(asynchronous),
         y=alt.Y(f"{metric}:Q", title=metric, scale=alt.Scale(zero=False)),
         color=alt.Color("series:N", title=None, scale=colours, legend=alt.Legend(orient="bottom")),
         strokeDash=alt.condition(is_global, alt.value([1, 0]), alt.value([5, 4])),
@@ -403,18 +432,22 @@ def metric_chart(frame: pd.DataFrame, metric: str, title: str) -> alt.Chart:
     )
 
 
-def charts_panel(history: list[dict[str, Any]]) -> None:
-    st.subheader("Accuracy and loss over rounds")
+def charts_panel(history: list[dict[str, Any]], asynchronous: bool = False) -> None:
+    st.subheader("Accuracy and loss over time, by model version" if asynchronous
+                 else "Accuracy and loss over rounds")
     if not history:
-        st.info("No round has completed yet: the charts appear after round 1.")
+        st.info("No model version has been made yet: the charts appear after version 1." if asynchronous
+                else "No round has completed yet: the charts appear after round 1.")
         return
     frame = history_frame(history)
     left, right = st.columns(2)
     left.altair_chart(metric_chart(frame, "accuracy",
-                                   "accuracy: global on the test set, devices on their data"),
+                                   "accuracy: global on the test set, devices on their data", asynchronous),
                       width="stretch")
-    right.altair_chart(metric_chart(frame, "loss", "loss: global on the test set, devices in training"),
-                       width="stretch")
+    right.altair_chart(metric_chart(frame, "loss", "loss: global on the test set, devices in training",
+                                    asynchronous), width="stretch")
+    if asynchronous:
+        st.altair_chart(versions_chart(history), width="stretch")
     spent = [{"round": r["round"], "epsilon": r["privacy"]["epsilon"]} for r in history if r.get("privacy")]
     if spent:
         st.altair_chart(alt.Chart(pd.DataFrame(spent), title="privacy spent: ε after each round")
@@ -591,7 +624,7 @@ def live_view(api: ServerAPI) -> None:
     try:
         training_panel(api, status)
         devices_panel(api, devices, (status.get("round") or {}).get("progress"))
-        charts_panel(history)
+        charts_panel(history, status.get("mode") == "async")
         aggregation_panel(status, history, failures)
         secure_panel(status, history)
         logs_panel(api, devices)

@@ -150,7 +150,10 @@
     names.forEach((name, i) => {
       datasets.push(series(name, rounds.map((r) => metric(r, name)), PALETTE[i % PALETTE.length], false));
     });
-    return { labels: rounds.map((r) => String(r.round)), datasets: datasets };
+    // Asynchronous mode: each point is a model version, labelled with the time it was made.
+    const label = (r) => (r.mode === "async"
+      ? `v${r.round} · ${new Date(r.closed_at * 1000).toLocaleTimeString()}` : String(r.round));
+    return { labels: rounds.map(label), datasets: datasets };
   }
 
   function updateChart(chart, data) {
@@ -164,12 +167,36 @@
 
   // ---------------------------------------------------------------- rendering
 
+  // The cards' and the table's labels: rounds, or in asynchronous mode model versions.
+  function setLabels(asynchronous) {
+    const labels = asynchronous
+      ? { completed: "Model version", "current-round": "Next version", reported: "Updates buffered",
+        deadline: "Max staleness" }
+      : { completed: "Completed rounds", "current-round": "Current round", reported: "Updates received",
+        deadline: "Deadline" };
+    for (const [id, text] of Object.entries(labels)) $(id).previousElementSibling.textContent = text;
+    $("rounds-title").textContent = asynchronous ? "Model versions" : "Rounds";
+    $("rounds-key").textContent = asynchronous ? "Version" : "Round";
+  }
+
+  function renderAsyncStatus(status) {
+    const total = status.total_rounds ? ` / ${status.total_rounds}` : "";
+    setText("completed", `${status.model_version}${total}`);
+    const b = status.buffer || {};
+    setText("current-round", `v${b.target}`);
+    setText("reported", `${b.received} of ${status.buffer_size}`);
+    setText("deadline", `${status.max_staleness} versions`);
+  }
+
   function renderStatus(status) {
     setText("status", status.status);
+    setLabels(status.mode === "async");
     const total = status.total_rounds ? ` / ${status.total_rounds}` : "";
     setText("completed", `${status.completed_rounds}${total}`);
     const r = status.round;
-    if (r && r.state === "aggregating") {
+    if (status.mode === "async") {
+      renderAsyncStatus(status);
+    } else if (r && r.state === "aggregating") {
       setText("current-round", `#${r.number} (aggregating)`);
       setText("reported", "–");
       setText("deadline", "–");
@@ -307,6 +334,8 @@
         renderDevices(devices.devices, status.round && status.round.progress);
         renderScreened(history.rounds);
         renderFailures(history.failures);
+        const xTitle = status.mode === "async" ? "model version (time made)" : "round";
+        for (const chart of [accuracy, loss]) chart.options.scales.x.title.text = xTitle;
         updateChart(accuracy, chartData(history.rounds, "test_accuracy", "accuracy", "global (test set)"));
         updateChart(loss, chartData(history.rounds, "test_loss", "loss", "global (test set)"));
         setConnection(`connected to ${base} · updated ${new Date().toLocaleTimeString()}`, "ok");

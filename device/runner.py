@@ -9,6 +9,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,16 @@ class DeviceRunner:
     def __init__(self, client: Client, trainer: Trainer, folder: Path, *,
                  enroll_secret: str | None = None, secret_file: Path | None = None,
                  auto_activate: bool | None = None, poll_wait: float = 20.0,
-                 attack: Attack | None = None, print_fn=print, secagg_dropout: float = 0.0) -> None:
+                 attack: Attack | None = None, slowdown: float = 1.0, print_fn=print,
+                 secagg_dropout: float = 0.0) -> None:
         """``secret_file``: read the enrollment secret from this file (the local server's)
         instead of ``enroll_secret``, again on each refusal while the retry time lasts.
         ``attack``: poison what this device sends (a demo of attacks on the federation; its
         labels, for ``label-flip``, are the trainer's to poison). It is declared when the
-        device enrolls, so that the dashboards show it. ``secagg_dropout``: the chance (a
-        simulation) of dropping out of a secure-aggregation round after dealing its shares."""
+        device enrolls, so that the dashboards show it. ``slowdown``: a simulated slow device
+        takes this many times its training time before its update arrives (see :attr:`deliver`).
+        ``secagg_dropout``: the chance (a simulation) of dropping out of a secure-aggregation
+        round after dealing its shares."""
         self.client = client
         self.trainer = trainer
         self.folder = Path(folder)
@@ -53,6 +57,10 @@ class DeviceRunner:
         self.auto_activate = auto_activate
         self.poll_wait = poll_wait
         self.attack = attack
+        self.slowdown = slowdown
+        # deliver(delay, send): send the update after ``delay`` seconds. Here it waits; a pool
+        # worker queues it instead and serves its other devices meanwhile.
+        self.deliver: Callable[[float, Callable[[], None]], None] = self._deliver_after
         self._rng = np.random.default_rng()
         self._print = print_fn
         self._stop = threading.Event()
@@ -232,7 +240,9 @@ class DeviceRunner:
     def _train_round(self, task: dict[str, Any]) -> None:
         number = task["round"]
         version, weights = self.client.model()
-        if version != task["model_version"]:
+        if task.get("mode") == "async":  # any recent version will do: the server weighs staleness
+            number = version
+        elif version != task["model_version"]:
             self._say(f"round {number}: model moved on to version {version}; asking again")
             return
         if "secagg" in task and self.secure.drops(number):
@@ -256,6 +266,7 @@ class DeviceRunner:
                                    name="fedhub-signal")
         watcher.start()
         detail = None
+        started = time.monotonic()
         try:
             result = self.trainer.train(weights, config)
         except TrainingInterrupted as exc:
@@ -286,6 +297,16 @@ class DeviceRunner:
                       f"Gaussian noise of std {local_dp[0] * local_dp[1]:g} added", round_number=number)
         if self.attack is not None:
             sent = self.attack.poison_weights(sent, weights, self._rng)
+        delay = (self.slowdown - 1) * (time.monotonic() - started)
+        self.deliver(delay, lambda: self._send(task, version, weights, sent, result, scheme))
+
+    def _deliver_after(self, delay: float, send: Callable[[], None]) -> None:
+        self._stop.wait(delay)
+        send()
+
+    def _send(self, task: dict[str, Any], version: int, weights: dict[str, np.ndarray],
+              sent: dict[str, np.ndarray], result: Any, scheme: compression.Scheme) -> None:
+        number = version if task.get("mode") == "async" else task["round"]
         try:
             if "secagg" in task:
                 self.secure.masked_upload(task, sent, weights, result.num_examples)

@@ -60,6 +60,12 @@ class FederationConfig:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     seed: int = 0
     compress_downlink: bool = False  # the global model download goes out compressed too
+    # Asynchronous rounds (FedBuff): devices train continuously; a new model every buffer_size
+    # updates, each weighted by (1 + staleness) ** -staleness_exponent, none older than max_staleness.
+    mode: str = "sync"  # or "async"
+    buffer_size: int = 10
+    max_staleness: int = 10
+    staleness_exponent: float = 0.5
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: DPConfig | None = None  # differential privacy (--dp), wrapping the strategy
     secagg: SecAggConfig | None = None  # secure aggregation (SecAgg+) of every round; None: off
@@ -87,8 +93,30 @@ class FederationConfig:
             raise ValueError("compress_downlink (--compress-downlink) needs a compression (--compression) "
                              "other than none")
         strategy = self.make_strategy()
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"mode must be sync or async, got {self.mode!r}")
+        if self.buffer_size < 1:
+            raise ValueError("buffer_size (--buffer) must be at least 1")
+        if not 0 <= self.max_staleness <= 10_000:
+            raise ValueError("max_staleness (--max-staleness) must be from 0 to 10000")
+        if not 0 <= self.staleness_exponent <= 10:
+            raise ValueError("staleness_exponent must be from 0 to 10")
+        if self.mode == "async":
+            self.check_async(strategy)
         if self.secagg is not None:
             self.check_secagg(strategy)
+
+    def check_async(self, strategy: Strategy) -> None:
+        """Asynchronous rounds fold each update into a running sum as it comes: a strategy that
+        keeps every update, a staged protocol or per-round noise does not fit (yet)."""
+        for option, on in (("--secure-aggregation", self.secagg is not None),
+                           ("--compression", compression.parse(self.training.compression).active),
+                           ("--dp", self.privacy is not None)):
+            if on:
+                raise ValueError(f"asynchronous mode (--mode async) does not work with {option} yet")
+        if not isinstance(strategy, Averaging):
+            raise ValueError(f"asynchronous mode needs a streaming strategy (fedavg, fedprox, fedavgm, "
+                             f"fedadam, fedyogi, fedadagrad); {strategy.name} keeps every update")
 
     def check_secagg(self, strategy: Strategy) -> None:
         """Secure aggregation hides each update, so only a strategy that needs just their

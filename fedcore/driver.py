@@ -55,8 +55,11 @@ def release_devices(devices: DeviceRegistry, r: OpenRound, why: str) -> None:
             devices.lifecycle.set(name, "waiting", reason=why, round_number=r.number)
 
 
-class RoundDriver:
-    """Owns the driver thread; the coordinator starts and stops it."""
+class DriverThread:
+    """One thread that takes :meth:`_turn` after turn until stopped, and outlives any error:
+    :meth:`_failed` records it (under the state's lock), then the thread waits and goes on."""
+
+    thread_name = "fedhub-rounds"
 
     def __init__(self, state: RoundState, *, storage: Storage, devices: DeviceRegistry,
                  history: RoundHistory, hooks: RoundHooks, strategy: Strategy,
@@ -74,14 +77,13 @@ class RoundDriver:
         self._evaluate = evaluate
         self._evaluations = evaluations
         self._clock = clock
-        self._rng = random.Random(config.seed)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._previous_keys: frozenset[bytes] = frozenset()  # refused if a device advertises one again
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._drive, name="fedhub-rounds", daemon=True)
+            self._thread = threading.Thread(target=self._drive, name=self.thread_name, daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
@@ -94,6 +96,31 @@ class RoundDriver:
     @property
     def stopped(self) -> bool:
         return self._stop.is_set()
+
+    def _drive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._turn()
+            except Exception as exc:  # the driver must outlive anything a round does
+                log.exception("%s error", self.thread_name)
+                with self._state.cond:
+                    self._failed(f"{type(exc).__name__}: {exc}")
+                    self._state.cond.wait(RETRY_AFTER_FAILURE)
+
+    def _turn(self) -> None:
+        raise NotImplementedError
+
+    def _failed(self, error: str) -> None:
+        self._state.last_error = f"round driver error: {error}"
+        self._state.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+
+
+class RoundDriver(DriverThread):
+    """Owns the driver thread; the coordinator starts and stops it."""
+
+    def __init__(self, state: RoundState, **parts: Any) -> None:
+        super().__init__(state, **parts)
+        self._rng = random.Random(self._config.seed)
 
     def all_done(self) -> bool:
         """The run's last round is complete (no round opens after it)."""
@@ -109,17 +136,6 @@ class RoundDriver:
             log.info("the run is over: %s done", plural(self._config.rounds, "round"))
 
     # the loop -------------------------------------------------------------
-    def _drive(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._turn()
-            except Exception as exc:  # the driver must outlive anything a round does
-                log.exception("round driver error")
-                with self._state.cond:
-                    self._state.last_error = f"round driver error: {type(exc).__name__}: {exc}"
-                    self._state.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
-                    self._state.cond.wait(RETRY_AFTER_FAILURE)
-
     def _turn(self) -> None:
         s = self._state
         closing = plan = None

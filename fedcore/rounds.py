@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import compression, wire
+from .async_rounds import AsyncRounds
 from .config import FederationConfig
 from .device_logs import DeviceLogs
 from .devices import DeviceRegistry
@@ -81,6 +82,11 @@ class Coordinator:
                                    history=self._history, hooks=self._hooks, strategy=self.strategy,
                                    config=config, evaluate=evaluate, evaluations=self._evaluations,
                                    clock=clock)
+        self._async = AsyncRounds(
+            self._state, storage=storage, devices=devices, history=self._history, hooks=self._hooks,
+            strategy=self.strategy, config=config, spec=self.spec, evaluate=evaluate,
+            evaluations=self._evaluations, check_finished=self._driver.check_finished,
+            max_upload_bytes=max_upload_bytes, clock=clock) if config.mode == "async" else None
         # Long polls allowed to wait at once (None: no limit); the HTTP server sets it below
         # its worker thread count, as each waiting poll holds a worker thread.
         self.max_waiters: int | None = None
@@ -114,6 +120,8 @@ class Coordinator:
             spent = (self.strategy.privacy() or {}).get("budget_spent")
             if status == "finished" and spent:  # why the run ended, after a restart too
                 self._state.reason = spent
+            if self._async is not None:
+                self._async.recover()
             self._driver.check_finished()
 
     def _restore_strategy_state(self, number: int) -> None:
@@ -147,11 +155,13 @@ class Coordinator:
 
     def start(self) -> None:
         """Start the driver thread (idempotent)."""
-        self._driver.start()
+        (self._async or self._driver).start()
 
     def stop(self) -> None:
         """Stop the driver, let the queued round hooks run, persist last-seen times."""
         self._driver.stop()
+        if self._async is not None:
+            self._async.stop()
         self._hooks.stop()
         self._devices.flush()
 
@@ -263,7 +273,8 @@ class Coordinator:
             if crowded:
                 end = time.monotonic()
             while True:
-                task = self._state.task_for(name, self._devices.is_active(name))
+                active = self._devices.is_active(name)
+                task = (self._async or self._state).task_for(name, active)
                 remaining = end - time.monotonic()
                 if task["action"] != "wait" or remaining <= 0 or self._driver.stopped:
                     if task["action"] == "train":
@@ -288,6 +299,8 @@ class Coordinator:
         the same key with the same bytes is acknowledged once more, with other bytes refused.
         A refused update changes nothing, not even the device's activity."""
         with self._devices.busy(name, "uploading"):
+            if self._async is not None:
+                return self._async.submit(name, round_number, body, upload_id)
             return self._submit(name, round_number, body, upload_id)
 
     def _submit(self, name: str, round_number: int, body: bytes,
@@ -300,9 +313,7 @@ class Coordinator:
             return done
         weights, meta = compression.decode_update(body, self.spec, self.compression,
                                                   max_bytes=self.max_upload_bytes)
-        if meta.round != round_number:
-            raise InvalidInput(
-                f"metadata round {meta.round} does not match the URL's round {round_number}", "round")
+        wire.check_round(meta, round_number)
         with self._cond:
             done = self._duplicate(name, round_number, upload_id, digest)
             if done is not None:
@@ -447,7 +458,7 @@ class Coordinator:
                     self._devices.lifecycle.set(name, "waiting", reason=f"round {r.number} failed: "
                                                 f"{e['message'][:200]}", round_number=r.number)
                     dropped.append(r.number)
-                elif e["round"] <= self._state.version:
+                elif e["round"] <= self._state.version and self._async is None:  # async: a base version
                     self._history.late_error({**e, "device": name, "received_at": now})
         return {"stored": len(entries), "dropped_from_rounds": dropped}
 
@@ -497,7 +508,8 @@ class Coordinator:
         """Forget every round and the strategy's state, and start again from the initial model
         (devices stay enrolled)."""
         with self._cond:
-            while self._state.busy or (self._state.open is not None and self._state.open.uploading):
+            while self._state.busy or (self._state.open is not None and self._state.open.uploading) \
+                    or (self._async is not None and self._async.uploading):
                 self._cond.wait(0.5)
             r, self._state.open = self._state.open, None
             if r is not None:
@@ -507,6 +519,8 @@ class Coordinator:
             self._history.clear()
             self.strategy.reset()
             self._install_initial()
+            if self._async is not None:
+                self._async.reset()
             self._state.last_error = None
             self._state.reason = ""
             self._state.set_status("idle")
@@ -545,7 +559,8 @@ class Coordinator:
         for d in self._devices.list():
             counts[d["state"]] = counts.get(d["state"], 0) + 1
         with self._cond:
-            return {**self._state.view(), "total_rounds": self.config.rounds,
+            mode = self._async.view() if self._async is not None else {"mode": "sync"}
+            return {**self._state.view(), **mode, "total_rounds": self.config.rounds,
                     "strategy": self.strategy.describe(), "privacy": self.strategy.privacy(),
                     "devices": counts, "secure_aggregation": self._secagg_settings()}
 

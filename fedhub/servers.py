@@ -61,7 +61,9 @@ class Server:
                  test_limit: int | None = None, compression: str = TRAINING.compression,
                  compress_downlink: bool = FEDERATION.compress_downlink,
                  privacy: DPConfig | Mapping[str, Any] | None = None,
-                 secagg: SecAggConfig | None = None) -> None:
+                 secagg: SecAggConfig | None = None, mode: str = FEDERATION.mode,
+                 buffer_size: int = FEDERATION.buffer_size, max_staleness: int = FEDERATION.max_staleness,
+                 staleness_exponent: float = FEDERATION.staleness_exponent) -> None:
         if isinstance(model, str):
             from model import MODEL_NAMES
 
@@ -70,7 +72,8 @@ class Server:
         self.federation = FederationConfig(
             rounds=rounds, min_devices=min_devices, quorum=quorum, round_timeout=round_timeout,
             device_timeout=device_timeout, fraction=fraction, auto_activate=auto_activate, start=start,
-            strategy=strategy, strategy_params=dict(strategy_params or {}), seed=seed,
+            strategy=strategy, strategy_params=dict(strategy_params or {}), seed=seed, mode=mode,
+            buffer_size=buffer_size, max_staleness=max_staleness, staleness_exponent=staleness_exponent,
             compress_downlink=compress_downlink,
             training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                     compression=compression),

@@ -66,7 +66,8 @@ class RoundBars:
         if entry.get("privacy"):  # --dp: the privacy spent so far (None: infinite)
             epsilon = entry["privacy"]["epsilon"]
             spent = f", epsilon {'inf' if epsilon is None else f'{epsilon:.3g}'}"
-        print(f"round {entry['round']}: global test accuracy "
+        what = "model version" if entry.get("mode") == "async" else "round"
+        print(f"{what} {entry['round']}: global test accuracy "
               f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} "
               f"(loss {'n/a' if loss is None else f'{loss:.4f}'}), {entry['num_updates']} devices, "
               f"{entry['num_examples']} examples{spent}, {time.monotonic() - self._started:.1f}s"
@@ -134,6 +135,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0, metavar="P",
                    help="with --secure-aggregation: the chance that a device drops out of a round right "
                         "after dealing its key shares (default 0)")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="sync: rounds; async: every device trains continuously (FedBuff); "
+                        "--rounds then counts model versions")
+    p.add_argument("--buffer", type=int, default=10, metavar="K",
+                   help="async: a new model version every K updates (default 10)")
+    p.add_argument("--max-staleness", type=int, default=10, metavar="S",
+                   help="async: refuse updates more than S versions old (default 10)")
+    p.add_argument("--slow-devices", type=float, default=0.0, metavar="SHARE",
+                   help="share of the devices that are slow (e.g. 0.2; default 0)")
+    p.add_argument("--slowdown", type=float, default=5.0, metavar="FACTOR",
+                   help="how many times slower the slow devices are (default 5)")
     return p
 
 
@@ -154,6 +166,8 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         value = getattr(a, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
             p.error(f"--{flag.replace('_', '-')} must be a positive number")
+    if not 0 <= a.slow_devices <= 1 or not 1 <= a.slowdown <= 1000:
+        p.error("--slow-devices must be a share from 0 to 1 and --slowdown from 1 to 1000")
     if a.cpus_per_worker <= 0 or a.gpus_per_worker < 0:
         p.error("--cpus-per-worker must be positive and --gpus-per-worker not negative")
     try:
@@ -165,6 +179,8 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         a.strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
         # each round selects a fraction of the devices: enough for the strategy?
         make_strategy(a.strategy, **a.strategy_params).check_min_devices(math.ceil(a.fraction * a.devices))
+        FederationConfig(strategy=a.strategy, strategy_params=a.strategy_params, mode=a.mode,
+                         buffer_size=a.buffer, max_staleness=a.max_staleness).validate()
     except ValueError as exc:
         p.error(f"{exc}".replace("min_devices is", "--fraction x --devices is"))
     a.privacy = dp_config(p, a, math.ceil(a.fraction * a.devices))
@@ -207,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             on_progress=bars.progress, fraction=a.fraction, seed=a.seed, data_dir=a.data_dir,
             test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params,
             compression=a.compression, compress_downlink=a.compress_downlink, privacy=a.privacy,
-            secure_aggregation=a.secagg or False, dropout=a.dropout)
+            secure_aggregation=a.secagg or False, dropout=a.dropout,
+            mode=a.mode, buffer_size=a.buffer, max_staleness=a.max_staleness,
+            slow_devices=a.slow_devices, slowdown=a.slowdown)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -229,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "bytes_up": stats["bytes_up"], "bytes_down": stats["bytes_down"], "devices": a.devices,
         "compression": a.compression, "compress_downlink": a.compress_downlink,
         "fraction": a.fraction, "workers": stats["workers"], "backend": a.backend,
-        "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
+        "mode": a.mode, "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
         "epsilon": (history[-1].get("privacy") or {}).get("epsilon") if history else None,
     }), flush=True)
     return 0

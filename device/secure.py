@@ -5,7 +5,9 @@ parameters, the neighbours' keys, the unmask request), and the round's ``train``
 carries the shares dealt to this device. The protocol itself is :class:`DeviceRound`'s;
 this module moves its messages over HTTP and keeps one round's state between tasks.
 After training, the change from the global model is clipped, quantized with stochastic
-rounding, multiplied by the example count and masked before it leaves the device.
+rounding, multiplied by the example count and masked before it leaves the device. Under
+distributed DP the change is first clipped to the task's L2 bound and noised with this
+device's share of the noise, and counts with weight 1 (each device once, as DP needs).
 """
 
 from __future__ import annotations
@@ -17,18 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from fedcore.privacy import add_noise_share, distributed_dp_task
 from fedcore.secagg import DeviceRound, KeyDirectory, RoundParams, SecAggError, ShareBundle, UnmaskRequest
 from fedcore.secure_round import update_vector
 
 from .client import Client, ServerError
 
 Say = Callable[..., None]
-
-
-def add_noise_share(vector: np.ndarray, params: RoundParams) -> np.ndarray:
-    """Distributed differential privacy adds this device's share of the noise here, before the
-    update is masked, so that nobody ever sees a noiseless sum. Without DP: unchanged."""
-    return vector
 
 
 class SecureDevice:
@@ -42,6 +39,7 @@ class SecureDevice:
         self._round: DeviceRound | None = None
         self._dropping: int | None = None
         self._random = random.Random()
+        self._rng = np.random.default_rng()
 
     def step(self, task: Mapping[str, Any]) -> None:
         """Answer a ``secagg`` task: advertise keys, deal shares, or reveal share keys."""
@@ -77,11 +75,21 @@ class SecureDevice:
 
     def masked_upload(self, task: Mapping[str, Any], trained: Mapping[str, np.ndarray],
                       start: Mapping[str, np.ndarray], num_examples: int) -> dict[str, Any]:
-        """Mask the change from ``start`` to ``trained``, weighted by ``num_examples``, and send it."""
+        """Mask the change from ``start`` to ``trained``, weighted by ``num_examples`` (or, under
+        distributed DP, clipped and noised first, with weight 1), and send it."""
         number = task["round"]
         device_round = self._current(number)
         bundle = ShareBundle.from_dict(task["secagg"])
-        vector = add_noise_share(update_vector(trained, start), device_round.params)
+        vector = update_vector(trained, start)
+        try:
+            share = distributed_dp_task(task.get("config") or {})
+        except ValueError as exc:
+            raise SecAggError(f"the task's distributed DP settings: {exc}", "dp") from None
+        if share is not None:  # the server only ever sees sums that carry the noise
+            vector, _ = add_noise_share(vector, *share, self._rng)
+            num_examples = 1
+            self._say(f"round {number}: distributed DP: change clipped to L2 norm {share[0]:g}, "
+                      f"noise share of std {share[1]:.4g} added before masking", round_number=number)
         masked = device_round.masked_input(bundle, vector, num_examples)
         for refusal in device_round.refused:
             self._say(f"round {number}: {refusal.message}", logging.WARNING, number)

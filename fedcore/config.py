@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import compression, params
-from .privacy import DPConfig
+from .privacy import DistributedDP, DPConfig
 from .secagg import SecAggConfig
 from .strategies import DEFAULT_MEMORY_BUDGET, Strategy, make_strategy
 from .strategies.averaging import Averaging
@@ -105,6 +105,9 @@ class FederationConfig:
             self.check_async(strategy)
         if self.secagg is not None:
             self.check_secagg(strategy)
+        elif isinstance(strategy, DistributedDP):
+            raise ValueError("--dp distributed needs --secure-aggregation: each device's share of "
+                             "the noise protects only a masked sum")
 
     def check_async(self, strategy: Strategy) -> None:
         """Asynchronous rounds fold each update into a running sum as it comes: a strategy that
@@ -123,6 +126,12 @@ class FederationConfig:
         weighted mean can work with it, and a round needs at least the threshold of devices."""
         assert self.secagg is not None
         self.secagg.validate()
+        if self.privacy is not None and not isinstance(strategy, DistributedDP):
+            raise ValueError(f"--dp {self.privacy.mode} does not work with --secure-aggregation, which "
+                             "hides each update from the server: use --dp distributed")
+        if isinstance(strategy, DistributedDP):
+            self.check_noise_share(strategy)
+            strategy = strategy.strategy
         if not isinstance(strategy, Averaging):
             raise ValueError(f"strategy {strategy.name} needs every device's update, which secure "
                              "aggregation hides: use fedavg, fedavgm, fedprox, fedadam, fedyogi or "
@@ -134,6 +143,17 @@ class FederationConfig:
         if compression.parse(self.training.compression).active:
             raise ValueError("secure aggregation quantizes each update itself: use --compression none "
                              "with --secure-aggregation")
+
+    def check_noise_share(self, strategy: DistributedDP) -> None:
+        """A coordinate of a change clipped to L2 norm C is at most C; with a noise share of std
+        s added, secure aggregation's coordinate clip must leave room for C + 4 s, or it would cut
+        the noise (and the clipped change) more than rarely (4 s: a share per 16,000 coordinates)."""
+        assert self.secagg is not None
+        needed = strategy.clipping_norm + 4 * strategy.noise_share_std
+        if self.secagg.clip_range < needed:
+            raise ValueError(f"--secagg-clip {self.secagg.clip_range:g} is too small for --dp distributed: "
+                             f"raise it to at least {needed:.4g} (the clip bound {strategy.clipping_norm:g} "
+                             f"+ 4 x the noise share std {strategy.noise_share_std:.4g}) or lower --dp-clip")
 
     def make_strategy(self) -> Strategy:
         """The configured strategy, refused (ValueError) if it cannot aggregate the smallest

@@ -159,7 +159,7 @@ def test_local_dp_is_applied_on_the_devices(tmp_path, data_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["--dp-noise-multiplier", "1"],
-     "error: --dp-noise-multiplier needs --dp central-fixed|central-adaptive|local"),
+     "error: --dp-noise-multiplier needs --dp central-fixed|central-adaptive|local|distributed"),
     (["--dp", "central"], "error: argument --dp: invalid choice: 'central'"),
     (["--dp", "local", "--dp-clip", "0"], "error: --dp-clip must be a positive number"),
     (["--dp", "central-fixed", "--dp-delta", "1"], "error: --dp-delta must be in (0, 1), got 1"),

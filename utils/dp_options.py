@@ -20,7 +20,9 @@ def add_dp_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dp", choices=DP_MODES, default=None,
                    help="central-fixed / central-adaptive: the server clips each update (fixed "
                         "bound, or one that follows a quantile of the norms) and noises the mean; "
-                        "local: each device clips and noises its own update before uploading")
+                        "local: each device clips and noises its own update before uploading; "
+                        "distributed (needs --secure-aggregation): each device clips its update and "
+                        "adds its share of the noise before masking")
     g.add_argument("--dp-noise-multiplier", type=float, default=None,
                    help=f"noise standard deviation over the clipping bound (default {d.noise_multiplier})")
     g.add_argument("--dp-clip", type=float, default=None,

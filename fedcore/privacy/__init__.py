@@ -3,7 +3,8 @@
 - :mod:`.mechanisms` -- pure functions: clip an update's L2 norm, add Gaussian noise, and the
   noise each form of DP needs (central, a device's share for secure aggregation, local);
 - :mod:`.strategy` -- :class:`DPFixedClipping`, :class:`DPAdaptiveClipping` (central DP, wrapping
-  any averaging strategy) and :class:`LocalDP`, behind the one strategy interface;
+  any averaging strategy), :class:`LocalDP` and :class:`DistributedDP` (with secure
+  aggregation), behind the one strategy interface;
 - :mod:`.accounting` -- :class:`PrivacyAccountant`: epsilon at a given delta, saved and
   restored, and the ``--dp-max-epsilon`` check;
 - :mod:`.config` -- :class:`DPConfig`, the ``--dp`` settings of a run.
@@ -14,6 +15,7 @@ from .config import DP_MODES, DPConfig
 from .mechanisms import (
     Clipped,
     add_gaussian_noise,
+    add_noise_share,
     central_noise_std,
     clip_and_noise,
     clip_by_norm,
@@ -22,7 +24,14 @@ from .mechanisms import (
     l2_norm,
     privatize_update,
 )
-from .strategy import DPAdaptiveClipping, DPFixedClipping, LocalDP, local_dp_task
+from .strategy import (
+    DistributedDP,
+    DPAdaptiveClipping,
+    DPFixedClipping,
+    LocalDP,
+    distributed_dp_task,
+    local_dp_task,
+)
 
 __all__ = [
     "DP_MODES",
@@ -31,13 +40,16 @@ __all__ = [
     "DPAdaptiveClipping",
     "DPConfig",
     "DPFixedClipping",
+    "DistributedDP",
     "LocalDP",
     "PrivacyAccountant",
     "add_gaussian_noise",
+    "add_noise_share",
     "central_noise_std",
     "clip_and_noise",
     "clip_by_norm",
     "difference",
+    "distributed_dp_task",
     "distributed_noise_std",
     "l2_norm",
     "local_dp_task",

@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 
 from ..strategies.base import Strategy
-from .strategy import DPAdaptiveClipping, DPFixedClipping, LocalDP
+from .strategy import DistributedDP, DPAdaptiveClipping, DPFixedClipping, LocalDP
 
-DP_MODES = ("central-fixed", "central-adaptive", "local")
+DP_MODES = ("central-fixed", "central-adaptive", "local", "distributed")
 
 
 @dataclass
@@ -45,5 +45,8 @@ class DPConfig:
                 strategy, self.noise_multiplier, devices_per_round,
                 initial_clipping_norm=self.clipping_norm, target_quantile=self.target_quantile,
                 clip_norm_lr=self.clip_norm_lr, clipped_count_stddev=self.clipped_count_stddev, **common)
+        if self.mode == "distributed":
+            return DistributedDP(strategy, self.noise_multiplier, self.clipping_norm, devices_per_round,
+                                 **common)
         cls = DPFixedClipping if self.mode == "central-fixed" else LocalDP
         return cls(strategy, self.noise_multiplier, self.clipping_norm, **common)

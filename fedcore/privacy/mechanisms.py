@@ -87,6 +87,14 @@ def clip_and_noise(update: Mapping[str, np.ndarray], clipping_norm: float, noise
     return add_gaussian_noise(clipped.tensors, noise_std, rng or np.random.default_rng()), clipped
 
 
+def add_noise_share(vector: np.ndarray, clipping_norm: float, noise_std: float,
+                    rng: np.random.Generator | None = None) -> tuple[np.ndarray, Clipped]:
+    """Distributed DP on a device: its flat change clipped to L2 norm ``clipping_norm`` plus its
+    share of the noise (``noise_std``, see :func:`distributed_noise_std`), before masking."""
+    private, clipped = clip_and_noise({"update": np.asarray(vector)}, clipping_norm, noise_std, rng)
+    return private["update"], clipped
+
+
 def privatize_update(trained: Mapping[str, np.ndarray], global_weights: Mapping[str, np.ndarray],
                      clipping_norm: float, noise_multiplier: float,
                      rng: np.random.Generator | None = None) -> tuple[Weights, Clipped]:

@@ -18,6 +18,11 @@ Local DP: each device clips its change and adds all the noise before it uploads
 (:func:`.mechanisms.privatize_update`); the wrapper only announces C and z in the task config
 and counts epsilon, and the inner strategy, robust ones included, aggregates as usual.
 
+Distributed DP (with secure aggregation): each device clips its change and adds its share of
+the noise before masking, so the unmasked sum carries the noise central DP would add and the
+server never sees a noiseless sum; the wrapper announces C and the share's std and counts
+epsilon as central DP does (:class:`DistributedDP`).
+
 The adaptive bound and the accountant's rounds are strategy state (``dp_clipping_norm``,
 ``dp_accountant``): saved beside each checkpoint, restored after a restart, cleared on reset,
 and adopted only once the round is durable, like a server optimizer's moments.
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +48,13 @@ from ..strategies.base import (
     Weights,
 )
 from .accounting import BudgetExhausted, PrivacyAccountant
-from .mechanisms import add_gaussian_noise, central_noise_std, clip_by_norm, difference
+from .mechanisms import (
+    add_gaussian_noise,
+    central_noise_std,
+    clip_by_norm,
+    difference,
+    distributed_noise_std,
+)
 
 # The name under which the private mean reaches the inner strategy.
 PRIVATE_MEAN = "dp-mean"
@@ -52,6 +63,9 @@ ACCOUNTANT_KEY = "dp_accountant"
 # What a device's task config carries for local DP.
 LOCAL_CLIP = "dp_clipping_norm"
 LOCAL_NOISE = "dp_noise_multiplier"
+# What a device's task config carries for distributed DP (under secure aggregation).
+SHARE_CLIP = "dp_share_clipping_norm"
+SHARE_NOISE = "dp_share_noise_std"
 
 
 def _check_noise(noise_multiplier: float) -> None:
@@ -191,17 +205,22 @@ class _PrivateRound(RoundAggregator):
         self._sampling_rate = owner._sampling_rate
         self._privacy: dict[str, Any] = {}
 
+    def _accounted(self) -> tuple[float, float]:
+        """(sampling rate, noise multiplier) this round is counted with."""
+        return self.strategy.accounted(self._sampling_rate)
+
     def _account(self, inner: RoundResult, clipping_norm: float, next_norm: float,
                  extra: Mapping[str, Any]) -> tuple[Weights, Weights]:
         """The new weights and state, with this round counted by a copy of the accountant (the
         strategy adopts it with :meth:`_DPStrategy.load_state` once the round is durable)."""
         owner = self.strategy
         accountant = PrivacyAccountant.from_dict(owner.accountant.to_dict())
-        epsilon = accountant.record_round(*owner.accounted(self._sampling_rate))
+        rate, noise_multiplier = self._accounted()
+        epsilon = accountant.record_round(rate, noise_multiplier)
         self._privacy = {
             "mode": owner.mode, "epsilon": _json_epsilon(epsilon), "delta": accountant.delta,
             "max_epsilon": owner.max_epsilon, "rounds": accountant.rounds,
-            "sampling_rate": self._sampling_rate, "noise_multiplier": owner.noise_multiplier,
+            "sampling_rate": self._sampling_rate, "noise_multiplier": noise_multiplier,
             "clipping_norm": clipping_norm, **extra,
             "budget_spent": owner._over_budget(self._sampling_rate, accountant)}
         state = {**inner.state, **owner._own_state(next_norm, accountant)}
@@ -260,6 +279,40 @@ class _LocalRound(_PrivateRound):
                                        {"noise_std": self.strategy.noise_multiplier
                                         * self.strategy.clipping_norm})
         return weights, state, dict(inner.metrics["updates"])
+
+
+class _DistributedRound(_PrivateRound):
+    """Distributed DP: the devices clipped and noised their changes and the server only gets
+    their sum, unmasked by secure aggregation; the inner strategy steps on its mean."""
+
+    strategy: DistributedDP
+
+    def __init__(self, owner: DistributedDP, global_weights: Mapping[str, np.ndarray],
+                 spill_dir: str | Path | None, memory_budget: int) -> None:
+        super().__init__(owner, global_weights, spill_dir, memory_budget)
+        self._survivors = 0
+
+    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
+        raise ValueError("distributed DP takes only sums unmasked by secure aggregation")
+
+    def add_secure_mean(self, devices: Sequence[str], mean: Mapping[str, np.ndarray], weight: int) -> None:
+        """The survivors' mean, summed under secure aggregation, each with weight 1."""
+        self._inner.add_secure_mean(devices, mean, weight)
+        with self._lock:
+            self._record_secure(devices, weight)
+            self._survivors += len(devices)
+
+    def _accounted(self) -> tuple[float, float]:
+        return self.strategy.accounted(self._sampling_rate, self._survivors)
+
+    def _combine(self) -> tuple[Weights, Weights, dict[str, dict[str, Any]]]:
+        owner = self.strategy
+        inner = self._inner.result()
+        _, z = self._accounted()
+        weights, state = self._account(inner, owner.clipping_norm, owner.clipping_norm, {
+            "noise_std": z * owner.clipping_norm, "noise_share_std": owner.noise_share_std,
+            "min_devices": owner.min_devices, "survivors": self._survivors})
+        return weights, state, {}
 
 
 class _CentralDP(_DPStrategy):
@@ -352,15 +405,80 @@ class LocalDP(_DPStrategy):
         return _LocalRound(self, global_weights, spill_dir, memory_budget)
 
 
+class DistributedDP(_DPStrategy):
+    """Distributed DP under secure aggregation: each device clips its change to L2 norm C and
+    adds Gaussian noise of standard deviation z * C / sqrt(n) (n: the devices a round needs)
+    before masking, so the server only ever sees a sum that carries noise of standard deviation
+    at least z * C, and counts epsilon as central DP does. Each device counts once (secure
+    aggregation sums the changes with weight 1), so one device moves the sum by at most C.
+
+    Fewer than n survivors leave less noise in the sum, and the server has seen it once it is
+    unmasked: that round is counted with the noise the m survivors did add, noise multiplier
+    z * sqrt(m / n). More survivors add more noise, counted as z (never less private than said).
+    """
+
+    mode = "distributed"
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
+                 min_devices: int, **kwargs: Any) -> None:
+        if not isinstance(strategy, Averaging):
+            raise ValueError(f"distributed DP wraps an averaging strategy (fedavg, fedavgm, fedprox, "
+                             f"fedadam, fedyogi, fedadagrad), not {strategy.name}: secure aggregation "
+                             "reveals only the sum")
+        super().__init__(strategy, noise_multiplier, clipping_norm, **kwargs)
+        self.min_devices = int(min_devices)
+        self.noise_share_std = distributed_noise_std(self.noise_multiplier, self.clipping_norm,
+                                                     self.min_devices)
+
+    def accounted(self, sampling_rate: float, survivors: int | None = None) -> tuple[float, float]:
+        if survivors is None or survivors >= self.min_devices:
+            return sampling_rate, self.noise_multiplier
+        return sampling_rate, self.noise_multiplier * math.sqrt(survivors / self.min_devices)
+
+    def min_updates(self) -> int:
+        return 1
+
+    def task_config(self) -> dict[str, Any]:
+        return {**self.strategy.task_config(), SHARE_CLIP: self.clipping_norm,
+                SHARE_NOISE: self.noise_share_std}
+
+    def privacy(self) -> dict[str, Any]:
+        return {**super().privacy(), "noise_share_std": self.noise_share_std,
+                "min_devices": self.min_devices}
+
+    def begin(self, global_weights: Mapping[str, np.ndarray], *, spill_dir: str | Path | None = None,
+              memory_budget: int = DEFAULT_MEMORY_BUDGET) -> RoundAggregator:
+        return _DistributedRound(self, global_weights, spill_dir, memory_budget)
+
+
+def _task_numbers(config: Mapping[str, Any], keys: tuple[str, str]) -> tuple[float, float] | None:
+    """The two numbers ``keys`` name in a task config (from the network), None if both are
+    absent; ValueError if one is missing or not a number."""
+    if not any(k in config for k in keys):
+        return None
+    values = tuple(config.get(k) for k in keys)
+    for key, value in zip(keys, values, strict=True):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"task config {key} must be a number, got {value!r}")
+    return float(values[0]), float(values[1])
+
+
+def distributed_dp_task(config: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The (clipping norm, noise std) a task config asks a device to apply to its change before
+    masking it (distributed DP), or None. ValueError if malformed."""
+    found = _task_numbers(config, (SHARE_CLIP, SHARE_NOISE))
+    if found is not None:
+        _check_norm(found[0], SHARE_CLIP)
+        if not (math.isfinite(found[1]) and found[1] >= 0):
+            raise ValueError(f"{SHARE_NOISE} must be a non-negative number")
+    return found
+
+
 def local_dp_task(config: Mapping[str, Any]) -> tuple[float, float] | None:
     """The (clipping norm, noise multiplier) a task config asks a device to apply before it
     uploads (local DP), or None. The config comes from the network: ValueError if malformed."""
-    if LOCAL_CLIP not in config and LOCAL_NOISE not in config:
-        return None
-    clip, noise = config.get(LOCAL_CLIP), config.get(LOCAL_NOISE)
-    for key, value in ((LOCAL_CLIP, clip), (LOCAL_NOISE, noise)):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"task config {key} must be a number, got {value!r}")
-    _check_norm(float(clip), LOCAL_CLIP)
-    _check_noise(float(noise))
-    return float(clip), float(noise)
+    found = _task_numbers(config, (LOCAL_CLIP, LOCAL_NOISE))
+    if found is not None:
+        _check_norm(found[0], LOCAL_CLIP)
+        _check_noise(found[1])
+    return found

@@ -39,10 +39,7 @@ class StreamingAggregator(RoundAggregator):
             if self._closed:
                 raise RuntimeError("this round's aggregator is closed")
             self._sum.add(mean, weight)
-            for device in devices:
-                self._updates[device] = {"num_examples": None, "status": "used"}
-                self._reported[device] = {}
-            self._total += int(weight)
+            self._record_secure(devices, weight)
 
     def _combine(self) -> tuple[Weights, Weights, dict[str, dict[str, Any]]]:
         mean = self._sum.mean()

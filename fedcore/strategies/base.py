@@ -19,7 +19,7 @@ import math
 import random
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -157,6 +157,14 @@ class RoundAggregator(ABC):
                 k: float(v) for k, v in (metrics or {}).items()
                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
             self._total += int(num_examples)
+
+    def _record_secure(self, devices: Sequence[str], weight: int) -> None:
+        """Record ``devices`` as used with their summed ``weight``, for a mean summed under secure
+        aggregation (no device's own update or example count is known). Called with the lock held."""
+        for device in devices:
+            self._updates[device] = {"num_examples": None, "status": "used"}
+            self._reported[device] = {}
+        self._total += int(weight)
 
     def _check_tensors(self, weights: Mapping[str, np.ndarray]) -> None:
         if set(weights) != set(self.template):

@@ -69,6 +69,28 @@ def test_fewer_survivors_than_n_are_counted_with_the_noise_they_added():
     assert strategy.accounted(0.5, 3) == (0.5, pytest.approx(1.2 * math.sqrt(3 / 4)))
 
 
+def test_the_accountant_is_strategy_state_restored_and_reset():
+    """What a restart restores (the state saved beside a checkpoint) and what --reset clears."""
+    template = {"w": np.zeros(3, dtype=np.float32)}
+    first = DistributedDP(FedAvg(), 1.0, 0.1, 3, max_epsilon=50.0)
+    for survivors in (3, 2):  # two rounds, the second with only 2 of the 3 devices surviving
+        aggregator = first.begin(template)
+        aggregator.add_secure_mean(["a", "b", "c"][:survivors], {"w": np.full(3, 0.01)}, survivors)
+        result = aggregator.result()
+        first.load_state(result.state)  # adopted once the round is durable
+    accountant = PrivacyAccountant(delta=1e-5)
+    accountant.record_round(1.0, 1.0)
+    want = accountant.record_round(1.0, math.sqrt(2 / 3))
+    assert result.metrics["privacy"]["epsilon"] == pytest.approx(want, rel=1e-9)
+    assert result.metrics["privacy"]["noise_multiplier"] == pytest.approx(math.sqrt(2 / 3))
+    restarted = DistributedDP(FedAvg(), 1.0, 0.1, 3, max_epsilon=50.0)
+    restarted.load_state(first.state())
+    assert restarted.privacy()["epsilon"] == pytest.approx(want, rel=1e-9)
+    assert restarted.privacy()["rounds"] == 2
+    restarted.reset()
+    assert restarted.privacy()["epsilon"] == 0 and restarted.privacy()["rounds"] == 0
+
+
 @pytest.mark.parametrize("task, message", [
     ({"dp_share_clipping_norm": 1.0}, "dp_share_noise_std must be a number"),
     ({"dp_share_clipping_norm": "1", "dp_share_noise_std": 0.1}, "dp_share_clipping_norm must be a number"),
@@ -113,15 +135,35 @@ def test_the_real_server_refuses_wrong_combinations_with_one_line(args, message)
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def noiseless_mean(root, start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def noiseless_mean(root, start: dict[str, np.ndarray], names=NAMES) -> dict[str, np.ndarray]:
     """The plain mean of the devices' changes from ``start``, each clipped to L2 norm C."""
     changes = []
-    for name in NAMES:
+    for name in names:
         trained = SeededSoftmaxTrainer(root / name / "data").train(start, TRAINING).weights
         change = {k: trained[k].astype(np.float64) - start[k] for k in start}
         scale = min(1.0, C / l2_norm(change))
         changes.append({k: v * scale for k, v in change.items()})
     return {k: sum(c[k] for c in changes) / len(changes) for k in start}
+
+
+def ddp_server(tmp_path, data_dir, root, devices: int, *args: str) -> ServerProcess:
+    digits.split(root, devices, limit=120)
+    return ServerProcess(
+        tmp_path, data_dir, "--model-factory", "tests.seeded_digits:build_model",
+        "--test-data", str(root / "test.npz"), "--min-devices", str(devices), "--quorum", "1",
+        "--learning-rate", str(TRAINING["learning_rate"]), "--epochs", str(TRAINING["epochs"]),
+        "--batch-size", str(TRAINING["batch_size"]), "--auto-activate", "--start", "--no-tensorboard",
+        "--round-timeout", "20", "--secure-aggregation", "--secagg-clip", "0.2",
+        "--dp", "distributed", "--dp-noise-multiplier", str(Z), "--dp-clip", str(C), *args).start()
+
+
+def assert_noise(root, names, start, end, std: float) -> None:
+    """The new model is the noiseless mean of ``names``' clipped changes plus noise of about ``std``
+    per coordinate (650 of them: within 15 %)."""
+    want = noiseless_mean(root, start, names)
+    noise = np.concatenate([(end[k].astype(np.float64) - start[k] - want[k]).ravel() for k in start])
+    assert 0.85 * std < noise.std() < 1.15 * std, (noise.std(), std)
+    assert abs(noise.mean()) < 5 * std / math.sqrt(noise.size)
 
 
 @pytest.mark.slow
@@ -130,15 +172,8 @@ def test_secure_rounds_with_distributed_dp_carry_the_noise_and_count_epsilon(tmp
     expected = [accountant.record_round(1.0, Z) for _ in range(3)]
     budget = (expected[1] + expected[2]) / 2  # room for two rounds, not three
     root = tmp_path / "devices"
-    digits.split(root, len(NAMES), limit=120)
-    server = ServerProcess(
-        tmp_path, data_dir, "--model-factory", "tests.seeded_digits:build_model",
-        "--test-data", str(root / "test.npz"), "--min-devices", str(len(NAMES)), "--quorum", "1",
-        "--learning-rate", str(TRAINING["learning_rate"]), "--epochs", str(TRAINING["epochs"]),
-        "--batch-size", str(TRAINING["batch_size"]), "--auto-activate", "--start", "--no-tensorboard",
-        "--round-timeout", "20", "--rounds", "5", "--secure-aggregation", "--secagg-clip", "0.2",
-        "--dp", "distributed", "--dp-noise-multiplier", str(Z), "--dp-clip", str(C),
-        "--dp-max-epsilon", f"{budget}").start()
+    server = ddp_server(tmp_path, data_dir, root, len(NAMES), "--rounds", "5",
+                        "--dp-max-epsilon", f"{budget}")
     procs = launch_devices(server, root, NAMES, "--trainer", "tests.seeded_digits:SeededSoftmaxTrainer")
     try:
         wait_until(lambda: server.get("/api/status").json()["status"] == "finished", 50,
@@ -161,12 +196,32 @@ def test_secure_rounds_with_distributed_dp_carry_the_noise_and_count_epsilon(tmp
         assert entry["secagg"]["survivors"] == 3 and entry["secagg"]["total_weight"] == 3  # unweighted
         assert entry["strategy"]["name"] == "dp-distributed(fedavg)"
 
+        # The mean of 3 updates carries noise of std z x C / 3 per coordinate.
         start, end = checkpoint(server, entry["round"] - 1), checkpoint(server, entry["round"])
-        want = noiseless_mean(root, start)
-        noise = np.concatenate([(end[k].astype(np.float64) - start[k] - want[k]).ravel() for k in start])
-        # The mean of 3 updates carries noise of std z x C / 3 per coordinate (650 of them).
-        mean_std = Z * C / len(NAMES)
-        assert 0.85 * mean_std < noise.std() < 1.15 * mean_std, (noise.std(), mean_std)
-        assert abs(noise.mean()) < 5 * mean_std / math.sqrt(noise.size)
+        assert_noise(root, NAMES, start, end, Z * C / len(NAMES))
     log = (root.parent / "logs" / "digits1.log").read_text()
     assert f"distributed DP: change clipped to L2 norm {C:g}, noise share of std {share_std:.4g}" in log
+
+
+@pytest.mark.slow
+def test_a_dropout_leaves_less_noise_and_the_round_counts_it(tmp_path, data_dir):
+    """4 devices a round (n = 4), one drops after dealing its shares: the 3 survivors' noise
+    has std z x C x sqrt(3/4), and the round is counted with that noise multiplier."""
+    names = [*NAMES, "digits4"]
+    root = tmp_path / "devices"
+    server = ddp_server(tmp_path, data_dir, root, len(names), "--rounds", "1")
+    trainer = ("--trainer", "tests.seeded_digits:SeededSoftmaxTrainer")
+    procs = launch_devices(server, root, NAMES, *trainer)
+    procs += launch_devices(server, root, names[3:], *trainer, "--secagg-dropout", "1")
+    try:
+        wait_until(lambda: server.get("/api/status").json()["status"] == "finished", 50, "one round")
+        (entry,) = history(server)
+    finally:
+        stop(procs)
+        server.stop()
+    assert entry["secagg"]["survivors"] == 3 and entry["secagg"]["recovered"] == ["digits4"]
+    z = Z * math.sqrt(3 / 4)
+    p = entry["privacy"]
+    assert p["survivors"] == 3 and p["min_devices"] == 4 and p["noise_multiplier"] == pytest.approx(z)
+    assert p["epsilon"] == pytest.approx(PrivacyAccountant(delta=1e-5).record_round(1.0, z), rel=1e-9)
+    assert_noise(root, NAMES, checkpoint(server, 0), checkpoint(server, 1), z * C / 3)

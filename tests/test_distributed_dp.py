@@ -192,7 +192,7 @@ def test_secure_rounds_with_distributed_dp_carry_the_noise_and_count_epsilon(tmp
         assert p["epsilon"] == pytest.approx(eps, rel=1e-9)
         assert (p["mode"], p["noise_multiplier"], p["clipping_norm"], p["sampling_rate"]) == (
             "distributed", Z, C, 1.0)
-        assert p["survivors"] == 3 and p["noise_std"] == pytest.approx(Z * C)
+        assert p["survivors"] == 3 and p["noise_std"] == pytest.approx(Z * C / 3)
         assert entry["secagg"]["survivors"] == 3 and entry["secagg"]["total_weight"] == 3  # unweighted
         assert entry["strategy"]["name"] == "dp-distributed(fedavg)"
 

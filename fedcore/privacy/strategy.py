@@ -310,8 +310,9 @@ class _DistributedRound(_PrivateRound):
         inner = self._inner.result()
         _, z = self._accounted()
         weights, state = self._account(inner, owner.clipping_norm, owner.clipping_norm, {
-            "noise_std": z * owner.clipping_norm, "noise_share_std": owner.noise_share_std,
-            "min_devices": owner.min_devices, "survivors": self._survivors})
+            "noise_std": z * owner.clipping_norm / max(1, self._survivors),  # on the mean
+            "noise_share_std": owner.noise_share_std, "min_devices": owner.min_devices,
+            "survivors": self._survivors})
         return weights, state, {}
 
 

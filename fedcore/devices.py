@@ -87,10 +87,13 @@ class DeviceRegistry:
         self._seen: dict[str, float] = {}
         self._activity: dict[str, str] = {}
         self._left: set[str] = set()
+        # Kept in memory too: read by every task poll, status and round selection.
+        self._active: dict[str, bool] = {}
         self.lifecycle = Lifecycle(storage, clock)
         for row in storage.list_devices():
             self._by_hash[row["token_hash"]] = row["name"]
             self._seen[row["name"]] = row["last_seen"] or 0.0
+            self._active[row["name"]] = bool(row["active"])
 
     def check_enroll_secret(self, enroll_secret: str | None) -> None:
         """Refuse a missing or wrong enrollment secret (the HTTP layer checks it before the body)."""
@@ -142,6 +145,7 @@ class DeviceRegistry:
                 self._storage.update_device(name, **fields)
                 active = bool(fields.get("active", row["active"]))
             self._by_hash[token_hash] = name
+            self._active[name] = active
             self._seen[name] = now
             self._activity[name] = "idle"
             self._left.discard(name)
@@ -194,11 +198,12 @@ class DeviceRegistry:
 
     def set_active(self, name: str, active: bool) -> None:
         self.require(name)
-        self._storage.update_device(name, active=active)
+        with self._lock:
+            self._storage.update_device(name, active=active)
+            self._active[name] = active
 
     def is_active(self, name: str) -> bool:
-        row = self._storage.get_device(name)
-        return bool(row and row["active"])
+        return self._active.get(name, False)
 
     def set_activity(self, name: str, activity: str) -> None:
         if activity not in ACTIVITIES:
@@ -246,15 +251,27 @@ class DeviceRegistry:
     def available(self) -> list[str]:
         """Active devices that are online now: the candidates for a new round."""
         now = self._clock()
-        return [r["name"] for r in self._storage.list_devices()
-                if r["active"] and self.is_online(r["name"], now) and self.lifecycle.may_train(r["name"])]
+        refused = self.lifecycle.refused()
+        with self._lock:
+            return [name for name, active in sorted(self._active.items())
+                    if active and self.is_online(name, now) and name not in refused]
 
-    def state(self, row: dict[str, Any], now: float) -> str:
-        if not row["active"]:
+    def state(self, name: str, active: bool, now: float) -> str:
+        if not active:
             return "inactive"
-        if not self.is_online(row["name"], now):
+        if not self.is_online(name, now):
             return "offline"
-        return self._activity.get(row["name"], "idle")
+        return self._activity.get(name, "idle")
+
+    def counts(self) -> dict[str, int]:
+        """How many devices are in each state, from memory (status is polled often)."""
+        now = self._clock()
+        counts: dict[str, int] = {}
+        with self._lock:
+            for name, active in self._active.items():
+                state = self.state(name, active, now)
+                counts[state] = counts.get(state, 0) + 1
+        return counts
 
     def flush(self) -> None:
         """Persist last-seen times (they are kept in memory between meaningful moments)."""
@@ -273,7 +290,7 @@ class DeviceRegistry:
                 out.append({
                     "name": row["name"],
                     "active": bool(row["active"]),
-                    "state": self.state(row, now),
+                    "state": self.state(row["name"], bool(row["active"]), now),
                     "last_seen": self._seen.get(row["name"], row["last_seen"]),
                     "num_examples": row["num_examples"],
                     "registered_at": row["registered_at"],

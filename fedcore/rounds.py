@@ -304,7 +304,8 @@ class Coordinator:
                 self._cond.notify_all()
             raise
         try:
-            with self._storage.transaction():  # one commit (one fsync) per upload
+            # One commit per upload, not waiting for the disk: a restart forgets an open round.
+            with self._storage.transaction(durable=False):
                 self._storage.add_update(round_number, name, num_examples=meta.num_examples,
                                          metrics=meta.metrics, upload_id=upload_id, now=self._clock(),
                                          body_sha256=digest)
@@ -330,6 +331,9 @@ class Coordinator:
                    digest: str | None) -> dict[str, Any] | None:
         if not upload_id:
             return None
+        r = self._state.open  # read without the lock: a hint; the check under the lock decides
+        if r is not None and r.number == round_number and name not in r.reported and name not in r.uploading:
+            return None  # its first upload to the open round: no row to look up
         row = self._storage.get_update(round_number, name)
         if row is None or row["upload_id"] != upload_id:
             return None
@@ -484,9 +488,7 @@ class Coordinator:
     # reading --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """The run, the open round, the strategy and how many devices are in each state."""
-        counts: dict[str, int] = {}
-        for d in self._devices.list():
-            counts[d["state"]] = counts.get(d["state"], 0) + 1
+        counts = self._devices.counts()
         with self._cond:
             return {**self._state.view(), "total_rounds": self.config.rounds,
                     "strategy": self.strategy.describe(), "devices": counts}

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import auth
 from .errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
-from .lifecycle import Lifecycle, check_report
+from .lifecycle import STATES, Lifecycle, check_report
 from .storage import Storage
 from .wire import MAX_INTEGER
 
@@ -35,6 +35,30 @@ def check_name(name: object) -> str:
             "name",
         )
     return name
+
+
+MAX_DEVICES_PAGE = 1000  # rows in one page of the devices list
+NAME_PART_RE = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
+
+
+def device_filter(name: object = None, lifecycle: object = None,
+                  active: object = None) -> Callable[[dict[str, Any]], bool]:
+    """Whether a device row matches: ``name`` a part of its name (any case), ``lifecycle`` its
+    state, ``active`` its activation; None matches any. InvalidInput for what cannot match."""
+    if name is not None and (not isinstance(name, str) or not NAME_PART_RE.fullmatch(name)):
+        raise InvalidInput("name must be up to 64 letters, digits, '_' or '-' (a part of a device name)",
+                           "name")
+    if lifecycle is not None and lifecycle not in STATES:
+        raise InvalidInput(f"lifecycle must be one of {', '.join(STATES)}", "lifecycle")
+    if active is not None and not isinstance(active, bool):
+        raise InvalidInput("active must be true or false", "active")
+    part = (name or "").lower()
+
+    def keep(row: dict[str, Any]) -> bool:
+        return (part in row["name"].lower() and lifecycle in (None, row["lifecycle"])
+                and active in (None, row["active"]))
+
+    return keep
 
 
 ATTACK_KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")

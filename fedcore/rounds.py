@@ -27,7 +27,7 @@ import numpy as np
 from . import wire
 from .config import FederationConfig
 from .device_logs import DeviceLogs
-from .devices import DeviceRegistry
+from .devices import MAX_DEVICES_PAGE, DeviceRegistry, device_filter
 from .driver import Evaluate, RoundDriver, release_devices
 from .errors import Conflict, InvalidInput, NotFound
 from .evaluations import Evaluations
@@ -495,11 +495,24 @@ class Coordinator:
 
     def list_devices(self) -> list[dict[str, Any]]:
         """Enrolled devices, their state, lifecycle and part in the latest round they were in."""
+        return self.devices_page()["devices"]
+
+    def devices_page(self, *, name: object = None, lifecycle: object = None, active: object = None,
+                     offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The devices :meth:`list_devices` shows, filtered (``name``: a part of the name;
+        ``lifecycle``: a state; ``active``: true or false) and one page of them, with how many
+        match: a dashboard of a thousand devices draws a page, not every row."""
+        keep = device_filter(name, lifecycle, active)
+        if not 0 <= offset <= wire.MAX_INTEGER:
+            raise InvalidInput(f"offset must be from 0 to {wire.MAX_INTEGER}", "offset")
+        if limit is not None and not 1 <= limit <= MAX_DEVICES_PAGE:
+            raise InvalidInput(f"limit must be from 1 to {MAX_DEVICES_PAGE}", "limit")
+        rows = [row for row in self._devices.list() if keep(row)]
+        page = rows[offset:None if limit is None else offset + limit]
         latest = self._history.latest()
-        rows = self._devices.list()
-        for row in rows:
+        for row in page:
             row["latest"] = latest.get(row["name"])
-        return rows
+        return {"devices": page, "total": len(rows), "offset": offset, "limit": limit}
 
     def history(self) -> list[dict[str, Any]]:
         """Completed rounds, oldest first: test metrics, the strategy, and per device its metrics,

@@ -604,7 +604,11 @@ def launcher_panel(api: ServerAPI) -> None:
     st.subheader("Local devices (demo)")
     local = local_devices()
     c1, c2, c3 = st.columns([1, 3, 3])
-    count = int(c1.number_input("How many", key="launch_count", min_value=1, max_value=32, value=3))
+    count = int(c1.number_input("How many", key="launch_count", min_value=1, max_value=1000, value=3))
+    workers = int(c1.number_input("Worker processes", key="launch_workers", min_value=1,
+                                  max_value=64, value=min(2, os.cpu_count() or 1),
+                                  help="The devices run as virtual devices on this many processes "
+                                       "(python -m device.launcher --workers): one model each"))
     folders = state_folders()
     default_root = os.environ.get("FEDHUB_DEVICES_ROOT") or str(folders.devices_root)
     devices_root = Path(c2.text_input("Data folder (from python -m utils.format_dataset)",
@@ -620,8 +624,8 @@ def launcher_panel(api: ServerAPI) -> None:
 
     def launch() -> None:
         try:
-            started = local.launch(api.server, count, devices_root=devices_root, state_dir=state_dir,
-                                   auto_activate=auto)
+            started = local.launch(api.server, count, workers=workers, devices_root=devices_root,
+                                   state_dir=state_dir, auto_activate=auto)
         except (ValueError, OSError) as exc:
             flash("error", f"Not launched: {exc}", "launcher")
         else:

@@ -30,8 +30,10 @@ from fedcore.plural import plural
 from fedcore.rounds import Coordinator
 from fedcore.storage import Storage
 from fedcore.strategies import STRATEGIES, ParamError, format_strategies, parse_strategy_args
+from utils import secagg_options
 from utils import state_dir as state
 from utils.cli import Parser
+from utils.dp_options import add_dp_options, dp_config
 from utils.state_dir import ADMIN_TOKEN_FILE, ENROLL_SECRET_FILE
 
 log = logging.getLogger("fedhub.server")
@@ -208,6 +210,21 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--strategy-memory-mb", type=float, default=fed.memory_budget / 2**20,
                    help="MiB of a round's updates that median, trimmed mean, Krum and Bulyan keep in "
                         "RAM; beyond it they go to a file in the state folder")
+    p.add_argument("--compression", default=train.compression, metavar="SCHEME",
+                   help="how devices send updates: none, q8, q4 (8/4-bit deltas; q8:tensor, "
+                        "q8:block=N for the scales) or topk:FRACTION (sparse, with error feedback)")
+    p.add_argument("--compress-downlink", action="store_true",
+                   help="send the global model download compressed too (as its change)")
+    add_dp_options(p)
+    secagg_options.add_options(p)
+    p.add_argument("--mode", default=fed.mode, choices=["sync", "async"],
+                   help="sync: rounds; async: devices train continuously, FedBuff (see --buffer)")
+    p.add_argument("--buffer", type=int, default=fed.buffer_size, metavar="K",
+                   help="async: a new global model version every K updates")
+    p.add_argument("--max-staleness", type=int, default=fed.max_staleness, metavar="S",
+                   help="async: refuse updates trained from a model more than S versions old")
+    p.add_argument("--staleness-exponent", type=float, default=fed.staleness_exponent, metavar="A",
+                   help="async: weigh an update by (1 + staleness) ** -A (0.5: 1/sqrt(1 + staleness))")
     p.add_argument("--epochs", type=int, default=train.epochs, help="local epochs per round")
     p.add_argument("--batch-size", type=int, default=train.batch_size)
     p.add_argument("--learning-rate", type=float, default=train.learning_rate)
@@ -260,14 +277,20 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         round_timeout=a.round_timeout, device_timeout=a.device_timeout, fraction=a.fraction,
         auto_activate=a.auto_activate, start=a.start, strategy=a.strategy,
         strategy_params=strategy_params, memory_budget=int(a.strategy_memory_mb * 2**20), seed=a.seed,
+        compress_downlink=a.compress_downlink,
+        mode=a.mode, buffer_size=a.buffer, max_staleness=a.max_staleness,
+        staleness_exponent=a.staleness_exponent,
         training=TrainingConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size,
-                                learning_rate=a.learning_rate))
+                                learning_rate=a.learning_rate, compression=a.compression),
+        privacy=dp_config(p, a, a.min_devices))
+    federation.secagg = secagg_options.config_from(a)
     try:
         federation.validate()
     except ParamError as exc:
         p.error(str(exc))
     except ValueError as exc:
         hint = " (--min-devices)" if "min_devices" in str(exc) else ""
+        hint += secagg_options.hint(exc)
         p.error(f"{exc}{hint}")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -66,7 +66,8 @@ class TensorBoardLog:
         with self._lock:
             self._scalars(GLOBAL_RUN, step, {
                 "test_loss": entry.get("test_loss"), "test_accuracy": entry.get("test_accuracy"),
-                "num_updates": entry.get("num_updates"), "num_examples": entry.get("num_examples")})
+                "num_updates": entry.get("num_updates"), "num_examples": entry.get("num_examples"),
+                "dp_epsilon": (entry.get("privacy") or {}).get("epsilon")})
             for device, metrics in entry["devices"].items():
                 if "num_examples" not in metrics:
                     continue  # no update from it: only an ERROR line that failed it

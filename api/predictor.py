@@ -34,7 +34,8 @@ class Predictor:
     def __init__(self, model_name: str = "basic") -> None:
         self.model_name = model_name
         self._lock = threading.Lock()
-        self._current: tuple[int, Model] | None = None
+        # (version, network, the engine's weights object it was built from)
+        self._current: tuple[int, Model, Mapping[str, np.ndarray]] | None = None
 
     @property
     def version(self) -> int | None:
@@ -60,19 +61,32 @@ class Predictor:
         fresh.set_weights(weights)
         fresh.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8))  # first call traces
         with self._lock:
-            self._current = (version, fresh)
+            self._current = (version, fresh, weights)
 
     def on_round(self, entry: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> None:
         """The engine's round hook: ``entry`` is the completed round's history entry."""
         self.install(int(entry["round"]), weights)
 
-    def predict(self, images: np.ndarray) -> tuple[int, np.ndarray]:
-        """``(model_version, probabilities (N, 10))`` for raw uint8 ``(N, 28, 28)`` images."""
+    def predict(self, images: np.ndarray, version: int,
+                weights: Mapping[str, np.ndarray]) -> tuple[int, np.ndarray]:
+        """``(model_version, probabilities (N, 10))`` for raw uint8 ``(N, 28, 28)`` images, by the
+        engine's current global model ``(version, weights)``.
+
+        The round hook usually has that model built already; in the moment between a round's
+        close (or a reset) and its hook, it is built here, so an answer never comes from a
+        model the engine has replaced.
+        """
+        if version == 0:
+            raise Conflict(NO_MODEL_MESSAGE, "model")
         with self._lock:
             current = self._current
+        if current is None or current[2] is not weights:
+            self.install(version, weights)
+            with self._lock:
+                current = self._current
         if current is None:
             raise Conflict(NO_MODEL_MESSAGE, "model")
-        version, model = current
+        version, model, _ = current
         probabilities = model.predict(images)
         broken = [i + 1 for i, row in enumerate(probabilities) if not np.isfinite(row).all()]
         if broken:  # never NaN in a JSON answer: it is not JSON, and it is no class either

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from fedcore.secagg.codec import MAX_MESSAGE_BYTES
+
 from .auth import bearer_token, counted, is_admin, require_device, require_device_or_admin
 from .context import engine
-from .inputs import binary_body, float_arg, json_body
+from .inputs import binary_body, body_limit, float_arg, json_body
 
 bp = Blueprint("device", __name__)
 
@@ -72,8 +74,7 @@ def task(name: str):
 @bp.get("/api/model")
 def model():
     require_device_or_admin()
-    version, body = engine().global_model()
-    etag = f"v{version}"
+    version, body, etag = engine().model_download(request.if_none_match)
     if etag in request.if_none_match:
         response = Response(status=304)
     else:
@@ -88,6 +89,19 @@ def upload(name: str, round_number: int):
     require_device(name)
     body = binary_body()
     return jsonify(engine().submit(name, round_number, body, request.headers.get("Idempotency-Key")))
+
+
+@bp.post("/api/devices/<name>/secagg/<int:round_number>")
+def secagg(name: str, round_number: int):
+    """A device's answer to the open secure-aggregation stage: JSON (keys, shares, unmask
+    keys) or safetensors (its masked update); refused with the field and the device at fault."""
+    require_device(name)
+    if request.mimetype == "application/json":
+        with body_limit(MAX_MESSAGE_BYTES, "the secure-aggregation message"):
+            body = request.get_data(cache=False)
+    else:
+        body = binary_body()
+    return jsonify(engine().secagg_message(name, round_number, body))
 
 
 @bp.post("/api/devices/<name>/leave")

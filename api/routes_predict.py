@@ -20,7 +20,6 @@ from fedcore.errors import Conflict, InvalidInput
 from .auth import require_device_or_admin
 from .context import engine
 from .inputs import body_limit
-from .predictor import NO_MODEL_MESSAGE
 
 bp = Blueprint("predict", __name__)
 
@@ -71,12 +70,9 @@ def predict():
     if predictor is None:
         raise Conflict("this server does not predict: classifying pictures of clothes needs one of "
                        "FedHub's built-in networks (--model basic or cnn), not a custom model", "model")
-    # After a reset the engine is back at round 0 while the predictor still holds the old model.
-    if engine().global_model()[0] == 0:
-        raise Conflict(NO_MODEL_MESSAGE, "model")
     from model import CLASS_NAMES
 
-    version, probabilities = predictor.predict(batch)
+    version, probabilities = predictor.predict(batch, *engine().global_weights())
     answers: list[dict[str, Any]] = []
     for (_, upload), probs in zip(files, probabilities, strict=True):
         index = int(np.argmax(probs))

@@ -5,7 +5,7 @@ certificate and key the app is served by cheroot (CherryPy's server) with
 Python's ssl module instead; in production a reverse proxy usually terminates
 TLS in front of waitress (see the README). waitress is used through three small
 subclasses (below) so that its own errors are JSON and slow-loris clients cannot
-hold its connections; cheroot's own errors stay plain text.
+hold its connections; cheroot's own errors are made JSON by two more.
 """
 
 from __future__ import annotations
@@ -260,6 +260,48 @@ def _allow_open_files(needed: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+# cheroot's own refusals: (code, field) by status; the message is cheroot's text for 4xx.
+_CHEROOT_ERRORS = {400: ("bad_request", "request"), 405: ("method_not_allowed", "method"),
+                   408: ("timeout", "request"), 413: ("too_large", "body"), 414: ("uri_too_long", "uri"),
+                   501: ("not_implemented", "Transfer-Encoding"),
+                   505: ("http_version_not_supported", "request")}
+
+
+def _cheroot_error(status: str, msg: str | bytes) -> bytes:
+    """The JSON body for one of cheroot's ``simple_response`` calls."""
+    number = int(status[:3]) if status[:3].isdigit() else 500
+    reason = status[4:] or "error"
+    text = msg.decode("latin-1") if isinstance(msg, bytes) else str(msg or "")
+    if number >= 500 and number not in _CHEROOT_ERRORS:  # its text may hold a traceback
+        return json.dumps(error_body("unavailable" if number == 503 else "internal_error",
+                                     reason.lower(), None)).encode()
+    code, field = _CHEROOT_ERRORS.get(number, ("bad_request", "request"))
+    return json.dumps(error_body(code, text or reason.lower(), field)).encode()
+
+
+def _cheroot_classes() -> tuple[type, type]:
+    """cheroot's request and connection classes with JSON refusals (imported only for TLS)."""
+    from cheroot.server import CRLF, HTTPConnection, HTTPRequest
+
+    class JSONRequest(HTTPRequest):
+        def simple_response(self, status: Any, msg: Any = "") -> None:
+            status = str(status)
+            body = _cheroot_error(status, msg)
+            if status[:3] in {"413", "414"}:
+                self.close_connection = True
+            head = (f"{self.server.protocol} {status}\r\nContent-Length: {len(body)}\r\n"
+                    "Content-Type: application/json\r\n")
+            if self.close_connection:
+                head += "Connection: close\r\n"
+            with contextlib.suppress(OSError):  # the client may be gone; cheroot ignores that too
+                self.conn.wfile.write(head.encode("latin-1") + CRLF + body)
+
+    class JSONConnection(HTTPConnection):
+        RequestHandlerClass = JSONRequest
+
+    return JSONRequest, JSONConnection
+
+
 def _cheroot(app: Flask, options: ServeOptions) -> Any:
     from cheroot.ssl.builtin import BuiltinSSLAdapter
     from cheroot.wsgi import Server
@@ -274,6 +316,7 @@ def _cheroot(app: Flask, options: ServeOptions) -> Any:
     adapter = BuiltinSSLAdapter(str(options.certfile), str(options.keyfile))
     adapter.context.minimum_version = ssl.TLSVersion.TLSv1_2
     server.ssl_adapter = adapter
+    server.ConnectionClass = _cheroot_classes()[1]
     server.max_request_body_size = options.max_body_bytes
     server.prepare()  # binds now, so the port is known and errors surface before serving
     return server

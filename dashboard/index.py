@@ -218,8 +218,18 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
     r = status["round"]
     cols = st.columns(5)
     cols[0].metric("Status", state)
-    cols[1].metric("Completed rounds", f"{status['completed_rounds']} / {total}")
-    if r and "selected" in r:
+    if status.get("mode") != "async":
+        cols[1].metric("Completed rounds", f"{status['completed_rounds']} / {total}")
+    if status.get("mode") == "async":
+        buffer = status.get("buffer") or {}
+        cols[1].metric("Model version", f"{status['model_version']} / {total}")
+        cols[2].metric("Next version", f"v{buffer.get('target', '?')}")
+        cols[3].metric("Updates buffered", f"{buffer.get('received', 0)} / {status['buffer_size']}")
+        cols[4].metric("Max staleness", status["max_staleness"])
+        st.caption("Asynchronous mode (FedBuff): devices train continuously; each update is weighted "
+                   "down by its staleness, and a new model version comes every "
+                   f"{plural(status['buffer_size'], 'update')} (server options --buffer, --max-staleness).")
+    elif r and "selected" in r:
         reported, selected = len(r["reported"]), len(r["selected"])
         cols[2].metric("Current round", f"#{r['number']}")
         cols[3].metric("Updates received", f"{reported} / {selected}")
@@ -241,9 +251,12 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
     if strategy:
         st.caption(f"Aggregation: **{as_text(with_settings(strategy['name'], strategy['params']))}** "
                    "(server options --strategy and --strategy-arg)")
+    privacy = status.get("privacy")
+    if privacy:
+        st.caption(privacy_text(privacy))
 
     if state == "finished":
-        st.info(f"The run is over ({plural(status['total_rounds'], 'round')} done). To train again, "
+        st.info(f"The run is over ({plural(status['completed_rounds'], 'round')} done). To train again, "
                 "Reset (back to the initial model), or Start with more rounds in the run.")
 
     c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1, 2])
@@ -288,6 +301,15 @@ def reset_confirmation(api: ServerAPI, status: dict[str, Any]) -> None:
         yes, no, _ = st.columns([1, 1, 3])
         yes.button("Reset the run", key="reset_confirm", type="primary", on_click=reset)
         no.button("Cancel", key="reset_cancel", on_click=cancel_reset)
+
+
+def privacy_text(p: dict[str, Any]) -> str:
+    """What differential privacy has spent so far (``status["privacy"]``), in one line."""
+    budget = f" of a budget of {p['max_epsilon']:g}" if p.get("max_epsilon") is not None else ""
+    epsilon = "∞ (a round without noise)" if p["epsilon"] is None else f"{p['epsilon']:.3g}"
+    return (f"Differential privacy ({p['mode']}, noise multiplier {p['noise_multiplier']:g}, clipping "
+            f"bound {p['clipping_norm']:.3g}): **ε = {epsilon}** at δ = {p['delta']:g}"
+            f"{budget} after {plural(p['rounds'], 'round')} (server option --dp)")
 
 
 def with_settings(name: str, params: dict[str, Any] | None) -> str:
@@ -409,22 +431,41 @@ def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
     """Long form: one row per (round, series) with accuracy and loss, the global model first."""
     rows = []
     for r in history:
-        rows.append({"round": r["round"], "series": GLOBAL_SERIES,
+        time_ = pd.to_datetime(r["closed_at"], unit="s")
+        rows.append({"round": r["round"], "time": time_, "series": GLOBAL_SERIES,
                      "accuracy": r["test_accuracy"], "loss": r["test_loss"]})
         for name, m in sorted(r["devices"].items()):
-            rows.append({"round": r["round"], "series": name,
+            rows.append({"round": r["round"], "time": time_, "series": name,
                          "accuracy": m.get("accuracy"), "loss": m.get("loss")})
-    return pd.DataFrame(rows, columns=["round", "series", "accuracy", "loss"])
+    return pd.DataFrame(rows, columns=["round", "time", "series", "accuracy", "loss"])
 
 
-def metric_chart(frame: pd.DataFrame, metric: str, title: str) -> alt.Chart:
+def x_axis(asynchronous: bool) -> alt.X:
+    """Rounds; in asynchronous mode time, each point a model version (``round`` in the tooltip)."""
+    if asynchronous:
+        return alt.X("time:T", title="time (each point a model version)")
+    return alt.X("round:Q", title="round", axis=alt.Axis(tickMinStep=1, format="d"))
+
+
+def versions_chart(history: list[dict[str, Any]]) -> alt.Chart:
+    """Asynchronous mode: model versions over time, with the staleness of their updates."""
+    frame = pd.DataFrame([{"time": pd.to_datetime(r["closed_at"], unit="s"), "model version": r["round"],
+                           "mean staleness": sum(u["staleness"] for u in r["updates"]) / len(r["updates"]),
+                           "updates": r["num_updates"]} for r in history if r.get("updates")])
+    return alt.Chart(frame, title="model versions over time").mark_line(
+        point=True, interpolate="step-after").encode(
+        x=alt.X("time:T", title="time"), y=alt.Y("model version:Q", axis=alt.Axis(format="d")),
+        tooltip=["model version", "updates", alt.Tooltip("mean staleness:Q", format=".2f")])
+
+
+def metric_chart(frame: pd.DataFrame, metric: str, title: str, asynchronous: bool = False) -> alt.Chart:
     is_global = alt.datum.series == GLOBAL_SERIES
     devices = sorted(set(frame["series"]) - {GLOBAL_SERIES})
     colours = alt.Scale(domain=[GLOBAL_SERIES, *devices],
                         range=[GLOBAL_COLOUR, *(DEVICE_COLOURS[i % len(DEVICE_COLOURS)]
                                                 for i in range(len(devices)))])
     return alt.Chart(frame.dropna(subset=[metric]), title=title).mark_line(point=True).encode(
-        x=alt.X("round:Q", title="round", axis=alt.Axis(tickMinStep=1, format="d")),
+        x=x_axis(asynchronous),
         y=alt.Y(f"{metric}:Q", title=metric, scale=alt.Scale(zero=False)),
         color=alt.Color("series:N", title=None, scale=colours, legend=alt.Legend(orient="bottom")),
         strokeDash=alt.condition(is_global, alt.value([1, 0]), alt.value([5, 4])),
@@ -433,10 +474,12 @@ def metric_chart(frame: pd.DataFrame, metric: str, title: str) -> alt.Chart:
     )
 
 
-def charts_panel(history: list[dict[str, Any]]) -> None:
-    st.subheader("Accuracy and loss over rounds")
+def charts_panel(history: list[dict[str, Any]], asynchronous: bool = False) -> None:
+    st.subheader("Accuracy and loss over time, by model version" if asynchronous
+                 else "Accuracy and loss over rounds")
     if not history:
-        st.info("No round has completed yet: the charts appear after round 1.")
+        st.info("No model version has been made yet: the charts appear after version 1." if asynchronous
+                else "No round has completed yet: the charts appear after round 1.")
         return
     names = sorted({name for r in history for name in r["devices"]})
     chosen = st.multiselect("Devices in the charts", names, default=names[:CHART_DEVICES],
@@ -446,10 +489,19 @@ def charts_panel(history: list[dict[str, Any]]) -> None:
                            for r in history])
     left, right = st.columns(2)
     left.altair_chart(metric_chart(frame, "accuracy",
-                                   "accuracy: global on the test set, devices on their data"),
+                                   "accuracy: global on the test set, devices on their data", asynchronous),
                       width="stretch")
-    right.altair_chart(metric_chart(frame, "loss", "loss: global on the test set, devices in training"),
-                       width="stretch")
+    right.altair_chart(metric_chart(frame, "loss", "loss: global on the test set, devices in training",
+                                    asynchronous), width="stretch")
+    if asynchronous:
+        st.altair_chart(versions_chart(history), width="stretch")
+    spent = [{"round": r["round"], "epsilon": r["privacy"]["epsilon"]} for r in history if r.get("privacy")]
+    if spent:
+        st.altair_chart(alt.Chart(pd.DataFrame(spent), title="privacy spent: ε after each round")
+                        .mark_line(point=True, color=GLOBAL_COLOUR).encode(
+                            x=alt.X("round:Q", axis=alt.Axis(tickMinStep=1, format="d")),
+                            y=alt.Y("epsilon:Q", title="ε"),
+                            tooltip=["round", alt.Tooltip("epsilon:Q", format=".4f")]), width="stretch")
     failed = [{"round": r["round"], "device": name, "error": m.get("error", "")}
               for r in reversed(history) for name, m in sorted(r["devices"].items()) if m.get("failed")]
     if failed:
@@ -502,6 +554,40 @@ def aggregation_panel(status: dict[str, Any], history: list[dict[str, Any]],
         table(pd.DataFrame([{"round": f["round"], "failed": ago(f["failed_at"]), "why": f["reason"]}
                             for f in reversed(failures)]).style.map(lambda _: RED),
               column_config={"why": st.column_config.TextColumn(width="large")})
+
+
+def secure_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each round's secure aggregation, newest first: who was summed, who was recovered."""
+    rows = []
+    for entry in reversed(history):
+        s = entry.get("secagg")
+        if s:
+            rows.append({"round": entry["round"], "masked updates summed": s["survivors"],
+                         "threshold": s["threshold"], "dropouts recovered": len(s["recovered"]),
+                         "recovered devices": ", ".join(s["recovered"]) or BLANK,
+                         "refused": ", ".join(s.get("refused", [])) or BLANK})
+    return rows
+
+
+def secure_panel(status: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Whether the server sees each update or only their sum, and how each round's went."""
+    st.subheader("Secure aggregation")
+    settings = status.get("secure_aggregation")
+    if not settings:
+        st.caption("**Off**: the server sees each device's update (server option --secure-aggregation "
+                   "masks them, so that it learns only their weighted mean).")
+        return
+    threshold = settings["threshold"] or "a strict majority of the"
+    st.caption(f"**On** (SecAgg+): the server learns only the weighted mean of each round's updates. "
+               f"Each device's masks are shared among {settings['shares']} devices, {threshold} of "
+               f"which rebuild them if it drops out; coordinates clipped to ±{settings['clip_range']:g}.")
+    current = (status.get("round") or {}).get("secagg")
+    if current:
+        st.caption(f"Round {status['round']['number']}: stage **{current['stage']}**, waiting for "
+                   f"{plural(len(current['expected']), 'device')}.")
+    rows = secure_rows(history)
+    if rows:
+        table(pd.DataFrame(rows))
 
 
 def log_time(epoch_seconds: float) -> str:
@@ -586,8 +672,9 @@ def live_view(api: ServerAPI) -> None:
     try:
         training_panel(api, status)
         devices = devices_panel(api, status)
-        charts_panel(history)
+        charts_panel(history, status.get("mode") == "async")
         aggregation_panel(status, history, failures)
+        secure_panel(status, history)
         logs_panel(api, devices or [])
         model_panel(api, history)
     except Exception as exc:

@@ -184,7 +184,10 @@
     names.forEach((name, i) => {
       datasets.push(series(name, rounds.map((r) => metric(r, name)), PALETTE[i % PALETTE.length], false));
     });
-    return { labels: rounds.map((r) => String(r.round)), datasets: datasets };
+    // Asynchronous mode: each point is a model version, labelled with the time it was made.
+    const label = (r) => (r.mode === "async"
+      ? `v${r.round} · ${new Date(r.closed_at * 1000).toLocaleTimeString()}` : String(r.round));
+    return { labels: rounds.map(label), datasets: datasets };
   }
 
   function updateChart(chart, data) {
@@ -198,12 +201,36 @@
 
   // ---------------------------------------------------------------- rendering
 
+  // The cards' and the table's labels: rounds, or in asynchronous mode model versions.
+  function setLabels(asynchronous) {
+    const labels = asynchronous
+      ? { completed: "Model version", "current-round": "Next version", reported: "Updates buffered",
+        deadline: "Max staleness" }
+      : { completed: "Completed rounds", "current-round": "Current round", reported: "Updates received",
+        deadline: "Deadline" };
+    for (const [id, text] of Object.entries(labels)) $(id).previousElementSibling.textContent = text;
+    $("rounds-title").textContent = asynchronous ? "Model versions" : "Rounds";
+    $("rounds-key").textContent = asynchronous ? "Version" : "Round";
+  }
+
+  function renderAsyncStatus(status) {
+    const total = status.total_rounds ? ` / ${status.total_rounds}` : "";
+    setText("completed", `${status.model_version}${total}`);
+    const b = status.buffer || {};
+    setText("current-round", `v${b.target}`);
+    setText("reported", `${b.received} of ${status.buffer_size}`);
+    setText("deadline", `${status.max_staleness} versions`);
+  }
+
   function renderStatus(status) {
     setText("status", status.status);
+    setLabels(status.mode === "async");
     const total = status.total_rounds ? ` / ${status.total_rounds}` : "";
     setText("completed", `${status.completed_rounds}${total}`);
     const r = status.round;
-    if (r && r.state === "aggregating") {
+    if (status.mode === "async") {
+      renderAsyncStatus(status);
+    } else if (r && r.state === "aggregating") {
       setText("current-round", `#${r.number} (aggregating)`);
       setText("reported", "–");
       setText("deadline", "–");
@@ -218,6 +245,35 @@
     }
     setText("reason", status.reason || status.last_error || "");
     setText("strategy", status.strategy ? withSettings(status.strategy.name, status.strategy.params) : "–");
+    setText("epsilon", privacyText(status.privacy));
+    setText("secagg", secureText(status));
+  }
+
+  // "ε 2.31 at δ 1e-05 (max 8)": the privacy spent so far (status.privacy), or "no DP".
+  function privacyText(p) {
+    if (!p) return "no DP";
+    const max = typeof p.max_epsilon === "number" ? ` (max ${p.max_epsilon})` : "";
+    return `ε ${epsilonText(p.epsilon, 2)} at δ ${p.delta.toExponential(0)}${max}`;
+  }
+
+  // Epsilon is null (infinite) once a round ran without noise.
+  function epsilonText(epsilon, digits) {
+    return epsilon === null ? "∞" : fmt(epsilon, digits);
+  }
+
+  // On or off; when on, its settings and the open round's stage.
+  function secureText(status) {
+    const s = status.secure_aggregation;
+    if (!s) return "off (the server sees each update)";
+    const stage = status.round && status.round.secagg ? ` · round ${status.round.number} at stage ${status.round.secagg.stage}` : "";
+    return `on (SecAgg+: ${s.shares} shares, threshold ${s.threshold || "a strict majority"}, clip ±${s.clip_range})${stage}`;
+  }
+
+  // A round's secure aggregation: masked updates summed, dropouts recovered.
+  function roundSecure(r) {
+    const s = r.secagg;
+    if (!s) return "off";
+    return `${s.survivors} summed (threshold ${s.threshold}), ${s.recovered.length} dropout(s) recovered`;
   }
 
   function localAccuracy(latest) {
@@ -299,7 +355,8 @@
     const newestFirst = rounds.slice().reverse();
     fillTable("rounds", newestFirst.map((r) => [
       String(r.round), fmt(r.test_accuracy, 4), fmt(r.test_loss, 4),
-      String(r.num_updates), String(r.num_examples),
+      String(r.num_updates), String(r.num_examples), r.privacy ? epsilonText(r.privacy.epsilon, 3) : "–",
+      roundSecure(r),
     ]));
     const last = rounds[rounds.length - 1];
     setText("latest-accuracy", last ? fmt(last.test_accuracy, 4) : "–");
@@ -349,6 +406,8 @@
         renderPager(devices);
         renderScreened(history.rounds);
         renderFailures(history.failures);
+        const xTitle = status.mode === "async" ? "model version (time made)" : "round";
+        for (const chart of [accuracy, loss]) chart.options.scales.x.title.text = xTitle;
         drawCharts();
         setConnection(`connected to ${base} · updated ${new Date().toLocaleTimeString()}`, "ok");
       } catch (err) {

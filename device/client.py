@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import requests
 
-from fedcore import wire
+from fedcore import compression, wire
+from fedcore.errors import InvalidInput
 
 log = logging.getLogger("fedhub.device")
 
@@ -84,6 +85,16 @@ def backoff_delays(base: float = 0.5, cap: float = 15.0, rng: random.Random | No
         attempt += 1
 
 
+def _retry_after(response: requests.Response) -> float | None:
+    """The seconds a 429's ``Retry-After`` asks for (at most a minute); None without one, so the
+    answer goes back to the caller as it is."""
+    try:
+        seconds = float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), 60.0) if seconds == seconds else None
+
+
 class Client:
     """One device's connection to a FedHub server."""
 
@@ -123,11 +134,14 @@ class Client:
         deadline = time.monotonic() + self.retry_for
         delays = backoff_delays()
         while True:
+            retry_after = None
             try:
                 response = self.session.request(
                     method, url, headers=headers, verify=self.verify,
                     timeout=(min(10.0, self.timeout), read_timeout or self.timeout), **kwargs)
-                if response.status_code < 500:
+                if response.status_code == 429 and retry:
+                    retry_after = _retry_after(response)
+                if response.status_code < 500 and retry_after is None:
                     return response
                 problem, trouble = f"HTTP {response.status_code}", f"answered HTTP {response.status_code}"
             except requests.exceptions.SSLError as exc:  # a certificate problem will not fix itself
@@ -137,10 +151,14 @@ class Client:
                 problem = type(exc).__name__
                 trouble = f"unreachable ({problem})"
             remaining = deadline - time.monotonic()
+            if retry_after is not None and remaining <= retry_after:
+                return response  # the wait it asks for is past the budget: the caller sees the 429
             if not retry or remaining <= 0:
                 waited = f" after retrying for {duration(self.retry_for)}" if retry and self.retry_for else ""
                 raise Unreachable(f"{method} {url}: {problem}{waited}")
-            delay = min(next(delays), remaining)
+            # A 429 names its own wait; jitter spreads the devices it refused at once.
+            backoff = next(delays) if retry_after is None else retry_after * random.uniform(1.0, 1.2)
+            delay = min(backoff, remaining)
             if self._on_wait:
                 self._on_wait(f"server {self.server} {trouble}; retrying in {delay:.1f}s, "
                               f"giving up in {duration(remaining)}")
@@ -190,22 +208,46 @@ class Client:
             return self._model[1], self._model[2]
         if response.status_code >= 400:
             self._json(response)
-        weights, meta = wire.decode(response.content, max_bytes=2**34)
+        try:  # a whole model, or the change from the one held (the server's --compress-downlink)
+            version, weights = compression.decode_download(
+                response.content, self._model[1:] if self._model else None)
+        except InvalidInput:
+            if self._model is None:
+                raise
+            self._model = None  # what it changes is not what is held: download the whole model
+            return self.model()
         etag = response.headers.get("ETag", "")
-        self._model = (etag, meta.model_version, weights)
-        return meta.model_version, weights
+        self._model = (etag, version, weights)
+        return version, weights
 
     def upload(self, round_number: int, weights: Mapping[str, np.ndarray], *, num_examples: int,
                model_version: int, metrics: Mapping[str, float] | None = None,
-               upload_id: str | None = None) -> dict[str, Any]:
-        """Send an update; retried with the same Idempotency-Key, so it is counted once."""
-        body = wire.encode(weights, wire.Meta(round=round_number, model_version=model_version,
-                                              num_examples=num_examples,
-                                              metrics=dict(metrics or {})))
+               upload_id: str | None = None, scheme: compression.Scheme = compression.NONE,
+               reference: Mapping[str, np.ndarray] | None = None,
+               residual: compression.Residual | None = None) -> dict[str, Any]:
+        """Send an update; retried with the same Idempotency-Key, so it is counted once.
+
+        With a ``scheme`` (the task's ``compression``) it goes as the compressed delta from
+        ``reference``, the model trained from; top-k's ``residual`` is read and, once the server
+        accepted the update, replaced by what this one left out."""
+        meta = wire.Meta(round=round_number, model_version=model_version, num_examples=num_examples,
+                         metrics=dict(metrics or {}))
+        body, left = compression.encode_update(
+            weights, weights if reference is None else reference, scheme, meta,
+            residual=residual.load(scheme) if residual is not None else None)
         headers = {"Content-Type": "application/octet-stream",
                    "Idempotency-Key": upload_id or uuid.uuid4().hex}
-        return self._json(self.request("POST", f"/api/devices/{self.name}/updates/{round_number}",
-                                       data=body, headers=headers))
+        ack = self._json(self.request("POST", f"/api/devices/{self.name}/updates/{round_number}",
+                                      data=body, headers=headers))
+        if residual is not None:
+            residual.save(left, scheme)
+        return ack
+
+    def secagg(self, round_number: int, body: bytes, *, masked: bool = False) -> dict[str, Any]:
+        """Answer the open secure-aggregation stage: a JSON message, or the masked update."""
+        ctype = "application/octet-stream" if masked else "application/json"
+        return self._json(self.request("POST", f"/api/devices/{self.name}/secagg/{round_number}",
+                                       data=body, headers={"Content-Type": ctype}))
 
     def report_validation(self, report: Mapping[str, Any], *,
                           attack: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -67,8 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         + "; ".join(f"{a['kind']}: {a['summary']}" for a in describe_attacks()))
     p.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the attack, repeatable (e.g. factor=10)")
+    p.add_argument("--secagg-dropout", type=float, default=0.0, metavar="P",
+                   help="simulate dropouts: the chance of leaving each secure-aggregation round right "
+                        "after dealing its key shares")
     a = p.parse_args(argv)
     a.attack_obj = None
+    if not 0 <= a.secagg_dropout <= 1:
+        p.error("--secagg-dropout must be from 0 to 1")
     if a.attack_arg and not a.attack:
         p.error("--attack-arg needs --attack KIND")
     if a.attack:
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = DeviceRunner(client, trainer, folder, enroll_secret=secret,
                           secret_file=None if secret else layout.enroll_secret_file,
                           auto_activate=True if a.auto_activate else None, poll_wait=a.poll_wait,
-                          attack=a.attack_obj)
+                          attack=a.attack_obj, secagg_dropout=a.secagg_dropout)
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt

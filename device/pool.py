@@ -97,7 +97,8 @@ class DevicePool:
 
     ``model`` is ``"basic"``/``"cnn"`` (FedHub's Fashion-MNIST networks) or ``"server"``
     (the server's own Keras model, downloaded by each worker). ``attacks`` maps device names
-    to the attack each mounts (:mod:`device.attacks`). ``keepalive`` must stay well
+    to the attack each mounts (:mod:`device.attacks`), ``slowdown`` to how many times its training
+    time a simulated slow device's update takes to arrive. ``keepalive`` must stay well
     under the server's ``--device-timeout``. A worker is restarted at most ``max_restarts``
     times; after that :attr:`error` says why and :meth:`wait` raises.
     """
@@ -108,7 +109,8 @@ class DevicePool:
                  verify: bool | str = True, log_dir: str | Path | None = None, max_restarts: int = 3,
                  backend: str = "process", ray_address: str | None = None,
                  cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                 attacks: Mapping[str, Attack] | None = None) -> None:
+                 attacks: Mapping[str, Attack] | None = None, secagg_dropout: float = 0.0,
+                 slowdown: Mapping[str, float] | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         if not names:
@@ -134,6 +136,8 @@ class DevicePool:
         self.cpus_per_worker = cpus_per_worker
         self.gpus_per_worker = gpus_per_worker
         self.attacks = {name: attack.describe() for name, attack in (attacks or {}).items()}
+        self.secagg_dropout = secagg_dropout
+        self.slowdown = dict(slowdown or {})  # simulated slow devices: name -> factor
         self.error: str | None = None
         self._slots: list[_Slot] = []
         self._runner: Any = None
@@ -164,6 +168,9 @@ class DevicePool:
                               retry_for=self.retry_for, verify=self.verify,
                               attacks={n: a for n, a in self.attacks.items()
                                        if n in self.names[index::count]},
+                              secagg_dropout=self.secagg_dropout,
+                              slowdown={n: f for n, f in self.slowdown.items()
+                                        if n in self.names[index::count]},
                               enroll_secret=self.enroll_secret)
             slot = _Slot(spec)
             slot.handle = self._runner.launch(spec, 0)

@@ -9,22 +9,28 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedcore import compression
 from fedcore.auth import read_secret
 from fedcore.plural import plural
+from fedcore.privacy import local_dp_task, privatize_update
+from fedcore.secagg import SecAggError
 
 from .attacks import Attack
 from .client import Client, RemoteLogHandler, ServerError, TLSError, Unreachable, backoff_delays, duration
+from .secure import SecureDevice
 from .trainer import Trainer, TrainingInterrupted
 
 log = logging.getLogger("fedhub.device")
 
 HISTORY_COLUMNS = ("round", "time", "num_examples", "loss", "accuracy", "train_seconds", "accepted")
 PROGRESS_INTERVAL = 1.0  # seconds between two progress reports, at least
+RESIDUAL_FILE = "residual.safetensors"  # top-k's error feedback, kept across restarts
 
 
 class DeviceRunner:
@@ -33,12 +39,16 @@ class DeviceRunner:
     def __init__(self, client: Client, trainer: Trainer, folder: Path, *,
                  enroll_secret: str | None = None, secret_file: Path | None = None,
                  auto_activate: bool | None = None, poll_wait: float = 20.0,
-                 attack: Attack | None = None, print_fn=print) -> None:
+                 attack: Attack | None = None, slowdown: float = 1.0, print_fn=print,
+                 secagg_dropout: float = 0.0) -> None:
         """``secret_file``: read the enrollment secret from this file (the local server's)
         instead of ``enroll_secret``, again on each refusal while the retry time lasts.
         ``attack``: poison what this device sends (a demo of attacks on the federation; its
         labels, for ``label-flip``, are the trainer's to poison). It is declared when the
-        device enrolls, so that the dashboards show it."""
+        device enrolls, so that the dashboards show it. ``slowdown``: a simulated slow device
+        takes this many times its training time before its update arrives (see :attr:`deliver`).
+        ``secagg_dropout``: the chance (a simulation) of dropping out of a secure-aggregation
+        round after dealing its shares."""
         self.client = client
         self.trainer = trainer
         self.folder = Path(folder)
@@ -47,6 +57,10 @@ class DeviceRunner:
         self.auto_activate = auto_activate
         self.poll_wait = poll_wait
         self.attack = attack
+        self.slowdown = slowdown
+        # deliver(delay, send): send the update after ``delay`` seconds. Here it waits; a pool
+        # worker queues it instead and serves its other devices meanwhile.
+        self.deliver: Callable[[float, Callable[[], None]], None] = self._deliver_after
         self._rng = np.random.default_rng()
         self._print = print_fn
         self._stop = threading.Event()
@@ -59,6 +73,7 @@ class DeviceRunner:
         self.logger = logging.getLogger(f"fedhub.device.{client.name}")
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
+        self.secure = SecureDevice(client, self._say, dropout=secagg_dropout)
 
     def _say(self, message: str, level: int = logging.INFO, round_number: int | None = None) -> None:
         self._print(f"[{self.client.name}] {message}", flush=True)
@@ -210,6 +225,9 @@ class DeviceRunner:
             self._finish()
             self.leave()  # so a later run does not select a device that has gone
             return 0
+        if action == "secagg":
+            self.secure.step(task)
+            return None
         if action == "wait":
             if task.get("reason") != self._last_reason:
                 self._last_reason = task.get("reason")
@@ -222,10 +240,22 @@ class DeviceRunner:
     def _train_round(self, task: dict[str, Any]) -> None:
         number = task["round"]
         version, weights = self.client.model()
-        if version != task["model_version"]:
+        if task.get("mode") == "async":  # any recent version will do: the server weighs staleness
+            number = version
+        elif version != task["model_version"]:
             self._say(f"round {number}: model moved on to version {version}; asking again")
             return
+        if "secagg" in task and self.secure.drops(number):
+            self._say(f"round {number}: dropping out after sharing keys (simulated)", logging.WARNING, number)
+            with contextlib.suppress(ServerError):
+                self.client.report_interrupted(number, "dropped out after sharing its keys (simulated)")
+            return
         config = task["config"]
+        try:
+            scheme = compression.parse(config.get("compression", "none"))
+        except ValueError as exc:  # a newer server's scheme: say so, as a failed round
+            self._say(f"round {number}: cannot send updates this way: {exc}", logging.ERROR, number)
+            return
         proximal = f" with FedProx's proximal term (mu={config['proximal_mu']})" \
             if config.get("proximal_mu") else ""
         self._say(f"round {number}: training {config.get('epochs', 1)} epoch(s) from model v{version}"
@@ -236,6 +266,7 @@ class DeviceRunner:
                                    name="fedhub-signal")
         watcher.start()
         detail = None
+        started = time.monotonic()
         try:
             result = self.trainer.train(weights, config)
         except TrainingInterrupted as exc:
@@ -254,14 +285,43 @@ class DeviceRunner:
                 self.client.report_interrupted(number, detail)
             return
         sent = result.weights
-        if self.attack is not None:
-            sent = self.attack.poison_weights(result.weights, weights, self._rng)
         try:
-            ack = self.client.upload(number, sent, num_examples=result.num_examples,
-                                     model_version=version, metrics=result.metrics,
-                                     upload_id=uuid.uuid4().hex)
+            local_dp = local_dp_task(config)
+        except ValueError as exc:
+            self._say(f"round {number}: refused the task's local DP settings: {exc}", logging.ERROR, number)
+            return
+        if local_dp is not None:  # clipped and noised here: the server never sees the update itself
+            sent, _ = privatize_update(sent, weights, *local_dp, self._rng)
+            # The log goes to the server too: it names the settings, never the update's norm.
+            self._say(f"round {number}: local DP: change clipped to L2 norm {local_dp[0]:g}, "
+                      f"Gaussian noise of std {local_dp[0] * local_dp[1]:g} added", round_number=number)
+        if self.attack is not None:
+            sent = self.attack.poison_weights(sent, weights, self._rng)
+        delay = (self.slowdown - 1) * (time.monotonic() - started)
+        self.deliver(delay, lambda: self._send(task, version, weights, sent, result, scheme))
+
+    def _deliver_after(self, delay: float, send: Callable[[], None]) -> None:
+        self._stop.wait(delay)
+        send()
+
+    def _send(self, task: dict[str, Any], version: int, weights: dict[str, np.ndarray],
+              sent: dict[str, np.ndarray], result: Any, scheme: compression.Scheme) -> None:
+        number = version if task.get("mode") == "async" else task["round"]
+        try:
+            if "secagg" in task:
+                self.secure.masked_upload(task, sent, weights, result.num_examples)
+                extra = "masked update sent"
+            else:
+                ack = self.client.upload(number, sent, num_examples=result.num_examples,
+                                         model_version=version, metrics=result.metrics,
+                                         upload_id=uuid.uuid4().hex, reference=weights,
+                                         scheme=scheme,
+                                         residual=compression.Residual(self.folder / RESIDUAL_FILE))
+                extra = f"{ack.get('reported', '?')}/{ack.get('selected', '?')} reported"
             accepted = True
-            extra = f"{ack.get('reported', '?')}/{ack.get('selected', '?')} reported"
+        except SecAggError as exc:  # the device's own refusal: the ERROR takes it out of the round
+            self._say(f"round {number}: secure aggregation refused: {exc.message}", logging.ERROR, number)
+            return
         except ServerError as exc:
             if exc.status != 409:
                 raise

@@ -80,6 +80,9 @@ class WorkerSpec:
     stats_path: str | None = None
     # Devices that attack (demos and experiments): name -> Attack.describe() ({"kind", "params"}).
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    secagg_dropout: float = 0.0  # chance of dropping out of a secure round after dealing shares
+    # Simulated slow devices: name -> how many times its training time its update takes to arrive.
+    slowdown: dict[str, float] = field(default_factory=dict)
     enroll_secret: str | None = field(default=None, repr=False)
 
     def to_json(self) -> str:
@@ -244,6 +247,7 @@ class VirtualDevice:
     seen: float = 0.0  # monotonic time of the last request the server saw from it
     round: int | None = None  # the round it is training, while it is
     code: int | None = None  # the exit code once the device has stopped
+    busy_until: float = 0.0  # monotonic time a slow device's queued update is due
 
 
 # --------------------------------------------------------------------------- the worker
@@ -270,6 +274,7 @@ class Worker:
         self._public = self._client("status")
         self._stats_written = 0.0
         self._startup_peak = 0
+        self._due: list[tuple[float, str, Callable[[], None]]] = []  # slow devices' updates
 
     def _client(self, name: str) -> Client:
         client = Client(self.spec.server, name, verify=self.spec.verify, retry_for=self.spec.retry_for)
@@ -316,7 +321,9 @@ class Worker:
             runner = DeviceRunner(self._pooled_client(name), trainer, self._folder(name),
                                   enroll_secret=self.spec.enroll_secret,
                                   auto_activate=self.spec.auto_activate, poll_wait=0.0,
-                                  attack=attack, print_fn=self._print)
+                                  attack=attack, slowdown=self.spec.slowdown.get(name, 1.0),
+                                  print_fn=self._print, secagg_dropout=self.spec.secagg_dropout)
+            runner.deliver = lambda delay, send, name=name: self._defer(name, delay, send)
             handler = RemoteLogHandler(runner.client, background=False)
             handler.addFilter(_worth_sending)
             runner.logger.addHandler(handler)
@@ -349,28 +356,64 @@ class Worker:
         return [name for name, d in self.devices.items() if d.code is None]
 
     def _loop(self) -> None:
-        attempted: set[tuple[int, str]] = set()
+        attempted: set[tuple[tuple[int, str | None], str]] = set()
         while not self._stop.is_set() and self._alive():
+            self._send_due()
             status = self._public.status()
             if status["status"] == "finished":
                 for name in self._alive():
                     self._step(name)  # "finish": saves nothing here, leaves
                 return
+            if status.get("mode") == "async":
+                self._train_continuously(status)
+                continue
             current = status.get("round") or {}
-            number = current.get("number")
-            reported = set(current.get("reported", ()))
-            todo = [n for n in current.get("selected", ())
-                    if n in self.devices and self.devices[n].code is None and n not in reported
-                    and (number, n) not in attempted]
+            # under secure aggregation each stage asks its devices again
+            number = (current.get("number"), (current.get("secagg") or {}).get("stage"))
+            waiting = (current["secagg"]["expected"] if current.get("secagg") else
+                       set(current.get("selected", ())) - set(current.get("reported", ())))
+            todo = [n for n in sorted(waiting)
+                    if n in self.devices and self.devices[n].code is None and (number, n) not in attempted]
             for name in todo:
                 if self._stop.is_set():
                     return
                 attempted.add((number, name))
                 self._step(name)
+                self._send_due()
                 self._keepalive(budget=4)
             if not todo:
                 self._keepalive(budget=32)
                 self._stop.wait(self.spec.poll_interval)
+
+    def _train_continuously(self, status: dict[str, Any]) -> None:
+        """Asynchronous mode: every device not waiting on its own slow update trains in turn."""
+        now = time.monotonic()
+        ready = [n for n in self._alive() if self.devices[n].busy_until <= now]
+        if status["status"] != "running" or not ready:
+            self._keepalive(budget=32)
+            due = min((d.busy_until for d in self.devices.values()), default=now) - now
+            self._stop.wait(min(self.spec.poll_interval, max(0.05, due)))
+            return
+        for name in ready:
+            if self._stop.is_set():
+                return
+            self._step(name)
+            self._send_due()
+
+    def _defer(self, name: str, delay: float, send: Callable[[], None]) -> None:
+        """A slow device's update: sent ``delay`` seconds from now, while the others train."""
+        if delay <= 0:
+            send()
+            return
+        self.devices[name].busy_until = time.monotonic() + delay
+        self._due.append((self.devices[name].busy_until, name, send))
+
+    def _send_due(self) -> None:
+        now = time.monotonic()
+        due = [item for item in self._due if item[0] <= now]
+        self._due = [item for item in self._due if item[0] > now]
+        for _, name, send in sorted(due, key=lambda item: item[0]):
+            self._guarded(name, send)
 
     def _keepalive(self, budget: int) -> None:
         """Ask the devices the server has not heard from for ``keepalive`` seconds for a task."""

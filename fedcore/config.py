@@ -3,10 +3,15 @@ the Python API: every default lives here, once."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import compression, params
+from .privacy import DPConfig
+from .secagg import SecAggConfig
 from .strategies import DEFAULT_MEMORY_BUDGET, Strategy, make_strategy
+from .strategies.averaging import Averaging
 
 
 @dataclass
@@ -17,8 +22,10 @@ class TrainingConfig:
     epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 1e-3
+    compression: str = "none"  # how devices send updates (fedcore.compression.parse)
 
     def validate(self) -> None:
+        compression.parse(self.compression)
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
         if self.batch_size < 1:
@@ -28,8 +35,11 @@ class TrainingConfig:
 
     def task(self) -> dict[str, Any]:
         """The task config every selected device gets (a strategy may add to it)."""
-        return {"model": self.model, "epochs": self.epochs, "batch_size": self.batch_size,
+        task = {"model": self.model, "epochs": self.epochs, "batch_size": self.batch_size,
                 "learning_rate": self.learning_rate}
+        if self.compression != "none":
+            task["compression"] = self.compression
+        return task
 
 
 @dataclass
@@ -49,7 +59,20 @@ class FederationConfig:
     # Bytes of a round's buffered updates (robust strategies) kept in RAM before spilling to disk.
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     seed: int = 0
+    compress_downlink: bool = False  # the global model download goes out compressed too
+    # Asynchronous rounds (FedBuff): devices train continuously; a new model every buffer_size
+    # updates, each weighted by (1 + staleness) ** -staleness_exponent, none older than max_staleness.
+    mode: str = "sync"  # or "async"
+    buffer_size: int = 10
+    max_staleness: int = 10
+    staleness_exponent: float = 0.5
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: DPConfig | None = None  # differential privacy (--dp), wrapping the strategy
+    secagg: SecAggConfig | None = None  # secure aggregation (SecAgg+) of every round; None: off
+
+    def __post_init__(self) -> None:
+        if isinstance(self.privacy, Mapping):  # from the Python API or to_dict(): typed, one line
+            self.privacy = params.build(DPConfig, self.privacy, "dp")
 
     def validate(self) -> None:
         """ValueError (one line) for settings that cannot work, the strategy's included."""
@@ -66,13 +89,59 @@ class FederationConfig:
         if self.memory_budget < 0:
             raise ValueError("memory_budget must be 0 or more")
         self.training.validate()
-        self.make_strategy()
+        if self.compress_downlink and not compression.parse(self.training.compression).active:
+            raise ValueError("compress_downlink (--compress-downlink) needs a compression (--compression) "
+                             "other than none")
+        strategy = self.make_strategy()
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"mode must be sync or async, got {self.mode!r}")
+        if self.buffer_size < 1:
+            raise ValueError("buffer_size (--buffer) must be at least 1")
+        if not 0 <= self.max_staleness <= 10_000:
+            raise ValueError("max_staleness (--max-staleness) must be from 0 to 10000")
+        if not 0 <= self.staleness_exponent <= 10:
+            raise ValueError("staleness_exponent must be from 0 to 10")
+        if self.mode == "async":
+            self.check_async(strategy)
+        if self.secagg is not None:
+            self.check_secagg(strategy)
+
+    def check_async(self, strategy: Strategy) -> None:
+        """Asynchronous rounds fold each update into a running sum as it comes: a strategy that
+        keeps every update, a staged protocol or per-round noise does not fit (yet)."""
+        for option, on in (("--secure-aggregation", self.secagg is not None),
+                           ("--compression", compression.parse(self.training.compression).active),
+                           ("--dp", self.privacy is not None)):
+            if on:
+                raise ValueError(f"asynchronous mode (--mode async) does not work with {option} yet")
+        if not isinstance(strategy, Averaging):
+            raise ValueError(f"asynchronous mode needs a streaming strategy (fedavg, fedprox, fedavgm, "
+                             f"fedadam, fedyogi, fedadagrad); {strategy.name} keeps every update")
+
+    def check_secagg(self, strategy: Strategy) -> None:
+        """Secure aggregation hides each update, so only a strategy that needs just their
+        weighted mean can work with it, and a round needs at least the threshold of devices."""
+        assert self.secagg is not None
+        self.secagg.validate()
+        if not isinstance(strategy, Averaging):
+            raise ValueError(f"strategy {strategy.name} needs every device's update, which secure "
+                             "aggregation hides: use fedavg, fedavgm, fedprox, fedadam, fedyogi or "
+                             "fedadagrad with --secure-aggregation")
+        needed = max(2, self.secagg.threshold or 2)
+        if self.min_devices < needed:
+            raise ValueError(f"secure aggregation needs at least {needed} devices a round; "
+                             f"min_devices is {self.min_devices}")
+        if compression.parse(self.training.compression).active:
+            raise ValueError("secure aggregation quantizes each update itself: use --compression none "
+                             "with --secure-aggregation")
 
     def make_strategy(self) -> Strategy:
         """The configured strategy, refused (ValueError) if it cannot aggregate the smallest
         round these settings allow."""
         strategy = make_strategy(self.strategy, **self.strategy_params)
         strategy.check_min_devices(self.min_devices)
+        if self.privacy is not None:
+            strategy = self.privacy.wrap(strategy, self.min_devices)
         return strategy
 
     def to_dict(self) -> dict[str, Any]:

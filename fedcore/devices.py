@@ -191,7 +191,8 @@ class DeviceRegistry:
                             "admin token", "Authorization")
 
     def authenticate(self, token: str | None) -> str:
-        """The device a bearer token belongs to; marks it seen."""
+        """The device a bearer token belongs to; marks it seen (a device that left stays gone:
+        its last log lines may arrive after its leave)."""
         if not token:
             raise Unauthorized("missing device token (Authorization: Bearer <token>)", "Authorization")
         with self._lock:
@@ -199,13 +200,14 @@ class DeviceRegistry:
             if name is None:
                 raise Unauthorized("unknown device token", "Authorization")
             self._seen[name] = self._clock()
-            self._left.discard(name)
             return name
 
     def touch(self, name: str) -> None:
-        """Mark a device seen now (long polls keep a waiting device online)."""
+        """Mark a device seen now and back if it had left: it asks for work (long polls keep a
+        waiting device online)."""
         with self._lock:
             self._seen[name] = self._clock()
+            self._left.discard(name)
 
     def require(self, name: str) -> dict[str, Any]:
         row = self._storage.get_device(check_name(name))

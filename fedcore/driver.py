@@ -27,11 +27,14 @@ import numpy as np
 
 from .config import FederationConfig
 from .devices import DeviceRegistry
+from .errors import RunOver
 from .evaluations import Evaluations
 from .history import RoundHistory
 from .plural import plural
 from .round_hooks import RoundHooks
 from .round_state import OpenRound, RoundState
+from .secagg import SecAggError
+from .secure_round import SecureRound, summary
 from .storage import Storage
 from .strategies import AggregationError, RoundPlan, Strategy
 
@@ -52,8 +55,11 @@ def release_devices(devices: DeviceRegistry, r: OpenRound, why: str) -> None:
             devices.lifecycle.set(name, "waiting", reason=why, round_number=r.number)
 
 
-class RoundDriver:
-    """Owns the driver thread; the coordinator starts and stops it."""
+class DriverThread:
+    """One thread that takes :meth:`_turn` after turn until stopped, and outlives any error:
+    :meth:`_failed` records it (under the state's lock), then the thread waits and goes on."""
+
+    thread_name = "fedhub-rounds"
 
     def __init__(self, state: RoundState, *, storage: Storage, devices: DeviceRegistry,
                  history: RoundHistory, hooks: RoundHooks, strategy: Strategy,
@@ -71,13 +77,13 @@ class RoundDriver:
         self._evaluate = evaluate
         self._evaluations = evaluations
         self._clock = clock
-        self._rng = random.Random(config.seed)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._previous_keys: frozenset[bytes] = frozenset()  # refused if a device advertises one again
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._drive, name="fedhub-rounds", daemon=True)
+            self._thread = threading.Thread(target=self._drive, name=self.thread_name, daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
@@ -91,6 +97,31 @@ class RoundDriver:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    def _drive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._turn()
+            except Exception as exc:  # the driver must outlive anything a round does
+                log.exception("%s error", self.thread_name)
+                with self._state.cond:
+                    self._failed(f"{type(exc).__name__}: {exc}")
+                    self._state.cond.wait(RETRY_AFTER_FAILURE)
+
+    def _turn(self) -> None:
+        raise NotImplementedError
+
+    def _failed(self, error: str) -> None:
+        self._state.last_error = f"round driver error: {error}"
+        self._state.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+
+
+class RoundDriver(DriverThread):
+    """Owns the driver thread; the coordinator starts and stops it."""
+
+    def __init__(self, state: RoundState, **parts: Any) -> None:
+        super().__init__(state, **parts)
+        self._rng = random.Random(self._config.seed)
+
     def all_done(self) -> bool:
         """The run's last round is complete (no round opens after it)."""
         return bool(self._config.rounds) and self._state.version >= self._config.rounds
@@ -100,21 +131,11 @@ class RoundDriver:
         s = self._state
         if (self.all_done() and s.status in ("running", "paused") and s.open is None
                 and not s.busy and self._hooks.idle()):
+            s.reason = ""
             s.set_status("finished")
             log.info("the run is over: %s done", plural(self._config.rounds, "round"))
 
     # the loop -------------------------------------------------------------
-    def _drive(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._turn()
-            except Exception as exc:  # the driver must outlive anything a round does
-                log.exception("round driver error")
-                with self._state.cond:
-                    self._state.last_error = f"round driver error: {type(exc).__name__}: {exc}"
-                    self._state.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
-                    self._state.cond.wait(RETRY_AFTER_FAILURE)
-
     def _turn(self) -> None:
         s = self._state
         closing = plan = None
@@ -144,6 +165,8 @@ class RoundDriver:
         if r.broken is not None:
             self._fail(r, r.broken)
             return None
+        if r.secure is not None:
+            return self._decide_secure(r, r.secure, now)
         if r.all_in():
             return r
         if now < r.deadline and r.selected:
@@ -158,6 +181,23 @@ class RoundDriver:
                            f"{r.needed} needed updates")
         return None
 
+    def _decide_secure(self, r: OpenRound, secure: SecureRound, now: float) -> OpenRound | None:
+        """Close the open stage once everyone still in the round answered, or at its deadline;
+        after the unmask stage, the round closes. Too few left fails the round: it runs again."""
+        if secure.waiting(r.selected) and now < secure.deadline:
+            return None
+        if secure.stage == "unmask":
+            return r
+        try:
+            stage = secure.next_stage()
+        except SecAggError as exc:
+            self._fail(r, f"round {r.number} failed: {exc.message}")
+            return None
+        r.deadline = secure.deadline  # what the status shows: the open stage's deadline
+        log.info("round %d: secure aggregation stage %r", r.number, stage)
+        self._state.cond.notify_all()
+        return None
+
     # opening --------------------------------------------------------------
     def _plan(self) -> tuple[int, Weights, RoundPlan] | None:
         """Under the lock: who trains the next round, if enough devices are there."""
@@ -168,8 +208,14 @@ class RoundDriver:
                         f"{self._config.min_devices} needed")
             return None
         s.reason = ""
-        plan = self._strategy.configure(available, rng=self._rng, fraction=self._config.fraction,
-                                        min_devices=self._config.min_devices)
+        try:
+            plan = self._strategy.configure(available, rng=self._rng, fraction=self._config.fraction,
+                                            min_devices=self._config.min_devices)
+        except RunOver as exc:  # a spent privacy budget: no round after this one
+            log.warning("the run is over: %s", exc.message)
+            s.reason = exc.message
+            s.set_status("finished")
+            return None
         s.opening = True
         return s.version, s.weights, plan
 
@@ -194,6 +240,18 @@ class RoundDriver:
                 s.cond.notify_all()
                 return
             number = version + 1
+            secure = None
+            if self._config.secagg is not None:
+                try:
+                    secure = SecureRound(self._config.secagg, number, plan.devices, weights,
+                                         train_timeout=self._config.round_timeout,
+                                         previous_keys=self._previous_keys)
+                except SecAggError as exc:
+                    aggregator.close()
+                    s.last_error = f"round {number} could not open: {exc.message}"
+                    s.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+                    s.cond.notify_all()
+                    return
             base = self._config.training.task()
             started_at = self._clock()
             self._storage.insert_round(number, started_at=started_at, selected=list(plan.devices),
@@ -205,7 +263,9 @@ class RoundDriver:
                 needed=max(1, math.ceil(self._config.quorum * k), self._strategy.min_updates()),
                 deadline=time.monotonic() + self._config.round_timeout,
                 config={d: {**base, **plan.config.get(d, {})} for d in plan.devices},
-                aggregator=aggregator)
+                aggregator=aggregator, secure=secure)
+            if secure is not None:
+                s.open.deadline = secure.deadline
             log.info("round %d opened with %s", number, ", ".join(plan.devices))
             s.cond.notify_all()
 
@@ -243,8 +303,17 @@ class RoundDriver:
     def _close(self, r: OpenRound) -> None:
         """Aggregate, evaluate, save, record: outside the lock, as it takes a while."""
         s = self._state
+        secured = None
         try:
+            if r.secure is not None:
+                self._previous_keys = r.secure.server.public_keys()
+                mean, secured = r.secure.finish(r.aggregator.template)
+                r.aggregator.add_secure_mean(secured.survivors, mean, secured.total_weight)
             result = r.aggregator.result()
+        except SecAggError as exc:
+            with s.cond:
+                self._fail(r, f"round {r.number} failed: {exc.message}")
+            return
         except AggregationError as exc:
             with s.cond:
                 self._fail(r, f"round {r.number} failed: {exc.reason}")
@@ -267,7 +336,7 @@ class RoundDriver:
                     self._fail(r, f"round {r.number} failed: the new global model's test {key} is "
                                   f"{value}: its outputs are not finite (NaN or infinity)")
                 return
-        aggregated = result.metrics
+        aggregated = result.metrics if secured is None else {**result.metrics, "secagg": summary(secured)}
         try:
             path = self._storage.write_checkpoint(r.number, result.weights)
             self._storage.write_strategy_state(r.number, result.state, self._strategy.describe())

@@ -54,3 +54,10 @@ class Conflict(FedHubError):
     (a closed round, a device not selected, an update already counted)."""
 
     code = "conflict"
+
+
+class RunOver(FedHubError):
+    """The strategy ends the run before the next round (a spent privacy budget): the driver
+    marks the run finished with this message as the reason."""
+
+    code = "run_over"

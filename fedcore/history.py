@@ -50,7 +50,10 @@ def build_entry(round_row: Mapping[str, Any], updates: Iterable[Mapping[str, Any
         "strategy": ({"name": outcome["strategy"], "params": outcome.get("params", {})}
                      if "strategy" in outcome else None),
         "num_used": outcome.get("num_used", round_row["num_updates"]),
+        **({"privacy": outcome["privacy"]} if outcome.get("privacy") else {}),
     }
+    if "secagg" in outcome:
+        entry["secagg"] = outcome["secagg"]
     for e in errors:
         _mark_failed(entry, e)
     return entry

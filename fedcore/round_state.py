@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import wire
+from .secure_round import SecureRound
 from .storage import Storage
 from .strategies import RoundAggregator
 
@@ -41,10 +42,16 @@ class OpenRound:
     uploading: set[str] = field(default_factory=set)
     progress: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> batches done, total
     broken: str | None = None  # why the round cannot be completed any more
+    secure: SecureRound | None = None  # secure aggregation's stages, when it is on
 
     def expects(self, name: str) -> bool:
-        """Whether ``name`` is selected and its update has not arrived (nor is arriving)."""
-        return name in self.selected and name not in self.reported and name not in self.uploading
+        """Whether ``name`` is selected and its update (under secure aggregation: its answer to
+        the open stage) has not arrived (nor is arriving)."""
+        if name not in self.selected or name in self.uploading:
+            return False
+        if self.secure is not None:
+            return name in self.secure.waiting(self.selected)
+        return name not in self.reported
 
     def pending(self) -> set[str]:
         return {name for name in self.selected if self.expects(name)}
@@ -57,8 +64,9 @@ class OpenRound:
         return max(0.0, round(self.deadline - time.monotonic(), 1))
 
     def task(self, name: str) -> dict[str, Any]:
-        return {"action": "train", "round": self.number, "model_version": self.base_version,
-                "config": self.config[name], "deadline_in": self.deadline_in()}
+        train = {"action": "train", "round": self.number, "model_version": self.base_version,
+                 "config": self.config[name], "deadline_in": self.deadline_in()}
+        return train if self.secure is None else self.secure.task(name, train)
 
     def view(self) -> dict[str, Any]:
         return {"number": self.number, "selected": sorted(self.selected),
@@ -66,7 +74,8 @@ class OpenRound:
                 "deadline_in": self.deadline_in(),
                 # devices still training (an update received needs no progress bar)
                 "progress": {name: dict(p) for name, p in sorted(self.progress.items())
-                             if self.expects(name)}}
+                             if self.expects(name)},
+                **({"secagg": self.secure.view(self.selected)} if self.secure is not None else {})}
 
 
 class RoundState:
@@ -127,6 +136,8 @@ class RoundState:
 
     def _wait_reason(self, name: str) -> str:
         r = self.open
+        if r is not None and r.secure is not None and name in r.selected:
+            return f"round {r.number}: secure aggregation stage {r.secure.stage!r}, waiting for the others"
         if r is not None and (name in r.reported or name in r.uploading):
             return f"update for round {r.number} received; waiting for the round to close"
         if r is not None:
@@ -153,6 +164,6 @@ class RoundState:
             out["round"] = self.open.view()
         elif self.closing is not None:
             out["round"] = {"number": self.closing, "state": "aggregating"}
-        elif self.status == "running":
+        elif self.status in ("running", "finished"):
             out["reason"] = self.reason
         return out

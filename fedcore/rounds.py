@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from . import wire
+from . import compression, wire
+from .async_rounds import AsyncRounds
 from .config import FederationConfig
 from .device_logs import DeviceLogs
 from .devices import MAX_DEVICES_PAGE, DeviceRegistry, device_filter
@@ -61,6 +62,8 @@ class Coordinator:
         self.config = config
         self.strategy = strategy or config.make_strategy()
         self.strategy.check_min_devices(config.min_devices)
+        if config.secagg is not None:
+            config.check_secagg(self.strategy)
         self.max_upload_bytes = max_upload_bytes
         self._storage = storage
         self._devices = devices
@@ -68,6 +71,8 @@ class Coordinator:
         self._evaluations = Evaluations(evaluate) if evaluate is not None else None
         self._initial = {k: np.array(v) for k, v in initial_weights.items()}
         self.spec = wire.spec_of(self._initial)
+        self.compression = compression.parse(config.training.compression)
+        self._downlink = compression.Downlink(self.compression) if config.compress_downlink else None
         self._logs = DeviceLogs(storage, clock=clock)
         self._history = RoundHistory(storage, self._logs)
         self._hooks = RoundHooks()
@@ -77,6 +82,11 @@ class Coordinator:
                                    history=self._history, hooks=self._hooks, strategy=self.strategy,
                                    config=config, evaluate=evaluate, evaluations=self._evaluations,
                                    clock=clock)
+        self._async = AsyncRounds(
+            self._state, storage=storage, devices=devices, history=self._history, hooks=self._hooks,
+            strategy=self.strategy, config=config, spec=self.spec, evaluate=evaluate,
+            evaluations=self._evaluations, check_finished=self._driver.check_finished,
+            max_upload_bytes=max_upload_bytes, clock=clock) if config.mode == "async" else None
         # Long polls allowed to wait at once (None: no limit); the HTTP server sets it below
         # its worker thread count, as each waiting poll holds a worker thread.
         self.max_waiters: int | None = None
@@ -107,6 +117,11 @@ class Coordinator:
             if self.config.start and status in ("idle", "paused"):
                 status = "running"
             self._state.set_status(status)
+            spent = (self.strategy.privacy() or {}).get("budget_spent")
+            if status == "finished" and spent:  # why the run ended, after a restart too
+                self._state.reason = spent
+            if self._async is not None:
+                self._async.recover()
             self._driver.check_finished()
 
     def _restore_strategy_state(self, number: int) -> None:
@@ -140,11 +155,13 @@ class Coordinator:
 
     def start(self) -> None:
         """Start the driver thread (idempotent)."""
-        self._driver.start()
+        (self._async or self._driver).start()
 
     def stop(self) -> None:
         """Stop the driver, let the queued round hooks run, persist last-seen times."""
         self._driver.stop()
+        if self._async is not None:
+            self._async.stop()
         self._hooks.stop()
         self._devices.flush()
 
@@ -193,6 +210,25 @@ class Coordinator:
         with self._cond:
             return self._state.version, self._state.encoded
 
+    def model_download(self, have: object = ()) -> tuple[int, bytes, str]:
+        """The global model version, the bytes to send a device holding the ETags ``have``, and
+        their ETag: with ``compress_downlink``, only the change when it holds the previous version."""
+        with self._cond:
+            if self._downlink is None:
+                return self._state.version, self._state.encoded, f"v{self._state.version}"
+            self._sync_downlink()
+            version = self._state.version
+            return version, self._downlink.body_for(have), self._downlink.etag(version)
+
+    def _sync_downlink(self) -> None:
+        if self._downlink is not None and self._downlink.version != self._state.version:
+            self._downlink.install(self._state.version, self._state.weights)
+
+    def _reference(self) -> Weights:
+        """What devices trained from, that compressed deltas are added to (under the lock)."""
+        self._sync_downlink()
+        return self._downlink.model if self._downlink is not None else self._state.weights
+
     def global_weights(self) -> tuple[int, Weights]:
         with self._cond:
             return self._state.version, self._state.weights
@@ -231,12 +267,14 @@ class Coordinator:
         refusal = self._devices.lifecycle.refusal(name)  # invalid data: no tasks at all
         if refusal is not None:
             raise refusal
+        self._devices.touch(name)
         with self._cond:
             crowded = wait > 0 and self.max_waiters is not None and self._waiters >= self.max_waiters
             if crowded:
                 end = time.monotonic()
             while True:
-                task = self._state.task_for(name, self._devices.is_active(name))
+                active = self._devices.is_active(name)
+                task = (self._async or self._state).task_for(name, active)
                 remaining = end - time.monotonic()
                 if task["action"] != "wait" or remaining <= 0 or self._driver.stopped:
                     if task["action"] == "train":
@@ -261,6 +299,8 @@ class Coordinator:
         the same key with the same bytes is acknowledged once more, with other bytes refused.
         A refused update changes nothing, not even the device's activity."""
         with self._devices.busy(name, "uploading"):
+            if self._async is not None:
+                return self._async.submit(name, round_number, body, upload_id)
             return self._submit(name, round_number, body, upload_id)
 
     def _submit(self, name: str, round_number: int, body: bytes,
@@ -271,11 +311,9 @@ class Coordinator:
         done = self._duplicate(name, round_number, upload_id, digest)
         if done is not None:
             return done
-        weights, meta = wire.decode(body, self.spec, max_bytes=self.max_upload_bytes,
-                                    require_examples=True)
-        if meta.round != round_number:
-            raise InvalidInput(
-                f"metadata round {meta.round} does not match the URL's round {round_number}", "round")
+        weights, meta = compression.decode_update(body, self.spec, self.compression,
+                                                  max_bytes=self.max_upload_bytes)
+        wire.check_round(meta, round_number)
         with self._cond:
             done = self._duplicate(name, round_number, upload_id, digest)
             if done is not None:
@@ -295,7 +333,10 @@ class Coordinator:
                     f"update was trained from model version {meta.model_version}, "
                     f"round {round_number} starts from version {r.base_version}", "model_version")
             r.uploading.add(name)  # the round does not close until this update is in or out
+            reference = self._reference() if self.compression.active else None
         try:
+            if reference is not None:  # a delta: the weights are the model it was trained from + it
+                weights = compression.apply(reference, weights)
             # Outside the lock: the aggregator has its own, and folding in takes O(model) time.
             r.aggregator.add(name, weights, meta.num_examples, meta.metrics)
         except BaseException:
@@ -341,6 +382,33 @@ class Coordinator:
             raise Conflict(f"Idempotency-Key {upload_id!r} was already used for round {round_number} "
                            "with a different body; a retry must send the same bytes", "Idempotency-Key")
         return {"accepted": True, "duplicate": True, "round": round_number}
+
+    def secagg_message(self, name: str, round_number: int, body: bytes) -> dict[str, Any]:
+        """A device's answer to the open secure-aggregation stage: its keys, its encrypted shares,
+        its masked update (safetensors) or the share keys that unmask the sum. A refused message
+        (malformed, replayed, another device's key) changes nothing and the round goes on."""
+        with self._cond:
+            r = self._state.open
+            if r is None or r.number != round_number or r.secure is None:
+                raise Conflict(f"round {round_number} is not an open secure-aggregation round", "round")
+            if name not in r.selected:
+                raise Conflict(f"device {name!r} is not in round {round_number}", "round")
+            if name in r.uploading:
+                raise Conflict(f"device {name!r} is already sending a message", "round")
+            r.uploading.add(name)
+        try:  # outside the lock: a masked update is folded into the sum in O(model) time
+            stage = r.secure.receive(name, body)
+        finally:
+            with self._cond:
+                r.uploading.discard(name)
+                self._cond.notify_all()
+        with self._cond:
+            if stage == "masked":
+                r.reported[name] = None
+                self._devices.set_activity(name, "idle")
+                self._devices.lifecycle.set(name, "waiting", reason=f"masked update for round "
+                                            f"{round_number} sent", round_number=round_number)
+            return {"accepted": True, "round": round_number, "stage": stage}
 
     def report_progress(self, name: str, round_number: object, done: object,
                         total: object) -> dict[str, Any]:
@@ -394,7 +462,7 @@ class Coordinator:
                     self._devices.lifecycle.set(name, "waiting", reason=f"round {r.number} failed: "
                                                 f"{e['message'][:200]}", round_number=r.number)
                     dropped.append(r.number)
-                elif e["round"] <= self._state.version:
+                elif e["round"] <= self._state.version and self._async is None:  # async: a base version
                     self._history.late_error({**e, "device": name, "received_at": now})
         return {"stored": len(entries), "dropped_from_rounds": dropped}
 
@@ -444,7 +512,8 @@ class Coordinator:
         """Forget every round and the strategy's state, and start again from the initial model
         (devices stay enrolled)."""
         with self._cond:
-            while self._state.busy or (self._state.open is not None and self._state.open.uploading):
+            while self._state.busy or (self._state.open is not None and self._state.open.uploading) \
+                    or (self._async is not None and self._async.uploading):
                 self._cond.wait(0.5)
             r, self._state.open = self._state.open, None
             if r is not None:
@@ -454,6 +523,8 @@ class Coordinator:
             self._history.clear()
             self.strategy.reset()
             self._install_initial()
+            if self._async is not None:
+                self._async.reset()
             self._state.last_error = None
             self._state.reason = ""
             self._state.set_status("idle")
@@ -490,8 +561,15 @@ class Coordinator:
         """The run, the open round, the strategy and how many devices are in each state."""
         counts = self._devices.counts()
         with self._cond:
-            return {**self._state.view(), "total_rounds": self.config.rounds,
-                    "strategy": self.strategy.describe(), "devices": counts}
+            mode = self._async.view() if self._async is not None else {"mode": "sync"}
+            return {**self._state.view(), **mode, "total_rounds": self.config.rounds,
+                    "strategy": self.strategy.describe(), "privacy": self.strategy.privacy(),
+                    "devices": counts, "secure_aggregation": self._secagg_settings()}
+
+    def _secagg_settings(self) -> dict[str, Any] | None:
+        c = self.config.secagg
+        return None if c is None else {"shares": c.shares, "threshold": c.threshold, "bits": c.bits,
+                                       "clip_range": c.clip_range, "max_weight": c.max_weight}
 
     def list_devices(self) -> list[dict[str, Any]]:
         """Enrolled devices, their state, lifecycle and part in the latest round they were in."""

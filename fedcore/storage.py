@@ -87,6 +87,22 @@ CREATE TABLE IF NOT EXISTS round_failures (
     failed_at REAL NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS async_updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    target INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    staleness INTEGER NOT NULL,
+    weight REAL NOT NULL,
+    num_examples INTEGER NOT NULL,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    upload_id TEXT,
+    body_sha256 TEXT,
+    body_path TEXT NOT NULL,
+    folded INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS async_updates_by_key ON async_updates (device, upload_id);
 """
 
 
@@ -235,6 +251,7 @@ class Storage:
             self._exec("DELETE FROM rounds")
             self._exec("DELETE FROM history")
             self._exec("DELETE FROM round_failures")
+            self._exec("DELETE FROM async_updates")
 
     # history ------------------------------------------------------------
     def put_history(self, round_number: int, entry: Mapping[str, Any]) -> None:
@@ -278,6 +295,33 @@ class Storage:
         else:
             rows = self._all("SELECT * FROM updates WHERE round = ? ORDER BY device", (round_number,))
         return [_decode_update(r) for r in rows]
+
+    # asynchronous mode's updates: each waits, body on disk, until its model version is made
+    def add_async_update(self, device: str, *, target: int, base_version: int, staleness: int,
+                         weight: float, num_examples: int, metrics: Mapping[str, float],
+                         upload_id: str | None, body_sha256: str | None, body_path: str,
+                         now: float) -> None:
+        self._exec(
+            "INSERT INTO async_updates(device, target, base_version, staleness, weight, num_examples,"
+            " metrics, upload_id, body_sha256, body_path, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (device, target, base_version, staleness, weight, num_examples,
+             json.dumps(dict(metrics)), upload_id, body_sha256, body_path, now))
+
+    def get_async_update(self, device: str, upload_id: str) -> dict[str, Any] | None:
+        return _decode_update(self._one(
+            "SELECT * FROM async_updates WHERE device = ? AND upload_id = ?", (device, upload_id)))
+
+    def pending_async_updates(self) -> list[dict[str, Any]]:
+        """Updates not yet folded into a model version, oldest first."""
+        return [_decode_update(r) for r in self._all(
+            "SELECT * FROM async_updates WHERE folded = 0 ORDER BY id")]
+
+    def fold_async_updates(self, target: int) -> None:
+        self._exec("UPDATE async_updates SET folded = 1 WHERE target = ? AND folded = 0", (target,))
+
+    def discard_async_updates(self, target: int) -> None:
+        self._exec("DELETE FROM async_updates WHERE target = ? AND folded = 0", (target,))
 
     # device lifecycle ---------------------------------------------------
     def get_lifecycle(self, name: str) -> dict[str, Any] | None:

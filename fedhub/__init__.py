@@ -20,6 +20,7 @@ device, even one in this process, talks HTTP to the server.
 
 from device.attacks import make_attack
 from device.trainer import KerasModelTrainer, Trainer, TrainResult
+from fedcore.privacy import DPConfig
 from fedcore.strategies import describe_strategies
 
 from .devices import Device
@@ -27,5 +28,5 @@ from .evaluation import evaluate
 from .servers import Server
 from .simulation import History, simulate
 
-__all__ = ["Device", "History", "KerasModelTrainer", "Server", "TrainResult", "Trainer",
+__all__ = ["DPConfig", "Device", "History", "KerasModelTrainer", "Server", "TrainResult", "Trainer",
            "describe_strategies", "evaluate", "make_attack", "simulate"]

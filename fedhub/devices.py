@@ -47,8 +47,8 @@ class Device:
                  *, model: Any = None, trainer: Any = None, enroll_secret: str | None = None,
                  root: str | Path | None = None, auto_activate: bool = True, poll_wait: float = 5.0,
                  retry_for: float = 60.0, verify: bool | str = True, quiet: bool = False,
-                 attack: Attack | str | None = None, attack_params: Mapping[str, Any] | None = None
-                 ) -> None:
+                 attack: Attack | str | None = None, attack_params: Mapping[str, Any] | None = None,
+                 secagg_dropout: float = 0.0) -> None:
         try:
             self.name = check_name(name)
         except InvalidInput as exc:
@@ -67,6 +67,9 @@ class Device:
             self.url = server.url
             self._server_model = server.model_path
             self.enroll_secret = enroll_secret or server.enroll_secret
+        if not 0 <= secagg_dropout <= 1:
+            raise ValueError("secagg_dropout must be from 0 to 1")
+        self.secagg_dropout = secagg_dropout
         if isinstance(attack, str):
             attack = make_attack(attack, **dict(attack_params or {}))
         elif attack_params:
@@ -141,7 +144,8 @@ class Device:
             trainer = KerasModelTrainer(load_model(self._model_file()), self.x, y)
         self.runner = DeviceRunner(self._client(), trainer, self.folder, enroll_secret=self.enroll_secret,
                                    auto_activate=self.auto_activate, poll_wait=self.poll_wait,
-                                   attack=self.attack, print_fn=self._print)
+                                   attack=self.attack, print_fn=self._print,
+                                   secagg_dropout=self.secagg_dropout)
         self.exit_code = self.runner.run()
         return self.exit_code
 
@@ -168,6 +172,8 @@ class Device:
             cmd += ["--attack", self.attack.kind]
             for key, value in self.attack.describe()["params"].items():
                 cmd += ["--attack-arg", f"{key}={value}"]
+        if self.secagg_dropout:
+            cmd += ["--secagg-dropout", str(self.secagg_dropout)]
         if isinstance(self.verify, str):
             cmd += ["--ca", self.verify]
         env = {**os.environ}

@@ -22,6 +22,8 @@ from fedcore import auth
 from fedcore.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
 from fedcore.errors import FedHubError
 from fedcore.plural import plural
+from fedcore.privacy import DPConfig
+from fedcore.secagg import SecAggConfig
 
 from .evaluation import evaluate
 
@@ -36,7 +38,11 @@ class Server:
     accuracy. ``port=0`` picks a free port (see :attr:`url`). The run settings match
     ``server.py``'s flags, with the same defaults, except that here new devices start active
     and training starts as soon as ``min_devices`` are there. ``strategy`` is a name from
-    ``--list-strategies`` and ``strategy_params`` its parameters (``{"num_malicious": 1}``).
+    ``--list-strategies`` and ``strategy_params`` its parameters (``{"num_malicious": 1}``);
+    ``compression`` and ``compress_downlink`` are ``--compression`` and ``--compress-downlink``.
+    ``privacy`` adds differential privacy, as ``--dp``: a :class:`fedhub.DPConfig` or its
+    settings (``{"mode": "central-fixed", "noise_multiplier": 1.0, "max_epsilon": 8}``).
+    ``secagg`` turns secure aggregation on (``SecAggConfig()``: ``--secure-aggregation``'s defaults).
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
@@ -52,7 +58,12 @@ class Server:
                  runs_dir: str | Path | None = None, run_id: str | None = None,
                  enroll_secret: str | None = None, admin_token: str | None = None,
                  threads: int = 16, data_dir: str | Path | None = None,
-                 test_limit: int | None = None) -> None:
+                 test_limit: int | None = None, compression: str = TRAINING.compression,
+                 compress_downlink: bool = FEDERATION.compress_downlink,
+                 privacy: DPConfig | Mapping[str, Any] | None = None,
+                 secagg: SecAggConfig | None = None, mode: str = FEDERATION.mode,
+                 buffer_size: int = FEDERATION.buffer_size, max_staleness: int = FEDERATION.max_staleness,
+                 staleness_exponent: float = FEDERATION.staleness_exponent) -> None:
         if isinstance(model, str):
             from model import MODEL_NAMES
 
@@ -61,8 +72,12 @@ class Server:
         self.federation = FederationConfig(
             rounds=rounds, min_devices=min_devices, quorum=quorum, round_timeout=round_timeout,
             device_timeout=device_timeout, fraction=fraction, auto_activate=auto_activate, start=start,
-            strategy=strategy, strategy_params=dict(strategy_params or {}), seed=seed,
-            training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate))
+            strategy=strategy, strategy_params=dict(strategy_params or {}), seed=seed, mode=mode,
+            buffer_size=buffer_size, max_staleness=max_staleness, staleness_exponent=staleness_exponent,
+            compress_downlink=compress_downlink,
+            training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                                    compression=compression),
+            privacy=privacy, secagg=secagg)
         self.federation.validate()  # ValueError now (a bad strategy parameter too), not later
         self._model = model
         self._test_data = test_data

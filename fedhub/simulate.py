@@ -26,8 +26,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fedcore.config import FederationConfig, TrainingConfig
+from fedcore.plural import plural
 from fedcore.strategies import STRATEGIES, make_strategy, parse_strategy_args
 from fedhub.simulation import simulate
+from utils import secagg_options
+from utils.dp_options import add_dp_options, dp_config
 
 
 class RoundBars:
@@ -58,15 +62,29 @@ class RoundBars:
         if self._round == entry["round"]:
             self._close()
         accuracy, loss = entry["test_accuracy"], entry["test_loss"]
-        print(f"round {entry['round']}: global test accuracy "
+        spent = ""
+        if entry.get("privacy"):  # --dp: the privacy spent so far (None: infinite)
+            epsilon = entry["privacy"]["epsilon"]
+            spent = f", epsilon {'inf' if epsilon is None else f'{epsilon:.3g}'}"
+        what = "model version" if entry.get("mode") == "async" else "round"
+        print(f"{what} {entry['round']}: global test accuracy "
               f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} "
               f"(loss {'n/a' if loss is None else f'{loss:.4f}'}), {entry['num_updates']} devices, "
-              f"{entry['num_examples']} examples, {time.monotonic() - self._started:.1f}s", flush=True)
+              f"{entry['num_examples']} examples{spent}, {time.monotonic() - self._started:.1f}s"
+              + secure_text(entry.get("secagg")), flush=True)
 
     def _close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def secure_text(secagg: dict[str, Any] | None) -> str:
+    """How a round's secure aggregation went, for its line."""
+    if not secagg:
+        return ""
+    return (f"; secure aggregation: {plural(secagg['survivors'], 'masked update')} (threshold "
+            f"{secagg['threshold']}), {plural(len(secagg['recovered']), 'dropout')} recovered")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,6 +126,26 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"aggregation strategy, as server.py's: {', '.join(STRATEGIES)} (default fedavg)")
     p.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the strategy, repeatable (server.py --list-strategies)")
+    p.add_argument("--compression", default="none", metavar="SCHEME",
+                   help="how devices send updates, as server.py's: none, q8, q4, topk:FRACTION")
+    p.add_argument("--compress-downlink", action="store_true",
+                   help="send the global model download compressed too")
+    add_dp_options(p)
+    secagg_options.add_options(p)
+    p.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="with --secure-aggregation: the chance that a device drops out of a round right "
+                        "after dealing its key shares (default 0)")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="sync: rounds; async: every device trains continuously (FedBuff); "
+                        "--rounds then counts model versions")
+    p.add_argument("--buffer", type=int, default=10, metavar="K",
+                   help="async: a new model version every K updates (default 10)")
+    p.add_argument("--max-staleness", type=int, default=10, metavar="S",
+                   help="async: refuse updates more than S versions old (default 10)")
+    p.add_argument("--slow-devices", type=float, default=0.0, metavar="SHARE",
+                   help="share of the devices that are slow (e.g. 0.2; default 0)")
+    p.add_argument("--slowdown", type=float, default=5.0, metavar="FACTOR",
+                   help="how many times slower the slow devices are (default 5)")
     return p
 
 
@@ -128,14 +166,34 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         value = getattr(a, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
             p.error(f"--{flag.replace('_', '-')} must be a positive number")
+    if not 0 <= a.slow_devices <= 1 or not 1 <= a.slowdown <= 1000:
+        p.error("--slow-devices must be a share from 0 to 1 and --slowdown from 1 to 1000")
     if a.cpus_per_worker <= 0 or a.gpus_per_worker < 0:
         p.error("--cpus-per-worker must be positive and --gpus-per-worker not negative")
+    try:
+        FederationConfig(compress_downlink=a.compress_downlink,
+                         training=TrainingConfig(compression=a.compression)).validate()
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         a.strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
         # each round selects a fraction of the devices: enough for the strategy?
         make_strategy(a.strategy, **a.strategy_params).check_min_devices(math.ceil(a.fraction * a.devices))
+        FederationConfig(strategy=a.strategy, strategy_params=a.strategy_params, mode=a.mode,
+                         buffer_size=a.buffer, max_staleness=a.max_staleness).validate()
     except ValueError as exc:
         p.error(f"{exc}".replace("min_devices is", "--fraction x --devices is"))
+    a.privacy = dp_config(p, a, math.ceil(a.fraction * a.devices))
+    a.secagg = secagg_options.config_from(a)
+    if not 0 <= a.dropout <= 1 or (a.dropout and a.secagg is None):
+        p.error("--dropout must be from 0 to 1, and goes with --secure-aggregation")
+    if a.secagg is not None:
+        try:
+            FederationConfig(min_devices=math.ceil(a.fraction * a.devices), strategy=a.strategy,
+                             strategy_params=a.strategy_params, secagg=a.secagg).validate()
+        except ValueError as exc:
+            p.error(f"{exc}".replace("min_devices is", "--fraction x --devices is")
+                    + secagg_options.hint(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_worker=a.gpus_per_worker, epochs=a.epochs, batch_size=a.batch_size,
             learning_rate=a.learning_rate, root=root, timeout=a.timeout, on_round=bars.round_done,
             on_progress=bars.progress, fraction=a.fraction, seed=a.seed, data_dir=a.data_dir,
-            test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params)
+            test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params,
+            compression=a.compression, compress_downlink=a.compress_downlink, privacy=a.privacy,
+            secure_aggregation=a.secagg or False, dropout=a.dropout,
+            mode=a.mode, buffer_size=a.buffer, max_staleness=a.max_staleness,
+            slow_devices=a.slow_devices, slowdown=a.slowdown)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -183,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": stats["wall_s"], "first_round_s": stats["first_round_s"],
         "round_s": stats["round_s"], "split_s": round(split_s, 3), "peak_rss_mb": stats["peak_rss_mb"],
         "bytes_up": stats["bytes_up"], "bytes_down": stats["bytes_down"], "devices": a.devices,
+        "compression": a.compression, "compress_downlink": a.compress_downlink,
         "fraction": a.fraction, "workers": stats["workers"], "backend": a.backend,
-        "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
+        "mode": a.mode, "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
+        "epsilon": (history[-1].get("privacy") or {}).get("epsilon") if history else None,
     }), flush=True)
     return 0
 

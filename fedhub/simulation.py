@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import tempfile
 import threading
 import time
@@ -26,6 +27,7 @@ import numpy as np
 
 from device.attacks import Attack
 from fedcore.plural import plural
+from fedcore.secagg import SecAggConfig
 
 from .devices import Device
 from .servers import Server
@@ -36,7 +38,8 @@ Partitions = Sequence[tuple[np.ndarray, np.ndarray]] | str | Path
 class History(list):
     """The completed rounds (as ``/api/history``), plus ``model`` (the final global Keras model)
     and ``stats``: ``wall_s`` and ``first_round_s`` (seconds from the call to the last and
-    first round's result), ``round_s`` (to each round's), ``peak_rss_mb`` (this process and
+    first round's result), ``round_s`` (to each round's), on a pool ``training_started_at``
+    (the time training started, once every device had enrolled), ``peak_rss_mb`` (this process and
     all its children together, sampled), and for a pool ``bytes_up``, ``bytes_down``,
     ``workers``, ``restarts`` and ``tasks`` (each device round trained: device, round, node)."""
 
@@ -100,7 +103,9 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
              root: str | Path | None = None, timeout: float | None = None,
              on_round: Callable[[dict[str, Any]], None] | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None, quiet: bool = True,
-             attacks: Mapping[str, Attack] | None = None, **server_options: Any) -> History:
+             attacks: Mapping[str, Attack] | None = None, secure_aggregation: bool | SecAggConfig = False,
+             dropout: float = 0.0, slow_devices: float = 0.0, slowdown: float = 1.0,
+             **server_options: Any) -> History:
     """Run ``rounds`` rounds of federated learning with one device per partition.
 
     ``model`` is a compiled Keras model or a function returning one (called once), or
@@ -122,8 +127,14 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
     ``on_round(entry)`` is called as each round completes, ``on_progress(status)`` about four
     times a second with the server's status (the open round's selected and reported devices).
     ``attacks`` maps device names to the attack each mounts
-    (``fedhub.make_attack("scale", factor=10)``); ``server_options`` are
+    (``fedhub.make_attack("scale", factor=10)``). ``slow_devices`` (a share, on a pool) of the
+    devices, picked with the seed, are ``slowdown`` times slower: their update arrives after
+    that many times their training time (a heterogeneous fleet; ``mode="async"`` is
+    :class:`fedhub.Server`'s, as are ``buffer_size`` and ``max_staleness``). ``server_options`` are
     :class:`fedhub.Server`'s (``strategy="krum", strategy_params={"num_malicious": 1}``).
+    ``secure_aggregation`` (True, or a :class:`fedcore.secagg.SecAggConfig`) masks every update
+    (SecAgg+); ``dropout`` is then the chance that a device drops out of a round right after
+    dealing its key shares (its masks are recovered from its neighbours' shares).
     Returns the history, with the final model as ``.model`` and figures in ``.stats``.
     Raises RuntimeError if a device fails (for instance invalid data: its reason is in the
     message) or a pool worker keeps dying, and TimeoutError after ``timeout`` seconds.
@@ -139,12 +150,21 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
                          "FedHub's named networks, device folders and Ray need workers")
     pooled = workers != 0 and (workers is not None or backend != "process" or isinstance(model, str)
                                or folder or (processes and len(partitions) > (os.cpu_count() or 1)))
+    if not 0 <= slow_devices <= 1 or not 1 <= slowdown <= 1000:
+        raise ValueError("slow_devices must be a share from 0 to 1 and slowdown from 1 to 1000")
+    if slow_devices and not pooled:
+        raise ValueError("slow devices are simulated on a pool of workers: give workers >= 1")
     root = Path(root) if root else Path(tempfile.mkdtemp(prefix="fedhub-simulation-"))
     if attacks and not folder:
         unknown = sorted(set(attacks) - {f"device{i}" for i in range(1, len(partitions) + 1)})
         if unknown:
             raise ValueError(f"attacks name no device: {', '.join(unknown)} (the devices are "
                              f"device1 .. device{len(partitions)})")
+    if not 0 <= dropout <= 1 or (dropout and not secure_aggregation):
+        raise ValueError("dropout must be from 0 to 1, and goes with secure_aggregation")
+    if secure_aggregation:
+        server_options["secagg"] = (secure_aggregation if isinstance(secure_aggregation, SecAggConfig)
+                                    else SecAggConfig())
     with PeakMemory() as memory:
         if pooled:
             history = _on_pool(model, partitions, root=root, rounds=rounds, test_data=test_data,
@@ -152,13 +172,14 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
                                cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                timeout=timeout, on_round=on_round, on_progress=on_progress,
-                               attacks=attacks, server_options=server_options)
+                               attacks=attacks, slow=(slow_devices, slowdown),
+                               server_options=server_options, dropout=dropout)
         else:
             history = _one_per_device(model, partitions, root=root, rounds=rounds, test_data=test_data,
                                       processes=processes, epochs=epochs, batch_size=batch_size,
                                       learning_rate=learning_rate, timeout=timeout, on_round=on_round,
                                       on_progress=on_progress, quiet=quiet, attacks=attacks,
-                                      server_options=server_options)
+                                      server_options=server_options, dropout=dropout)
     round_s = [round(entry["closed_at"] - started, 3) for entry in history]
     history.stats.update({"wall_s": round_s[-1] if round_s else None,
                           "first_round_s": round_s[0] if round_s else None, "round_s": round_s,
@@ -176,13 +197,13 @@ def _one_per_device(model: Any, partitions: Sequence[tuple[np.ndarray, np.ndarra
                     rounds: int, test_data: Any, processes: bool, epochs: int, batch_size: int,
                     learning_rate: float, timeout: float | None, on_round: Any, on_progress: Any,
                     quiet: bool, attacks: Mapping[str, Attack] | None,
-                    server_options: dict[str, Any]) -> History:
+                    server_options: dict[str, Any], dropout: float = 0.0) -> History:
     server = Server(_keras_model(model), test_data=test_data, rounds=rounds, min_devices=len(partitions),
                     epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, quorum=1.0,
                     auto_activate=True, start=True, state_dir=root / "server", **server_options)
     with server:
         devices = [Device(server, f"device{i}", x, y, root=root / "devices", quiet=quiet,
-                          attack=(attacks or {}).get(f"device{i}"))
+                          attack=(attacks or {}).get(f"device{i}"), secagg_dropout=dropout)
                    for i, (x, y) in enumerate(partitions, start=1)]
         for device in devices:
             device.spawn() if processes else device.start()
@@ -210,7 +231,8 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
              workers: int | None, backend: str, ray_address: str | None, cpus_per_worker: float,
              gpus_per_worker: float, epochs: int, batch_size: int, learning_rate: float,
              timeout: float | None, on_round: Any, on_progress: Any,
-             attacks: Mapping[str, Attack] | None, server_options: dict[str, Any]) -> History:
+             attacks: Mapping[str, Attack] | None, slow: tuple[float, float],
+             server_options: dict[str, Any], dropout: float = 0.0) -> History:
     from device.pool import DevicePool
     from utils.demo import free_port
 
@@ -244,7 +266,8 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
                       model=model if builtin else "server", enroll_secret=server.enroll_secret,
                       keepalive=device_timeout / 3, log_dir=root / "logs", backend=backend,
                       ray_address=ray_address, cpus_per_worker=cpus_per_worker,
-                      gpus_per_worker=gpus_per_worker, attacks=attacks)
+                      gpus_per_worker=gpus_per_worker, attacks=attacks, secagg_dropout=dropout,
+                      slowdown=slow_devices(names, *slow, seed=options.get("seed", 0)))
     # The workers start first: they load TensorFlow and build their model while the server
     # does the same, and enroll once it answers (a device retries until then).
     with pool, server:
@@ -254,6 +277,7 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
 
         _await_enrollment(server, names, check, deadline, timeout)
         server.start_training()
+        training_started_at = time.time()
         _follow(server, check, deadline, timeout, on_round, on_progress)
         history = History(server.history())
         history.model = server.global_model()
@@ -261,8 +285,15 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
         stats = pool.stats()
     history.stats.update({key: stats[key] for key in
                           ("bytes_up", "bytes_down", "workers", "backend", "restarts", "failures", "tasks",
-                           "worker_peak_rss_mb")})
+                           "worker_peak_rss_mb")}, training_started_at=training_started_at)
     return history
+
+
+def slow_devices(names: Sequence[str], share: float, factor: float, *, seed: int = 0
+                 ) -> dict[str, float]:
+    """``round(share * len(names))`` of the devices, picked with ``seed``, each ``factor`` slower."""
+    count = round(share * len(names)) if factor > 1 else 0
+    return {name: factor for name in random.Random(seed).sample(sorted(names), count)}
 
 
 def _device_folders(partitions: Partitions, devices_root: Path) -> tuple[Path, list[str]]:

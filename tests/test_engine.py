@@ -300,3 +300,27 @@ def test_commits_that_do_not_wait_for_the_disk_are_still_atomic(tmp_path):
         "a": "1", "b": "2"}
     other.close()
     storage.close()
+
+
+def test_a_device_that_left_stays_offline_until_it_asks_for_work_again(tmp_path):
+    """Its last log lines or signal checks may arrive after its leave: they do not bring it back
+    (a round would wait for a device that is gone); asking for a task does."""
+    app, engine = make_app(tmp_path, min_devices=2, auto_activate=True)
+    try:
+        c = app.test_client()
+        token = register(c, "d1").get_json()["token"]
+
+        def state():
+            return {d["name"]: d["state"] for d in c.get("/api/devices").get_json()["devices"]}["d1"]
+        assert state() == "idle"
+        assert c.post("/api/devices/d1/leave", headers=bearer(token)).status_code == 200
+        assert state() == "offline"
+        assert c.get("/api/devices/d1/signal", headers=bearer(token)).status_code == 200
+        r = c.post("/api/devices/d1/logs", headers=bearer(token),
+                   json=[{"level": "INFO", "message": "bye", "time": time.time()}])
+        assert r.status_code == 200, r.get_json()
+        assert state() == "offline"
+        assert c.get("/api/devices/d1/task?wait=0", headers=bearer(token)).status_code == 200
+        assert state() == "idle"
+    finally:
+        engine.stop()

@@ -25,6 +25,7 @@ import requests
 from PIL import Image
 from safetensors.numpy import save as save_safetensors
 
+from device.client import Client
 from fedcore import wire
 
 from .conftest import ServerProcess, wait_until
@@ -571,4 +572,9 @@ def test_wrong_credentials_are_rate_limited_per_address(server_factory):
     assert_error(r, 429)
     # what needs no credential still works; and the bucket refills (one try per 2 s here)
     assert server.get("/api/status").status_code == 200
+    # a device's client waits as long as Retry-After says, then gets through, telling its user why
+    waits = []
+    client = Client(server.url, "d1", token=token, retry_for=30, on_wait=waits.append)
+    assert client.signal()["interrupt"] is False
+    assert waits and all("answered HTTP 429" in w for w in waits), waits
     wait_until(lambda: server.admin("GET", "/api/logs").status_code == 200, 20, "the lockout to end")

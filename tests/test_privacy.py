@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import dp_accounting
 import numpy as np
@@ -14,37 +15,17 @@ from fedcore.privacy import (
     BudgetExhausted,
     DPAdaptiveClipping,
     DPFixedClipping,
+    LocalDP,
     PrivacyAccountant,
     clip_and_noise,
     clip_by_norm,
+    difference,
     distributed_noise_std,
     l2_norm,
+    local_dp_task,
+    privatize_update,
 )
-from fedcore.strategies import FedAvg, FedAvgM
-
-
-class Streaming:
-    """A weights strategy (``begin`` -> ``RoundResult``) behind the (weights, metrics) round
-    interface the DP wrappers take; the strategy adopts its new state as the coordinator does."""
-
-    def __init__(self, strategy):
-        self.strategy = strategy
-        self.name = strategy.name
-
-    def begin(self, global_weights):
-        strategy = self.strategy
-        agg = strategy.begin(global_weights)
-
-        class Round:
-            def add(self, device, weights, num_examples, metrics):
-                agg.add(device, weights, num_examples, metrics)
-
-            def result(self):
-                res = agg.result()
-                strategy.load_state(res.state)
-                return res.weights, {"num_updates": res.metrics["num_updates"]}
-
-        return Round()
+from fedcore.strategies import FedAvg, FedAvgM, Krum, NotEnoughUpdates
 
 
 def _model(rng, sizes=(("dense/kernel", (8, 5)), ("dense/bias", (5,)))):
@@ -52,10 +33,13 @@ def _model(rng, sizes=(("dense/kernel", (8, 5)), ("dense/bias", (5,)))):
 
 
 def _run(strategy, global_weights, updates):
+    """One round as the coordinator runs it: the strategy adopts its state once it is done."""
     agg = strategy.begin(global_weights)
     for device, weights in updates.items():
         agg.add(device, weights, 100, {"loss": 1.0})
-    return agg.result()
+    result = agg.result()
+    strategy.load_state(result.state)
+    return result.weights, {**result.metrics, **result.metrics.get("privacy", {})}
 
 
 def _with_change(global_weights, change):
@@ -90,18 +74,18 @@ def test_one_device_moves_the_private_mean_by_at_most_twice_c_over_n():
     bound, n = 0.5, 5
     updates = {f"d{i}": _with_change(g, {k: rng.normal(scale=0.3, size=v.shape) for k, v in g.items()})
                for i in range(n)}
-    honest, metrics = _run(DPFixedClipping(Streaming(FedAvg()), 0.0, bound), g, updates)
+    honest, metrics = _run(DPFixedClipping(FedAvg(), 0.0, bound), g, updates)
     # The result is exactly the global model plus the plain mean of the clipped changes.
     changes = [clip_by_norm({k: w[k].astype(np.float64) - g[k] for k in g}, bound).tensors
                for w in updates.values()]
     for k in g:
         np.testing.assert_allclose(honest[k], g[k] + sum(c[k] for c in changes) / n, rtol=1e-5, atol=1e-6)
     attacked_updates = {**updates, "d0": {k: np.full(v.shape, 1e30, np.float32) for k, v in g.items()}}
-    attacked, metrics = _run(DPFixedClipping(Streaming(FedAvg()), 0.0, bound), g, attacked_updates)
+    attacked, metrics = _run(DPFixedClipping(FedAvg(), 0.0, bound), g, attacked_updates)
     moved = l2_norm({k: attacked[k].astype(np.float64) - honest[k] for k in g})
     assert moved <= 2 * bound / n + 1e-5
-    assert "d0" in metrics["dp_clipped_devices"] and metrics["dp_updates"] == n
-    plain, _ = _run(Streaming(FedAvg()), g, attacked_updates)
+    assert metrics["num_used"] == n
+    plain, _ = _run(FedAvg(), g, attacked_updates)
     assert l2_norm({k: plain[k].astype(np.float64) - honest[k] for k in g}) > 1e20
 
 
@@ -112,18 +96,18 @@ def test_noise_scale_matches_the_noise_multiplier():
     g = {"w": np.zeros(200_000, np.float64)}
     z, bound, n = 1.3, 0.5, 4
     updates = {f"d{i}": {"w": g["w"].copy()} for i in range(n)}  # no change: what is left is noise
-    out, metrics = _run(DPFixedClipping(Streaming(FedAvg()), z, bound, rng=rng), g, updates)
-    assert metrics["dp_noise_std"] == pytest.approx(z * bound / n)
+    out, metrics = _run(DPFixedClipping(FedAvg(), z, bound, rng=rng), g, updates)
+    assert metrics["noise_std"] == pytest.approx(z * bound / n)
     assert np.std(out["w"]) == pytest.approx(z * bound / n, rel=0.02)
     assert abs(np.mean(out["w"])) < 0.01 * z * bound / n * 10
     # Adaptive clipping spends part of the budget on the count: the updates get more noise.
-    adaptive = DPAdaptiveClipping(Streaming(FedAvg()), z, n, initial_clipping_norm=bound,
+    adaptive = DPAdaptiveClipping(FedAvg(), z, n, initial_clipping_norm=bound,
                                   clipped_count_stddev=2.0, rng=rng)
     z_updates = (z ** -2 - 4.0 ** -2) ** -0.5
     out, metrics = _run(adaptive, g, updates)
     assert np.std(out["w"]) == pytest.approx(z_updates * bound / n, rel=0.02)
-    assert metrics["dp_clipping_norm"] == bound  # the noise uses the bound the updates were clipped with
-    assert metrics["dp_next_clipping_norm"] != bound
+    assert metrics["clipping_norm"] == bound  # the noise uses the bound the updates were clipped with
+    assert metrics["next_clipping_norm"] == adaptive.clipping_norm != bound
 
 
 def test_local_and_distributed_noise_scales():
@@ -152,7 +136,7 @@ def test_adaptive_clipping_moves_the_bound_to_the_target_quantile(quantile, star
     g = {"w": np.zeros(20)}
     directions = [rng.normal(size=20) for _ in range(10)]
     updates = {f"d{i}": {"w": d / np.linalg.norm(d) * (i + 1)} for i, d in enumerate(directions)}
-    dp = DPAdaptiveClipping(Streaming(FedAvg()), 0.0, 10, initial_clipping_norm=start,
+    dp = DPAdaptiveClipping(FedAvg(), 0.0, 10, initial_clipping_norm=start,
                             target_quantile=quantile, clip_norm_lr=0.2, rng=rng)
     bounds = [dp.clipping_norm]
     for _ in range(200):
@@ -167,7 +151,7 @@ def test_adaptive_clipping_with_noise_still_finds_the_quantile():
     rng = np.random.default_rng(5)
     g = {"w": np.zeros(20)}
     updates = {f"d{i}": {"w": np.full(20, (i + 1) / math.sqrt(20))} for i in range(10)}
-    dp = DPAdaptiveClipping(Streaming(FedAvg()), 1.0, 10, initial_clipping_norm=0.1,
+    dp = DPAdaptiveClipping(FedAvg(), 1.0, 10, initial_clipping_norm=0.1,
                             clipped_count_stddev=1.0, rng=rng)
     tail = []
     for r in range(300):
@@ -177,21 +161,48 @@ def test_adaptive_clipping_with_noise_still_finds_the_quantile():
     assert 3.5 < np.median(tail) < 7.5
 
 
-def test_state_survives_a_restart_and_settings_are_checked():
-    dp = DPAdaptiveClipping(Streaming(FedAvg()), 0.0, 10, initial_clipping_norm=0.1)
-    _run(dp, {"w": np.zeros(3)}, {"a": {"w": np.ones(3)}})
-    state = json.loads(json.dumps(dp.get_state()))
-    fresh = DPAdaptiveClipping(Streaming(FedAvg()), 0.0, 10, initial_clipping_norm=0.1)
-    fresh.set_state(state)
+def test_state_is_saved_beside_the_checkpoint_restored_and_reset(tmp_path):
+    """The adaptive bound, the accountant and the inner optimizer's state go through the
+    storage's strategy-state file; a round is counted only once its state is adopted."""
+    from fedcore.storage import Storage
+
+    g = {"w": np.zeros(3, np.float32)}
+    dp = DPAdaptiveClipping(FedAvgM(), 1.0, 10, initial_clipping_norm=0.1, clipped_count_stddev=1.0)
+    for _ in range(2):
+        dp.configure(["a", "b", "c", "d"], rng=random.Random(0), fraction=0.5)
+        _run(dp, g, {"a": {"w": np.ones(3, np.float32)}, "b": {"w": np.ones(3, np.float32)}})
+    agg = dp.begin(g)  # a third round that fails to be saved is not counted
+    agg.add("a", {"w": np.ones(3, np.float32)}, 1)
+    assert agg.result().metrics["privacy"]["rounds"] == 3
+    assert dp.privacy()["rounds"] == 2 and dp.accountant.segments == [[0.5, 1.0, 2]]
+    storage = Storage(tmp_path)
+    storage.write_strategy_state(2, dp.state(), dp.describe())
+    state, saved_by = storage.read_strategy_state(2)
+    assert saved_by["name"] == dp.name == "dp-central-adaptive(fedavgm)"
+    assert set(state) == {"dp_clipping_norm", "dp_accountant", "velocity/w"}
+    fresh = DPAdaptiveClipping(FedAvgM(), 1.0, 10, initial_clipping_norm=0.1, clipped_count_stddev=1.0)
+    fresh.load_state(state)
     assert fresh.clipping_norm == dp.clipping_norm != 0.1
+    assert fresh.privacy()["epsilon"] == dp.privacy()["epsilon"] > 0
+    np.testing.assert_array_equal(fresh.strategy.state()["velocity/w"], dp.strategy.state()["velocity/w"])
+    fresh.reset()
+    assert fresh.clipping_norm == 0.1 and fresh.privacy()["epsilon"] == 0 and not fresh.strategy.state()
+    with pytest.raises(ValueError, match="rows of 3"):
+        fresh.load_state({"dp_accountant": np.ones(4)})
+    storage.close()
+
+
+def test_settings_are_checked():
     with pytest.raises(ValueError, match="noise_multiplier"):
-        DPFixedClipping(Streaming(FedAvg()), -1.0, 1.0)
+        DPFixedClipping(FedAvg(), -1.0, 1.0)
     with pytest.raises(ValueError, match="clipping_norm"):
-        DPFixedClipping(Streaming(FedAvg()), 1.0, 0.0)
+        DPFixedClipping(FedAvg(), 1.0, 0.0)
     with pytest.raises(ValueError, match="below 2 x clipped_count_stddev"):
-        DPAdaptiveClipping(Streaming(FedAvg()), 1.0, 10)  # default stddev 10/20: 1.0 is not below 1.0
-    with pytest.raises(ValueError, match="no update"):
-        DPFixedClipping(Streaming(FedAvg()), 1.0, 1.0).begin({"w": np.zeros(2)}).result()
+        DPAdaptiveClipping(FedAvg(), 1.0, 10)  # default stddev 10/20: 1.0 is not below 1.0
+    with pytest.raises(ValueError, match="averaging strategy"):
+        DPFixedClipping(Krum(), 1.0, 1.0)
+    with pytest.raises(NotEnoughUpdates):
+        DPFixedClipping(FedAvg(), 1.0, 1.0).begin({"w": np.zeros(2)}).result()
 
 
 def test_server_optimizer_steps_on_the_private_mean():
@@ -199,7 +210,7 @@ def test_server_optimizer_steps_on_the_private_mean():
     bound above every norm) is FedAvgM on the unweighted mean."""
     rng = np.random.default_rng(6)
     g = _model(rng)
-    dp = DPFixedClipping(Streaming(FedAvgM(server_learning_rate=1.0, server_momentum=0.9)), 0.0, 1e6)
+    dp = DPFixedClipping(FedAvgM(server_learning_rate=1.0, server_momentum=0.9), 0.0, 1e6)
     reference = FedAvgM(server_learning_rate=1.0, server_momentum=0.9)
     gd, gr = g, g
     for _ in range(3):
@@ -293,3 +304,72 @@ def test_distributed_noise_through_secure_aggregation():
     result = server.finish()
     assert result.total_weight == 5
     assert np.std(result.mean) == pytest.approx(z * bound * math.sqrt(5 / 3) / 5, rel=0.03)
+
+
+# local DP and the wrapper's budget ------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(5))
+def test_local_dp_on_the_device_clips_then_noises(seed):
+    rng = np.random.default_rng(seed)
+    g = {"k": rng.normal(size=(300, 100)).astype(np.float32), "b": np.zeros(100, np.float32)}
+    trained = {n: (a + rng.normal(scale=rng.uniform(0.01, 1), size=a.shape)).astype(np.float32)
+               for n, a in g.items()}
+    bound = float(rng.uniform(0.1, 3))
+    without_noise, clipped = privatize_update(trained, g, bound, 0.0, rng)
+    assert {n: a.dtype for n, a in without_noise.items()} == {"k": np.float32, "b": np.float32}
+    assert l2_norm(difference(without_noise, g)) <= bound * (1 + 1e-5)
+    assert clipped.norm == pytest.approx(l2_norm(difference(trained, g)))
+    noised, _ = privatize_update(trained, g, bound, 1.7, rng)
+    noise = np.concatenate([(noised[n].astype(np.float64) - without_noise[n]).ravel() for n in g])
+    assert np.std(noise) == pytest.approx(1.7 * bound, rel=0.02)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"dp_clipping_norm": 1.0}, "dp_noise_multiplier must be a number"),
+    ({"dp_clipping_norm": "1", "dp_noise_multiplier": 1}, "dp_clipping_norm must be a number"),
+    ({"dp_clipping_norm": 0, "dp_noise_multiplier": 1}, "dp_clipping_norm must be a positive number"),
+    ({"dp_clipping_norm": 1, "dp_noise_multiplier": float("nan")}, "noise_multiplier must be a non-negative"),
+    ({"dp_clipping_norm": True, "dp_noise_multiplier": 1}, "must be a number"),
+])
+def test_the_devices_refuse_malformed_local_dp_settings(config, message):
+    assert local_dp_task({"epochs": 1}) is None
+    assert local_dp_task({"dp_clipping_norm": 2, "dp_noise_multiplier": 0.5}) == (2.0, 0.5)
+    with pytest.raises(ValueError, match=message):
+        local_dp_task(config)
+
+
+def test_local_dp_wrapper_announces_counts_and_keeps_a_robust_strategy():
+    dp = LocalDP(Krum(num_malicious=1), 2.0, 0.5)
+    plan = dp.configure([f"d{i}" for i in range(5)], rng=random.Random(0))
+    assert plan.config["d0"] == {"dp_clipping_norm": 0.5, "dp_noise_multiplier": 2.0}
+    assert dp.min_updates() == Krum(num_malicious=1).min_updates() and dp.rejects_nonfinite
+    g = {"w": np.zeros(4)}
+    updates = {f"d{i}": {"w": np.full(4, float(i))} for i in range(5)}
+    _, metrics = _run(dp, g, updates)
+    assert metrics["mode"] == "local" and metrics["noise_std"] == 1.0
+    # per device, against the server: no sampling amplification, sensitivity 2C (z / 2)
+    assert metrics["epsilon"] == pytest.approx(PrivacyAccountant(1e-5).record_round(1.0, 1.0))
+    assert metrics["updates"]["d4"]["status"] in ("used", "rejected") and "score" in metrics["updates"]["d4"]
+
+
+def test_the_wrapper_refuses_a_round_over_the_budget():
+    dp = DPFixedClipping(FedAvg(), 1.0, 1.0, max_epsilon=5.0)
+    devices = [f"d{i}" for i in range(10)]
+    rounds = 0
+    with pytest.raises(BudgetExhausted) as err:
+        while True:
+            dp.configure(devices, rng=random.Random(rounds), fraction=0.3)
+            _run(dp, {"w": np.zeros(2)}, {"a": {"w": np.ones(2)}})
+            rounds += 1
+    assert rounds == dp.privacy()["rounds"] > 1
+    assert dp.privacy()["epsilon"] <= 5.0 < dp.accountant.epsilon_after(0.3, 1.0)
+    assert err.value.field == "dp_max_epsilon" and dp.privacy()["budget_spent"] == err.value.message
+
+
+def test_a_round_without_noise_has_no_finite_epsilon_and_the_json_says_null():
+    dp = DPFixedClipping(FedAvg(), 0.0, 1.0)
+    _, metrics = _run(dp, {"w": np.zeros(2)}, {"a": {"w": np.ones(2)}})
+    assert metrics["epsilon"] is None and dp.privacy()["epsilon"] is None
+    json.dumps(dp.privacy(), allow_nan=False)
+    with pytest.raises(BudgetExhausted):  # with a budget, no round without noise starts at all
+        DPFixedClipping(FedAvg(), 0.0, 1.0, max_epsilon=100).configure(["a"], rng=random.Random(0))

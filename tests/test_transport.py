@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
+import ssl
 import subprocess
 import sys
 
@@ -70,3 +74,28 @@ def test_tls_flags_are_checked(tmp_path):
                              text=True, timeout=120)
         assert out.returncode == 2, out.stderr
         assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_tls_server_refuses_in_json(server_factory, tls_files):
+    """cheroot's own refusals (before the app sees the request) have the app's JSON shape."""
+    server = server_factory("--certfile", str(tls_files["cert"]), "--keyfile", str(tls_files["key"]),
+                            "--test-limit", "200", verify=str(tls_files["ca"])).start()
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    host, port = server.url.removeprefix("https://").split(":")
+
+    def raw(request: bytes) -> tuple[str, dict[str, str], dict]:
+        with socket.create_connection((host, int(port)), timeout=10) as plain, \
+                context.wrap_socket(plain, server_hostname=host) as tls:
+            tls.sendall(request)
+            response = http.client.HTTPResponse(tls)
+            response.begin()
+            return response.status, dict(response.getheaders()), json.loads(response.read())
+
+    status, headers, body = raw(b"NOT A REQUEST LINE\r\n\r\n")
+    assert status == 400 and headers["Content-Type"] == "application/json", (status, headers)
+    assert body["error"] == "bad_request" and body["message"], body
+    too_big = 1 << 40
+    status, headers, body = raw(b"POST /api/devices/register HTTP/1.1\r\nHost: x\r\n"
+                                b"Content-Length: %d\r\n\r\n" % too_big)
+    assert status == 413 and body["field"] == "body", (status, body)
+    assert server.get("/health").status_code == 200

@@ -1,15 +1,16 @@
-"""Differential privacy: clipping and Gaussian noise, strategy wrappers, and the privacy spent.
+"""Differential privacy: clipping and Gaussian noise, the strategy wrapper, and the privacy spent.
 
 - :mod:`.mechanisms` -- pure functions: clip an update's L2 norm, add Gaussian noise, and the
-  noise each form of DP needs (central, distributed with secure aggregation, local);
-- :mod:`.central` -- :class:`DPFixedClipping` and :class:`DPAdaptiveClipping`, wrapping any
-  strategy that combines weights;
+  noise each form of DP needs (central, a device's share for secure aggregation, local);
+- :mod:`.strategy` -- :class:`DPFixedClipping`, :class:`DPAdaptiveClipping` (central DP, wrapping
+  any averaging strategy) and :class:`LocalDP`, behind the one strategy interface;
 - :mod:`.accounting` -- :class:`PrivacyAccountant`: epsilon at a given delta, saved and
-  restored, and the ``--dp-max-epsilon`` check.
+  restored, and the ``--dp-max-epsilon`` check;
+- :mod:`.config` -- :class:`DPConfig`, the ``--dp`` settings of a run.
 """
 
 from .accounting import BudgetExhausted, PrivacyAccountant, round_event
-from .central import DPAdaptiveClipping, DPFixedClipping, RoundAggregator, WeightsStrategy
+from .config import DP_MODES, DPConfig
 from .mechanisms import (
     Clipped,
     add_gaussian_noise,
@@ -19,16 +20,19 @@ from .mechanisms import (
     difference,
     distributed_noise_std,
     l2_norm,
+    privatize_update,
 )
+from .strategy import DPAdaptiveClipping, DPFixedClipping, LocalDP, local_dp_task
 
 __all__ = [
+    "DP_MODES",
     "BudgetExhausted",
     "Clipped",
     "DPAdaptiveClipping",
+    "DPConfig",
     "DPFixedClipping",
+    "LocalDP",
     "PrivacyAccountant",
-    "RoundAggregator",
-    "WeightsStrategy",
     "add_gaussian_noise",
     "central_noise_std",
     "clip_and_noise",
@@ -36,5 +40,7 @@ __all__ = [
     "difference",
     "distributed_noise_std",
     "l2_norm",
+    "local_dp_task",
+    "privatize_update",
     "round_event",
 ]

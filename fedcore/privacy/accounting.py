@@ -22,7 +22,7 @@ import dp_accounting
 import numpy as np
 from dp_accounting import rdp
 
-from ..errors import FedHubError
+from ..errors import RunOver
 
 
 class _DropConvergenceWarnings(logging.Filter):
@@ -36,7 +36,7 @@ class _DropConvergenceWarnings(logging.Filter):
 logging.getLogger("absl").addFilter(_DropConvergenceWarnings())
 
 
-class BudgetExhausted(FedHubError):
+class BudgetExhausted(RunOver):
     """The next round would spend more privacy than ``--dp-max-epsilon`` allows."""
 
     code = "privacy_budget_spent"

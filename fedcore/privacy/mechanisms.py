@@ -85,3 +85,16 @@ def clip_and_noise(update: Mapping[str, np.ndarray], clipping_norm: float, noise
     """
     clipped = clip_by_norm(update, clipping_norm)
     return add_gaussian_noise(clipped.tensors, noise_std, rng or np.random.default_rng()), clipped
+
+
+def privatize_update(trained: Mapping[str, np.ndarray], global_weights: Mapping[str, np.ndarray],
+                     clipping_norm: float, noise_multiplier: float,
+                     rng: np.random.Generator | None = None) -> tuple[Weights, Clipped]:
+    """Local DP on a device: its change from ``global_weights`` clipped to ``clipping_norm`` and
+    noised with ``noise_multiplier`` x that bound, returned as weights in the model's dtypes."""
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError("noise_multiplier must be a non-negative number")
+    reference = {n: np.asarray(g) for n, g in global_weights.items()}
+    private, clipped = clip_and_noise(difference(trained, reference), clipping_norm,
+                                      noise_multiplier * clipping_norm, rng)
+    return {n: (g.astype(np.float64) + private[n]).astype(g.dtype) for n, g in reference.items()}, clipped

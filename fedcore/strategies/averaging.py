@@ -8,7 +8,7 @@ turns the mean into the next global model (:meth:`Averaging.server_step`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,19 @@ class StreamingAggregator(RoundAggregator):
 
     def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
         self._sum.add(weights, num_examples)
+
+    def add_secure_mean(self, devices: Sequence[str], mean: Mapping[str, np.ndarray], weight: int) -> None:
+        """The weighted mean of ``devices``' models, summed under secure aggregation: the server
+        never saw them one by one, so it is folded in whole, with their summed weight."""
+        self._check_tensors(mean)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this round's aggregator is closed")
+            self._sum.add(mean, weight)
+            for device in devices:
+                self._updates[device] = {"num_examples": None, "status": "used"}
+                self._reported[device] = {}
+            self._total += int(weight)
 
     def _combine(self) -> tuple[Weights, Weights, dict[str, dict[str, Any]]]:
         mean = self._sum.mean()

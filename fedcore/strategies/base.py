@@ -282,6 +282,10 @@ class Strategy(ABC):
         """What this strategy adds to every selected device's task config."""
         return {}
 
+    def privacy(self) -> dict[str, Any] | None:
+        """The privacy spent so far (epsilon at delta), for strategies that add DP noise."""
+        return None
+
     def min_updates(self) -> int:
         """The fewest usable updates a round needs with these settings."""
         return 1

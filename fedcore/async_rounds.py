@@ -1,0 +1,393 @@
+"""Asynchronous rounds (FedBuff, Nguyen et al. 2022): the engine's part for ``mode="async"``.
+
+Devices train continuously: every active device asked for a task gets the current global
+model version at once. Each upload is the weights trained from some version ``b``; it is
+assigned a slot in the buffer that will become version ``t`` (the lowest version still
+short of ``buffer_size`` updates), its staleness is ``t - 1 - b`` (versions made since
+``b``, counting the one in the making), and one older than ``max_staleness`` is refused
+(409). The delta from version ``b`` enters the buffer's float64 sum weighted by examples
+times the staleness weight (:mod:`.fedbuff`); a full buffer becomes the next version on
+this module's own thread (evaluated, checkpointed, recorded), off the request lock.
+
+Durable: an accepted update's body is written (atomically) under ``async/`` in the state
+directory and its row committed before it is acknowledged; a version's checkpoint comes
+first, then its round row, history entry and the "folded" mark of its updates in one
+transaction. After a SIGKILL every acknowledged update not yet in a version is folded
+in again from its body, with the staleness and weight it was given; none is lost, and
+idempotency keys keep a retried upload from counting twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import wire
+from .config import FederationConfig
+from .devices import DeviceRegistry
+from .driver import RETRY_AFTER_FAILURE, DriverThread, Evaluate
+from .errors import Conflict, InvalidInput
+from .evaluations import Evaluations
+from .fedbuff import DeltaBuffer, staleness_weight
+from .files import atomic_write_bytes, remove_stale_temporaries
+from .history import RoundHistory, build_entry
+from .round_hooks import RoundHooks
+from .round_state import RoundState
+from .storage import Storage
+from .strategies import Strategy
+from .strategies.base import cast_like, first_nonfinite
+
+log = logging.getLogger("fedhub.async")
+
+Weights = dict[str, np.ndarray]
+
+TICK = 0.25
+
+
+@dataclass
+class Buffer:
+    """The updates that will become model version ``target``. ``reserved`` counts slots given
+    to uploads, ``inflight`` those not yet committed; the sum has the committed ones."""
+
+    target: int
+    sums: DeltaBuffer
+    started_at: float
+    reserved: int = 0
+    inflight: int = 0
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def full(self, size: int) -> bool:
+        return self.reserved >= size and self.inflight == 0 and len(self.updates) >= size
+
+
+class AsyncRounds(DriverThread):
+    """Tasks, uploads and new model versions in asynchronous mode; the coordinator calls it
+    with the round state's lock held for :meth:`task_for`, :meth:`view` and :meth:`reset`."""
+
+    thread_name = "fedhub-async"
+
+    def __init__(self, state: RoundState, *, storage: Storage, devices: DeviceRegistry,
+                 history: RoundHistory, hooks: RoundHooks, strategy: Strategy,
+                 config: FederationConfig, spec: wire.Spec, evaluate: Evaluate | None,
+                 evaluations: Evaluations | None, check_finished: Callable[[], None],
+                 max_upload_bytes: int = wire.DEFAULT_MAX_BYTES,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(state, storage=storage, devices=devices, history=history, hooks=hooks,
+                         strategy=strategy, config=config, evaluate=evaluate, evaluations=evaluations,
+                         clock=clock)
+        self._spec = spec
+        self._check_finished = check_finished
+        self._max_upload_bytes = max_upload_bytes
+        self._dir = storage.state_dir / "async"
+        self._buffers: dict[int, Buffer] = {}
+        self._uploading: set[tuple[str, str]] = set()  # (device, idempotency key) being folded in
+        self._versions: dict[int, Weights] = {}  # recent global models, the deltas' bases
+        self._versions_lock = threading.Lock()
+
+    # start-up -------------------------------------------------------------
+    def recover(self) -> None:
+        """Fold the acknowledged updates not yet in a model version in again (lock held)."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self._dir, ".safetensors")
+        self._buffers = {}
+        rows = self._storage.pending_async_updates()
+        for row in rows:
+            if row["target"] <= self._state.version:  # cannot happen: folded with its version
+                continue
+            weights, _ = wire.decode(self._body_path(row).read_bytes(), self._spec, max_bytes=2**40)
+            b = self._buffer(row["target"], row["received_at"])
+            b.reserved += 1
+            self._fold(b, row, weights, self._base(row["base_version"]))
+        kept = {row["body_path"] for row in rows}
+        for path in self._dir.glob("*.safetensors"):
+            if path.name not in kept:  # written, never committed: its upload was not acknowledged
+                path.unlink(missing_ok=True)
+        if rows:
+            log.info("asynchronous mode: %d buffered update(s) folded in again after the restart",
+                     len(rows))
+
+    @property
+    def uploading(self) -> bool:
+        """An update is being written or folded in (a reset waits for it)."""
+        return any(b.inflight for b in self._buffers.values())
+
+    def reset(self) -> None:
+        """Forget the buffers and their files (the rows go with the rounds); lock held."""
+        self._buffers = {}
+        with self._versions_lock:
+            self._versions = {}
+        for path in self._dir.glob("*.safetensors"):
+            path.unlink(missing_ok=True)
+
+    # tasks ----------------------------------------------------------------
+    def task_for(self, name: str, active: bool) -> dict[str, Any]:
+        """Train from the current version now, unless inactive, not started, paused or over."""
+        s = self._state
+        if not active:
+            return {"action": "wait", "reason": "inactive: waiting for an admin to activate it"}
+        if s.status == "finished":
+            return {"action": "finish", "model_version": s.version}
+        if s.status != "running":
+            reason = "training has not been started" if s.status == "idle" else "training is paused"
+            return {"action": "wait", "reason": reason}
+        config = {**self._config.training.task(), **self._strategy.task_config()}
+        return {"action": "train", "mode": "async", "round": s.version, "model_version": s.version,
+                "config": config, "deadline_in": self._config.round_timeout}
+
+    def view(self) -> dict[str, Any]:
+        """What ``GET /api/status`` adds: the settings and the buffer being filled."""
+        target = self._target()
+        filling = self._buffers.get(target)
+        return {"mode": "async", "buffer_size": self._config.buffer_size,
+                "max_staleness": self._config.max_staleness,
+                "buffer": {"target": target, "received": len(filling.updates) if filling else 0}}
+
+    # uploads --------------------------------------------------------------
+    def submit(self, name: str, round_number: int, body: bytes,
+               upload_id: str | None) -> dict[str, Any]:
+        """Validate an update and put it in the buffer; idempotent per ``upload_id``."""
+        if not 0 <= round_number <= wire.MAX_INTEGER:
+            raise InvalidInput(f"round must be an integer from 0 to {wire.MAX_INTEGER}", "round")
+        digest = hashlib.sha256(body).hexdigest() if upload_id else None
+        done = self._duplicate(name, upload_id, digest)
+        if done is not None:
+            return done
+        weights, meta = wire.decode_update(body, self._spec, round_number,
+                                           max_bytes=self._max_upload_bytes)
+        s = self._state
+        with s.cond:
+            done = self._duplicate(name, upload_id, digest)
+            if done is not None:
+                return done
+            if upload_id and (name, upload_id) in self._uploading:
+                raise Conflict(f"an upload with Idempotency-Key {upload_id!r} is in progress",
+                               "Idempotency-Key")
+            b, staleness = self._admit(meta.model_version)
+            b.reserved += 1
+            b.inflight += 1
+            if upload_id:
+                self._uploading.add((name, upload_id))
+        row = {"device": name, "target": b.target, "base_version": meta.model_version,
+               "staleness": staleness,
+               "weight": float(staleness_weight(staleness, self._config.staleness_exponent)),
+               "num_examples": meta.num_examples, "metrics": meta.metrics, "upload_id": upload_id,
+               "body_sha256": digest, "body_path": f"{uuid.uuid4().hex}.safetensors",
+               "received_at": self._clock()}
+        committed = False
+        try:
+            base = self._base(meta.model_version)
+            atomic_write_bytes(self._body_path(row), body)
+            with self._storage.transaction():  # the acknowledgement's durable point
+                self._storage.add_async_update(
+                    name, target=row["target"], base_version=row["base_version"],
+                    staleness=staleness, weight=row["weight"], num_examples=row["num_examples"],
+                    metrics=row["metrics"], upload_id=upload_id, body_sha256=digest,
+                    body_path=row["body_path"], now=row["received_at"])
+                self._devices.set_examples(name, meta.num_examples)
+                self._devices.lifecycle.set(name, "waiting",
+                                            reason=f"update for model version {b.target} sent",
+                                            round_number=meta.model_version)
+            committed = True
+            self._fold(b, row, weights, base)
+        finally:
+            with s.cond:
+                b.inflight -= 1
+                if not committed:
+                    b.reserved -= 1
+                    self._body_path(row).unlink(missing_ok=True)
+                self._uploading.discard((name, upload_id or ""))
+                if committed:
+                    self._devices.set_activity(name, "idle")
+                s.cond.notify_all()
+        return {"accepted": True, "duplicate": False, "round": round_number, "model_version": b.target,
+                "staleness": staleness, "weight": row["weight"],
+                "reported": len(b.updates), "selected": self._config.buffer_size}
+
+    def _admit(self, base_version: int) -> tuple[Buffer, int]:
+        """The buffer an update from ``base_version`` goes into, and its staleness (lock held)."""
+        s = self._state
+        if s.status == "finished":
+            raise Conflict("the run is over", "round")
+        if s.status == "idle":
+            raise Conflict("training has not been started", "round")
+        if base_version > s.version:
+            raise Conflict(f"model version {base_version} does not exist yet (the latest is "
+                           f"{s.version})", "model_version")
+        target = self._target()
+        if self._config.rounds and target > self._config.rounds:
+            raise Conflict(f"the run's last model version ({self._config.rounds}) has all the updates "
+                           "it needs", "round")
+        staleness = target - 1 - base_version
+        if staleness > self._config.max_staleness:
+            raise Conflict(
+                f"update trained from model version {base_version} is {staleness} versions stale "
+                f"(it would go into version {target}); this server takes at most "
+                f"{self._config.max_staleness} (--max-staleness)", "model_version")
+        return self._buffer(target, self._clock()), staleness
+
+    def _duplicate(self, name: str, upload_id: str | None, digest: str | None) -> dict[str, Any] | None:
+        if not upload_id:
+            return None
+        row = self._storage.get_async_update(name, upload_id)
+        if row is None:
+            return None
+        if row["body_sha256"] != digest:
+            raise Conflict(f"Idempotency-Key {upload_id!r} was already used with a different body; "
+                           "a retry must send the same bytes", "Idempotency-Key")
+        return {"accepted": True, "duplicate": True, "round": row["base_version"],
+                "model_version": row["target"], "staleness": row["staleness"], "weight": row["weight"]}
+
+    def _buffer(self, target: int, started_at: float) -> Buffer:
+        b = self._buffers.get(target)
+        if b is None:
+            b = self._buffers[target] = Buffer(target, DeltaBuffer(self._state.weights), started_at)
+        return b
+
+    def _target(self) -> int:
+        """The version the next update goes into: the first one still short of updates."""
+        s = self._state
+        target = s.version + 1 if s.closing is None else max(s.version, s.closing) + 1
+        while target in self._buffers and self._buffers[target].reserved >= self._config.buffer_size:
+            target += 1
+        return target
+
+    def _fold(self, b: Buffer, row: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+              base: Mapping[str, np.ndarray]) -> None:
+        with b.lock:
+            b.sums.add(weights, base, row["num_examples"], row["weight"])
+            b.updates.append({k: row[k] for k in ("device", "base_version", "staleness", "weight",
+                                                  "num_examples", "metrics", "body_path")})
+
+    def _body_path(self, row: Mapping[str, Any]):
+        return self._dir / row["body_path"]
+
+    def _base(self, version: int) -> Weights:
+        """Global model ``version`` (kept in memory for the versions an update may start from)."""
+        with self._versions_lock:
+            weights = self._versions.get(version)
+        if weights is None:
+            with self._state.cond:
+                if version == self._state.version:
+                    weights = self._state.weights
+            if weights is None:
+                weights = self._storage.read_checkpoint(version)
+            self._remember(version, weights)
+        return weights
+
+    def _remember(self, version: int, weights: Weights) -> None:
+        with self._versions_lock:
+            self._versions[version] = weights
+            oldest = max(self._versions) - self._config.max_staleness - 1
+            for v in [v for v in self._versions if v < oldest]:
+                del self._versions[v]
+
+    # new versions ---------------------------------------------------------
+    def _failed(self, error: str) -> None:
+        self._state.last_error = f"asynchronous driver error: {error}"
+        self._state.closing = None
+
+    def _turn(self) -> None:
+        s = self._state
+        with s.cond:
+            self._check_finished()
+            b = self._buffers.get(s.version + 1)
+            if s.closing is not None or b is None or not b.full(self._config.buffer_size):
+                s.cond.wait(TICK)
+                return
+            s.closing = b.target
+            current = s.weights
+        self._make(b, current)
+
+    def _make(self, b: Buffer, current: Weights) -> None:
+        """Buffer ``b`` becomes the next global model: outside the lock, as it takes a while."""
+        s = self._state
+        current64 = {n: a.astype(np.float64) for n, a in current.items()}
+        stepped = b.sums.step(current64)
+        weights64, state = self._strategy.server_step(current64, stepped, self._strategy.state())
+        weights = cast_like(weights64, current)
+        bad = first_nonfinite(weights)
+        metrics: Mapping[str, float] = {}
+        if bad is None and self._evaluate is not None:
+            try:
+                metrics = self._evaluate(weights)
+            except Exception:
+                log.exception("evaluation of model version %d failed", b.target)
+        if bad is not None or any(not math.isfinite(metrics.get(k, 0.0)) for k in ("loss", "accuracy")):
+            self._discard(b, f"model version {b.target} from {len(b.updates)} updates is not finite "
+                             "(NaN or infinity); its updates are dropped")
+            return
+        try:
+            path = self._storage.write_checkpoint(b.target, weights)
+            self._storage.write_strategy_state(b.target, state, self._strategy.describe())
+            row = {"number": b.target, "started_at": b.started_at, "closed_at": self._clock(),
+                   "num_updates": len(b.updates), "num_examples": b.sums.total_examples,
+                   "test_loss": metrics.get("loss"), "test_accuracy": metrics.get("accuracy")}
+            entry = self._entry(b, row)
+            with self._storage.transaction():
+                self._storage.insert_round(b.target, started_at=b.started_at,
+                                           selected=sorted({u["device"] for u in b.updates}),
+                                           config=self._config.training.task())
+                self._storage.complete_round(
+                    b.target, closed_at=row["closed_at"], num_updates=row["num_updates"],
+                    num_examples=row["num_examples"], test_loss=row["test_loss"],
+                    test_accuracy=row["test_accuracy"], checkpoint=str(path))
+                self._storage.fold_async_updates(b.target)
+                self._history.store(entry)
+        except Exception as exc:  # a full disk: keep the buffer, try again shortly
+            log.exception("model version %d could not be saved", b.target)
+            with s.cond:
+                s.closing = None
+                s.last_error = f"model version {b.target} could not be saved: {exc}; trying again"
+                s.cond.wait(RETRY_AFTER_FAILURE)
+            return
+        self._strategy.load_state(state)
+        self._history.remember(entry)
+        if metrics and self._evaluations is not None:
+            self._evaluations.remember((b.target, row["closed_at"]), metrics)
+        self._remember(b.target, weights)
+        with s.cond:
+            del self._buffers[b.target]
+            s.install(b.target, weights)
+            s.closing = None
+            s.last_error = None
+            s.cond.notify_all()
+        for u in b.updates:
+            self._body_path(u).unlink(missing_ok=True)
+        log.info("model version %d from %d updates (staleness %s), test accuracy %s", b.target,
+                 len(b.updates), [u["staleness"] for u in b.updates], metrics.get("accuracy"))
+        self._hooks.submit(entry, weights)
+
+    def _entry(self, b: Buffer, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The history entry of a model version: a round's, plus each update's staleness."""
+        used = {u["device"]: {"status": "used"} for u in b.updates}
+        entry = build_entry(row, b.updates, [], {
+            "strategy": self._strategy.name, "params": self._strategy.params(),
+            "num_used": len(b.updates), "updates": used})
+        for u in b.updates:  # a device with two updates in one version shows its latest
+            entry["devices"][u["device"]].update(staleness=u["staleness"], base_version=u["base_version"])
+        entry.update(mode="async", model_version=b.target, updates=[
+            {k: u[k] for k in ("device", "base_version", "staleness", "weight", "num_examples")}
+            for u in b.updates])
+        return entry
+
+    def _discard(self, b: Buffer, why: str) -> None:
+        log.error("%s", why)
+        self._storage.discard_async_updates(b.target)
+        self._history.failed(b.target, started_at=b.started_at, failed_at=self._clock(), reason=why)
+        with self._state.cond:  # the version is made again, from updates still to come
+            self._buffers[b.target] = Buffer(b.target, DeltaBuffer(self._state.weights), self._clock())
+            self._state.closing = None
+            self._state.last_error = why
+            self._state.cond.notify_all()
+        for u in b.updates:
+            self._body_path(u).unlink(missing_ok=True)

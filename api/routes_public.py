@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
+
+from fedcore.devices import MAX_DEVICES_PAGE
+from fedcore.errors import InvalidInput
 
 from .context import engine
+from .inputs import int_arg
 
 bp = Blueprint("public", __name__)
 
@@ -22,7 +26,15 @@ def status():
 
 @bp.get("/api/devices")
 def devices():
-    return jsonify({"devices": engine().list_devices()})
+    """Every device, or with ``offset``/``limit`` one page, filtered by ``name`` (a part of it),
+    ``lifecycle`` and ``active``; ``total`` counts the matching devices."""
+    active = request.args.get("active") or None
+    if active is not None and active not in ("true", "false"):
+        raise InvalidInput("active must be true or false", "active")
+    return jsonify(engine().devices_page(
+        name=request.args.get("name") or None, lifecycle=request.args.get("lifecycle") or None,
+        active=None if active is None else active == "true",
+        offset=int_arg("offset", 0, 0, 2**53 - 1), limit=int_arg("limit", None, 1, MAX_DEVICES_PAGE)))
 
 
 @bp.get("/api/history")

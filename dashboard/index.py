@@ -46,6 +46,7 @@ from dashboard.server_api import (  # noqa: E402
     Unreachable,
     default_admin_token,
 )
+from fedcore.lifecycle import STATES as LIFECYCLE_STATES  # noqa: E402
 from fedcore.plural import plural  # noqa: E402
 from utils import state_dir as state  # noqa: E402
 
@@ -64,7 +65,10 @@ LOG_LEVELS = ("INFO", "WARNING", "ERROR")
 LOG_ROWS = 200  # the latest log lines kept and shown
 LOG_PAGE = 1000  # the server's largest page of log lines
 LOG_PAGES_PER_REFRESH = 20  # catching up on a long log is spread over refreshes
+DEVICES_PER_PAGE = 25  # a thousand devices are paged and filtered, not drawn
+CHART_DEVICES = 5  # devices drawn in the charts beside the global model until others are chosen
 ALL = "all"
+ACTIVATION = {ALL: None, "active": True, "inactive": False}
 # Row highlights, translucent so that they read on the light and the dark theme alike.
 RED = "background-color: rgba(250, 82, 82, 0.28)"
 AMBER = "background-color: rgba(250, 176, 5, 0.28)"
@@ -339,13 +343,50 @@ def round_progress(progress: dict[str, int] | None) -> str:
     return f"{progress['done']}/{progress['total']} batches ({progress['done'] / progress['total']:.0%})"
 
 
-def devices_panel(api: ServerAPI, devices: list[dict[str, Any]],
-                  progress: dict[str, dict[str, int]] | None = None) -> None:
-    st.subheader(f"Devices ({len(devices)})")
+def device_filters() -> dict[str, Any]:
+    """The devices table's filters (a part of the name, lifecycle, activation), as the API takes them."""
+    c1, c2, c3 = st.columns(3)
+    name = c1.text_input("Name contains", key="devices_name", max_chars=64).strip()
+    lifecycle = c2.selectbox("Lifecycle", [ALL, *LIFECYCLE_STATES], key="devices_lifecycle")
+    activation = c3.selectbox("Activation", list(ACTIVATION), key="devices_active")
+    return {"name": name or None, "lifecycle": None if lifecycle == ALL else lifecycle,
+            "active": ACTIVATION[activation]}
+
+
+def devices_page(api: ServerAPI, filters: dict[str, Any]) -> dict[str, Any] | None:
+    """The page of matching devices the page widget names, or the last one if the filters left
+    fewer pages; None once the page has said why it could not be read."""
+    def page(number: int) -> dict[str, Any] | None:
+        return read(lambda: api.devices_page(offset=(number - 1) * DEVICES_PER_PAGE,
+                                             limit=DEVICES_PER_PAGE, **filters), "The devices")
+
+    answer = page(int(st.session_state.get("devices_page") or 1))
+    if answer is not None and not answer["devices"] and answer["total"]:
+        st.session_state["devices_page"] = last = -(-answer["total"] // DEVICES_PER_PAGE)
+        answer = page(last)
+    return answer
+
+
+def devices_panel(api: ServerAPI, status: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """One page of the devices that match the filters; the page's devices (None if unread)."""
+    enrolled = sum(status.get("devices", {}).values())
+    progress = (status.get("round") or {}).get("progress")
+    st.subheader(f"Devices ({enrolled})")
+    filters = device_filters()
+    answer = devices_page(api, filters)
+    if answer is None:
+        return None
+    devices, total = answer["devices"], answer["total"]
+    if total > DEVICES_PER_PAGE:
+        st.number_input(f"Page (of {-(-total // DEVICES_PER_PAGE)})", key="devices_page", min_value=1,
+                        max_value=-(-total // DEVICES_PER_PAGE), step=1)
     if not devices:
-        st.info("No device has enrolled yet. Launch some below, "
+        st.info("No device matches these filters." if enrolled else
+                "No device has enrolled yet. Launch some below, "
                 "or run `python device/device.py 4000 device1`.")
-        return
+        return devices
+    st.caption(f"{plural(total, 'device')} match; rows {answer['offset'] + 1}-"
+               f"{answer['offset'] + len(devices)}")
     for d in devices:
         if d["lifecycle"] == "invalid":  # names are plain (letters, digits, _ and -); the reason may not be
             st.warning(f"**{as_text(d['name'])}** is refused: {as_text(d['lifecycle_reason'])}",
@@ -383,6 +424,7 @@ def devices_panel(api: ServerAPI, devices: list[dict[str, Any]],
                            args=(lambda n=name: api.interrupt(n),
                                  f"{name} interrupted: it stops training within one batch, "
                                  "and the round goes on without it"))
+    return devices
 
 
 def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
@@ -439,7 +481,12 @@ def charts_panel(history: list[dict[str, Any]], asynchronous: bool = False) -> N
         st.info("No model version has been made yet: the charts appear after version 1." if asynchronous
                 else "No round has completed yet: the charts appear after round 1.")
         return
-    frame = history_frame(history)
+    names = sorted({name for r in history for name in r["devices"]})
+    chosen = st.multiselect("Devices in the charts", names, default=names[:CHART_DEVICES],
+                            key="chart_devices", help="The global model is always drawn; with many "
+                            "devices, choose the few to compare with it.")
+    frame = history_frame([{**r, "devices": {n: m for n, m in r["devices"].items() if n in chosen}}
+                           for r in history])
     left, right = st.columns(2)
     left.altair_chart(metric_chart(frame, "accuracy",
                                    "accuracy: global on the test set, devices on their data", asynchronous),
@@ -572,6 +619,7 @@ def tail_logs(api: ServerAPI, **filters: Any) -> tuple[list[dict[str, Any]], boo
 
 
 def logs_panel(api: ServerAPI, devices: list[dict[str, Any]]) -> None:
+    """``devices``: those on the devices table's page, to choose from."""
     st.subheader("Device logs")
     if not api.admin_token:
         st.info("Device logs need the admin token (sidebar): their messages are free text from the "
@@ -610,7 +658,7 @@ def live_view(api: ServerAPI) -> None:
     """Everything read from the server; re-run every few seconds when live refresh is on."""
     show_flash()
     try:
-        status, devices = api.status(), api.devices()
+        status = api.status()
         history, failures = api.history_and_failures()
     except NO_SERVER as exc:
         server_down_banner(api, exc, key="retry")
@@ -623,11 +671,11 @@ def live_view(api: ServerAPI) -> None:
         return
     try:
         training_panel(api, status)
-        devices_panel(api, devices, (status.get("round") or {}).get("progress"))
+        devices = devices_panel(api, status)
         charts_panel(history, status.get("mode") == "async")
         aggregation_panel(status, history, failures)
         secure_panel(status, history)
-        logs_panel(api, devices)
+        logs_panel(api, devices or [])
         model_panel(api, history)
     except Exception as exc:
         unexpected(exc)
@@ -643,7 +691,11 @@ def launcher_panel(api: ServerAPI) -> None:
     st.subheader("Local devices (demo)")
     local = local_devices()
     c1, c2, c3 = st.columns([1, 3, 3])
-    count = int(c1.number_input("How many", key="launch_count", min_value=1, max_value=32, value=3))
+    count = int(c1.number_input("How many", key="launch_count", min_value=1, max_value=1000, value=3))
+    workers = int(c1.number_input("Worker processes", key="launch_workers", min_value=1,
+                                  max_value=64, value=min(2, os.cpu_count() or 1),
+                                  help="The devices run as virtual devices on this many processes "
+                                       "(python -m device.launcher --workers): one model each"))
     folders = state_folders()
     default_root = os.environ.get("FEDHUB_DEVICES_ROOT") or str(folders.devices_root)
     devices_root = Path(c2.text_input("Data folder (from python -m utils.format_dataset)",
@@ -659,8 +711,8 @@ def launcher_panel(api: ServerAPI) -> None:
 
     def launch() -> None:
         try:
-            started = local.launch(api.server, count, devices_root=devices_root, state_dir=state_dir,
-                                   auto_activate=auto)
+            started = local.launch(api.server, count, workers=workers, devices_root=devices_root,
+                                   state_dir=state_dir, auto_activate=auto)
         except (ValueError, OSError) as exc:
             flash("error", f"Not launched: {exc}", "launcher")
         else:

@@ -1,29 +1,31 @@
-"""Device processes the dashboard starts on this machine for a demo, and stops again.
+"""Devices the dashboard starts on this machine for a demo, and stops again.
 
-Started through :mod:`device.launcher` (the same code as ``python -m device.launcher``).
-One :class:`LocalDevices` lives as long as the Streamlit server (``st.cache_resource``), so
-the processes stay reachable from every browser tab and across page reloads.
+They run on the same worker pool as ``python -m device.launcher --devices N --workers K``
+(:class:`device.pool.DevicePool`): K worker processes host the N devices as virtual devices
+(one model per worker, data memory-mapped), so a demo of many devices does not start a
+TensorFlow per device. One :class:`LocalDevices` lives as long as the Streamlit server
+(``st.cache_resource``), so the pools stay reachable from every browser tab and across
+page reloads.
 """
 
 from __future__ import annotations
 
-import subprocess
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device import launcher
+from device.launcher import enroll_secret
+from device.pool import DevicePool
 from utils import state_dir as state
 from utils.format_dataset import DEVICE_DATA_FILE
 
 
 @dataclass
 class Launched:
-    name: str
-    proc: subprocess.Popen
-    log: Path
+    names: list[str]
+    pool: DevicePool
 
 
 def device_names(count: int, prefix: str = "device") -> list[str]:
@@ -37,22 +39,24 @@ def missing_data(devices_root: Path, names: Sequence[str]) -> list[str]:
 
 
 class LocalDevices:
-    """The device processes started from the dashboard. Thread-safe (Streamlit sessions share it).
+    """The device pools started from the dashboard. Thread-safe (Streamlit sessions share it).
 
-    Each device's output goes to ``<devices root>/<name>.log``, beside its data folder.
+    Each pool's workers write to ``<devices root>/logs/worker-K.log``.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._procs: dict[str, Launched] = {}
+        self._launched: list[Launched] = []
 
-    def launch(self, server: str, count: int, *, devices_root: Path | None = None,
+    def launch(self, server: str, count: int, *, workers: int = 2, devices_root: Path | None = None,
                state_dir: Path | None = None, auto_activate: bool = True) -> list[str]:
-        """Start ``device1..deviceN`` (those not already running); return the names started.
+        """Start ``device1..deviceN`` (those not already running) on ``workers`` worker processes;
+        return the names started.
 
-        ``state_dir``: the server's state directory, where the devices read its enrollment
-        secret; ``devices_root`` defaults to its ``devices/`` (see :mod:`utils.state_dir`).
-        Raises ValueError, before starting anything, if a device has no data folder.
+        ``state_dir``: the server's state directory, where the enrollment secret is read
+        (unless ``$FEDHUB_ENROLL_SECRET`` is set); ``devices_root`` defaults to its ``devices/``
+        (see :mod:`utils.state_dir`). Raises ValueError, before starting anything, if a device
+        has no data folder.
         """
         layout = state.resolve(state_dir)
         root = Path(devices_root) if devices_root is not None else layout.devices_root
@@ -60,36 +64,42 @@ class LocalDevices:
         missing = missing_data(root, names)
         if missing:
             raise ValueError(f"no training data for {', '.join(missing)} in {root}")
-        extra = ["--auto-activate"] if auto_activate else []
         with self._lock:
-            todo = [n for n in names if n not in self._procs or self._procs[n].proc.poll() is not None]
-            procs = launcher.launch(server, todo, devices_root=root, state_dir=layout.server_dir,
-                                    extra_args=extra, log_dir=root)
-            for name, proc in zip(todo, procs, strict=True):
-                self._procs[name] = Launched(name, proc, root / f"{name}.log")
+            running = {n for launched in self._launched if launched.pool.running() for n in launched.names}
+            todo = [n for n in names if n not in running]
+            if todo:
+                pool = DevicePool(server, todo, root, workers=workers, enroll_secret=enroll_secret(layout),
+                                  auto_activate=auto_activate).start()
+                self._launched.append(Launched(todo, pool))
         return todo
 
     def stop_all(self) -> list[str]:
         """Stop every running device the dashboard started (they leave the federation first)."""
         with self._lock:
-            running = [p for p in self._procs.values() if p.proc.poll() is None]
-        launcher.stop([p.proc for p in running])
-        return [p.name for p in running]
+            running = [launched for launched in self._launched if launched.pool.running()]
+        for launched in running:
+            launched.pool.stop()
+        return [n for launched in running for n in launched.names]
 
     def running(self) -> list[str]:
         with self._lock:
-            return [p.name for p in self._procs.values() if p.proc.poll() is None]
+            return [n for launched in self._launched if launched.pool.running() for n in launched.names]
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per started device: name, pid, running or exit code, and its log's last line."""
+        """One row per started device: name, its worker, whether the pool runs, and the worker's
+        log's last line."""
         with self._lock:
-            launched = list(self._procs.values())
+            launched = list(self._launched)
         out = []
-        for p in launched:
-            code = p.proc.poll()
-            out.append({"device": p.name, "pid": p.proc.pid,
-                        "process": "running" if code is None else f"exited ({code})",
-                        "last log line": _last_line(p.log), "log": str(p.log)})
+        for item in launched:
+            pool = item.pool
+            count = max(1, pool.worker_count)
+            running = pool.running()
+            process = "running" if running else f"stopped ({pool.error})" if pool.error else "stopped"
+            for i, name in enumerate(item.names):
+                log = pool.log_dir / f"worker-{i % count}.log"
+                out.append({"device": name, "worker": i % count, "process": process,
+                            "last log line": _last_line(log), "log": str(log)})
         return out
 
 

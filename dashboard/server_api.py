@@ -50,6 +50,13 @@ class ServerAPI:
     def devices(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/devices")["devices"]
 
+    def devices_page(self, *, offset: int, limit: int, name: str | None = None,
+                     lifecycle: str | None = None, active: bool | None = None) -> dict[str, Any]:
+        """One page of the devices matching the filters: ``{"devices", "total", "offset", "limit"}``."""
+        params = {"offset": offset, "limit": limit, "name": name, "lifecycle": lifecycle,
+                  "active": None if active is None else str(active).lower()}
+        return self._call("GET", "/api/devices", params={k: v for k, v in params.items() if v is not None})
+
     def history(self) -> list[dict[str, Any]]:
         return self.history_and_failures()[0]
 

@@ -1,6 +1,7 @@
 // FedHub live accuracy page: polls the server's public read-only endpoints every 2 s and
-// draws the global model's and each device's accuracy and loss per round, and lists the
-// devices with their lifecycle state (an invalid or interrupted device's row stands out).
+// draws the global model's accuracy and loss per round beside a chosen few devices' (a
+// picker; the first few by default), and lists the devices a page at a time, filtered by
+// name, with their lifecycle state (an invalid or interrupted device's row stands out).
 //
 // Everything the server sends is rendered as text (textContent) or handed to Chart.js as
 // data: no innerHTML, no eval. Served at /stats/, it reads its own origin; opened as a file
@@ -16,6 +17,10 @@
   const GLOBAL_COLOUR = "#1c7ed6";
   // Lifecycle states that get a row highlight; the class name is built only from this list.
   const FLAGGED = ["invalid", "interrupted"];
+  const PAGE_SIZE = 25; // devices-table rows per page
+  const CHART_DEVICES = 5; // devices drawn beside the global model until others are picked
+  // What the reader chose: the table's page and name filter, the charts' devices (null: the default few).
+  const view = { offset: 0, name: "", chosen: null };
 
   const $ = (id) => document.getElementById(id);
 
@@ -134,14 +139,43 @@
     };
   }
 
-  function chartData(rounds, globalKey, deviceKey, globalLabel) {
-    const names = [];
+  // Every device named in the history, sorted.
+  function historyNames(rounds) {
+    const names = new Set();
     for (const r of rounds) {
-      for (const name of Object.keys(r.devices || {})) {
-        if (!names.includes(name)) names.push(name);
-      }
+      for (const name of Object.keys(r.devices || {})) names.add(name);
     }
-    names.sort();
+    return [...names].sort();
+  }
+
+  function chosenNames(rounds) {
+    const names = historyNames(rounds);
+    if (view.chosen === null) return names.slice(0, CHART_DEVICES);
+    return names.filter((name) => view.chosen.includes(name));
+  }
+
+  // The picker lists every device of the history; its options are rebuilt only when that list changes.
+  function renderPicker(rounds) {
+    const picker = $("chart-devices");
+    const names = historyNames(rounds);
+    const chosen = chosenNames(rounds);
+    const signature = JSON.stringify([names, chosen]);
+    if (picker.fedhubSignature === signature) return;
+    picker.fedhubSignature = signature;
+    picker.replaceChildren(...names.map((name) => {
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = name;
+      option.selected = chosen.includes(name);
+      return option;
+    }));
+    setText("chart-devices-note", names.length
+      ? `${chosen.length} of ${names.length} devices drawn beside the global model`
+      : "");
+  }
+
+  function chartData(rounds, globalKey, deviceKey, globalLabel) {
+    const names = chosenNames(rounds);
     const metric = (r, name) => {
       const m = (r.devices || {})[name];
       return m && typeof m[deviceKey] === "number" ? m[deviceKey] : null;
@@ -260,6 +294,21 @@
     return settings ? `${name} (${settings})` : name;
   }
 
+  function devicesPath() {
+    const query = new URLSearchParams({ offset: String(view.offset), limit: String(PAGE_SIZE) });
+    if (view.name) query.set("name", view.name);
+    return `/api/devices?${query}`;
+  }
+
+  function renderPager(answer) {
+    const shown = answer.devices.length;
+    setText("devices-range", answer.total
+      ? `${answer.offset + 1}–${answer.offset + shown} of ${answer.total}`
+      : (view.name ? "no device matches" : "no device yet"));
+    $("devices-prev").disabled = answer.offset === 0;
+    $("devices-next").disabled = answer.offset + shown >= answer.total;
+  }
+
   function renderDevices(devices, progress) {
     fillTable("devices", devices.map((d) => [
       d.name, stateWithProgress(d, progress), d.lifecycle || "–", d.lifecycle_reason || "", ago(d.last_seen),
@@ -324,27 +373,70 @@
     window.matchMedia("(prefers-color-scheme: dark)")
       .addEventListener("change", () => applyTheme([accuracy, loss]));
 
+    let rounds = [];
+    function drawCharts() {
+      renderPicker(rounds);
+      updateChart(accuracy, chartData(rounds, "test_accuracy", "accuracy", "global (test set)"));
+      updateChart(loss, chartData(rounds, "test_loss", "loss", "global (test set)"));
+    }
+
+    // One poll at a time: a change of page or filter asks for one now, after the one under way.
+    let timer = null;
+    let polling = false;
+    let again = false;
     async function poll() {
+      window.clearTimeout(timer);
+      if (polling) {
+        again = true;
+        return;
+      }
+      polling = true;
       try {
         const [status, history, devices] = await Promise.all([
-          getJSON(base, "/api/status"), getJSON(base, "/api/history"), getJSON(base, "/api/devices"),
+          getJSON(base, "/api/status"), getJSON(base, "/api/history"), getJSON(base, devicesPath()),
         ]);
+        if (devices.total && devices.offset >= devices.total) { // the filter left fewer pages
+          view.offset = Math.floor((devices.total - 1) / PAGE_SIZE) * PAGE_SIZE;
+          again = true;
+        }
+        rounds = history.rounds;
         renderStatus(status);
         renderRounds(history.rounds);
         renderDevices(devices.devices, status.round && status.round.progress);
+        renderPager(devices);
         renderScreened(history.rounds);
         renderFailures(history.failures);
         const xTitle = status.mode === "async" ? "model version (time made)" : "round";
         for (const chart of [accuracy, loss]) chart.options.scales.x.title.text = xTitle;
-        updateChart(accuracy, chartData(history.rounds, "test_accuracy", "accuracy", "global (test set)"));
-        updateChart(loss, chartData(history.rounds, "test_loss", "loss", "global (test set)"));
+        drawCharts();
         setConnection(`connected to ${base} · updated ${new Date().toLocaleTimeString()}`, "ok");
       } catch (err) {
         setConnection(`cannot reach the FedHub server at ${base} (${err.message}); retrying every 2 s`, "bad");
       } finally {
-        window.setTimeout(poll, POLL_MS);
+        polling = false;
+        timer = window.setTimeout(poll, again ? 0 : POLL_MS);
+        again = false;
       }
     }
+
+    $("devices-prev").addEventListener("click", () => {
+      view.offset = Math.max(0, view.offset - PAGE_SIZE);
+      poll();
+    });
+    $("devices-next").addEventListener("click", () => {
+      view.offset += PAGE_SIZE;
+      poll();
+    });
+    $("device-filter").addEventListener("input", (event) => {
+      // The server takes a part of a name: letters, digits, '_' and '-'.
+      view.name = event.target.value.replace(/[^A-Za-z0-9_-]/g, "").slice(0, 64);
+      view.offset = 0;
+      poll();
+    });
+    $("chart-devices").addEventListener("change", (event) => {
+      view.chosen = [...event.target.selectedOptions].map((option) => option.value);
+      drawCharts();
+    });
     poll();
   }
 

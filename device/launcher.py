@@ -111,12 +111,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _run_pool(a: argparse.Namespace, layout: state.StateDir, names: list[str]) -> int:
+def enroll_secret(layout: state.StateDir) -> str | None:
+    """``$FEDHUB_ENROLL_SECRET``, else the local server's ``enroll.secret`` in ``layout``."""
     from fedcore import auth
 
+    return os.environ.get("FEDHUB_ENROLL_SECRET") or auth.read_secret(layout.enroll_secret_file)
+
+
+def _run_pool(a: argparse.Namespace, layout: state.StateDir, names: list[str]) -> int:
     from .pool import DevicePool
 
-    secret = os.environ.get("FEDHUB_ENROLL_SECRET") or auth.read_secret(layout.enroll_secret_file)
+    secret = enroll_secret(layout)
     pool = DevicePool(a.server, names, a.devices_root, workers=a.workers, model=a.model, enroll_secret=secret,
                       auto_activate=a.auto_activate, keepalive=a.keepalive)
     print(f"{len(names)} devices on {min(a.workers, len(names))} workers; logs in {pool.log_dir}", flush=True)

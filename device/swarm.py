@@ -22,6 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,14 +187,28 @@ class Swarm:
     previous round is closed, the next one open) until ``between_rounds(model_version)``
     has run once in one of them: the global model then holds still, so a test can read
     it. Without it the devices run freely, as a benchmark wants.
+
+    With ``workers``, the devices are scheduled as a device pool's workers do (see
+    ``device/virtual.py``), for runs where the server selects only some of them per round
+    (``--fraction``): every device enrolls, then each of ``workers`` threads reads
+    ``GET /api/status`` every ``status_interval`` seconds and has its devices that the open
+    round selected take their task (``concurrency`` at a time over all workers); the others
+    ask for a task without waiting every ``keepalive`` seconds, to stay online. Each device
+    trains in the rounds it is selected for until the run is finished; ``rounds`` is then
+    the run's number of rounds.
     """
 
     def __init__(self, server: str, clients: int, rounds: int, *, enroll_secret: str | None,
                  poll_wait: float = 2.0, seed: int = 0, time_limit: float = 600.0,
                  prefix: str = "swarm", timeout: float = 30.0, server_pid: int | None = None,
-                 between_rounds: Callable[[int], None] | None = None) -> None:
+                 between_rounds: Callable[[int], None] | None = None, workers: int = 0,
+                 concurrency: int = 32, status_interval: float = 0.5, keepalive: float = 20.0) -> None:
         if clients < 1 or rounds < 1:
             raise ValueError("clients and rounds must be at least 1")
+        if workers and between_rounds is not None:
+            raise ValueError("between_rounds needs every device in every round (no workers)")
+        if workers < 0 or concurrency < 1 or status_interval <= 0 or keepalive <= 0:
+            raise ValueError("workers must be 0 or more; concurrency, status_interval and keepalive positive")
         if poll_wait <= 0 or time_limit <= 0:
             raise ValueError("poll_wait and time_limit must be positive")
         self.server = require_loopback(server)
@@ -207,6 +222,10 @@ class Swarm:
         self.timeout = timeout
         self.server_pid = server_pid
         self._between = between_rounds
+        self.workers = workers
+        self.concurrency = concurrency
+        self.status_interval = status_interval
+        self.keepalive = keepalive
         self._lock = threading.Lock()
         self._barrier: threading.Barrier | None = None
         self._versions: set[int] = set()
@@ -222,8 +241,14 @@ class Swarm:
             self._barrier = threading.Barrier(self.clients, action=self._sync_action)
         started = time.monotonic()
         self._deadline = started + self.time_limit
-        threads = [threading.Thread(target=self._device, args=(i,), name=f"swarm-{i}", daemon=True)
-                   for i in range(self.clients)]
+        if self.workers:
+            clients = self._enroll_all()
+            threads = [threading.Thread(target=self._worker, args=(clients[w::self.workers],),
+                                        name=f"swarm-worker-{w}", daemon=True)
+                       for w in range(self.workers)]
+        else:
+            threads = [threading.Thread(target=self._device, args=(i,), name=f"swarm-{i}", daemon=True)
+                       for i in range(self.clients)]
         for t in threads:
             t.start()
         for t in threads:
@@ -262,6 +287,57 @@ class Swarm:
                 self._barrier.abort()
         finally:
             client.session.close()
+
+    # scheduled as a pool's workers --------------------------------------
+    def _enroll_all(self) -> list[tuple[int, Client]]:
+        session = requests.Session()
+        session.hooks["response"].append(self._record_status)
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=self.concurrency)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        clients = []
+        for index in range(self.clients):
+            client = Client(self.server, f"{self.prefix}{index:04d}", timeout=self.timeout,
+                            retry_for=min(60.0, self.time_limit))
+            client.session.close()
+            client.session = session  # one connection pool, as a worker has
+            clients.append((index, client))
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            list(pool.map(lambda c: c[1].register(self.enroll_secret), clients))
+        return clients
+
+    def _worker(self, devices: list[tuple[int, Client]]) -> None:
+        """One pool worker's loop (device/virtual.py's): status, selected devices' steps, keepalives."""
+        status_client = devices[0][1]
+        mine = dict((c.name, (i, c)) for i, c in devices)
+        seen = dict.fromkeys(mine, time.monotonic())
+        attempted: set[tuple[int, str]] = set()
+        try:
+            with ThreadPoolExecutor(max(1, self.concurrency // self.workers)) as pool:
+                while self._remaining():
+                    status = status_client.status()
+                    if status["status"] == "finished":
+                        return
+                    current = status.get("round") or {}
+                    number, reported = current.get("number"), set(current.get("reported", ()))
+                    todo = [n for n in current.get("selected", ())
+                            if n in mine and n not in reported and (number, n) not in attempted]
+                    attempted.update((number, n) for n in todo)
+                    horizon = time.monotonic() - self.keepalive
+                    due = [n for n in mine if seen[n] <= horizon and n not in todo][:32]
+                    for future in [pool.submit(self._step, *mine[n]) for n in todo + due]:
+                        future.result()
+                    now = time.monotonic()
+                    seen.update(dict.fromkeys(todo + due, now))
+                    if not todo:
+                        time.sleep(self.status_interval)
+        except Exception as exc:
+            self._error(f"worker of {status_client.name}...: {type(exc).__name__}: {exc}")
+
+    def _step(self, index: int, client: Client) -> None:
+        task = client.task(wait=0)
+        if task["action"] == "train":
+            self._train(client, index, task)
 
     def _remaining(self) -> float:
         remaining = self._deadline - time.monotonic()

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import auth
 from .errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
-from .lifecycle import Lifecycle, check_report
+from .lifecycle import STATES, Lifecycle, check_report
 from .storage import Storage
 from .wire import MAX_INTEGER
 
@@ -35,6 +35,30 @@ def check_name(name: object) -> str:
             "name",
         )
     return name
+
+
+MAX_DEVICES_PAGE = 1000  # rows in one page of the devices list
+NAME_PART_RE = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
+
+
+def device_filter(name: object = None, lifecycle: object = None,
+                  active: object = None) -> Callable[[dict[str, Any]], bool]:
+    """Whether a device row matches: ``name`` a part of its name (any case), ``lifecycle`` its
+    state, ``active`` its activation; None matches any. InvalidInput for what cannot match."""
+    if name is not None and (not isinstance(name, str) or not NAME_PART_RE.fullmatch(name)):
+        raise InvalidInput("name must be up to 64 letters, digits, '_' or '-' (a part of a device name)",
+                           "name")
+    if lifecycle is not None and lifecycle not in STATES:
+        raise InvalidInput(f"lifecycle must be one of {', '.join(STATES)}", "lifecycle")
+    if active is not None and not isinstance(active, bool):
+        raise InvalidInput("active must be true or false", "active")
+    part = (name or "").lower()
+
+    def keep(row: dict[str, Any]) -> bool:
+        return (part in row["name"].lower() and lifecycle in (None, row["lifecycle"])
+                and active in (None, row["active"]))
+
+    return keep
 
 
 ATTACK_KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
@@ -87,10 +111,13 @@ class DeviceRegistry:
         self._seen: dict[str, float] = {}
         self._activity: dict[str, str] = {}
         self._left: set[str] = set()
+        # Kept in memory too: read by every task poll, status and round selection.
+        self._active: dict[str, bool] = {}
         self.lifecycle = Lifecycle(storage, clock)
         for row in storage.list_devices():
             self._by_hash[row["token_hash"]] = row["name"]
             self._seen[row["name"]] = row["last_seen"] or 0.0
+            self._active[row["name"]] = bool(row["active"])
 
     def check_enroll_secret(self, enroll_secret: str | None) -> None:
         """Refuse a missing or wrong enrollment secret (the HTTP layer checks it before the body)."""
@@ -142,6 +169,7 @@ class DeviceRegistry:
                 self._storage.update_device(name, **fields)
                 active = bool(fields.get("active", row["active"]))
             self._by_hash[token_hash] = name
+            self._active[name] = active
             self._seen[name] = now
             self._activity[name] = "idle"
             self._left.discard(name)
@@ -196,11 +224,12 @@ class DeviceRegistry:
 
     def set_active(self, name: str, active: bool) -> None:
         self.require(name)
-        self._storage.update_device(name, active=active)
+        with self._lock:
+            self._storage.update_device(name, active=active)
+            self._active[name] = active
 
     def is_active(self, name: str) -> bool:
-        row = self._storage.get_device(name)
-        return bool(row and row["active"])
+        return self._active.get(name, False)
 
     def set_activity(self, name: str, activity: str) -> None:
         if activity not in ACTIVITIES:
@@ -248,15 +277,27 @@ class DeviceRegistry:
     def available(self) -> list[str]:
         """Active devices that are online now: the candidates for a new round."""
         now = self._clock()
-        return [r["name"] for r in self._storage.list_devices()
-                if r["active"] and self.is_online(r["name"], now) and self.lifecycle.may_train(r["name"])]
+        refused = self.lifecycle.refused()
+        with self._lock:
+            return [name for name, active in sorted(self._active.items())
+                    if active and self.is_online(name, now) and name not in refused]
 
-    def state(self, row: dict[str, Any], now: float) -> str:
-        if not row["active"]:
+    def state(self, name: str, active: bool, now: float) -> str:
+        if not active:
             return "inactive"
-        if not self.is_online(row["name"], now):
+        if not self.is_online(name, now):
             return "offline"
-        return self._activity.get(row["name"], "idle")
+        return self._activity.get(name, "idle")
+
+    def counts(self) -> dict[str, int]:
+        """How many devices are in each state, from memory (status is polled often)."""
+        now = self._clock()
+        counts: dict[str, int] = {}
+        with self._lock:
+            for name, active in self._active.items():
+                state = self.state(name, active, now)
+                counts[state] = counts.get(state, 0) + 1
+        return counts
 
     def flush(self) -> None:
         """Persist last-seen times (they are kept in memory between meaningful moments)."""
@@ -275,7 +316,7 @@ class DeviceRegistry:
                 out.append({
                     "name": row["name"],
                     "active": bool(row["active"]),
-                    "state": self.state(row, now),
+                    "state": self.state(row["name"], bool(row["active"]), now),
                     "last_seen": self._seen.get(row["name"], row["last_seen"]),
                     "num_examples": row["num_examples"],
                     "registered_at": row["registered_at"],

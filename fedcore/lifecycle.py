@@ -91,7 +91,8 @@ class Lifecycle:
         if state not in STATES:
             raise ValueError(f"unknown lifecycle state {state!r}")
         # A storage transaction, not this object's lock: callers may already be inside one.
-        with self._storage.transaction():
+        # Not durable: a restart rebuilds what matters (nobody is training after one).
+        with self._storage.transaction(durable=False):
             validation = self.get(name)["validation"]
             self._storage.set_lifecycle(name, state=state, reason=reason, round_number=round_number,
                                         validation=validation, now=self._clock())
@@ -123,8 +124,9 @@ class Lifecycle:
             return Conflict(f"device {name!r} is refused: {row['reason']}", "validation")
         return None
 
-    def may_train(self, name: str) -> bool:
-        return self.refusal(name) is None
+    def refused(self) -> set[str]:
+        """The devices whose data is invalid (one query, for round selection)."""
+        return self._storage.names_in_lifecycle_state("invalid")
 
     # interrupts ---------------------------------------------------------
     def request_interrupt(self, name: str, round_number: int) -> None:

@@ -28,7 +28,7 @@ from . import compression, wire
 from .async_rounds import AsyncRounds
 from .config import FederationConfig
 from .device_logs import DeviceLogs
-from .devices import DeviceRegistry
+from .devices import MAX_DEVICES_PAGE, DeviceRegistry, device_filter
 from .driver import Evaluate, RoundDriver, release_devices
 from .errors import Conflict, InvalidInput, NotFound
 from .evaluations import Evaluations
@@ -345,7 +345,8 @@ class Coordinator:
                 self._cond.notify_all()
             raise
         try:
-            with self._storage.transaction():  # one commit (one fsync) per upload
+            # One commit per upload, not waiting for the disk: a restart forgets an open round.
+            with self._storage.transaction(durable=False):
                 self._storage.add_update(round_number, name, num_examples=meta.num_examples,
                                          metrics=meta.metrics, upload_id=upload_id, now=self._clock(),
                                          body_sha256=digest)
@@ -371,6 +372,9 @@ class Coordinator:
                    digest: str | None) -> dict[str, Any] | None:
         if not upload_id:
             return None
+        r = self._state.open  # read without the lock: a hint; the check under the lock decides
+        if r is not None and r.number == round_number and name not in r.reported and name not in r.uploading:
+            return None  # its first upload to the open round: no row to look up
         row = self._storage.get_update(round_number, name)
         if row is None or row["upload_id"] != upload_id:
             return None
@@ -555,9 +559,7 @@ class Coordinator:
     # reading --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """The run, the open round, the strategy and how many devices are in each state."""
-        counts: dict[str, int] = {}
-        for d in self._devices.list():
-            counts[d["state"]] = counts.get(d["state"], 0) + 1
+        counts = self._devices.counts()
         with self._cond:
             mode = self._async.view() if self._async is not None else {"mode": "sync"}
             return {**self._state.view(), **mode, "total_rounds": self.config.rounds,
@@ -571,11 +573,24 @@ class Coordinator:
 
     def list_devices(self) -> list[dict[str, Any]]:
         """Enrolled devices, their state, lifecycle and part in the latest round they were in."""
+        return self.devices_page()["devices"]
+
+    def devices_page(self, *, name: object = None, lifecycle: object = None, active: object = None,
+                     offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The devices :meth:`list_devices` shows, filtered (``name``: a part of the name;
+        ``lifecycle``: a state; ``active``: true or false) and one page of them, with how many
+        match: a dashboard of a thousand devices draws a page, not every row."""
+        keep = device_filter(name, lifecycle, active)
+        if not 0 <= offset <= wire.MAX_INTEGER:
+            raise InvalidInput(f"offset must be from 0 to {wire.MAX_INTEGER}", "offset")
+        if limit is not None and not 1 <= limit <= MAX_DEVICES_PAGE:
+            raise InvalidInput(f"limit must be from 1 to {MAX_DEVICES_PAGE}", "limit")
+        rows = [row for row in self._devices.list() if keep(row)]
+        page = rows[offset:None if limit is None else offset + limit]
         latest = self._history.latest()
-        rows = self._devices.list()
-        for row in rows:
+        for row in page:
             row["latest"] = latest.get(row["name"])
-        return rows
+        return {"devices": page, "total": len(rows), "offset": offset, "limit": limit}
 
     def history(self) -> list[dict[str, Any]]:
         """Completed rounds, oldest first: test metrics, the strategy, and per device its metrics,

@@ -151,9 +151,15 @@ class Storage:
         with self._lock:
             return [dict(r) for r in self._db.execute(sql, params).fetchall()]
 
-    def transaction(self) -> _Transaction:
-        """``with storage.transaction():`` groups writes into one atomic commit (and one fsync)."""
-        return _Transaction(self)
+    def transaction(self, durable: bool = True) -> _Transaction:
+        """``with storage.transaction():`` groups writes into one atomic commit (and one fsync).
+
+        ``durable=False`` commits without waiting for the disk: still atomic, and kept if the
+        process dies, but a power cut may roll it back, with whatever committed after it. For
+        what a restart forgets or rebuilds anyway (an open round's updates, lifecycle states),
+        so that a thousand devices' uploads do not each wait for an fsync under the lock.
+        The outermost transaction decides."""
+        return _Transaction(self, durable)
 
     # settings -----------------------------------------------------------
     def get_setting(self, key: str, default: str | None = None) -> str | None:
@@ -321,6 +327,10 @@ class Storage:
     def get_lifecycle(self, name: str) -> dict[str, Any] | None:
         return _decode_lifecycle(self._one("SELECT * FROM device_lifecycle WHERE name = ?", (name,)))
 
+    def names_in_lifecycle_state(self, state: str) -> set[str]:
+        rows = self._all("SELECT name FROM device_lifecycle WHERE state = ?", (state,))
+        return {r["name"] for r in rows}
+
     def list_lifecycle(self) -> list[dict[str, Any]]:
         return [_decode_lifecycle(r) for r in self._all("SELECT * FROM device_lifecycle ORDER BY name")]
 
@@ -404,15 +414,20 @@ class Storage:
 class _Transaction:
     """Re-entrant: a transaction opened inside another joins it (the outermost commits)."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, durable: bool = True) -> None:
         self._s = storage
+        self._durable = durable
 
     def __enter__(self) -> None:
         self._s._lock.acquire()
         if self._s._depth == 0:
             try:
+                if not self._durable:
+                    self._s._db.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync at commit
                 self._s._db.execute("BEGIN IMMEDIATE")
             except BaseException:
+                if not self._durable:
+                    self._s._db.execute("PRAGMA synchronous=FULL")
                 self._s._lock.release()
                 raise
         self._s._depth += 1
@@ -421,7 +436,11 @@ class _Transaction:
         try:
             self._s._depth -= 1
             if self._s._depth == 0:
-                self._s._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                try:
+                    self._s._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    if not self._durable:
+                        self._s._db.execute("PRAGMA synchronous=FULL")
         finally:
             self._s._lock.release()
 

@@ -279,6 +279,29 @@ def test_an_upload_is_one_transaction(tmp_path):
     assert db.execute("SELECT device, num_examples FROM updates").fetchall() == [("d1", 10)]
 
 
+def test_commits_that_do_not_wait_for_the_disk_are_still_atomic(tmp_path):
+    """``transaction(durable=False)`` (uploads, lifecycle states): all or nothing, seen by a new
+    connection, and the connection waits for the disk again afterwards."""
+    storage = Storage(tmp_path)
+
+    def synchronous() -> int:
+        return storage._db.execute("PRAGMA synchronous").fetchone()[0]
+
+    with storage.transaction(durable=False):
+        storage.set_setting("a", "1")
+        storage.set_setting("b", "2")
+    assert synchronous() == 2  # FULL
+    with pytest.raises(RuntimeError), storage.transaction(durable=False):
+        storage.set_setting("c", "3")
+        raise RuntimeError("refused half-way")
+    assert synchronous() == 2
+    other = sqlite3.connect(tmp_path / "fedhub.sqlite3")
+    assert dict(other.execute("SELECT key, value FROM settings WHERE key IN ('a', 'b', 'c')")) == {
+        "a": "1", "b": "2"}
+    other.close()
+    storage.close()
+
+
 def test_a_device_that_left_stays_offline_until_it_asks_for_work_again(tmp_path):
     """Its last log lines or signal checks may arrive after its leave: they do not bring it back
     (a round would wait for a device that is gone); asking for a task does."""

@@ -154,3 +154,35 @@ def test_idle_devices_cannot_take_every_thread(tmp_path):
         assert first["action"] == "wait" and "retry_in" not in first
     finally:
         engine.stop()
+
+
+def test_pool_scheduled_devices_with_a_fraction_per_round(server_factory):
+    """60 devices, a quarter per round, scheduled as a pool's workers (status polls, keepalives):
+    every round counts exactly the updates its devices had accepted, once; the status's state
+    counts (kept in memory) agree with the device list."""
+    rounds = 3
+    server = server_factory("--rounds", str(rounds), "--min-devices", "15", "--fraction", "0.25",
+                            "--auto-activate", "--test-limit", "200", "--threads", "4",
+                            "--no-tensorboard").start()
+    swarm = Swarm(server.url, 60, rounds, enroll_secret=server.enroll_secret, workers=2,
+                  concurrency=8, status_interval=0.2, time_limit=150)
+    enrolled = threading.Thread(target=lambda: (
+        wait_until(lambda: sum(server.get("/api/status").json()["devices"].values()) == 60, 60,
+                   "every device to enroll", interval=0.2),
+        server.admin("POST", "/api/training/start").raise_for_status()))
+    enrolled.start()
+    result = swarm.run()
+    enrolled.join(10)
+
+    assert result.errors == [], f"{result.errors[:5]}\n{server.log()}"
+    assert result.server_5xx == 0, result.statuses
+    history = server.get("/api/history").json()["rounds"]
+    assert [r["round"] for r in history] == list(range(1, rounds + 1))
+    for r in history:
+        sent = {device: result.num_examples(r["round"], device) for device in result.accepted[r["round"]]}
+        assert len(sent) == 15, "a quarter of 60"
+        assert {d: v["num_examples"] for d, v in r["devices"].items()} == sent
+        assert r["num_updates"] == 15 and r["num_examples"] == sum(sent.values())
+    counts = server.get("/api/status").json()["devices"]
+    states = [d["state"] for d in server.get("/api/devices").json()["devices"]]
+    assert counts == {s: states.count(s) for s in set(states)} and sum(counts.values()) == 60

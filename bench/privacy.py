@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.strategies import Data, LocalTraining, Results  # noqa: E402
+from bench.strategies import Data, LocalTraining, Results, count  # noqa: E402
 from fedcore.privacy import DPConfig  # noqa: E402
 from fedcore.strategies import FedAvg  # noqa: E402
 from utils.format_dataset import DatasetError  # noqa: E402
@@ -149,27 +149,19 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/privacy.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="store_true", help="run the grid (runs already saved are skipped)")
-    p.add_argument("--devices", type=lambda t: [_positive(v) for v in t.split(",")], default=[10, 100],
+    p.add_argument("--devices", type=lambda t: [count(1)(v) for v in t.split(",")], default=[10, 100],
                    help="comma-separated device counts (default 10,100)")
     p.add_argument("--noise", type=_floats, default=list(DEFAULT_NOISE),
                    help="comma-separated noise multipliers (default 0,0.05,0.1,0.3,1,2,4)")
     p.add_argument("--clip", type=float, default=0.5, help="clipping bound C (default 0.5)")
-    p.add_argument("--rounds", type=_positive, default=30, help="rounds per run (default 30)")
-    p.add_argument("--samples-per-device", type=_positive, default=600,
+    p.add_argument("--rounds", type=count(1), default=30, help="rounds per run (default 30)")
+    p.add_argument("--samples-per-device", type=count(1), default=600,
                    help="each device's first N examples (default 600: all of 100 devices' shares)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")

@@ -532,14 +532,19 @@ def _attacks(text: str) -> list[str]:
     return names
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def count(minimum: int = 0):
+    """An argparse type: an integer of at least ``minimum`` (the benchmarks' counts and sizes)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+    return parse
+
+
 
 
 def parser() -> argparse.ArgumentParser:
@@ -547,9 +552,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", action="append", choices=("a", "b", "c"),
                    help="which runs (repeatable; run in the order a, c, b); default: none, with --report")
-    p.add_argument("--rounds", type=_positive, default=0,
+    p.add_argument("--rounds", type=count(), default=0,
                    help="rounds per run (default: 20 for parts a and c, 30 for b)")
-    p.add_argument("--samples-per-device", type=_positive, default=0,
+    p.add_argument("--samples-per-device", type=count(), default=0,
                    help="keep each device's first N examples (default 0: its whole share)")
     p.add_argument("--strategies", type=_names(tuple(STRATEGIES), "strategy"),
                    help="comma-separated (default: a: all; b: fedavg and part a's best two; "
@@ -561,7 +566,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", type=_attacks, default=list(ATTACKS),
                    help="part c's attacks, ';'-separated KIND[:KEY=VALUE,...] "
                         "(default: sign-flip;scale;label-flip with their default settings)")
-    p.add_argument("--seed", type=_positive, default=0)
+    p.add_argument("--seed", type=count(), default=0)
     p.add_argument("--results", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
     p.add_argument("--report", action="store_true",
                    help="print the Markdown tables and write the PNG charts to --docs")

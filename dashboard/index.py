@@ -251,6 +251,8 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
     if strategy:
         st.caption(f"Aggregation: **{as_text(with_settings(strategy['name'], strategy['params']))}** "
                    "(server options --strategy and --strategy-arg)")
+    st.caption(f"Updates travel: **{compression_text(status.get('compression'))}** "
+               "(server options --compression and --compress-downlink)")
     privacy = status.get("privacy")
     if privacy:
         st.caption(privacy_text(privacy))
@@ -554,6 +556,14 @@ def aggregation_panel(status: dict[str, Any], history: list[dict[str, Any]],
         table(pd.DataFrame([{"round": f["round"], "failed": ago(f["failed_at"]), "why": f["reason"]}
                             for f in reversed(failures)]).style.map(lambda _: RED),
               column_config={"why": st.column_config.TextColumn(width="large")})
+
+
+def compression_text(compression: dict[str, Any] | None) -> str:
+    """``q4, the download compressed too``: how updates travel (status ``compression``)."""
+    if not compression or compression.get("uplink", "none") == "none":
+        return "uncompressed"
+    down = ", the download compressed too" if compression.get("downlink") else ""
+    return f"{compression['uplink']}{down}"
 
 
 def secure_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -245,6 +245,7 @@
     }
     setText("reason", status.reason || status.last_error || "");
     setText("strategy", status.strategy ? withSettings(status.strategy.name, status.strategy.params) : "–");
+    setText("compression", compressionText(status.compression));
     setText("epsilon", privacyText(status.privacy));
     setText("secagg", secureText(status));
   }
@@ -259,6 +260,12 @@
   // Epsilon is null (infinite) once a round ran without noise.
   function epsilonText(epsilon, digits) {
     return epsilon === null ? "∞" : fmt(epsilon, digits);
+  }
+
+  // How updates travel: "q4, the download compressed too", or "uncompressed".
+  function compressionText(c) {
+    if (!c || c.uplink === "none") return "uncompressed";
+    return c.downlink ? `${c.uplink}, the download compressed too` : c.uplink;
   }
 
   // On or off; when on, its settings and the open round's stage.

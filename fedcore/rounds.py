@@ -564,7 +564,9 @@ class Coordinator:
             mode = self._async.view() if self._async is not None else {"mode": "sync"}
             return {**self._state.view(), **mode, "total_rounds": self.config.rounds,
                     "strategy": self.strategy.describe(), "privacy": self.strategy.privacy(),
-                    "devices": counts, "secure_aggregation": self._secagg_settings()}
+                    "devices": counts, "secure_aggregation": self._secagg_settings(),
+                    "compression": {"uplink": str(self.compression),
+                                    "downlink": self._downlink is not None}}
 
     def _secagg_settings(self) -> dict[str, Any] | None:
         c = self.config.secagg

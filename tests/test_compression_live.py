@@ -170,6 +170,7 @@ def test_compressed_downlink_sends_the_change_and_devices_follow(tmp_path, data_
     try:
         wait_until(lambda: finished(server), 90, "the run to finish")
         assert [p.wait(30) for p in procs] == [0, 0]
+        assert server.get("/api/status").json()["compression"] == {"uplink": "q8", "downlink": True}
         history = server.get("/api/history").json()["rounds"]
         assert [e["num_used"] for e in history] == [2, 2, 2]
         assert history[-1]["test_accuracy"] > 0.8

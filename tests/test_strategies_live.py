@@ -224,6 +224,7 @@ def stats_view(url: str) -> dict:
         page.wait_for_function("document.querySelectorAll('#screened tr').length > 0", timeout=30_000)
         return page.evaluate("""() => ({
           strategy: document.getElementById('strategy').textContent,
+          compression: document.getElementById('compression').textContent,
           screened: [...document.querySelectorAll('#screened tr')].map(
             (tr) => [tr.className, ...[...tr.cells].map((td) => td.textContent)]),
           devices: Object.fromEntries([...document.querySelectorAll('#devices tr')].map(
@@ -278,12 +279,14 @@ def test_krum_holds_against_a_scaling_device_where_fedavg_collapses(tmp_path, da
     # both dashboards show it: the strategy, the declared attack, the rejected updates
     shown = [c.replace("\\", "") for c in captions]  # Markdown escapes off
     assert any(c.startswith("Aggregation: **krum (num_malicious=1)**") for c in shown), captions
+    assert any(c.startswith("Updates travel: **uncompressed**") for c in shown), captions
     assert shown_devices["digits5"]["attack (declared)"] == "scale (factor=100.0)"
     assert shown_devices["digits1"]["attack (declared)"] == ""
     rejected = [r for r in shown_screened if r["device"] == "digits5"]
     assert [r["round"] for r in rejected] == [2, 1]
     assert all(r["outcome"] == "rejected" and "Krum score" in r["why"] for r in rejected)
     assert page["strategy"] == "krum (num_malicious=1)"
+    assert page["compression"] == "uncompressed"
     assert page["devices"]["digits5"] == ["attacker", "scale (factor=100)"]
     assert page["devices"]["digits1"] == ["", "–"]
     attacker_rows = [row for row in page["screened"] if row[2] == "digits5"]

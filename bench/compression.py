@@ -32,7 +32,6 @@ from bench.strategies import Data, LocalTraining  # noqa: E402
 from fedcore import compression, wire  # noqa: E402
 from fedcore.files import atomic_write_text  # noqa: E402
 from fedcore.strategies import make_strategy  # noqa: E402
-from utils.format_dataset import DatasetError  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "compression.json"
 DEVICES = 10
@@ -151,10 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.report:
         print(report(runs))
         return 0
-    try:
-        data = Data(a.data_dir)
-    except (DatasetError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if (data := Data.open(a.data_dir)) is None:
         return 2
     trainer = LocalTraining("basic", a.seed)
     for scheme in a.schemes:

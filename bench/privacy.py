@@ -37,7 +37,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench.strategies import Data, LocalTraining, Results, count  # noqa: E402
 from fedcore.privacy import DPConfig  # noqa: E402
 from fedcore.strategies import FedAvg  # noqa: E402
-from utils.format_dataset import DatasetError  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "privacy.json"
 DOCS = ROOT / "docs"
@@ -184,10 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = [(d, z) for d in a.devices for z in a.noise
             if key(d, z, a.clip, a.rounds, a.samples_per_device, a.seed) not in results.runs] if a.run else []
     if todo:
-        try:
-            data = Data(a.data_dir)
-        except (DatasetError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        if (data := Data.open(a.data_dir)) is None:
             return 2
         trainer = LocalTraining("basic", a.seed)
         for devices, noise in todo:

@@ -202,6 +202,15 @@ class LocalTraining:
 class Data:
     """Fashion-MNIST, preprocessed once; each partition's device shards cached."""
 
+    @classmethod
+    def open(cls, data_dir: str | None) -> Data | None:
+        """The data set, or None once the reason it cannot be read is printed (exit 2)."""
+        try:
+            return cls(data_dir)
+        except (DatasetError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return None
+
     def __init__(self, data_dir: str | None) -> None:
         from model import preprocess
 
@@ -595,12 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         todo = [r for r in runs if r.key not in results.runs]
         log(f"part {part}: {len(runs)} runs, {len(runs) - len(todo)} already in {a.results}")
         for i, run in enumerate(todo, start=1):
-            if data is None:
-                try:
-                    data = Data(a.data_dir)
-                except (DatasetError, OSError) as exc:
-                    print(f"error: {exc}", file=sys.stderr)
-                    return 2
+            if data is None and (data := Data.open(a.data_dir)) is None:
+                return 2
             log(f"[{part} {i}/{len(todo)}] {run.key}")
             started = time.perf_counter()
             record = simulate(run, data, trainers, log)

@@ -78,6 +78,7 @@ class ServerConfig:
     # TensorBoard event files under runs_dir/run_id/ (None: none written).
     runs_dir: Path | None = None
     run_id: str | None = None
+    tensorboard_devices: int = 32  # devices that get a TensorBoard run of their own
 
     def __post_init__(self) -> None:
         layout = state.resolve(self.state_dir)
@@ -161,7 +162,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
     if config.runs_dir is not None:
         from server_tensorboard import TensorBoardLog
 
-        engine.add_hook(TensorBoardLog(config.runs_dir, config.run_id))
+        engine.add_hook(TensorBoardLog(config.runs_dir, config.run_id, config.tensorboard_devices))
     app = build_app(engine, admin_token=admin, max_wait=config.max_wait, predictor=predictor,
                     max_image_bytes=config.max_image_bytes,
                     auth_failures_per_minute=config.auth_failures_per_minute)
@@ -186,6 +187,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="TensorBoard event files go to RUNS_DIR/RUN_ID/ (default: the state dir's runs/)")
     p.add_argument("--run-id", default=None, help="TensorBoard run name (default: the start time)")
     p.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
+    p.add_argument("--tensorboard-devices", type=int, default=d.tensorboard_devices, metavar="N",
+                   help="the first N devices to report get a TensorBoard run each; the global run charts "
+                        f"every device's loss and accuracy as histograms (default {d.tensorboard_devices})")
     p.add_argument("--data-dir", default=None,
                    help="folder with the Fashion-MNIST .gz files (else $FEDHUB_DATA_DIR, else Keras)")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
@@ -266,6 +270,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error("--header-timeout must be between 0 and 3600 seconds")
     if a.auth_failures_per_minute < 0:
         p.error("--auth-failures-per-minute must be 0 or more")
+    if not 0 <= a.tensorboard_devices <= 100_000:
+        p.error("--tensorboard-devices must be between 0 and 100000")
     if not 0 <= a.strategy_memory_mb <= 2**40:
         p.error("--strategy-memory-mb must be 0 or more")
     try:
@@ -303,6 +309,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         certfile=a.certfile, keyfile=a.keyfile, channel_timeout=a.channel_timeout, max_wait=a.max_wait,
         header_timeout=a.header_timeout, auth_failures_per_minute=a.auth_failures_per_minute,
         model_factory=a.model_factory, test_data=a.test_data, run_id=a.run_id,
+        tensorboard_devices=a.tensorboard_devices,
         runs_dir=None if a.no_tensorboard else (a.runs_dir or layout.runs_dir))
 
 

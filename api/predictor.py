@@ -3,7 +3,9 @@
 A request must never see a half-updated network, and it must not wait for one to be built.
 So when a round completes (the engine's ``add_hook``), a *new* :class:`model.Model` is built
 and loaded on the engine's round-hook thread, warmed up, and only then put in place by swapping
-one reference under a lock held for an assignment. A request takes that reference once and
+one reference under a lock held for an assignment. (Only while predictions are being asked
+for: a run nobody predicts from does not build a network per round; the first prediction
+after a pause builds it then.) A request takes that reference once and
 uses it to the end: it answers with the model it started with, never a mix of two rounds,
 and nothing is read from disk per call.
 
@@ -36,6 +38,7 @@ class Predictor:
         self._lock = threading.Lock()
         # (version, network, the engine's weights object it was built from)
         self._current: tuple[int, Model, Mapping[str, np.ndarray]] | None = None
+        self._asked = False  # a prediction came since the last model was built
 
     @property
     def version(self) -> int | None:
@@ -64,8 +67,11 @@ class Predictor:
             self._current = (version, fresh, weights)
 
     def on_round(self, entry: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> None:
-        """The engine's round hook: ``entry`` is the completed round's history entry."""
-        self.install(int(entry["round"]), weights)
+        """The engine's round hook: ``entry`` is the completed round's history entry. Builds the
+        new model ahead of requests only if predictions were asked for since the last one."""
+        if self._asked or int(entry["round"]) == 0:
+            self._asked = False
+            self.install(int(entry["round"]), weights)
 
     def predict(self, images: np.ndarray, version: int,
                 weights: Mapping[str, np.ndarray]) -> tuple[int, np.ndarray]:
@@ -78,6 +84,7 @@ class Predictor:
         """
         if version == 0:
             raise Conflict(NO_MODEL_MESSAGE, "model")
+        self._asked = True
         with self._lock:
             current = self._current
         if current is None or current[2] is not weights:

@@ -3,7 +3,10 @@ upload an update, report progress and poll for an interrupt while training, leav
 
 from __future__ import annotations
 
+import io
+
 from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.wsgi import wrap_file
 
 from fedcore.secagg.codec import MAX_MESSAGE_BYTES
 
@@ -78,7 +81,11 @@ def model():
     if etag in request.if_none_match:
         response = Response(status=304)
     else:
-        response = Response(body, mimetype="application/octet-stream")
+        # Through the server's file wrapper: waitress then sends straight from these bytes, where
+        # a plain body is first copied into a per-connection buffer (a temporary file above 64 KB).
+        response = Response(wrap_file(request.environ, io.BytesIO(body)),
+                            mimetype="application/octet-stream", direct_passthrough=True)
+        response.content_length = len(body)
     response.set_etag(etag)
     response.headers["X-Model-Version"] = str(version)
     return response

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from fedcore.devices import MAX_DEVICES_PAGE
 from fedcore.errors import InvalidInput
 
 from .context import engine
-from .inputs import int_arg
+from .inputs import float_arg, int_arg
 
 bp = Blueprint("public", __name__)
 
@@ -21,7 +21,10 @@ def health():
 
 @bp.get("/api/status")
 def status():
-    return jsonify(engine().status())
+    """The run; with ``wait`` and ``since`` (a ``revision`` it answered), a long poll that ends
+    when the run moves on (see :meth:`fedcore.rounds.Coordinator.status`)."""
+    wait = float_arg("wait", 0.0, 0.0, current_app.config["FEDHUB_MAX_WAIT"])
+    return jsonify(engine().status(wait, request.args.get("since")))
 
 
 @bp.get("/api/devices")

@@ -144,6 +144,11 @@ def run(clients: int, rounds: int, threads: int, poll_wait: float, data_dir: Pat
                                  for shape, dtype in result.spec.values())
     summary["counted"] = sum(r["num_updates"] for r in history)
     summary["rounds_done"] = len(history)
+    # From the first round's opening to the last one's close (server clock): enrollment left out.
+    if history:
+        span = max(r["closed_at"] for r in history) - min(r["started_at"] for r in history)
+        summary["training_uploads_per_second"] = summary["counted"] / span if span > 0 else float("nan")
+        summary["round_seconds"] = float(np.median([r["closed_at"] - r["started_at"] for r in history]))
     # Lost or double-counted: what each round's history says against what the devices had accepted.
     summary["mismatched"] = sum(set(r["devices"]) != set(result.accepted.get(r["round"], {}))
                                 for r in history)
@@ -181,12 +186,14 @@ def main() -> int:
     share = f", {a.fraction:g} of them per round, {workers} pool workers" if a.fraction < 1 else ""
     print(f"### {a.clients} devices{share}, {a.rounds} rounds on loopback (basic model, "
           f"{model_bytes:,} bytes of float32 parameters; {a.clients} x model = {budget / 2**20:.1f} MiB)\n")
-    print("| server threads | uploads/s (whole run) | uploads/s (within a round) | upload p50 / p99 (s) "
-          "| download p50 / p99 (s) | server peak RSS growth | vs clients x model | updates counted "
+    print("| server threads | uploads/s (whole run) | uploads/s (training) | uploads/s (within a round) "
+          "| round s (median) | upload p50 / p99 (s) | download p50 / p99 (s) | server peak RSS growth "
+          "| vs clients x model | updates counted "
           "| rounds mismatched | 5xx | errors | CPU s: server / swarm | server CPU ms per upload |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for threads, s in rows:
-        print(f"| {threads} | {s['uploads_per_second']:.1f} | {s['round_uploads_per_second']:.1f} "
+        print(f"| {threads} | {s['uploads_per_second']:.1f} | {s.get('training_uploads_per_second', 0):.1f} "
+              f"| {s['round_uploads_per_second']:.1f} | {s.get('round_seconds', 0):.2f} "
               f"| {s['upload_p50']:.2f} / {s['upload_p99']:.2f} | {s['download_p50']:.2f} / "
               f"{s['download_p99']:.2f} | {s['server_peak_growth'] / 2**20:.1f} MiB "
               f"| {s['server_peak_growth'] / budget:.2f} | {s['counted']} of {s['accepted_uploads']} "
@@ -199,6 +206,9 @@ def main() -> int:
             print("| function | inclusive | own |\n|---|---:|---:|")
             for function, inclusive, own in s["profile"]:
                 print(f"| `{function}` | {inclusive:.1%} | {own:.1%} |")
+    for threads, s in rows:
+        calls = ", ".join(f"{k}: {v}" for k, v in s["statuses"].items())
+        print(f"\nRequests the devices made, {threads} threads (call and status: count): {calls}")
     for threads, s in rows:
         for message in s["first_errors"]:
             print(f"\n{threads} threads: {message}", file=sys.stderr)

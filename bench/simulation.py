@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from fedcore.strategies import STRATEGIES, ParamError, parse_strategy_args  # noqa: E402
+
 TARGET = 0.85
 CENTRAL = """
 import json, sys, time
@@ -85,10 +87,13 @@ def figures(history: Any) -> dict[str, Any]:
 
 def run_pool(devices_root: Path, root: Path, rounds: int, fraction: float, data_dir: str | None,
              **options: Any) -> dict[str, Any]:
+    """One pool simulation; ``options`` override the issue's local training (1 epoch, batch 32,
+    Adam 1e-3) and reach ``fedhub.simulate`` (workers, backend, strategy, ...)."""
     import fedhub
 
-    history = fedhub.simulate("basic", devices_root, rounds=rounds, fraction=fraction, epochs=1,
-                              batch_size=32, learning_rate=1e-3, data_dir=data_dir, root=root, **options)
+    options = {"epochs": 1, "batch_size": 32, "learning_rate": 1e-3, "quiet": False, **options}
+    history = fedhub.simulate("basic", devices_root, rounds=rounds, fraction=fraction, data_dir=data_dir,
+                              root=root, **options)
     return figures(history)
 
 
@@ -138,7 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", action="store_true",
                    help="also one process per device (ten: 10 TensorFlows)")
     p.add_argument("--json", type=Path, default=None, help="append each result as a JSON line here")
+    many = p.add_argument_group("local training and strategy of the many part (default: as the ten part)")
+    many.add_argument("--epochs", type=int, default=1)
+    many.add_argument("--batch-size", type=int, default=32)
+    many.add_argument("--learning-rate", type=float, default=1e-3)
+    many.add_argument("--strategy", default="fedavg", choices=list(STRATEGIES))
+    many.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
+    try:
+        params = parse_strategy_args(a.strategy, a.strategy_arg)
+        training = {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.learning_rate,
+                    "strategy": a.strategy, "strategy_params": params}
+    except ParamError as exc:
+        p.error(str(exc))
     tmp = Path(tempfile.mkdtemp(prefix="fedhub-bench-sim-"))
     results: list[dict[str, Any]] = []
 
@@ -162,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         for devices in a.devices:
             folder = split(tmp / f"many{devices}" / "devices", devices, a.data_dir)
             record(part="many", setup=f"{devices} devices, pool, {a.workers} workers", devices=devices,
+                   training=training,
                    **run_pool(folder, tmp / f"many{devices}", a.rounds_many, 0.1, a.data_dir,
-                              workers=a.workers))
+                              workers=a.workers, **training))
     if "ray" in a.parts:
         import ray
 
@@ -207,7 +225,11 @@ def report(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
         print()
     many = [r for r in results if r["part"] in ("many", "ray")]
     if many:
-        print("## Many devices, 10 % per round (IID, one local epoch, batch 32)\n")
+        t = next((r["training"] for r in many if "training" in r), None)
+        local = ("one local epoch, batch 32" if t is None else
+                 f"{t['epochs']} local epoch(s), batch {t['batch_size']}, Adam {t['learning_rate']:g}, "
+                 f"{t['strategy']} {t['strategy_params'] or ''}".rstrip())
+        print(f"## Many devices, 10 % per round (IID, {local})\n")
         print("| setup | rounds | first round | steady round | time to 85 % (round) | final accuracy | "
               "peak RSS, all processes | per worker after start-up | MB up / down | nodes |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

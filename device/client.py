@@ -95,6 +95,11 @@ def _retry_after(response: requests.Response) -> float | None:
     return min(max(seconds, 0.0), 60.0) if seconds == seconds else None
 
 
+# Retried until ``retry_for`` runs out: no connection, no answer in time, or a connection that
+# broke in the middle of the answer (ChunkedEncodingError: a server killed while answering).
+_BROKEN = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
 class Client:
     """One device's connection to a FedHub server."""
 
@@ -112,6 +117,7 @@ class Client:
         self.verify = verify
         self._on_wait = on_wait
         self._model: tuple[str, int, dict[str, np.ndarray]] | None = None
+        self._model_lock = threading.Lock()
 
     def fork(self, *, timeout: float = 10.0, retry_for: float = 5.0) -> Client:
         """A second connection with the same server, name, token and TLS settings, for
@@ -147,7 +153,7 @@ class Client:
             except requests.exceptions.SSLError as exc:  # a certificate problem will not fix itself
                 raise TLSError(f"TLS failure talking to {self.server}: {_ssl_reason(exc)} "
                                "(for a private CA, pass its bundle with --ca)") from None
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except _BROKEN as exc:
                 problem = type(exc).__name__
                 trouble = f"unreachable ({problem})"
             remaining = deadline - time.monotonic()
@@ -200,8 +206,16 @@ class Client:
             time.sleep(random.uniform(0.5, 1.0) * min(float(retry_in), wait))
         return task
 
-    def model(self) -> tuple[int, dict[str, np.ndarray]]:
-        """The global model's version and weights; unchanged models are not downloaded again (ETag)."""
+    def model(self, version: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
+        """The global model's version and weights; unchanged models are not downloaded again (ETag),
+        and ``version`` (the one a task names), when held already, is not even asked for. One
+        thread at a time: threads sharing this client download a new version once."""
+        with self._model_lock:
+            return self._fetch_model(version)
+
+    def _fetch_model(self, version: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
+        if version is not None and self._model and self._model[1] == version:
+            return self._model[1], self._model[2]
         headers = {"If-None-Match": self._model[0]} if self._model else {}
         response = self.request("GET", "/api/model", headers=headers)
         if response.status_code == 304 and self._model:
@@ -215,7 +229,7 @@ class Client:
             if self._model is None:
                 raise
             self._model = None  # what it changes is not what is held: download the whole model
-            return self.model()
+            return self._fetch_model()
         etag = response.headers.get("ETag", "")
         self._model = (etag, version, weights)
         return version, weights
@@ -284,11 +298,40 @@ class Client:
     def leave(self) -> None:
         self._json(self.request("POST", f"/api/devices/{self.name}/leave", retry=False))
 
-    def status(self) -> dict[str, Any]:
-        return self._json(self.request("GET", "/api/status"))
+    def status(self, wait: float = 0.0, since: str | None = None) -> dict[str, Any]:
+        """The run's status. With ``since`` (an earlier answer's ``revision``), waits up to
+        ``wait`` seconds for the run to move on: on the server, a long poll; here, for what is
+        left of ``wait``, when the server answered early without a change (it was holding as
+        many such polls as it allows)."""
+        if since is None or wait <= 0:
+            return self._json(self.request("GET", "/api/status"))
+        start = time.monotonic()
+        status = self._json(self.request("GET", "/api/status", params={"wait": wait, "since": since},
+                                         read_timeout=wait + self.timeout))
+        if status.get("revision", since) == since:
+            time.sleep(max(0.0, wait - (time.monotonic() - start)))
+        return status
 
     def history(self) -> list[dict[str, Any]]:
         return self._json(self.request("GET", "/api/history"))["rounds"]
+
+
+class PooledClient(Client):
+    """One of many devices hosted in one process (a pool worker, the load swarm): the host's
+    HTTP session, and the host's one copy of the global model (``models``, a client whose
+    ETag cache all its devices share: a new version is downloaded once, then answered 304)."""
+
+    def __init__(self, server: str, name: str, *, session: requests.Session, models: Client,
+                 **kwargs: Any) -> None:
+        super().__init__(server, name, **kwargs)
+        self.session.close()
+        self.session = session
+        self._models = models
+
+    def model(self, version: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
+        with self._models._model_lock:
+            self._models.token = self.token  # any enrolled device may read the global model
+            return self._models._fetch_model(version)
 
 
 class RemoteLogHandler(logging.Handler):

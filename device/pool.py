@@ -171,7 +171,7 @@ class DevicePool:
                               secagg_dropout=self.secagg_dropout,
                               slowdown={n: f for n, f in self.slowdown.items()
                                         if n in self.names[index::count]},
-                              enroll_secret=self.enroll_secret)
+                              enroll_secret=self.enroll_secret, parent_pid=os.getpid())
             slot = _Slot(spec)
             slot.handle = self._runner.launch(spec, 0)
             self._slots.append(slot)

@@ -239,7 +239,7 @@ class DeviceRunner:
 
     def _train_round(self, task: dict[str, Any]) -> None:
         number = task["round"]
-        version, weights = self.client.model()
+        version, weights = self.client.model(task.get("model_version"))
         if task.get("mode") == "async":  # any recent version will do: the server weighs staleness
             number = version
         elif version != task["model_version"]:

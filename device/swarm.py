@@ -33,7 +33,7 @@ import requests
 
 from fedcore import wire
 
-from .client import Client
+from .client import Client, PooledClient
 
 Seed = tuple[int, int, int]  # (swarm seed, client index, round): regenerates one update
 Spec = Mapping[str, tuple[tuple[int, ...], str]]
@@ -191,11 +191,13 @@ class Swarm:
     With ``workers``, the devices are scheduled as a device pool's workers do (see
     ``device/virtual.py``), for runs where the server selects only some of them per round
     (``--fraction``): every device enrolls, then each of ``workers`` threads reads
-    ``GET /api/status`` every ``status_interval`` seconds and has its devices that the open
-    round selected take their task (``concurrency`` at a time over all workers); the others
+    ``GET /api/status`` (when it has nothing to do, a long poll of up to ``status_interval``
+    seconds for the run to move on) and has its devices that the open round selected take
+    their task (``concurrency`` at a time over all workers); the others
     ask for a task without waiting every ``keepalive`` seconds, to stay online. Each device
     trains in the rounds it is selected for until the run is finished; ``rounds`` is then
-    the run's number of rounds.
+    the run's number of rounds. As in a pool, each worker downloads each global model
+    version once, for all its devices (the others are answered 304, ETag).
     """
 
     def __init__(self, server: str, clients: int, rounds: int, *, enroll_secret: str | None,
@@ -295,12 +297,18 @@ class Swarm:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=self.concurrency)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
+        models = []  # each worker's one copy of the global model, as a pool worker has
+        for _ in range(max(1, self.workers)):
+            model_client = Client(self.server, "models", timeout=self.timeout,
+                                  retry_for=min(60.0, self.time_limit))
+            model_client.session.hooks["response"].append(self._record_status)
+            models.append(model_client)
         clients = []
         for index in range(self.clients):
-            client = Client(self.server, f"{self.prefix}{index:04d}", timeout=self.timeout,
-                            retry_for=min(60.0, self.time_limit))
-            client.session.close()
-            client.session = session  # one connection pool, as a worker has
+            # one connection pool for all devices, as a worker has
+            client = PooledClient(self.server, f"{self.prefix}{index:04d}", session=session,
+                                  models=models[index % len(models)], timeout=self.timeout,
+                                  retry_for=min(60.0, self.time_limit))
             clients.append((index, client))
         with ThreadPoolExecutor(self.concurrency) as pool:
             list(pool.map(lambda c: c[1].register(self.enroll_secret), clients))
@@ -312,10 +320,11 @@ class Swarm:
         mine = dict((c.name, (i, c)) for i, c in devices)
         seen = dict.fromkeys(mine, time.monotonic())
         attempted: set[tuple[int, str]] = set()
+        revision = None  # after a pass with nothing to do: wait for the run to move on
         try:
             with ThreadPoolExecutor(max(1, self.concurrency // self.workers)) as pool:
                 while self._remaining():
-                    status = status_client.status()
+                    status = status_client.status(self.status_interval, since=revision)
                     if status["status"] == "finished":
                         return
                     current = status.get("round") or {}
@@ -329,7 +338,8 @@ class Swarm:
                         future.result()
                     now = time.monotonic()
                     seen.update(dict.fromkeys(todo + due, now))
-                    if not todo:
+                    revision = None if todo else status.get("revision")
+                    if not todo and revision is None:  # a server without long polls on its status
                         time.sleep(self.status_interval)
         except Exception as exc:
             self._error(f"worker of {status_client.name}...: {type(exc).__name__}: {exc}")
@@ -371,7 +381,7 @@ class Swarm:
     def _train(self, client: Client, index: int, task: dict[str, Any]) -> None:
         number = task["round"]
         t0 = time.monotonic()
-        version, global_weights = client.model()
+        version, global_weights = client.model(task["model_version"])
         t1 = time.monotonic()
         if version != task["model_version"]:
             raise RuntimeError(f"round {number}: task says model v{task['model_version']}, "

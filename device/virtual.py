@@ -14,11 +14,12 @@ thousand of them fit on one machine:
 * nothing of a device's data until it trains: its ``x.npy``/``y.npy`` are memory-mapped,
   so memory is O(model + the data being trained on), whatever the number of devices.
 
-Scheduling needs no long polls: the worker reads the public ``GET /api/status`` (one
-request) to learn which of its devices the open round selected and asks only those for
-their task. The others ask for theirs without waiting every ``keepalive`` seconds, which
-keeps them online for the server (set it well under the server's ``--device-timeout``).
-A device that raises fails its own step, never the worker.
+Scheduling needs no long poll per device: the worker reads the public ``GET /api/status``
+(one request; when it has nothing to do, a long poll that ends when the run moves on) to
+learn which of its devices the open round selected and asks only those for their task. The
+others ask for theirs without waiting every ``keepalive`` seconds, which keeps them online
+for the server (set it well under the server's ``--device-timeout``). A device that raises
+fails its own step, never the worker; a worker whose launcher is gone stops.
 
     python -m device.virtual --spec worker.json   # what device.pool starts; secret in $FEDHUB_ENROLL_SECRET
 """
@@ -52,7 +53,7 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
 from device.attacks import Attack, make_attack  # noqa: E402
-from device.client import Client, RemoteLogHandler, ServerError, TLSError, Unreachable  # noqa: E402
+from device.client import Client, PooledClient, RemoteLogHandler, ServerError, TLSError, Unreachable  # noqa: E402
 from device.runner import DeviceRunner  # noqa: E402
 from device.swarm import process_memory  # noqa: E402
 from fedcore.files import atomic_write_text  # noqa: E402
@@ -84,6 +85,8 @@ class WorkerSpec:
     # Simulated slow devices: name -> how many times its training time its update takes to arrive.
     slowdown: dict[str, float] = field(default_factory=dict)
     enroll_secret: str | None = field(default=None, repr=False)
+    # The process that launched this worker: once it is gone, the worker stops (not with Ray).
+    parent_pid: int | None = None
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -206,22 +209,6 @@ def _server_model_trainer(model_file: bytes) -> Any:
 
 
 # --------------------------------------------------------------------------- devices
-
-
-class PooledClient(Client):
-    """A virtual device's connection: the worker's HTTP session, and the worker's one copy
-    of the global model (``models``, a client whose ETag cache all devices share)."""
-
-    def __init__(self, server: str, name: str, *, session: requests.Session, models: Client,
-                 **kwargs: Any) -> None:
-        super().__init__(server, name, **kwargs)
-        self.session.close()
-        self.session = session
-        self._models = models
-
-    def model(self) -> tuple[int, dict[str, np.ndarray]]:
-        self._models.token = self.token  # any enrolled device may read the global model
-        return self._models.model()
 
 
 def _peak_rss(reset: bool = False) -> int:
@@ -357,9 +344,11 @@ class Worker:
 
     def _loop(self) -> None:
         attempted: set[tuple[tuple[int, str | None], str]] = set()
+        revision = None  # set after a pass with nothing to do: the next status waits for a change
         while not self._stop.is_set() and self._alive():
             self._send_due()
-            status = self._public.status()
+            status = self._public.status(self.spec.poll_interval, since=revision)
+            revision = None
             if status["status"] == "finished":
                 for name in self._alive():
                     self._step(name)  # "finish": saves nothing here, leaves
@@ -383,7 +372,9 @@ class Worker:
                 self._keepalive(budget=4)
             if not todo:
                 self._keepalive(budget=32)
-                self._stop.wait(self.spec.poll_interval)
+                revision = status.get("revision")
+                if revision is None:  # a server without long polls on its status
+                    self._stop.wait(self.spec.poll_interval)
 
     def _train_continuously(self, status: dict[str, Any]) -> None:
         """Asynchronous mode: every device not waiting on its own slow update trains in turn."""
@@ -501,6 +492,21 @@ class Worker:
         atomic_write_text(self.spec.stats_path, json.dumps(self.summary()))
 
 
+def _exit_with_parent(worker: Worker, parent: int, grace: float = 10.0) -> None:
+    """Stop when ``parent``, the process that launched this worker, is gone (killed without a
+    chance to stop its workers): an orphan would keep retrying a server that no longer exists.
+    (``parent`` comes from the spec: the launcher may be gone before this process gets here.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        worker.stop()
+        time.sleep(grace)  # time to stop cleanly, unless a request is retrying a dead server
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m device.virtual", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -515,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(spec)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: worker.stop())
+    _exit_with_parent(worker, spec.parent_pid or os.getppid())
     try:
         summary = worker.run()
     except (Unreachable, TLSError) as exc:

@@ -46,6 +46,7 @@ Weights = dict[str, np.ndarray]
 __all__ = ["STATUSES", "Coordinator", "Evaluate", "RoundHook"]
 # Seconds a device told "retry_in" waits before polling again (at most the wait it asked for).
 RETRY_IN = 2.0
+MAX_REVISION = 200
 
 
 class Coordinator:
@@ -286,12 +287,17 @@ class Coordinator:
                     elif crowded:
                         task["retry_in"] = round(min(wait, RETRY_IN), 2)
                     return task
-                self._waiters += 1
-                try:
-                    self._cond.wait(min(remaining, 1.0))
-                finally:
-                    self._waiters -= 1
+                self._wait_as_long_poll(remaining)
                 self._devices.touch(name)
+
+    def _wait_as_long_poll(self, remaining: float) -> None:
+        """Wait (under the lock) for a change, at most a second at a time, counted among the
+        ``max_waiters`` long polls."""
+        self._waiters += 1
+        try:
+            self._cond.wait(min(remaining, 1.0))
+        finally:
+            self._waiters -= 1
 
     def submit(self, name: str, round_number: int, body: bytes,
                upload_id: str | None = None) -> dict[str, Any]:
@@ -557,16 +563,46 @@ class Coordinator:
         return number, metrics
 
     # reading --------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        """The run, the open round, the strategy and how many devices are in each state."""
+    def status(self, wait: float = 0.0, since: object = None) -> dict[str, Any]:
+        """The run, the open round, the strategy and how many devices are in each state.
+
+        ``revision`` changes whenever the run's status, the model version, the open round or
+        its stage does. Given back as ``since`` with ``wait``, the answer waits up to ``wait``
+        seconds for such a change: a pool worker hosting hundreds of devices learns of the
+        next round at once instead of at its next poll. These waits count among the
+        ``max_waiters`` long polls that tasks count in; beyond them the answer comes at once
+        (and a device whose task poll finds no room waits on its side, as ever).
+        """
+        if since is not None and not (isinstance(since, str) and len(since) <= MAX_REVISION):
+            raise InvalidInput(f"since must be a revision from a status answer (at most {MAX_REVISION} "
+                               "characters)", "since")
+        end = time.monotonic() + max(0.0, wait)
+        with self._cond:
+            while (since is not None and since == self._revision() and not self._driver.stopped
+                   and (self.max_waiters is None or self._waiters < self.max_waiters)):
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wait_as_long_poll(remaining)
         counts = self._devices.counts()
         with self._cond:
             mode = self._async.view() if self._async is not None else {"mode": "sync"}
-            return {**self._state.view(), **mode, "total_rounds": self.config.rounds,
+            return {**self._state.view(), **mode, "revision": self._revision(),
+                    "total_rounds": self.config.rounds,
                     "strategy": self.strategy.describe(), "privacy": self.strategy.privacy(),
                     "devices": counts, "secure_aggregation": self._secagg_settings(),
                     "compression": {"uplink": str(self.compression),
                                     "downlink": self._downlink is not None}}
+
+    def _revision(self) -> str:
+        """What :meth:`status` waits on (under the lock): the run's status, the model version,
+        the open (or closing) round, its secure-aggregation stage and the async buffer."""
+        s = self._state
+        r = s.open
+        stage = r.secure.stage if r is not None and r.secure is not None else ""
+        number = r.number if r is not None else (f"{s.closing}c" if s.closing is not None else "")
+        buffer = self._async.view()["buffer"]["target"] if self._async is not None else ""
+        return f"{s.status}.{s.version}.{number}.{stage}.{buffer}"
 
     def _secagg_settings(self) -> dict[str, Any] | None:
         c = self.config.secagg

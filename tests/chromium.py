@@ -28,3 +28,11 @@ def chromium() -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
+
+
+def wait_js(page: Any, expression: str, arg: Any = None, timeout: float = 30.0, what: str = "") -> None:
+    """Poll a JS predicate from Python. Playwright's wait_for_function evaluates a string with eval
+    once it has to poll, and the pages' Content-Security-Policy (rightly) forbids eval."""
+    from tests.conftest import wait_until
+
+    wait_until(lambda: page.evaluate(expression, arg), timeout, what or expression, interval=0.25)

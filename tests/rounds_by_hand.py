@@ -30,7 +30,7 @@ def enroll(server: ServerProcess, name: str, *, active: bool = True,
 
 def train_rounds(server: ServerProcess, name: str, token: str, rounds: int) -> int:
     """Run ``rounds`` more rounds with device ``name`` alone selected (the server needs
-    ``--min-devices 1``); the number of completed rounds at the end."""
+    ``--min-devices 1``) until the run is finished; the number of completed rounds at the end."""
     auth = {"Authorization": f"Bearer {token}"}
     done = server.get("/api/status").json()["completed_rounds"]
     r = server.admin("POST", "/api/training/start", json={"rounds": done + rounds})
@@ -51,4 +51,8 @@ def train_rounds(server: ServerProcess, name: str, token: str, rounds: int) -> i
         assert r.status_code == 200, r.text
         wait_until(lambda n=n: server.get("/api/status").json()["completed_rounds"] >= n, 60,
                    f"round {n} to complete", interval=0.1)
+    # The run is over once the last round's hooks (evaluation, files) have run, a moment after
+    # the round is counted: callers look at the finished run.
+    wait_until(lambda: server.get("/api/status").json()["status"] == "finished", 60,
+               "the run to finish", interval=0.1)
     return done + rounds

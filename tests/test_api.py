@@ -345,3 +345,47 @@ def test_unknown_routes_and_methods_answer_json(app):
     assert r.status_code == 400 and r.get_json()["field"] == "wait"
     r = c.get("/api/devices/d1/task?wait=99999", headers=bearer(token))
     assert r.status_code == 400 and r.get_json()["field"] == "wait"
+
+
+def test_status_long_poll_answers_when_the_run_moves_on(tmp_path):
+    """``GET /api/status?wait&since``: held while nothing changes, answered as soon as the next
+    round opens (and not before), refused with 400 for bad values, at once when not waiting."""
+    import threading
+
+    app, engine = make_app(tmp_path, min_devices=2, rounds=2, auto_activate=True, start=True)
+    try:
+        client = app.test_client()
+        first = client.get("/api/status").get_json()
+        assert first["round"] is None and isinstance(first["revision"], str)
+        t0 = time.monotonic()
+        same = client.get(f"/api/status?wait=0.6&since={first['revision']}").get_json()
+        assert time.monotonic() - t0 >= 0.55 and same["revision"] == first["revision"]
+
+        answered = {}
+
+        def poll():
+            c = app.test_client()
+            answered["status"] = c.get(f"/api/status?wait=5&since={first['revision']}").get_json()
+            answered["at"] = time.monotonic()
+
+        waiter = threading.Thread(target=poll)
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive()  # nothing has changed yet: still held
+        opened = time.monotonic()
+        two_devices(client)  # the second device lets round 1 open
+        waiter.join(10)
+        status = answered["status"]
+        assert status["round"]["number"] == 1 and status["revision"] != first["revision"]
+        assert answered["at"] - opened < 2  # at once, not at the end of the 5 s
+
+        t0 = time.monotonic()  # an old revision: answered at once
+        assert client.get(f"/api/status?wait=5&since={first['revision']}").status_code == 200
+        assert time.monotonic() - t0 < 1
+        for query, field in (("wait=abc&since=x", "wait"), ("wait=-1&since=x", "wait"),
+                             ("wait=6&since=x", "wait"), (f"wait=1&since={'x' * 201}", "since")):
+            r = client.get(f"/api/status?{query}")
+            assert r.status_code == 400 and r.get_json()["field"] == field, (query, r.get_json())
+        assert engine.status()["round"]["number"] == 1  # refusals changed nothing
+    finally:
+        engine.stop()

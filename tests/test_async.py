@@ -213,8 +213,9 @@ def test_real_devices_train_continuously_through_a_server_sigkill(server_factory
 def test_both_dashboards_show_model_versions(server_factory, monkeypatch):
     """Streamlit's dashboard (AppTest) and the live page (Chromium) in asynchronous mode: the
     model version and the buffer instead of rounds, points labelled by version and time."""
+    from tests.chromium import chromium, wait_js
     from tests.test_dashboard import dashboard, metrics
-    from tests.test_stats_page import CHROMIUM, CHROMIUM_ARGS, open_page, wait_js
+    from tests.test_stats_page import open_page
 
     server = server_factory(*ASYNC, "--buffer", "1", "--max-staleness", "2").start()
     token = enroll(server, "a")
@@ -232,24 +233,18 @@ def test_both_dashboards_show_model_versions(server_factory, monkeypatch):
     assert shown["Updates buffered"] == "0 / 1" and "Completed rounds" not in shown
     assert "Accuracy and loss over time, by model version" in [h.value for h in at.subheader]
 
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page, problems = open_page(browser, f"{server.url}/stats")
-            wait_js(page, "document.getElementById('completed').textContent === '2'")
-            assert page.text_content("#rounds-title") == "Model versions"
-            assert page.evaluate("document.getElementById('completed').previousElementSibling.textContent") \
-                == "Model version"
-            assert page.text_content("#reported") == "0 of 1"
-            labels = page.evaluate("Chart.getChart('accuracy-chart').data.labels")
-            assert [label.split(" · ")[0] for label in labels] == ["v1", "v2"], labels
-            assert page.evaluate("Chart.getChart('accuracy-chart').options.scales.x.title.text") \
-                == "model version (time made)"
-            assert problems == []
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page, problems = open_page(browser, f"{server.url}/stats")
+        wait_js(page, "document.getElementById('completed').textContent === '2'")
+        assert page.text_content("#rounds-title") == "Model versions"
+        assert page.evaluate("document.getElementById('completed').previousElementSibling.textContent") \
+            == "Model version"
+        assert page.text_content("#reported") == "0 of 1"
+        labels = page.evaluate("Chart.getChart('accuracy-chart').data.labels")
+        assert [label.split(" · ")[0] for label in labels] == ["v1", "v2"], labels
+        assert page.evaluate("Chart.getChart('accuracy-chart').options.scales.x.title.text") \
+            == "model version (time made)"
+        assert problems == []
 
 
 @pytest.mark.slow

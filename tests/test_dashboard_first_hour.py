@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import requests
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from streamlit.testing.v1 import AppTest
 
 from tests.chromium import chromium
@@ -255,12 +256,20 @@ def test_download_a_model_in_the_browser(server, streamlit_page, tmp_path):
     button.wait_for(timeout=30_000)
     # Streamlit's developer options (Deploy, Rerun) are not offered
     assert page.get_by_role("button", name="Deploy").count() == 0
+    page.get_by_text("16MB per file").wait_for(timeout=30_000)  # the picture box, drawn further down
     assert page.get_by_text("16MB per file").count() == 1
     assert page.get_by_text("200MB").count() == 0
 
     # choose round 1, and download it
-    page.get_by_label("Round to download").click()
-    page.get_by_role("option", name="round 1").click()
+    # The live view above re-renders every 2 s and can move the box or close its list as it opens:
+    # open it again, as a person would, until the option can be picked.
+    for attempt in range(6):
+        page.get_by_label("Round to download").click()
+        try:
+            page.get_by_role("option", name="round 1").click(timeout=5_000)
+            break
+        except PlaywrightTimeout:
+            assert attempt < 5, "the round list did not open in six tries"
     button = page.get_by_role("button", name="Download round 1")
     button.wait_for(timeout=30_000)
     with page.expect_download(timeout=60_000) as download:

@@ -240,3 +240,36 @@ def test_failed_checkpoint_write_keeps_previous_model(server_factory, tmp_path):
     assert meta.model_version == 2
     for name, a in update.items():
         np.testing.assert_array_equal(got[name], a)
+
+
+def test_the_device_client_retries_an_answer_cut_off_midway():
+    """A server killed while answering leaves a body shorter than its Content-Length: the
+    device's client sends the request again (same headers, so the same Idempotency-Key)
+    instead of crashing with ChunkedEncodingError."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        for attempt in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                seen.append(request)
+                body = b'{"accepted": true}'
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                if attempt == 0:
+                    conn.sendall(head % (len(body) + 100) + body[:5])  # then the "server" dies
+                else:
+                    conn.sendall(head % len(body) + body)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = Client(f"http://127.0.0.1:{port}", "d1", token="t", timeout=5, retry_for=20)
+    response = client.request("POST", "/api/devices/d1/updates/1", data=b"x",
+                              headers={"Idempotency-Key": "k1"})
+    assert response.json() == {"accepted": True}
+    assert len(seen) == 2 and all(b"Idempotency-Key: k1" in r for r in seen)
+    listener.close()

@@ -21,9 +21,6 @@ from utils import state_dir as state
 
 pytestmark = pytest.mark.slow
 DASHBOARD = str(ROOT / "dashboard" / "index.py")
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def progress_call(server, name: str, body, token: str | None) -> requests.Response:
@@ -76,25 +73,19 @@ def test_progress_through_the_protocol_and_on_both_dashboards(server_factory, mo
     assert shown == {"probe": "40/188 batches (21%)", "other": ""}
 
     # the live page, in Chromium: after the device's state
-    if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is needed: apt-get install chromium")
-    from playwright.sync_api import sync_playwright
+    from tests.chromium import chromium
 
     states = "() => Object.fromEntries([...document.querySelectorAll('#devices tr')].map(" \
              "(tr) => [tr.cells[0].textContent, tr.cells[1].textContent]))"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(f"{server.url}/stats/")
-            wait_until(lambda: page.evaluate(states).get("probe") == "training · 40/188 batches", 30,
-                       "the live page to show the progress")
-            assert page.evaluate(states)["other"] == "idle"
-            probe.report_progress(1, 120, 188)  # and it follows, without a reload
-            wait_until(lambda: page.evaluate(states).get("probe") == "training · 120/188 batches", 30,
-                       "the live page to show the new progress")
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page()
+        page.goto(f"{server.url}/stats/")
+        wait_until(lambda: page.evaluate(states).get("probe") == "training · 40/188 batches", 30,
+                   "the live page to show the progress")
+        assert page.evaluate(states)["other"] == "idle"
+        probe.report_progress(1, 120, 188)  # and it follows, without a reload
+        wait_until(lambda: page.evaluate(states).get("probe") == "training · 120/188 batches", 30,
+                   "the live page to show the new progress")
 
     # the progress lives only as long as the device trains in the open round (which, without
     # it, is discarded)

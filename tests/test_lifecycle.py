@@ -94,13 +94,15 @@ def test_validation_report_refusals(app_engine):
 def test_interrupt_over_http(app_engine):
     app, _ = app_engine
     c = app.test_client()
-    tokens = {n: register(c, n).get_json()["token"] for n in ("d1", "d2")}
-    # refusals: who may interrupt, whom, when
-    assert c.post("/api/devices/d2/interrupt").status_code == 401
-    assert c.post("/api/devices/d2/interrupt", headers=bearer(tokens["d1"])).status_code == 403
+    # refusals: who may interrupt, whom, when (one device enrolled: no round can open yet)
+    tokens = {"d1": register(c, "d1").get_json()["token"]}
+    assert c.post("/api/devices/d1/interrupt").status_code == 401
+    assert c.post("/api/devices/d1/interrupt", headers=bearer(tokens["d1"])).status_code == 403
     assert c.post("/api/devices/nobody/interrupt", headers=bearer(ADMIN)).status_code == 404
-    r = c.post("/api/devices/d2/interrupt", headers=bearer(ADMIN))
+    r = c.post("/api/devices/d1/interrupt", headers=bearer(ADMIN))
     assert r.status_code == 409 and r.get_json()["field"] == "name"  # not training yet
+    tokens["d2"] = register(c, "d2").get_json()["token"]
+    assert c.post("/api/devices/d2/interrupt", headers=bearer(tokens["d1"])).status_code == 403
     for name, token in tokens.items():
         wait_task(c, name, token)
     assert c.get("/api/devices/d2/signal", headers=bearer(tokens["d2"])).get_json()["interrupt"] is False

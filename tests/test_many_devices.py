@@ -18,8 +18,9 @@ from streamlit.testing.v1 import AppTest
 from device.swarm import Swarm
 from fedcore.devices import DeviceRegistry
 from fedcore.storage import Storage
+from tests.chromium import wait_js
 from tests.conftest import ROOT, ServerProcess
-from tests.test_stats_page import browser, open_page, wait_js  # noqa: F401 (browser: a fixture)
+from tests.test_stats_page import browser, open_page  # noqa: F401 (browser: a fixture)
 
 pytestmark = pytest.mark.slow
 DASHBOARD = str(ROOT / "dashboard" / "index.py")

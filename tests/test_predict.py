@@ -317,3 +317,26 @@ def test_round_hooks_of_the_real_factory(fed):
         assert device["accuracy"][h["round"]] == pytest.approx(h["devices"]["d1"]["accuracy"], rel=1e-6)
         assert device["num_examples"][h["round"]] == 1500
 
+
+
+def test_the_predictor_builds_ahead_only_while_predictions_are_asked_for():
+    """A run nobody predicts from builds no network per round; once asked, the next round's is
+    built ahead on the hook, and an answer always comes from the engine's current weights."""
+    first, second = Model("basic", seed=1).get_weights(), Model("basic", seed=2).get_weights()
+    predictor = Predictor("basic")
+    predictor.on_round({"round": 1}, first)
+    predictor.on_round({"round": 2}, second)
+    assert predictor.version is None  # nothing built: nobody asked
+    images = np.zeros((1, 28, 28), np.uint8)
+    version, probabilities = predictor.predict(images, 2, second)  # built now, on demand
+    assert version == 2 and predictor.version == 2
+    reference = Model("basic", seed=None)
+    reference.set_weights(first)
+    predictor.on_round({"round": 3}, first)  # asked since the last build: built ahead
+    assert predictor.version == 3
+    version, probabilities = predictor.predict(images, 3, first)
+    np.testing.assert_allclose(probabilities, reference.predict(images), atol=1e-6)
+    predictor.on_round({"round": 4}, second)  # asked since: built ahead
+    assert predictor.version == 4
+    predictor.on_round({"round": 5}, first)  # not asked since the last build: not built
+    assert predictor.version == 4

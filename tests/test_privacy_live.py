@@ -83,6 +83,9 @@ def test_central_dp_records_epsilon_each_round_and_restores_it_after_a_kill(tmp_
         state = st_load((server.state_dir / "saved" / "round_00002.strategy.safetensors").read_bytes())
         np.testing.assert_array_equal(state["dp_accountant"], [[1.0, 1.5, 2]])
 
+        # the round hooks run on their own thread: round 2's TensorBoard step is written by now
+        wait_until(lambda: 2 in read_run(tmp_path / "runs" / "dp" / "global").get("dp_epsilon", {}), 30,
+                   "round 2 in the TensorBoard event files")
         server.kill()  # mid-round, no clean shutdown: the accountant comes back from round 2's state
         server.start()
         assert "restored dp-central-fixed(fedavg)'s state from round 2" in server.log()
@@ -195,7 +198,7 @@ def test_epsilon_shows_in_both_dashboards(tmp_path, data_dir, monkeypatch):
     chart, and the live page's card and rounds table, show the epsilon the history holds."""
     from streamlit.testing.v1 import AppTest
 
-    from .chromium import chromium
+    from .chromium import chromium, wait_js
     from .rounds_by_hand import enroll, train_rounds
     from .test_dashboard_first_hour import DASHBOARD, chart_data
 
@@ -221,7 +224,7 @@ def test_epsilon_shows_in_both_dashboards(tmp_path, data_dir, monkeypatch):
         with chromium() as browser:
             page = browser.new_page()
             page.goto(f"{server.url}/stats/")
-            page.wait_for_function("document.querySelectorAll('#rounds tr').length === 2", timeout=30_000)
+            wait_js(page, "document.querySelectorAll('#rounds tr').length === 2", timeout=30)
             card = page.text_content("#epsilon")
             column = page.eval_on_selector_all("#rounds tr",
                                                "rows => rows.map((r) => r.cells[5].textContent)")

@@ -6,19 +6,16 @@ The browser is driven by Playwright for Python with ``executable_path``: no brow
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import requests
 
 from device.launcher import launch, stop
+from tests.chromium import chromium, wait_js
 from tests.conftest import ROOT, ServerProcess, wait_until
 from tests.test_api import make_app
 from utils.format_dataset import split_to_devices
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 STATS_DIR = ROOT / "dashboard_stats"
 
 # Each devices-table row: name -> [lifecycle, why, the row's class].
@@ -97,14 +94,8 @@ def test_chart_js_is_vendored_with_its_licence():
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is needed: apt-get install chromium (see .ci/run)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def open_page(browser, url: str):
@@ -115,12 +106,6 @@ def open_page(browser, url: str):
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.goto(url)
     return page, problems
-
-
-def wait_js(page, expression: str, arg=None, timeout: float = 30.0, what: str = "") -> None:
-    """Poll a JS predicate from Python: Playwright's wait_for_function evaluates strings with
-    eval, which the page's Content-Security-Policy (rightly) forbids."""
-    wait_until(lambda: page.evaluate(expression, arg), timeout, what or expression, interval=0.25)
 
 
 def wait_points(page, n: int) -> None:

@@ -216,12 +216,12 @@ def streamlit_view(url: str, monkeypatch) -> tuple[list[str], dict, dict]:
 
 def stats_view(url: str) -> dict:
     """What the live page (/stats) shows, in Chromium, once it has drawn the history."""
-    from tests.chromium import chromium
+    from tests.chromium import chromium, wait_js
 
     with chromium() as browser:
         page = browser.new_page()
         page.goto(f"{url}/stats/")
-        page.wait_for_function("document.querySelectorAll('#screened tr').length > 0", timeout=30_000)
+        wait_js(page, "document.querySelectorAll('#screened tr').length > 0", timeout=30)
         return page.evaluate("""() => ({
           strategy: document.getElementById('strategy').textContent,
           compression: document.getElementById('compression').textContent,

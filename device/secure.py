@@ -46,6 +46,7 @@ class SecureDevice:
         number, stage = task["round"], task.get("stage")
         try:
             if stage == "advertise":  # a new round (or the same one again after a restart)
+                self._dropping = None
                 self._round = DeviceRound(self.client.name, RoundParams.from_dict(task["message"]))
                 self._send(number, self._round.advertise().to_bytes())
             elif stage == "share":

@@ -237,6 +237,32 @@ class VirtualDevice:
     busy_until: float = 0.0  # monotonic time a slow device's queued update is due
 
 
+class RoundAsks:
+    """Which devices the open round still needs a task asked for, from the public status.
+
+    Each device is asked once per stage of each attempt at a round: a round that fails runs
+    again under the same number from a new ``started_at``, and asks everyone again; under
+    secure aggregation each stage asks its devices again.
+    """
+
+    def __init__(self) -> None:
+        self._stage: tuple[Any, ...] = ()
+        self._asked: set[str] = set()
+
+    def take(self, current: Mapping[str, Any], eligible: Callable[[str], bool]) -> list[str]:
+        """The devices ``current`` (the status' ``round``) waits for that are ``eligible`` and
+        not asked yet, in name order; from now on they count as asked."""
+        secagg = current.get("secagg")
+        stage = (current.get("number"), current.get("started_at"), (secagg or {}).get("stage"))
+        if stage != self._stage:
+            self._stage, self._asked = stage, set()
+        waiting = (secagg["expected"] if secagg else
+                   set(current.get("selected", ())) - set(current.get("reported", ())))
+        todo = [n for n in sorted(waiting) if n not in self._asked and eligible(n)]
+        self._asked.update(todo)
+        return todo
+
+
 # --------------------------------------------------------------------------- the worker
 
 
@@ -343,7 +369,7 @@ class Worker:
         return [name for name, d in self.devices.items() if d.code is None]
 
     def _loop(self) -> None:
-        attempted: set[tuple[tuple[int, str | None], str]] = set()
+        asks = RoundAsks()
         revision = None  # set after a pass with nothing to do: the next status waits for a change
         while not self._stop.is_set() and self._alive():
             self._send_due()
@@ -356,17 +382,11 @@ class Worker:
             if status.get("mode") == "async":
                 self._train_continuously(status)
                 continue
-            current = status.get("round") or {}
-            # under secure aggregation each stage asks its devices again
-            number = (current.get("number"), (current.get("secagg") or {}).get("stage"))
-            waiting = (current["secagg"]["expected"] if current.get("secagg") else
-                       set(current.get("selected", ())) - set(current.get("reported", ())))
-            todo = [n for n in sorted(waiting)
-                    if n in self.devices and self.devices[n].code is None and (number, n) not in attempted]
+            todo = asks.take(status.get("round") or {},
+                             lambda n: n in self.devices and self.devices[n].code is None)
             for name in todo:
                 if self._stop.is_set():
                     return
-                attempted.add((number, name))
                 self._step(name)
                 self._send_due()
                 self._keepalive(budget=4)

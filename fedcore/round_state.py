@@ -69,7 +69,7 @@ class OpenRound:
         return train if self.secure is None else self.secure.task(name, train)
 
     def view(self) -> dict[str, Any]:
-        return {"number": self.number, "selected": sorted(self.selected),
+        return {"number": self.number, "started_at": self.started_at, "selected": sorted(self.selected),
                 "reported": sorted(self.reported), "needed": self.needed,
                 "deadline_in": self.deadline_in(),
                 # devices still training (an update received needs no progress bar)

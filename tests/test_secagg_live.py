@@ -376,3 +376,44 @@ def test_simulate_with_secure_aggregation_and_dropouts_on_a_pool(tmp_path):
     assert history[-1]["test_accuracy"] > 0.4  # chance is 0.1; FedAvg without masks reaches about 0.65
     with pytest.raises(ValueError, match="dropout must be from 0 to 1, and goes with secure_aggregation"):
         fedhub.simulate(digits_model, partitions, dropout=0.5)
+
+
+def test_pool_devices_answer_a_secure_round_that_opens_again(tmp_path):
+    """A reset mid-round opens round 1 again under the same number: the pool's virtual devices
+    answer the new attempt's stages at once (each attempt has its own ``started_at``), not
+    after their keepalive, which is longer here than a stage's deadline."""
+    import fedhub
+    from device.pool import DevicePool
+    from examples.digits import load_digits
+    from fedcore.secagg import SecAggConfig
+    from tests.test_simulation_pool import digits_model, enrolled
+    from utils.format_dataset import write_device_arrays
+
+    x, y = load_digits()
+    root = tmp_path / "devices"
+    names = [f"d{i}" for i in range(1, 6)]
+    for i, name in enumerate(names):
+        write_device_arrays(root, name, x[i * 100:(i + 1) * 100], y[i * 100:(i + 1) * 100])
+    with fedhub.Server(digits_model(), test_data=(x[1400:], y[1400:]), rounds=2, start=False, min_devices=5,
+                       quorum=1.0, batch_size=16, secagg=SecAggConfig(), round_timeout=60,
+                       state_dir=tmp_path / "server") as server:
+        pool = DevicePool(server.url, names, root, workers=1, model="server",
+                          enroll_secret=server.enroll_secret, keepalive=600)
+        with pool:
+            wait_until(lambda: enrolled(server, names), 300, "five devices with their validation")
+            server.start_training()
+
+            def past_advertise() -> bool:
+                status = server.status()
+                stage = ((status["round"] or {}).get("secagg") or {}).get("stage")
+                return status["completed_rounds"] > 0 or stage not in (None, "advertise")
+
+            wait_until(past_advertise, 120, "round 1 past its key advertisement", interval=0.02)
+            server.engine.reset()
+            server.start_training()
+            wait_until(lambda: server.status()["status"] == "finished", 150, "the run to finish")
+            assert pool.wait(timeout=120)
+        history = server.history()
+    assert [e["round"] for e in history] == [1, 2]
+    assert all(e["secagg"]["survivors"] == 5 for e in history)
+    assert not server.engine.round_failures()  # every stage of the new attempt was answered in time

@@ -328,12 +328,15 @@ def serve_options(config: ServerConfig) -> ServeOptions:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    from api.serving import Serving
+    from api.serving import Serving, check_tls_files
     from utils.format_dataset import DatasetError
 
     try:
+        options = serve_options(config)
+        check_tls_files(options)  # a missing file is said now, not after the model and data load
+        _secrets(config)
         app = create_app(config)
-        serving = Serving(app, serve_options(config))
+        serving = Serving(app, options)
     except (DatasetError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

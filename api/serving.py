@@ -355,15 +355,22 @@ def _cheroot_classes() -> tuple[type, type]:
     return JSONRequest, JSONConnection
 
 
-def _cheroot(app: Flask, options: ServeOptions) -> Any:
-    from cheroot.ssl.builtin import BuiltinSSLAdapter
-    from cheroot.wsgi import Server
-
+def check_tls_files(options: ServeOptions) -> None:
+    """ValueError when TLS is asked for without both of its files: said before the slow start-up."""
+    if options.certfile is None:
+        return
     if options.keyfile is None:
         raise ValueError("--certfile needs --keyfile")
     for path in (options.certfile, options.keyfile):
         if not Path(path).is_file():
             raise ValueError(f"TLS file not found: {path}")
+
+
+def _cheroot(app: Flask, options: ServeOptions) -> Any:
+    from cheroot.ssl.builtin import BuiltinSSLAdapter
+    from cheroot.wsgi import Server
+
+    check_tls_files(options)
     server = Server((options.host, options.port), app, numthreads=options.threads,
                     timeout=int(options.channel_timeout), server_name="fedhub")
     adapter = BuiltinSSLAdapter(str(options.certfile), str(options.keyfile))

@@ -78,7 +78,10 @@ def test_secret_files_must_be_private(tmp_path):
     state.mkdir()
     (state / "admin.token").write_text("shared-with-everyone\n")
     os.chmod(state / "admin.token", 0o644)
-    env = {k: v for k, v in os.environ.items() if k not in ("FEDHUB_ADMIN_TOKEN", "FEDHUB_ENROLL_SECRET")}
+    # Said before the data loads: here there is none to load, and the message is still this one.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FEDHUB_ADMIN_TOKEN", "FEDHUB_ENROLL_SECRET", "FEDHUB_DATA_DIR")}
+    env["KERAS_HOME"] = str(tmp_path / "keras")
     out = subprocess.run([sys.executable, "server.py", "0", "--state-dir", str(state), "--test-limit", "10"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -67,11 +68,15 @@ def test_device_refuses_an_unknown_certificate(server_factory, split_devices, tl
 
 
 def test_tls_flags_are_checked(tmp_path):
+    """Said before the model and its data load: here there is no data to load (no data folder,
+    an empty Keras cache, no internet), and the message is still about the TLS files."""
+    env = {k: v for k, v in os.environ.items() if k != "FEDHUB_DATA_DIR"}
+    env["KERAS_HOME"] = str(tmp_path / "keras")
     for args, message in [(["--certfile", "x.pem"], "--certfile and --keyfile go together"),
                           (["--certfile", str(tmp_path / "no.pem"), "--keyfile", str(tmp_path / "no.key"),
                             "--state-dir", str(tmp_path / "s"), "--test-limit", "10"], "TLS file not found")]:
         out = subprocess.run([sys.executable, "server.py", "0", *args], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
+                             text=True, timeout=120, env=env)
         assert out.returncode == 2, out.stderr
         assert message in out.stderr and "Traceback" not in out.stderr
 

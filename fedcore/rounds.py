@@ -600,7 +600,9 @@ class Coordinator:
         s = self._state
         r = s.open
         stage = r.secure.stage if r is not None and r.secure is not None else ""
-        number = r.number if r is not None else (f"{s.closing}c" if s.closing is not None else "")
+        # Each attempt at a round has its own start: a round that runs again is news too.
+        number = f"{r.number}@{r.started_at:.3f}" if r is not None else (
+            f"{s.closing}c" if s.closing is not None else "")
         buffer = self._async.view()["buffer"]["target"] if self._async is not None else ""
         return f"{s.status}.{s.version}.{number}.{stage}.{buffer}"
 

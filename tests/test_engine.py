@@ -62,6 +62,7 @@ def test_a_round_short_of_usable_updates_fails_with_its_reason_and_runs_again(tm
         tokens = {n: register(c, n).get_json()["token"] for n in ("d1", "d2", "d3")}
         for name, token in tokens.items():
             assert wait_task(c, name, token)["round"] == 1
+        first = status(c)
         for name, value in (("d1", 1.0), ("d2", 1.1)):
             assert upload(c, name, tokens[name], 1, update_body(value, 1, 0, 10)).status_code == 200
         # d3 leaves: the round closes with the two updates, fewer than Krum's 2f + 3 = 3
@@ -79,6 +80,11 @@ def test_a_round_short_of_usable_updates_fails_with_its_reason_and_runs_again(tm
         assert c.get("/api/devices/d3/task", headers=bearer(tokens["d3"])).status_code == 200  # it is back
         for name, token in tokens.items():
             assert wait_task(c, name, token)["round"] == 1
+        # the same number, a new attempt: a new start, and a revision that long polls wake on
+        again = status(c)
+        assert again["round"]["number"] == 1 and again["round"]["started_at"] > first["round"]["started_at"]
+        assert again["revision"] != first["revision"]
+        for name, token in tokens.items():
             assert upload(c, name, token, 1, update_body(values[name], 1, 0, 10)).status_code == 200
         completed(c, 1)
         assert status(c)["last_error"] is None

@@ -150,9 +150,9 @@ def build_engine(config: ServerConfig, global_model=None) -> Coordinator:
 def create_app(config: ServerConfig | None = None) -> Flask:
     """The app factory: a fresh engine and Flask app for ``config``, its round driver started."""
     config = config or ServerConfig()
+    _, admin = _secrets(config)  # a secret file readable by others is said before the slow model load
     global_model = load_global_model(config)
     engine = build_engine(config, global_model)
-    _, admin = _secrets(config)
     predictor = None
     if global_model.builtin:  # predicting clothes from pictures needs FedHub's own network
         # The predictor serves the latest trained global model and swaps in each new round's.
@@ -334,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = serve_options(config)
         check_tls_files(options)  # a missing file is said now, not after the model and data load
-        _secrets(config)
         app = create_app(config)
         serving = Serving(app, options)
     except (DatasetError, ValueError, OSError) as exc:

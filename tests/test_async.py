@@ -177,8 +177,9 @@ def test_server_sigkill_keeps_buffered_updates_once(server_factory):
 @pytest.mark.slow
 def test_real_devices_train_continuously_through_a_server_sigkill(server_factory, split_devices):
     """Real device processes in asynchronous mode; the server is SIGKILLed mid-run and restarted:
-    the run finishes, every version holds exactly K updates, and the updates the devices saw
-    acknowledged are exactly those in the versions: none lost, none counted twice."""
+    the run finishes, the devices leave by themselves, every version holds exactly K updates, and
+    the updates the devices saw acknowledged are exactly those in the versions: none lost, none
+    counted twice."""
     from device.launcher import stop
 
     from .conftest import launch_devices
@@ -193,6 +194,9 @@ def test_real_devices_train_continuously_through_a_server_sigkill(server_factory
         server.start()
         wait_until(lambda: server.get("/api/status").json()["status"] == "finished", 180,
                    "the run to finish after the restart")
+        # Each device is told "finish" at its next poll and leaves by itself, its last
+        # acknowledgement recorded; stopping them at once could cut that record short.
+        assert [p.wait(60) for p in procs] == [0, 0]
     finally:
         stop(procs)
     history = server.get("/api/history").json()["rounds"]

@@ -277,8 +277,8 @@ class DeviceRegistry:
     def available(self) -> list[str]:
         """Active devices that are online now: the candidates for a new round."""
         now = self._clock()
-        refused = self.lifecycle.refused()
-        with self._lock:
+        with self._lock:  # with the refusals read inside: an enrollment cannot fall between them
+            refused = self.lifecycle.refused()
             return [name for name, active in sorted(self._active.items())
                     if active and self.is_online(name, now) and name not in refused]
 

@@ -5,12 +5,15 @@ real server and real device processes on Fashion-MNIST subsets.
 """
 
 import re
+import threading
 
 import numpy as np
 import pytest
 
 from device.launcher import launch, stop
 from fedcore import wire
+from fedcore.devices import DeviceRegistry
+from fedcore.storage import Storage
 from tests.conftest import ServerProcess, wait_until
 from tests.slow_trainer import batches_done
 from tests.test_api import (
@@ -64,6 +67,28 @@ def test_validation_decides_who_may_train(app_engine):
     assert r.get_json()["lifecycle"] == "init"
     assert wait_task(c, "bad", token)["round"] == 1
     assert device_row(c, "bad")["lifecycle"] == "training"
+
+
+def test_a_device_enrolling_with_invalid_data_is_never_a_candidate(tmp_path):
+    """The candidates for a round are read in one step: a device that enrolls with invalid data
+    while the driver is reading them is either not there yet or already refused, never an
+    active, online device whose refusal the driver has not seen."""
+    registry = DeviceRegistry(Storage(tmp_path / "state"), enroll_secret=ENROLL, auto_activate=True)
+    refused = registry.lifecycle.refused
+
+    def refused_while_bad_enrolls():
+        seen = refused()
+        enrolling = threading.Thread(target=registry.register, args=("bad", ENROLL),
+                                     kwargs={"validation": BAD})
+        enrolling.start()
+        enrolling.join(0.5)  # done, unless the driver's read holds the registry
+        return seen
+
+    registry.lifecycle.refused = refused_while_bad_enrolls
+    assert "bad" not in registry.available()
+    registry.lifecycle.refused = refused
+    wait_until(lambda: registry.lifecycle.get("bad")["state"] == "invalid", 10, "bad to enroll")
+    assert registry.available() == []
 
 
 def test_validation_report_refusals(app_engine):

@@ -11,7 +11,8 @@ for its slowest device) and once in asynchronous mode (FedBuff: a new model vers
 ``--buffer`` updates, stale updates weighted by 1/sqrt(1 + staleness)). The figure is the
 seconds from the start of training (every device enrolled) to the first global model with
 85 % test accuracy (``--target``); the target is asynchronous <= 0.6x synchronous. Prints a
-Markdown table.
+Markdown table; ``--chart PNG`` also draws accuracy against time, and ``--results JSON ...``
+tabulates and draws runs saved with ``--json`` instead of running again.
 """
 
 from __future__ import annotations
@@ -70,7 +71,29 @@ def main() -> int:
     p.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
     p.add_argument("--data-dir", default=os.environ.get("FEDHUB_DATA_DIR"))
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--chart", type=Path, default=None, help="draw test accuracy against time here (PNG)")
+    p.add_argument("--results", type=Path, nargs="+", default=None,
+                   help="report these saved runs (--json files) instead of running")
     a = p.parse_args()
+    if a.results:
+        runs = [json.loads(path.read_text())["results"] for path in a.results]
+        for results in runs:
+            print(table(results, a.target))
+        if a.chart:
+            chart(runs, a.target, a.chart)
+        return 0
+    results = measure(a)
+    if a.json:
+        a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": results},
+                                     indent=1))
+    print(table(results, a.target))
+    if a.chart:
+        chart([results], a.target, a.chart)
+    return 0
+
+
+def measure(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each mode in ``a.modes`` once, on one split of the data."""
     from utils.format_dataset import split_to_devices
 
     results = []
@@ -83,21 +106,51 @@ def main() -> int:
             results.append(run(mode, devices_root, a))
             print(f"{mode}: {json.dumps(results[-1])} ({time.monotonic() - began:.0f} s)", file=sys.stderr,
                   flush=True)
-    if a.json:
-        a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": results},
-                                     indent=1))
-    target = f"{a.target:.0%}".replace("%", " %")
-    print(f"| mode | steps run | time to {target} | step reaching it | best accuracy | staleness |")
-    print("|---|---:|---:|---:|---:|---:|")
+    return results
+
+
+def table(results: list[dict[str, Any]], target: float) -> str:
+    """One run's modes as a Markdown table, and the ratio of their times to the target."""
+    label = f"{target:.0%}".replace("%", " %")
+    lines = [f"| mode | steps run | time to {label} | step reaching it | best accuracy | staleness |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in results:
         to = "not reached" if r["to_target_s"] is None else f"{r['to_target_s']:.1f} s"
         stale = "-" if r["mean_staleness"] is None else f"{r['mean_staleness']} / {r['max_staleness_seen']}"
-        print(f"| {r['mode']} | {r['steps']} | {to} | {r['to_target_step'] or '-'} | "
-              f"{r['best_accuracy']:.4f} | {stale} |")
+        lines.append(f"| {r['mode']} | {r['steps']} | {to} | {r['to_target_step'] or '-'} | "
+                     f"{r['best_accuracy']:.4f} | {stale} |")
     times = {r["mode"]: r["to_target_s"] for r in results}
     if times.get("sync") and times.get("async"):
-        print(f"\nasynchronous / synchronous time to {target}: {times['async'] / times['sync']:.2f}x")
-    return 0
+        lines.append(f"\nasynchronous / synchronous time to {label}: {times['async'] / times['sync']:.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def chart(runs: list[list[dict[str, Any]]], target: float, path: Path) -> None:
+    """Test accuracy against seconds since training started: one line per mode and run, a
+    point per round (synchronous) or model version (asynchronous), the target as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours = {"sync": "tab:blue", "async": "tab:orange"}
+    for i, results in enumerate(runs):
+        for r in results:
+            seconds, accuracy = zip(*r["points"], strict=True)
+            ax.plot(seconds, [100 * acc for acc in accuracy], marker=".", color=colours[r["mode"]],
+                    linestyle="-" if i == 0 else "--",
+                    label=f"{'synchronous' if r['mode'] == 'sync' else 'asynchronous'}"
+                          + (f", run {i + 1}" if len(runs) > 1 else ""))
+    ax.axhline(100 * target, color="black", linewidth=1, linestyle=":", label=f"target {target:.0%}")
+    ax.set_xlabel("seconds since training started")
+    ax.set_ylabel("global test accuracy (%)")
+    ax.set_title("Synchronous rounds against asynchronous (FedBuff), slow devices in the fleet")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -437,15 +437,16 @@ class Coordinator:
             return {"round": round_number, "done": done, "total": total}
 
     def interrupted(self, name: str, round_number: object, detail: object = None) -> dict[str, Any]:
-        """The device confirms it stopped training ``round_number``: one that has started (an
-        asynchronous run's rounds are the model versions devices train from)."""
+        """The device confirms it stopped training ``round_number``: at most the next round
+        after the last completed one (open, or stopped before completing)."""
         with self._cond:
-            r = self._state.open
-            latest = max(r.number if r is not None else 0, self._state.version)
+            latest = self._state.version + 1
             if isinstance(round_number, int) and not isinstance(round_number, bool) \
                     and latest < round_number <= wire.MAX_INTEGER:
-                raise Conflict(f"round {round_number} has not started (the latest is {latest})", "round")
+                raise Conflict(f"round {round_number} cannot have started: the latest round that can "
+                               f"is {latest}", "round")
             state = self._devices.lifecycle.interrupted(name, round_number, detail)
+            r = self._state.open
             if r is not None and r.number == round_number:
                 self._state.drop(name)
             self._devices.set_activity(name, "idle")

@@ -141,11 +141,16 @@ class Lifecycle:
             pending = self._interrupts.get(name)
         return {"interrupt": pending is not None, "round": pending, "lifecycle": self.get(name)["state"]}
 
-    def interrupted(self, name: str, round_number: object, detail: object = None) -> dict[str, Any]:
-        """The device confirms it stopped; the signal is cleared."""
+    def interrupted(self, name: str, round_number: object, detail: object = None, *,
+                    latest: int) -> dict[str, Any]:
+        """The device confirms it stopped ``round_number``, at most ``latest`` (the last round
+        that can have started); the signal is cleared."""
         if (not isinstance(round_number, int) or isinstance(round_number, bool)
                 or not 0 <= round_number <= MAX_INTEGER):
             raise InvalidInput(f"round must be an integer from 0 to {MAX_INTEGER}", "round")
+        if round_number > latest:
+            raise Conflict(f"round {round_number} cannot have started: the latest round that can "
+                           f"is {latest}", "round")
         if detail is not None and (not isinstance(detail, str) or len(detail) > MAX_PROBLEM_CHARS):
             raise InvalidInput(f"detail must be a string of up to {MAX_PROBLEM_CHARS} characters",
                                "detail")

@@ -440,12 +440,8 @@ class Coordinator:
         """The device confirms it stopped training ``round_number``: at most the next round
         after the last completed one (open, or stopped before completing)."""
         with self._cond:
-            latest = self._state.version + 1
-            if isinstance(round_number, int) and not isinstance(round_number, bool) \
-                    and latest < round_number <= wire.MAX_INTEGER:
-                raise Conflict(f"round {round_number} cannot have started: the latest round that can "
-                               f"is {latest}", "round")
-            state = self._devices.lifecycle.interrupted(name, round_number, detail)
+            state = self._devices.lifecycle.interrupted(name, round_number, detail,
+                                                        latest=self._state.version + 1)
             r = self._state.open
             if r is not None and r.number == round_number:
                 self._state.drop(name)

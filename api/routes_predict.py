@@ -4,11 +4,15 @@ Any valid token may call it (the admin token, or any enrolled device's): decodin
 and running the network costs the server CPU and memory, so it is not open to anonymous
 callers, yet a device or a demo app holding a device token can use what the federation
 learned. Pictures go through ``model.image_to_array`` and the model's own ``preprocess``,
-the preprocessing used in training, never a second copy of it.
+the preprocessing used in training, never a second copy of it. Each answer carries the 28x28
+picture the network classified (``input_png``), so a person can see what the crop and the
+background normalisation made of a photo before trusting the answer.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 from typing import Any
 
 import numpy as np
@@ -58,6 +62,15 @@ def _decode(files: list[tuple[str, FileStorage]]) -> np.ndarray:
     return np.stack(arrays)
 
 
+def _png(image: np.ndarray) -> str:
+    """A uint8 (28, 28) picture as a base64 PNG (about 1 KB): what the network was given."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 @bp.post("/api/predict")
 def predict():
     require_device_or_admin()
@@ -74,7 +87,7 @@ def predict():
 
     version, probabilities = predictor.predict(batch, *engine().global_weights())
     answers: list[dict[str, Any]] = []
-    for (_, upload), probs in zip(files, probabilities, strict=True):
+    for (_, upload), probs, image in zip(files, probabilities, batch, strict=True):
         index = int(np.argmax(probs))
         answers.append({
             "filename": upload.filename or None,
@@ -84,5 +97,6 @@ def predict():
             "class_names": list(CLASS_NAMES),  # labels for the probabilities, in order
             "model_version": version,
             "round": version,
+            "input_png": _png(image),
         })
     return jsonify(answers[0] if len(answers) == 1 else answers)

@@ -162,6 +162,7 @@ class AsyncRounds(DriverThread):
         done = self._duplicate(name, upload_id, digest)
         if done is not None:
             return done
+        self._devices.check_admitted(name)  # the same rule as round selection in synchronous mode
         weights, meta = wire.decode_update(body, self._spec, round_number,
                                            max_bytes=self._max_upload_bytes)
         s = self._state
@@ -328,7 +329,7 @@ class AsyncRounds(DriverThread):
             return
         try:
             path = self._storage.write_checkpoint(b.target, weights)
-            self._storage.write_strategy_state(b.target, state, self._strategy.describe())
+            self._storage.write_strategy_state(b.target, state, self._strategy.saved_by())
             row = {"number": b.target, "started_at": b.started_at, "closed_at": self._clock(),
                    "num_updates": len(b.updates), "num_examples": b.sums.total_examples,
                    "test_loss": metrics.get("loss"), "test_accuracy": metrics.get("accuracy")}

@@ -13,7 +13,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from . import auth
@@ -274,13 +274,33 @@ class DeviceRegistry:
                 return True
             return now - self._seen.get(name, 0.0) <= self._timeout
 
+    def refusal(self, name: str, invalid: Collection[str] | None = None) -> Conflict | None:
+        """Why ``name`` may not take part in rounds now, or None: the one admission rule, for
+        round selection (:meth:`available`) and for every update, in synchronous and
+        asynchronous mode alike. A device must be active (an admin may deactivate it) and its
+        data not found invalid. From memory: it is asked on every upload. ``invalid``: the
+        devices whose data is invalid, when the caller has read them once for many devices."""
+        if not self.is_active(name):
+            return Conflict(f"device {name!r} is inactive: an admin has not activated it, or "
+                            "deactivated it; it takes part again once activated", "active")
+        if invalid is not None and name not in invalid:
+            return None
+        return self.lifecycle.refusal(name)
+
+    def check_admitted(self, name: str) -> None:
+        """Raise :meth:`refusal`'s Conflict if ``name`` may not take part now."""
+        refusal = self.refusal(name)
+        if refusal is not None:
+            raise refusal
+
     def available(self) -> list[str]:
-        """Active devices that are online now: the candidates for a new round."""
+        """Admitted devices (see :meth:`refusal`) that are online now: the candidates for a new
+        round."""
         now = self._clock()
         with self._lock:  # with the refusals read inside: an enrollment cannot fall between them
-            refused = self.lifecycle.refused()
-            return [name for name, active in sorted(self._active.items())
-                    if active and self.is_online(name, now) and name not in refused]
+            invalid = self.lifecycle.refused()
+            return [name for name in sorted(self._active)
+                    if self.refusal(name, invalid) is None and self.is_online(name, now)]
 
     def state(self, name: str, active: bool, now: float) -> str:
         if not active:

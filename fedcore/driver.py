@@ -339,7 +339,7 @@ class RoundDriver(DriverThread):
         aggregated = result.metrics if secured is None else {**result.metrics, "secagg": summary(secured)}
         try:
             path = self._storage.write_checkpoint(r.number, result.weights)
-            self._storage.write_strategy_state(r.number, result.state, self._strategy.describe())
+            self._storage.write_strategy_state(r.number, result.state, self._strategy.saved_by())
             row: dict[str, Any] = {
                 "number": r.number, "started_at": r.started_at, "closed_at": self._clock(),
                 "num_updates": aggregated["num_updates"], "num_examples": aggregated["num_examples"],

@@ -56,6 +56,15 @@ class Conflict(FedHubError):
     code = "conflict"
 
 
+class RunMismatch(FedHubError, ValueError):
+    """The state directory holds a run that these settings cannot continue (one that used
+    differential privacy, without the same DP settings or its accountant's state): the server
+    does not start, and the message says how to start a new run instead. A ValueError too, so
+    that every command line reports it as its one ``error:`` line."""
+
+    code = "run_mismatch"
+
+
 class RunOver(FedHubError):
     """The strategy ends the run before the next round (a spent privacy budget): the driver
     marks the run finished with this message as the reason."""

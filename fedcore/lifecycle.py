@@ -8,7 +8,8 @@ when it enrolls; a device whose data is invalid is refused tasks, with the
 reason kept for the API. The round coordinator moves devices between
 ``training`` and ``waiting``; an admin's interrupt raises a signal the device
 polls for while it trains. States are few and change a few times per round,
-so they are written through to SQLite and survive a restart.
+so they are kept in memory (read on every task poll), written through to SQLite
+and survive a restart.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ STATES = ("validating", "invalid", "init", "training", "waiting", "interrupted",
 MAX_PROBLEMS = 20
 MAX_PROBLEM_CHARS = 300
 MAX_CLASSES = 1000
+_KEEP = object()  # a lifecycle write that keeps the device's last validation report
 
 
 def check_report(report: object) -> dict[str, Any]:
@@ -64,47 +66,73 @@ def check_report(report: object) -> dict[str, Any]:
 
 
 class Lifecycle:
-    """Lifecycle states (in SQLite) and pending interrupt signals (in memory). Thread-safe."""
+    """Lifecycle states and pending interrupt signals. Thread-safe.
+
+    The states are kept in memory, loaded at start and updated as each write commits, like the
+    device registry's activations: every task poll asks whether its device is refused, and a
+    crowd of long polls must not queue on the storage lock for it (nor must ``/api/status``
+    behind them). SQLite has them too, for a restart.
+    """
 
     def __init__(self, storage: Storage, clock: Callable[[], float] = time.time) -> None:
         self._storage = storage
         self._clock = clock
         self._lock = threading.RLock()
         self._interrupts: dict[str, int] = {}  # device -> round it was told to stop
+        # A leaf lock: held only to read or replace a row, never while taking another lock
+        # (rows are replaced from the storage's commit, with the storage lock held).
+        self._rows_lock = threading.Lock()
+        self._rows: dict[str, dict[str, Any]] = {row["name"]: row for row in storage.list_lifecycle()}
         # After a restart nobody is training any more: the round they trained in is forgotten.
-        for row in storage.list_lifecycle():
+        for name, row in list(self._rows.items()):
             if row["state"] == "training":
-                self.set(row["name"], "waiting", reason="the server restarted during training")
+                self.set(name, "waiting", reason="the server restarted during training")
 
     def get(self, name: str) -> dict[str, Any]:
-        row = self._storage.get_lifecycle(name)
-        if row is None:
-            return {"state": "validating", "reason": "no data validation report yet", "round": None,
-                    "validation": None, "updated_at": None}
-        return row
+        with self._rows_lock:
+            row = self._rows.get(name)
+            if row is not None:
+                return dict(row)
+        return {"state": "validating", "reason": "no data validation report yet", "round": None,
+                "validation": None, "updated_at": None}
 
     def all(self) -> dict[str, dict[str, Any]]:
-        return {row["name"]: row for row in self._storage.list_lifecycle()}
+        with self._rows_lock:
+            return {name: dict(row) for name, row in sorted(self._rows.items())}
+
+    def _write(self, name: str, *, state: str, reason: str, round_number: int | None,
+               validation: Mapping[str, Any] | object | None = _KEEP, durable: bool = True) -> None:
+        """Write a device's row (``validation`` _KEEP: the last report stays); memory follows once
+        it commits, not if it rolls back."""
+        # A storage transaction, not this object's lock: callers may already be inside one.
+        with self._storage.transaction(durable=durable):
+            if validation is _KEEP:  # read inside: a report committed meanwhile is kept
+                validation = self.get(name)["validation"]
+            row = {"name": name, "state": state, "reason": reason, "round": round_number,
+                   "validation": dict(validation) if isinstance(validation, Mapping) else None,
+                   "updated_at": self._clock()}
+            self._storage.set_lifecycle(name, state=state, reason=reason, round_number=round_number,
+                                        validation=row["validation"], now=row["updated_at"])
+            self._storage.after_commit(lambda: self._remember(row))
+
+    def _remember(self, row: dict[str, Any]) -> None:
+        with self._rows_lock:
+            self._rows[row["name"]] = row
 
     def set(self, name: str, state: str, *, reason: str = "", round_number: int | None = None) -> None:
         """Move a device to ``state``; its last validation report is kept."""
         if state not in STATES:
             raise ValueError(f"unknown lifecycle state {state!r}")
-        # A storage transaction, not this object's lock: callers may already be inside one.
         # Not durable: a restart rebuilds what matters (nobody is training after one).
-        with self._storage.transaction(durable=False):
-            validation = self.get(name)["validation"]
-            self._storage.set_lifecycle(name, state=state, reason=reason, round_number=round_number,
-                                        validation=validation, now=self._clock())
+        self._write(name, state=state, reason=reason, round_number=round_number, durable=False)
 
     def enrolled(self, name: str, report: Mapping[str, Any] | None) -> None:
         """A device (re-)enrolled: it starts over, from its report if it sent one."""
         with self._lock:
             self._interrupts.pop(name, None)
             if report is None:
-                self._storage.set_lifecycle(name, state="validating",
-                                            reason="no data validation report yet",
-                                            round_number=None, validation=None, now=self._clock())
+                self._write(name, state="validating", reason="no data validation report yet",
+                            round_number=None, validation=None)
             else:
                 self.report(name, report)
 
@@ -113,20 +141,22 @@ class Lifecycle:
         state, reason = ("init", "") if report["ok"] else (
             "invalid", "invalid data: " + "; ".join(report["problems"]))
         with self._lock:
-            self._storage.set_lifecycle(name, state=state, reason=reason, round_number=None,
-                                        validation=report, now=self._clock())
+            self._write(name, state=state, reason=reason, round_number=None, validation=report)
         return self.get(name)
 
     def refusal(self, name: str) -> Conflict | None:
-        """Why this device may not train now (its data is invalid), or None."""
-        row = self._storage.get_lifecycle(name)
-        if row is not None and row["state"] == "invalid":
-            return Conflict(f"device {name!r} is refused: {row['reason']}", "validation")
-        return None
+        """Why this device may not train now (its data is invalid), or None; from memory."""
+        with self._rows_lock:
+            row = self._rows.get(name)
+            if row is None or row["state"] != "invalid":
+                return None
+            reason = row["reason"]
+        return Conflict(f"device {name!r} is refused: {reason}", "validation")
 
     def refused(self) -> set[str]:
-        """The devices whose data is invalid (one query, for round selection)."""
-        return self._storage.names_in_lifecycle_state("invalid")
+        """The devices whose data is invalid."""
+        with self._rows_lock:
+            return {name for name, row in self._rows.items() if row["state"] == "invalid"}
 
     # interrupts ---------------------------------------------------------
     def request_interrupt(self, name: str, round_number: int) -> None:
@@ -146,8 +176,9 @@ class Lifecycle:
         """The device confirms it stopped ``round_number``, at most ``latest`` (the last round
         that can have started); the signal is cleared."""
         if (not isinstance(round_number, int) or isinstance(round_number, bool)
-                or not 0 <= round_number <= MAX_INTEGER):
-            raise InvalidInput(f"round must be an integer from 0 to {MAX_INTEGER}", "round")
+                or not 1 <= round_number <= MAX_INTEGER):  # round 0 is the initial model: never trained
+            raise InvalidInput(f"round must be an integer from 1 to {MAX_INTEGER} (round 0 is the "
+                               "initial model, which no device trains)", "round")
         if round_number > latest:
             raise Conflict(f"round {round_number} cannot have started: the latest round that can "
                            f"is {latest}", "round")

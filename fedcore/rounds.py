@@ -30,11 +30,12 @@ from .config import FederationConfig
 from .device_logs import DeviceLogs
 from .devices import MAX_DEVICES_PAGE, DeviceRegistry, device_filter
 from .driver import Evaluate, RoundDriver, release_devices
-from .errors import Conflict, InvalidInput, NotFound
+from .errors import Conflict, InvalidInput, NotFound, RunMismatch
 from .evaluations import Evaluations
 from .history import RoundHistory
 from .lifecycle import check_report
 from .plural import plural
+from .privacy import describe_dp
 from .round_hooks import RoundHook, RoundHooks
 from .round_state import STATUSES, RoundState
 from .storage import Storage
@@ -47,6 +48,8 @@ __all__ = ["STATUSES", "Coordinator", "Evaluate", "RoundHook"]
 # Seconds a device told "retry_in" waits before polling again (at most the wait it asked for).
 RETRY_IN = 2.0
 MAX_REVISION = 200
+NEW_RUN = ("To start a new run instead: --reset (or python -m utils.cleaner) wipes this state "
+           "directory's rounds, or give a fresh --state-dir (fedhub.Server: a fresh state_dir).")
 
 
 class Coordinator:
@@ -127,9 +130,11 @@ class Coordinator:
 
     def _restore_strategy_state(self, number: int) -> None:
         saved = self._storage.read_strategy_state(number)
+        self._check_privacy(number, saved[1] if saved is not None else {})
         if saved is None:
             return
         state, saved_by = saved
+        private = self.strategy.privacy_settings() is not None
         if saved_by.get("name") != self.strategy.name:
             log.warning("the strategy state saved with round %d is %s's; %s starts afresh",
                         number, saved_by.get("name"), self.strategy.name)
@@ -138,11 +143,40 @@ class Coordinator:
             self.strategy.load_state(state)
             self.strategy.begin(self._state.weights).close()  # its shapes fit the model
         except ValueError as exc:
+            if private:  # the accountant's state is the epsilon already spent: never forgotten
+                raise RunMismatch(
+                    f"the strategy state saved with round {number} is unusable ({exc}); it holds "
+                    f"the privacy accountant of this run, which cannot go on without it. "
+                    f"{NEW_RUN}") from None
             log.warning("the strategy state saved with round %d is unusable (%s); %s starts afresh",
                         number, exc, self.strategy.name)
             self.strategy.reset()
             return
         log.info("restored %s's state from round %d", self.strategy.name, number)
+
+    def _check_privacy(self, number: int, saved_by: Mapping[str, Any]) -> None:
+        """Refuse (RunMismatch) to continue a run that used differential privacy without the same
+        strategy, the same DP settings and its accountant's state: it would go on with the
+        epsilon it spent forgotten, or with noise its guarantee was not computed for."""
+        entries = self._history.entries()
+        recorded = entries[-1].get("privacy") if entries and entries[-1]["round"] == number else None
+        settings = saved_by.get("privacy")
+        name = str(saved_by.get("name") or "")
+        if not (settings or name.startswith("dp-") or recorded):
+            return  # the run used no DP
+        now = self.strategy.privacy_settings()
+        if name == self.strategy.name and settings in (None, now):  # None: saved before settings were
+            return
+        mode = (recorded or {}).get("mode") or name[3:].split("(")[0]
+        used = f"{name or 'dp'}: {describe_dp(settings or {'mode': mode})}"
+        if not saved_by:
+            why = f"the privacy accountant's state saved with round {number} is missing"
+        else:
+            have = f"{self.strategy.name}: {describe_dp(now)}" if now else f"{self.strategy.name}, no --dp"
+            why = f"this server has {have}"
+        raise RunMismatch(f"the run in this state directory used differential privacy for {number} "
+                          f"round(s) ({used}), but {why}; it cannot go on without the epsilon it spent "
+                          f"and the settings it was computed for. {NEW_RUN}")
 
     def _install_initial(self) -> None:
         self._storage.remove_checkpoints()
@@ -313,10 +347,16 @@ class Coordinator:
                 upload_id: str | None) -> dict[str, Any]:
         if not 0 <= round_number <= wire.MAX_INTEGER:  # no such round; too large even to look up
             raise Conflict(f"round {round_number} is not open", "round")
+        if self.config.secagg is not None:  # every round is secure: the server sees only sums
+            raise Conflict(
+                f"round {round_number} is a secure-aggregation round: it takes only the secure "
+                "stages' messages (keys, shares, the masked update, unmasking keys), never plain "
+                "weights", "round")
         digest = hashlib.sha256(body).hexdigest() if upload_id else None
         done = self._duplicate(name, round_number, upload_id, digest)
         if done is not None:
             return done
+        self._devices.check_admitted(name)
         weights, meta = compression.decode_update(body, self.spec, self.compression,
                                                   max_bytes=self.max_upload_bytes)
         wire.check_round(meta, round_number)
@@ -506,6 +546,10 @@ class Coordinator:
                 raise Conflict(
                     f"the run is over ({plural(self.config.rounds, 'round')} done); "
                     "start with a larger 'rounds' or reset", "rounds")
+            spent = (self.strategy.privacy() or {}).get("budget_spent")
+            if spent:  # no round fits the budget: running again would only finish again
+                raise Conflict(f"the privacy budget is spent, so the run is over ({spent}); reset "
+                               "to start a new run", "dp_max_epsilon")
             self._state.set_status("running")
             return self.status()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,22 +110,36 @@ def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
     return dict(row) if row is not None else None
 
 
+class StorageError(OSError):
+    """The state directory's database cannot be opened or created; the message names the file."""
+
+
 class Storage:
     """Thread-safe access to the SQLite file and the checkpoint folder."""
 
     def __init__(self, state_dir: str | Path) -> None:
         self.state_dir = Path(state_dir)
         self.checkpoint_dir = self.state_dir / "saved"
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.state_dir / "fedhub.sqlite3"
         self._lock = threading.RLock()
         self._depth = 0  # transactions open (nested ones join the outermost)
-        self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._migrate()
+        self._after: list[Callable[[], None]] = []  # run when the outermost transaction commits
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the state folder {self.checkpoint_dir}: "
+                               f"{exc.strerror or exc}") from None
+        try:
+            self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            self._migrate()
+        except sqlite3.Error as exc:
+            # Another file under its name, an unwritable folder: one line for the command
+            # (server.py prints it as "error: ..."), not a traceback.
+            raise StorageError(f"cannot use {self.db_path} as the state database: {exc}") from None
         # A crash (SIGKILL, power loss) during a checkpoint write leaves its temporary file behind.
         remove_stale_temporaries(self.checkpoint_dir, ".safetensors")
 
@@ -160,6 +174,17 @@ class Storage:
         so that a thousand devices' uploads do not each wait for an fsync under the lock.
         The outermost transaction decides."""
         return _Transaction(self, durable)
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once what was written so far is committed: at once outside a
+        transaction, else when the outermost one commits (never if it rolls back). For memory
+        that mirrors rows (the lifecycle states), so it never shows what SQLite does not hold.
+        ``action`` runs with the storage lock held: it must take no lock but a leaf one."""
+        with self._lock:
+            if self._depth == 0:
+                action()
+            else:
+                self._after.append(action)
 
     # settings -----------------------------------------------------------
     def get_setting(self, key: str, default: str | None = None) -> str | None:
@@ -436,11 +461,15 @@ class _Transaction:
         try:
             self._s._depth -= 1
             if self._s._depth == 0:
+                after, self._s._after = self._s._after, []
                 try:
                     self._s._db.execute("ROLLBACK" if exc_type else "COMMIT")
                 finally:
                     if not self._durable:
                         self._s._db.execute("PRAGMA synchronous=FULL")
+                if not exc_type:
+                    for action in after:
+                        action()
         finally:
             self._s._lock.release()
 

@@ -11,7 +11,7 @@
 """
 
 from .accounting import BudgetExhausted, PrivacyAccountant, round_event
-from .config import DP_MODES, DPConfig
+from .config import DP_MODES, DPConfig, describe_dp
 from .mechanisms import (
     Clipped,
     add_gaussian_noise,
@@ -48,6 +48,7 @@ __all__ = [
     "central_noise_std",
     "clip_and_noise",
     "clip_by_norm",
+    "describe_dp",
     "difference",
     "distributed_dp_task",
     "distributed_noise_std",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from .. import params
 from ..strategies.base import Strategy
 from .strategy import DistributedDP, DPAdaptiveClipping, DPFixedClipping, LocalDP
 
@@ -23,13 +26,14 @@ class DPConfig:
     """
 
     mode: str = "central-fixed"
-    noise_multiplier: float = 1.0
-    clipping_norm: float = 1.0
-    delta: float = 1e-5
-    max_epsilon: float | None = None
-    target_quantile: float = 0.5
-    clip_norm_lr: float = 0.2
-    clipped_count_stddev: float | None = None
+    # Ranges: fedcore.params.check_numbers (FederationConfig.validate) refuses the rest at start-up.
+    noise_multiplier: float = params.number(1.0, 0, 100)
+    clipping_norm: float = params.number(1.0, above=0, high=1e6)
+    delta: float = params.number(1e-5, above=0, high=0.5)
+    max_epsilon: float | None = params.number(None, above=0, high=1e6)
+    target_quantile: float = params.number(0.5, 0, 1)
+    clip_norm_lr: float = params.number(0.2, 0, 10)
+    clipped_count_stddev: float | None = params.number(None, 0, 1e6)
 
     def wrap(self, strategy: Strategy, devices_per_round: int) -> Strategy:
         """``strategy`` behind the DP wrapper; ValueError (one line) for settings that cannot work."""
@@ -50,3 +54,11 @@ class DPConfig:
                                  **common)
         cls = DPFixedClipping if self.mode == "central-fixed" else LocalDP
         return cls(strategy, self.noise_multiplier, self.clipping_norm, **common)
+
+
+def describe_dp(settings: Mapping[str, Any]) -> str:
+    """DP settings (``Strategy.privacy_settings()``) in words, for a message: "central-fixed
+    with noise multiplier 1.1, clipping norm 0.5, delta 1e-05, max epsilon none"."""
+    rest = ", ".join(f"{key.replace('_', ' ')} {'none' if value is None else format(value, 'g')}"
+                     for key, value in settings.items() if key != "mode")
+    return f"{settings.get('mode')}{' with ' + rest if rest else ''}"

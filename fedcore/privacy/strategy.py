@@ -131,6 +131,11 @@ class _DPStrategy(Strategy):
                 "noise_multiplier": self.noise_multiplier, "clipping_norm": self.clipping_norm,
                 "budget_spent": self._budget_spent}
 
+    def privacy_settings(self) -> dict[str, Any]:
+        return {"mode": self.mode, "noise_multiplier": self.noise_multiplier,
+                "clipping_norm": self.initial_clipping_norm, "delta": self.accountant.delta,
+                "max_epsilon": self.max_epsilon}
+
     # the strategy interface -----------------------------------------------------------------
     def params(self) -> dict[str, Any]:
         """The inner strategy's settings; the DP settings are in :meth:`privacy`."""
@@ -380,6 +385,10 @@ class DPAdaptiveClipping(_CentralDP):
         self.clip_norm_lr = clip_norm_lr
         self.clipped_count_stddev = count_stddev
 
+    def privacy_settings(self) -> dict[str, Any]:
+        return {**super().privacy_settings(), "target_quantile": self.target_quantile,
+                "clip_norm_lr": self.clip_norm_lr, "clipped_count_stddev": self.clipped_count_stddev}
+
     def next_clipping_norm(self, unclipped: int, count: int) -> float:
         share = (unclipped + self.rng.normal(0.0, self.clipped_count_stddev)) / count
         return self.clipping_norm * math.exp(-self.clip_norm_lr * (share - self.target_quantile))
@@ -446,6 +455,9 @@ class DistributedDP(_DPStrategy):
     def privacy(self) -> dict[str, Any]:
         return {**super().privacy(), "noise_share_std": self.noise_share_std,
                 "min_devices": self.min_devices}
+
+    def privacy_settings(self) -> dict[str, Any]:
+        return {**super().privacy_settings(), "min_devices": self.min_devices}
 
     def begin(self, global_weights: Mapping[str, np.ndarray], *, spill_dir: str | Path | None = None,
               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> RoundAggregator:

@@ -14,7 +14,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from .. import untrusted_json
 from ..devices import NAME_RE
+from ..errors import InvalidInput
 from .errors import ProtocolViolation
 
 # Upper bounds that keep a hostile message small to parse; far above any real round.
@@ -108,12 +110,16 @@ def dumps(message: Mapping[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False, sort_keys=True).encode()
 
 
-def loads(body: bytes, device: str | None = None) -> Any:
-    """Parse a JSON message body, bounded in size."""
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise ProtocolViolation(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}", "body",
-                                device=device)
+def loads(body: bytes | str, device: str | None = None, *, max_bytes: int = MAX_MESSAGE_BYTES,
+          field: str = "body") -> Any:
+    """Parse a JSON message through the one parser for untrusted JSON (bounded nesting, no NaN,
+    no giant integers), after refusing more than ``max_bytes``: what a round's stage can hold
+    (:func:`.messages.max_json_bytes`), so that parsing costs what a real message costs."""
+    who = f"device {device!r}: " if device else ""
+    if len(body) > max_bytes:
+        raise ProtocolViolation(f"{who}message of {len(body)} bytes exceeds the {max_bytes} bytes it "
+                                "can hold", field, device=device)
     try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
-        raise ProtocolViolation(f"message is not valid JSON: {exc}", "body", device=device) from None
+        return untrusted_json.loads(body, field=field)
+    except InvalidInput as exc:
+        raise ProtocolViolation(who + exc.message, exc.field, device=device) from None

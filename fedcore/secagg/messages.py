@@ -60,6 +60,22 @@ class _Json:
         return cls.from_dict(loads(body, device), device)
 
 
+# The longest device name (fedcore.devices.NAME_RE) and room for what a message's fixed fields
+# and a client's own JSON layout (spaces, line breaks) add.
+_NAME_CHARS = 64
+_SLACK = 4096
+
+
+def max_json_bytes(params: RoundParams) -> int:
+    """The most bytes a device's JSON message can take in this round, twice over: its shares
+    message, one pair of encrypted shares per holder (``params.shares`` of them). A body above
+    it is refused before parsing, so parsing costs what a real message of the round costs, not
+    what the HTTP limit allows (a 15 MiB body of tiny JSON values is over 100 MiB parsed)."""
+    entry = len(dumps({"x" * _NAME_CHARS: {SEED: encode_bytes(bytes(CIPHERTEXT_BYTES)),
+                                            MASK_KEY: encode_bytes(bytes(CIPHERTEXT_BYTES))}}))
+    return 2 * params.shares * entry + _SLACK
+
+
 def _pairs(r: Reader, key: str, size: int) -> dict[str, tuple[bytes, bytes]]:
     """{name: {"seed": b64, "mask_key": b64}} -> {name: (seed, mask_key)}."""
     out = {}
@@ -194,9 +210,11 @@ class MaskedInput:
             raise r.refuse(f"format must be {PROTOCOL!r}", "format")
         try:
             number = int(meta["round"])
-            refused = json.loads(meta["refused"])
         except (TypeError, ValueError):
-            raise r.refuse("'round' must be an integer and 'refused' a JSON list", "refused") from None
+            raise r.refuse("'round' must be an integer", "round") from None
+        if not isinstance(meta["refused"], str):
+            raise r.refuse("'refused' must be a JSON list of device names", "refused")
+        refused = loads(meta["refused"], device, max_bytes=max_json_bytes(params), field="refused")
         fields = Reader({"stage": cls.STAGE, "round": number, "device": meta["device"], "refused": refused},
                         cls.STAGE, device)
         vector = tensors["masked"].astype(np.uint64)

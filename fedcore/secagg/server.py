@@ -47,6 +47,7 @@ from .messages import (
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
+    max_json_bytes,
 )
 from .params import RoundParams
 
@@ -153,7 +154,7 @@ class ServerRound:
     def receive_bytes(self, device: str, body: bytes) -> None:
         """Parse a device's message (JSON, or safetensors for a masked input) and receive it."""
         if body[:1] == b"{":
-            raw = loads(body, device)
+            raw = loads(body, device, max_bytes=max_json_bytes(self.params))
             cls = _MESSAGES.get(raw.get("stage")) if isinstance(raw, dict) else None
             if cls is None:
                 raise ProtocolViolation(f"device {device!r} sent a message of unknown stage", "stage",

@@ -294,6 +294,16 @@ class Strategy(ABC):
         """The privacy spent so far (epsilon at delta), for strategies that add DP noise."""
         return None
 
+    def privacy_settings(self) -> dict[str, Any] | None:
+        """The differential-privacy settings behind the guarantee (None: no DP). A run that
+        used DP continues only with the same ones, or its epsilon would not hold."""
+        return None
+
+    def saved_by(self) -> dict[str, Any]:
+        """What each round's saved state records of the strategy that made it (a restart
+        checks it against the strategy it runs with)."""
+        return {**self.describe(), "privacy": self.privacy_settings()}
+
     def min_updates(self) -> int:
         """The fewest usable updates a round needs with these settings."""
         return 1

@@ -1,7 +1,8 @@
 """Who is calling: a device (its own token) or an admin (the admin token).
 
-Every credential check runs inside :func:`counted`: a client address that sent too many wrong
-credentials is answered 429 before its credential is even compared (``api/throttle.py``).
+Every credential check runs inside :func:`counted`: a valid credential is always served, and a
+wrong one from an address that sent too many is answered 429 (``api/throttle.py`` says why that
+order, and what keeps guessing useless).
 """
 
 from __future__ import annotations
@@ -32,16 +33,16 @@ def is_admin(token: str | None) -> bool:
 
 @contextlib.contextmanager
 def counted(presented: bool) -> Iterator[None]:
-    """Check credentials inside: 429 first for a client that failed too often, and a wrong
-    credential that was ``presented`` (not merely missing) spends one of its failures."""
+    """Check credentials inside: a wrong credential that was ``presented`` (not merely missing)
+    spends one of the client's failures, or is answered 429 when none is left. A right one is
+    served whatever the client's failures: one client's guesses must not lock out the others
+    that share its address (a NAT, a reverse proxy, a local simulation)."""
     limiter: FailureLimiter = current_app.extensions["fedhub_failures"]
-    client = request.remote_addr or ""
-    limiter.check(client)
     try:
         yield
-    except (Unauthorized, Forbidden):
+    except (Unauthorized, Forbidden) as exc:
         if presented:
-            limiter.failed(client)
+            limiter.failed(request.remote_addr or "", exc.field)
         raise
 
 

@@ -64,7 +64,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
-        field = "body" if exc.code == 413 else None
+        field = "body" if exc.code in (408, 413) else None  # 408: a body too slow (api/serving.py)
         response = error_response(code, exc.description or exc.name, exc.code or 500, field)
         # Keep Werkzeug's own headers, such as the Allow a 405 must carry (RFC 9110), but not its
         # HTML Content-Type: the body is JSON.

@@ -1,8 +1,9 @@
 """Reading request input with clear refusals (the field and the problem), within bounds.
 
 Every body is read through a limit set before it is read (413 above it), and every JSON body
-is parsed by ``fedcore.untrusted_json`` (no nesting deeper than it allows, no NaN), so what an
-unauthenticated request can cost is bounded by ``MAX_JSON_BYTES``.
+is parsed by ``fedcore.untrusted_json`` (no nesting deeper than it allows, no NaN, no text that
+UTF-8 cannot carry, such as a lone surrogate), so what an unauthenticated request can cost is
+bounded by ``MAX_JSON_BYTES``, and every string a route gets from it can be stored.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ certificate and key the app is served by cheroot (CherryPy's server) with
 Python's ssl module instead; in production a reverse proxy usually terminates
 TLS in front of waitress (see the README). waitress is used through three small
 subclasses (below) so that its own errors are JSON and slow-loris clients cannot
-hold its connections; cheroot's own errors are made JSON by two more.
+hold its connections; cheroot's own errors are made JSON, and its reads paced, by a few more.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import json
 import platform
+import socket
 import ssl
 import threading
 import time
@@ -33,6 +34,11 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from .errors import error_body
 
+# Slowest average rate, in bytes a second, at which a request body may arrive (after the headers;
+# --channel-timeout seconds of it in hand). A device on a 100 kbit/s link sends 12,500; one body
+# byte every 5 s (0.2 B/s) held a connection for ever before.
+MIN_BODY_RATE = 1024.0
+
 
 @dataclass
 class ServeOptions:
@@ -45,9 +51,12 @@ class ServeOptions:
     # Seconds a connection has to send its request line and headers, however steadily it
     # trickles them; a client sends them in one go, only a slow-loris attack takes longer.
     header_timeout: float = 10.0
+    # Slowest average rate (bytes a second) at which a request body may arrive; below it the
+    # connection is answered 408 and closed once --channel-timeout seconds behind.
+    min_body_rate: float = MIN_BODY_RATE
     certfile: Path | None = None
     keyfile: Path | None = None
-    # Open connections at which the least recently active idle ones are closed to make room.
+    # Open connections at which the least recently active ones not being served are closed.
     # Every device keeps a keep-alive connection (a few while it trains); at waitress's default
     # of 100, device 101 and on would wait in the listen backlog until they time out.
     connection_limit: int = 1000
@@ -137,11 +146,21 @@ class Serving:
 # --- waitress, hardened --------------------------------------------------------------------------
 # waitress answers some requests itself, before the app sees them, in plain text; and it closes
 # a connection only after --channel-timeout seconds *without a byte*, so a client trickling one
-# header line every few seconds keeps its connection for ever. At the connection limit such
-# connections locked every client out. The classes below change exactly that: waitress's own
-# errors are the app's JSON errors (a URI its parser chokes on too), a connection must finish its
-# headers within --header-timeout, and at the connection limit the least recently active
-# connections that are not being served (idle, or still sending headers) are closed to make room.
+# header line, or one body byte, every few seconds keeps its connection for ever. At the
+# connection limit such connections locked every client out: waitress stops accepting, and
+# nothing it buffers ever completes. The classes below change exactly that:
+# - waitress's own errors are the app's JSON errors (a URI its parser chokes on too);
+# - a connection must finish its request headers within --header-timeout, and then its body
+#   must keep arriving at MIN_BODY_RATE bytes a second on average, with at most
+#   --channel-timeout seconds in hand (it is answered 408 and closed otherwise): one deadline
+#   per connection, which each body byte moves 1 / MIN_BODY_RATE s later, never more than
+#   --channel-timeout ahead of the present;
+# - at the connection limit the connections that are not being served (idle between requests,
+#   or still sending headers or a body) are closed, least recently active first, to make room:
+#   a trickling connection is always less recently active than a client that just connected and
+#   sent its request in one go, so the tricklers go, never the newcomers.
+# A connection being served (its request with a worker thread, or its answer being sent) is
+# never closed by these rules, and its deadline waits: waitress does not read from it meanwhile.
 
 # At the connection limit, 1/SHED_SHARE of it is closed at once (the least recently active first).
 SHED_SHARE = 20
@@ -172,6 +191,15 @@ class _JSONErrorTask(ErrorTask):
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
+
+
+def _too_slow_response(min_rate: float, allowance: float) -> bytes:
+    """The 408 a connection whose body arrives too slowly gets before it is closed."""
+    body = json.dumps(error_body(
+        "request_timeout", f"the request body arrived too slowly: it must keep up an average of "
+        f"{min_rate:g} bytes a second, and never fall more than {allowance:g} s behind", "body")).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
 
 
 class _BodyBudget:
@@ -228,38 +256,77 @@ class _Parser(HTTPRequestParser):
 
 
 class _Channel(HTTPChannel):
-    """A connection whose request headers must be complete by ``header_deadline``."""
+    """A connection that must receive each request at a pace: its headers by ``deadline``
+    (``--header-timeout`` after they began), then its body at :data:`MIN_BODY_RATE`."""
 
     error_task_class = _JSONErrorTask
     parser_class = _Parser
-    header_deadline: float | None = None  # None: not in the middle of a request's headers
+    server: _Server
+    # When the request being received must have progressed by; None while nothing is owed
+    # (between requests: waitress's --channel-timeout covers idleness there).
+    deadline: float | None = None
+    in_body = False  # the deadline is the body's (else the headers')
 
     def __init__(self, server: _Server, sock: Any, addr: Any, adj: Adjustments, map: Any = None) -> None:
         super().__init__(server, sock, addr, adj, map=map)
         # A new connection owes its first request's headers: connecting and staying silent counts.
-        self.header_deadline = self.creation_time + server.header_timeout
+        self.deadline = self.creation_time + server.header_timeout
 
     def received(self, data: bytes) -> bool:
-        if self.header_deadline is None and self.request is None:  # a new request begins
-            self.header_deadline = time.time() + self.server.header_timeout
+        now = time.time()
+        before = self.request
+        body_before = before is not None and before.headers_finished
+        if self.deadline is None and before is None:  # a new request begins
+            self.deadline = now + self.server.header_timeout
         result = super().received(data)
-        if self.request is None or self.request.headers_finished:
-            self.header_deadline = None
+        request = self.request
+        if request is None:  # complete (or nothing): it is served now, or nothing is owed
+            self.deadline, self.in_body = None, False
+        elif not request.headers_finished:
+            if before is not None and request is not before:  # the next, pipelined, request began
+                self.deadline = now + self.server.header_timeout
+            self.in_body = False
+        elif request is before and body_before and self.deadline is not None:  # more of its body
+            self.deadline = min(self.deadline + len(data) / self.server.min_body_rate,
+                                now + self.adj.channel_timeout)
+        else:  # its headers are complete: the body's clock starts, with the allowance in hand
+            self.deadline, self.in_body = now + self.adj.channel_timeout, True
         return result
+
+    @property
+    def being_served(self) -> bool:
+        """A worker has its request, or its answer is being sent: waitress reads nothing now."""
+        return bool(self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed)
+
+    def time_out(self) -> None:
+        """Close a connection that fell behind: a 408 first if it was sending a body (a header
+        that never ended gets no answer, as a connection that never spoke)."""
+        if self.in_body:
+            with contextlib.suppress(OSError):  # non-blocking: what does not fit is dropped
+                self.socket.send(_too_slow_response(self.server.min_body_rate, self.adj.channel_timeout))
+        self.deadline = None
+        self.will_close = True
 
 
 class _Server(TcpWSGIServer):
-    """waitress's TCP server with the header deadline and shedding at the connection limit."""
+    """waitress's TCP server with the request pace (:class:`_Channel`) and shedding at the
+    connection limit."""
 
     channel_class = _Channel
     header_timeout = 10.0
+    min_body_rate = MIN_BODY_RATE
 
     def maintenance(self, now: float) -> None:
         super().maintenance(now)
         for channel in list(self.active_channels.values()):
-            deadline = channel.header_deadline
-            if deadline is not None and now > deadline and not channel.requests:
-                channel.will_close = True
+            deadline = channel.deadline
+            if deadline is None:
+                continue
+            if channel.being_served:  # not read meanwhile: its clock waits
+                allowance = self.adj.channel_timeout if channel.in_body else self.header_timeout
+                channel.deadline = max(deadline, now + allowance)
+            elif now > deadline:
+                channel.time_out()
 
     def readable(self) -> bool:
         if self.accepting and len(self._map) >= self.adj.connection_limit:
@@ -267,15 +334,14 @@ class _Server(TcpWSGIServer):
         return super().readable()
 
     def _shed(self) -> None:
-        """Close the least recently active connections nobody is being served on, so that new
-        clients get in; an upload in progress or a long poll is never one of them."""
-        idle = [c for c in self.active_channels.values()
-                if not (c.requests or c.total_outbufs_len or c.will_close or c.close_when_flushed)
-                and (c.request is None or not c.request.headers_finished)]
-        idle.sort(key=lambda c: c.last_activity)
-        for channel in idle[: max(1, self.adj.connection_limit // SHED_SHARE)]:
+        """Close the least recently active connections nobody is being served on (idle, or
+        trickling headers or a body), so that new clients get in; a long poll or an answer
+        being sent is never one of them."""
+        waiting = [c for c in self.active_channels.values() if not c.being_served]
+        waiting.sort(key=lambda c: c.last_activity)
+        for channel in waiting[: max(1, self.adj.connection_limit // SHED_SHARE)]:
             channel.will_close = True
-        if idle:
+        if waiting:
             self.pull_trigger()  # wake the loop now, so they close in this round of polling
 
 
@@ -295,6 +361,7 @@ def _waitress(app: Flask, options: ServeOptions) -> tuple[Any, list[_Server]]:
                for info in adj.listen]
     for server in servers:
         server.header_timeout = options.header_timeout
+        server.min_body_rate = options.min_body_rate
     if len(servers) == 1:
         return servers[0], servers
     listening = [(s.effective_host, s.effective_port) for s in servers]
@@ -332,15 +399,106 @@ def _cheroot_error(status: str, msg: str | bytes) -> bytes:
     return json.dumps(error_body(code, text or reason.lower(), field)).encode()
 
 
+class _Pace:
+    """The pace a cheroot connection must receive its current request at. cheroot reads a
+    request on a worker thread, with one socket timeout per read, so a client sending a byte
+    now and then kept a worker (and its connection) for ever; here every read's timeout is the
+    time left: the headers within --header-timeout, then the body at ``min_rate`` bytes a
+    second with at most --channel-timeout in hand (the rule of waitress's :class:`_Channel`)."""
+
+    def __init__(self, header_timeout: float, allowance: float, min_rate: float) -> None:
+        self.header_timeout, self.allowance, self.min_rate = header_timeout, allowance, min_rate
+        self.deadline: float | None = None  # None: no request being received
+        self.in_body = False
+        self.timed_out = False
+
+    def headers(self) -> None:
+        self.deadline, self.in_body, self.timed_out = time.monotonic() + self.header_timeout, False, False
+
+    def body(self) -> None:
+        self.deadline, self.in_body = time.monotonic() + self.allowance, True
+
+    def done(self) -> None:
+        self.deadline, self.in_body = None, False
+
+    def received(self, size: int) -> None:
+        if self.in_body and self.deadline is not None:
+            self.deadline = min(self.deadline + size / self.min_rate, time.monotonic() + self.allowance)
+
+    def expired(self) -> Exception:
+        """What a read past the deadline raises: cheroot answers a timeout in the headers with
+        its own 408; in the body (read by the app) werkzeug's 408 is the app's JSON error."""
+        from werkzeug.exceptions import RequestTimeout
+
+        self.timed_out = True
+        if self.in_body:
+            return RequestTimeout(f"the request body arrived too slowly: it must keep up an average of "
+                                  f"{self.min_rate:g} bytes a second, and never fall more than "
+                                  f"{self.allowance:g} s behind")
+        return TimeoutError("timed out")
+
+
+class _PacedSocketIO(socket.SocketIO):
+    """The socket under a cheroot connection's reader: each read waits at most the time its
+    :class:`_Pace` has left (else cheroot's own timeout), and counts what arrived."""
+
+    def __init__(self, sock: Any, pace: _Pace) -> None:
+        super().__init__(sock, "rb")
+        self._pace = pace
+
+    def readinto(self, buffer: Any) -> int | None:
+        pace = self._pace
+        if pace.deadline is None:
+            return super().readinto(buffer)
+        left = pace.deadline - time.monotonic()
+        if left <= 0:
+            raise pace.expired()
+        previous = self._sock.gettimeout()
+        self._sock.settimeout(left)
+        try:
+            size = super().readinto(buffer)
+        except TimeoutError:
+            raise pace.expired() from None
+        finally:
+            self._sock.settimeout(previous)
+        if size:
+            pace.received(size)
+        return size
+
+
 def _cheroot_classes() -> tuple[type, type]:
-    """cheroot's request and connection classes with JSON refusals (imported only for TLS)."""
+    """cheroot's request and connection classes with JSON refusals and the request pace
+    (imported only for TLS)."""
+    import _pyio
+
+    from cheroot.makefile import StreamReader
     from cheroot.server import CRLF, HTTPConnection, HTTPRequest
 
+    class PacedReader(StreamReader):
+        def __init__(self, sock: Any, pace: _Pace, size: int) -> None:  # StreamReader's, paced
+            _pyio.BufferedReader.__init__(self, _PacedSocketIO(sock, pace), size)
+            self.bytes_read = 0
+
     class JSONRequest(HTTPRequest):
+        def parse_request(self) -> None:
+            pace: _Pace = self.conn.pace
+            pace.headers()
+            super().parse_request()
+            if self.ready:
+                pace.body()
+            else:
+                pace.done()
+
+        def send_headers(self) -> None:
+            # A body the app left unread (or that timed out) is not drained: the connection closes.
+            if self.conn.pace.timed_out or getattr(self.rfile, "remaining", 0) > 0:
+                self.close_connection = True
+            super().send_headers()
+
         def simple_response(self, status: Any, msg: Any = "") -> None:
             status = str(status)
             body = _cheroot_error(status, msg)
-            if status[:3] in {"413", "414"}:
+            if status[:3] in {"408", "413", "414"}:
                 self.close_connection = True
             head = (f"{self.server.protocol} {status}\r\nContent-Length: {len(body)}\r\n"
                     "Content-Type: application/json\r\n")
@@ -351,6 +509,17 @@ def _cheroot_classes() -> tuple[type, type]:
 
     class JSONConnection(HTTPConnection):
         RequestHandlerClass = JSONRequest
+
+        def __init__(self, server: Any, sock: Any, makefile: Any = None) -> None:
+            super().__init__(server, sock, *([makefile] if makefile is not None else []))
+            self.pace = _Pace(*server.fedhub_pace)
+            self.rfile = PacedReader(sock, self.pace, self.rbufsize)
+
+        def communicate(self) -> bool:
+            try:
+                return super().communicate()
+            finally:
+                self.pace.done()
 
     return JSONRequest, JSONConnection
 
@@ -377,6 +546,7 @@ def _cheroot(app: Flask, options: ServeOptions) -> Any:
     adapter.context.minimum_version = ssl.TLSVersion.TLSv1_2
     server.ssl_adapter = adapter
     server.ConnectionClass = _cheroot_classes()[1]
+    server.fedhub_pace = (options.header_timeout, options.channel_timeout, options.min_body_rate)
     server.max_request_body_size = options.max_body_bytes
     server.prepare()  # binds now, so the port is known and errors surface before serving
     return server

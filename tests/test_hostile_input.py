@@ -25,7 +25,7 @@ import requests
 from PIL import Image
 from safetensors.numpy import save as save_safetensors
 
-from device.client import Client
+from device.client import Client, ServerError
 from fedcore import wire
 
 from .conftest import ServerProcess, wait_until
@@ -395,7 +395,8 @@ def test_errors_raised_before_the_app_are_json(server_factory):
 
 def test_trickling_connections_do_not_lock_others_out_at_the_connection_limit(server_factory):
     """1,010 connections each trickling a header line keep the server at its connection limit
-    (1,000); a normal request still gets an answer within a second, again and again."""
+    (1,000); a normal request still gets an answer, again and again (within a few seconds: the
+    machine running the test also runs the attack, so tighter bounds would measure the test)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 1,010 sockets here, as many there
     wanted = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
@@ -423,6 +424,8 @@ def test_trickling_connections_do_not_lock_others_out_at_the_connection_limit(se
     held = [connect() for _ in range(1010)]
     assert all(held)
 
+    passes = [0]  # full rounds of the attack over every held connection
+
     def attack():  # one header line per connection every half second; closed ones are replaced
         while not stop.is_set():
             for i, s in enumerate(held):
@@ -435,18 +438,19 @@ def test_trickling_connections_do_not_lock_others_out_at_the_connection_limit(se
                 if s is not None:
                     s.close()
                 held[i] = connect()
+            passes[0] += 1
             stop.wait(0.5)
 
     attacker = threading.Thread(target=attack, daemon=True)
     attacker.start()
     try:
-        time.sleep(2)  # the attack is under way: every slot is taken
+        # the attack is under way: every held connection has sent a header line at least once
+        wait_until(lambda: passes[0] >= 1, 60, "the attack's first round", interval=0.1)
         for _ in range(5):
-            started = time.monotonic()
-            r = requests.get(f"{server.url}/health", timeout=(1, 1))
+            r = requests.get(f"{server.url}/health", timeout=(5, 5))
             assert r.json() == {"ok": True}
-            assert time.monotonic() - started < 1.0
-            time.sleep(0.5)
+            seen = passes[0]  # the next request only once the attack has gone round again
+            wait_until(lambda seen=seen: passes[0] > seen, 60, "the attack's next round", interval=0.1)
     finally:
         stop.set()
         attacker.join(5)
@@ -564,17 +568,18 @@ def test_wrong_credentials_are_rate_limited_per_address(server_factory):
     error = assert_error(r, 429, "Authorization")
     assert 1 <= int(r.headers["Retry-After"]) <= 2, r.headers
     assert "too many wrong credentials" in error["message"]
-    # locked out: even the right credential is not checked, so guessing on gains nothing
-    assert_error(server.admin("GET", "/api/logs"), 429)
-    assert_error(server.get("/api/devices/d1/signal", headers=auth(token)), 429)
-    r = requests.post(f"{server.url}/api/devices/register", json={"name": "d2"}, timeout=30,
-                      headers={"X-Enroll-Secret": server.enroll_secret})
-    assert_error(r, 429)
+    # right credentials from the same address are still served (issue 18; api/throttle.py says
+    # why, and tests/test_transport_defects.py covers it); wrong ones stay refused
+    assert server.admin("GET", "/api/logs").status_code == 200
+    assert server.get("/api/devices/d1/signal", headers=auth(token)).status_code == 200
+    assert_error(server.get("/api/devices/d1/signal", headers=auth("forged")), 429)
     # what needs no credential still works; and the bucket refills (one try per 2 s here)
     assert server.get("/api/status").status_code == 200
-    # a device's client waits as long as Retry-After says, then gets through, telling its user why
+    # a device's client waits as long as Retry-After says, telling its user why, until the bucket
+    # has a failure left again: then it hears what is wrong (401, an unknown token)
     waits = []
-    client = Client(server.url, "d1", token=token, retry_for=30, on_wait=waits.append)
-    assert client.signal()["interrupt"] is False
+    client = Client(server.url, "d1", token="forged", retry_for=30, on_wait=waits.append)
+    with pytest.raises(ServerError) as refused:
+        client.signal()
+    assert refused.value.status == 401, refused.value
     assert waits and all("answered HTTP 429" in w for w in waits), waits
-    wait_until(lambda: server.admin("GET", "/api/logs").status_code == 200, 20, "the lockout to end")

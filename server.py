@@ -8,9 +8,11 @@ it with waitress, a production WSGI server.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +24,8 @@ from api import build_app
 from api.app import BODY_SLACK, MAX_IMAGE_BYTES, MAX_WAIT
 from api.predictor import Predictor
 from api.serving import ServeOptions
-from api.throttle import FAILURES_PER_MINUTE
-from fedcore import auth, history, wire
+from api.throttle import FAILURES_PER_MINUTE, check_secret
+from fedcore import auth, history, params, wire
 from fedcore.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
 from fedcore.devices import DeviceRegistry
 from fedcore.plural import plural
@@ -37,6 +39,7 @@ from utils.dp_options import add_dp_options, dp_config
 from utils.state_dir import ADMIN_TOKEN_FILE, ENROLL_SECRET_FILE
 
 log = logging.getLogger("fedhub.server")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass
@@ -49,26 +52,35 @@ class ServerConfig:
     """
 
     host: str = ServeOptions.host
-    port: int = ServeOptions.port
+    port: int = params.number(ServeOptions.port, 0, 65535, flag="--port")  # 0: any free port
     state_dir: Path | None = None
     eval_dir: Path | None = None
     model: str = TRAINING.model
     data_dir: str | None = None
-    test_limit: int | None = None
+    test_limit: int | None = params.number(None, 1, 10**9, flag="--test-limit")
     enroll_secret: str | None = None
     admin_token: str | None = None
-    max_upload_bytes: int = wire.DEFAULT_MAX_BYTES
-    max_image_bytes: int = MAX_IMAGE_BYTES
-    max_wait: float = MAX_WAIT
-    threads: int = ServeOptions.threads
+    # Each number declares its range: validate() refuses the rest before anything loads.
+    max_upload_bytes: int = params.number(wire.DEFAULT_MAX_BYTES, 2**16, 2**40, flag="--max-upload-mb",
+                                          scale=2**20, unit="MiB")
+    max_image_bytes: int = params.number(MAX_IMAGE_BYTES, 2**16, 2**32, flag="--max-image-mb",
+                                         scale=2**20, unit="MiB")
+    max_wait: float = params.number(MAX_WAIT, 0, 3600, flag="--max-wait")
+    threads: int = params.number(ServeOptions.threads, 1, 1024, flag="--threads")
     reset: bool = False
     federation: FederationConfig = field(default_factory=FederationConfig)
     # HTTPS when both are given (devices verify the certificate; see --ca on the device).
     certfile: Path | None = None
     keyfile: Path | None = None
-    channel_timeout: float = ServeOptions.channel_timeout  # before an idle or trickling connection closes
-    header_timeout: float = ServeOptions.header_timeout  # to send the request headers
-    auth_failures_per_minute: int = FAILURES_PER_MINUTE  # per client address (0: no limit)
+    # before an idle or trickling connection closes
+    channel_timeout: float = params.number(ServeOptions.channel_timeout, above=0, high=86_400,
+                                           flag="--channel-timeout")
+    # to send the request headers
+    header_timeout: float = params.number(ServeOptions.header_timeout, above=0, high=3600,
+                                          flag="--header-timeout")
+    # per client address (0: no limit)
+    auth_failures_per_minute: int = params.number(FAILURES_PER_MINUTE, 0, 10**6,
+                                                  flag="--auth-failures-per-minute")
     # Bring your own model: any compiled keras.Model (the Python API), or a factory
     # "package.module:build" returning one; either replaces `model`. `test_data` (an .npz
     # path with arrays x, y, or an (x, y) pair) gives it per-round test metrics.
@@ -78,12 +90,21 @@ class ServerConfig:
     # TensorBoard event files under runs_dir/run_id/ (None: none written).
     runs_dir: Path | None = None
     run_id: str | None = None
-    tensorboard_devices: int = 32  # devices that get a TensorBoard run of their own
+    # devices that get a TensorBoard run of their own
+    tensorboard_devices: int = params.number(32, 0, 100_000, flag="--tensorboard-devices")
 
     def __post_init__(self) -> None:
         layout = state.resolve(self.state_dir)
         self.state_dir = layout.server_dir
         self.eval_dir = Path(self.eval_dir) if self.eval_dir is not None else layout.eval_dir
+
+    def validate(self) -> None:
+        """ValueError (one line, naming the option) for a setting that would leave the server
+        unusable: every number finite and in its declared range (no worker threads, an upload
+        limit no update fits), then the run's settings (:meth:`FederationConfig.validate`).
+        ``server.py`` and ``fedhub.Server`` both pass here before loading anything."""
+        params.check_numbers(self)
+        self.federation.validate()
 
 
 def _secrets(config: ServerConfig) -> tuple[str, str]:
@@ -92,6 +113,8 @@ def _secrets(config: ServerConfig) -> tuple[str, str]:
               or auth.load_or_create_secret(Path(config.state_dir) / ENROLL_SECRET_FILE))
     admin = (config.admin_token or os.environ.get("FEDHUB_ADMIN_TOKEN")
              or auth.load_or_create_secret(Path(config.state_dir) / ADMIN_TOKEN_FILE))
+    check_secret(enroll, "the enrollment secret (FEDHUB_ENROLL_SECRET)")  # guessable: api/throttle.py
+    check_secret(admin, "the admin token (FEDHUB_ADMIN_TOKEN)")
     return enroll, admin
 
 
@@ -148,8 +171,10 @@ def build_engine(config: ServerConfig, global_model=None) -> Coordinator:
 
 
 def create_app(config: ServerConfig | None = None) -> Flask:
-    """The app factory: a fresh engine and Flask app for ``config``, its round driver started."""
+    """The app factory: a fresh engine and Flask app for ``config``, its round driver started.
+    A setting out of range is a ValueError before anything loads."""
     config = config or ServerConfig()
+    config.validate()
     _, admin = _secrets(config)  # a secret file readable by others is said before the slow model load
     global_model = load_global_model(config)
     engine = build_engine(config, global_model)
@@ -252,7 +277,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--auth-failures-per-minute", type=int, default=d.auth_failures_per_minute,
                    help="wrong credentials a client address may send per minute before it gets 429 "
                         "(0: no limit, e.g. behind a reverse proxy that limits)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="server log detail: " + ", ".join(LOG_LEVELS))
     a = p.parse_args(argv)
     if a.list_strategies:
         print(format_strategies())
@@ -264,16 +290,6 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error("port must be between 1 and 65535")
     if (a.certfile is None) != (a.keyfile is None):
         p.error("--certfile and --keyfile go together")
-    if not 0 <= a.max_wait <= 3600:
-        p.error("--max-wait must be between 0 and 3600 seconds")
-    if not 0 < a.header_timeout <= 3600:
-        p.error("--header-timeout must be between 0 and 3600 seconds")
-    if a.auth_failures_per_minute < 0:
-        p.error("--auth-failures-per-minute must be 0 or more")
-    if not 0 <= a.tensorboard_devices <= 100_000:
-        p.error("--tensorboard-devices must be between 0 and 100000")
-    if not 0 <= a.strategy_memory_mb <= 2**40:
-        p.error("--strategy-memory-mb must be 0 or more")
     try:
         strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
     except ParamError as exc:
@@ -290,18 +306,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                                 learning_rate=a.learning_rate, compression=a.compression),
         privacy=dp_config(p, a, a.min_devices))
     federation.secagg = secagg_options.config_from(a)
-    try:
-        federation.validate()
-    except ParamError as exc:
-        p.error(str(exc))
-    except ValueError as exc:
-        hint = " (--min-devices)" if "min_devices" in str(exc) else ""
-        hint += secagg_options.hint(exc)
-        p.error(f"{exc}{hint}")
-    logging.basicConfig(level=a.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     layout = state.resolve(a.state_dir)
-    return ServerConfig(
+    config = ServerConfig(
         host=a.host, port=port, state_dir=layout.server_dir, eval_dir=a.eval_dir, model=a.model,
         data_dir=a.data_dir, test_limit=a.test_limit, reset=a.reset, threads=a.threads,
         max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
@@ -311,6 +317,36 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         model_factory=a.model_factory, test_data=a.test_data, run_id=a.run_id,
         tensorboard_devices=a.tensorboard_devices,
         runs_dir=None if a.no_tensorboard else (a.runs_dir or layout.runs_dir))
+    try:
+        config.validate()
+    except ParamError as exc:
+        p.error(str(exc))
+    except ValueError as exc:
+        hint = " (--min-devices)" if "min_devices is" in str(exc) else ""
+        hint += secagg_options.hint(exc)
+        p.error(f"{exc}{hint}")
+    logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return config
+
+
+def check_port(host: str, port: int) -> None:
+    """OSError with one plain sentence if ``host:port`` cannot be listened on (another server
+    has it), checked the way waitress binds (``SO_REUSEADDR``), before anything slow starts."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(f"port {port} is in use (another FedHub server?)") from None
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def _raise_interrupt(signum, frame):
@@ -333,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         options = serve_options(config)
-        check_tls_files(options)  # a missing file is said now, not after the model and data load
+        # A port in use or a missing file is said now, not after the model, data and state load.
+        check_port(config.host, config.port)
+        check_tls_files(options)
         app = create_app(config)
         serving = Serving(app, options)
     except (DatasetError, ValueError, OSError) as exc:

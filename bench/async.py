@@ -28,6 +28,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from utils.cli import Parser  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def run(mode: str, devices_root: Path, a: argparse.Namespace) -> dict[str, Any]:
@@ -54,8 +56,8 @@ def run(mode: str, devices_root: Path, a: argparse.Namespace) -> dict[str, Any]:
             "max_staleness_seen": max(staleness) if staleness else None}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=10)
     p.add_argument("--limit", type=int, default=None, help="at most N images per device")
     p.add_argument("--slow-devices", type=float, default=0.2)
@@ -70,11 +72,18 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
     p.add_argument("--data-dir", default=os.environ.get("FEDHUB_DATA_DIR"))
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "async.json",
+                   help="also write the raw results here (default bench/results/async.json)")
     p.add_argument("--chart", type=Path, default=None, help="draw test accuracy against time here (PNG)")
     p.add_argument("--results", type=Path, nargs="+", default=None,
                    help="report these saved runs (--json files) instead of running")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    if (a.devices < 1 or a.buffer < 1 or a.max_staleness < 0 or a.rounds < 1 or a.versions < 1
+            or not 0 <= a.slow_devices <= 1 or not 1 <= a.slowdown <= 1000 or not 0 < a.target <= 1
+            or a.timeout <= 0):
+        p.error("--devices, --buffer, --rounds and --versions must be at least 1, --max-staleness 0 or "
+                "more, --slow-devices from 0 to 1, --slowdown from 1 to 1000, --target in (0, 1] and "
+                "--timeout positive")
     if a.results:
         runs = [json.loads(path.read_text())["results"] for path in a.results]
         for results in runs:

@@ -32,6 +32,7 @@ from bench.strategies import Data, LocalTraining  # noqa: E402
 from fedcore import compression, wire  # noqa: E402
 from fedcore.files import atomic_write_text  # noqa: E402
 from fedcore.strategies import make_strategy  # noqa: E402
+from utils.cli import Parser  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "compression.json"
 DEVICES = 10
@@ -128,7 +129,7 @@ def report(runs: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--samples-per-device", type=int, default=0, help="0: each device's whole share")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES))

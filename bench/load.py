@@ -19,6 +19,7 @@ writes the functions that held the most samples.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from device.swarm import Swarm  # noqa: E402
 from tests.conftest import DATA_DIR, ServerProcess  # noqa: E402
 from tests.test_load import load_server_args, warm_up_evaluation  # noqa: E402
+from utils.cli import Parser  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -160,8 +162,8 @@ def run(clients: int, rounds: int, threads: int, poll_wait: float, data_dir: Pat
     return summary
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", "--devices", type=int, default=200, help="lightweight devices")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the run")
     p.add_argument("--fraction", type=float, default=1.0, help="share of the devices selected per round")
@@ -172,7 +174,9 @@ def main() -> int:
     p.add_argument("--profile", type=Path, default=None,
                    help="sample the server with py-spy; raw stacks go to PROFILE.<threads>.raw")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    a = p.parse_args()
+    p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "load.json",
+                   help="the raw results (default bench/results/load.json)")
+    a = p.parse_args(argv)
     if not 1 <= a.clients <= 2000:
         p.error("--clients must be between 1 and 2000")
     if not 0 < a.fraction <= 1:
@@ -191,6 +195,9 @@ def main() -> int:
           "| vs clients x model | updates counted "
           "| rounds mismatched | 5xx | errors | CPU s: server / swarm | server CPU ms per upload |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    a.json.parent.mkdir(parents=True, exist_ok=True)  # the raw figures, beside the table
+    a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
+                                   "runs": [{"threads": t, **s} for t, s in rows]}, indent=1, default=str))
     for threads, s in rows:
         print(f"| {threads} | {s['uploads_per_second']:.1f} | {s.get('training_uploads_per_second', 0):.1f} "
               f"| {s['round_uploads_per_second']:.1f} | {s.get('round_seconds', 0):.2f} "

@@ -32,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from utils.cli import Parser  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.strategies import Data, LocalTraining, Results, count  # noqa: E402
@@ -151,7 +153,7 @@ def _floats(text: str) -> list[float]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/privacy.py", description=__doc__,
+    p = Parser(prog="python bench/privacy.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="store_true", help="run the grid (runs already saved are skipped)")
     p.add_argument("--devices", type=lambda t: [count(1)(v) for v in t.split(",")], default=[10, 100],

@@ -24,7 +24,6 @@ share of devices dropping out after dealing their shares (their masks rebuilt by
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -48,6 +47,7 @@ from fedcore.secagg import (  # noqa: E402
     UnmaskRequest,
 )
 from fedcore.secagg.codec import dumps  # noqa: E402
+from utils.cli import Parser  # noqa: E402
 
 
 def cpu(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -151,27 +151,36 @@ def kib(value: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, nargs="+", default=[10, 50, 100])
     p.add_argument("--params", type=int, default=101_770, help="model size (default: the basic network's)")
     p.add_argument("--dropout", type=float, default=0.1, help="share of devices dropping after sharing")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "secagg.json",
+                   help="the raw results (default bench/results/secagg.json)")
     a = p.parse_args(argv)
+    if min(a.devices) < 2 or a.params < 1 or not 0 <= a.dropout < 1:
+        p.error("--devices must each be at least 2, --params at least 1 and --dropout from 0 to below 1")
     rng = np.random.default_rng(a.seed)
     print(f"Model of {a.params:,} parameters; SecAgg+ with the defaults (11 shares, 32 bits, clip ±0.5).\n")
     print("| devices | protocol | requests / device | down / device | up / device | device CPU | server CPU |"
           " recovered | max error (1 step) |")
     print("|---|---|---|---|---|---|---|---|---|")
+    raw: list[dict[str, Any]] = []  # written to bench/results/secagg.json at the end
     for n in a.devices:
         plain = plain_round(n, a.params, rng)
+        raw.append({"devices": n, "protocol": "fedavg", **plain})
         print(f"| {n} | FedAvg | {plain['requests']:.0f} | {kib(plain['down'])} | {kib(plain['up'])} | "
               f"{plain['device_cpu'] * 1e3:.1f} ms | {plain['server_cpu']:.2f} s | – | – |")
         for dropout in (0.0, a.dropout):
             s = secure_round(n, a.params, dropout, rng)
+            raw.append({"devices": n, "protocol": "secagg+", "dropout": dropout, **s})
             print(f"| {n} | SecAgg+ ({s['neighbours']} shares, threshold {s['threshold']}), "
                   f"{dropout:.0%} dropout | {s['requests']:.0f} | {kib(s['down'])} | {kib(s['up'])} | "
                   f"{s['device_cpu'] * 1e3:.1f} ms | {s['server_cpu']:.2f} s | {s['recovered']} | "
                   f"{s['max_error']:.1e} ({s['step']:.1e}) |", flush=True)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps({"args": vars(a), "rounds": raw}, indent=1, default=str))
     return 0
 
 

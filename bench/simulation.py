@@ -31,6 +31,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from utils.cli import Parser  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fedcore.strategies import STRATEGIES, ParamError, parse_strategy_args  # noqa: E402
@@ -132,7 +134,7 @@ def ray_cluster() -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", choices=["ten", "many", "ray"], default=["ten", "many", "ray"])
     p.add_argument("--data-dir", default=os.environ.get("FEDHUB_DATA_DIR"))
     p.add_argument("--devices", type=int, nargs="+", default=[100, 1000], help="for many and ray")
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds-ray", type=int, default=10)
     p.add_argument("--baseline", action="store_true",
                    help="also one process per device (ten: 10 TensorFlows)")
-    p.add_argument("--json", type=Path, default=None, help="append each result as a JSON line here")
+    p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "simulation.jsonl",
+                   help="append each result as a JSON line here (default bench/results/simulation.jsonl)")
     many = p.add_argument_group("local training and strategy of the many part (default: as the ten part)")
     many.add_argument("--epochs", type=int, default=1)
     many.add_argument("--batch-size", type=int, default=32)
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     many.add_argument("--strategy", default="fedavg", choices=list(STRATEGIES))
     many.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
+    if min(a.devices) < 1 or a.workers < 1 or min(a.rounds_ten, a.rounds_many, a.rounds_ray) < 1:
+        p.error("--devices, --workers and the --rounds-* options must be at least 1")
     try:
         params = parse_strategy_args(a.strategy, a.strategy_arg)
         training = {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.learning_rate,

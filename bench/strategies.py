@@ -42,6 +42,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from utils.cli import Parser  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from device.attacks import Attack, parse_attack  # noqa: E402
@@ -557,7 +559,7 @@ def count(minimum: int = 0):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/strategies.py", description=__doc__,
+    p = Parser(prog="python bench/strategies.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", action="append", choices=("a", "b", "c"),
                    help="which runs (repeatable; run in the order a, c, b); default: none, with --report")

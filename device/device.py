@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.attack_obj = None
     if not 0 <= a.secagg_dropout <= 1:
         p.error("--secagg-dropout must be from 0 to 1")
+    if not 0 <= a.poll_wait <= 3600 or not 0 <= a.retry_for <= 30 * 86_400:
+        p.error("--poll-wait must be from 0 to 3600 seconds and --retry-for from 0 to 2592000")
     if a.attack_arg and not a.attack:
         p.error("--attack-arg needs --attack KIND")
     if a.attack:
@@ -145,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return runner.run()
     except KeyboardInterrupt:
-        print(f"[{a.name}] interrupted: leaving the federation", flush=True)
-        runner.leave()
+        runner.stopped_by_user()  # says why it goes (finished or interrupted) and tells the server
         return 0
 
 

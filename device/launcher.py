@@ -18,6 +18,7 @@ from pathlib import Path
 
 from device.client import server_url
 from utils import state_dir as state
+from utils.cli import Parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_SCRIPT = ROOT / "device" / "device.py"
@@ -63,7 +64,7 @@ def stop(procs: Iterable[subprocess.Popen], timeout: float = 20.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m device.launcher", description=__doc__)
+    p = Parser(prog="python -m device.launcher", description=__doc__)
     p.add_argument("--server", default="http://127.0.0.1:4000",
                    help="server address: http(s)://host:port, or host:port for http")
     p.add_argument("--devices", type=int, default=3, help="how many devices (device1..deviceN)")

@@ -29,6 +29,7 @@ import numpy as np
 
 from device.trainer import TrainingInterrupted, TrainResult, validate_images
 from fedcore.files import atomic_path
+from utils.cli import Parser
 
 FEATURES = 64
 CLASSES = 10
@@ -147,8 +148,8 @@ def split(out: Path, devices: int, *, seed: int = 0, test_fraction: float = 0.25
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m examples.digits", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m examples.digits", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("devices_digits"))
     p.add_argument("--limit", type=int, default=None, help="examples per device")

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import fedhub  # noqa: E402
 from examples.digits import load_digits  # noqa: E402
 from fedcore.plural import plural  # noqa: E402
+from utils.cli import Parser  # noqa: E402
 
 
 def build_model():
@@ -35,13 +36,15 @@ def build_model():
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", action="store_true", help="run the devices in this process")
     p.add_argument("--root", type=Path, default=None, help="where the server and devices keep files")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args(argv)
+    if not 1 <= a.devices <= 100 or a.rounds < 1:
+        p.error("--devices must be from 1 to 100 and --rounds at least 1")
 
     x, y = load_digits()
     order = np.random.default_rng(0).permutation(len(x))

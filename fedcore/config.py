@@ -19,19 +19,15 @@ class TrainingConfig:
     """What each selected device does in a round; travels with the task."""
 
     model: str = "basic"
-    epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 1e-3
+    epochs: int = params.number(1, 1, 10_000, flag="--epochs")
+    batch_size: int = params.number(32, 1, 1_000_000, flag="--batch-size")
+    learning_rate: float = params.number(1e-3, above=0, high=10, flag="--learning-rate")
     compression: str = "none"  # how devices send updates (fedcore.compression.parse)
 
     def validate(self) -> None:
+        """ValueError (one line) for a setting out of its range or an unknown compression."""
+        params.check_numbers(self)
         compression.parse(self.compression)
-        if self.epochs < 1:
-            raise ValueError("epochs must be at least 1")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        if not 0 < self.learning_rate < 10:
-            raise ValueError("learning_rate must be in (0, 10)")
 
     def task(self) -> dict[str, Any]:
         """The task config every selected device gets (a strategy may add to it)."""
@@ -46,26 +42,32 @@ class TrainingConfig:
 class FederationConfig:
     """How rounds are formed, aggregated and closed."""
 
-    rounds: int = 3  # total rounds of the run; 0 runs until paused
-    min_devices: int = 1  # active, online devices needed to open a round
-    quorum: float = 0.5  # share of the selected devices that must report by the deadline
-    round_timeout: float = 600.0  # seconds from a round's opening to its deadline
-    device_timeout: float = 60.0  # a device unseen this long (and not training) is offline
-    fraction: float = 1.0  # share of the available devices selected each round
+    # Each number declares its range (fedcore.params.check_numbers refuses the rest at start-up).
+    rounds: int = params.number(3, 0, 10_000_000, flag="--rounds")  # total rounds; 0 runs until paused
+    min_devices: int = params.number(1, 1, 10_000_000, flag="--min-devices")  # to open a round
+    # share of the selected devices that must report by the deadline
+    quorum: float = params.number(0.5, above=0, high=1, flag="--quorum")
+    # seconds from a round's opening to its deadline (at most 30 days)
+    round_timeout: float = params.number(600.0, above=0, high=30 * 86_400, flag="--round-timeout")
+    # a device unseen this long (and not training) is offline
+    device_timeout: float = params.number(60.0, above=0, high=30 * 86_400, flag="--device-timeout")
+    # share of the available devices selected each round
+    fraction: float = params.number(1.0, above=0, high=1, flag="--fraction")
     auto_activate: bool = False  # new devices start active
     start: bool = False  # training starts without an admin's "start"
     strategy: str = "fedavg"  # a name from fedcore.strategies (--list-strategies)
     strategy_params: dict[str, Any] = field(default_factory=dict)  # its constructor arguments
     # Bytes of a round's buffered updates (robust strategies) kept in RAM before spilling to disk.
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
-    seed: int = 0
+    memory_budget: int = params.number(DEFAULT_MEMORY_BUDGET, 0, 2**50, flag="--strategy-memory-mb",
+                                       scale=2**20, unit="MiB")
+    seed: int = params.number(0, 0, 2**63 - 1, flag="--seed")
     compress_downlink: bool = False  # the global model download goes out compressed too
     # Asynchronous rounds (FedBuff): devices train continuously; a new model every buffer_size
     # updates, each weighted by (1 + staleness) ** -staleness_exponent, none older than max_staleness.
     mode: str = "sync"  # or "async"
-    buffer_size: int = 10
-    max_staleness: int = 10
-    staleness_exponent: float = 0.5
+    buffer_size: int = params.number(10, 1, 1_000_000, flag="--buffer")
+    max_staleness: int = params.number(10, 0, 10_000, flag="--max-staleness")
+    staleness_exponent: float = params.number(0.5, 0, 10, flag="--staleness-exponent")
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: DPConfig | None = None  # differential privacy (--dp), wrapping the strategy
     secagg: SecAggConfig | None = None  # secure aggregation (SecAgg+) of every round; None: off
@@ -75,19 +77,9 @@ class FederationConfig:
             self.privacy = params.build(DPConfig, self.privacy, "dp")
 
     def validate(self) -> None:
-        """ValueError (one line) for settings that cannot work, the strategy's included."""
-        if self.rounds < 0:
-            raise ValueError("rounds must be 0 (unlimited) or more")
-        if self.min_devices < 1:
-            raise ValueError("min_devices must be at least 1")
-        if not 0 < self.quorum <= 1:
-            raise ValueError("quorum must be in (0, 1]")
-        if not 0 < self.fraction <= 1:
-            raise ValueError("fraction must be in (0, 1]")
-        if self.round_timeout <= 0 or self.device_timeout <= 0:
-            raise ValueError("timeouts must be positive")
-        if self.memory_budget < 0:
-            raise ValueError("memory_budget must be 0 or more")
+        """ValueError (one line) for settings that cannot work, the strategy's included: every
+        number (the training's and the privacy's too) finite and in its declared range first."""
+        params.check_numbers(self)
         self.training.validate()
         if self.compress_downlink and not compression.parse(self.training.compression).active:
             raise ValueError("compress_downlink (--compress-downlink) needs a compression (--compression) "
@@ -95,12 +87,6 @@ class FederationConfig:
         strategy = self.make_strategy()
         if self.mode not in ("sync", "async"):
             raise ValueError(f"mode must be sync or async, got {self.mode!r}")
-        if self.buffer_size < 1:
-            raise ValueError("buffer_size (--buffer) must be at least 1")
-        if not 0 <= self.max_staleness <= 10_000:
-            raise ValueError("max_staleness (--max-staleness) must be from 0 to 10000")
-        if not 0 <= self.staleness_exponent <= 10:
-            raise ValueError("staleness_exponent must be from 0 to 10")
         if self.mode == "async":
             self.check_async(strategy)
         if self.secagg is not None:

@@ -5,6 +5,12 @@ settings as dataclass fields with a type, a default and a ``help`` text. This mo
 derives the allowed keys, converts strings or Python values to the declared type, and
 turns every refusal into one line that names the allowed keys, so no table of
 parameters is kept by hand anywhere.
+
+The run's own settings (``fedcore.config``, ``server.ServerConfig``, ``DPConfig``) declare the
+range of each number beside its default (:func:`bounds`), and :func:`check_numbers` refuses,
+for every caller alike (``server.py``, ``fedhub.Server``, ``fedhub.simulate``), a number that
+is not finite or out of its range: a setting that would leave the server unusable (no
+worker threads, every round discarded at its deadline, every update too large) never starts.
 """
 
 from __future__ import annotations
@@ -174,6 +180,101 @@ def describe(cls: type) -> list[dict[str, Any]]:
             for p in params_of(cls)]
 
 
-def setting(default: Any, help: str) -> Any:
-    """A dataclass field with a default and the help text shown by ``--list-strategies``."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, **limits: Any) -> Any:
+    """A dataclass field with a default and the help text shown by ``--list-strategies``
+    (``limits``: :func:`bounds`'s arguments, checked by :func:`check_numbers`)."""
+    metadata = {"help": help, **(bounds(**limits) if limits else {})}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a numeric setting may lie: ``low``/``high`` included, ``above`` excluded; ``flag``
+    names the command-line option in refusals, ``scale`` converts the stored value (bytes)
+    to the option's unit (MiB) for the message."""
+
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    flag: str | None = None
+    scale: float = 1.0
+    unit: str = ""
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` cannot be used, or None."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        too_low = ((self.low is not None and value < self.low)
+                   or (self.above is not None and value <= self.above))
+        if too_low or (self.high is not None and value > self.high):
+            return f"must be {self.text()}, got {self.shown(value)}"
+        return None
+
+    def text(self) -> str:
+        """The range in words, in the option's unit."""
+        low = None if self.low is None else self.shown(self.low)
+        high = None if self.high is None else self.shown(self.high)
+        parts = [f"more than {self.shown(self.above)}" if self.above is not None else
+                 f"at least {low}" if low is not None else "",
+                 f"at most {high}" if high is not None else ""]
+        return " and ".join(part for part in parts if part) or "a finite number"
+
+    def shown(self, value: float) -> str:
+        """``value`` in the option's unit."""
+        if self.scale == 1:
+            return _shown(value)
+        return f"{_shown(value / self.scale)} {self.unit}".rstrip()
+
+
+def _shown(x: float) -> str:
+    if isinstance(x, int):
+        return str(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+RANGE_KEY = "fedhub_range"
+
+
+def bounds(low: float | None = None, high: float | None = None, *, above: float | None = None,
+           flag: str | None = None, scale: float = 1.0, unit: str = "") -> dict[str, Range]:
+    """Field metadata declaring a number's range (``field(default=..., metadata=bounds(...))``)."""
+    return {RANGE_KEY: Range(low, high, above, flag, scale, unit)}
+
+
+def number(default: Any, low: float | None = None, high: float | None = None, *,
+           above: float | None = None, flag: str | None = None, scale: float = 1.0,
+           unit: str = "") -> Any:
+    """A dataclass field holding a number with its default and its range (:class:`Range`)."""
+    return dataclasses.field(default=default, metadata=bounds(low, high, above=above, flag=flag,
+                                                              scale=scale, unit=unit))
+
+
+def check_numbers(obj: Any) -> None:
+    """ValueError (one line, naming the setting and its option) for the first number of the
+    dataclass ``obj``, or of a dataclass it holds, that is not finite or outside its declared
+    range. ``None`` (an optional setting left out) passes; a number field without a declared
+    range must still be finite."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_numbers(value)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        limits = f.metadata.get(RANGE_KEY) or Range()
+        why = limits.problem(value)
+        if why is not None:
+            name = f"{f.name} ({limits.flag})" if limits.flag else f.name
+            raise ValueError(f"{name} {why}")
+
+
+def unbounded(cls: type) -> list[str]:
+    """The numeric ``init`` fields of the dataclass ``cls`` that declare no range (a test keeps
+    this empty for the run's settings)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        if f.init and any(k in (int, float) for k in kinds) and RANGE_KEY not in f.metadata:
+            out.append(f.name)
+    return out

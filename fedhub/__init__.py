@@ -18,15 +18,19 @@ It is a thin layer over the same parts as the command line: the engine
 device, even one in this process, talks HTTP to the server.
 """
 
-from device.attacks import make_attack
-from device.trainer import KerasModelTrainer, Trainer, TrainResult
-from fedcore.privacy import DPConfig
-from fedcore.strategies import describe_strategies
+from utils import tensorflow_env
 
-from .devices import Device
-from .evaluation import evaluate
-from .servers import Server
-from .simulation import History, simulate
+tensorflow_env.quiet()  # before anything below imports TensorFlow or Keras
+
+from device.attacks import make_attack  # noqa: E402
+from device.trainer import KerasModelTrainer, Trainer, TrainResult  # noqa: E402
+from fedcore.privacy import DPConfig  # noqa: E402
+from fedcore.strategies import describe_strategies  # noqa: E402
+
+from .devices import Device  # noqa: E402
+from .evaluation import evaluate  # noqa: E402
+from .servers import Server  # noqa: E402
+from .simulation import History, simulate  # noqa: E402
 
 __all__ = ["DPConfig", "Device", "History", "KerasModelTrainer", "Server", "TrainResult", "Trainer",
            "describe_strategies", "evaluate", "make_attack", "simulate"]

@@ -8,6 +8,7 @@ every device load the model from one ``.keras`` file and agree on every name.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from fedcore.files import atomic_path
@@ -27,8 +28,15 @@ def save_model(model: keras.Model, path: str | Path) -> Path:
 
 
 def load_model(path: str | Path) -> keras.Model:
-    """Load a ``.keras`` file without running any code from it (``safe_mode=True``)."""
-    return keras.saving.load_model(Path(path), safe_mode=True)
+    """Load a ``.keras`` file without running any code from it (``safe_mode=True``).
+
+    Keras warns ("Skipping variable loading for optimizer ...") when the file's optimizer
+    state and the rebuilt optimizer differ in size, as for a compiled model not yet trained.
+    FedHub exchanges weights only, never optimizer state, so the warning says nothing to a
+    user and is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        return keras.saving.load_model(Path(path), safe_mode=True)
 
 
 def portable(model: keras.Model, path: str | Path) -> keras.Model:

@@ -64,11 +64,6 @@ class Server:
                  secagg: SecAggConfig | None = None, mode: str = FEDERATION.mode,
                  buffer_size: int = FEDERATION.buffer_size, max_staleness: int = FEDERATION.max_staleness,
                  staleness_exponent: float = FEDERATION.staleness_exponent) -> None:
-        if isinstance(model, str):
-            from model import MODEL_NAMES
-
-            if model not in MODEL_NAMES:
-                raise ValueError(f"model must be a Keras model or one of {', '.join(MODEL_NAMES)}")
         self.federation = FederationConfig(
             rounds=rounds, min_devices=min_devices, quorum=quorum, round_timeout=round_timeout,
             device_timeout=device_timeout, fraction=fraction, auto_activate=auto_activate, start=start,
@@ -78,7 +73,17 @@ class Server:
             training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                     compression=compression),
             privacy=privacy, secagg=secagg)
-        self.federation.validate()  # ValueError now (a bad strategy parameter too), not later
+        import server as server_cli
+
+        # ValueError now (a bad strategy parameter, a number out of its range), not at start():
+        # the same check as server.py's options.
+        server_cli.ServerConfig(host=host, port=port, threads=threads, test_limit=test_limit,
+                                state_dir=state_dir, federation=self.federation).validate()
+        if isinstance(model, str):
+            from model import MODEL_NAMES  # imports TensorFlow: after the quick checks
+
+            if model not in MODEL_NAMES:
+                raise ValueError(f"model must be a Keras model or one of {', '.join(MODEL_NAMES)}")
         self._model = model
         self._test_data = test_data
         self.data_dir = str(data_dir) if data_dir else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -28,10 +27,13 @@ from tqdm import tqdm
 
 from fedcore.config import FederationConfig, TrainingConfig
 from fedcore.plural import plural
-from fedcore.strategies import STRATEGIES, make_strategy, parse_strategy_args
+from fedcore.strategies import STRATEGIES, parse_strategy_args
 from fedhub.simulation import simulate
 from utils import secagg_options
+from utils.cli import Parser
 from utils.dp_options import add_dp_options, dp_config
+
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} devices [{elapsed}]"
 
 
 class RoundBars:
@@ -50,8 +52,10 @@ class RoundBars:
         if current["number"] != self._round:
             self._close()
             self._round = current["number"]
-            self._bar = tqdm(total=len(current["selected"]), desc=f"round {self._round}", unit="device",
-                             leave=False, file=sys.stderr, dynamic_ncols=True)
+            # Counts, not a rate: n jumps as reports arrive, so tqdm's rate (n / a few
+            # milliseconds since the bar opened) read "270600.26device/s".
+            self._bar = tqdm(total=len(current["selected"]), desc=f"round {self._round}",
+                             bar_format=BAR_FORMAT, leave=False, file=sys.stderr, dynamic_ncols=True)
         assert self._bar is not None
         total, done = len(current["selected"]), len(current["reported"])  # a dropped device leaves
         if (total, done) != (self._bar.total, self._bar.n):
@@ -88,7 +92,7 @@ def secure_text(secagg: dict[str, Any] | None) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedhub.simulate", description=__doc__,
+    p = Parser(prog="python -m fedhub.simulate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=100, help="simulated devices (default 100)")
     p.add_argument("--fraction", type=float, default=0.1,
@@ -150,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Every refusal as one ``error: ...`` line (exit 2) before anything starts: this command's
+    own options here, the run's settings by the one :meth:`FederationConfig.validate` the
+    server would apply (ranges, strategy, compression, mode, privacy, secure aggregation)."""
     if a.devices < 1:
         p.error("--devices must be at least 1")
     if not 0 < a.fraction <= 1:
@@ -158,45 +165,44 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--rounds must be at least 1")
     if a.workers is not None and a.workers < 1:
         p.error("--workers must be at least 1")
-    for flag in ("limit", "test_limit", "epochs", "batch_size"):
+    for flag in ("limit", "test_limit"):
         value = getattr(a, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("alpha", "learning_rate", "timeout"):
+    for flag in ("alpha", "timeout"):
         value = getattr(a, flag)
-        if value is not None and not (math.isfinite(value) and value > 0):
+        if value is not None and not value > 0:
             p.error(f"--{flag.replace('_', '-')} must be a positive number")
     if not 0 <= a.slow_devices <= 1 or not 1 <= a.slowdown <= 1000:
         p.error("--slow-devices must be a share from 0 to 1 and --slowdown from 1 to 1000")
     if a.cpus_per_worker <= 0 or a.gpus_per_worker < 0:
         p.error("--cpus-per-worker must be positive and --gpus-per-worker not negative")
     try:
-        FederationConfig(compress_downlink=a.compress_downlink,
-                         training=TrainingConfig(compression=a.compression)).validate()
+        a.strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
     except ValueError as exc:
         p.error(str(exc))
-    try:
-        a.strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
-        # each round selects a fraction of the devices: enough for the strategy?
-        make_strategy(a.strategy, **a.strategy_params).check_min_devices(math.ceil(a.fraction * a.devices))
-        FederationConfig(strategy=a.strategy, strategy_params=a.strategy_params, mode=a.mode,
-                         buffer_size=a.buffer, max_staleness=a.max_staleness).validate()
-    except ValueError as exc:
-        p.error(f"{exc}".replace("min_devices is", "--fraction x --devices is"))
-    a.privacy = dp_config(p, a, math.ceil(a.fraction * a.devices))
+    per_round = math.ceil(a.fraction * a.devices)  # each round selects a fraction of the devices
+    a.privacy = dp_config(p, a, per_round)
     a.secagg = secagg_options.config_from(a)
     if not 0 <= a.dropout <= 1 or (a.dropout and a.secagg is None):
         p.error("--dropout must be from 0 to 1, and goes with --secure-aggregation")
-    if a.secagg is not None:
-        try:
-            FederationConfig(min_devices=math.ceil(a.fraction * a.devices), strategy=a.strategy,
-                             strategy_params=a.strategy_params, secagg=a.secagg).validate()
-        except ValueError as exc:
-            p.error(f"{exc}".replace("min_devices is", "--fraction x --devices is")
-                    + secagg_options.hint(exc))
+    try:
+        FederationConfig(
+            rounds=a.rounds, min_devices=per_round, fraction=a.fraction, seed=a.seed,
+            strategy=a.strategy, strategy_params=a.strategy_params, mode=a.mode, buffer_size=a.buffer,
+            max_staleness=a.max_staleness, compress_downlink=a.compress_downlink,
+            training=TrainingConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size,
+                                    learning_rate=a.learning_rate, compression=a.compression),
+            privacy=a.privacy, secagg=a.secagg).validate()
+    except ValueError as exc:
+        message = (str(exc).replace("min_devices is", "--fraction x --devices is")
+                   .replace("min_devices (--min-devices)", "--fraction x --devices"))
+        p.error(message + secagg_options.hint(exc))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked: a refusal is one ``error: ...`` line and exit 2, before anything
+    starts (tests call this in-process)."""
     p = _parser()
     a = p.parse_args(argv)
     _check(p, a)
@@ -205,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             import ray  # noqa: F401
         except ImportError:
             p.error("--backend ray needs Ray: pip install -e '.[ray]'")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     from utils.format_dataset import DatasetError, split_to_devices
 
     started = time.monotonic()
@@ -264,5 +275,4 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(main())
+    sys.exit(main())  # TensorFlow's log settings: ``import fedhub`` made them (utils.tensorflow_env)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 from utils import state_dir as state
+from utils.cli import Parser
 
 KEEP = {".gitkeep"}
 SECRETS = {state.ENROLL_SECRET_FILE, state.ADMIN_TOKEN_FILE}
@@ -50,7 +50,7 @@ def clean_devices(devices_root: Path, *, keep_data: bool = True) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m utils.cleaner", description=__doc__)
+    p = Parser(prog="python -m utils.cleaner", description=__doc__)
     state.add_option(p)
     p.add_argument("--eval-dir", type=Path, default=None, help="default: the state directory's eval/")
     p.add_argument("--devices-root", type=Path, default=None,

@@ -17,6 +17,7 @@ from pathlib import Path
 import requests
 
 from fedcore.plural import plural
+from utils.cli import Parser
 from utils.round_report import round_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +43,9 @@ def wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 120.0) ->
     raise RuntimeError(f"the server did not answer at {url} within {timeout:.0f}s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m utils.demo", description=__doc__,
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's options, checked (one ``error: ...`` line and exit 2 for a bad one)."""
+    p = Parser(prog="python -m utils.demo", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--devices", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
@@ -53,10 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="examples per device (default: all)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (else $FEDHUB_DATA_DIR)")
     p.add_argument("--port", type=int, default=0, help="server port (0: any free port)")
-    p.add_argument("--devices-root", type=Path, default=ROOT / "devices")
-    p.add_argument("--state-dir", type=Path, default=ROOT / "server_training" / "demo")
+    p.add_argument("--state-dir", type=Path, default=ROOT / "server_training" / "demo",
+                   help="the demo's own state directory: server state, logs and its devices/")
+    p.add_argument("--devices-root", type=Path, default=None,
+                   help="where the demo splits the data (default: the state directory's devices/, "
+                        "so a split of your own in devices/ is never touched)")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     a = p.parse_args(argv)
+    if not 1 <= a.devices <= 100 or a.rounds < 1 or a.epochs < 1 or not a.timeout > 0:
+        p.error("--devices must be from 1 to 100, --rounds and --epochs at least 1, --timeout positive")
+    if a.limit is not None and a.limit < 1:
+        p.error("--limit must be at least 1")
+    a.devices_root = a.devices_root or a.state_dir / "devices"
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
 
     from device.launcher import launch, stop
     from utils.format_dataset import DatasetError, split_to_devices

@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from fedcore.plural import plural
+from utils.cli import Parser
 from utils.round_report import round_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +176,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m utils.docker_demo", description=__doc__,
+    p = Parser(prog="python3 -m utils.docker_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=_positive, default=3)
     p.add_argument("--limit", type=_positive, default=None, help="examples per device (default: all)")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import math
 
+from fedcore import params
 from fedcore.privacy import DP_MODES, DPConfig
 
 # Each option and the DPConfig setting it fills (the defaults live in DPConfig).
@@ -50,9 +50,6 @@ def dp_config(p: argparse.ArgumentParser, a: argparse.Namespace, devices_per_rou
         if given:
             p.error(f"{_FLAGS[next(iter(given))]} needs --dp {'|'.join(DP_MODES)}")
         return None
-    for key, value in given.items():
-        if not math.isfinite(value):
-            p.error(f"{_FLAGS[key]} must be a finite number")
     config = DPConfig(mode=a.dp, **given)
     if a.dp != "central-adaptive":
         extra = [k for k in ("target_quantile", "clip_norm_lr", "clipped_count_stddev") if k in given]
@@ -61,7 +58,8 @@ def dp_config(p: argparse.ArgumentParser, a: argparse.Namespace, devices_per_rou
     try:
         from fedcore.strategies import FedAvg
 
-        config.wrap(FedAvg(), devices_per_round)
+        config.wrap(FedAvg(), devices_per_round)  # its own checks and messages first
+        params.check_numbers(config)  # then every number in the range DPConfig declares
     except ValueError as exc:
         message = str(exc)
         for key, flag in _FLAGS.items():

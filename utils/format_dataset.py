@@ -19,8 +19,8 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
-import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +34,7 @@ from fedcore.errors import InvalidInput
 from fedcore.files import atomic_path, atomic_write_text
 from fedcore.plural import plural
 from utils import state_dir as state
+from utils.cli import Parser
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 DATA_DIR_ENV = "FEDHUB_DATA_DIR"
+# The shared copy beside the checkout (the Makefile's default too).
+SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 DEVICE_DATA_FILE = "train.npz"
 # The memory-mappable form (``--format npy``): a worker hosting many devices maps a device's
 # arrays only while it trains, instead of holding every device's data in memory.
@@ -148,10 +151,16 @@ def _find_file(directory: Path, name: str) -> Path | None:
 
 
 def _resolve_data_dir(data_dir: str | Path | None) -> Path | None:
+    """Where every command looks for Fashion-MNIST: the option (``--data-dir``), else
+    ``$FEDHUB_DATA_DIR``, else the shared copy beside the checkout (``../shared/data/fashion-mnist``,
+    which ``make`` also passes) where there is one; None means Keras' cache or download. One
+    lookup, so a command run by hand finds what ``make demo`` found, offline too."""
     if data_dir is not None and str(data_dir) != "":
         return Path(data_dir)
     env = os.environ.get(DATA_DIR_ENV, "").strip()
-    return Path(env) if env else None
+    if env:
+        return Path(env)
+    return SHARED_DATA_DIR if SHARED_DATA_DIR.is_dir() else None
 
 
 def load_fashion_mnist(
@@ -159,7 +168,8 @@ def load_fashion_mnist(
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Return ``((x_train, y_train), (x_test, y_test))`` as uint8 arrays.
 
-    Looks in ``data_dir``, else in ``$FEDHUB_DATA_DIR``, else falls back to
+    Looks in ``data_dir``, else in ``$FEDHUB_DATA_DIR``, else in the shared folder beside the
+    checkout (:func:`_resolve_data_dir`), else falls back to
     ``keras.datasets.fashion_mnist.load_data()`` (Keras' cache, downloading if needed).  A
     local directory is preferred because it works offline and is validated here; keras is
     imported only on the fallback path because importing it costs seconds.
@@ -536,8 +546,11 @@ def split_to_devices(
     (scheme, seed, parameters and per-device summary), and returns
     ``{name: {"examples": n, "class_counts": [10 ints]}}``.  ``limit`` keeps only the first
     ``limit`` examples of each device's share *after* partitioning, so quick runs keep the
-    same label distribution per device as the full split.  Device folders from an earlier,
-    larger split are left alone (with a warning); ``partition.json`` lists the current ones.
+    same label distribution per device as the full split.  A split replaces the previous one:
+    the folders of the earlier split in ``root`` that this one does not make (``device4`` after
+    a split over 4, now over 3) are removed, so no device trains on data that overlaps the new
+    split; a ``<prefix>N`` folder that no earlier split made is refused (:class:`DatasetError`)
+    and left alone.
     ``only`` (a device name) writes that device's share alone, the same share as in the full
     split: a device on its own machine or container makes just its own data.
     ``memmap`` writes memory-mappable ``x.npy``/``y.npy`` instead of ``train.npz``.
@@ -552,6 +565,7 @@ def split_to_devices(
     if only is not None and only not in names:
         raise DatasetError(f"{only!r} is not one of the devices {prefix}1..{prefix}{n_devices}")
     root = Path(root)
+    stale = [] if only is not None else _stale_devices(root, prefix, names)
     (x_train, y_train), _ = load_fashion_mnist(data_dir)
     parts = partition(
         y_train,
@@ -570,18 +584,8 @@ def split_to_devices(
         write_device_data(root, name, x_train[chosen], y_train[chosen], memmap=memmap)
         summary[name] = _summary(y_train[chosen])
 
-    stale = sorted(
-        p.name
-        for p in root.glob(f"{prefix}*")
-        if p.is_dir()
-        and re.fullmatch(rf"{re.escape(prefix)}(\d+)", p.name)
-        and int(p.name[len(prefix) :]) > len(parts)
-    )
-    if stale and only is None:
-        warnings.warn(
-            f"{root} still holds device folders from an earlier split: {', '.join(stale)}",
-            stacklevel=2,
-        )
+    for folder in stale:
+        shutil.rmtree(folder)
 
     source = _resolve_data_dir(data_dir)
     record = {
@@ -604,11 +608,38 @@ def split_to_devices(
     return summary
 
 
+def _stale_devices(root: Path, prefix: str, names: list[str]) -> list[Path]:
+    """The device folders of the previous split (its ``partition.json``) that a split into
+    ``names`` does not make again; checked before anything is written, so a refusal changes
+    nothing. A ``<prefix>N`` folder with data that no earlier split recorded is someone's own:
+    refused with the way out, never removed."""
+    try:
+        previous = set(json.loads((root / PARTITION_FILE).read_text())["devices"])
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = set()
+    keep = set(names)
+    stale, foreign = [], []
+    for folder in sorted(root.glob(f"{prefix}*")):
+        if (not folder.is_dir() or folder.name in keep
+                or not re.fullmatch(rf"{re.escape(prefix)}\d+", folder.name)):
+            continue
+        if folder.name in previous:
+            stale.append(folder)
+        elif has_device_data(folder):
+            foreign.append(folder.name)
+    if foreign:
+        raise DatasetError(
+            f"{root} holds device folders with data that no earlier split made: {', '.join(foreign)}; "
+            "remove them or split into another folder (--out, or --state-dir)"
+        )
+    return stale
+
+
 # --------------------------------------------------------------------------- command line
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m utils.format_dataset",
         description="Split the Fashion-MNIST training set into per-device folders "
         "(<out>/deviceN/data/train.npz) for a FedHub run.",
@@ -633,8 +664,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-dir",
         default=None,
-        help=f"folder with the four Fashion-MNIST .gz files (default: ${DATA_DIR_ENV}, "
-        "else the keras download)",
+        help=f"folder with the four Fashion-MNIST .gz files (default: ${DATA_DIR_ENV}, else "
+        "../shared/data/fashion-mnist beside the checkout where there is one, else the Keras download)",
     )
     state.add_option(parser)
     parser.add_argument(

@@ -19,6 +19,8 @@ with a retry button, never a traceback.
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import logging
 import os
 import re
@@ -27,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `streamlit run` puts only dashboard/ on the path
@@ -35,6 +38,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts only dashboard/ on the pat
 import altair as alt  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from api.app import MAX_IMAGE_BYTES  # noqa: E402
 from dashboard.local_devices import LocalDevices, device_names, missing_data  # noqa: E402
@@ -75,6 +79,11 @@ AMBER = "background-color: rgba(250, 176, 5, 0.28)"
 LIFECYCLE_HIGHLIGHT = {"invalid": RED, "interrupted": AMBER}
 LEVEL_HIGHLIGHT = {"ERROR": RED, "WARNING": AMBER}
 BLANK = "–"  # what an empty table cell shows (Streamlit's own is the word "None")
+# Below this probability a prediction is shown as a guess, not as an answer: ten classes make
+# 10 % pure chance, and a photo unlike the training data often gets 30 % for some class.
+SURE = 0.6
+MODEL_INPUT_SIDE = 280  # the 28x28 picture the model saw, enlarged 10x with sharp pixels
+ATTACKER = "▲ "  # marks a device that declared an attack, wherever it is named
 # Every ASCII punctuation mark can be backslash-escaped in Markdown (Streamlit's ``$`` maths and
 # ``:emoji:`` shortcodes included); a device's own words then show as typed, never as markup.
 MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
@@ -93,34 +102,60 @@ def refusal(exc: ServerError) -> str:
     return f"The server refused: {message} (HTTP {exc.status})"
 
 
-def flash(kind: str, text: str, where: str = "controls") -> None:
+def flash(kind: str, text: str, where: str = "controls", while_status: str | None = None) -> None:
     """Keep the outcome of a button until the user dismisses it or acts again.
 
     One message at a time (the latest action's), shown beside the buttons that made it
-    (``where``): the live refresh draws it again rather than dropping it.
+    (``where``): the live refresh draws it again rather than dropping it. ``while_status``:
+    the message is about the run being in this state ("training started": running) and goes
+    by itself once the run has left it, so a finished run does not still say it started.
     """
-    st.session_state["flash"] = (kind, text, where)
+    st.session_state["flash"] = (kind, text, where, while_status)
 
 
 def dismiss() -> None:
     st.session_state.pop("flash", None)
 
 
-def show_flash(where: str = "controls") -> None:
+def show_flash(where: str = "controls", status: str | None = None) -> None:
+    """The latest action's outcome, if it was made ``where`` and still true in run ``status``."""
     message = st.session_state.get("flash")
     if not message or message[2] != where:
         return
-    kind, text, _ = message
+    kind, text, _, while_status = message
+    if while_status is not None and status is not None and status != while_status:
+        dismiss()
+        return
     row = st.container(horizontal=True, vertical_alignment="center")
     (row.success if kind == "success" else row.error)(text)
     row.button("Dismiss", key=f"dismiss-{where}", icon=":material/close:", type="tertiary",
                on_click=dismiss)
 
 
+def is_local(server: str) -> bool:
+    """An http server on this machine: the one the README's commands start."""
+    parts = urlsplit(server)
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost")
+
+
+def server_command(server: str) -> str:
+    """How to start the server at the URL set in the sidebar (its port, not the README's)."""
+    if is_local(server):
+        return f"`python server.py {urlsplit(server).port or 80}`"
+    return f"the FedHub server at {server}"
+
+
+def device_command(server: str, name: str = "device1") -> str:
+    """How to start one device against the URL set in the sidebar."""
+    if is_local(server):
+        return f"`python device/device.py {urlsplit(server).port or 80} {name}`"
+    return f"`python device/device.py --server {server} {name}`"
+
+
 def server_down_banner(api: ServerAPI, exc: Exception, key: str) -> None:
     st.error(
         f"**The FedHub server at {api.server} cannot be reached** ({exc}).\n\n"
-        "Start it with `python server.py 4000`, or fix the server URL in the sidebar. "
+        f"Start {server_command(api.server)}, or fix the server URL in the sidebar. "
         "This page keeps working and tries again on Retry (or by itself when live refresh is on).",
         icon=":material/cloud_off:")
     st.button("Retry", key=key, type="primary")
@@ -132,8 +167,9 @@ def unexpected(exc: Exception) -> None:
     st.error(f"Something went wrong: {type(exc).__name__}: {exc}. Details are in the dashboard's log.")
 
 
-def control(call, done: str) -> None:
-    """Run one control call from a button callback; the outcome is shown on the next render."""
+def control(call, done: str, while_status: str | None = None) -> None:
+    """Run one control call from a button callback; the outcome is shown on the next render
+    (``while_status``: only while the run stays in that state, see :func:`flash`)."""
     try:
         call()
     except NO_SERVER as exc:
@@ -141,7 +177,7 @@ def control(call, done: str) -> None:
     except ServerError as exc:
         flash("error", refusal(exc))
     else:
-        flash("success", done)
+        flash("success", done, while_status=while_status)
 
 
 def read(call: Callable[[], T], what: str) -> T | None:
@@ -211,6 +247,44 @@ def sidebar() -> tuple[ServerAPI, bool]:
     return api, live
 
 
+READY = ("idle", "training", "uploading")  # device states that count as active and online
+
+
+def ready_devices(status: dict[str, Any]) -> int:
+    """Active devices online now: those a round can select."""
+    counts = status.get("devices") or {}
+    return sum(counts.get(state, 0) for state in READY)
+
+
+def round_share(r: dict[str, Any]) -> tuple[float, str]:
+    """How far the open round is, 0..1, and in words: reported updates count in full, a device
+    still training by its batches done (a round whose devices are at 99 % is nearly done, not 0 %)."""
+    selected = max(1, len(r["selected"]))
+    training = [p["done"] / p["total"] for name, p in (r.get("progress") or {}).items()
+                if p.get("total") and name not in r["reported"]]
+    share = min(1.0, (len(r["reported"]) + sum(training)) / selected)
+    words = f"round {r['number']}: {len(r['reported'])} of {len(r['selected'])} selected devices reported"
+    if training:
+        words += " · training " + ", ".join(f"{t:.0%}" for t in sorted(training, reverse=True))
+    return share, words + f" ({r['needed']} needed by the deadline)"
+
+
+def start_advice(status: dict[str, Any], launched: int) -> tuple[str, str]:
+    """What Start will train with, as ``(kind, text)``: a warning when fewer devices are ready
+    than were launched here (a round opens with whoever is there: ``--min-devices``, 1 by
+    default), so that nobody starts a "federation" of one by accident."""
+    ready = ready_devices(status)
+    with_whom = f"Start trains with the {plural(ready, 'active device')} online now"
+    if ready == 0:
+        return "warning", ("No active device is online yet: launch some (above) or activate enrolled "
+                           "ones (Devices, below); a round opens once one is.")
+    if launched > ready:
+        return "warning", (f"{with_whom}, but {launched} were launched from this page: the others are "
+                           "still starting or inactive. Wait until the Devices table shows them "
+                           "active, or rounds run with fewer devices than you launched.")
+    return "info", f"{with_whom} (and any that join later)."
+
+
 def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
     st.subheader("Training")
     state = status["status"]
@@ -234,9 +308,8 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
         cols[2].metric("Current round", f"#{r['number']}")
         cols[3].metric("Updates received", f"{reported} / {selected}")
         cols[4].metric("Deadline", f"in {r['deadline_in']:.0f} s")
-        st.progress(reported / max(1, selected),
-                    text=f"round {r['number']}: {reported} of {selected} selected devices reported "
-                         f"({r['needed']} needed by the deadline)")
+        share, words = round_share(r)
+        st.progress(share, text=words)
     elif r:
         cols[2].metric("Current round", f"#{r['number']}")
         cols[3].metric("Updates received", "all")
@@ -261,16 +334,20 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
         st.info(f"The run is over ({plural(status['completed_rounds'], 'round')} done). To train again, "
                 "Reset (back to the initial model), or Start with more rounds in the run.")
 
+    if state != "running" and status.get("mode") != "async":
+        kind, advice = start_advice(status, len(local_devices().running()))
+        (st.warning if kind == "warning" else st.caption)(advice)
     c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1, 2])
     rounds = c5.number_input("Rounds in the run (0: until paused)", key="rounds", min_value=0,
                              max_value=10_000, step=1, value=int(status["total_rounds"] or 0))
     c1.button("Start", key="start", type="primary", disabled=state == "running", on_click=control,
               args=(lambda: api.start(int(rounds)),
-                    f"training started ({plural(rounds, 'round') if rounds else 'until paused'})"))
-    c2.button("Pause", key="pause", disabled=state != "running",
-              on_click=control, args=(api.pause, "paused: the round in progress still completes"))
+                    f"training started ({plural(rounds, 'round') if rounds else 'until paused'})",
+                    "running"))
+    c2.button("Pause", key="pause", disabled=state != "running", on_click=control,
+              args=(api.pause, "paused: the round in progress still completes", "paused"))
     c3.button("Resume", key="resume", disabled=state != "paused",
-              on_click=control, args=(api.resume, "training resumed"))
+              on_click=control, args=(api.resume, "training resumed", "running"))
     c4.button("Reset", key="reset", disabled=state == "idle" and not status["completed_rounds"],
               help="Forget every round and go back to the initial model (asks first).",
               on_click=ask_reset)
@@ -384,8 +461,8 @@ def devices_panel(api: ServerAPI, status: dict[str, Any]) -> list[dict[str, Any]
                         max_value=-(-total // DEVICES_PER_PAGE), step=1)
     if not devices:
         st.info("No device matches these filters." if enrolled else
-                "No device has enrolled yet. Launch some below, "
-                "or run `python device/device.py 4000 device1`.")
+                "No device has enrolled yet. Launch some (Local devices, above), "
+                f"or run {device_command(api.server)}.")
         return devices
     st.caption(f"{plural(total, 'device')} match; rows {answer['offset'] + 1}-"
                f"{answer['offset'] + len(devices)}")
@@ -406,8 +483,14 @@ def devices_panel(api: ServerAPI, status: dict[str, Any]) -> list[dict[str, Any]
         "attack (declared)": declared_attack(d.get("attack")),
     } for d in devices]
     frame = pd.DataFrame(rows).astype({"examples": "Int64"})
+    # the attack column first after the name when a device declared one: never cut off at the right
+    if not frame["attack (declared)"].any():
+        frame = frame.drop(columns="attack (declared)")
+    else:
+        frame.insert(1, "attack (declared)", frame.pop("attack (declared)"))
     table(frame.style.apply(highlight, axis=1, colours=LIFECYCLE_HIGHLIGHT, column="lifecycle"),
           column_config={"local accuracy": st.column_config.NumberColumn(format="%.4f"),
+                         "attack (declared)": st.column_config.TextColumn(width="medium"),
                          "why": st.column_config.TextColumn(width="large")})
     per_row = 4
     for start in range(0, len(devices), per_row):
@@ -419,7 +502,7 @@ def devices_panel(api: ServerAPI, status: dict[str, Any]) -> list[dict[str, Any]
                        args=(lambda n=name, a=not active: api.set_active(n, a),
                              f"{name} {'deactivated' if active else 'activated'}"))
             if d["lifecycle"] == "training":
-                col.button(f"Interrupt {name}", key=f"interrupt-{name}", type="primary",
+                col.button(f"Interrupt {name}", key=f"interrupt-{name}", type="secondary",
                            help="Stop this device's local training within one batch; "
                                 "the round goes on without it.",
                            on_click=control,
@@ -512,39 +595,79 @@ def charts_panel(history: list[dict[str, Any]], asynchronous: bool = False) -> N
         table(pd.DataFrame(failed).style.map(lambda _: RED))
 
 
-def screened_updates(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each update a strategy rejected or clipped, newest round first: what the strategy said
-    about it in the round's history entry (``aggregation``)."""
+GREEN = "background-color: rgba(64, 192, 87, 0.22)"
+OUTCOME_HIGHLIGHT = {"kept": GREEN, "clipped": AMBER}
+
+
+def outcome_of(a: dict[str, Any]) -> tuple[str, str]:
+    """What a strategy did with one update (its ``aggregation`` entry), and why."""
+    if a.get("status") == "rejected":
+        return "rejected", a.get("reason", "")
+    if (a.get("trimmed_share") or 0) > 0:
+        return "clipped", f"{a['trimmed_share']:.1%} of its coordinates cut"
+    return "kept", ""
+
+
+def screened_updates(history: list[dict[str, Any]],
+                     attacks: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every update of each round where the strategy rejected or clipped one, newest round
+    first: the kept ones too, since Krum keeps one update and rejects every other, honest ones
+    included, and what matters is which one it kept and where the attacker went. ``attacks``:
+    device -> the attack it declared, marked in the ``declared attack`` column."""
+    attacks = attacks or {}
     rows = []
     for r in reversed(history):
-        for name, m in sorted(r["devices"].items()):
-            a = m.get("aggregation") or {}
-            if a.get("status") == "rejected":
-                outcome, why = "rejected", a.get("reason", "")
-            elif (a.get("trimmed_share") or 0) > 0:
-                outcome, why = "clipped", f"{a['trimmed_share']:.1%} of its coordinates cut"
-            else:
-                continue
-            rows.append({"round": r["round"], "device": name, "outcome": outcome, "why": why,
-                         "Krum score": a.get("score"), "distance to new model": a.get("distance")})
+        entries = [(name, m["aggregation"]) for name, m in sorted(r["devices"].items())
+                   if m.get("aggregation")]
+        outcomes = [(name, a, *outcome_of(a)) for name, a in entries]
+        if all(outcome == "kept" for _, _, outcome, _ in outcomes):
+            continue
+        for name, a, outcome, why in outcomes:
+            rows.append({"round": r["round"], "device": name, "outcome": outcome,
+                         "declared attack": ATTACKER + attacks[name] if name in attacks else "",
+                         "Krum score": a.get("score"), "distance to new model": a.get("distance"),
+                         "why": why})
     return rows
 
 
+def kept_summary(history: list[dict[str, Any]]) -> str:
+    """The latest screened round in one line: which updates went into the model."""
+    for r in reversed(history):
+        entries = {name: outcome_of(m["aggregation"])[0] for name, m in r["devices"].items()
+                   if m.get("aggregation")}
+        if any(o != "kept" for o in entries.values()):
+            kept = sorted(n for n, o in entries.items() if o != "rejected")
+            return (f"Round {r['round']}: {plural(len(entries), 'update')} received, "
+                    f"{len(kept)} used ({', '.join(kept) or 'none'}).")
+    return ""
+
+
+def screened_style(row: pd.Series) -> list[str]:
+    """A declared attacker's row in red wherever it went; otherwise kept green, clipped amber,
+    and an honest update Krum left out plain (rejecting all but one is what Krum does)."""
+    colour = RED if row["declared attack"] else OUTCOME_HIGHLIGHT.get(row["outcome"], "")
+    return [colour] * len(row)
+
+
 def aggregation_panel(status: dict[str, Any], history: list[dict[str, Any]],
-                      failures: list[dict[str, Any]]) -> None:
-    """Which updates a robust strategy rejected or clipped, round by round, and failed rounds."""
+                      failures: list[dict[str, Any]], devices: list[dict[str, Any]]) -> None:
+    """What a robust strategy kept, rejected or clipped, round by round, and failed rounds;
+    ``devices``: the enrolled devices, whose declared attacks are marked."""
     strategy = status.get("strategy") or {}
-    st.subheader("Rejected or clipped updates")
-    st.caption(f"What {as_text(strategy.get('name', 'the strategy'))} did with each update: "
-               "**rejected** updates were left out of the new global model (Krum, Multi-Krum, Bulyan); "
-               "**clipped** ones had part of their coordinates cut (trimmed mean, Bulyan). The "
-               "distance is from the update to the new global model: an attacker's is far larger "
-               "than the others'. Devices that declared an attack are marked in the devices table.")
-    rows = screened_updates(history)
+    st.subheader("Kept, rejected or clipped updates")
+    st.caption(f"What {as_text(strategy.get('name', 'the strategy'))} did with each update, in the "
+               "rounds where it left some out or cut them: **kept** updates went into the new global "
+               "model; **rejected** ones were left out (Krum keeps the one update closest to the "
+               "others and rejects the rest, honest ones included; Multi-Krum and Bulyan keep a few); "
+               "**clipped** ones had part of their coordinates cut (trimmed mean, Bulyan). Red rows "
+               f"are devices that declared an attack ({ATTACKER.strip()}): an attacker's Krum score "
+               "and distance to the new model are far larger than the others'.")
+    attacks = {d["name"]: declared_attack(d["attack"]) for d in devices if d.get("attack")}
+    rows = screened_updates(history, attacks)
     if rows:
+        st.markdown(kept_summary(history))
         frame = pd.DataFrame(rows)
-        table(frame.style.apply(highlight, axis=1, colours={"rejected": RED, "clipped": AMBER},
-                                column="outcome"),
+        table(frame.style.apply(screened_style, axis=1),
               column_config={"Krum score": st.column_config.NumberColumn(format="%.4g"),
                              "distance to new model": st.column_config.NumberColumn(format="%.4g"),
                              "why": st.column_config.TextColumn(width="large")})
@@ -664,29 +787,67 @@ def logs_panel(api: ServerAPI, devices: list[dict[str, Any]]) -> None:
                + ". An ERROR that names a round marks that device's update for the round failed.")
 
 
-def live_view(api: ServerAPI) -> None:
-    """Everything read from the server; re-run every few seconds when live refresh is on."""
-    show_flash()
+Snapshot = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]
+
+
+def snapshot(api: ServerAPI, retry_key: str) -> Snapshot | None:
+    """The run's status, its completed rounds and its failed ones; None once the page has said
+    why they could not be read (a banner with a Retry button keyed ``retry_key``)."""
     try:
         status = api.status()
         history, failures = api.history_and_failures()
     except NO_SERVER as exc:
-        server_down_banner(api, exc, key="retry")
-        return
+        server_down_banner(api, exc, key=retry_key)
     except ServerError as exc:
         st.error(refusal(exc))
-        return
     except Exception as exc:  # a live re-run happens outside main()'s guard
         unexpected(exc)
+    else:
+        return status, history, failures
+    return None
+
+
+def run_view(api: ServerAPI) -> None:
+    """The Run tab's live part, in the order of a first run: start the training, then the
+    devices (activate, interrupt). Re-run every few seconds when live refresh is on."""
+    read_now = snapshot(api, "retry")
+    if read_now is None:
+        show_flash()
         return
+    status, _, _ = read_now
     try:
+        show_flash(status=status["status"])
         training_panel(api, status)
-        devices = devices_panel(api, status)
+        devices_panel(api, status)
+    except Exception as exc:
+        unexpected(exc)
+
+
+def results_view(api: ServerAPI) -> None:
+    """The Results tab's live part: accuracy and loss over rounds, the latest model on the test set."""
+    read_now = snapshot(api, "retry_results")
+    if read_now is None:
+        return
+    status, history, _ = read_now
+    try:
         charts_panel(history, status.get("mode") == "async")
-        aggregation_panel(status, history, failures)
-        secure_panel(status, history)
-        logs_panel(api, devices or [])
         model_panel(api, history)
+    except Exception as exc:
+        unexpected(exc)
+
+
+def details_view(api: ServerAPI) -> None:
+    """The Robustness and logs tab's live part: what the strategy did with each update, secure
+    aggregation, the devices' logs."""
+    read_now = snapshot(api, "retry_details")
+    if read_now is None:
+        return
+    status, history, failures = read_now
+    try:
+        devices = read(api.devices, "The devices") or []
+        aggregation_panel(status, history, failures, devices)
+        secure_panel(status, history)
+        logs_panel(api, devices)
     except Exception as exc:
         unexpected(exc)
 
@@ -699,6 +860,9 @@ def local_devices() -> LocalDevices:
 
 def launcher_panel(api: ServerAPI) -> None:
     st.subheader("Local devices (demo)")
+    st.caption("Devices that train on this machine, on the folders `python -m utils.format_dataset` "
+               "made. Devices on other machines join with "
+               f"{device_command(api.server)}.")
     local = local_devices()
     c1, c2, c3 = st.columns([1, 3, 3])
     count = int(c1.number_input("How many", key="launch_count", min_value=1, max_value=1000, value=3))
@@ -843,20 +1007,44 @@ def show_prediction(api: ServerAPI, name: str, data: bytes, mime: str | None) ->
     except ServerError as exc:
         st.error(refusal(exc))
         return None
-    left, right = st.columns([1, 2])
+    left, middle, right = st.columns([1, 1, 3])
     left.image(data, caption=name, width="stretch")
+    seen = model_input(answer)
+    if seen is not None:
+        middle.image(seen, caption="what the model saw (28x28)", width="stretch")
     confidence = answer["probabilities"][answer["class_index"]]
-    right.success(f"Predicted: **{answer['class_name']}** ({confidence:.1%}), "
-                  f"by the global model of round {answer['round']}")
+    by = f"by the global model of round {answer['round']}"
+    if confidence >= SURE:
+        right.success(f"Predicted: **{answer['class_name']}** ({confidence:.1%}), {by}")
+    else:
+        right.warning(f"Not sure: perhaps **{answer['class_name']}**, but only {confidence:.1%}, {by}. "
+                      "The model learned from Fashion-MNIST (one light item, centred, on black): a "
+                      "photo of one item, filling the frame on a plain background, gives it a fair "
+                      "chance.", icon=":material/help:")
     right.altair_chart(probability_chart(answer), width="stretch")
     return answer
+
+
+def model_input(answer: dict[str, Any]) -> Image.Image | None:
+    """The 28x28 picture the server classified (``input_png``), enlarged with sharp pixels, so
+    a person sees what the crop and the background made of the photo; None from an older server."""
+    encoded = answer.get("input_png")
+    if not encoded:
+        return None
+    try:
+        picture = Image.open(io.BytesIO(base64.b64decode(encoded, validate=True)))
+        picture.load()
+    except (ValueError, OSError):
+        return None
+    return picture.resize((MODEL_INPUT_SIDE, MODEL_INPUT_SIDE), Image.Resampling.NEAREST)
 
 
 def predict_panel(api: ServerAPI) -> None:
     st.subheader("Predict")
     st.caption("The picture goes to the server's POST /api/predict, which classifies it with the "
-               "latest global model after the same preprocessing as in training (greyscale, 28x28, "
-               "inverted on a light background).")
+               "latest global model after making it look like the training data: greyscale, cropped "
+               "to the item, the background made black and the item bright, 28x28. The page shows "
+               "that 28x28 picture beside yours.")
     picture = st.file_uploader("A picture of a garment (PNG, JPEG, BMP, GIF or WebP)",
                                type=PICTURE_TYPES, key="picture", max_upload_size=MAX_PICTURE_MB,
                                help=f"The server takes up to {MAX_PICTURE_MB} MiB per request "
@@ -865,15 +1053,31 @@ def predict_panel(api: ServerAPI) -> None:
         show_prediction(api, picture.name, picture.getvalue(), picture.type)
 
 
+TABS = ("Run", "Results", "Predict", "Robustness and logs")
+
+
 def main() -> None:
+    """The page, in tabs ordered by what a user does first: Run (launch devices, start, the
+    devices), Results (charts, the model on the test set, download), Predict, and the details
+    (robust aggregation, secure aggregation, logs). Each tab's live part refreshes on its own."""
     st.set_page_config(page_title="FedHub dashboard", page_icon=":material/hub:", layout="wide")
     st.title("FedHub · federated Fashion-MNIST")
     api, live = sidebar()
+    every = REFRESH_SECONDS if live else None
     try:
-        st.fragment(run_every=REFRESH_SECONDS if live else None)(live_view)(api)
-        download_panel(api)
-        launcher_panel(api)
-        predict_panel(api)
+        run, results, predict, details = st.tabs(TABS, key="view")
+        with run:
+            st.caption("A first run: **1.** launch devices, **2.** Start; then watch the "
+                       "**Results** tab, and try the model in **Predict**.")
+            launcher_panel(api)
+            st.fragment(run_every=every)(run_view)(api)
+        with results:
+            st.fragment(run_every=every)(results_view)(api)
+            download_panel(api)
+        with predict:
+            predict_panel(api)
+        with details:
+            st.fragment(run_every=every)(details_view)(api)
     except Exception as exc:  # the page must stay usable: say what happened, log the details
         unexpected(exc)
 

@@ -1,6 +1,6 @@
 // FedHub live accuracy page: polls the server's public read-only endpoints every 2 s and
-// draws the global model's accuracy and loss per round beside a chosen few devices' (a
-// picker; the first few by default), and lists the devices a page at a time, filtered by
+// draws the global model's accuracy and loss per round beside a chosen few devices' (toggle
+// chips, which a phone can tap; the first few by default), and lists the devices a page at a time, filtered by
 // name, with their lifecycle state (an invalid or interrupted device's row stands out).
 //
 // Everything the server sends is rendered as text (textContent) or handed to Chart.js as
@@ -154,7 +154,8 @@
     return names.filter((name) => view.chosen.includes(name));
   }
 
-  // The picker lists every device of the history; its options are rebuilt only when that list changes.
+  // The picker: one toggle chip (a checkbox in a label) per device of the history, rebuilt
+  // only when that list or the choice changes. A tap turns a device on or off: no Ctrl-click.
   function renderPicker(rounds) {
     const picker = $("chart-devices");
     const names = historyNames(rounds);
@@ -163,15 +164,18 @@
     if (picker.fedhubSignature === signature) return;
     picker.fedhubSignature = signature;
     picker.replaceChildren(...names.map((name) => {
-      const option = document.createElement("option");
-      option.value = name;
-      option.textContent = name;
-      option.selected = chosen.includes(name);
-      return option;
+      const label = document.createElement("label");
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.value = name;
+      box.checked = chosen.includes(name);
+      label.append(box, document.createTextNode(name));
+      return label;
     }));
     setText("chart-devices-note", names.length
-      ? `${chosen.length} of ${names.length} devices drawn beside the global model`
-      : "");
+      ? `${chosen.length} of ${names.length} devices drawn beside the global model, which is always `
+        + "drawn; tap a device to add it to the charts or take it off."
+      : "No round has completed yet: the devices to compare with the global model appear after round 1.");
   }
 
   function chartData(rounds, globalKey, deviceKey, globalLabel) {
@@ -191,6 +195,8 @@
   }
 
   function updateChart(chart, data) {
+    // no round yet: a sentence instead of an empty chart with a made-up axis
+    chart.canvas.closest("figure").classList.toggle("empty", data.labels.length === 0);
     const signature = JSON.stringify(data);
     if (chart.fedhubSignature === signature) return; // nothing new: no redraw
     chart.fedhubSignature = signature;
@@ -317,6 +323,9 @@
   }
 
   function renderDevices(devices, progress) {
+    for (const d of devices) {
+      if (d.attack) attackers.set(d.name, withSettings(d.attack.kind, d.attack.params));
+    }
     fillTable("devices", devices.map((d) => [
       d.name, stateWithProgress(d, progress), d.lifecycle || "–", d.lifecycle_reason || "", ago(d.last_seen),
       d.num_examples === null || d.num_examples === undefined ? "–" : String(d.num_examples),
@@ -325,31 +334,63 @@
       if (FLAGGED.includes(d.lifecycle)) return `lifecycle-${d.lifecycle}`;
       return d.attack ? "attacker" : "";
     }));
+    markAttackers("devices", 0);
   }
 
-  // Each update a strategy rejected or clipped, newest round first (RoundResult.metrics["updates"]).
+  // Devices that declared an attack, as seen on any page of the devices table: name -> attack.
+  const attackers = new Map();
+
+  // The name cell (column ``column``) of each row about a declared attacker gets the attack as a
+  // data attribute, which style.css shows beside the name (text, never markup).
+  function markAttackers(tableId, column) {
+    for (const tr of $(tableId).rows) {
+      const cell = tr.cells[column];
+      const attack = attackers.get(cell.textContent);
+      if (attack !== undefined) {
+        cell.dataset.attack = attack;
+        cell.title = `declared attack: ${attack}`;
+      }
+    }
+  }
+
+  // What a strategy did with one update (its entry in RoundResult.metrics["updates"]).
+  function outcomeOf(a) {
+    if (a.status === "rejected") return { outcome: "rejected", why: a.reason || "" };
+    if (typeof a.trimmed_share === "number" && a.trimmed_share > 0) {
+      return { outcome: "clipped", why: `${(100 * a.trimmed_share).toFixed(1)}% of its coordinates cut` };
+    }
+    return { outcome: "kept", why: "" };
+  }
+
+  // Every update of each round where the strategy rejected or clipped one, newest round first:
+  // the kept ones too, so that a round of Krum reads "kept one, rejected the rest".
   function screened(rounds) {
     const out = [];
     for (const r of rounds.slice().reverse()) {
-      for (const name of Object.keys(r.devices || {}).sort()) {
+      const names = Object.keys(r.devices || {}).sort().filter((name) => r.devices[name].aggregation);
+      const rows = names.map((name) => {
         const a = r.devices[name].aggregation;
-        if (!a) continue;
-        if (a.status === "rejected") {
-          out.push({ round: r.round, device: name, outcome: "rejected", why: a.reason || "", distance: a.distance });
-        } else if (typeof a.trimmed_share === "number" && a.trimmed_share > 0) {
-          out.push({ round: r.round, device: name, outcome: "clipped",
-                     why: `${(100 * a.trimmed_share).toFixed(1)}% of its coordinates cut`, distance: a.distance });
-        }
-      }
+        return { round: r.round, device: name, score: a.score, distance: a.distance, ...outcomeOf(a) };
+      });
+      if (rows.some((u) => u.outcome !== "kept")) out.push(...rows);
     }
     return out;
   }
 
   function renderScreened(rounds) {
     const rows = screened(rounds);
-    fillTable("screened", rows.map((u) => [String(u.round), u.device, u.outcome, u.why, fmt(u.distance, 4)]),
-      rows.map((u) => `outcome-${u.outcome}`));
+    fillTable("screened", rows.map((u) => [String(u.round), u.device, u.outcome, u.why, fmt(u.score, 4),
+      fmt(u.distance, 4)]),
+    rows.map((u) => `outcome-${u.outcome}${attackers.has(u.device) ? " attacker" : ""}`));
+    markAttackers("screened", 1);
     setText("screened-none", rounds.length && !rows.length ? "Every update so far was used in full." : "");
+  }
+
+  // "5 devices, 1 update used" when a strategy left some out; else the number of updates.
+  function updatesText(r) {
+    const used = typeof r.num_used === "number" ? r.num_used : r.num_updates;
+    if (used === r.num_updates) return String(r.num_updates);
+    return `${r.num_updates} devices, ${used} update${used === 1 ? "" : "s"} used`;
   }
 
   function renderFailures(failures) {
@@ -362,7 +403,7 @@
     const newestFirst = rounds.slice().reverse();
     fillTable("rounds", newestFirst.map((r) => [
       String(r.round), fmt(r.test_accuracy, 4), fmt(r.test_loss, 4),
-      String(r.num_updates), String(r.num_examples), r.privacy ? epsilonText(r.privacy.epsilon, 3) : "–",
+      updatesText(r), String(r.num_examples), r.privacy ? epsilonText(r.privacy.epsilon, 3) : "–",
       roundSecure(r),
     ]));
     const last = rounds[rounds.length - 1];
@@ -440,8 +481,8 @@
       view.offset = 0;
       poll();
     });
-    $("chart-devices").addEventListener("change", (event) => {
-      view.chosen = [...event.target.selectedOptions].map((option) => option.value);
+    $("chart-devices").addEventListener("change", () => {
+      view.chosen = [...$("chart-devices").querySelectorAll("input:checked")].map((box) => box.value);
       drawCharts();
     });
     poll();

@@ -69,6 +69,10 @@ class DeviceRunner:
         self._report: dict[str, Any] | None = None
         self._interrupted = threading.Event()
         self._last_reason: str | None = None
+        # The round this device is working on (from its task to its upload), and whether the
+        # server said the run is over: what a Ctrl-C must tell the server (see stopped_by_user).
+        self._round: int | None = None
+        self._finished = False
         # What the device says also goes to the server as structured logs (RemoteLogHandler).
         self.logger = logging.getLogger(f"fedhub.device.{client.name}")
         self.logger.propagate = False
@@ -221,6 +225,7 @@ class DeviceRunner:
         the run is over, else None. The loop above and the pool's virtual devices call it."""
         action = task["action"]
         if action == "finish":
+            self._finished = True
             self._say(f"run finished at model version {task['model_version']}")
             self._finish()
             self.leave()  # so a later run does not select a device that has gone
@@ -235,6 +240,7 @@ class DeviceRunner:
             return None
         self._last_reason = None
         self._train_round(task)
+        self._round = None  # not reached when a signal stops the round: stopped_by_user reports it
         return None
 
     def _train_round(self, task: dict[str, Any]) -> None:
@@ -245,6 +251,7 @@ class DeviceRunner:
         elif version != task["model_version"]:
             self._say(f"round {number}: model moved on to version {version}; asking again")
             return
+        self._round = number
         if "secagg" in task and self.secure.drops(number):
             self._say(f"round {number}: dropping out after sharing keys (simulated)", logging.WARNING, number)
             with contextlib.suppress(ServerError):
@@ -384,3 +391,28 @@ class DeviceRunner:
         """Tell the server this device is going (best effort: it may already be gone)."""
         with contextlib.suppress(ServerError, Unreachable, OSError):
             self.client.leave()
+
+    def stopped_by_user(self) -> None:
+        """The device was stopped (Ctrl-C, SIGTERM): say why it goes, and tell the server, so that
+        both say what happened. A round it was training is reported interrupted, so the server
+        shows it "interrupted" rather than "training" for good; a run that had ended (the demo
+        stops its devices once the last round is in) is said to be finished, not interrupted."""
+        if self._finished or self._run_is_over():
+            self._say("the run is over: leaving the federation")
+        elif self._round is not None:
+            number = self._round
+            self._say(f"interrupted: leaving the federation (stopped during round {number})",
+                      logging.WARNING, number)
+            with contextlib.suppress(ServerError, Unreachable, TLSError, OSError):
+                self.client.fork(timeout=5.0, retry_for=0.0).report_interrupted(
+                    number, "the device was stopped (Ctrl-C or SIGTERM)")
+        else:
+            self._say("interrupted: leaving the federation")
+        self.leave()
+
+    def _run_is_over(self) -> bool:
+        """Whether the server says the run has finished (one quick call: the device is exiting)."""
+        try:
+            return self.client.fork(timeout=3.0, retry_for=0.0).status().get("status") == "finished"
+        except (ServerError, Unreachable, TLSError, OSError, ValueError):
+            return False

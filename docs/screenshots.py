@@ -129,7 +129,13 @@ def streamlit(run: Run, port: int) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
 
+TABS = ("Run", "Results", "Predict", "Robustness and logs")  # dashboard/index.py's tabs
+
+
 def photograph(run: Run, dashboard_url: str, picture: Path, out: Path) -> None:
+    """``dashboard.png``: each of the dashboard's tabs, photographed in turn and stacked (the
+    page is in tabs), with a prediction in the Predict tab; ``stats.png``: the live page."""
+    from PIL import Image
     from playwright.sync_api import sync_playwright
 
     rounds = run.status()["completed_rounds"]
@@ -139,15 +145,26 @@ def photograph(run: Run, dashboard_url: str, picture: Path, out: Path) -> None:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(dashboard_url)
             page.get_by_text(f"Devices ({len(run.names) + 1})").wait_for(timeout=60_000)
-            page.locator("input[type=file]").set_input_files(str(picture))
-            page.get_by_text("Predicted:").wait_for(timeout=60_000)
-            page.wait_for_timeout(3000)  # charts finish drawing
-            # Streamlit scrolls inside its own container: make the window as tall as the content
-            height = page.evaluate("document.querySelector('[data-testid=\"stMainBlockContainer\"]')"
-                                   ".scrollHeight")
-            page.set_viewport_size({"width": 1400, "height": int(height) + 40})
-            page.wait_for_timeout(1500)
-            page.screenshot(path=str(out / "dashboard.png"))
+            shots = []
+            for tab in TABS:
+                page.set_viewport_size({"width": 1400, "height": 1000})
+                page.get_by_role("tab", name=tab).click()
+                if tab == "Predict":
+                    page.locator("input[type=file]").set_input_files(str(picture))
+                    page.get_by_text("what the model saw").wait_for(timeout=60_000)
+                page.wait_for_timeout(3000)  # charts finish drawing
+                # Streamlit scrolls inside its own container: make the window as tall as the content
+                height = page.evaluate("document.querySelector('[data-testid=\"stMainBlockContainer\"]')"
+                                       ".scrollHeight")
+                page.set_viewport_size({"width": 1400, "height": int(height) + 40})
+                page.wait_for_timeout(1500)
+                shots.append(Image.open(io.BytesIO(page.screenshot())))
+            stacked = Image.new("RGB", (max(s.width for s in shots), sum(s.height for s in shots)), "white")
+            top = 0
+            for shot in shots:
+                stacked.paste(shot, (0, top))
+                top += shot.height
+            stacked.save(out / "dashboard.png", optimize=True)
 
             page = browser.new_page(viewport={"width": 1400, "height": 800})
             page.goto(f"{run.url}/stats")

@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 FEDHUB_DATA_DIR ?= $(abspath $(wildcard ../shared/data/fashion-mnist))
 export FEDHUB_DATA_DIR
 
-.PHONY: venv demo test lint clean bench help docker docker-demo
+.PHONY: venv demo test test-fast lint clean bench help docker docker-demo
 
 help:
 	@echo "make venv   - set up .venv (then: . .venv/bin/activate)"
 	@echo "make demo   - set up .venv, split data over 3 devices, train 3 rounds, print accuracy"
-	@echo "make test   - set up .venv and run the whole test suite"
+	@echo "make test   - set up .venv and run the whole test suite (what CI runs; prints the slowest tests)"
+	@echo "make test-fast - unit and in-process tests only (no processes, no TensorFlow): a few minutes"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks (results in docs/benchmarks.md)"
 	@echo "make clean  - remove run-time state (server_training/, eval/, devices/)"
@@ -37,6 +38,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-ray
 	$(PY) -m pytest
+
+# The fast tier: tests not marked slow (or docker). tests/conftest.py fails any of them that starts
+# a process or imports TensorFlow, so the tier stays fast.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow and not docker"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import multiprocessing.process
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,142 @@ from utils.demo import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FEDHUB_DATA_DIR") or ROOT.parent / "shared/data/fashion-mnist")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast tier (`make test-fast`: `-m "not slow and not docker"`) must stay fast: a test without
+# the `slow` (or `docker`) marker may neither start a process nor import TensorFlow. The guard
+# below fails such a test, so a slow test cannot drift into the fast tier unnoticed.
+
+_HEAVY_MODULES = ("tensorflow", "keras")
+
+
+def _is_fast(item: pytest.Item) -> bool:
+    return item.get_closest_marker("slow") is None and item.get_closest_marker("docker") is None
+
+
+def _heavy_loaded() -> set[str]:
+    return {name for name in _HEAVY_MODULES if name in sys.modules}
+
+
+# test module -> the heavy modules its import (at collection) brought in
+_COLLECTION_IMPORTS: dict[str, set[str]] = {}
+
+
+@contextlib.contextmanager
+def _processes_started() -> Iterator[list[str]]:
+    """Record every process started meanwhile, through subprocess or multiprocessing. Recorded,
+    not refused: a refusal raised inside someone's import (importing TensorFlow runs `uname -p`)
+    would leave that module half imported for the tests after."""
+    started: list[str] = []
+    real_execute = subprocess.Popen._execute_child
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def execute_child(self, args, *rest, **kw):
+        started.append(f"subprocess {args!r}"[:300])
+        return real_execute(self, args, *rest, **kw)
+
+    def start(self):
+        started.append(f"multiprocessing {self!r}"[:300])
+        return real_start(self)
+
+    subprocess.Popen._execute_child = execute_child
+    multiprocessing.process.BaseProcess.start = start
+    try:
+        yield started
+    finally:
+        subprocess.Popen._execute_child = real_execute
+        multiprocessing.process.BaseProcess.start = real_start
+
+
+def _guarded(item: pytest.Item, phase: str) -> Iterator[None]:
+    """Run a fast-tier test's phase, then fail it if it started a process or imported TensorFlow."""
+    if not _is_fast(item):
+        return (yield)
+    before = _heavy_loaded()
+    with _processes_started() as started:
+        result = yield
+    problems = []
+    imported = _heavy_loaded() - before
+    if imported:
+        problems.append(f"imported {', '.join(sorted(imported))}")
+    if started:
+        problems.append(f"started {len(started)} process(es), the first: {started[0]}")
+    if problems:
+        raise pytest.fail.Exception(
+            f"{item.nodeid} is in the fast tier (not marked slow) but its {phase} "
+            f"{'; '.join(problems)}. Mark it @pytest.mark.slow, or test in-process without TensorFlow",
+            pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    module = item.nodeid.split("::", 1)[0]
+    if _is_fast(item) and module in _COLLECTION_IMPORTS:
+        # A module that imports TensorFlow when collected cannot hold fast-tier tests.
+        raise pytest.fail.Exception(
+            f"{item.nodeid} is in the fast tier but {module} imports "
+            f"{', '.join(sorted(_COLLECTION_IMPORTS[module]))} when it is collected; import it inside "
+            "the slow tests that need it, or mark them slow", pytrace=False)
+    return (yield from _guarded(item, "setup"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    return (yield from _guarded(item, "call"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """Note the test module whose import (at collection) brought TensorFlow in."""
+    before = _heavy_loaded()
+    report = yield
+    imported = _heavy_loaded() - before
+    if imported and isinstance(collector, pytest.Module):
+        _COLLECTION_IMPORTS[collector.nodeid] = imported
+    return report
+
+
+def _fast_tier(config: pytest.Config) -> bool:
+    return "not slow" in (config.getoption("markexpr") or "")
+
+
+def _all_slow(path: Path) -> bool:
+    """Whether a test module marks all its tests slow (``pytestmark = pytest.mark.slow`` at module
+    level), read from its source: the fast tier then need not import it at all."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return any(isinstance(node, ast.Assign)
+               and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets)
+               and ("mark.slow" in ast.unparse(node.value) or "mark.docker" in ast.unparse(node.value))
+               for node in tree.body)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The fast tier leaves out the modules whose tests are all slow, unimported: several import
+    TensorFlow at module level, which would cost the tier its import and blind the guard."""
+    if (_fast_tier(config) and collection_path.suffix == ".py" and collection_path.name.startswith("test_")
+            and _all_slow(collection_path)):
+        return True
+    return None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The fast tier (``-m "not slow ..."``) collects every module, slow ones included: one that
+    imports TensorFlow when collected costs the tier its import and hides from the guard any fast
+    test that imports it later. Refuse to run the tier then, naming the modules."""
+    if _fast_tier(session.config) and _COLLECTION_IMPORTS:
+        raise pytest.UsageError(
+            "the fast tier must not import TensorFlow while collecting, but "
+            + "; ".join(f"{module} imports {', '.join(sorted(names))} at module level"
+                        for module, names in sorted(_COLLECTION_IMPORTS.items()))
+            + ": import it inside the (slow) tests that need it, or mark the whole module slow")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

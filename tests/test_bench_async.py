@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 
@@ -19,6 +21,7 @@ def _mode(mode, points, staleness=None):
             "max_staleness_seen": None if staleness is None else staleness[1]}
 
 
+@pytest.mark.slow  # runs the benchmark's command
 def test_saved_runs_are_tabulated_and_drawn(tmp_path):
     first, second = tmp_path / "run1.json", tmp_path / "run2.json"
     first.write_text(json.dumps({"results": [

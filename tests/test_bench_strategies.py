@@ -37,8 +37,14 @@ def test_robustness_grid_resumes_and_reports(tmp_path, data_dir):
     runs = {(r["run"]["strategy"], r["run"]["attack"]): r for r in records}
     assert set(runs) == {("fedavg", "none"), ("krum", "none"), ("fedavg", "scale:factor=20"),
                          ("krum", "scale:factor=20")}
-    for r in runs.values():
-        assert len(r["accuracy"]) == 3 and all(0.0 <= a <= 1.0 for a in r["accuracy"])
+    accuracy = {key: r["accuracy"] for key, r in runs.items()}
+    assert all(len(a) == 3 for a in accuracy.values()), accuracy
+    # Both clean runs learn (chance is 0.1; about 0.6 after round 1 and 0.7 after round 3 here),
+    # and Krum under attack stays within a few points of its clean run.
+    for strategy in ("fedavg", "krum"):
+        clean_run = accuracy[(strategy, "none")]
+        assert clean_run[-1] > 0.6 and clean_run[-1] > clean_run[0], accuracy
+    assert accuracy[("krum", "scale:factor=20")][-1] > accuracy[("krum", "none")][-1] - 0.05, accuracy
     attacked = runs[("krum", "scale:factor=20")]
     assert attacked["attackers"] == ["device01", "device02"]
     assert all({"device01", "device02"} <= set(rejected) for rejected in attacked["rejected"])

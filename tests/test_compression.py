@@ -14,9 +14,10 @@ from fedcore import compression as c
 from fedcore import wire
 from fedcore.errors import InvalidInput
 
-rng = np.random.default_rng(0)
-GLOBAL = {"dense/kernel": rng.normal(size=(37, 11)).astype(np.float32),
-          "dense/bias": rng.normal(size=(11,)).astype(np.float32)}
+_init = np.random.default_rng(0)  # used here only: each test seeds its own generator
+GLOBAL = {"dense/kernel": _init.normal(size=(37, 11)).astype(np.float32),
+          "dense/bias": _init.normal(size=(11,)).astype(np.float32)}
+del _init
 SPEC = wire.spec_of(GLOBAL)
 META = wire.Meta(round=3, model_version=2, num_examples=40, metrics={"loss": 0.5})
 
@@ -45,7 +46,8 @@ def test_parse_refuses_in_one_line(text):
 
 @pytest.mark.parametrize("bits, block", [(8, 512), (4, 512), (8, 0), (4, 0), (4, 7 + 1)])
 def test_quantization_error_is_within_one_scale_per_block(bits, block):
-    x = rng.normal(size=1001).astype(np.float32) * np.linspace(0.01, 3, 1001, dtype=np.float32)
+    x = (np.random.default_rng(10).normal(size=1001).astype(np.float32)
+         * np.linspace(0.01, 3, 1001, dtype=np.float32))
     codes, scales = c.quantize(x, bits, block, np.random.default_rng(1))
     levels = c.LEVELS[bits]
     assert codes.dtype == np.int8 and np.abs(codes).max() <= levels
@@ -60,7 +62,7 @@ def test_quantization_error_is_within_one_scale_per_block(bits, block):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_stochastic_rounding_is_unbiased(bits):
-    x = rng.normal(size=64).astype(np.float32)
+    x = np.random.default_rng(11).normal(size=64).astype(np.float32)
     g = np.random.default_rng(2)
     trials = 4000
     total = np.zeros(x.size)

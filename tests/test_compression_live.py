@@ -74,6 +74,7 @@ def mean(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarr
     return {k: sum(w[k].astype(np.float64) * n for w, n in updates) / total for k in updates[0][0]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["q8", "q4", "topk:0.25"])
 def test_compressed_rounds_match_a_numpy_reference(tmp_path, data_dir, scheme):
     names = ["digits1", "digits2"]
@@ -125,6 +126,7 @@ def test_compressed_rounds_match_a_numpy_reference(tmp_path, data_dir, scheme):
             assert saved == {}, "only top-k keeps a residual"
 
 
+@pytest.mark.slow
 def test_error_feedback_survives_a_device_restart(tmp_path, data_dir):
     root = tmp_path / "devices"
     digits.split(root, 1, limit=200)
@@ -160,6 +162,7 @@ def test_error_feedback_survives_a_device_restart(tmp_path, data_dir):
     assert max(np.abs(g2[k] - (g1[k] + lost[k])).max() for k in g2) > 1e-4
 
 
+@pytest.mark.slow
 def test_compressed_downlink_sends_the_change_and_devices_follow(tmp_path, data_dir):
     names = ["digits1", "digits2"]
     root = tmp_path / "devices"
@@ -234,6 +237,7 @@ def hostile_cases(scheme: str, tensors, plain: bytes, meta) -> dict[str, bytes]:
             "body": hostile(lambda t: None)[:-7]}  # truncated
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["topk:0.1", "q8"])
 def test_hostile_compressed_uploads_are_refused_naming_the_field(tmp_path, data_dir, scheme):
     root = tmp_path / "devices"
@@ -286,17 +290,17 @@ def test_hostile_compressed_uploads_are_refused_naming_the_field(tmp_path, data_
 
 
 def test_bad_compression_options_are_one_line_errors():
+    import server
+    from tests.cli_inprocess import assert_one_line_error, run_main
+
     for args, message in ((["--compression", "q3"], "unknown compression 'q3'"),
                           (["--compression", "topk:1.5"], "between 0 and 1"),
                           (["--compress-downlink"], "needs a compression")):
-        out = subprocess.run([sys.executable, str(ROOT / "server.py"), *args], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2, out
-        lines = out.stderr.strip().splitlines()
-        assert lines[-1].startswith("error: ") and message in lines[-1], out.stderr
-        assert "Traceback" not in out.stderr
+        # in-process (server.py's real-process check is in tests/test_cli_settings.py)
+        assert_one_line_error(run_main(server.parse_args, args), message)
 
 
+@pytest.mark.slow
 def test_simulation_counts_the_compressed_bytes(tmp_path, data_dir):
     """``fedhub.simulate --compression q4 --compress-downlink``: a worker of virtual devices
     follows the announced scheme, and its byte counts are the compressed sizes."""

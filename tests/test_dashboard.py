@@ -120,7 +120,9 @@ def metrics(at: AppTest) -> dict[str, str]:
 
 
 def devices_table(at: AppTest):
-    return at.dataframe[0]
+    """The devices table (the Run tab also holds the table of devices launched from the page)."""
+    (table,) = [t for t in at.dataframe if "lifecycle" in t.value.columns]
+    return table
 
 
 def logs_table(at: AppTest):
@@ -159,7 +161,7 @@ def test_launch_activate_and_train_from_the_dashboard(fed):
         device1 = fed.devices()["device1"]
         assert device1["active"] is True and device1["state"] != "inactive"
         assert at.button(key="toggle-device1").label == "Deactivate device1"
-        assert at.dataframe[0].value.set_index("device").loc["device1", "state"] != "inactive"
+        assert devices_table(at).value.set_index("device").loc["device1", "state"] != "inactive"
 
         # start a one-round run; the device trains it; the page shows it
         at.number_input(key="rounds").set_value(1).run()
@@ -171,7 +173,7 @@ def test_launch_activate_and_train_from_the_dashboard(fed):
         assert metrics(at)["Completed rounds"] == "1 / 1"
         charts = [json.loads(c.proto.spec)["title"] for c in at.get("vega_lite_chart")]
         assert any(t.startswith("accuracy") for t in charts) and any(t.startswith("loss") for t in charts)
-        launched = at.dataframe[-1].value
+        (launched,) = [t.value for t in at.dataframe if "process" in t.value.columns]
         assert list(launched["device"]) == ["device1"]
     finally:
         at.run()
@@ -193,7 +195,8 @@ def test_upload_shows_a_prediction(fed):
     assert not at.exception and not at.error, texts(at.error)
     shown = " ".join(texts(at.success))
     assert f"Predicted: **{direct['class_name']}**" in shown and f"round {latest}" in shown
-    assert len(at.get("image")) == 1
+    # the picture, and the 28x28 one the model saw
+    assert [c for img in at.get("image") for c in img.captions] == ["item.png", "what the model saw (28x28)"]
     bars = [c for c in at.get("vega_lite_chart") if "probability of each class" in c.proto.spec]
     assert len(bars) == 1
 

@@ -97,6 +97,7 @@ def test_live_refresh_and_activate_start_round_in_chromium(browser, tmp_path, da
         assert metrics()["Completed rounds"] == "1 / 1"
         (round1,) = server.get("/api/history").json()["rounds"]
         assert set(round1["devices"]) == {"device1"}
+        page.get_by_role("tab", name="Results").click()  # the charts have a tab of their own
         wait_until(lambda: page.locator('[data-testid="stVegaLiteChart"]').count() >= 2, 30,
                    "the accuracy and loss charts")
         assert problems == [], problems

@@ -178,7 +178,7 @@ def test_confusion_matrix_tables_and_uploader(server, dashboard, fashion):
             in " ".join(texts(at.caption)))
 
     # an empty cell shows a dash, not Streamlit's "None"
-    devices = at.dataframe[0].value.set_index("device")
+    devices = next(t.value for t in at.dataframe if "lifecycle" in t.value.columns).set_index("device")
     assert pd.isna(devices.loc["d2", "examples"]) and pd.isna(devices.loc["d2", "local accuracy"])
     logs = [t.value for t in at.dataframe if "message" in t.value.columns]
     assert len(logs) == 1 and logs[0]["round"].isna().all()
@@ -251,14 +251,17 @@ def test_download_a_model_in_the_browser(server, streamlit_page, tmp_path):
     token = enroll(server, "d1")
     train_rounds(server, "d1", token, 2)
     page = streamlit_page
+    # Streamlit's developer options (Deploy, Rerun) are not offered
+    page.get_by_role("tab", name="Predict").wait_for(timeout=60_000)
+    assert page.get_by_role("button", name="Deploy").count() == 0
+    page.get_by_role("tab", name="Predict").click()
+    page.get_by_text("16MB per file").wait_for(timeout=30_000)  # the picture box
+    assert page.get_by_text("16MB per file").count() == 1
+    assert page.get_by_text("200MB").count() == 0
+    page.get_by_role("tab", name="Results").click()  # where the download is
     page.get_by_text("Download a model").wait_for(timeout=60_000)
     button = page.get_by_role("button", name="Download round 2")
     button.wait_for(timeout=30_000)
-    # Streamlit's developer options (Deploy, Rerun) are not offered
-    assert page.get_by_role("button", name="Deploy").count() == 0
-    page.get_by_text("16MB per file").wait_for(timeout=30_000)  # the picture box, drawn further down
-    assert page.get_by_text("16MB per file").count() == 1
-    assert page.get_by_text("200MB").count() == 0
 
     # choose round 1, and download it
     # The live view above re-renders every 2 s and can move the box or close its list as it opens:

@@ -38,6 +38,9 @@ def test_demo_prints_each_round_of_a_real_run(tmp_path, data_dir):
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "FEDHUB_ENROLL_SECRET", "FEDHUB_ADMIN_TOKEN")}
     env["FEDHUB_DATA_DIR"] = str(data_dir)  # as the Makefile exports it
+    own = checkout / "devices" / "device1" / "data"  # a split of the user's own, before the demo
+    own.mkdir(parents=True)
+    (own / "train.npz").write_bytes(b"my own split")
     # `make demo` runs `-m utils.demo --devices 3 --rounds 3` on all the data; the same, smaller,
     # with the convolutional model (which no other test trains end to end)
     run = subprocess.run([sys.executable, "-m", "utils.demo", "--devices", "2", "--rounds", "2",
@@ -75,8 +78,11 @@ def test_demo_prints_each_round_of_a_real_run(tmp_path, data_dir):
     for secret in ("enroll.secret", "admin.token"):
         assert (state / secret).read_text().strip(), secret
         assert stat.S_IMODE((state / secret).stat().st_mode) == 0o600, secret
-    for device in ("device1", "device2"):
-        assert stat.S_IMODE((checkout / "devices" / device / "token").stat().st_mode) == 0o600
+    for device in ("device1", "device2"):  # the demo's devices live in its own state directory
+        assert stat.S_IMODE((state / "devices" / device / "token").stat().st_mode) == 0o600
+    # ... so the user's own split in devices/ is as it was
+    assert (checkout / "devices" / "device1" / "data" / "train.npz").read_bytes() == b"my own split"
+    assert sorted(p.name for p in (checkout / "devices").iterdir()) == ["device1"]
 
     # the convolutional network throughout: the devices' updates fitted its tensors
     kernels = {name.split("/")[-2]: tensor.shape for name, tensor

@@ -237,6 +237,7 @@ def test_docker_demo_resumes_after_a_server_restart_and_after_down_and_up(built:
                        capture_output=True, check=False, timeout=300)
 
 
+@pytest.mark.slow
 def test_docker_demo_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
     for args, message in ((["--data-dir", str(tmp_path)], "no Fashion-MNIST in"),
                           (["--rounds", "0"], "must be at least 1")):

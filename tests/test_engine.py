@@ -208,6 +208,15 @@ def test_round_hooks_run_off_the_driver_thread_and_the_run_ends_after_them(tmp_p
         release.wait(30)
 
     engine.add_hook(slow_hook)
+    answers: list[bool] = []  # what the driver heard each time it asked whether the hooks are done
+    hooks_idle = engine._hooks.idle
+
+    def idle_spy() -> bool:
+        answer = hooks_idle()
+        answers.append(answer)
+        return answer
+
+    engine._hooks.idle = idle_spy
     try:
         c = app.test_client()
         token = register(c, "d1").get_json()["token"]
@@ -217,9 +226,11 @@ def test_round_hooks_run_off_the_driver_thread_and_the_run_ends_after_them(tmp_p
         assert seen == [(1, "fedhub-hooks", 1.0)]
         assert upload(c, "d1", token, 2, update_body(2.0, 2, 1, 10)).status_code == 200
         completed(c, 2)
-        # What must not happen takes a moment to happen: the run declared over before its last
-        # round's hooks ran. The driver looks every 0.25 s; give it a few looks.
-        time.sleep(1.0)
+        # What must not happen: the run declared over before its last round's hooks ran. Wait
+        # until the driver has asked, twice after the last round, whether the hooks are done
+        # (the last question before it declares the run over) and heard no.
+        wait_until(lambda: answers.count(False) >= 2, 10, "the driver to ask about the hooks",
+                   interval=0.05)
         assert status(c)["status"] == "running"
         release.set()
         wait_until(lambda: status(c)["status"] == "finished", 10, "the end of the run", interval=0.05)

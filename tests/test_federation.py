@@ -146,8 +146,12 @@ def test_ctrl_c_on_a_device_leaves_and_the_round_closes_without_it(server_factor
         assert batches_done(root / "device2") < 76, "device2 is still training"
         procs[1].send_signal(signal.SIGINT)
         assert procs[1].wait(120) == 0, "Ctrl-C is a clean exit"
-        # it said goodbye before exiting: the server no longer waits for it
+        # it said goodbye before exiting: the server no longer waits for it, and shows it
+        # interrupted, not "training" for good
         assert "device2" not in (_status(server)["round"] or {}).get("selected", [])
+        device2 = next(d for d in server.get("/api/devices").json()["devices"] if d["name"] == "device2")
+        assert device2["lifecycle"] == "interrupted", device2
+        assert "the device was stopped (Ctrl-C or SIGTERM)" in device2["lifecycle_reason"], device2
         wait_until(lambda: _history(server), 60, "round 1 to close without device2")
         assert procs[0].wait(60) == 0
     finally:

@@ -68,7 +68,7 @@ def test_progress_through_the_protocol_and_on_both_dashboards(server_factory, mo
     monkeypatch.setenv("FEDHUB_ADMIN_TOKEN", server.admin_token)
     at = AppTest.from_file(DASHBOARD, default_timeout=30).run()
     assert not at.exception, at.exception
-    table = at.dataframe[0].value
+    table = next(t.value for t in at.dataframe if "lifecycle" in t.value.columns)  # the devices table
     shown = dict(zip(table["device"], table["round progress"], strict=True))
     assert shown == {"probe": "40/188 batches (21%)", "other": ""}
 

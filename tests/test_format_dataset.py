@@ -341,7 +341,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_cli_writes_devices(tmp_path: Path) -> None:
+    """The command in a real process (its refusals are checked in-process below)."""
     out = tmp_path / "devs"
     result = run_cli(
         "--devices", "3", "--split", "classes", "--classes-per-device", "4",
@@ -357,13 +359,14 @@ def test_cli_writes_devices(tmp_path: Path) -> None:
 
 
 def test_cli_errors(tmp_path: Path) -> None:
-    result = run_cli("--devices", "2", "--data-dir", str(tmp_path / "missing"), "--quiet")
-    assert result.returncode == 2
-    assert result.stderr.startswith("error:") and "does not exist" in result.stderr
-    assert "Traceback" not in result.stderr
-    result = run_cli("--devices", "0", "--data-dir", str(DATA_DIR), "--out", str(tmp_path))
-    assert result.returncode == 2 and "error:" in result.stderr
-    assert "Traceback" not in result.stderr
-    result = run_cli("--devices", "2", "--only", "../x", "--data-dir", str(DATA_DIR), "--out", str(tmp_path))
-    assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
-    assert run_cli("--help").returncode == 0
+    """In-process: ``main(argv)`` prints one ``error: ...`` line and exits 2."""
+    from tests.cli_inprocess import assert_one_line_error, run_main
+    from utils.format_dataset import main
+
+    assert_one_line_error(run_main(main, ["--devices", "2", "--data-dir", str(tmp_path / "missing"),
+                                          "--quiet"]), "does not exist")
+    assert_one_line_error(run_main(main, ["--devices", "0", "--data-dir", str(DATA_DIR),
+                                          "--out", str(tmp_path)]), "n_devices must be at least 1")
+    assert_one_line_error(run_main(main, ["--devices", "2", "--only", "../x", "--data-dir", str(DATA_DIR),
+                                          "--out", str(tmp_path)]), "device")
+    assert run_main(main, ["--help"]).code == 0

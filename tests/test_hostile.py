@@ -7,7 +7,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -27,15 +26,15 @@ def test_slow_loris_connections_time_out_without_hanging_workers(server_factory)
     # Workers are free: waitress buffers a request fully before a worker thread sees it.
     for _ in range(5):
         assert server.get("/health").json() == {"ok": True}
+    # Each stalled connection is closed by the server (--channel-timeout), with no answer: a
+    # recv that waited the full 30 s would raise TimeoutError and fail the test.
     for s in slow:
         s.settimeout(30)
-        started = time.monotonic()
         try:
             data = s.recv(1024)
         except ConnectionResetError:
             data = b""
-        assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:100]
-        assert time.monotonic() - started < 30
+        assert data == b"", data[:100]
         s.close()
     assert server.get("/api/devices").json()["devices"] == [], "no half-sent request was processed"
 
@@ -64,9 +63,11 @@ def test_secrets_never_in_logs_or_errors(server_factory, split_devices):
     token = (root / "device1" / "token").read_text().strip()
     assert stat.S_IMODE(os.stat(root / "device1" / "token").st_mode) == 0o600
     # refusals echo nothing secret back
+    # (a device route: a wrong device token and the admin token are both unknown device tokens)
     for header in (f"Bearer {token}x", f"Bearer {server.admin_token}"):
         r = server.get("/api/devices/device2/task", headers={"Authorization": header})
-        assert r.status_code in (401, 403) and token not in r.text and server.admin_token not in r.text
+        assert r.status_code == 401, (r.status_code, r.text)
+        assert token not in r.text and server.admin_token not in r.text
     server.stop()
     logs = server.log_path.read_text() + (root.parent / "logs" / "device1.log").read_text()
     for secret in (token, server.admin_token, server.enroll_secret):
@@ -87,6 +88,8 @@ def test_secret_files_must_be_private(tmp_path):
     assert out.returncode == 2
     assert "readable by others" in out.stderr and "chmod 600" in out.stderr
     assert "shared-with-everyone" not in out.stderr + out.stdout
+    # The enrollment secret is read (here: created) before the admin token is checked; what the
+    # server wrote before refusing is owner-only.
     created = state / "enroll.secret"
-    if created.exists():
-        assert stat.S_IMODE(created.stat().st_mode) == 0o600
+    assert created.exists()
+    assert stat.S_IMODE(created.stat().st_mode) == 0o600

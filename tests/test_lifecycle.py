@@ -72,21 +72,44 @@ def test_validation_decides_who_may_train(app_engine):
 def test_a_device_enrolling_with_invalid_data_is_never_a_candidate(tmp_path):
     """The candidates for a round are read in one step: a device that enrolls with invalid data
     while the driver is reading them is either not there yet or already refused, never an
-    active, online device whose refusal the driver has not seen."""
+    active, online device whose refusal the driver has not seen.
+
+    The enrollment is started from inside the first read (the refusals) and the read goes on only
+    once the enrollment has either finished (the step is not one: it must then be seen refused)
+    or is waiting for the registry's lock (it is): states, observed, not a sleep."""
     registry = DeviceRegistry(Storage(tmp_path / "state"), enroll_secret=ENROLL, auto_activate=True)
-    refused = registry.lifecycle.refused
+    lock, contended = registry._lock, threading.Event()
+
+    class ObservedLock:
+        """The registry's own lock, noting when a thread has to wait for it."""
+
+        def __enter__(self):
+            if not lock.acquire(blocking=False):
+                contended.set()
+                lock.acquire()
+            return self
+
+        def __exit__(self, *exc):
+            lock.release()
+
+    registry._lock = ObservedLock()
+    refused, injected = registry.lifecycle.refused, []
 
     def refused_while_bad_enrolls():
         seen = refused()
         enrolling = threading.Thread(target=registry.register, args=("bad", ENROLL),
                                      kwargs={"validation": BAD})
         enrolling.start()
-        enrolling.join(0.5)  # done, unless the driver's read holds the registry
+        wait_until(lambda: contended.is_set() or not enrolling.is_alive(), 10,
+                   "the enrollment to finish or wait for the registry", interval=0.01)
+        injected.append("waited" if contended.is_set() else "finished")
         return seen
 
     registry.lifecycle.refused = refused_while_bad_enrolls
     assert "bad" not in registry.available()
     registry.lifecycle.refused = refused
+    # Not vacuous: the enrollment really was started inside the read (and, today, waited for it).
+    assert len(injected) == 1, "available() no longer reads lifecycle.refused(): inject elsewhere"
     wait_until(lambda: registry.lifecycle.get("bad")["state"] == "invalid", 10, "bad to enroll")
     assert registry.available() == []
 

@@ -246,6 +246,7 @@ def schemathesis_run(server: ServerProcess, tmp_path, *filters: str) -> None:
     assert out.returncode == 0, out.stdout[-20000:] + out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_live_round_numbers_in_urls_are_refused_not_500(live):
     """'²' passed str.isdigit() and then failed int(); huge numbers overflowed SQLite (both were 500)."""
     auth = {"Authorization": f"Bearer {live.admin_token}", "Content-Type": "application/octet-stream"}
@@ -257,6 +258,7 @@ def test_live_round_numbers_in_urls_are_refused_not_500(live):
             assert r.status_code == status and r.json()["field"] == "round", (text, r.text)
 
 
+@pytest.mark.slow
 def test_live_server_answers_as_described(live, tmp_path):
     # POST /api/training/reset forgets every round, so the model routes would answer only "no
     # trained model yet" for the rest of the run: it is fuzzed on its own, after everything else.

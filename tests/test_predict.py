@@ -30,6 +30,7 @@ from utils.format_dataset import load_fashion_mnist
 ADMIN = "admin-predict-test"
 ENROLL = "enroll-predict-test"
 RUN_ID = "predict-run"
+pytestmark = pytest.mark.slow  # the predictor serves the Keras model: TensorFlow in every test
 
 
 def bearer(token: str) -> dict[str, str]:

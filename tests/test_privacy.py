@@ -344,12 +344,19 @@ def test_local_dp_wrapper_announces_counts_and_keeps_a_robust_strategy():
     assert plan.config["d0"] == {"dp_clipping_norm": 0.5, "dp_noise_multiplier": 2.0}
     assert dp.min_updates() == Krum(num_malicious=1).min_updates() and dp.rejects_nonfinite
     g = {"w": np.zeros(4)}
-    updates = {f"d{i}": {"w": np.full(4, float(i))} for i in range(5)}
-    _, metrics = _run(dp, g, updates)
+    # d4 is far from the rest; d1 has the one lowest Krum score (two nearest: d2 at 1, d0 at 4)
+    values = {"d0": 0.0, "d1": 1.0, "d2": 1.5, "d3": 3.0, "d4": 100.0}
+    updates = {name: {"w": np.full(4, value)} for name, value in values.items()}
+    new, metrics = _run(dp, g, updates)
     assert metrics["mode"] == "local" and metrics["noise_std"] == 1.0
     # per device, against the server: no sampling amplification, sensitivity 2C (z / 2)
     assert metrics["epsilon"] == pytest.approx(PrivacyAccountant(1e-5).record_round(1.0, 1.0))
-    assert metrics["updates"]["d4"]["status"] in ("used", "rejected") and "score" in metrics["updates"]["d4"]
+    # the wrapped Krum still does its job: it keeps d1 alone and rejects the outlier with its score
+    assert {n: u["status"] for n, u in metrics["updates"].items()} == \
+        {"d0": "rejected", "d1": "used", "d2": "rejected", "d3": "rejected", "d4": "rejected"}
+    assert metrics["updates"]["d1"]["score"] == pytest.approx(5.0)
+    assert metrics["updates"]["d4"]["score"] > 1000
+    np.testing.assert_array_equal(new["w"], np.full(4, 1.0))
 
 
 def test_the_wrapper_refuses_a_round_over_the_budget():

@@ -9,9 +9,8 @@ both dashboards; the Python API; and the command line refusing bad settings with
 
 from __future__ import annotations
 
+import importlib
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from device.launcher import launch, stop
 from examples import digits
 from fedcore.privacy import PrivacyAccountant
 
-from .conftest import ROOT, ServerProcess, wait_until
+from .conftest import ServerProcess, wait_until
 from .test_strategies_live import run_cli
 from .test_tensorboard import read_run
 
@@ -234,6 +233,7 @@ def test_epsilon_shows_in_both_dashboards(tmp_path, data_dir, monkeypatch):
     assert column == [f"{spent[1]:.3f}", f"{spent[0]:.3f}"]  # newest first
 
 
+@pytest.mark.slow
 def test_python_api_and_simulate_take_the_same_settings():
     import fedhub
 
@@ -246,6 +246,8 @@ def test_python_api_and_simulate_take_the_same_settings():
         fedhub.Server("basic", privacy={"noise": 1.0})
     with pytest.raises(ValueError, match="central DP wraps an averaging strategy"):
         fedhub.Server("basic", strategy="fedmedian", privacy={"mode": "central-fixed"})
-    out = subprocess.run([sys.executable, "-m", "fedhub.simulate", "--dp", "local", "--dp-clip", "-1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and out.stderr.strip().endswith("error: --dp-clip must be a positive number")
+    from tests.cli_inprocess import assert_one_line_error, run_main
+
+    simulate_command = importlib.import_module("fedhub.simulate")  # the module, not fedhub.simulate()
+    assert_one_line_error(run_main(simulate_command.parse_args, ["--dp", "local", "--dp-clip", "-1"]),
+                          "--dp-clip must be a positive number")

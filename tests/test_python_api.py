@@ -20,6 +20,9 @@ def test_example_script(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "round 2: test accuracy" in out.stdout
+    # TensorFlow's start-up lines and Keras' optimizer warning are silenced, as the README says
+    for chatter in ("oneDNN custom operations", "cpu_feature_guard", "absl::InitializeLog", "UserWarning"):
+        assert chatter not in out.stderr, out.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     history, evaluation = result["history"], result["evaluation"]
     assert [h["round"] for h in history] == [1, 2]
@@ -82,6 +85,7 @@ def test_server_with_local_and_remote_devices(tmp_path):
         requests.get(f"{server.url}/health", timeout=5)
 
 
+@pytest.mark.slow
 def test_simulate_reports_a_device_with_invalid_data(tmp_path):
     import fedhub
 

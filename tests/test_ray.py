@@ -2,7 +2,7 @@
 (``ray.cluster_utils.Cluster``): devices train on both nodes and the history is right.
 
 Ray is an optional extra (``pip install -e ".[ray]"``; ``make test`` installs it). Starting a
-cluster takes a while, so this module holds the one Ray test: four devices, tiny data."""
+cluster takes a while, so this module holds the one Ray test: four devices, small data."""
 
 import os
 
@@ -41,7 +41,7 @@ def test_devices_train_on_both_nodes_of_a_ray_cluster(tmp_path, data_dir, two_no
     nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     assert len(nodes) == 2
     root = tmp_path / "devices"
-    summary = split_to_devices(root, 4, limit=40, data_dir=data_dir, progress=False, memmap=True)
+    summary = split_to_devices(root, 4, limit=100, data_dir=data_dir, progress=False, memmap=True)
     history = fedhub.simulate("basic", root, rounds=2, backend="ray", workers=2, cpus_per_worker=1,
                               ray_address=two_node_cluster.address, data_dir=data_dir, test_limit=300,
                               root=tmp_path, timeout=500)
@@ -55,7 +55,8 @@ def test_devices_train_on_both_nodes_of_a_ray_cluster(tmp_path, data_dir, two_no
     for entry in history:
         assert sorted(entry["devices"]) == sorted(summary) and entry["num_updates"] == 4
         assert entry["num_examples"] == sum(info["examples"] for info in summary.values())
-        assert 0 <= entry["test_accuracy"] <= 1
+    # 400 images, two rounds: the devices on both nodes learned (chance is 0.1 on 300 test images)
+    assert history[-1]["test_accuracy"] > 0.3, [entry["test_accuracy"] for entry in history]
     log = (tmp_path / "logs" / "worker-0.log").read_text()
     assert "round 1: loss" in log, log[-2000:]
     assert history.stats["bytes_up"] >= 8 * 101_770 * 4  # eight updates of the basic network

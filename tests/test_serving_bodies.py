@@ -18,6 +18,8 @@ from flask import Flask, jsonify, request
 from api import serving
 from api.inputs import binary_body
 
+from .conftest import wait_until
+
 
 @pytest.fixture
 def echo_server():
@@ -84,11 +86,13 @@ def test_beyond_the_budget_bodies_go_to_a_file_and_arrive_whole(echo_server, mon
 def test_a_client_that_leaves_mid_body_gives_its_share_back(echo_server):
     server, _ = echo_server
     for _ in range(5):
+        assert settled() == 0  # the previous connection's share is back before this one starts
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
             s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
                       b"Content-Length: 500000\r\n\r\n" + b"x" * 100_000)
-            time.sleep(0.2)
-            assert serving._BODIES.used >= 500_000  # reserved for the body on its way
+            # reserved for the body on its way, once waitress has read its headers
+            wait_until(lambda: serving._BODIES.used >= 500_000, 10, "the body's share to be reserved",
+                       interval=0.02)
     assert settled() == 0
     assert post(server.url, b"y" * 200_000)["held"] == "memory"
 

@@ -8,9 +8,9 @@ command line: --list-strategies, and one-line refusals of bad strategy or attack
 
 from __future__ import annotations
 
+import importlib
 import sqlite3
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -28,8 +28,13 @@ DIGITS = ("--learning-rate", "0.5", "--epochs", "2", "--batch-size", "16", "--au
 
 
 def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    """``server.py`` or ``device/device.py``'s option parsing, in this process (it exits before
+    anything starts); tests/test_cli_settings.py keeps each command's real-process check."""
+    from tests.cli_inprocess import run_main
+
+    module = {"server.py": "server", "device/device.py": "device.device"}[script]
+    outcome = run_main(importlib.import_module(module).parse_args, args)
+    return subprocess.CompletedProcess([script, *args], outcome.code, outcome.stdout, outcome.stderr)
 
 
 def history(server: ServerProcess) -> list[dict]:
@@ -199,19 +204,22 @@ def test_fedadam_killed_mid_run_resumes_its_moments_exactly(tmp_path, data_dir):
 
 
 # robust: Krum against a scaling attacker -----------------------------------------------------------
-def streamlit_view(url: str, monkeypatch) -> tuple[list[str], dict, dict]:
-    """What the Streamlit dashboard shows: its captions, the devices table and the rejected-or-
-    clipped table, each table as {device: row}."""
+def streamlit_view(url: str, monkeypatch) -> tuple[list[str], dict, list, set[int], str]:
+    """What the Streamlit dashboard shows: its captions, the devices table as {device: row}, the
+    kept-rejected-or-clipped table's rows, which of them are highlighted, and its summary line."""
     from streamlit.testing.v1 import AppTest
+
+    from tests.test_dashboard import highlighted_rows
 
     monkeypatch.setenv("FEDHUB_SERVER", url)
     at = AppTest.from_file(str(ROOT / "dashboard" / "index.py"), default_timeout=30).run()
     assert not at.exception, at.exception
     tables = {tuple(t.value.columns): t.value for t in at.dataframe}
     devices = next(v for cols, v in tables.items() if "attack (declared)" in cols)
-    screened = next(v for cols, v in tables.items() if "outcome" in cols)
+    screened = next(t for t in at.dataframe if "outcome" in t.value.columns)
+    summary = next(m.value for m in at.markdown if m.value.startswith("Round "))
     return ([c.value for c in at.caption], devices.set_index("device").to_dict("index"),
-            screened.to_dict("records"))
+            screened.value.to_dict("records"), highlighted_rows(screened), summary)
 
 
 def stats_view(url: str) -> dict:
@@ -228,7 +236,9 @@ def stats_view(url: str) -> dict:
           screened: [...document.querySelectorAll('#screened tr')].map(
             (tr) => [tr.className, ...[...tr.cells].map((td) => td.textContent)]),
           devices: Object.fromEntries([...document.querySelectorAll('#devices tr')].map(
-            (tr) => [tr.cells[0].textContent, [tr.className, tr.cells[7].textContent]])),
+            (tr) => [tr.cells[0].textContent, [tr.className, tr.cells[7].textContent,
+                                               tr.cells[0].dataset.attack || ""]])),
+          rounds: [...document.querySelectorAll('#rounds tr')].map((tr) => tr.cells[3].textContent),
         })""")
 
 
@@ -256,7 +266,8 @@ def test_krum_holds_against_a_scaling_device_where_fedavg_collapses(tmp_path, da
             wait_until(lambda s=server: finished(s), 240, f"the {run} run")
         results = {run: history(s) for run, s in servers.items()}
         devices = {d["name"]: d for d in servers["krum"].get("/api/devices").json()["devices"]}
-        captions, shown_devices, shown_screened = streamlit_view(servers["krum"].url, monkeypatch)
+        captions, shown_devices, shown_screened, highlighted, summary = streamlit_view(
+            servers["krum"].url, monkeypatch)
         page = stats_view(servers["krum"].url)
     finally:
         stop(procs)
@@ -285,10 +296,29 @@ def test_krum_holds_against_a_scaling_device_where_fedavg_collapses(tmp_path, da
     rejected = [r for r in shown_screened if r["device"] == "digits5"]
     assert [r["round"] for r in rejected] == [2, 1]
     assert all(r["outcome"] == "rejected" and "Krum score" in r["why"] for r in rejected)
+    assert all(r["declared attack"] == "▲ scale (factor=100.0)" for r in rejected)
+    # every update of each round is listed: Krum kept one honest update and rejected the rest;
+    # only the attacker's rows and the kept ones are coloured, not a wall of red
+    for number in (1, 2):
+        rows = [r for r in shown_screened if r["round"] == number]
+        assert sorted(r["device"] for r in rows) == names
+        assert [r["outcome"] for r in rows].count("kept") == 1
+        kept = next(r["device"] for r in rows if r["outcome"] == "kept")
+        assert kept != "digits5" and all(r["Krum score"] is not None for r in rows)
+        attacker = next(r for r in rows if r["device"] == "digits5")
+        assert attacker["Krum score"] > max(r["Krum score"] for r in rows if r is not attacker)
+    coloured = {i for i, r in enumerate(shown_screened) if r["device"] == "digits5" or r["outcome"] == "kept"}
+    assert highlighted == coloured
+    assert summary.startswith("Round 2: 5 updates received, 1 used (digits")
     assert page["strategy"] == "krum (num_malicious=1)"
     assert page["compression"] == "uncompressed"
-    assert page["devices"]["digits5"] == ["attacker", "scale (factor=100)"]
-    assert page["devices"]["digits1"] == ["", "–"]
+    assert page["devices"]["digits5"] == ["attacker", "scale (factor=100)", "scale (factor=100)"]
+    assert page["devices"]["digits1"] == ["", "–", ""]
     attacker_rows = [row for row in page["screened"] if row[2] == "digits5"]
     assert [(row[0], row[1], row[3]) for row in attacker_rows] == [
-        ("outcome-rejected", "2", "rejected"), ("outcome-rejected", "1", "rejected")]
+        ("outcome-rejected attacker", "2", "rejected"), ("outcome-rejected attacker", "1", "rejected")]
+    assert len(page["screened"]) == 10  # every update of both rounds, the kept ones too
+    assert sorted(row[0] for row in page["screened"] if row[1] == "1") == [
+        "outcome-kept", "outcome-rejected", "outcome-rejected", "outcome-rejected",
+        "outcome-rejected attacker"]
+    assert page["rounds"] == ["5 devices, 1 update used"] * 2

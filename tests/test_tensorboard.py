@@ -51,6 +51,7 @@ def test_event_files_match_the_history(tmp_path, data_dir):
             assert device["loss"][h["round"]] == pytest.approx(h["devices"][name]["loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_only_the_first_devices_get_runs_and_every_device_is_in_the_spread(tmp_path):
     from server_tensorboard import TensorBoardLog
 
@@ -69,13 +70,10 @@ def test_only_the_first_devices_get_runs_and_every_device_is_in_the_spread(tmp_p
     assert np.asarray(spread[2])[-1, 1] == pytest.approx(0.4)  # d4, which has no run, is in it
 
 
-def test_tensorboard_devices_flag_is_checked(tmp_path):
-    import subprocess
-    import sys
+def test_tensorboard_devices_flag_is_checked():
+    """In-process (server.py's real-process check is in tests/test_cli_settings.py)."""
+    import server
+    from tests.cli_inprocess import assert_one_line_error, run_main
 
-    from tests.conftest import ROOT
-
-    out = subprocess.run([sys.executable, str(ROOT / "server.py"), "--tensorboard-devices", "-1"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert out.returncode == 2 and "--tensorboard-devices must be between 0 and 100000" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert_one_line_error(run_main(server.parse_args, ["--tensorboard-devices", "-1"]),
+                          "tensorboard_devices (--tensorboard-devices) must be at least 0 and at most 100000")

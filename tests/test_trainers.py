@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from device.launcher import DEVICE_SCRIPT, launch, stop
+from device.launcher import launch, stop
 from examples import digits
 from fedcore import wire
 from tests.conftest import ROOT, ServerProcess
@@ -65,15 +65,17 @@ def test_trainer_flag_errors(tmp_path):
         ("examples.digits:NoSuchName", "NoSuchName"),
         ("examples.digits:SoftmaxTrainer", "no "),  # the data file is missing
     ]
-    for spec, expected in cases:
-        out = subprocess.run([sys.executable, str(DEVICE_SCRIPT), "--server", "http://127.0.0.1:9",
-                              "--name", "d1", "--devices-root", str(tmp_path), "--trainer", spec],
-                             capture_output=True, text=True, cwd=ROOT, timeout=60)
-        assert out.returncode == 2, out.stderr
-        assert out.stderr.startswith(f"error: --trainer {spec}:") and expected in out.stderr, out.stderr
-        assert "Traceback" not in out.stderr
+    from device import device as device_command
+    from tests.cli_inprocess import assert_one_line_error, run_main
+
+    for spec, expected in cases:  # in-process (the real-process check: tests/test_cli_settings.py)
+        out = run_main(device_command.main, ["--server", "http://127.0.0.1:9", "--name", "d1",
+                                             "--devices-root", str(tmp_path), "--trainer", spec])
+        assert_one_line_error(out, expected)
+        assert out.stderr.startswith(f"error: --trainer {spec}:"), out.stderr
 
 
+@pytest.mark.slow
 def test_model_factory_errors(tmp_path, data_dir):
     for args, expected in [(("--model-factory", "examples.digits:nothing"), "cannot be loaded"),
                            (("--model-factory", "examples.digits:load_digits"), "not a keras.Model")]:
@@ -84,6 +86,7 @@ def test_model_factory_errors(tmp_path, data_dir):
         assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_fedprox_proximal_term_pulls_the_keras_trainer_toward_the_global_model(fashion):
     """``proximal_mu`` in the task config (``--strategy fedprox``) adds (mu/2)·||w - w_global||² to
     the built-in trainer's loss, w_global being the weights the round started from."""

@@ -18,19 +18,42 @@ It is a thin layer over the same parts as the command line: the engine
 device, even one in this process, talks HTTP to the server.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from utils import tensorflow_env
 
-tensorflow_env.quiet()  # before anything below imports TensorFlow or Keras
+tensorflow_env.quiet()  # before anything imports TensorFlow or Keras
 
-from device.attacks import make_attack  # noqa: E402
-from device.trainer import KerasModelTrainer, Trainer, TrainResult  # noqa: E402
-from fedcore.privacy import DPConfig  # noqa: E402
-from fedcore.strategies import describe_strategies  # noqa: E402
+# Each public name and the module it lives in, imported on first use: `import fedhub.datasets`
+# (which a device process does to read its data) then costs no engine, accountant or TensorFlow.
+_EXPORTS = {
+    "make_attack": "device.attacks",
+    "KerasModelTrainer": "device.trainer",
+    "Trainer": "device.trainer",
+    "TrainResult": "device.trainer",
+    "DPConfig": "fedcore.privacy",
+    "describe_strategies": "fedcore.strategies",
+    "Device": "fedhub.devices",
+    "evaluate": "fedhub.evaluation",
+    "Server": "fedhub.servers",
+    "History": "fedhub.simulation",
+    "simulate": "fedhub.simulation",
+}
 
-from .devices import Device  # noqa: E402
-from .evaluation import evaluate  # noqa: E402
-from .servers import Server  # noqa: E402
-from .simulation import History, simulate  # noqa: E402
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["DPConfig", "Device", "History", "KerasModelTrainer", "Server", "TrainResult", "Trainer",
-           "describe_strategies", "evaluate", "make_attack", "simulate"]
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedhub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -249,16 +249,18 @@ def test_a_state_database_that_cannot_be_used_is_one_line(tmp_path, monkeypatch,
 
 
 def test_every_command_finds_the_shared_data_folder_beside_the_checkout(tmp_path, monkeypatch):
-    assert ROOT.parent / "shared" / "data" / "fashion-mnist" == format_dataset.SHARED_DATA_DIR
-    shared = tmp_path / "shared"
+    from fedhub import datasets
+
+    assert ROOT.parent / "shared" / "data" == datasets.SHARED_DATA_ROOT
+    shared = tmp_path / "shared" / "fashion-mnist"
     write_fake_dataset(shared)
     monkeypatch.delenv(format_dataset.DATA_DIR_ENV, raising=False)
-    monkeypatch.setattr(format_dataset, "SHARED_DATA_DIR", shared)
+    monkeypatch.setattr(datasets, "SHARED_DATA_ROOT", shared.parent)
 
-    def offline():
+    def offline(spec):
         raise AssertionError("went to Keras' download although the shared folder is there")
 
-    monkeypatch.setattr(format_dataset, "_load_with_keras", offline)
+    monkeypatch.setattr(datasets, "_download", offline)
     out = tmp_path / "devices"
     outcome = run_main(format_dataset.main, ["--devices", "3", "--out", str(out), "--quiet"])
     assert outcome.code == 0, outcome

@@ -1,23 +1,24 @@
-"""Load Fashion-MNIST and split its training set over simulated device folders.
+"""Load a data set and split its training set over simulated device folders.
 
 Every device in a FedHub run reads only its own ``<root>/<device>/data/train.npz``, so how
 the training set is divided decides how hard federated learning is.  Three schemes are
-offered, all deterministic for a given seed so experiments can be repeated exactly:
+offered, all deterministic for a given seed so experiments can be repeated exactly, for any
+labelled data set (they look only at the labels):
 
 * ``iid``: a uniform random split (the easy, textbook case);
 * ``dirichlet``: per-class Dirichlet label skew, the usual benchmark for non-IID data;
 * ``classes``: each device sees only ``k`` classes (the pathological non-IID case).
 
+The data sets (``--dataset fashion-mnist|cifar-10``) and where their files are found live in
+:mod:`fedhub.datasets`; this module splits and writes them.
 Run ``python -m utils.format_dataset --help`` for the command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -33,6 +34,9 @@ from fedcore.devices import check_name
 from fedcore.errors import InvalidInput
 from fedcore.files import atomic_path, atomic_write_text
 from fedcore.plural import plural
+from fedhub import datasets
+from fedhub.datasets import DATA_DIR_ENV, DatasetError, read_idx
+from fedhub.datasets import FASHION_MNIST_FILES as FILES
 from utils import state_dir as state
 from utils.cli import Parser
 
@@ -59,171 +63,25 @@ __all__ = [
     "write_device_data",
 ]
 
-DATA_DIR_ENV = "FEDHUB_DATA_DIR"
-# The shared copy beside the checkout (the Makefile's default too).
-SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 DEVICE_DATA_FILE = "train.npz"
 # The memory-mappable form (``--format npy``): a worker hosting many devices maps a device's
 # arrays only while it trains, instead of holding every device's data in memory.
 DEVICE_ARRAY_FILES = ("x.npy", "y.npy")
 FORMATS: tuple[str, ...] = ("npz", "npy")
 PARTITION_FILE = "partition.json"
-NUM_CLASSES = 10
-IMAGE_SHAPE = (28, 28)
+DEFAULT_DATASET = "fashion-mnist"
+NUM_CLASSES = datasets.get(DEFAULT_DATASET).num_classes
 SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "classes")
-FILES: dict[str, str] = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
 
-_IMAGES_MAGIC = 2051
-_LABELS_MAGIC = 2049
 _DIRICHLET_MAX_TRIES = 1000
-
-
-class DatasetError(ValueError):
-    """The dataset or a device's data is missing, malformed, or cannot be split as asked."""
-
-
-# --------------------------------------------------------------------------- IDX files
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read a Fashion-MNIST IDX file (gzip-compressed or plain) with full validation.
-
-    Images (magic 2051) come back as uint8 ``(count, rows, cols)``, labels (magic 2049) as
-    uint8 ``(count,)`` with values 0..9.  The payload must be exactly as long as the header
-    says: a truncated download or a file with trailing bytes raises :class:`DatasetError`
-    instead of silently yielding fewer or shifted examples.
-    """
-    path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            compressed = fh.read(2) == b"\x1f\x8b"  # gzip magic, whatever the file name
-        if compressed:
-            with gzip.open(path, "rb") as gz:
-                data = gz.read()
-        else:
-            data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{path}: file not found") from exc
-    except (OSError, EOFError) as exc:  # includes gzip.BadGzipFile and truncated gzip
-        raise DatasetError(f"{path}: cannot read file: {exc}") from exc
-
-    if len(data) < 8:
-        raise DatasetError(f"{path}: file too short for an IDX header ({len(data)} bytes)")
-    magic, count = (int(v) for v in np.frombuffer(data, ">u4", count=2))
-    if magic == _IMAGES_MAGIC:
-        if len(data) < 16:
-            raise DatasetError(f"{path}: file too short for an IDX image header")
-        rows, cols = (int(v) for v in np.frombuffer(data, ">u4", count=2, offset=8))
-        header, shape = 16, (count, rows, cols)
-        kind = f"{count} images of {rows}x{cols}"
-    elif magic == _LABELS_MAGIC:
-        header, shape = 8, (count,)
-        kind = f"{count} labels"
-    else:
-        raise DatasetError(
-            f"{path}: bad magic number {magic} (expected {_IMAGES_MAGIC} for images or "
-            f"{_LABELS_MAGIC} for labels); is this a Fashion-MNIST IDX file?"
-        )
-    expected = math.prod(shape)
-    actual = len(data) - header
-    if actual != expected:
-        problem = "file is truncated" if actual < expected else "file has trailing bytes"
-        raise DatasetError(
-            f"{path}: {problem}: header announces {kind} = {expected} data bytes, found {actual}"
-        )
-    arr = np.frombuffer(data, np.uint8, offset=header).reshape(shape).copy()
-    if magic == _LABELS_MAGIC and arr.size and int(arr.max()) >= NUM_CLASSES:
-        raise DatasetError(f"{path}: labels must be 0..{NUM_CLASSES - 1}, found {int(arr.max())}")
-    return arr
-
-
-def _find_file(directory: Path, name: str) -> Path | None:
-    """Return ``name`` in ``directory``, accepting the un-gzipped variant too."""
-    for candidate in (directory / name, directory / name.removesuffix(".gz")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _resolve_data_dir(data_dir: str | Path | None) -> Path | None:
-    """Where every command looks for Fashion-MNIST: the option (``--data-dir``), else
-    ``$FEDHUB_DATA_DIR``, else the shared copy beside the checkout (``../shared/data/fashion-mnist``,
-    which ``make`` also passes) where there is one; None means Keras' cache or download. One
-    lookup, so a command run by hand finds what ``make demo`` found, offline too."""
-    if data_dir is not None and str(data_dir) != "":
-        return Path(data_dir)
-    env = os.environ.get(DATA_DIR_ENV, "").strip()
-    if env:
-        return Path(env)
-    return SHARED_DATA_DIR if SHARED_DATA_DIR.is_dir() else None
 
 
 def load_fashion_mnist(
     data_dir: str | Path | None = None,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Return ``((x_train, y_train), (x_test, y_test))`` as uint8 arrays.
-
-    Looks in ``data_dir``, else in ``$FEDHUB_DATA_DIR``, else in the shared folder beside the
-    checkout (:func:`_resolve_data_dir`), else falls back to
-    ``keras.datasets.fashion_mnist.load_data()`` (Keras' cache, downloading if needed).  A
-    local directory is preferred because it works offline and is validated here; keras is
-    imported only on the fallback path because importing it costs seconds.
-    """
-    directory = _resolve_data_dir(data_dir)
-    if directory is None:
-        return _load_with_keras()
-    if not directory.is_dir():
-        raise DatasetError(
-            f"data directory {directory} does not exist (set --data-dir or ${DATA_DIR_ENV} "
-            "to the folder holding the Fashion-MNIST .gz files)"
-        )
-    found = {key: _find_file(directory, name) for key, name in FILES.items()}
-    missing = [FILES[key] for key, path in found.items() if path is None]
-    if missing:
-        raise DatasetError(f"missing Fashion-MNIST files in {directory}: {', '.join(missing)}")
-    arrays = {key: read_idx(path) for key, path in found.items() if path is not None}
-    for split in ("train", "test"):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        _check_pair(images, labels, f"{split} set in {directory}")
-    return (
-        (arrays["train_images"], arrays["train_labels"]),
-        (arrays["test_images"], arrays["test_labels"]),
-    )
-
-
-def _check_pair(images: np.ndarray, labels: np.ndarray, where: str) -> None:
-    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
-        raise DatasetError(f"{where}: images must be 28x28, got shape {images.shape}")
-    if len(images) != len(labels):
-        raise DatasetError(
-            f"{where}: {len(images)} images but {len(labels)} labels; the counts must match"
-        )
-
-
-def _load_with_keras() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    from utils import tensorflow_env
-
-    tensorflow_env.quiet()
-    try:
-        import keras
-
-        (x_train, y_train), (x_test, y_test) = keras.datasets.fashion_mnist.load_data()
-    except Exception as exc:
-        raise DatasetError(
-            f"could not load Fashion-MNIST through keras ({exc}); download the four .gz "
-            f"files and pass --data-dir or set ${DATA_DIR_ENV}"
-        ) from exc
-    result = []
-    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        x, y = np.asarray(x, np.uint8), np.asarray(y, np.uint8)
-        _check_pair(x, y, f"keras {split} set")
-        result.append((x, y))
-    return result[0], result[1]
+    """Return Fashion-MNIST as ``((x_train, y_train), (x_test, y_test))`` uint8 arrays:
+    ``fedhub.datasets.load("fashion-mnist", data_dir)``, kept for the callers that predate it."""
+    return datasets.load(DEFAULT_DATASET, data_dir)
 
 
 # --------------------------------------------------------------------------- partitioning
@@ -257,9 +115,12 @@ def _check_alpha(alpha: float) -> None:
         raise DatasetError(f"alpha must be a finite number > 0, got {alpha!r}")
 
 
-def _check_classes_per_device(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= NUM_CLASSES:
-        raise DatasetError(f"classes_per_device must be an integer in 1..{NUM_CLASSES}, got {k!r}")
+def _check_classes_per_device(k: int, labels: np.ndarray) -> None:
+    """``k`` must be 1 up to the number of classes the labels can name (``max(label) + 1``): the
+    data set's, whichever it is, not a constant."""
+    n_classes = int(labels.max()) + 1 if labels.size else 1
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_classes:
+        raise DatasetError(f"classes_per_device must be an integer in 1..{n_classes}, got {k!r}")
 
 
 def _sorted_parts(parts: Sequence[Sequence[np.ndarray] | np.ndarray]) -> list[np.ndarray]:
@@ -352,12 +213,12 @@ def partition_classes(
 
     Classes are taken in a seeded random order and assigned round-robin (see
     :func:`_class_owners` for the exact rule, including what happens to classes left over
-    when ``n_devices * classes_per_device < 10``).  Each class's shuffled indices are split
-    evenly among the devices that own it.
+    when ``n_devices * classes_per_device`` is below the number of classes).  Each class's
+    shuffled indices are split evenly among the devices that own it.
     """
     y = _as_labels(labels)
     _check_devices(y, n_devices)
-    _check_classes_per_device(classes_per_device)
+    _check_classes_per_device(classes_per_device, y)
     rng = np.random.default_rng(seed)
     present = np.unique(y)
     order = rng.permutation(present)
@@ -392,7 +253,7 @@ def partition(
     y = _as_labels(labels)
     _check_devices(y, n_devices)
     _check_alpha(alpha)
-    _check_classes_per_device(classes_per_device)
+    _check_classes_per_device(classes_per_device, y)
     if scheme == "iid":
         return partition_iid(y, n_devices, seed=seed)
     if scheme == "dirichlet":
@@ -404,23 +265,29 @@ def partition(
 
 
 def _validate_xy(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A device's arrays are one known data set's images (:mod:`fedhub.datasets`: ``(N, 28, 28)``
+    grey or ``(N, 32, 32, 3)`` colour, uint8) and its labels; which one, the shape says."""
     x, y = np.asarray(x), np.asarray(y)
-    if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
-        raise DatasetError(f"{where}: x must have shape (N, 28, 28), got {x.shape}")
+    specs = [datasets.get(name) for name in datasets.NAMES]
+    spec = next((s for s in specs if x.shape[1:] == s.image_shape), None)
+    if spec is None:
+        shapes = " or ".join(str((None, *s.image_shape)).replace("None", "N") for s in specs)
+        raise DatasetError(f"{where}: x must have shape {shapes}, got {x.shape}")
     if y.ndim != 1:
         raise DatasetError(f"{where}: y must be 1-D, got shape {y.shape}")
     if len(x) != len(y):
         raise DatasetError(f"{where}: {len(x)} images but {len(y)} labels")
     if x.dtype != np.uint8 or y.dtype != np.uint8:
         raise DatasetError(f"{where}: x and y must be uint8, got {x.dtype} and {y.dtype}")
-    if y.size and int(y.max()) >= NUM_CLASSES:
-        raise DatasetError(f"{where}: labels must be 0..{NUM_CLASSES - 1}")
+    if y.size and int(y.max()) >= spec.num_classes:
+        raise DatasetError(f"{where}: labels must be 0..{spec.num_classes - 1} ({spec.title})")
     return x, y
 
 
 def write_device_data(root: Path, name: str, x: np.ndarray, y: np.ndarray, *,
                       memmap: bool = False) -> Path:
-    """Write ``root/name/data/train.npz`` (arrays ``x`` and ``y``, uint8) atomically.
+    """Write ``root/name/data/train.npz`` (arrays ``x`` and ``y``, uint8) atomically: ``x`` is
+    a known data set's images, ``(N, 28, 28)`` grey or ``(N, 32, 32, 3)`` colour (HWC).
 
     With ``memmap`` the arrays go to ``data/x.npy`` and ``data/y.npy`` instead
     (:func:`write_device_arrays`); the path of ``x.npy`` is returned.
@@ -451,7 +318,7 @@ def _check_device_name(name: str) -> None:
 def write_device_arrays(root: Path, name: str, x: np.ndarray, y: np.ndarray) -> Path:
     """Write any arrays as ``root/name/data/x.npy`` and ``y.npy`` (uncompressed, so they can be
     memory-mapped), atomically; returns the path of ``x.npy``. A ``train.npz`` there is
-    removed, so a folder never holds two different datasets. Not checked as Fashion-MNIST:
+    removed, so a folder never holds two different datasets. Not checked as a known data set:
     the Python API writes any model's data this way, and the device's trainer validates it.
     """
     _check_device_name(name)
@@ -511,17 +378,17 @@ def read_device_arrays(device_dir: Path, *, mmap: bool = False) -> tuple[np.ndar
 
 
 def load_device_data(device_dir: Path, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Read a device's Fashion-MNIST data (:func:`read_device_arrays`), validating shapes,
-    dtypes and labels."""
+    """Read a device's data (:func:`read_device_arrays`), validating shapes (a known data
+    set's), dtypes and labels."""
     x, y = read_device_arrays(device_dir, mmap=mmap)
     npy = Path(device_dir) / "data" / DEVICE_ARRAY_FILES[0]
     return _validate_xy(x, y, str(npy if npy.is_file() else npy.with_name(DEVICE_DATA_FILE)))
 
 
-def _summary(y: np.ndarray) -> dict[str, Any]:
+def _summary(y: np.ndarray, num_classes: int) -> dict[str, Any]:
     return {
         "examples": len(y),
-        "class_counts": np.bincount(y, minlength=NUM_CLASSES).astype(int).tolist(),
+        "class_counts": np.bincount(y, minlength=num_classes).astype(int).tolist(),
     }
 
 
@@ -539,12 +406,15 @@ def split_to_devices(
     progress: bool = True,
     only: str | None = None,
     memmap: bool = False,
+    dataset: str = DEFAULT_DATASET,
 ) -> dict[str, dict[str, Any]]:
-    """Partition the Fashion-MNIST training set and write one folder per device.
+    """Partition a data set's training set (``dataset``: ``fashion-mnist`` or ``cifar-10``, found
+    by :func:`fedhub.datasets.locate` from ``data_dir``) and write one folder per device.
 
-    Writes ``root/<prefix>1 .. <prefix>N/data/train.npz`` and ``root/partition.json``
-    (scheme, seed, parameters and per-device summary), and returns
-    ``{name: {"examples": n, "class_counts": [10 ints]}}``.  ``limit`` keeps only the first
+    Writes ``root/<prefix>1 .. <prefix>N/data/train.npz`` (the images as the data set has them:
+    ``(n, 28, 28)`` grey, ``(n, 32, 32, 3)`` colour) and ``root/partition.json`` (data set,
+    scheme, seed, parameters and per-device summary), and returns
+    ``{name: {"examples": n, "class_counts": [one int per class]}}``.  ``limit`` keeps only the first
     ``limit`` examples of each device's share *after* partitioning, so quick runs keep the
     same label distribution per device as the full split.  A split replaces the previous one:
     the folders of the earlier split in ``root`` that this one does not make (``device4`` after
@@ -561,12 +431,14 @@ def split_to_devices(
         check_name(f"{prefix}{n_devices}")
     except InvalidInput:
         raise DatasetError(f"invalid device prefix {prefix!r}") from None
+    spec = datasets.get(dataset)
     names = [f"{prefix}{number}" for number in range(1, n_devices + 1)]
     if only is not None and only not in names:
         raise DatasetError(f"{only!r} is not one of the devices {prefix}1..{prefix}{n_devices}")
     root = Path(root)
     stale = [] if only is not None else _stale_devices(root, prefix, names)
-    (x_train, y_train), _ = load_fashion_mnist(data_dir)
+    source = datasets.locate(dataset, data_dir)
+    (x_train, y_train), _ = datasets.load(dataset, source)
     parts = partition(
         y_train,
         n_devices,
@@ -582,13 +454,13 @@ def split_to_devices(
             continue
         chosen = indices if limit is None else indices[:limit]
         write_device_data(root, name, x_train[chosen], y_train[chosen], memmap=memmap)
-        summary[name] = _summary(y_train[chosen])
+        summary[name] = _summary(y_train[chosen], spec.num_classes)
 
     for folder in stale:
         shutil.rmtree(folder)
 
-    source = _resolve_data_dir(data_dir)
     record = {
+        "dataset": dataset,
         "scheme": scheme,
         "seed": seed,
         "n_devices": len(parts),
@@ -600,7 +472,7 @@ def split_to_devices(
             "only": only,
             "format": "npy" if memmap else "npz",
         },
-        "source": str(source) if source is not None else "keras.datasets.fashion_mnist",
+        "source": str(source) if source is not None else f"keras.datasets.{spec.keras_name}",
         "total_examples": sum(s["examples"] for s in summary.values()),
         "devices": summary,
     }
@@ -641,10 +513,13 @@ def _stale_devices(root: Path, prefix: str, names: list[str]) -> list[Path]:
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="python -m utils.format_dataset",
-        description="Split the Fashion-MNIST training set into per-device folders "
-        "(<out>/deviceN/data/train.npz) for a FedHub run.",
+        description="Split a data set's training set (Fashion-MNIST by default, or CIFAR-10) into "
+        "per-device folders (<out>/deviceN/data/train.npz) for a FedHub run.",
     )
     parser.add_argument("--devices", type=int, required=True, help="number of devices")
+    parser.add_argument(
+        "--dataset", choices=datasets.NAMES, default=DEFAULT_DATASET,
+        help=f"the data set to split (default: {DEFAULT_DATASET})")
     parser.add_argument(
         "--split", choices=SCHEMES, default="iid", help="partition scheme (default: iid)"
     )
@@ -664,8 +539,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-dir",
         default=None,
-        help=f"folder with the four Fashion-MNIST .gz files (default: ${DATA_DIR_ENV}, else "
-        "../shared/data/fashion-mnist beside the checkout where there is one, else the Keras download)",
+        help="the data set's folder (Fashion-MNIST's four .gz files, CIFAR-10's cifar-10-batches-py) "
+        f"or a folder holding fashion-mnist/ and cifar-10/ (default: ${DATA_DIR_ENV}, else "
+        "../shared/data/<dataset> beside the checkout where there is one, else the Keras download)",
     )
     state.add_option(parser)
     parser.add_argument(
@@ -711,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.quiet,
             only=args.only,
             memmap=args.format == "npy",
+            dataset=args.dataset,
         )
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,10 +1,13 @@
-"""The server's global model on the Keras side: initial weights, evaluation, export, validation.
+"""The server's global model: initial weights, evaluation, export, validation.
 
-One class for FedHub's own networks (built by name, fed through the shared
-``model.preprocess``) and for any Keras model (the Python API, or
-``server.py --model-factory package.module:build``), so the engine stays free
-of Keras and every path (per-round test metrics, ``.keras`` export, validation
-of an uploaded dataset, ``fedhub.evaluate``) computes metrics the same way.
+One class for FedHub's own networks of any framework (built by name through the framework
+seam, :mod:`fedhub.frameworks`, each network preprocessing its own raw images) and for any
+Keras model (the Python API, or ``server.py --model-factory package.module:build``), so the
+engine stays free of any framework and every path (per-round test metrics, export,
+validation of an uploaded dataset, ``fedhub.evaluate``) computes metrics the same way.
+
+Importing this module imports no framework: a PyTorch server never loads TensorFlow. Keras is
+imported where a Keras model is used.
 """
 
 from __future__ import annotations
@@ -19,25 +22,18 @@ import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedcore.errors import InvalidInput
+from fedhub.frameworks.base import classification_metrics, scale_images
 from utils import tensorflow_env
 
-tensorflow_env.quiet()  # before Keras imports TensorFlow
+if TYPE_CHECKING:
+    import keras
 
-import keras  # noqa: E402
-
-from model import (  # noqa: E402
-    CLASS_NAMES,
-    Model,
-    build_raw_image_model,
-    get_keras_weights,
-    preprocess,
-    set_keras_weights,
-)
+    from fedhub.frameworks.base import Network
 
 # Validation uploads are evaluated in a request thread: bound the work.
 MAX_VALIDATE_EXAMPLES = 60_000
@@ -141,9 +137,12 @@ def num_classes(keras_model: keras.Model) -> int:
     return int(keras_model.output_shape[-1])
 
 
-def check_labelled(keras_model: keras.Model, x: np.ndarray, y: np.ndarray, prepare: Prepare | None = None,
-                   *, limit: int | None = MAX_VALIDATE_EXAMPLES) -> tuple[np.ndarray, np.ndarray]:
-    """Model-ready inputs and int64 labels, or an InvalidInput naming ``x`` or ``y`` and the problem."""
+def check_labelled(keras_model: keras.Model | None, x: np.ndarray, y: np.ndarray,
+                   prepare: Prepare | None = None, *, limit: int | None = MAX_VALIDATE_EXAMPLES,
+                   classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Model-ready inputs and int64 labels, or an InvalidInput naming ``x`` or ``y`` and the problem.
+
+    ``classes``: the number of classes, else the Keras model's outputs."""
     x, y = np.asarray(x), np.asarray(y)
     if x.dtype.kind not in "uif":
         raise InvalidInput(f"x has dtype {x.dtype}; expected numbers", "x")
@@ -166,7 +165,7 @@ def check_labelled(keras_model: keras.Model, x: np.ndarray, y: np.ndarray, prepa
         inputs = x.astype(np.float32)
         if not np.isfinite(inputs).all():
             raise InvalidInput("x holds NaN or infinity", "x")
-    k = num_classes(keras_model)
+    k = classes if classes is not None else num_classes(keras_model)
     if y.ndim != 1 or len(y) != len(x):
         raise InvalidInput(f"y must be 1-D with one label per example: got shape {y.shape} for "
                            f"{len(x)} examples", "y")
@@ -185,52 +184,75 @@ def evaluate_classifier(keras_model: keras.Model, x: np.ndarray, y: np.ndarray, 
     ``confusion_matrix[i][j]`` counts examples of class i predicted as j; a class with no
     examples has per-class accuracy ``None``.
     """
+    import keras
+
     # predict_on_batch reuses one traced function; predict() builds a tf.data pipeline and traces
     # its functions on every call: three times the CPU for a 10,000-image test (~0.15 s a round).
     outputs = np.concatenate([np.asarray(keras_model.predict_on_batch(x[i : i + batch_size]))
                               for i in range(0, len(x), batch_size)])
-    k = outputs.shape[-1]
-    predicted = outputs.argmax(axis=-1)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (y, predicted), 1)
-    support = confusion.sum(axis=1)
-    per_class = [None if support[i] == 0 else float(confusion[i, i] / support[i]) for i in range(k)]
     loss = None
     if getattr(keras_model, "loss", None) is not None:
         loss_fn = keras.losses.get(keras_model.loss) if isinstance(keras_model.loss, str) \
             else keras_model.loss
         loss = float(np.mean(keras.ops.convert_to_numpy(loss_fn(y, outputs))))
-    return {"num_examples": len(y), "loss": loss,
-            "accuracy": float(np.trace(confusion) / len(y)),
-            "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist()}
+    return classification_metrics(outputs, y, loss)
+
+
+def check_images(network: Network, x: np.ndarray, y: np.ndarray, *,
+                 limit: int | None = MAX_VALIDATE_EXAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """Raw images ``network`` takes and int64 labels, or an InvalidInput naming ``x`` or ``y``.
+
+    The images stay raw (the network scales them itself); their shape, dtype and range are
+    checked here, by the same function the network uses, so a bad upload is a 400 naming the
+    field rather than a failure inside the framework.
+    """
+    def prepare(images: np.ndarray) -> np.ndarray:
+        scale_images(images, network.image_shape)
+        return images
+
+    return check_labelled(None, x, y, prepare, limit=limit, classes=len(network.class_names))
 
 
 class GlobalModel:
-    """A Keras model the server sets each round's weights into, under a lock (one at a time)."""
+    """The model the server sets each round's weights into, under a lock (one at a time).
 
-    def __init__(self, keras_model: keras.Model, *, prepare: Prepare | None = None,
-                 test_data: tuple[np.ndarray, np.ndarray] | None = None, builtin: str | None = None) -> None:
+    Either one of FedHub's own networks (``network``: any framework, see :meth:`named`) or the
+    user's own Keras model (``keras_model``, with an optional ``prepare`` of its inputs).
+    """
+
+    def __init__(self, keras_model: keras.Model | None = None, *, prepare: Prepare | None = None,
+                 test_data: tuple[np.ndarray, np.ndarray] | None = None, builtin: str | None = None,
+                 network: Network | None = None) -> None:
+        if (keras_model is None) == (network is None):
+            raise ValueError("give a Keras model or one of FedHub's networks, not both")
+        self.network = network
         self.keras_model = keras_model
         self.prepare = prepare
-        self.builtin = builtin  # "basic"/"cnn" for FedHub's own networks, else None
-        self.name = builtin or str(keras_model.name)
+        # the network's name for FedHub's own networks, else None
+        self.builtin = network.name if network is not None else builtin
+        self.framework = network.framework if network is not None else "keras"
+        self.name = self.builtin or str(keras_model.name)
+        self.export_suffix = network.export_suffix if network is not None else ".keras"
         self._lock = threading.Lock()
-        self._export_model: keras.Model | None = None  # built on the first export
         self._test = None
         if test_data is not None:
-            self._test = check_labelled(keras_model, *test_data, prepare=prepare, limit=None)
+            self._test = self._checked(*test_data, limit=None)
 
     @classmethod
-    def named(cls, name: str, *, seed: int = 0,
-              test_data: tuple[np.ndarray, np.ndarray] | None = None) -> GlobalModel:
-        """FedHub's own network ``basic`` or ``cnn`` (compiled, seeded like the devices')."""
-        return cls(Model(name, seed=seed).keras_model, prepare=preprocess, test_data=test_data,
-                   builtin=name)
+    def named(cls, name: str, *, seed: int = 0, test_data: tuple[np.ndarray, np.ndarray] | None = None,
+              framework: str = "keras") -> GlobalModel:
+        """FedHub's own network ``name`` of ``framework``, seeded like the devices'."""
+        from fedhub import frameworks
+
+        return cls(network=frameworks.get(framework).build(name, seed=seed), test_data=test_data)
 
     @classmethod
     def from_factory(cls, spec: str, *,
                      test_data: tuple[np.ndarray, np.ndarray] | None = None) -> GlobalModel:
         """``package.module:build``: a callable returning a compiled ``keras.Model``."""
+        tensorflow_env.quiet()
+        import keras
+
         built = resolve(spec, "--model-factory")()
         if not isinstance(built, keras.Model):
             raise ValueError(f"--model-factory {spec!r} returned {type(built).__name__}, not a keras.Model")
@@ -238,11 +260,26 @@ class GlobalModel:
 
     @property
     def class_names(self) -> list[str] | None:
-        """The classes' names in label order, for FedHub's own (Fashion-MNIST) networks."""
-        return list(CLASS_NAMES) if self.builtin else None
+        """The classes' names in label order, for FedHub's own networks."""
+        return list(self.network.class_names) if self.network is not None else None
+
+    @property
+    def image_shape(self) -> tuple[int, ...] | None:
+        """One raw image of FedHub's own network (``(28, 28)``, ``(32, 32, 3)``), else None."""
+        return tuple(self.network.image_shape) if self.network is not None else None
+
+    def _checked(self, x: np.ndarray, y: np.ndarray, *,
+                 limit: int | None = MAX_VALIDATE_EXAMPLES) -> tuple[np.ndarray, np.ndarray]:
+        if self.network is not None:
+            return check_images(self.network, x, y, limit=limit)
+        return check_labelled(self.keras_model, x, y, self.prepare, limit=limit)
 
     def initial_weights(self) -> dict[str, np.ndarray]:
         with self._lock:
+            if self.network is not None:
+                return self.network.get_weights()
+            from model import get_keras_weights
+
             return get_keras_weights(self.keras_model)
 
     def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -253,29 +290,33 @@ class GlobalModel:
 
     def validate(self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         """Metrics of ``weights`` on an uploaded labelled set; InvalidInput if it does not fit."""
-        return self.validate_prepared(weights, *check_labelled(self.keras_model, x, y, self.prepare))
+        return self.validate_prepared(weights, *self._checked(x, y))
 
     def validate_prepared(self, weights: Mapping[str, np.ndarray], x: np.ndarray,
                           y: np.ndarray) -> dict[str, Any]:
+        """Metrics of ``weights`` on data already checked (:meth:`_checked`)."""
         with self._lock:
+            if self.network is not None:
+                self.network.set_weights(weights)
+                return self.network.evaluate(x, y)
+            from model import set_keras_weights
+
             set_keras_weights(self.keras_model, weights)
             return evaluate_classifier(self.keras_model, x, y)
 
     def export(self, weights: Mapping[str, np.ndarray]) -> bytes:
-        """A ``.keras`` file (architecture, weights, compile settings) that plain Keras loads.
+        """A file the plain framework loads (:attr:`export_suffix`).
 
-        FedHub's own networks are exported with their preprocessing and a softmax built in
-        (:func:`model.build_raw_image_model`): raw 0..255 images in, probabilities out, so a
-        plain Keras user gets the server's predictions. A user's own model goes out as it is.
+        FedHub's own networks are exported by their framework with their preprocessing and a
+        softmax built in (raw images in, probabilities out: a plain Keras or PyTorch user gets
+        the server's predictions). A user's own Keras model goes out as it is.
         """
+        if self.network is not None:
+            with self._lock:
+                return self.network.export(weights)
+        from fedhub.frameworks.keras import save_keras_bytes
+        from model import set_keras_weights
+
         with self._lock, tempfile.TemporaryDirectory(prefix="fedhub-export-") as tmp:
-            if self.builtin and self._export_model is None:
-                self._export_model = build_raw_image_model(self.builtin)
-            keras_model = self._export_model if self.builtin else self.keras_model
-            set_keras_weights(keras_model, weights)
-            optimizer = getattr(keras_model, "optimizer", None)
-            if optimizer is not None and not optimizer.built:
-                optimizer.build(keras_model.trainable_variables)  # a complete file: no load warning
-            path = Path(tmp) / "model.keras"
-            keras_model.save(path)
-            return path.read_bytes()
+            set_keras_weights(self.keras_model, weights)
+            return save_keras_bytes(self.keras_model, Path(tmp))

@@ -1,7 +1,9 @@
 """FedHub server: ``python server.py 4000`` (or ``--port 4000`` and more; see ``--help``).
 
 Builds the engine (storage, device registry, round coordinator) around a
-Keras model and the held-out test set, wraps it in the Flask app, and serves
+global model of the chosen framework (``--framework keras|torch``, through
+:mod:`fedhub.frameworks`) and the chosen data set's held-out test set
+(``--dataset fashion-mnist|cifar-10``), wraps it in the Flask app, and serves
 it with waitress, a production WSGI server.
 """
 
@@ -56,6 +58,9 @@ class ServerConfig:
     state_dir: Path | None = None
     eval_dir: Path | None = None
     model: str = TRAINING.model
+    # FedHub's own networks: which framework trains them and which data set they learn
+    framework: str = "keras"
+    dataset: str = "fashion-mnist"
     data_dir: str | None = None
     test_limit: int | None = params.number(None, 1, 10**9, flag="--test-limit")
     enroll_secret: str | None = None
@@ -104,7 +109,31 @@ class ServerConfig:
         limit no update fits), then the run's settings (:meth:`FederationConfig.validate`).
         ``server.py`` and ``fedhub.Server`` both pass here before loading anything."""
         params.check_numbers(self)
+        self.check_framework()
         self.federation.validate()
+
+    def check_framework(self) -> None:
+        """ValueError (one line) for a framework, data set or network that do not go together, or
+        a feature the framework cannot serve yet; checked without importing any framework."""
+        from fedhub import datasets, frameworks
+
+        if self.framework not in frameworks.NAMES:
+            raise ValueError(f"--framework must be one of {', '.join(frameworks.NAMES)}, "
+                             f"got {self.framework!r}")
+        datasets.get(self.dataset)  # DatasetError (a ValueError) naming the choices
+        own_model = self.keras_model is not None or self.model_factory
+        if own_model:
+            if self.framework != "keras":
+                raise ValueError(f"--model-factory and a model of your own are Keras models; they "
+                                 f"cannot run with --framework {self.framework} yet")
+            return
+        frameworks.default_network(self.framework, self.dataset)  # one network for it, at least
+        fits = frameworks.networks(self.framework, self.dataset)
+        if self.model not in fits:
+            takes = frameworks.network_dataset(self.framework, self.model)
+            why = f"it takes {takes} images" if takes else f"{self.framework} has no network {self.model!r}"
+            raise ValueError(f"--model {self.model} cannot learn {self.dataset} with --framework "
+                             f"{self.framework} ({why}); choose {', '.join(fits)}")
 
 
 def _secrets(config: ServerConfig) -> tuple[str, str]:
@@ -119,8 +148,9 @@ def _secrets(config: ServerConfig) -> tuple[str, str]:
 
 
 def load_global_model(config: ServerConfig):
-    """The Keras side of the global model: FedHub's own network, or the user's (``keras_model``,
-    ``model_factory``) with its own test set. Bad settings raise ValueError."""
+    """The server's side of the global model: FedHub's own network of ``config.framework`` on
+    ``config.dataset``'s test set, or the user's Keras model (``keras_model``, ``model_factory``)
+    with its own test set. Bad settings raise ValueError."""
     from fedcore.errors import InvalidInput
     from global_model import GlobalModel, load_npz
 
@@ -129,9 +159,9 @@ def load_global_model(config: ServerConfig):
         if isinstance(test, str | Path):
             test = load_npz(Path(test), field="test_data")
         if test is None and config.keras_model is None and not config.model_factory:
-            from utils.format_dataset import load_fashion_mnist
+            from fedhub import datasets
 
-            _, test = load_fashion_mnist(config.data_dir)
+            _, test = datasets.load(config.dataset, config.data_dir)
         if test is not None and config.test_limit:
             test = (test[0][: config.test_limit], test[1][: config.test_limit])
         if config.keras_model is not None:
@@ -139,15 +169,17 @@ def load_global_model(config: ServerConfig):
         elif config.model_factory:
             model = GlobalModel.from_factory(config.model_factory, test_data=test)
         else:
-            model = GlobalModel.named(config.model, seed=config.federation.seed, test_data=test)
+            model = GlobalModel.named(config.model, seed=config.federation.seed, test_data=test,
+                                      framework=config.framework)
     except InvalidInput as exc:
         raise ValueError(f"test data: {exc.message}") from None
     config.federation.training.model = model.name
+    config.federation.training.framework = model.framework
     return model
 
 
 def build_engine(config: ServerConfig, global_model=None) -> Coordinator:
-    """The engine with a Keras model: initial weights, and evaluation on the test set."""
+    """The engine with the global model: initial weights, and evaluation on the test set."""
     global_model = global_model or load_global_model(config)
     evaluate = global_model.evaluate
 
@@ -179,9 +211,9 @@ def create_app(config: ServerConfig | None = None) -> Flask:
     global_model = load_global_model(config)
     engine = build_engine(config, global_model)
     predictor = None
-    if global_model.builtin:  # predicting clothes from pictures needs FedHub's own network
+    if global_model.builtin:  # predicting from pictures needs FedHub's own network
         # The predictor serves the latest trained global model and swaps in each new round's.
-        predictor = Predictor(config.model)
+        predictor = Predictor(global_model.builtin, global_model.framework)
         predictor.install(*engine.global_weights())
         engine.add_hook(predictor.on_round)
     if config.runs_dir is not None:
@@ -203,7 +235,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("port_pos", nargs="?", type=int, metavar="PORT", help="port (original form)")
     p.add_argument("--port", type=int, default=None, help=f"port to listen on (default {d.port})")
     p.add_argument("--host", default=d.host, help="interface to bind")
-    p.add_argument("--model", default=d.model, choices=["basic", "cnn"], help="global model")
+    p.add_argument("--framework", default=d.framework, metavar="NAME",
+                   help="what trains FedHub's networks, on the server and every device: keras or torch")
+    p.add_argument("--dataset", default=d.dataset, metavar="NAME",
+                   help="the data set the network learns (its test set is evaluated each round): "
+                        "fashion-mnist or cifar-10")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="the framework's network: keras basic or cnn (fashion-mnist); torch cifar "
+                        "(cifar-10), basic or cnn (fashion-mnist) (default: the first for the data set)")
     p.add_argument("--model-factory", metavar="MODULE:NAME",
                    help="your own global model instead: a function returning a compiled keras.Model")
     p.add_argument("--test-data", type=Path,
@@ -216,7 +255,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="the first N devices to report get a TensorBoard run each; the global run charts "
                         f"every device's loss and accuracy as histograms (default {d.tensorboard_devices})")
     p.add_argument("--data-dir", default=None,
-                   help="folder with the Fashion-MNIST .gz files (else $FEDHUB_DATA_DIR, else Keras)")
+                   help="folder with the data set's files, or one holding fashion-mnist/ and cifar-10/ "
+                        "(else $FEDHUB_DATA_DIR, else ../shared/data beside the checkout, else "
+                        "Keras' download)")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
     state.add_option(p)
     p.add_argument("--eval-dir", type=Path, default=None,
@@ -290,6 +331,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error("port must be between 1 and 65535")
     if (a.certfile is None) != (a.keyfile is None):
         p.error("--certfile and --keyfile go together")
+    model = a.model
+    if model is None:
+        from fedhub import frameworks
+
+        try:
+            model = frameworks.default_network(a.framework, a.dataset)
+        except ValueError:
+            model = d.model  # the framework or data set is wrong: validate() says which, in one line
     try:
         strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
     except ParamError as exc:
@@ -302,14 +351,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         compress_downlink=a.compress_downlink,
         mode=a.mode, buffer_size=a.buffer, max_staleness=a.max_staleness,
         staleness_exponent=a.staleness_exponent,
-        training=TrainingConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size,
+        training=TrainingConfig(model=model, framework=a.framework, epochs=a.epochs, batch_size=a.batch_size,
                                 learning_rate=a.learning_rate, compression=a.compression),
         privacy=dp_config(p, a, a.min_devices))
     federation.secagg = secagg_options.config_from(a)
     layout = state.resolve(a.state_dir)
     config = ServerConfig(
-        host=a.host, port=port, state_dir=layout.server_dir, eval_dir=a.eval_dir, model=a.model,
-        data_dir=a.data_dir, test_limit=a.test_limit, reset=a.reset, threads=a.threads,
+        host=a.host, port=port, state_dir=layout.server_dir, eval_dir=a.eval_dir, model=model,
+        framework=a.framework, dataset=a.dataset, data_dir=a.data_dir, test_limit=a.test_limit,
+        reset=a.reset, threads=a.threads,
         max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
         max_image_bytes=int(a.max_image_mb * 1024 * 1024), federation=federation,
         certfile=a.certfile, keyfile=a.keyfile, channel_timeout=a.channel_timeout, max_wait=a.max_wait,
@@ -382,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = config.federation.rounds
     print(f"FedHub server on {serving.url}  "
           f"(model {config.federation.training.model}, "
+          f"{config.federation.training.framework}, {config.dataset}, "
           f"{plural(rounds, 'round') if rounds else 'unlimited rounds'}, "
           f"status {engine.status()['status']})", flush=True)
     if not (config.admin_token or os.environ.get("FEDHUB_ADMIN_TOKEN")):

@@ -3,8 +3,12 @@
 A round hook (``engine.add_hook``) writes, after each completed round, the
 global test metrics and each reporting device's own metrics (loss, accuracy,
 examples, training seconds) at step = round number, so ``tensorboard --logdir
-runs`` shows the federation and every device side by side, as PyFed does. It
-needs TensorFlow, so it lives beside ``server.py`` and not in the engine.
+runs`` shows the federation and every device side by side, as PyFed does.
+
+The event files are written with TensorBoard's own writer and summary protos, not TensorFlow's
+``tf.summary``: the same files (scalars as tensor summaries, the ``scalars`` plugin), without
+importing TensorFlow, so a PyTorch server has TensorBoard too and no Keras run pays for a
+summary graph.
 
 A thousand device runs would be unreadable in TensorBoard and cost the server a
 writer and four summary ops per device and round (12 % of its Python time under
@@ -24,13 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from utils import tensorflow_env
-
-tensorflow_env.quiet()  # before TensorFlow is imported
-
-import tensorflow as tf  # noqa: E402
-from tensorboard.plugins.histogram.summary_v2 import histogram_pb  # noqa: E402
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.histogram.summary_v2 import histogram_pb
+from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 log = logging.getLogger("fedhub.tensorboard")
 GLOBAL_RUN = "global"
@@ -59,18 +61,22 @@ class TensorBoardLog:
         self._device_runs: set[str] = set()
         self._lock = threading.Lock()
 
-    def _writer(self, run: str):
+    def _writer(self, run: str) -> EventFileWriter:
         if run not in self._writers:
-            self._writers[run] = tf.summary.create_file_writer(str(self.path / run))
+            self._writers[run] = EventFileWriter(str(self.path / run))
         return self._writers[run]
 
-    def _scalars(self, run: str, step: int, values: Mapping[str, Any]) -> None:
+    def _write(self, run: str, step: int, summaries: list[Summary]) -> None:
         writer = self._writer(run)
-        with writer.as_default():
-            for name, value in values.items():
-                if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
-                    tf.summary.scalar(name, float(value), step=step)
+        now = time.time()
+        for summary in summaries:
+            writer.add_event(Event(wall_time=now, step=step, summary=summary))
         writer.flush()
+
+    def _scalars(self, run: str, step: int, values: Mapping[str, Any]) -> None:
+        self._write(run, step, [
+            scalar_pb(name, float(value)) for name, value in values.items()
+            if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)])
 
     def __call__(self, entry: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> None:
         """The round hook: ``entry`` is the completed round's history entry."""
@@ -95,13 +101,8 @@ class TensorBoardLog:
         values = {name: [float(m[name]) for m in reported
                          if isinstance(m.get(name), int | float) and np.isfinite(m[name])]
                   for name in SPREAD}
-        writer = self._writer(GLOBAL_RUN)
-        with writer.as_default():
-            for name, column in values.items():
-                if column:  # buckets by NumPy: tf.summary.histogram traces a graph at first use
-                    summary = histogram_pb(f"devices/{name}", np.asarray(column))
-                    tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
-        writer.flush()
+        self._write(GLOBAL_RUN, step, [histogram_pb(f"devices/{name}", np.asarray(column))
+                                       for name, column in values.items() if column])
 
     def close(self) -> None:
         with self._lock:

@@ -1,7 +1,8 @@
 """The model behind ``POST /api/predict``: the latest trained global model, held in memory.
 
 A request must never see a half-updated network, and it must not wait for one to be built.
-So when a round completes (the engine's ``add_hook``), a *new* :class:`model.Model` is built
+So when a round completes (the engine's ``add_hook``), a *new* network of the run's framework
+(:mod:`fedhub.frameworks`: Keras or PyTorch) is built
 and loaded on the engine's round-hook thread, warmed up, and only then put in place by swapping
 one reference under a lock held for an assignment. (Only while predictions are being asked
 for: a run nobody predicts from does not build a network per round; the first prediction
@@ -9,8 +10,8 @@ after a pause builds it then.) A request takes that reference once and
 uses it to the end: it answers with the model it started with, never a mix of two rounds,
 and nothing is read from disk per call.
 
-TensorFlow is imported only when the first model is built, so the HTTP layer stays light
-for code (and tests) that never predicts.
+The framework is imported only when the first model is built, so the HTTP layer stays light
+for code (and tests) that never predicts, and a PyTorch server never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -24,21 +25,48 @@ import numpy as np
 from fedcore.errors import Conflict
 
 if TYPE_CHECKING:
-    from model import Model
+    from fedhub.frameworks.base import Network
 
 NO_MODEL_MESSAGE = ("no trained global model yet: the first training round has not completed "
                     "(round 0 is the untrained initial model, which is not served)")
 
 
 class Predictor:
-    """Thread-safe holder of ``(model_version, Model)`` for the global model of ``model_name``."""
+    """Thread-safe holder of ``(model_version, network)`` for the global model ``model_name`` of
+    ``framework``."""
 
-    def __init__(self, model_name: str = "basic") -> None:
+    def __init__(self, model_name: str = "basic", framework: str = "keras") -> None:
         self.model_name = model_name
+        self.framework = framework
         self._lock = threading.Lock()
         # (version, network, the engine's weights object it was built from)
-        self._current: tuple[int, Model, Mapping[str, np.ndarray]] | None = None
+        self._current: tuple[int, Network, Mapping[str, np.ndarray]] | None = None
         self._asked = False  # a prediction came since the last model was built
+        self._spare: Network | None = None  # the network used for pictures and class names
+
+    def _build(self) -> Network:
+        from fedhub import frameworks
+
+        # seed=None: leave the global random state alone
+        return frameworks.get(self.framework).build(self.model_name, seed=None)
+
+    def _about(self) -> Network:
+        current = self._current
+        if current is not None:
+            return current[1]
+        if self._spare is None:
+            self._spare = self._build()
+        return self._spare
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The names of the classes the probabilities are for, in order."""
+        return tuple(self._about().class_names)
+
+    def image_to_input(self, source: bytes) -> np.ndarray:
+        """An uploaded picture as the raw image the network takes (grey 28x28 or colour 32x32);
+        ``fedhub.frameworks.images.ImageError`` when it is not a usable picture."""
+        return self._about().image_to_input(source)
 
     @property
     def version(self) -> int | None:
@@ -58,11 +86,9 @@ class Predictor:
             with self._lock:
                 self._current = None
             return
-        from model import IMAGE_SIZE, Model
-
-        fresh = Model(self.model_name, seed=None)  # seed=None: leave the global RNG alone
+        fresh = self._build()
         fresh.set_weights(weights)
-        fresh.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8))  # first call traces
+        fresh.predict(np.zeros((1, *fresh.image_shape), np.uint8))  # the first call traces
         with self._lock:
             self._current = (version, fresh, weights)
 
@@ -75,7 +101,8 @@ class Predictor:
 
     def predict(self, images: np.ndarray, version: int,
                 weights: Mapping[str, np.ndarray]) -> tuple[int, np.ndarray]:
-        """``(model_version, probabilities (N, 10))`` for raw uint8 ``(N, 28, 28)`` images, by the
+        """``(model_version, probabilities (N, classes))`` for raw uint8 images (``(N, 28, 28)``,
+        ``(N, 32, 32, 3)``: :meth:`image_to_input`'s), by the
         engine's current global model ``(version, weights)``.
 
         The round hook usually has that model built already; in the moment between a round's

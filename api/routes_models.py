@@ -1,8 +1,9 @@
 """Model export, validation and test-set evaluation (after FedV's serving and validation APIs).
 
 ``GET /api/rounds/<n>/model.keras`` downloads the global model of any completed
-round (``latest`` for the current one) as a ``.keras`` file that plain Keras
-loads. ``POST /api/rounds/<n>/validate`` evaluates that model on an uploaded
+round (``latest`` for the current one) as a file that the plain framework
+loads: ``.keras`` for Keras, a ``torch.export`` program (``.pt2``) for PyTorch.
+``POST /api/rounds/<n>/validate`` evaluates that model on an uploaded
 labelled ``.npz`` (arrays ``x`` and ``y``), and ``GET /api/rounds/<n>/evaluation``
 on the server's own test set (made once per round): loss, accuracy, per-class
 accuracy and the confusion matrix. All need a device or admin token, like ``/api/model``.
@@ -47,7 +48,8 @@ def export(round_text: str):
     number, weights = engine().round_weights(_round_number(round_text))
     body = model.export(weights)
     response = Response(body, mimetype="application/octet-stream")
-    response.headers["Content-Disposition"] = f'attachment; filename="fedhub_round_{number:05d}.keras"'
+    suffix = getattr(model, "export_suffix", ".keras")  # PyTorch: a torch.export program, .pt2
+    response.headers["Content-Disposition"] = f'attachment; filename="fedhub_round_{number:05d}{suffix}"'
     response.headers["X-Model-Version"] = str(number)
     return response
 

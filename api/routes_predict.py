@@ -3,10 +3,11 @@
 Any valid token may call it (the admin token, or any enrolled device's): decoding pictures
 and running the network costs the server CPU and memory, so it is not open to anonymous
 callers, yet a device or a demo app holding a device token can use what the federation
-learned. Pictures go through ``model.image_to_array`` and the model's own ``preprocess``,
-the preprocessing used in training, never a second copy of it. Each answer carries the 28x28
-picture the network classified (``input_png``), so a person can see what the crop and the
-background normalisation made of a photo before trusting the answer.
+learned. Pictures go through the network's own ``image_to_input`` (grey 28x28 for Fashion-MNIST,
+colour 32x32 for CIFAR-10; :mod:`fedhub.frameworks.images`) and its own preprocessing, the one
+used in training, never a second copy of it. Each answer carries the picture the network
+classified (``input_png``), so a person can see what the crop and the background
+normalisation made of a photo before trusting the answer.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ def _uploads() -> list[tuple[str, FileStorage]]:
     return files
 
 
-def _decode(files: list[tuple[str, FileStorage]]) -> np.ndarray:
-    """All pictures as one uint8 batch (N, 28, 28); any bad one refuses the whole request."""
-    from model import ImageError, image_to_array
+def _decode(files: list[tuple[str, FileStorage]], predictor: Any) -> np.ndarray:
+    """All pictures as one uint8 batch ((N, 28, 28) or (N, 32, 32, 3)); any bad one refuses the
+    whole request."""
+    from fedhub.frameworks.images import ImageError
 
     arrays = []
     for number, (field, upload) in enumerate(files, start=1):
@@ -56,18 +58,19 @@ def _decode(files: list[tuple[str, FileStorage]]) -> np.ndarray:
         if not data:
             raise InvalidInput(f"{which} is an empty file", field)
         try:
-            arrays.append(image_to_array(data))
+            arrays.append(predictor.image_to_input(data))
         except ImageError as exc:
             raise InvalidInput(f"{which}: {exc}", field) from None
     return np.stack(arrays)
 
 
 def _png(image: np.ndarray) -> str:
-    """A uint8 (28, 28) picture as a base64 PNG (about 1 KB): what the network was given."""
+    """A uint8 (28, 28) grey or (32, 32, 3) colour picture as a base64 PNG (about 1 KB): what
+    the network was given."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buffer, "PNG")
+    Image.fromarray(image, mode="L" if image.ndim == 2 else "RGB").save(buffer, "PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -78,13 +81,12 @@ def predict():
     with body_limit(current_app.config["FEDHUB_MAX_IMAGE_BYTES"],
                     "the pictures' request (server option --max-image-mb)"):
         files = _uploads()
-    batch = _decode(files)
     predictor = current_app.extensions.get("fedhub_predictor")
     if predictor is None:
-        raise Conflict("this server does not predict: classifying pictures of clothes needs one of "
-                       "FedHub's built-in networks (--model basic or cnn), not a custom model", "model")
-    from model import CLASS_NAMES
-
+        raise Conflict("this server does not predict: classifying pictures needs one of FedHub's "
+                       "built-in networks (--model basic, cnn or cifar), not a custom model", "model")
+    batch = _decode(files, predictor)
+    class_names = predictor.class_names
     version, probabilities = predictor.predict(batch, *engine().global_weights())
     answers: list[dict[str, Any]] = []
     for (_, upload), probs, image in zip(files, probabilities, batch, strict=True):
@@ -92,9 +94,9 @@ def predict():
         answers.append({
             "filename": upload.filename or None,
             "class_index": index,
-            "class_name": CLASS_NAMES[index],
+            "class_name": class_names[index],
             "probabilities": [float(p) for p in probs],
-            "class_names": list(CLASS_NAMES),  # labels for the probabilities, in order
+            "class_names": list(class_names),  # labels for the probabilities, in order
             "model_version": version,
             "round": version,
             "input_png": _png(image),

@@ -52,16 +52,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enroll-secret", help="enrollment secret (else $FEDHUB_ENROLL_SECRET, else the "
                    "local server's enroll.secret in the state directory, read again while refused)")
     p.add_argument("--auto-activate", action="store_true", help="ask to start active")
-    p.add_argument("--model", default="basic", help="model to build before the server says otherwise")
+    p.add_argument("--framework", choices=["keras", "torch"], default=None,
+                   help="build the network in this framework before the first task (default: the "
+                        "framework the server's task names, the network then built on the first task)")
+    p.add_argument("--model", default=None,
+                   help="network to build before the server says otherwise (default: the framework's "
+                        "first network for the data's images)")
     p.add_argument("--trainer", metavar="MODULE:NAME",
-                   help="your own trainer instead of the built-in Keras one: NAME(data_dir) must return "
+                   help="your own trainer instead of the built-in one: NAME(data_dir) must return "
                         "an object with validate/initialise/train/evaluate (see device/trainer.py); "
                         "data_dir is the folder of --data, else <devices-root>/<name>/data")
     p.add_argument("--poll-wait", type=float, default=20.0, help="long-poll seconds")
     p.add_argument("--retry-for", type=float, default=300.0,
                    help="seconds to keep retrying while the server is unreachable")
     p.add_argument("--ca", help="CA bundle to verify the server's certificate")
-    p.add_argument("--verbose", action="store_true", help="show Keras' progress bar")
+    p.add_argument("--verbose", action="store_true", help="show Keras' progress bar (Keras runs)")
     p.add_argument("--attack", metavar="KIND", choices=list(ATTACKS),
                    help="attack the federation, to demonstrate robust strategies: "
                         + "; ".join(f"{a['kind']}: {a['summary']}" for a in describe_attacks()))
@@ -111,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from device.trainer import KerasTrainer
+    from device.trainer import ImageTrainer
     from utils.format_dataset import DatasetError, load_device_data
 
     layout = state.resolve(a.state_dir)
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if a.attack_obj is not None:
             y = a.attack_obj.poison_labels(y)
-        trainer = KerasTrainer(x, y, model=a.model, verbose=1 if a.verbose else 0)
+        trainer = ImageTrainer(x, y, model=a.model, framework=a.framework,
+                               verbose=1 if a.verbose else 0)
     secret = a.enroll_secret or os.environ.get("FEDHUB_ENROLL_SECRET")
     client = Client(a.server, a.name, verify=a.ca or True, retry_for=a.retry_for)
     runner = DeviceRunner(client, trainer, folder, enroll_secret=secret,

@@ -1,7 +1,8 @@
 """What a device runs each round, behind one small interface.
 
-The device loop only calls these methods, so any trainer (the built-in Keras
-one, or a user's own with ``--trainer package.module:Name``) plugs in.
+The device loop only calls these methods, so any trainer (the built-in one, which trains
+FedHub's networks in Keras or PyTorch through :mod:`fedhub.frameworks`, or a user's own with
+``--trainer package.module:Name``) plugs in.
 """
 
 from __future__ import annotations
@@ -191,27 +192,53 @@ def _pull_toward(anchor: Any, mu: Any) -> Any:
     return term
 
 
-class KerasTrainer:
-    """The built-in trainer: FedHub's Keras :class:`model.Model` on local image arrays.
+def data_image_shape(x: np.ndarray) -> tuple[int, ...]:
+    """The raw image shape a device's arrays hold, as a known data set's (``(28, 28)`` for grey
+    images with or without a channel of 1); the Fashion-MNIST shape when it is none (then
+    :func:`validate_images` says what is wrong)."""
+    from fedhub import datasets
 
-    With ``proximal_mu`` > 0 in the task config (the server's ``--strategy fedprox``) the
-    training loss carries FedProx's proximal term toward the round's global model.
+    shape = tuple(np.shape(x)[1:])
+    for name in datasets.NAMES:
+        image = datasets.get(name).image_shape
+        if shape == image or (len(image) == 2 and shape == (*image, 1)):
+            return image
+    return datasets.get("fashion-mnist").image_shape
+
+
+def _dataset_of(shape: tuple[int, ...]) -> str:
+    from fedhub import datasets
+
+    return next(n for n in datasets.NAMES if datasets.get(n).image_shape == shape)
+
+
+class ImageTrainer:
+    """The built-in trainer: one of FedHub's networks on local image arrays, in the framework the
+    server's task names (:mod:`fedhub.frameworks`: Keras or PyTorch; one code path for both).
+
+    The network is built as soon as its framework is known: at once when ``framework`` is given,
+    else from the first task (a task that names none is Keras', as from servers before PyTorch),
+    so a device of a PyTorch run never imports TensorFlow. The network is ``model`` (else the
+    task's, else the framework's first network for the data's images). With ``proximal_mu`` > 0
+    in the task config (``--strategy fedprox``) the training loss carries FedProx's proximal term
+    toward the round's global model.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, *, model: str = "basic", seed: int = 0,
-                 verbose: int = 0) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, *, model: str | None = None,
+                 framework: str | None = None, seed: int = 0, verbose: int = 0) -> None:
         self.x = x
         self.y = y
         self.model_name = model
+        self.framework = framework
         self.seed = seed
         self.verbose = verbose
-        self.model = None
+        self.network: Any = None  # a fedhub.frameworks.base.Network once built
         self._stop = threading.Event()
         self._progress = BatchProgress()
-        self.proximal: ProximalTerm | None = None
 
     def validate(self) -> dict[str, Any]:
-        return validate_images(self.x, self.y)
+        shape = self.network.image_shape if self.network is not None else data_image_shape(self.x)
+        return validate_images(self.x, self.y, shape=shape)
 
     def interrupt(self) -> None:
         self._stop.set()
@@ -220,46 +247,84 @@ class KerasTrainer:
         return self._progress.current
 
     def initialise(self, config: Mapping[str, Any]) -> None:
-        from model import Model
+        """Build the network the config names (again only when it names another one)."""
+        from fedhub import frameworks
 
-        name = config.get("model", self.model_name)
-        if self.model is None or self.model.name != name:
-            self.model_name = name
-            self.model = Model(name, seed=self.seed)
-            self.proximal = None
+        if "framework" in config:
+            framework = config["framework"]
+        elif config:  # a task from a server that names no framework: Keras
+            framework = frameworks.DEFAULT
+        else:
+            framework = self.network.framework if self.network is not None else self.framework
+        if framework is None:
+            return  # not known yet: the first task builds it
+        name = config.get("model") or self.model_name or frameworks.default_network(
+            framework, _dataset_of(data_image_shape(self.x)))
+        if self.network is None or (self.network.framework, self.network.name) != (framework, name):
+            self.network = frameworks.get(framework).build(name, seed=self.seed)
+            if hasattr(self.network, "verbose"):
+                self.network.verbose = self.verbose
+            self.framework, self.model_name = framework, name
 
     def train(self, weights: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> TrainResult:
-        self.initialise(config)
-        self.model.set_weights(weights)
-        mu = float(config.get("proximal_mu", 0.0))
-        if mu > 0 and self.proximal is None:
-            self.proximal = ProximalTerm(self.model.keras_model)
-        if self.proximal is not None:
-            self.proximal.start_round(mu)  # the weights just set are the round's global model
+        # an empty config is a task too (of the framework given, else Keras)
+        self.initialise(config or {"framework": self.framework or "keras"})
+        self.network.set_weights(weights)
         started = time.perf_counter()
-        metrics = fit_interruptibly(
-            self.model.keras_model, self.x, self.y, self._stop, fit=self._fit, progress=self._progress,
-            epochs=int(config.get("epochs", 1)), batch_size=int(config.get("batch_size", 32)),
-            learning_rate=float(config.get("learning_rate", 1e-3)))
+        metrics = self.network.train(
+            self.x, self.y, epochs=int(config.get("epochs", 1)), batch_size=int(config.get("batch_size", 32)),
+            learning_rate=float(config.get("learning_rate", 1e-3)),
+            proximal_mu=float(config.get("proximal_mu", 0.0)), stop=self._stop, progress=self._progress)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["train_seconds"] = time.perf_counter() - started
-        return TrainResult(self.model.get_weights(), len(self.x), metrics)
+        return TrainResult(self.network.get_weights(), len(self.x), metrics)
 
-    def _fit(self, x, y, **kwargs: Any) -> dict[str, float]:
-        return self.model.train(x, y, verbose=self.verbose, **kwargs)
+    def _built(self) -> Any:
+        self.initialise({})
+        if self.network is None:
+            raise RuntimeError("no network yet: its framework comes with the server's first task")
+        return self.network
 
     def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
-        self.initialise({})
-        self.model.set_weights(weights)
-        return self.model.evaluate(self.x, self.y)
+        network = self._built()
+        network.set_weights(weights)
+        result = network.evaluate(self.x, self.y)
+        return {"loss": float(result["loss"]), "accuracy": float(result["accuracy"])}
 
-    def save_final(self, weights: Mapping[str, np.ndarray], folder: Path) -> Path:
-        """The run's final global model as ``folder/final.keras``."""
+    def save_final(self, weights: Mapping[str, np.ndarray], folder: Path) -> Path | None:
+        """The run's final global model in ``folder`` (``final.keras``; for PyTorch ``final.pt2``
+        and ``final.safetensors``); None when no round ever built the network."""
         self.initialise({})
-        self.model.set_weights(weights)
-        path = Path(folder) / "final.keras"
-        self.model.save(path)
-        return path
+        if self.network is None:
+            return None
+        return self.network.save(weights, Path(folder))
+
+
+class KerasTrainer(ImageTrainer):
+    """The built-in trainer with a Keras network from the start (``model.Model``): what the
+    pool's workers and the Python API build. ``model`` is the :class:`model.Model`, ``proximal``
+    FedProx's term once a task asked for it."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, *, model: str = "basic", seed: int = 0,
+                 verbose: int = 0) -> None:
+        super().__init__(x, y, model=model, framework="keras", seed=seed, verbose=verbose)
+
+    def initialise(self, config: Mapping[str, Any]) -> None:
+        super().initialise(config)
+        if self.network is not None and self.network.framework == "keras":
+            self.network.fit = self._fit
+
+    def _fit(self, x: np.ndarray, y: np.ndarray, **kwargs: Any) -> dict[str, float]:
+        """Keras' fit for this trainer's network (a subclass may wrap it)."""
+        return self.network._fit(x, y, **kwargs)
+
+    @property
+    def model(self) -> Any:
+        return None if self.network is None else self.network.model
+
+    @property
+    def proximal(self) -> ProximalTerm | None:
+        return None if self.network is None else self.network.proximal
 
 
 class KerasModelTrainer:

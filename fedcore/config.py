@@ -19,6 +19,7 @@ class TrainingConfig:
     """What each selected device does in a round; travels with the task."""
 
     model: str = "basic"
+    framework: str = "keras"  # what the devices train with (fedhub.frameworks): keras or torch
     epochs: int = params.number(1, 1, 10_000, flag="--epochs")
     batch_size: int = params.number(32, 1, 1_000_000, flag="--batch-size")
     learning_rate: float = params.number(1e-3, above=0, high=10, flag="--learning-rate")
@@ -33,6 +34,8 @@ class TrainingConfig:
         """The task config every selected device gets (a strategy may add to it)."""
         task = {"model": self.model, "epochs": self.epochs, "batch_size": self.batch_size,
                 "learning_rate": self.learning_rate}
+        if self.framework != "keras":  # a task without it means Keras, as from servers before it
+            task["framework"] = self.framework
         if self.compression != "none":
             task["compression"] = self.compression
         return task

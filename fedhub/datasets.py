@@ -227,11 +227,14 @@ def load(name: str, data_dir: str | Path | None = None) -> Arrays:
     (x_train, y_train), (x_test, y_test) = arrays
     result = []
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        result.append(_checked(spec, x, y, f"{spec.title} {split} set in {where}"))
+        result.append(check_arrays(spec, x, y, f"{spec.title} {split} set in {where}"))
     return result[0], result[1]
 
 
-def _checked(spec: DatasetSpec, x: Any, y: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+def check_arrays(spec: DatasetSpec, x: Any, y: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` as arrays if they are ``spec``'s images and labels (shape, count, uint8, label
+    range), else a :class:`DatasetError` that starts with ``where``: loaded files and devices'
+    data are held to the same rule."""
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 1 or x.shape[1:] != spec.image_shape:
         shape = "x".join(str(n) for n in spec.image_shape)

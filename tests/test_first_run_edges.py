@@ -17,17 +17,16 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image, ImageDraw
-from streamlit.testing.v1 import AppTest
 
 from fedcore import wire
 from model import image_to_array
 from tests.chromium import chromium, wait_js
 from tests.conftest import ROOT, wait_until
 from tests.rounds_by_hand import enroll, train_rounds
+from tests.test_dashboard import dashboard, texts
 
 # The preprocessing tests import TensorFlow (model.py), the others start a server: all slow tier.
 pytestmark = pytest.mark.slow
-DASHBOARD = str(ROOT / "dashboard" / "index.py")
 
 
 # --------------------------------------------------------------------------- predict's preprocessing
@@ -95,14 +94,6 @@ def server(server_factory, monkeypatch):
     return server
 
 
-def dashboard() -> AppTest:
-    at = AppTest.from_file(DASHBOARD, default_timeout=30).run()
-    assert not at.exception, at.exception
-    return at
-
-
-def texts(elements) -> list[str]:
-    return [e.value for e in elements]
 
 
 def test_the_page_starts_where_a_first_run_starts(server) -> None:

@@ -273,15 +273,7 @@ def _validate_xy(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, 
     if spec is None:
         shapes = " or ".join(str((None, *s.image_shape)).replace("None", "N") for s in specs)
         raise DatasetError(f"{where}: x must have shape {shapes}, got {x.shape}")
-    if y.ndim != 1:
-        raise DatasetError(f"{where}: y must be 1-D, got shape {y.shape}")
-    if len(x) != len(y):
-        raise DatasetError(f"{where}: {len(x)} images but {len(y)} labels")
-    if x.dtype != np.uint8 or y.dtype != np.uint8:
-        raise DatasetError(f"{where}: x and y must be uint8, got {x.dtype} and {y.dtype}")
-    if y.size and int(y.max()) >= spec.num_classes:
-        raise DatasetError(f"{where}: labels must be 0..{spec.num_classes - 1} ({spec.title})")
-    return x, y
+    return datasets.check_arrays(spec, x, y, where)
 
 
 def write_device_data(root: Path, name: str, x: np.ndarray, y: np.ndarray, *,

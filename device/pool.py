@@ -95,8 +95,11 @@ class ProcessWorkers:
 class DevicePool:
     """Virtual devices ``names`` (folders under ``devices_root``) on ``workers`` workers.
 
-    ``model`` is ``"basic"``/``"cnn"`` (FedHub's Fashion-MNIST networks) or ``"server"``
-    (the server's own Keras model, downloaded by each worker). ``attacks`` maps device names
+    ``model`` is one of ``framework``'s networks (:mod:`fedhub.frameworks`: Keras ``basic``/``cnn``,
+    PyTorch ``cifar``/``basic``/``cnn``) or ``"server"`` (the server's own Keras model, downloaded
+    by each worker); ``framework`` is what the server's task names. A PyTorch worker trains with
+    its share of the cores (the process backend: the machine's cores over the workers; Ray: its
+    ``cpus_per_worker``) and imports no TensorFlow. ``attacks`` maps device names
     to the attack each mounts (:mod:`device.attacks`), ``slowdown`` to how many times its training
     time a simulated slow device's update takes to arrive. ``keepalive`` must stay well
     under the server's ``--device-timeout``. A worker is restarted at most ``max_restarts``
@@ -104,7 +107,8 @@ class DevicePool:
     """
 
     def __init__(self, server: str, names: Sequence[str], devices_root: str | Path, *,
-                 workers: int | None = None, model: str = "basic", enroll_secret: str | None = None,
+                 workers: int | None = None, model: str = "basic", framework: str = "keras",
+                 enroll_secret: str | None = None,
                  auto_activate: bool = True, keepalive: float = 20.0, retry_for: float = 300.0,
                  verify: bool | str = True, log_dir: str | Path | None = None, max_restarts: int = 3,
                  backend: str = "process", ray_address: str | None = None,
@@ -124,6 +128,7 @@ class DevicePool:
         self.devices_root = Path(devices_root).resolve()
         self.workers = workers
         self.model = model
+        self.framework = framework
         self.enroll_secret = enroll_secret
         self.auto_activate = auto_activate
         self.keepalive = keepalive
@@ -161,9 +166,11 @@ class DevicePool:
             self._runner = ProcessWorkers(self.log_dir)
             default = os.cpu_count() or 1
         count = min(self.workers or default, len(self.names))
+        threads = self.threads_per_worker(count)
         for index in range(count):
             spec = WorkerSpec(server=self.server, names=self.names[index::count],
-                              devices_root=str(self.devices_root), model=self.model, index=index,
+                              devices_root=str(self.devices_root), model=self.model,
+                              framework=self.framework, threads=threads, index=index,
                               auto_activate=self.auto_activate, keepalive=self.keepalive,
                               retry_for=self.retry_for, verify=self.verify,
                               attacks={n: a for n, a in self.attacks.items()
@@ -178,6 +185,13 @@ class DevicePool:
         self._thread = threading.Thread(target=self._supervise, name="fedhub-pool", daemon=True)
         self._thread.start()
         return self
+
+    def threads_per_worker(self, count: int) -> int:
+        """Threads for each of ``count`` workers, so that workers x threads <= cores: on Ray the
+        CPUs each actor reserves, here this machine's cores shared out (at least one)."""
+        if self.backend == "ray":
+            return max(1, int(self.cpus_per_worker))
+        return max(1, (os.cpu_count() or 1) // count)
 
     def _supervise(self) -> None:
         while not self._stopping.wait(0.5):

@@ -26,9 +26,12 @@ from .virtual import Worker, WorkerSpec
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _share_gpus() -> None:
+def _share_gpus(spec: WorkerSpec) -> None:
     """TensorFlow takes all of a GPU's memory by default; actors sharing a GPU (fractional
-    ``gpus_per_worker``) must grow theirs as needed instead (as Flower's actors do)."""
+    ``gpus_per_worker``) must grow theirs as needed instead (as Flower's actors do). PyTorch
+    takes memory as it needs it, and a PyTorch worker must not import TensorFlow at all."""
+    if spec.framework != "keras":
+        return
     import tensorflow as tf
 
     for gpu in tf.config.list_physical_devices("GPU"):
@@ -38,10 +41,10 @@ def _share_gpus() -> None:
 @ray.remote(max_concurrency=2)  # run() serves the devices while stop() can still be called
 class WorkerActor:
     def __init__(self, spec_json: str, enroll_secret: str | None, log_path: str) -> None:
-        _share_gpus()
+        spec = WorkerSpec.from_json(spec_json, enroll_secret)
+        _share_gpus(spec)
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the actor
-        spec = WorkerSpec.from_json(spec_json, enroll_secret)
         node = ray.get_runtime_context().get_node_id()
         self.worker = Worker(spec, node=node, print_fn=functools.partial(print, file=self._log))
 

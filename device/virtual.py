@@ -6,8 +6,10 @@ with its own name, token, data folder, lifecycle, server logs and ``history.csv`
 speaks the one HTTP protocol of :mod:`device.client`. What they share is what lets a
 thousand of them fit on one machine:
 
-* one Keras model, built once; each task sets the global weights into it and gives it a
-  fresh optimizer state, so every round starts from the same point on every device;
+* one network, built once in the framework the spec names (Keras or PyTorch, through
+  :mod:`fedhub.frameworks`; a PyTorch worker never imports TensorFlow); each task sets the
+  global weights into it and gives it a fresh optimizer state, so every round starts from the
+  same point on every device;
 * one copy of the global model per version: the first device downloads it, the others
   get ``304 Not Modified``;
 * one HTTP session;
@@ -59,8 +61,7 @@ from device.swarm import process_memory  # noqa: E402
 from fedcore.files import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("fedhub.pool")
-BUILTIN_MODELS = ("basic", "cnn")
-SERVER_MODEL = "server"  # the server's own model, downloaded as a .keras file
+SERVER_MODEL = "server"  # the server's own Keras model, downloaded as a .keras file
 
 
 @dataclass
@@ -71,7 +72,9 @@ class WorkerSpec:
     server: str
     names: list[str]
     devices_root: str
-    model: str = "basic"  # "basic"/"cnn" (FedHub's networks, preprocessed) or "server"
+    model: str = "basic"  # one of the framework's networks (fedhub.frameworks) or "server"
+    framework: str = "keras"  # what trains FedHub's networks: keras or torch (as the server's task)
+    threads: int | None = None  # PyTorch's intra-op threads in this worker (None: its default)
     index: int = 0
     auto_activate: bool = True
     keepalive: float = 20.0
@@ -103,7 +106,8 @@ class WorkerSpec:
 
 class SharedModel:
     """The worker's one model, inside a trainer of :mod:`device.trainer` whose data is swapped
-    for the device being served (:meth:`holding`)."""
+    for the device being served (:meth:`holding`): an ``ImageTrainer`` (FedHub's networks, any
+    framework) or a ``KerasModelTrainer`` (the server's own Keras model)."""
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
@@ -111,17 +115,23 @@ class SharedModel:
         self._fresh: list[np.ndarray] = []
         self.initialise({})
 
+    def _network(self) -> Any:
+        """FedHub's network (:class:`fedhub.frameworks.base.Network`), or None for a Keras model."""
+        return getattr(self.trainer, "network", None)
+
     def _keras(self) -> Any:
-        model = getattr(self.trainer, "model", None)  # KerasTrainer holds a model.Model
-        return model.keras_model if model is not None else self.trainer.keras_model
+        network = self._network()
+        if network is None:
+            return self.trainer.keras_model  # KerasModelTrainer
+        return network.model.keras_model if network.framework == "keras" else None
 
     def initialise(self, config: Mapping[str, Any]) -> None:
         """Build the model (once; again only if the server names another network)."""
-        import keras
-
         self.trainer.initialise(config)
         keras_model = self._keras()
-        if keras_model is not self._keras_model:
+        if keras_model is not None and keras_model is not self._keras_model:
+            import keras  # only for a Keras model: a PyTorch worker never imports TensorFlow
+
             optimizer = keras_model.optimizer
             if not optimizer.built:
                 optimizer.build(keras_model.trainable_variables)
@@ -130,6 +140,9 @@ class SharedModel:
 
     def reset_optimizer(self) -> None:
         """A fresh optimizer state (moments, step count), as a new device process would have."""
+        if self._keras() is None:
+            self._network().reset_optimizer()
+            return
         for variable, value in zip(self._keras_model.optimizer.variables, self._fresh, strict=True):
             variable.assign(value)
 
@@ -189,10 +202,17 @@ class VirtualTrainer:
         self.shared.trainer.interrupt()
 
 
-def _builtin_trainer(name: str) -> Any:
-    from device.trainer import KerasTrainer
+def _builtin_trainer(name: str, framework: str, threads: int | None = None) -> Any:
+    """FedHub's network ``name`` of ``framework``, built now. A PyTorch worker trains with
+    ``threads`` threads: the pool gives each worker its share of the cores, as K workers each
+    using every core would only slow each other down."""
+    from device.trainer import ImageTrainer
 
-    return KerasTrainer(np.empty(0), np.empty(0), model=name)
+    if framework == "torch" and threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return ImageTrainer(np.empty(0), np.empty(0), model=name, framework=framework)
 
 
 def _server_model_trainer(model_file: bytes) -> Any:
@@ -306,10 +326,15 @@ class Worker:
 
     # setting up -------------------------------------------------------------
     def _shared_model(self) -> SharedModel:
-        if self.spec.model in BUILTIN_MODELS:
-            return SharedModel(_builtin_trainer(self.spec.model))
-        if self.spec.model != SERVER_MODEL:
-            raise ValueError(f"model must be one of {', '.join((*BUILTIN_MODELS, SERVER_MODEL))}")
+        from fedhub import frameworks
+
+        builtin = frameworks.networks(self.spec.framework)
+        if self.spec.model in builtin:
+            return SharedModel(_builtin_trainer(self.spec.model, self.spec.framework, self.spec.threads))
+        if self.spec.model != SERVER_MODEL or self.spec.framework != "keras":
+            raise ValueError(f"model must be one of {', '.join(builtin)}"
+                             + (f" or {SERVER_MODEL}" if self.spec.framework == "keras" else "")
+                             + f" (framework {self.spec.framework})")
         # The server's model comes with a device token: enroll the first device now (it sends
         # its data validation when it joins below, with the token saved here).
         first = self.spec.names[0]
@@ -356,7 +381,7 @@ class Worker:
         """Enroll every device, then serve rounds until the run is finished; the summary."""
         try:
             shared = self._shared_model()
-            # What the devices cost is measured from here: TensorFlow's start-up peak is behind us.
+            # What the devices cost is measured from here: the framework's start-up peak is behind us.
             self._startup_peak = _peak_rss()
             _peak_rss(reset=True)
             self._setup(shared)
@@ -498,7 +523,7 @@ class Worker:
     # reporting --------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         return {"worker": self.spec.index, "node": self.node, "pid": os.getpid(),
-                # Peak resident memory of start-up (TensorFlow, the model), then of serving the devices.
+                # Peak resident memory of start-up (the framework, the model), then of serving the devices.
                 "startup_rss_mb": round(self._startup_peak / 2**20, 1),
                 "peak_rss_mb": round(_peak_rss() / 2**20, 1),
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "tasks": list(self.tasks),

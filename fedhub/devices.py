@@ -61,9 +61,10 @@ class Device:
             self.enroll_secret = enroll_secret or os.environ.get("FEDHUB_ENROLL_SECRET")
         else:
             if server.builtin and model is None and trainer is None:
-                raise ValueError("the server trains one of FedHub's named networks on Fashion-MNIST "
-                                 "images: give the device a model, or run it as device/device.py, or "
-                                 "simulate with fedhub.simulate(..., workers=K)")
+                raise ValueError(f"the server trains FedHub's {server.framework} network "
+                                 f"{server.network_name!r} on {server.dataset} images: give the device a "
+                                 "model, or run it as device/device.py, or simulate with "
+                                 "fedhub.simulate(..., workers=K)")
             self.url = server.url
             self._server_model = server.model_path
             self.enroll_secret = enroll_secret or server.enroll_secret

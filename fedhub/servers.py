@@ -1,4 +1,5 @@
-"""``fedhub.Server``: the FedHub server for any Keras model, started from Python.
+"""``fedhub.Server``: the FedHub server for any Keras model, or FedHub's own networks in Keras or
+PyTorch, started from Python.
 
 It is ``server.create_app`` (engine, HTTP API, TensorBoard hook) served through
 ``api.serving`` (waitress, with ``server.py``'s connection limit, body spooling and
@@ -24,6 +25,8 @@ from fedcore.errors import FedHubError
 from fedcore.plural import plural
 from fedcore.privacy import DPConfig
 from fedcore.secagg import SecAggConfig
+from fedhub import frameworks
+from utils.framework_options import DATASET, FRAMEWORK
 
 from .evaluation import evaluate
 
@@ -32,9 +35,11 @@ class Server:
     """A federated-learning server for ``model`` in this process.
 
     ``model`` is any compiled Keras classifier; its current weights are round 0. Or the
-    name of one of FedHub's Fashion-MNIST networks (``"basic"``, ``"cnn"``), tested on
-    Fashion-MNIST's test set from ``data_dir`` (its first ``test_limit`` images), as
-    ``server.py --model`` is. ``test_data=(x, y)`` gives each round test loss and
+    name of one of FedHub's networks of ``framework`` (``"keras"``: ``"basic"``, ``"cnn"``;
+    ``"torch"``: ``"cifar"``, ``"basic"``, ``"cnn"``), tested on ``dataset``'s test set
+    (default: the one the network takes) from ``data_dir`` (its first ``test_limit`` images),
+    as ``server.py --framework --dataset --model`` are; ``model=None`` is the framework's first
+    network for ``dataset``. ``test_data=(x, y)`` gives each round test loss and
     accuracy. ``port=0`` picks a free port (see :attr:`url`). The run settings match
     ``server.py``'s flags, with the same defaults, except that here new devices start active
     and training starts as soon as ``min_devices`` are there. ``strategy`` is a name from
@@ -46,7 +51,8 @@ class Server:
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
-    def __init__(self, model: Any, *, test_data: tuple[np.ndarray, np.ndarray] | None = None,
+    def __init__(self, model: Any = None, *, framework: str = FRAMEWORK, dataset: str | None = None,
+                 test_data: tuple[np.ndarray, np.ndarray] | None = None,
                  rounds: int = FEDERATION.rounds, min_devices: int = FEDERATION.min_devices,
                  epochs: int = TRAINING.epochs, batch_size: int = TRAINING.batch_size,
                  learning_rate: float = TRAINING.learning_rate, fraction: float = FEDERATION.fraction,
@@ -75,16 +81,26 @@ class Server:
             privacy=privacy, secagg=secagg)
         import server as server_cli
 
-        # ValueError now (a bad strategy parameter, a number out of its range), not at start():
-        # the same check as server.py's options.
+        builtin = model is None or isinstance(model, str)
+        if dataset is None:  # the data set the named network takes (unknown names: checked below)
+            dataset = (frameworks.network_dataset(framework, model) if isinstance(model, str)
+                       else None) or DATASET
+        if model is None:
+            try:
+                model = frameworks.default_network(framework, dataset)
+            except ValueError:
+                model = ""  # the framework or data set is wrong: validate() says which, in one line
+        # ValueError now (a bad strategy parameter, a number out of its range, a network the
+        # framework does not have for the data set), not at start(): server.py's checks, which
+        # import no framework.
         server_cli.ServerConfig(host=host, port=port, threads=threads, test_limit=test_limit,
-                                state_dir=state_dir, federation=self.federation).validate()
-        if isinstance(model, str):
-            from model import MODEL_NAMES  # imports TensorFlow: after the quick checks
-
-            if model not in MODEL_NAMES:
-                raise ValueError(f"model must be a Keras model or one of {', '.join(MODEL_NAMES)}")
+                                state_dir=state_dir, federation=self.federation,
+                                framework=framework, dataset=dataset,
+                                **({"model": model} if builtin else {"keras_model": model})).validate()
         self._model = model
+        self.framework = framework  # what trains FedHub's network (a model of your own: Keras)
+        self.dataset = dataset  # the data set whose test set FedHub's network is tested on
+        self.network_name: str | None = model if builtin else None
         self._test_data = test_data
         self.data_dir = str(data_dir) if data_dir else None
         self.test_limit = test_limit
@@ -107,13 +123,14 @@ class Server:
             return self
         import server as server_cli
 
-        from .model_files import portable  # Keras loads only when a server starts
-
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.builtin:
-            models: dict[str, Any] = {"model": self._model, "data_dir": self.data_dir,
+        if self.builtin:  # the framework's network: a PyTorch server never imports TensorFlow
+            models: dict[str, Any] = {"model": self._model, "framework": self.framework,
+                                      "dataset": self.dataset, "data_dir": self.data_dir,
                                       "test_limit": self.test_limit}
         else:
+            from .model_files import portable  # Keras loads only when a server starts
+
             models = {"keras_model": portable(self._model, self.model_path)}
         config = server_cli.ServerConfig(
             host=self.host, port=self.port, state_dir=self.state_dir, eval_dir=self.state_dir / "eval",
@@ -200,15 +217,21 @@ class Server:
         return self.history()
 
     def global_model(self, round_number: int | None = None) -> Any:
-        """A Keras model holding the global weights of ``round_number`` (default: the latest)."""
-        from model import set_keras_weights
-
-        from .model_files import load_model
-
+        """A Keras model holding the global weights of ``round_number`` (default: the latest);
+        for a network of another framework, that framework's :class:`fedhub.frameworks.Network`
+        (``.evaluate``, ``.predict``; a PyTorch one's ``.module`` is the ``torch.nn.Module``)."""
         try:
             _, weights = self._require().round_weights(round_number)
         except FedHubError:
             raise ValueError(f"round {round_number} is not a completed round") from None
+        if self.builtin and self.framework != "keras":
+            network = frameworks.get(self.framework).build(self._model)
+            network.set_weights(weights)
+            return network
+        from model import set_keras_weights
+
+        from .model_files import load_model
+
         if self.builtin:  # FedHub's network: it takes images through model.preprocess
             from model import build_keras_model
 
@@ -219,5 +242,9 @@ class Server:
         return model
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, round_number: int | None = None) -> dict[str, Any]:
-        """:func:`fedhub.evaluate` of the global model on held-out ``x, y``."""
-        return evaluate(self.global_model(round_number), x, y)
+        """:func:`fedhub.evaluate` of the global model on held-out ``x, y`` (for a network of another
+        framework than Keras, its own ``evaluate``: raw images, the same figures)."""
+        model = self.global_model(round_number)
+        if self.builtin and self.framework != "keras":
+            return model.evaluate(x, y)
+        return evaluate(model, x, y)

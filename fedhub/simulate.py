@@ -2,8 +2,11 @@
 
     python -m fedhub.simulate --devices 1000 --fraction 0.1 --workers 2 --rounds 5 \\
         --split dirichlet --alpha 0.5 --model basic --data-dir DIR
+    python -m fedhub.simulate --framework torch --dataset cifar-10 --devices 10 --fraction 1
 
-Splits Fashion-MNIST's training set over the devices (memory-mappable device folders),
+Splits the data set's training set (--dataset: Fashion-MNIST by default, or CIFAR-10) over
+the devices (memory-mappable device folders), trains FedHub's network of --framework (Keras by
+default, or PyTorch: then no process of the run imports TensorFlow),
 starts a FedHub server in this process and a pool of workers hosting the devices, and runs
 the rounds: a progress bar per round (devices done of those selected), each round's global
 test accuracy, and as the last line a JSON summary (rounds, final_accuracy, wall_s,
@@ -29,7 +32,7 @@ from fedcore.config import FederationConfig, TrainingConfig
 from fedcore.plural import plural
 from fedcore.strategies import STRATEGIES, parse_strategy_args
 from fedhub.simulation import simulate
-from utils import secagg_options
+from utils import framework_options, secagg_options
 from utils.cli import Parser
 from utils.dp_options import add_dp_options, dp_config
 
@@ -106,12 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
     p.add_argument("--classes-per-device", type=int, default=2, help="for --split classes (default 2)")
     p.add_argument("--limit", type=int, default=None, help="at most N examples per device")
-    p.add_argument("--model", choices=("basic", "cnn"), default="basic", help="network (default basic)")
+    framework_options.add_options(p)  # --framework, --dataset, --model: as server.py's
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     p.add_argument("--batch-size", type=int, default=32, help="(default 32)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="(default 0.001)")
     p.add_argument("--data-dir", default=None,
-                   help="folder with the Fashion-MNIST .gz files (default $FEDHUB_DATA_DIR, else Keras)")
+                   help="folder with the data set's files, or one holding fashion-mnist/ and cifar-10/ "
+                        "(else $FEDHUB_DATA_DIR, else ../shared/data beside the checkout, else "
+                        "Keras' download)")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the selection (default 0)")
     p.add_argument("--backend", choices=("process", "ray"), default="process",
@@ -177,7 +182,12 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--slow-devices must be a share from 0 to 1 and --slowdown from 1 to 1000")
     if a.cpus_per_worker <= 0 or a.gpus_per_worker < 0:
         p.error("--cpus-per-worker must be positive and --gpus-per-worker not negative")
+    from server import ServerConfig
+
+    a.model = framework_options.network(a, TrainingConfig.model)
     try:
+        # server.py's check of the three: one network of that framework for that data set
+        ServerConfig(model=a.model, framework=a.framework, dataset=a.dataset).check_framework()
         a.strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
     except ValueError as exc:
         p.error(str(exc))
@@ -191,8 +201,9 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             rounds=a.rounds, min_devices=per_round, fraction=a.fraction, seed=a.seed,
             strategy=a.strategy, strategy_params=a.strategy_params, mode=a.mode, buffer_size=a.buffer,
             max_staleness=a.max_staleness, compress_downlink=a.compress_downlink,
-            training=TrainingConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size,
-                                    learning_rate=a.learning_rate, compression=a.compression),
+            training=TrainingConfig(model=a.model, framework=a.framework, epochs=a.epochs,
+                                    batch_size=a.batch_size, learning_rate=a.learning_rate,
+                                    compression=a.compression),
             privacy=a.privacy, secagg=a.secagg).validate()
     except ValueError as exc:
         message = (str(exc).replace("min_devices is", "--fraction x --devices is")
@@ -223,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         split_to_devices(root / "devices", a.devices, scheme=a.split, seed=a.seed, alpha=a.alpha,
                          classes_per_device=a.classes_per_device, data_dir=a.data_dir, limit=a.limit,
-                         progress=False, memmap=True)
+                         progress=False, memmap=True, dataset=a.dataset)
         split_s = time.monotonic() - started
         bars = RoundBars(enabled=not a.quiet)
         history = simulate(
@@ -236,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             compression=a.compression, compress_downlink=a.compress_downlink, privacy=a.privacy,
             secure_aggregation=a.secagg or False, dropout=a.dropout,
             mode=a.mode, buffer_size=a.buffer, max_staleness=a.max_staleness,
-            slow_devices=a.slow_devices, slowdown=a.slowdown)
+            slow_devices=a.slow_devices, slowdown=a.slowdown, framework=a.framework, dataset=a.dataset)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -258,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         "bytes_up": stats["bytes_up"], "bytes_down": stats["bytes_down"], "devices": a.devices,
         "compression": a.compression, "compress_downlink": a.compress_downlink,
         "fraction": a.fraction, "workers": stats["workers"], "backend": a.backend,
-        "mode": a.mode, "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
+        "mode": a.mode, "framework": a.framework, "dataset": a.dataset, "model": a.model,
+        "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
         "epsilon": (history[-1].get("privacy") or {}).get("epsilon") if history else None,
     }), flush=True)
     return 0

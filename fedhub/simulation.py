@@ -2,9 +2,11 @@
 
 The devices run in one of two ways, both real devices to the server:
 
-* one process (or thread) per device, each with its own TensorFlow: :class:`fedhub.Device`;
+* one process (or thread) per device, each with its own TensorFlow: :class:`fedhub.Device`
+  (a Keras model of the user's own);
 * a pool of worker processes (or Ray actors) hosting many virtual devices each, sharing one
-  model per worker and reading a device's data only while it trains (:mod:`device.pool`).
+  model per worker (FedHub's networks in Keras or PyTorch, or the user's Keras model)
+  and reading a device's data only while it trains (:mod:`device.pool`).
   Memory is then O(workers x model), not O(devices x TensorFlow): the default as soon as
   there are more devices than cores, and whenever ``workers`` or ``backend="ray"`` is given.
 """
@@ -28,6 +30,7 @@ import numpy as np
 from device.attacks import Attack
 from fedcore.plural import plural
 from fedcore.secagg import SecAggConfig
+from utils.framework_options import FRAMEWORK
 
 from .devices import Device
 from .servers import Server
@@ -36,12 +39,13 @@ Partitions = Sequence[tuple[np.ndarray, np.ndarray]] | str | Path
 
 
 class History(list):
-    """The completed rounds (as ``/api/history``), plus ``model`` (the final global Keras model)
-    and ``stats``: ``wall_s`` and ``first_round_s`` (seconds from the call to the last and
-    first round's result), ``round_s`` (to each round's), on a pool ``training_started_at``
-    (the time training started, once every device had enrolled), ``peak_rss_mb`` (this process and
-    all its children together, sampled), and for a pool ``bytes_up``, ``bytes_down``,
-    ``workers``, ``restarts`` and ``tasks`` (each device round trained: device, round, node)."""
+    """The completed rounds (as ``/api/history``), plus ``model`` (the final global Keras model;
+    for a network of another framework, :meth:`fedhub.Server.global_model`'s) and ``stats``:
+    ``wall_s`` and ``first_round_s`` (seconds from the call to the last and first round's
+    result), ``round_s`` (to each round's), on a pool ``training_started_at`` (the time training
+    started, once every device had enrolled), ``peak_rss_mb`` (this process and all its children
+    together, sampled), and for a pool ``bytes_up``, ``bytes_down``, ``workers``, ``restarts``
+    and ``tasks`` (each device round trained: device, round, node)."""
 
     model: Any = None
     stats: dict[str, Any]
@@ -105,12 +109,15 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
              on_progress: Callable[[dict[str, Any]], None] | None = None, quiet: bool = True,
              attacks: Mapping[str, Attack] | None = None, secure_aggregation: bool | SecAggConfig = False,
              dropout: float = 0.0, slow_devices: float = 0.0, slowdown: float = 1.0,
+             framework: str = FRAMEWORK, dataset: str | None = None,
              **server_options: Any) -> History:
     """Run ``rounds`` rounds of federated learning with one device per partition.
 
-    ``model`` is a compiled Keras model or a function returning one (called once), or
-    ``"basic"``/``"cnn"`` for FedHub's own Fashion-MNIST networks (give ``data_dir`` and
-    optionally ``test_limit`` for the server's test set). ``partitions`` is a list of
+    ``model`` is a compiled Keras model or a function returning one (called once), or the
+    name of one of FedHub's networks of ``framework`` (``"keras"``: ``"basic"``, ``"cnn"``;
+    ``"torch"``: ``"cifar"``, ``"basic"``, ``"cnn"``), tested on ``dataset``'s test set
+    (default: the one the network takes; give ``data_dir`` and optionally ``test_limit``), as
+    :class:`fedhub.Server`'s. A PyTorch run imports no TensorFlow in its workers. ``partitions`` is a list of
     ``(x, y)`` arrays, device ``i`` getting the i-th as ``device<i>``, or a folder written by
     ``python -m utils.format_dataset`` (its devices as they are named there).
 
@@ -145,6 +152,9 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
         raise ValueError("give at least one partition (x, y)")
     if workers is not None and workers < 0:
         raise ValueError("workers must be 0 (one process per device) or more")
+    if framework != FRAMEWORK and not isinstance(model, str):
+        raise ValueError(f"a model of your own is a Keras model; with framework={framework!r} give "
+                         f"the name of one of FedHub's networks")
     if workers == 0 and (backend != "process" or isinstance(model, str) or folder):
         raise ValueError("workers=0 runs one process per (x, y) partition with a Keras model; "
                          "FedHub's named networks, device folders and Ray need workers")
@@ -173,7 +183,8 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
                                epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                timeout=timeout, on_round=on_round, on_progress=on_progress,
                                attacks=attacks, slow=(slow_devices, slowdown),
-                               server_options=server_options, dropout=dropout)
+                               server_options=server_options, dropout=dropout,
+                               framework=framework, dataset=dataset)
         else:
             history = _one_per_device(model, partitions, root=root, rounds=rounds, test_data=test_data,
                                       processes=processes, epochs=epochs, batch_size=batch_size,
@@ -232,7 +243,8 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
              gpus_per_worker: float, epochs: int, batch_size: int, learning_rate: float,
              timeout: float | None, on_round: Any, on_progress: Any,
              attacks: Mapping[str, Attack] | None, slow: tuple[float, float],
-             server_options: dict[str, Any], dropout: float = 0.0) -> History:
+             server_options: dict[str, Any], dropout: float = 0.0, framework: str = FRAMEWORK,
+             dataset: str | None = None) -> History:
     from device.pool import DevicePool
     from utils.demo import free_port
 
@@ -261,14 +273,15 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
     server = Server(model if builtin else _keras_model(model), test_data=test_data, rounds=rounds,
                     epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, quorum=1.0,
                     fraction=fraction, device_timeout=device_timeout, auto_activate=True, start=False,
-                    state_dir=root / "server", **options)
+                    state_dir=root / "server", framework=framework, dataset=dataset, **options)
     pool = DevicePool(url, names, devices_root, workers=workers,
-                      model=model if builtin else "server", enroll_secret=server.enroll_secret,
+                      model=model if builtin else "server", framework=framework,
+                      enroll_secret=server.enroll_secret,
                       keepalive=device_timeout / 3, log_dir=root / "logs", backend=backend,
                       ray_address=ray_address, cpus_per_worker=cpus_per_worker,
                       gpus_per_worker=gpus_per_worker, attacks=attacks, secagg_dropout=dropout,
                       slowdown=slow_devices(names, *slow, seed=options.get("seed", 0)))
-    # The workers start first: they load TensorFlow and build their model while the server
+    # The workers start first: they load their framework and build their model while the server
     # does the same, and enroll once it answers (a device retries until then).
     with pool, server:
         def check() -> None:

@@ -228,10 +228,12 @@ class GlobalModel:
         self.network = network
         self.keras_model = keras_model
         self.prepare = prepare
-        # the network's name for FedHub's own networks, else None
-        self.builtin = network.name if network is not None else builtin
+        # the network's name for FedHub's own networks, else None (a PyTorch module of the user's
+        # own is a network too, with its ``factory``: devices build it from theirs, not by name)
+        own = network is not None and getattr(network, "factory", None) is not None
+        self.builtin = (network.name if not own else None) if network is not None else builtin
         self.framework = network.framework if network is not None else "keras"
-        self.name = self.builtin or str(keras_model.name)
+        self.name = network.name if network is not None else builtin or str(keras_model.name)
         self.export_suffix = network.export_suffix if network is not None else ".keras"
         self._lock = threading.Lock()
         self._test = None
@@ -247,9 +249,18 @@ class GlobalModel:
         return cls(network=frameworks.get(framework).build(name, seed=seed), test_data=test_data)
 
     @classmethod
-    def from_factory(cls, spec: str, *,
-                     test_data: tuple[np.ndarray, np.ndarray] | None = None) -> GlobalModel:
-        """``package.module:build``: a callable returning a compiled ``keras.Model``."""
+    def from_factory(cls, spec: str, *, test_data: tuple[np.ndarray, np.ndarray] | None = None,
+                     framework: str = "keras", dataset: str = "fashion-mnist",
+                     seed: int = 0) -> GlobalModel:
+        """``package.module:build``: a callable returning a compiled ``keras.Model``; with
+        ``framework`` torch, an ``nn.Module`` on ``dataset``'s images
+        (:meth:`fedhub.frameworks.torch.TorchFramework.from_factory`: trained, tested, exported
+        like FedHub's own networks, so no TensorFlow is imported)."""
+        if framework != "keras":
+            from fedhub import frameworks
+
+            network = frameworks.get(framework).from_factory(spec, dataset=dataset, seed=seed)
+            return cls(network=network, test_data=test_data)
         tensorflow_env.quiet()
         import keras
 
@@ -257,6 +268,21 @@ class GlobalModel:
         if not isinstance(built, keras.Model):
             raise ValueError(f"--model-factory {spec!r} returned {type(built).__name__}, not a keras.Model")
         return cls(built, test_data=test_data)
+
+    def new_network(self) -> Network:
+        """Another network like the server's (the predictor's, built round after round): FedHub's
+        network by name, or the user's PyTorch module from its factory again. The global random
+        state is left alone (``seed=None``)."""
+        from fedhub import frameworks
+
+        network = self.network
+        if network is None:
+            raise ValueError("a Keras model of your own has no network to build again")
+        framework = frameworks.get(network.framework)
+        factory = getattr(network, "factory", None)
+        if factory is not None:
+            return framework.from_factory(factory, dataset=network.dataset, seed=None)
+        return framework.build(network.name, seed=None)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -267,6 +293,19 @@ class GlobalModel:
     def image_shape(self) -> tuple[int, ...] | None:
         """One raw image of FedHub's own network (``(28, 28)``, ``(32, 32, 3)``), else None."""
         return tuple(self.network.image_shape) if self.network is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        """What a device or a dashboard must know of the run's network before any round (``GET
+        /api/status``'s ``network``): a device builds it before its first task (the framework's
+        import and the build are not in round 1's time), a dashboard names the download's file
+        suffix and shows the classes and pictures of the data set. ``builtin``: one of FedHub's
+        networks by name (devices can build it); false for the user's own model."""
+        network = self.network
+        return {"framework": self.framework, "name": self.name, "builtin": self.builtin is not None,
+                "dataset": getattr(network, "dataset", None),
+                "class_names": self.class_names,
+                "image_shape": list(self.image_shape) if self.image_shape is not None else None,
+                "export_suffix": self.export_suffix}
 
     def _checked(self, x: np.ndarray, y: np.ndarray, *,
                  limit: int | None = MAX_VALIDATE_EXAMPLES) -> tuple[np.ndarray, np.ndarray]:

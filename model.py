@@ -69,7 +69,10 @@ CLASS_NAMES: tuple[str, ...] = (
 NUM_CLASSES = 10
 # Integer images are grey levels 0..MAX_GREY (fedhub.frameworks.images); the network sees them
 # divided by it (0..1).
-MODEL_NAMES: tuple[str, ...] = ("basic", "cnn")
+MODEL_NAMES: tuple[str, ...] = ("basic", "cnn")  # the Fashion-MNIST networks
+# Every network's raw image (as the data set stores it): ``cifar`` is the CIFAR-10 network.
+IMAGE_SHAPES: dict[str, tuple[int, ...]] = {"basic": (IMAGE_SIZE, IMAGE_SIZE),
+                                            "cnn": (IMAGE_SIZE, IMAGE_SIZE), "cifar": (32, 32, 3)}
 
 _KERAS_PREFIX = "fedhub_"
 _PREDICT_BATCH = 1024
@@ -78,8 +81,12 @@ _PREDICT_BATCH = 1024
 # --------------------------------------------------------------------------- preprocessing
 
 
-def preprocess(images: np.ndarray) -> np.ndarray:
+def preprocess(images: np.ndarray, image_shape: tuple[int, ...] = (IMAGE_SIZE, IMAGE_SIZE)) -> np.ndarray:
     """Turn raw Fashion-MNIST-style images into the network's input tensor.
+
+    With a colour ``image_shape`` (``(32, 32, 3)``, CIFAR-10's), the images are scaled the
+    same way by :func:`fedhub.frameworks.base.scale_images` and keep their shape
+    ``(N, 32, 32, 3)``; the network normalises them inside.
 
     Accepts one image ``(28, 28)`` or a batch ``(N, 28, 28)`` / ``(N, 28, 28, 1)``.  Integer
     images are taken as 0-255 grey levels (as stored in the dataset and produced by
@@ -90,6 +97,10 @@ def preprocess(images: np.ndarray) -> np.ndarray:
     uint16 image is almost always a caller bug, and silently squashing it would give
     confident nonsense predictions.
     """
+    if len(image_shape) == 3:
+        from fedhub.frameworks.base import scale_images
+
+        return scale_images(images, tuple(image_shape))
     arr = np.asarray(images)
     if arr.dtype == np.bool_ or not (
         np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
@@ -151,20 +162,48 @@ def _cnn_layers() -> list[keras.layers.Layer]:
     ]
 
 
-_BUILDERS: dict[str, Callable[[], list[keras.layers.Layer]]] = {"basic": _basic_layers, "cnn": _cnn_layers}
+def _cifar_layers() -> list[keras.layers.Layer]:
+    """The CIFAR-Flower seed's CNN (the PyTorch tutorial's), layer for layer as
+    ``fedhub.frameworks.torch.CifarNet``: inputs normalised with mean and std 0.5 (``normalise``,
+    no weights), conv 6 5x5, pool, conv 16 5x5, pool, dense 120, 84, 10 (32 -> 28 -> 14 -> 10 ->
+    5, so 5·5·16 = 400 inputs to ``fc1``, as in PyTorch). The same shapes and parameter count;
+    Keras' kernels are laid out HWIO and its flatten is channels-last, so the arrays are not
+    interchangeable with PyTorch's, only the network."""
+    return [
+        keras.layers.Rescaling(1.0 / 0.5, offset=-0.5 / 0.5, name="normalise"),
+        keras.layers.Conv2D(6, 5, activation="relu", name="conv1"),
+        keras.layers.MaxPooling2D(2, name="pool1"),
+        keras.layers.Conv2D(16, 5, activation="relu", name="conv2"),
+        keras.layers.MaxPooling2D(2, name="pool2"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(120, activation="relu", name="fc1"),
+        keras.layers.Dense(84, activation="relu", name="fc2"),
+        keras.layers.Dense(NUM_CLASSES, name="fc3"),
+    ]
+
+
+_BUILDERS: dict[str, Callable[[], list[keras.layers.Layer]]] = {
+    "basic": _basic_layers, "cnn": _cnn_layers, "cifar": _cifar_layers}
 
 
 def _check_name(name: str) -> None:
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(_BUILDERS)}")
+
+
+def _network_input(name: str) -> tuple[int, ...]:
+    """What the network takes from :func:`preprocess`: grey images get a channel of 1."""
+    shape = IMAGE_SHAPES[name]
+    return (*shape, 1) if len(shape) == 2 else shape
 
 
 def build_keras_model(name: str = "basic") -> keras.Model:
     """Build (uncompiled) the named network; weight names are fixed by explicit layer names.
 
-    It takes :func:`preprocess`'s output, (N, 28, 28, 1) in 0..1, and answers logits."""
+    It takes :func:`preprocess`'s output, (N, 28, 28, 1) in 0..1 (``cifar``: (N, 32, 32, 3)),
+    and answers logits."""
     _check_name(name)
-    return keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="image"), *_BUILDERS[name]()],
+    return keras.Sequential([keras.Input(_network_input(name), name="image"), *_BUILDERS[name]()],
                             name=f"{_KERAS_PREFIX}{name}")
 
 
@@ -178,10 +217,12 @@ def build_raw_image_model(name: str = "basic") -> keras.Model:
     :func:`build_keras_model`'s, so the federation's weights load into it as they are.
     """
     _check_name(name)
+    shape = IMAGE_SHAPES[name]  # colour images (cifar) need no channel added
+    channel = [keras.layers.Reshape(_network_input(name), name="channel")] if len(shape) == 2 else []
     model = keras.Sequential(
         [
-            keras.Input((IMAGE_SIZE, IMAGE_SIZE), name="image"),
-            keras.layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="channel"),
+            keras.Input(shape, name="image"),
+            *channel,
             keras.layers.Rescaling(1.0 / MAX_GREY, name="rescaling"),
             *_BUILDERS[name](),
             keras.layers.Softmax(name="probabilities"),
@@ -303,6 +344,7 @@ class Model:
         if seed is not None:
             keras.utils.set_random_seed(seed)
         self.name = name
+        self.image_shape: tuple[int, ...] = IMAGE_SHAPES[name]
         self.keras_model: keras.Model = build_keras_model(name)
         _compile(self.keras_model, learning_rate)
 
@@ -329,7 +371,7 @@ class Model:
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
-        inputs = preprocess(x)
+        inputs = preprocess(x, self.image_shape)
         if inputs.shape[0] == 0:
             raise ValueError("cannot train on an empty dataset")
         labels = _labels(y, inputs.shape[0])
@@ -351,7 +393,7 @@ class Model:
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 512) -> dict[str, float]:
         """Return ``{"loss", "accuracy"}`` on raw images ``x`` with labels ``y``."""
-        inputs = preprocess(x)
+        inputs = preprocess(x, self.image_shape)
         if inputs.shape[0] == 0:
             raise ValueError("cannot evaluate on an empty dataset")
         labels = _labels(y, inputs.shape[0])
@@ -366,7 +408,7 @@ class Model:
         Calls the model directly in batches rather than ``keras.Model.predict`` because the
         latter has a large fixed overhead that dominates single-image web requests.
         """
-        inputs = preprocess(x)
+        inputs = preprocess(x, self.image_shape)
         if inputs.shape[0] == 0:
             return np.zeros((0, NUM_CLASSES), dtype=np.float32)
         chunks = []
@@ -468,5 +510,6 @@ class Model:
 
         self = cls.__new__(cls)
         self.name = name
+        self.image_shape = IMAGE_SHAPES[name]
         self.keras_model = fresh
         return self

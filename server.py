@@ -34,7 +34,7 @@ from fedcore.plural import plural
 from fedcore.rounds import Coordinator
 from fedcore.storage import Storage
 from fedcore.strategies import STRATEGIES, ParamError, format_strategies, parse_strategy_args
-from utils import secagg_options
+from utils import framework_options, secagg_options
 from utils import state_dir as state
 from utils.cli import Parser
 from utils.dp_options import add_dp_options, dp_config
@@ -121,11 +121,12 @@ class ServerConfig:
             raise ValueError(f"--framework must be one of {', '.join(frameworks.NAMES)}, "
                              f"got {self.framework!r}")
         datasets.get(self.dataset)  # DatasetError (a ValueError) naming the choices
-        own_model = self.keras_model is not None or self.model_factory
-        if own_model:
+        if self.keras_model is not None:
             if self.framework != "keras":
-                raise ValueError(f"--model-factory and a model of your own are Keras models; they "
-                                 f"cannot run with --framework {self.framework} yet")
+                raise ValueError(f"a keras.Model of your own cannot run with --framework {self.framework}; "
+                                 "give a --model-factory returning an nn.Module instead")
+            return
+        if self.model_factory:  # Keras: a compiled keras.Model; PyTorch: an nn.Module on --dataset
             return
         frameworks.default_network(self.framework, self.dataset)  # one network for it, at least
         fits = frameworks.networks(self.framework, self.dataset)
@@ -158,7 +159,10 @@ def load_global_model(config: ServerConfig):
     try:
         if isinstance(test, str | Path):
             test = load_npz(Path(test), field="test_data")
-        if test is None and config.keras_model is None and not config.model_factory:
+        # FedHub's networks and a PyTorch module of the user's own are tested on --dataset's test
+        # set; a Keras model of the user's own only on its --test-data
+        own_keras = config.keras_model is not None or (config.model_factory and config.framework == "keras")
+        if test is None and not own_keras:
             from fedhub import datasets
 
             _, test = datasets.load(config.dataset, config.data_dir)
@@ -167,7 +171,9 @@ def load_global_model(config: ServerConfig):
         if config.keras_model is not None:
             model = GlobalModel(config.keras_model, test_data=test)
         elif config.model_factory:
-            model = GlobalModel.from_factory(config.model_factory, test_data=test)
+            model = GlobalModel.from_factory(config.model_factory, test_data=test,
+                                             framework=config.framework, dataset=config.dataset,
+                                             seed=config.federation.seed)
         else:
             model = GlobalModel.named(config.model, seed=config.federation.seed, test_data=test,
                                       framework=config.framework)
@@ -211,9 +217,10 @@ def create_app(config: ServerConfig | None = None) -> Flask:
     global_model = load_global_model(config)
     engine = build_engine(config, global_model)
     predictor = None
-    if global_model.builtin:  # predicting from pictures needs FedHub's own network
+    if global_model.network is not None:  # pictures need a network that takes them: FedHub's
+        # own or a PyTorch module of the user's (on --dataset's images), not a Keras model of theirs.
         # The predictor serves the latest trained global model and swaps in each new round's.
-        predictor = Predictor(global_model.builtin, global_model.framework)
+        predictor = Predictor(global_model.name, global_model.framework, build=global_model.new_network)
         predictor.install(*engine.global_weights())
         engine.add_hook(predictor.on_round)
     if config.runs_dir is not None:
@@ -235,18 +242,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("port_pos", nargs="?", type=int, metavar="PORT", help="port (original form)")
     p.add_argument("--port", type=int, default=None, help=f"port to listen on (default {d.port})")
     p.add_argument("--host", default=d.host, help="interface to bind")
-    p.add_argument("--framework", default=d.framework, metavar="NAME",
-                   help="what trains FedHub's networks, on the server and every device: keras or torch")
-    p.add_argument("--dataset", default=d.dataset, metavar="NAME",
-                   help="the data set the network learns (its test set is evaluated each round): "
-                        "fashion-mnist or cifar-10")
-    p.add_argument("--model", default=None, metavar="NAME",
-                   help="the framework's network: keras basic or cnn (fashion-mnist); torch cifar "
-                        "(cifar-10), basic or cnn (fashion-mnist) (default: the first for the data set)")
+    framework_options.add_options(p, framework=d.framework, dataset=d.dataset)
     p.add_argument("--model-factory", metavar="MODULE:NAME",
-                   help="your own global model instead: a function returning a compiled keras.Model")
+                   help="your own global model instead: a function returning a compiled keras.Model, "
+                        "or with --framework torch an nn.Module taking --dataset's images (devices "
+                        "give the same --model-factory)")
     p.add_argument("--test-data", type=Path,
-                   help=".npz with arrays x, y: the test set for --model-factory's model")
+                   help=".npz with arrays x, y: the test set for --model-factory's model (PyTorch: "
+                        "else --dataset's)")
     p.add_argument("--runs-dir", type=Path, default=None,
                    help="TensorBoard event files go to RUNS_DIR/RUN_ID/ (default: the state dir's runs/)")
     p.add_argument("--run-id", default=None, help="TensorBoard run name (default: the start time)")
@@ -331,14 +334,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error("port must be between 1 and 65535")
     if (a.certfile is None) != (a.keyfile is None):
         p.error("--certfile and --keyfile go together")
-    model = a.model
-    if model is None:
-        from fedhub import frameworks
-
-        try:
-            model = frameworks.default_network(a.framework, a.dataset)
-        except ValueError:
-            model = d.model  # the framework or data set is wrong: validate() says which, in one line
+    model = framework_options.network(a, d.model)
     try:
         strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
     except ParamError as exc:

@@ -17,7 +17,7 @@ for code (and tests) that never predicts, and a PyTorch server never imports Ten
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,9 +35,13 @@ class Predictor:
     """Thread-safe holder of ``(model_version, network)`` for the global model ``model_name`` of
     ``framework``."""
 
-    def __init__(self, model_name: str = "basic", framework: str = "keras") -> None:
+    def __init__(self, model_name: str = "basic", framework: str = "keras",
+                 build: Callable[[], Network] | None = None) -> None:
+        """``build``: makes another network like the server's (a PyTorch module of the user's
+        own: ``global_model.GlobalModel.new_network``); else FedHub's network ``model_name``."""
         self.model_name = model_name
         self.framework = framework
+        self._builder = build
         self._lock = threading.Lock()
         # (version, network, the engine's weights object it was built from)
         self._current: tuple[int, Network, Mapping[str, np.ndarray]] | None = None
@@ -45,6 +49,8 @@ class Predictor:
         self._spare: Network | None = None  # the network used for pictures and class names
 
     def _build(self) -> Network:
+        if self._builder is not None:
+            return self._builder()
         from fedhub import frameworks
 
         # seed=None: leave the global random state alone

@@ -84,7 +84,8 @@ def predict():
     predictor = current_app.extensions.get("fedhub_predictor")
     if predictor is None:
         raise Conflict("this server does not predict: classifying pictures needs one of FedHub's "
-                       "built-in networks (--model basic, cnn or cifar), not a custom model", "model")
+                       "built-in networks (--model basic, cnn or cifar) or a PyTorch module of your "
+                       "own, not a Keras model of your own", "model")
     batch = _decode(files, predictor)
     class_names = predictor.class_names
     version, probabilities = predictor.predict(batch, *engine().global_weights())

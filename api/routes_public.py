@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, current_app, jsonify, request
 
 from fedcore.devices import MAX_DEVICES_PAGE
@@ -24,7 +26,19 @@ def status():
     """The run; with ``wait`` and ``since`` (a ``revision`` it answered), a long poll that ends
     when the run moves on (see :meth:`fedcore.rounds.Coordinator.status`)."""
     wait = float_arg("wait", 0.0, 0.0, current_app.config["FEDHUB_MAX_WAIT"])
-    return jsonify(engine().status(wait, request.args.get("since")))
+    return jsonify({**engine().status(wait, request.args.get("since")), "network": network()})
+
+
+def network() -> dict[str, Any]:
+    """The run's network (:meth:`global_model.GlobalModel.describe`): devices build it before
+    their first task, dashboards name the download and show the classes. An app built without
+    the server's model side (an engine alone) says what the task config says."""
+    model = current_app.extensions.get("fedhub_global_model")
+    if model is not None:
+        return model.describe()
+    training = engine().config.training
+    return {"framework": training.framework, "name": training.model, "builtin": True, "dataset": None,
+            "class_names": None, "image_shape": None, "export_suffix": None}
 
 
 @bp.get("/api/devices")

@@ -82,7 +82,7 @@ BLANK = "–"  # what an empty table cell shows (Streamlit's own is the word "No
 # Below this probability a prediction is shown as a guess, not as an answer: ten classes make
 # 10 % pure chance, and a photo unlike the training data often gets 30 % for some class.
 SURE = 0.6
-MODEL_INPUT_SIDE = 280  # the 28x28 picture the model saw, enlarged 10x with sharp pixels
+MODEL_INPUT_ZOOM = 10  # the picture the model saw (28x28, 32x32), enlarged 10x with sharp pixels
 ATTACKER = "▲ "  # marks a device that declared an attack, wherever it is named
 # Every ASCII punctuation mark can be backslash-escaped in Markdown (Streamlit's ``$`` maths and
 # ``:emoji:`` shortcodes included); a device's own words then show as typed, never as markup.
@@ -967,8 +967,37 @@ def model_panel(api: ServerAPI, history: list[dict[str, Any]]) -> None:
                                   "accuracy on each class"), width="stretch")
 
 
+# The run's network as a server from before GET /api/status's ``network`` implies it.
+FASHION_NETWORK: dict[str, Any] = {"framework": "keras", "dataset": "fashion-mnist", "class_names": None,
+                                   "image_shape": [28, 28], "export_suffix": ".keras"}
+DATASET_TITLES = {"fashion-mnist": "Fashion-MNIST", "cifar-10": "CIFAR-10"}
+
+
+def run_network(api: ServerAPI) -> dict[str, Any]:
+    """What the server says of its network (``GET /api/status``'s ``network``): the export's
+    file suffix, the data set, its class names and picture shape. The pages below name files
+    and describe pictures from it, never from what FedHub trained first (Keras, Fashion-MNIST).
+    A server that is down or says nothing gives Fashion-MNIST's Keras defaults."""
+    try:
+        network = api.status().get("network")
+    except (*NO_SERVER, ServerError):
+        network = None
+    if not isinstance(network, dict):
+        return FASHION_NETWORK
+    return {**FASHION_NETWORK, **{k: v for k, v in network.items() if v is not None}}
+
+
+def export_caption(network: dict[str, Any]) -> str:
+    """What the downloaded file is, and how the plain framework opens it."""
+    if network["export_suffix"] == ".pt2":
+        return ("A `torch.export` program (`.pt2`) that plain PyTorch runs: `torch.export.load(f)"
+                ".module()` takes raw uint8 images and gives class probabilities")
+    return "A `.keras` file that plain `keras.saving.load_model` opens"
+
+
 def download_panel(api: ServerAPI) -> None:
-    """The global model of a completed round as a ``.keras`` file, fetched only on the click."""
+    """The global model of a completed round as the file its framework exports (``.keras``, or
+    ``.pt2`` for PyTorch, as the server's status names it), fetched only on the click."""
     st.subheader("Download a model")
     try:
         done = [r["round"] for r in reversed(api.history())]
@@ -978,13 +1007,15 @@ def download_panel(api: ServerAPI) -> None:
     if not done:
         st.info("No round has completed yet: nothing to download.")
         return
+    network = run_network(api)
     c1, c2, _ = st.columns([2, 2, 3], vertical_alignment="bottom")
     chosen = c1.selectbox("Round to download", done, key="download_round",
                           format_func=lambda n: f"round {n}{' (latest)' if n == done[0] else ''}")
     c2.download_button(f"Download round {chosen}", key="download_model", icon=":material/download:",
-                       data=lambda: api.model_file(chosen), file_name=f"fedhub_round_{chosen:05d}.keras",
+                       data=lambda: api.model_file(chosen),
+                       file_name=f"fedhub_round_{chosen:05d}{network['export_suffix']}",
                        mime="application/octet-stream", on_click="ignore", disabled=not api.admin_token)
-    st.caption("A `.keras` file that plain `keras.saving.load_model` opens (`GET /api/rounds/N/model.keras`"
+    st.caption(f"{export_caption(network)} (`GET /api/rounds/N/model.keras`"
                + (")." if api.admin_token else "; it needs the admin token, sidebar)."))
 
 
@@ -993,7 +1024,18 @@ def probability_chart(answer: dict[str, Any]) -> alt.Chart:
                       "probability of each class", marked=answer["class_name"])
 
 
-def show_prediction(api: ServerAPI, name: str, data: bytes, mime: str | None) -> dict[str, Any] | None:
+# What each data set's pictures look like, for the advice on a prediction the model is unsure of.
+LOOKS_LIKE = {
+    "fashion-mnist": "The model learned from Fashion-MNIST (one light item, centred, on black): a photo "
+                     "of one item, filling the frame on a plain background, gives it a fair chance.",
+    "cifar-10": "The model learned from CIFAR-10 (small colour photos, the object whole and roughly "
+                "centred in its scene): a photo of one of its classes, the object filling most of "
+                "a square frame, gives it a fair chance.",
+}
+
+
+def show_prediction(api: ServerAPI, name: str, data: bytes, mime: str | None,
+                    network: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The upload handler: ask the server, then show the picture, the class and the probabilities.
 
     The picture is shown only once the server has decoded it, so a file that is not an
@@ -1007,27 +1049,29 @@ def show_prediction(api: ServerAPI, name: str, data: bytes, mime: str | None) ->
     except ServerError as exc:
         st.error(refusal(exc))
         return None
+    network = network or FASHION_NETWORK
     left, middle, right = st.columns([1, 1, 3])
     left.image(data, caption=name, width="stretch")
     seen = model_input(answer)
     if seen is not None:
-        middle.image(seen, caption="what the model saw (28x28)", width="stretch")
+        side = f"{seen.width // MODEL_INPUT_ZOOM}x{seen.height // MODEL_INPUT_ZOOM}"
+        middle.image(seen, caption=f"what the model saw ({side})", width="stretch")
     confidence = answer["probabilities"][answer["class_index"]]
     by = f"by the global model of round {answer['round']}"
     if confidence >= SURE:
         right.success(f"Predicted: **{answer['class_name']}** ({confidence:.1%}), {by}")
     else:
+        advice = LOOKS_LIKE.get(network["dataset"], "")
         right.warning(f"Not sure: perhaps **{answer['class_name']}**, but only {confidence:.1%}, {by}. "
-                      "The model learned from Fashion-MNIST (one light item, centred, on black): a "
-                      "photo of one item, filling the frame on a plain background, gives it a fair "
-                      "chance.", icon=":material/help:")
+                      f"{advice}", icon=":material/help:")
     right.altair_chart(probability_chart(answer), width="stretch")
     return answer
 
 
 def model_input(answer: dict[str, Any]) -> Image.Image | None:
-    """The 28x28 picture the server classified (``input_png``), enlarged with sharp pixels, so
-    a person sees what the crop and the background made of the photo; None from an older server."""
+    """The picture the server classified (``input_png``: 28x28 grey, or 32x32 colour for
+    CIFAR-10), enlarged ``MODEL_INPUT_ZOOM`` times with sharp pixels, so a person sees what the
+    crop (and for grey pictures the background) made of the photo; None from an older server."""
     encoded = answer.get("input_png")
     if not encoded:
         return None
@@ -1036,21 +1080,33 @@ def model_input(answer: dict[str, Any]) -> Image.Image | None:
         picture.load()
     except (ValueError, OSError):
         return None
-    return picture.resize((MODEL_INPUT_SIDE, MODEL_INPUT_SIDE), Image.Resampling.NEAREST)
+    return picture.resize((picture.width * MODEL_INPUT_ZOOM, picture.height * MODEL_INPUT_ZOOM),
+                          Image.Resampling.NEAREST)
 
 
 def predict_panel(api: ServerAPI) -> None:
     st.subheader("Predict")
+    network = run_network(api)
+    shape = network["image_shape"]
+    side = f"{shape[0]}x{shape[1]}"
+    if len(shape) == 3:  # colour: CIFAR-10
+        made = f"cropped to the centre square and scaled to {side}, in colour"
+        what = "A colour picture"
+    else:
+        made = f"greyscale, cropped to the item, the background made black and the item bright, {side}"
+        what = "A picture of a garment"
     st.caption("The picture goes to the server's POST /api/predict, which classifies it with the "
-               "latest global model after making it look like the training data: greyscale, cropped "
-               "to the item, the background made black and the item bright, 28x28. The page shows "
-               "that 28x28 picture beside yours.")
-    picture = st.file_uploader("A picture of a garment (PNG, JPEG, BMP, GIF or WebP)",
+               f"latest global model after making it look like the training data: {made}. The page "
+               f"shows that {side} picture beside yours.")
+    if network["class_names"]:
+        st.caption(f"Classes ({DATASET_TITLES.get(network['dataset'], network['dataset'])}): "
+                   + ", ".join(network["class_names"]) + ".")
+    picture = st.file_uploader(f"{what} (PNG, JPEG, BMP, GIF or WebP)",
                                type=PICTURE_TYPES, key="picture", max_upload_size=MAX_PICTURE_MB,
                                help=f"The server takes up to {MAX_PICTURE_MB} MiB per request "
                                     "(server.py --max-image-mb).")
     if picture is not None:
-        show_prediction(api, picture.name, picture.getvalue(), picture.type)
+        show_prediction(api, picture.name, picture.getvalue(), picture.type, network)
 
 
 TABS = ("Run", "Results", "Predict", "Robustness and logs")
@@ -1061,8 +1117,10 @@ def main() -> None:
     devices), Results (charts, the model on the test set, download), Predict, and the details
     (robust aggregation, secure aggregation, logs). Each tab's live part refreshes on its own."""
     st.set_page_config(page_title="FedHub dashboard", page_icon=":material/hub:", layout="wide")
-    st.title("FedHub · federated Fashion-MNIST")
+    title = st.empty()  # first on the page; its data set is the server's, known once connected
     api, live = sidebar()
+    dataset = run_network(api)["dataset"]
+    title.title(f"FedHub · federated {DATASET_TITLES.get(dataset, dataset)}")
     every = REFRESH_SECONDS if live else None
     try:
         run, results, predict, details = st.tabs(TABS, key="view")

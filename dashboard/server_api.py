@@ -102,7 +102,7 @@ class ServerAPI:
         return self._call("GET", f"/api/rounds/{which}/evaluation", read_timeout=SLOW_SECONDS)
 
     def model_file(self, round_number: int) -> bytes:
-        """Round ``round_number``'s global model as a ``.keras`` file.
+        """Round ``round_number``'s global model as the file its framework exports (``.keras``, ``.pt2``).
 
         Called from a download button, on a thread of its own: so on a connection of its own.
         """

@@ -53,8 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "local server's enroll.secret in the state directory, read again while refused)")
     p.add_argument("--auto-activate", action="store_true", help="ask to start active")
     p.add_argument("--framework", choices=["keras", "torch"], default=None,
-                   help="build the network in this framework before the first task (default: the "
-                        "framework the server's task names, the network then built on the first task)")
+                   help="the framework this device trains with; it must be the server's (default: the "
+                        "server's, learnt from GET /api/status before enrolling)")
+    p.add_argument("--model-factory", metavar="MODULE:NAME",
+                   help="your own network, as the server's --model-factory: a function returning a "
+                        "torch nn.Module (--framework torch)")
     p.add_argument("--model", default=None,
                    help="network to build before the server says otherwise (default: the framework's "
                         "first network for the data's images)")
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if a.attack_obj is not None:
             y = a.attack_obj.poison_labels(y)
-        trainer = ImageTrainer(x, y, model=a.model, framework=a.framework,
+        trainer = ImageTrainer(x, y, model=a.model, framework=a.framework, model_factory=a.model_factory,
                                verbose=1 if a.verbose else 0)
     secret = a.enroll_secret or os.environ.get("FEDHUB_ENROLL_SECRET")
     client = Client(a.server, a.name, verify=a.ca or True, retry_for=a.retry_for)

@@ -191,6 +191,11 @@ class DeviceRunner:
         False when the data is invalid (the server is told why; the device must stop). Both
         the device process and the pool's virtual devices (``device.virtual``) start here.
         """
+        try:  # build the model now, as the server's network, not inside the first round
+            self.trainer.initialise(self._announced_network())
+        except ValueError as exc:  # the device's --framework is not the server's
+            self._say(f"error: {exc}", logging.ERROR)
+            return False
         report = self._report = self.trainer.validate()
         if not report["ok"]:
             self._say("local data is invalid: " + "; ".join(report["problems"]), logging.ERROR)
@@ -201,9 +206,22 @@ class DeviceRunner:
         self._say(f"{report['num_examples']} local examples")
         if self.attack is not None:
             self._say(f"attacking the federation: {self.attack.summary()}", logging.WARNING)
-        self.trainer.initialise({})  # build the model now, not inside the first round
         self.enroll(report["num_examples"])
         return True
+
+    def _announced_network(self) -> dict[str, Any]:
+        """The run's network as the server's ``GET /api/status`` announces it (``network``), as a
+        task config names it (``framework``, ``model``), so the trainer builds it before the
+        first task; ``{}`` from a server that announces none (the first task builds it then).
+        The user's own model (not ``builtin``) the device builds from its own
+        ``--model-factory``, never from the name the server sends."""
+        network = self.client.status().get("network")
+        if not isinstance(network, dict) or not isinstance(network.get("framework"), str):
+            return {}
+        announced = {"framework": network["framework"]}
+        if isinstance(network.get("name"), str):
+            announced["model"] = network["name"]
+        return announced
 
     def _loop(self) -> int:
         while not self._stop.is_set():

@@ -216,20 +216,27 @@ class ImageTrainer:
     """The built-in trainer: one of FedHub's networks on local image arrays, in the framework the
     server's task names (:mod:`fedhub.frameworks`: Keras or PyTorch; one code path for both).
 
-    The network is built as soon as its framework is known: at once when ``framework`` is given,
-    else from the first task (a task that names none is Keras', as from servers before PyTorch),
-    so a device of a PyTorch run never imports TensorFlow. The network is ``model`` (else the
-    task's, else the framework's first network for the data's images). With ``proximal_mu`` > 0
-    in the task config (``--strategy fedprox``) the training loss carries FedProx's proximal term
-    toward the round's global model.
+    The network is built as soon as its framework is known: before enrolling, from the server's
+    ``GET /api/status`` (``network``: the device loop passes it to :meth:`initialise`), so that
+    importing the framework and building are not part of round 1; else from the first task (a
+    task that names none is Keras', as from servers before PyTorch). A device of a PyTorch run
+    never imports TensorFlow. ``framework`` (the device's ``--framework``) is an override that
+    must match the server's: another framework is a ValueError saying so. The network is
+    ``model`` (else the server's, else the framework's first network for the data's images),
+    or the user's own (``model_factory``, ``module:function``, PyTorch: an ``nn.Module``). With
+    ``proximal_mu`` > 0 in the task config (``--strategy fedprox``) the training loss carries
+    FedProx's proximal term toward the round's global model.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, *, model: str | None = None,
-                 framework: str | None = None, seed: int = 0, verbose: int = 0) -> None:
+                 framework: str | None = None, seed: int = 0, verbose: int = 0,
+                 model_factory: str | None = None) -> None:
         self.x = x
         self.y = y
         self.model_name = model
         self.framework = framework
+        self.pinned = framework  # the device's own --framework: the server's must be the same
+        self.model_factory = model_factory
         self.seed = seed
         self.verbose = verbose
         self.network: Any = None  # a fedhub.frameworks.base.Network once built
@@ -258,8 +265,23 @@ class ImageTrainer:
             framework = self.network.framework if self.network is not None else self.framework
         if framework is None:
             return  # not known yet: the first task builds it
+        if self.pinned is not None and framework != self.pinned:
+            raise ValueError(f"--framework {self.pinned} does not match the server's framework "
+                             f"{framework}; leave --framework out or give --framework {framework}")
+        if self.model_factory is not None:
+            if self.network is None or self.network.framework != framework:
+                self.network = frameworks.get(framework).from_factory(
+                    self.model_factory, dataset=_dataset_of(data_image_shape(self.x)), seed=self.seed)
+                self.framework = framework
+            return
         name = config.get("model") or self.model_name or frameworks.default_network(
             framework, _dataset_of(data_image_shape(self.x)))
+        if frameworks.network_dataset(framework, name) is None:
+            hint = ("the same --model-factory" if framework == "torch"
+                    else "a --trainer of your own (device.trainer.KerasModelTrainer)")
+            raise ValueError(f"the server trains {framework} model {name!r}, not one of FedHub's "
+                             f"networks ({', '.join(frameworks.networks(framework))}); give this "
+                             f"device {hint}")
         if self.network is None or (self.network.framework, self.network.name) != (framework, name):
             self.network = frameworks.get(framework).build(name, seed=self.seed)
             if hasattr(self.network, "verbose"):

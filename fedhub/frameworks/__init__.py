@@ -19,7 +19,7 @@ DEFAULT = "keras"
 # The networks each framework has, by name, and the data set each takes (what --model accepts),
 # kept here so that checking a command line imports no framework.
 _NETWORKS: dict[str, dict[str, str]] = {
-    "keras": {"basic": "fashion-mnist", "cnn": "fashion-mnist"},
+    "keras": {"basic": "fashion-mnist", "cnn": "fashion-mnist", "cifar": "cifar-10"},
     "torch": {"cifar": "cifar-10", "basic": "fashion-mnist", "cnn": "fashion-mnist"},
 }
 

@@ -32,13 +32,14 @@ class KerasNetwork:
     export_suffix = EXPORT_SUFFIX
 
     def __init__(self, name: str, *, seed: int | None = 0, verbose: int = 0) -> None:
-        from model import CLASS_NAMES, IMAGE_SIZE, Model
+        from fedhub import datasets
+        from model import Model
 
         self.model = Model(name, seed=seed)
         self.name = name
-        self.dataset = "fashion-mnist"
-        self.image_shape: tuple[int, ...] = (IMAGE_SIZE, IMAGE_SIZE)
-        self.class_names: tuple[str, ...] = tuple(CLASS_NAMES)
+        self.dataset = KerasFramework.networks[name]
+        self.image_shape: tuple[int, ...] = self.model.image_shape
+        self.class_names: tuple[str, ...] = datasets.get(self.dataset).class_names
         self.verbose = verbose
         self.proximal: Any = None  # device.trainer.ProximalTerm, built on the first FedProx task
         self._export_model: Any = None  # model.build_raw_image_model, built on the first export
@@ -78,7 +79,7 @@ class KerasNetwork:
         from global_model import evaluate_classifier
         from model import preprocess
 
-        inputs = preprocess(x)
+        inputs = preprocess(x, self.image_shape)
         if len(inputs) == 0:
             raise ValueError("cannot evaluate on an empty dataset")
         labels = check_labels(y, len(inputs), len(self.class_names))
@@ -88,8 +89,10 @@ class KerasNetwork:
         return self.model.predict(x)
 
     def image_to_input(self, source: bytes) -> np.ndarray:
-        from model import image_to_array
+        from fedhub.frameworks.images import colour_image_to_array, image_to_array
 
+        if len(self.image_shape) == 3:
+            return colour_image_to_array(source, self.image_shape[0])
         return image_to_array(source)
 
     def export(self, weights: Mapping[str, np.ndarray]) -> bytes:
@@ -126,12 +129,19 @@ class KerasFramework:
     """:class:`fedhub.frameworks.base.Framework` for Keras."""
 
     name = NAME
-    networks: ClassVar[dict[str, str]] = {"basic": "fashion-mnist", "cnn": "fashion-mnist"}
+    networks: ClassVar[dict[str, str]] = {"basic": "fashion-mnist", "cnn": "fashion-mnist",
+                                          "cifar": "cifar-10"}
 
     def build(self, name: str, *, seed: int | None = 0) -> KerasNetwork:
         if name not in self.networks:
             raise ValueError(f"unknown Keras network {name!r}; choose one of {', '.join(self.networks)}")
         return KerasNetwork(name, seed=seed)
+
+    def from_factory(self, spec: str, *, dataset: str, seed: int | None = 0) -> KerasNetwork:
+        """A device's own Keras model is a trainer of its own (``--trainer``, see
+        ``device.trainer.KerasModelTrainer``); the server's is ``--model-factory`` alone."""
+        raise ValueError("--model-factory on a device builds a PyTorch module (--framework torch); "
+                         "for a Keras model of your own, give the device a --trainer")
 
 
 FRAMEWORK = KerasFramework()

@@ -140,18 +140,29 @@ class TorchNetwork:
     framework = NAME
     export_suffix = EXPORT_SUFFIX
 
-    def __init__(self, name: str, *, seed: int | None = 0) -> None:
-        if name not in _NETWORKS:
-            raise ValueError(f"unknown PyTorch network {name!r}; choose one of {', '.join(_NETWORKS)}")
-        cls, dataset = _NETWORKS[name]
+    def __init__(self, name: str, *, seed: int | None = 0, module: nn.Module | None = None,
+                 dataset: str | None = None, factory: str | None = None) -> None:
+        """FedHub's network ``name``; or, with ``module`` (built by the user's ``factory``), that
+        module on ``dataset``'s images (see :meth:`TorchFramework.from_factory`)."""
+        if module is None:
+            if name not in _NETWORKS:
+                raise ValueError(f"unknown PyTorch network {name!r}; choose one of {', '.join(_NETWORKS)}")
+            cls, dataset = _NETWORKS[name]
+        elif dataset is None:
+            raise ValueError("a module of your own needs the data set whose images it takes")
         spec = datasets.get(dataset)
         self.name = name
         self.dataset = dataset
+        self.factory = factory  # "module:function" for the user's own module, else None
         self.image_shape: tuple[int, ...] = spec.image_shape
         self.class_names: tuple[str, ...] = spec.class_names
         if seed is not None:
             torch.manual_seed(seed)
-        self.module: nn.Module = cls(len(spec.class_names))
+        self.module: nn.Module = module if module is not None else cls(len(spec.class_names))
+        # The input normalisation: the module's own ``mean`` and ``std`` where it has them (the
+        # seed's CIFAR-10 CNN: 0.5 and 0.5), else none (images scaled to 0..1).
+        self.mean = float(getattr(self.module, "mean", 0.0))
+        self.std = float(getattr(self.module, "std", 1.0))
         self.module.eval()
         self._rng = np.random.default_rng(seed)
         self._optimizer: torch.optim.Optimizer | None = None
@@ -167,8 +178,7 @@ class TorchNetwork:
         scaled = scale_images(images, self.image_shape)
         x = torch.from_numpy(scaled)
         x = x.unsqueeze(1) if len(self.image_shape) == 2 else x.permute(0, 3, 1, 2)
-        module = self.module
-        return ((x - module.mean) / module.std).contiguous()
+        return ((x - self.mean) / self.std).contiguous()
 
     def image_to_input(self, source: bytes) -> np.ndarray:
         from fedhub.frameworks.images import colour_image_to_array, image_to_array
@@ -210,6 +220,12 @@ class TorchNetwork:
                 tensor.copy_(prepared[name])
 
     # ------------------------------------------------------------------ training
+
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's state (Adam's moments, its step count): the next :meth:`train`
+        starts afresh, as a new device process would. The pool's workers share one network
+        among many devices, and one device's moments must not steer another's steps."""
+        self._optimizer = None
 
     def train(self, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, batch_size: int = 32,
               learning_rate: float = 1e-3, proximal_mu: float = 0.0,
@@ -302,8 +318,7 @@ class TorchNetwork:
 
     def raw_image_module(self) -> nn.Module:
         """The network wrapped for plain PyTorch users (see :class:`RawImages`)."""
-        return RawImages(self.module, float(self.module.mean), float(self.module.std),
-                         grey=len(self.image_shape) == 2).eval()
+        return RawImages(self.module, self.mean, self.std, grey=len(self.image_shape) == 2).eval()
 
     def export(self, weights: Mapping[str, np.ndarray]) -> bytes:
         """A ``torch.export`` program (``torch.export.load(f).module()``): raw uint8 images in,
@@ -351,6 +366,38 @@ class TorchFramework:
 
     def build(self, name: str, *, seed: int | None = 0) -> TorchNetwork:
         return TorchNetwork(name, seed=seed)
+
+    def from_factory(self, spec: str, *, dataset: str, seed: int | None = 0) -> TorchNetwork:
+        """The user's own network: ``module:function`` (``--model-factory``) called with no
+        arguments must return an ``nn.Module`` taking ``dataset``'s images as a float32 NCHW
+        batch scaled to 0..1 (normalised by the module's ``mean`` and ``std`` attributes when
+        it has them) and answering one logit per class. It then trains, evaluates, predicts and
+        exports like FedHub's own networks; its weights are its ``state_dict``, by key. The
+        function is imported from the local installation, named by the user on this machine,
+        never by the server. ValueError (one line) when it cannot be loaded or is no module."""
+        from global_model import resolve
+
+        factory = resolve(spec, "--model-factory")
+        if seed is not None:
+            torch.manual_seed(seed)  # the same initial weights on every machine
+        module = factory()
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"--model-factory {spec!r} returned {type(module).__name__}, "
+                             "not a torch.nn.Module")
+        network = TorchNetwork(spec, seed=None, module=module, dataset=dataset, factory=spec)
+        classes = len(network.class_names)
+        example = network.to_tensor(np.zeros((1, *network.image_shape), np.uint8))
+        try:
+            with torch.inference_mode():
+                out = module(example)
+        except Exception as exc:  # the user's forward(): any failure is theirs to see, in one line
+            raise ValueError(f"--model-factory {spec!r}: the module cannot take one {dataset} image "
+                             f"(float32 {tuple(example.shape)}): {type(exc).__name__}: {exc}") from None
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if shape != (1, classes):
+            raise ValueError(f"--model-factory {spec!r}: the module answers {shape} for one {dataset} "
+                             f"image; expected (1, {classes}), one logit per class")
+        return network
 
 
 FRAMEWORK = TorchFramework()

@@ -171,6 +171,11 @@ def decode(
         tensors = st_load(bytes(body))
     except (SafetensorError, ValueError, TypeError) as exc:
         raise InvalidInput(f"not a valid safetensors body: {exc}", "body") from None
+    # safetensors hands the tensors back in no fixed order (a hash map's): give them in the spec's
+    # order, else in the order the body lays them out, so two decodes of the same bytes agree.
+    order = list(spec) if spec is not None else sorted(
+        tensors, key=lambda name: (head[name]["data_offsets"][0], name))
+    tensors = {name: tensors[name] for name in order}
     if spec is not None:
         for name, (shape, dtype) in spec.items():
             array = tensors[name]

@@ -103,3 +103,17 @@ def test_a_scalar_stays_a_scalar():
     weights, _ = wire.decode(body)
     assert weights["step"].shape == () and weights["step"] == 3.0
     np.testing.assert_array_equal(weights["m"], np.ones((3, 2)))
+
+
+def test_decoded_tensors_come_in_one_order():
+    """Named arrays in a fixed order: the spec's when there is one, else the body's layout, however
+    the safetensors library happens to hand them back."""
+    weights = {f"layer{i}/{part}": np.full((i + 1,), i, np.float32)
+               for i in range(12) for part in ("kernel", "bias")}
+    body = wire.encode(weights, META)
+    head = wire.header(body)
+    laid_out = sorted((n for n in head if n != "__metadata__"), key=lambda n: head[n]["data_offsets"][0])
+    orders = {tuple(wire.decode(body)[0]) for _ in range(20)}
+    assert orders == {tuple(laid_out)}
+    spec = dict(reversed(wire.spec_of(weights).items()))
+    assert all(list(wire.decode(body, spec)[0]) == list(spec) for _ in range(20))

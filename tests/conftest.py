@@ -173,6 +173,32 @@ def fashion(data_dir):
     return load_fashion_mnist(data_dir)
 
 
+CIFAR_DIR = Path(os.environ.get("FEDHUB_CIFAR_DIR") or ROOT.parent / "shared/data/cifar-10")
+# Child processes that train with PyTorch get one thread each: the machine is shared.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    """CIFAR-10 as the data sets module reads it: ((x_train, y_train), (x_test, y_test))."""
+    from fedhub import datasets
+
+    if not CIFAR_DIR.is_dir():
+        pytest.fail(f"CIFAR-10 not found in {CIFAR_DIR}; set FEDHUB_CIFAR_DIR")
+    return datasets.load("cifar-10", CIFAR_DIR)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """PyTorch in this process on one thread for the module's tests, restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(threads)
+
+
 
 
 class ServerProcess:

@@ -21,31 +21,14 @@ from PIL import Image
 
 from fedhub import datasets, frameworks
 
-from .conftest import ROOT, ServerProcess, wait_until
+from .conftest import CIFAR_DIR, ONE_THREAD, ROOT, ServerProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
-CIFAR_DIR = Path(os.environ.get("FEDHUB_CIFAR_DIR") or ROOT.parent / "shared/data/cifar-10")
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 FACTORY = "tests.torch_factory:build"
 CIFAR_CLASSES = list(datasets.get("cifar-10").class_names)
 
 
-@pytest.fixture(scope="module")
-def cifar():
-    if not CIFAR_DIR.is_dir():
-        pytest.fail(f"CIFAR-10 not found in {CIFAR_DIR}; set FEDHUB_CIFAR_DIR")
-    return datasets.load("cifar-10", CIFAR_DIR)
-
-
-@pytest.fixture(scope="module")
-def torch_one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield torch
-    torch.set_num_threads(threads)
 
 
 def split_cifar(root: Path, devices: int, limit: int) -> Path:

@@ -36,8 +36,8 @@ from device.runner import RESIDUAL_FILE
 from fedcore import wire
 from fedcore.privacy import PrivacyAccountant
 from fedhub import datasets
+from tests.conftest import CIFAR_DIR, ONE_THREAD
 from tests.test_keras_live import checkpoint, run
-from tests.test_torch_framework import CIFAR_DIR, ONE_THREAD
 
 from .conftest import ROOT, ServerProcess, launch_devices, wait_until
 

@@ -26,30 +26,7 @@ import server
 from fedhub import datasets, frameworks
 from fedhub.frameworks.images import colour_image_to_array
 
-from .conftest import ROOT, ServerProcess, wait_until
-
-CIFAR_DIR = Path(os.environ.get("FEDHUB_CIFAR_DIR") or ROOT.parent / "shared/data/cifar-10")
-# Child processes train with one thread each: the machine is shared.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def cifar():
-    """CIFAR-10 as the data sets module reads it: ((x_train, y_train), (x_test, y_test))."""
-    if not CIFAR_DIR.is_dir():
-        pytest.fail(f"CIFAR-10 not found in {CIFAR_DIR}; set FEDHUB_CIFAR_DIR")
-    return datasets.load("cifar-10", CIFAR_DIR)
-
-
-@pytest.fixture(scope="module")
-def torch_one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield torch
-    torch.set_num_threads(threads)
-
+from .conftest import CIFAR_DIR, ONE_THREAD, ROOT, ServerProcess, wait_until
 
 # --------------------------------------------------------------------------- command line (fast)
 

@@ -20,7 +20,7 @@ from fedhub import datasets
 from tests.cli_inprocess import assert_one_line_error, run_main
 from tests.conftest import ROOT
 
-from .test_torch_framework import CIFAR_DIR, ONE_THREAD
+from .conftest import CIFAR_DIR, ONE_THREAD
 
 CIFAR_MODEL_BYTES = (456 + 2416 + 48120 + 10164 + 850) * 4  # the seed's CNN, float32
 

@@ -42,13 +42,37 @@ Prepare = Callable[[np.ndarray], np.ndarray]
 
 
 def resolve(spec: str, what: str) -> Any:
-    """``package.module:Name`` -> the object (the stdlib's resolver), or a ValueError saying why."""
+    """``package.module:Name`` -> the object (the stdlib's resolver), or a ValueError saying why.
+
+    Importing runs the user's module: whatever it raises (a SyntaxError, an error at import
+    time, even ``sys.exit()``) is the user's mistake and becomes the one-line ValueError, not a
+    traceback or a silent exit of the server."""
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"{what} must look like package.module:Name, got {spec!r}")
     try:
         return pkgutil.resolve_name(spec)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"{what} {spec!r} cannot be loaded: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        raise ValueError(f"{what} {spec!r} cannot be loaded: {_one_line(exc)}") from None
+
+
+def call_factory(spec: str, what: str) -> Any:
+    """Resolve ``spec`` (:func:`resolve`) and call it with no arguments: what it returns, or a
+    one-line ValueError naming ``what`` when it is not callable or fails. The one way both
+    frameworks' ``--model-factory`` is called, so a factory that raises stops the server (or
+    device) with one ``error:`` line and exit 2 instead of a traceback."""
+    factory = resolve(spec, what)
+    if not callable(factory):
+        raise ValueError(f"{what} {spec!r} is not callable (it is of type {type(factory).__name__})")
+    try:
+        return factory()
+    except (Exception, SystemExit) as exc:
+        raise ValueError(f"{what} {spec!r} failed: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (a SyntaxError's or a user's multi-line message folded)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def load_npz(source: bytes | str | Path, *, field: str = "body", max_bytes: int | None = None,
@@ -264,7 +288,7 @@ class GlobalModel:
         tensorflow_env.quiet()
         import keras
 
-        built = resolve(spec, "--model-factory")()
+        built = call_factory(spec, "--model-factory")
         if not isinstance(built, keras.Model):
             raise ValueError(f"--model-factory {spec!r} returned {type(built).__name__}, not a keras.Model")
         return cls(built, test_data=test_data)

@@ -67,6 +67,7 @@ class DeviceRunner:
         self.rounds_done = 0
         self.client._on_wait = lambda message: self._say(message, logging.WARNING)
         self._report: dict[str, Any] | None = None
+        self._misconfigured = False  # join() stopped on a setting that cannot work (exit 2)
         self._interrupted = threading.Event()
         self._last_reason: str | None = None
         # The round this device is working on (from its task to its upload), and whether the
@@ -173,7 +174,7 @@ class DeviceRunner:
     def _run(self) -> int:
         try:
             if not self.join():
-                return 1
+                return 2 if self._misconfigured else 1
             return self._loop()
         except ServerError as exc:
             self._say(f"refused by the server: {exc}")
@@ -195,6 +196,7 @@ class DeviceRunner:
             self.trainer.initialise(self._announced_network())
         except ValueError as exc:  # the device's --framework is not the server's
             self._say(f"error: {exc}", logging.ERROR)
+            self._misconfigured = True  # a usage error: the command exits 2, as for a bad option
             return False
         report = self._report = self.trainer.validate()
         if not report["ok"]:

@@ -123,6 +123,10 @@ def test_devices_build_the_servers_network_before_their_first_task_and_the_dashb
         assert "pinned" not in devices, "it never enrolled"
 
         root = split_cifar(tmp_path / "devices", 1, 400)
+        # the same mismatch as a command: a usage error, exit 2, one error line
+        wrong = start_device(srv, root, "device1", tmp_path, "--framework", "keras")
+        assert wrong.wait(120) == 2
+        assert "does not match the server's framework torch" in (tmp_path / "device1.log").read_text()
         procs.append(start_device(srv, root, "device1", tmp_path))
         assert srv.admin("POST", "/api/training/start", json={"rounds": 1}).ok
         wait_until(lambda: srv.get("/api/status").json()["completed_rounds"] >= 1, 120, "round 1")

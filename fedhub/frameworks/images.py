@@ -121,6 +121,8 @@ def _to_greyscale(img: Image.Image) -> Image.Image:
         return Image.fromarray((arr16 >> 8).astype(np.uint8), mode="L")
     if img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageError("image holds NaN or infinite pixel values")
         lo, hi = float(arr.min()), float(arr.max())
         if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
             arr = arr * 255.0
@@ -252,6 +254,10 @@ def colour_image_to_array(source: bytes | BinaryIO | Image.Image, size: int = CO
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
+    if img.mode.startswith("I") or img.mode == "F":
+        # 16-bit, 32-bit integer and float pictures: Pillow's convert("RGB") clips their levels
+        # at 255 (a mid-grey 16-bit scan comes out white); the grey path scales them properly.
+        img = _to_greyscale(img)
     if img.mode != "RGB":
         try:
             img = img.convert("RGB")

@@ -375,15 +375,18 @@ class TorchFramework:
         exports like FedHub's own networks; its weights are its ``state_dict``, by key. The
         function is imported from the local installation, named by the user on this machine,
         never by the server. ValueError (one line) when it cannot be loaded or is no module."""
-        from global_model import resolve
+        from global_model import call_factory, resolve
 
-        factory = resolve(spec, "--model-factory")
+        resolve(spec, "--model-factory")  # import first: the seed below is for the call alone
         if seed is not None:
             torch.manual_seed(seed)  # the same initial weights on every machine
-        module = factory()
+        module = call_factory(spec, "--model-factory")
         if not isinstance(module, nn.Module):
             raise ValueError(f"--model-factory {spec!r} returned {type(module).__name__}, "
                              "not a torch.nn.Module")
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ValueError(f"--model-factory {spec!r} returned a module with no trainable "
+                             "parameters: there is nothing for the federation to learn")
         network = TorchNetwork(spec, seed=None, module=module, dataset=dataset, factory=spec)
         classes = len(network.class_names)
         example = network.to_tensor(np.zeros((1, *network.image_shape), np.uint8))

@@ -310,3 +310,16 @@ def launch_devices(server: ServerProcess, root: Path, names, *extra: str):
 
     return launch(server.url, names, devices_root=root, env={"FEDHUB_ENROLL_SECRET": server.enroll_secret},
                   extra_args=["--poll-wait", "2", "--retry-for", "120", *extra], log_dir=root.parent / "logs")
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 20) -> None:
+    """Ctrl-C every process still running, then wait for each (killed past ``timeout``)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

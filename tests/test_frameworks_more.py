@@ -21,7 +21,7 @@ from PIL import Image
 
 from fedhub import datasets, frameworks
 
-from .conftest import CIFAR_DIR, ONE_THREAD, ROOT, ServerProcess, wait_until
+from .conftest import CIFAR_DIR, ONE_THREAD, ROOT, ServerProcess, stop_processes, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -49,18 +49,6 @@ def start_device(server: ServerProcess, root: Path, name: str, log_dir: Path,
         return subprocess.Popen([sys.executable, "device/device.py", str(server.port), name,
                                  "--devices-root", str(root), "--poll-wait", "2", *extra],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def stop_all(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(2)
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def probe(server: ServerProcess, tmp: Path, name: str, trainer) -> tuple[bool, list[str]]:
@@ -162,7 +150,7 @@ def test_devices_build_the_servers_network_before_their_first_task_and_the_dashb
         bars = [c for c in at.get("vega_lite_chart") if "probability of each class" in c.proto.spec]
         assert len(bars) == 1 and all(name in bars[0].proto.spec for name in CIFAR_CLASSES)
     finally:
-        stop_all(procs)
+        stop_processes(procs)
         srv.stop()
 
 
@@ -288,7 +276,7 @@ def test_a_torch_module_of_your_own_trains_through_a_real_server_and_device(tmp_
         assert answer.status_code == 200, answer.text
         assert answer.json()["class_names"] == CIFAR_CLASSES
     finally:
-        stop_all(procs)
+        stop_processes(procs)
         srv.stop()
 
 

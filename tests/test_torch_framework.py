@@ -26,7 +26,7 @@ import server
 from fedhub import datasets, frameworks
 from fedhub.frameworks.images import colour_image_to_array
 
-from .conftest import CIFAR_DIR, ONE_THREAD, ROOT, ServerProcess, wait_until
+from .conftest import CIFAR_DIR, ONE_THREAD, ROOT, ServerProcess, stop_processes, wait_until
 
 # --------------------------------------------------------------------------- command line (fast)
 
@@ -310,15 +310,7 @@ def test_a_pytorch_cifar_10_federation_through_the_real_server_and_devices(tmp_p
         for pid in (srv.proc.pid,):
             assert "tensorflow" not in _mapped_libraries(pid), "predicting loaded no TensorFlow"
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(2)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs)
         srv.stop()
         logs = "\n".join((tmp_path / f"{n}.log").read_text(errors="replace")[-2000:]
                          for n in ("device1", "device2") if (tmp_path / f"{n}.log").exists())

@@ -16,10 +16,10 @@ ARG BASE_IMAGE=python:3.11-slim
 # pyproject.toml elsewhere (a pytest marker) does not reinstall TensorFlow.
 FROM ${BASE_IMAGE} AS requirements
 COPY pyproject.toml docker/requirements.py /tmp/build/
-RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml \
+RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml --extra keras \
         --without streamlit altair pandas > /tmp/build/ml.txt \
  && python3 /tmp/build/requirements.py /tmp/build/pyproject.toml \
-        --without tensorflow-cpu keras tensorboard > /tmp/build/dashboard.txt
+        --without tensorboard > /tmp/build/dashboard.txt
 
 FROM ${BASE_IMAGE} AS deps
 # The official image has python3 in /usr/local/bin, Debian's in /usr/bin: the venv hides which.
@@ -39,9 +39,7 @@ RUN install-deps /tmp/requirements.txt
 
 # ---------------------------------------------------------------- the code, in /app
 FROM scratch AS code
-COPY server.py model.py global_model.py server_tensorboard.py /app/
-COPY api/ /app/api/
-COPY fedcore/ /app/fedcore/
+COPY server.py model.py /app/
 COPY device/ /app/device/
 COPY utils/ /app/utils/
 COPY dashboard/ /app/dashboard/
@@ -52,7 +50,9 @@ COPY docker/device-entrypoint.sh /app/docker/device-entrypoint.sh
 
 # ---------------------------------------------------------------- runtime: one unprivileged user
 FROM ${BASE_IMAGE} AS runtime
+# PYTHONPATH: /app holds the fedhub package, which every entry point imports (device/device.py too).
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
@@ -79,7 +79,7 @@ ENTRYPOINT ["python", "server.py", "--host", "0.0.0.0", "--port", "4000", \
             "--state-dir", "/var/lib/fedhub/state", "--eval-dir", "/var/lib/fedhub/eval"]
 
 # A device: `docker run fedhub-device --server URL --name device1` runs device/device.py with
-# those flags; a command instead runs that (`... fedhub-device python -m device.launcher ...`).
+# those flags; a command instead runs that (`... fedhub-device python -m fedhub.device.launcher ...`).
 # The entrypoint first makes the device's share of Fashion-MNIST when asked (see the script).
 FROM runtime AS device
 COPY --from=deps-ml /opt/venv /opt/venv

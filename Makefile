@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 needed)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,torch]"
+	$(PY) -m pip install --quiet -e ".[dev,keras,torch]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -34,7 +34,7 @@ $(VENV)/.installed-ray: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m utils.demo --devices 3 --rounds 3
+	$(PY) -m fedhub.demo --devices 3 --rounds 3
 
 test: $(VENV)/.installed-ray
 	$(PY) -m pytest
@@ -51,7 +51,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/round_overhead.py
 
 clean:
-	$(PY) -m utils.cleaner --secrets
+	$(PY) -m fedhub.cleaner --secrets
 
 # Containers (README "Containers"): Docker with compose v2 or Debian's docker-compose.
 DOCKER_DEMO_ARGS ?=
@@ -60,4 +60,4 @@ docker:
 	docker/build.sh $(PYTHON)
 
 docker-demo: docker
-	python3 -m utils.docker_demo $(DOCKER_DEMO_ARGS)
+	python3 -m fedhub.docker_demo $(DOCKER_DEMO_ARGS)

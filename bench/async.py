@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from utils.cli import Parser  # noqa: E402
+from fedhub.options.parser import Parser
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def run(mode: str, devices_root: Path, a: argparse.Namespace) -> dict[str, Any]:
     from fedhub.simulation import simulate
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(a: argparse.Namespace) -> list[dict[str, Any]]:
     """Each mode in ``a.modes`` once, on one split of the data."""
-    from utils.format_dataset import split_to_devices
+    from fedhub.split import split_to_devices
 
     results = []
     with tempfile.TemporaryDirectory(prefix="fedhub-bench-async-") as tmp:

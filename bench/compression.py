@@ -6,7 +6,7 @@
 Fashion-MNIST, 10 devices (IID), ``basic`` model, every device in every round, one local epoch
 (Adam lr 1e-3, batch 32), FedAvg. The federation runs in one process as in
 ``bench/strategies.py`` (whose training loop it reuses), and every byte is what the server
-would move: each update goes through ``fedcore.compression.encode_update`` (with its top-k
+would move: each update goes through ``fedhub.engine.compression.encode_update`` (with its top-k
 residual per device) and ``decode_update`` into the real FedAvg aggregator, and each download
 through ``Downlink`` (``--compress-downlink``: the first whole, then the change) or the plain
 safetensors model. Seeds are fixed and the same for every scheme, so accuracies differ only by
@@ -25,14 +25,13 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.strategies import Data, LocalTraining
+from fedhub.engine import compression, wire
+from fedhub.engine.files import atomic_write_text
+from fedhub.engine.strategies import make_strategy
+from fedhub.options.parser import Parser
 
-from bench.strategies import Data, LocalTraining  # noqa: E402
-from fedcore import compression, wire  # noqa: E402
-from fedcore.files import atomic_write_text  # noqa: E402
-from fedcore.strategies import make_strategy  # noqa: E402
-from utils.cli import Parser  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "bench" / "results" / "compression.json"
 DEVICES = 10

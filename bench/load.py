@@ -4,14 +4,14 @@
     python bench/load.py --clients 1000 --fraction 0.1 --rounds 20 --threads 4 --profile prof.txt
 
 For each server thread count, starts a real ``server.py`` (the default basic model), lets
-the swarm of device/swarm.py run freely (each device polls, downloads the global model and
+the swarm of fedhub/device/swarm.py run freely (each device polls, downloads the global model and
 uploads random weights of its size, no TensorFlow) and prints a Markdown table: uploads per
 second, upload and download latency (p50/p99, as the devices see them), and how far the
 server's peak resident memory rose against clients x the model's float32 bytes.
 
 With ``--fraction`` below 1 the server selects that share of the devices per round: every
 device enrolls first, then training starts, and the devices are scheduled as ``--workers``
-pool workers schedule theirs (``/api/status`` tells who is selected; see device/swarm.py).
+pool workers schedule theirs (``/api/status`` tells who is selected; see fedhub/device/swarm.py).
 ``--profile`` samples the server with py-spy (the ``bench`` extra) during the swarm and
 writes the functions that held the most samples.
 """
@@ -19,6 +19,7 @@ writes the functions that held the most samples.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -35,13 +36,40 @@ from pathlib import Path
 import numpy as np
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fedhub.checkout import ROOT
+from fedhub.datasets import locate
+from fedhub.device.swarm import Swarm
+from fedhub.options.parser import Parser
+from fedhub.server_process import ServerProcess
 
-from device.swarm import Swarm  # noqa: E402
-from tests.conftest import DATA_DIR, ServerProcess  # noqa: E402
-from tests.test_load import load_server_args, warm_up_evaluation  # noqa: E402
-from utils.cli import Parser  # noqa: E402
+DEVICES = 200
+ROUNDS = 5
+# Each waiting long poll holds a worker thread; the server lets at most half of them wait and
+# tells the other devices to retry later, so a few threads serve 200 devices (the GIL
+# serialises request handling anyway: 4 threads are as fast as 32 here, see
+# docs/benchmarks.md). Few threads also keep the memory bound in tests/test_load.py honest.
+THREADS = 4
+
+
+def load_server_args(threads: int = THREADS, devices: int = DEVICES, rounds: int = ROUNDS) -> tuple[str, ...]:
+    """server.py flags for the load run: the default basic model, every round with all devices."""
+    return ("--rounds", str(rounds), "--min-devices", str(devices), "--auto-activate", "--start",
+            "--test-limit", "1000", "--threads", str(threads))
+
+
+def warm_up_evaluation(url: str, admin_token: str) -> None:
+    """TensorFlow's first evaluation allocates ~30 MB, once; pay it before measuring memory.
+
+    POST /api/rounds/0/validate runs the same evaluation as each round's test metrics.
+    """
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=rng.integers(0, 256, (1000, 28, 28), dtype=np.uint8),
+             y=rng.integers(0, 10, 1000))
+    reply = requests.post(f"{url}/api/rounds/0/validate", data=buffer.getvalue(), timeout=120,
+                          headers={"Authorization": f"Bearer {admin_token}",
+                                   "Content-Type": "application/octet-stream"})
+    reply.raise_for_status()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -168,12 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="rounds of the run")
     p.add_argument("--fraction", type=float, default=1.0, help="share of the devices selected per round")
     p.add_argument("--workers", type=int, default=2,
-                   help="with --fraction: devices scheduled as this many pool workers (device/virtual.py)")
+                   help="with --fraction: devices scheduled as this many pool workers")
     p.add_argument("--threads", type=int, nargs="+", default=[4, 32], help="server worker threads to try")
     p.add_argument("--poll-wait", type=float, default=1.0, help="seconds per device long poll")
     p.add_argument("--profile", type=Path, default=None,
                    help="sample the server with py-spy; raw stacks go to PROFILE.<threads>.raw")
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--data-dir", type=Path, default=locate("fashion-mnist"))
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "load.json",
                    help="the raw results (default bench/results/load.json)")
     a = p.parse_args(argv)

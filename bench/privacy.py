@@ -11,7 +11,7 @@ Epsilon at delta = 1e-5 after each round comes from the wrapper's accountant (dp
 RDP), exactly what a real run records.
 
 The federation runs in one process, as ``bench/strategies.py`` runs it (the same local
-training loop and data): the updates go through the real ``fedcore.privacy`` wrapper
+training loop and data): the updates go through the real ``fedhub.engine.privacy`` wrapper
 (configure, begin, add, result, load_state). Finished runs are saved at once; a run already
 in the results file is skipped. Seeds are fixed.
 """
@@ -30,15 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from bench.strategies import Data, LocalTraining, Results, count
+from fedhub.engine.privacy import DPConfig
+from fedhub.engine.strategies import FedAvg
+from fedhub.options.parser import Parser
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from utils.cli import Parser  # noqa: E402
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from bench.strategies import Data, LocalTraining, Results, count  # noqa: E402
-from fedcore.privacy import DPConfig  # noqa: E402
-from fedcore.strategies import FedAvg  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "privacy.json"
 DOCS = ROOT / "docs"

@@ -28,17 +28,12 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from fedhub.engine import wire
+from fedhub.engine.aggregation import WeightedSum
+from fedhub.options.parser import Parser
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from utils import tensorflow_env  # noqa: E402
-from utils.cli import Parser  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results" / "round_overhead.json"
-
-tensorflow_env.quiet()
-
-from fedcore import wire  # noqa: E402
-from fedcore.aggregation import WeightedSum  # noqa: E402
 
 
 def wire_bytes(weights: dict[str, np.ndarray]) -> tuple[int, int, int]:
@@ -69,15 +64,16 @@ def aggregation_times(weights: dict[str, np.ndarray], ks: list[int]) -> list[tup
 
 def real_round(devices: int, per_device: int, data_dir: str | None) -> tuple[float, float, float]:
     """(round wall seconds, device train seconds max, central train seconds for the same samples)."""
-    from device.launcher import launch, stop
-    from model import Model
-    from utils.format_dataset import load_fashion_mnist, split_to_devices
+    from fedhub.device.launcher import launch, stop
+    from fedhub.frameworks.keras_model import Model
+    from fedhub.split import load_fashion_mnist, split_to_devices
 
     tmp = Path(tempfile.mkdtemp(prefix="fedhub-bench-"))
     split_to_devices(tmp / "devices", devices, limit=per_device, data_dir=data_dir, progress=False)
     import subprocess
 
-    from utils.demo import free_port, wait_for_server
+    from fedhub.demo import wait_for_server
+    from fedhub.server_process import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -130,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.devices < 1 or a.per_device < 1:
         p.error("--devices and --per-device must be at least 1")
 
-    from model import Model
+    from fedhub.frameworks.keras_model import Model
 
     weights = Model("basic").get_weights()
     raw, down, up = wire_bytes(weights)

@@ -3,7 +3,7 @@
     python bench/secagg.py [--devices 10 50 100] [--params 101770] [--dropout 0.1]
 
 Runs the protocol in one process with the engine's own parts: each simulated device is a
-:class:`fedcore.secagg.DeviceRound` and the server a :class:`fedcore.secagg.ServerRound`,
+:class:`fedhub.engine.secagg.DeviceRound` and the server a :class:`fedhub.engine.secagg.ServerRound`,
 exchanging the exact bytes that travel over HTTP (the task's JSON message, the answer's JSON
 or safetensors body). Training is left out (it is the same with and without secure
 aggregation). Prints a Markdown table per setting:
@@ -33,12 +33,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fedcore import wire  # noqa: E402
-from fedcore.aggregation import WeightedSum  # noqa: E402
-from fedcore.secagg import (  # noqa: E402
+from fedhub.engine import wire
+from fedhub.engine.aggregation import WeightedSum
+from fedhub.engine.secagg import (
     DeviceRound,
     KeyDirectory,
     SecAggConfig,
@@ -46,8 +43,10 @@ from fedcore.secagg import (  # noqa: E402
     ShareBundle,
     UnmaskRequest,
 )
-from fedcore.secagg.codec import dumps  # noqa: E402
-from utils.cli import Parser  # noqa: E402
+from fedhub.engine.secagg.codec import dumps
+from fedhub.options.parser import Parser
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -86,7 +85,7 @@ def secure_round(n: int, params: int, dropout: float, rng: np.random.Generator) 
         requests[name] += 2
 
     def advertise(name: str, message: dict[str, Any]) -> bytes:
-        from fedcore.secagg import RoundParams
+        from fedhub.engine.secagg import RoundParams
 
         devices[name] = DeviceRound(name, RoundParams.from_dict(message))
         return devices[name].advertise().to_bytes()

@@ -29,20 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedhub.engine.strategies import STRATEGIES, ParamError, parse_strategy_args
+from fedhub.options.parser import Parser
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from utils.cli import Parser  # noqa: E402
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from fedcore.strategies import STRATEGIES, ParamError, parse_strategy_args  # noqa: E402
-
 TARGET = 0.85
 CENTRAL = """
 import json, sys, time
 started = time.perf_counter()
-from model import Model
-from utils.format_dataset import load_fashion_mnist
+from fedhub.frameworks.keras_model import Model
+from fedhub.split import load_fashion_mnist
 (x, y), _ = load_fashion_mnist(sys.argv[1])
 model = Model("basic")
 ready = time.perf_counter()
@@ -58,14 +54,14 @@ print(json.dumps({"startup_s": ready - started, "epoch_s": first - ready, "secon
 def central_epoch(data_dir: str | None) -> dict[str, float]:
     """One centralized epoch in a fresh process (as a simulation's devices start fresh)."""
     out = subprocess.run([sys.executable, "-c", CENTRAL, data_dir or ""], cwd=ROOT, capture_output=True,
-                         text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         text=True, timeout=1800)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def split(root: Path, devices: int, data_dir: str | None, limit: int | None = None) -> Path:
-    from utils.format_dataset import split_to_devices
+    from fedhub.split import split_to_devices
 
     split_to_devices(root, devices, limit=limit, data_dir=data_dir, progress=False, memmap=True)
     return root
@@ -102,8 +98,8 @@ def run_pool(devices_root: Path, root: Path, rounds: int, fraction: float, data_
 def run_baseline(devices: int, root: Path, rounds: int, data_dir: str | None) -> dict[str, Any]:
     """Today's way: one device process (with its own TensorFlow) per device, same federation."""
     import fedhub
-    from model import build_keras_model, preprocess
-    from utils.format_dataset import load_fashion_mnist, partition
+    from fedhub.frameworks.keras_model import build_keras_model, preprocess
+    from fedhub.split import load_fashion_mnist, partition
 
     (x, y), (xt, yt) = load_fashion_mnist(data_dir)
     parts = partition(y, devices, "iid")

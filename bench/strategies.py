@@ -14,8 +14,8 @@ Parts (10 devices, one local epoch a round, Adam lr 1e-3, batch 32: the devices'
 The federation runs in one process, which measures learning quality, not transport: one
 Keras model is trained in turn on each selected device's shard, starting from the global
 weights, with that device's own Adam state kept between rounds (as a real device keeps its
-model); an attacking device poisons its labels or its trained weights with ``device.attacks``;
-the updates go through the real ``fedcore.strategies`` (configure, begin, add, result,
+model); an attacking device poisons its labels or its trained weights with ``fedhub.device.attacks``;
+the updates go through the real ``fedhub.engine.strategies`` (configure, begin, add, result,
 load_state) and the global model is evaluated on the 10,000 test images after every round.
 FedProx's proximal term (mu/2)·||w - w_global||² is in this loop's loss, with mu taken from
 the task config the strategy sends.
@@ -40,17 +40,14 @@ from typing import Any
 
 import numpy as np
 
+from fedhub.device.attacks import Attack, parse_attack
+from fedhub.engine.files import atomic_write_text
+from fedhub.engine.params import ParamError
+from fedhub.engine.strategies import STRATEGIES, AggregationError, InvalidUpdate, make_strategy
+from fedhub.options.parser import Parser
+from fedhub.split import DatasetError, load_fashion_mnist, partition
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from utils.cli import Parser  # noqa: E402
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from device.attacks import Attack, parse_attack  # noqa: E402
-from fedcore.files import atomic_write_text  # noqa: E402
-from fedcore.params import ParamError  # noqa: E402
-from fedcore.strategies import STRATEGIES, AggregationError, InvalidUpdate, make_strategy  # noqa: E402
-from utils.format_dataset import DatasetError, load_fashion_mnist, partition  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "strategies.json"
 DOCS = ROOT / "docs"
@@ -128,7 +125,7 @@ class LocalTraining:
         import keras
         import tensorflow as tf
 
-        from model import Model
+        from fedhub.frameworks.keras_model import Model
 
         self.model = Model(model_name, seed=seed)
         self.initial = self.model.get_weights()
@@ -214,7 +211,7 @@ class Data:
             return None
 
     def __init__(self, data_dir: str | None) -> None:
-        from model import preprocess
+        from fedhub.frameworks.keras_model import preprocess
 
         self._preprocess = preprocess
         (self.x_train, self.y_train), (x_test, y_test) = load_fashion_mnist(data_dir)
@@ -223,7 +220,7 @@ class Data:
 
     def shards(self, name: str, devices: int, limit: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each device's (images, labels): its share under partition ``name``, its first ``limit``
-        examples if ``limit`` (as ``utils.format_dataset --limit`` keeps them)."""
+        examples if ``limit`` (as ``fedhub.split --limit`` keeps them)."""
         key = (name, devices, limit, seed)
         if key not in self._shards:
             parts = partition(self.y_train, devices, seed=seed, **PARTITIONS[name])

@@ -41,7 +41,7 @@ from typing import Any
 
 import requests
 
-from utils.cli import Parser
+from fedhub.options.parser import Parser
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "torch_cifar.json"
@@ -86,8 +86,9 @@ class Federation:
         self.devices: list[subprocess.Popen] = []
 
     def __enter__(self) -> Federation:
-        from device.launcher import launch
-        from utils.demo import free_port, wait_for_server
+        from fedhub.demo import wait_for_server
+        from fedhub.device.launcher import launch
+        from fedhub.server_process import free_port
 
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -114,7 +115,7 @@ class Federation:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from device.launcher import stop
+        from fedhub.device.launcher import stop
 
         stop(self.devices)
         if self.server is not None:
@@ -205,7 +206,7 @@ def centralized(a: argparse.Namespace, devices_root: Path) -> dict[str, Any]:
 
     from fedhub import datasets
     from fedhub.frameworks.torch import TorchNetwork
-    from utils.format_dataset import load_device_data
+    from fedhub.split import load_device_data
 
     torch.set_num_threads(a.threads)
     parts = [load_device_data(devices_root / f"device{i}") for i in range(1, a.devices + 1)]
@@ -228,7 +229,7 @@ def centralized(a: argparse.Namespace, devices_root: Path) -> dict[str, Any]:
 def memory(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Peak RSS of one PyTorch and one Keras device process training one round of ``cnn`` on the
     same Fashion-MNIST images (the same network in both, so the gap is the framework's)."""
-    from utils.format_dataset import split_to_devices
+    from fedhub.split import split_to_devices
 
     root = tmp / "fmnist-devices"
     split_to_devices(root, 1, limit=a.memory_images, data_dir=a.fmnist_data_dir, progress=False,
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             chart(results, a.chart)
         return 0
     from fedhub import datasets
-    from utils.format_dataset import split_to_devices
+    from fedhub.split import split_to_devices
 
     try:
         datasets.load("cifar-10", datasets.locate("cifar-10", a.data_dir))

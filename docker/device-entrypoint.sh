@@ -4,7 +4,7 @@
 #
 # FEDHUB_SPLIT_DEVICES=N    split the training set over N devices (unset: the data is there)
 # FEDHUB_SPLIT_ONLY=NAME    write only NAME's share (one device per container); unset: all N
-# FEDHUB_SPLIT_ARGS         more utils.format_dataset flags, e.g. "--split dirichlet --limit 2000"
+# FEDHUB_SPLIT_ARGS         more fedhub.split flags, e.g. "--split dirichlet --limit 2000"
 # FEDHUB_DEVICES_ROOT       where device folders live (the image sets /var/lib/fedhub/devices)
 # FEDHUB_DATA_DIR           the Fashion-MNIST .gz files, a read-only bind mount of the host's
 # The split is skipped once partition.json is there, so a restarted container keeps its data.
@@ -13,7 +13,7 @@ set -eu
 root="${FEDHUB_DEVICES_ROOT:-/var/lib/fedhub/devices}"
 if [ -n "${FEDHUB_SPLIT_DEVICES:-}" ] && [ ! -f "$root/partition.json" ]; then
   # shellcheck disable=SC2086 # FEDHUB_SPLIT_ARGS is a list of flags
-  python -m utils.format_dataset --out "$root" --devices "$FEDHUB_SPLIT_DEVICES" --quiet \
+  python -m fedhub.split --out "$root" --devices "$FEDHUB_SPLIT_DEVICES" --quiet \
     ${FEDHUB_SPLIT_ONLY:+--only "$FEDHUB_SPLIT_ONLY"} ${FEDHUB_SPLIT_ARGS:-}
 fi
 

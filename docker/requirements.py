@@ -1,10 +1,11 @@
 """Print FedHub's runtime dependencies (pyproject.toml's [project] dependencies), one a line.
 
-    python3 docker/requirements.py [PYPROJECT] [--without NAME ...]
+    python3 docker/requirements.py [PYPROJECT] [--extra NAME ...] [--without NAME ...]
 
 The images install these, never the dev extras, and each image leaves out what it never
 imports (``--without``: the dashboard has no TensorFlow, the server and devices no
-Streamlit). The host's wheel download (docker/wheels.sh) and the Dockerfile's build stages
+Streamlit) and adds the extras it needs (``--extra keras``: TensorFlow). The host's wheel
+download (docker/wheels.sh) and the Dockerfile's build stages
 both read the list from here, so it lives in pyproject.toml only.
 """
 
@@ -16,11 +17,18 @@ from pathlib import Path
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("pyproject", nargs="?", type=Path,
                     default=Path(__file__).resolve().parents[1] / "pyproject.toml")
+parser.add_argument("--extra", nargs="*", default=[], metavar="NAME",
+                    help="extras to add (pyproject.toml's [project.optional-dependencies])")
 parser.add_argument("--without", nargs="*", default=[], metavar="NAME",
                     help="distributions to leave out")
 args = parser.parse_args()
 with args.pyproject.open("rb") as fh:
-    requirements = tomllib.load(fh)["project"]["dependencies"]
+    project = tomllib.load(fh)["project"]
+extras = project.get("optional-dependencies", {})
+missing = sorted(set(args.extra) - set(extras))
+if missing:
+    parser.error(f"--extra {' '.join(missing)}: not among the extras ({', '.join(sorted(extras))})")
+requirements = [*project["dependencies"], *(r for extra in args.extra for r in extras[extra])]
 
 
 def name(requirement: str) -> str:

@@ -24,7 +24,7 @@ platforms+=(--platform "manylinux2014_${arch}" --platform "manylinux2010_${arch}
 
 req="$(mktemp)"
 trap 'rm -f "$req"' EXIT
-"$python" docker/requirements.py >"$req"
+"$python" docker/requirements.py --extra keras >"$req"
 if [ -f "$out/requirements.txt" ] && cmp -s "$req" "$out/requirements.txt"; then
   echo "wheels in $out are up to date"
   exit 0

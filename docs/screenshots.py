@@ -23,18 +23,17 @@ from pathlib import Path
 import numpy as np
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the project importable
-    sys.path.insert(0, str(ROOT))
-
-from device.launcher import launch, stop  # noqa: E402
-from utils.demo import free_port, wait_for_server  # noqa: E402
-from utils.format_dataset import (  # noqa: E402
+from fedhub.demo import wait_for_server
+from fedhub.device.launcher import launch, stop
+from fedhub.server_process import free_port
+from fedhub.split import (
     DatasetError,
     load_fashion_mnist,
     split_to_devices,
     write_device_data,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

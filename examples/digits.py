@@ -2,7 +2,7 @@
 (1,797 images of 8x8 pixels) and softmax regression written in plain NumPy.
 
 The devices never import TensorFlow: :class:`SoftmaxTrainer` implements FedHub's Trainer
-protocol (``device/trainer.py``) with NumPy. The server holds the same model in Keras
+protocol (``fedhub/device/trainer.py``) with NumPy. The server holds the same model in Keras
 (:func:`build_model`, one Dense layer named like the trainer's tensors) to evaluate and
 export each round. Run it through the real server::
 
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from device.trainer import TrainingInterrupted, TrainResult, validate_images
-from fedcore.files import atomic_path
-from utils.cli import Parser
+from fedhub.device.trainer import TrainingInterrupted, TrainResult, validate_images
+from fedhub.engine.files import atomic_path
+from fedhub.options.parser import Parser
 
 FEATURES = 64
 CLASSES = 10

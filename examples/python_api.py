@@ -1,8 +1,8 @@
 """FedHub's Python API in one script: federated learning of a small Keras network on
 scikit-learn's handwritten digits, split over N devices, then a test of the final model.
 
-    python examples/python_api.py --devices 3 --rounds 3            # devices in child processes
-    python examples/python_api.py --devices 3 --rounds 3 --threads  # devices in this process
+    python -m examples.python_api --devices 3 --rounds 3            # devices in child processes
+    python -m examples.python_api --devices 3 --rounds 3 --threads  # devices in this process
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+import fedhub
+from examples.digits import load_digits
+from fedhub.engine.plural import plural
+from fedhub.options.parser import Parser
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make the project importable
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-import fedhub  # noqa: E402
-from examples.digits import load_digits  # noqa: E402
-from fedcore.plural import plural  # noqa: E402
-from utils.cli import Parser  # noqa: E402
 
 
 def build_model():

@@ -13,8 +13,8 @@ devices on K worker processes (or Ray actors, ``backend="ray"``); the same from 
 command line is ``python -m fedhub.simulate --devices 1000 --fraction 0.1``.
 
 It is a thin layer over the same parts as the command line: the engine
-(``fedcore``), the HTTP API (``api``, served by waitress), the device protocol
-(``device.client``), loop (``device.runner``) and pool (``device.pool``). Every
+(``fedhub.engine``), the HTTP API (``api``, served by waitress), the device protocol
+(``fedhub.device.client``), loop (``fedhub.device.runner``) and pool (``fedhub.device.pool``). Every
 device, even one in this process, talks HTTP to the server.
 """
 
@@ -23,19 +23,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from utils import tensorflow_env
+from fedhub import tensorflow_env
 
 tensorflow_env.quiet()  # before anything imports TensorFlow or Keras
 
 # Each public name and the module it lives in, imported on first use: `import fedhub.datasets`
 # (which a device process does to read its data) then costs no engine, accountant or TensorFlow.
 _EXPORTS = {
-    "make_attack": "device.attacks",
-    "KerasModelTrainer": "device.trainer",
-    "Trainer": "device.trainer",
-    "TrainResult": "device.trainer",
-    "DPConfig": "fedcore.privacy",
-    "describe_strategies": "fedcore.strategies",
+    "make_attack": "fedhub.device.attacks",
+    "KerasModelTrainer": "fedhub.device.trainer",
+    "Trainer": "fedhub.device.trainer",
+    "TrainResult": "fedhub.device.trainer",
+    "DPConfig": "fedhub.engine.privacy",
+    "describe_strategies": "fedhub.engine.strategies",
     "Device": "fedhub.devices",
     "evaluate": "fedhub.evaluation",
     "Server": "fedhub.servers",

@@ -1,29 +1,29 @@
 """``fedhub COMMAND [ARGS]``: one installed command for every entry point.
 
 Each subcommand runs the same ``main(argv)`` as the original forms (``python server.py 4000``,
-``python device/device.py 4000 device1``, ``python -m utils.format_dataset``, ``python -m
-fedhub.simulate``), so options, refusals and exit codes are the same whichever form a user types;
-the module of a subcommand is imported only when it is chosen (``fedhub device`` in a PyTorch
+``python device/device.py 4000 device1``, ``python utils/format_dataset.py``,
+``python -m fedhub.simulate``), so options, refusals and exit codes are the same whichever form a
+user types; the module of a subcommand is imported only when it is chosen (``fedhub device`` in a PyTorch
 federation imports no TensorFlow).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 # subcommand -> (module, what it does); each module has ``main(argv) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "server": ("server", "run the federation server (python server.py PORT ...)"),
-    "device": ("device.device", "run one device (python device/device.py PORT NAME ...)"),
-    "split": ("utils.format_dataset", "split a data set over devices' folders"),
+    "server": ("fedhub.serve", "run the federation server (python server.py PORT ...)"),
+    "device": ("fedhub.device.main", "run one device (python device/device.py PORT NAME ...)"),
+    "split": ("fedhub.split", "split a data set over devices' folders"),
     "simulate": ("fedhub.simulate", "simulate many devices on a pool of workers"),
-    "demo": ("utils.demo", "a real federated run: split, server, devices, rounds"),
-    "clean": ("utils.cleaner", "remove run-time state"),
+    "demo": ("fedhub.demo", "a real federated run: split, server, devices, rounds"),
+    "clean": ("fedhub.cleaner", "remove run-time state"),
     "dashboard": ("", "the Streamlit control dashboard (streamlit run dashboard/index.py)"),
 }
 
@@ -35,8 +35,9 @@ def _usage() -> str:
 
 
 def _dashboard(argv: list[str]) -> int:
-    """Streamlit runs a script file, not a function: hand it the dashboard's file and the rest."""
-    script = Path(importlib.import_module("dashboard").__file__).with_name("index.py")
+    """Streamlit runs a script file, not a function: hand it the page's file (a checkout's
+    ``dashboard/index.py`` runs the same page) and the rest."""
+    script = importlib.util.find_spec("fedhub.dashboard.page").origin  # found, not imported
     return subprocess.call([sys.executable, "-m", "streamlit", "run", str(script), *argv],
                            env=os.environ.copy())
 

@@ -252,7 +252,7 @@ def check_arrays(spec: DatasetSpec, x: Any, y: Any, where: str) -> tuple[np.ndar
 
 def _download(spec: DatasetSpec) -> Arrays:
     """The framework's download (Keras' cache, fetching once), as uint8 HWC arrays."""
-    from utils import tensorflow_env
+    from fedhub import tensorflow_env
 
     tensorflow_env.quiet()
     import keras

@@ -1,10 +1,10 @@
 """``fedhub.Device``: one device from NumPy arrays, in this process, a child process or anywhere.
 
-It is ``device.runner.DeviceRunner`` (the loop of ``device/device.py``) with a
-:class:`~device.trainer.KerasModelTrainer`, so it enrolls, reports its data
+It is ``fedhub.device.runner.DeviceRunner`` (the loop of ``device/device.py``) with a
+:class:`~fedhub.device.trainer.KerasModelTrainer`, so it enrolls, reports its data
 validation, trains, can be interrupted and saves its final model exactly as a
 command-line device does. The child process *is* ``device/device.py`` with
-``--trainer device.trainer:from_folder``.
+``--trainer fedhub.device.trainer:from_folder``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from device.attacks import Attack, make_attack
-from device.client import Client
-from device.runner import DeviceRunner
-from device.trainer import FROM_FOLDER
-from fedcore.devices import check_name
-from fedcore.errors import InvalidInput
-from fedcore.files import atomic_path
-
-ROOT = Path(__file__).resolve().parents[1]
+from fedhub.checkout import ROOT
+from fedhub.device.attacks import Attack, make_attack
+from fedhub.device.client import Client
+from fedhub.device.runner import DeviceRunner
+from fedhub.device.trainer import FROM_FOLDER
+from fedhub.engine.devices import check_name
+from fedhub.engine.errors import InvalidInput
+from fedhub.engine.files import atomic_path
 
 
 class Device:
@@ -135,7 +134,7 @@ class Device:
     def run(self) -> int:
         """Run the device in this thread until the run ends: 0 when finished or stopped, 1 if
         refused (invalid data, wrong secret, server gone)."""
-        from device.trainer import KerasModelTrainer
+        from fedhub.device.trainer import KerasModelTrainer
 
         from .model_files import load_model
 
@@ -164,7 +163,7 @@ class Device:
         model_file = self._model_file()
         with atomic_path(model_file.parent / "arrays.npz") as tmp:
             np.savez(tmp, x=np.asarray(self.x), y=np.asarray(self.y))
-        cmd = [sys.executable, str(ROOT / "device" / "device.py"), "--server", self.url, "--name", self.name,
+        cmd = [sys.executable, "-m", "fedhub.device.main", "--server", self.url, "--name", self.name,
                "--devices-root", str(self.root), "--trainer", FROM_FOLDER,
                "--poll-wait", str(self.poll_wait), "--retry-for", str(self.retry_for)]
         if self.auto_activate:
@@ -205,7 +204,7 @@ class Device:
     def stop(self, timeout: float = 20.0) -> None:
         """Leave the federation: SIGINT to a child process (like Ctrl-C), or end the loop."""
         if self._process is not None:
-            from device.launcher import stop
+            from fedhub.device.launcher import stop
 
             stop([self._process], timeout=timeout)
             self.exit_code = self._process.returncode

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcore.errors import InvalidInput
+from fedhub.engine.errors import InvalidInput
 
 
 def evaluate(model: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int = 512) -> dict[str, Any]:
@@ -17,7 +17,7 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int = 512)
     is the model's compiled loss (None if it is not compiled). Raises ValueError
     when the arrays do not fit the model.
     """
-    from global_model import check_labelled, evaluate_classifier
+    from fedhub.global_model import check_labelled, evaluate_classifier
 
     try:
         inputs, labels = check_labelled(model, x, y, limit=None)

@@ -11,12 +11,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from fedcore.files import atomic_path
-from utils import tensorflow_env
+import keras
 
-tensorflow_env.quiet()  # before Keras imports TensorFlow
-
-import keras  # noqa: E402
+from fedhub.engine.files import atomic_path
 
 
 def save_model(model: keras.Model, path: str | Path) -> Path:

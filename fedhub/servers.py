@@ -2,7 +2,7 @@
 PyTorch, started from Python.
 
 It is ``server.create_app`` (engine, HTTP API, TensorBoard hook) served through
-``api.serving`` (waitress, with ``server.py``'s connection limit, body spooling and
+``fedhub.api.serving`` (waitress, with ``server.py``'s connection limit, body spooling and
 long-poll limit) in a background thread of this process: the same server as
 ``python server.py``, reachable by devices in this process, in child processes or
 on other machines.
@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from api.serving import ServeOptions, Serving
-from fedcore import auth
-from fedcore.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
-from fedcore.errors import FedHubError
-from fedcore.plural import plural
-from fedcore.privacy import DPConfig
-from fedcore.secagg import SecAggConfig
 from fedhub import frameworks
-from utils.framework_options import DATASET, FRAMEWORK
+from fedhub.api.serving import ServeOptions, Serving
+from fedhub.engine import auth
+from fedhub.engine.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
+from fedhub.engine.errors import FedHubError
+from fedhub.engine.plural import plural
+from fedhub.engine.privacy import DPConfig
+from fedhub.engine.secagg import SecAggConfig
+from fedhub.options.framework import DATASET, FRAMEWORK
 
 from .evaluation import evaluate
 
@@ -79,7 +79,7 @@ class Server:
             training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                     compression=compression),
             privacy=privacy, secagg=secagg)
-        import server as server_cli
+        from fedhub import serve as server_cli
 
         builtin = model is None or isinstance(model, str)
         if dataset is None:  # the data set the named network takes (unknown names: checked below)
@@ -121,7 +121,7 @@ class Server:
         """Build the engine and serve it; returns once the server accepts connections."""
         if self._serving is not None:
             return self
-        import server as server_cli
+        from fedhub import serve as server_cli
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.builtin:  # the framework's network: a PyTorch server never imports TensorFlow
@@ -228,12 +228,12 @@ class Server:
             network = frameworks.get(self.framework).build(self._model)
             network.set_weights(weights)
             return network
-        from model import set_keras_weights
+        from fedhub.frameworks.keras_model import set_keras_weights
 
         from .model_files import load_model
 
         if self.builtin:  # FedHub's network: it takes images through model.preprocess
-            from model import build_keras_model
+            from fedhub.frameworks.keras_model import build_keras_model
 
             model = build_keras_model(self._model)
         else:

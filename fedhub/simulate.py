@@ -28,13 +28,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fedcore.config import FederationConfig, TrainingConfig
-from fedcore.plural import plural
-from fedcore.strategies import STRATEGIES, parse_strategy_args
+from fedhub.engine.config import FederationConfig, TrainingConfig
+from fedhub.engine.plural import plural
+from fedhub.engine.strategies import STRATEGIES, parse_strategy_args
+from fedhub.options import framework as framework_options
+from fedhub.options import secagg as secagg_options
+from fedhub.options.dp import add_dp_options, dp_config
+from fedhub.options.parser import Parser
 from fedhub.simulation import simulate
-from utils import framework_options, secagg_options
-from utils.cli import Parser
-from utils.dp_options import add_dp_options, dp_config
 
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} devices [{elapsed}]"
 
@@ -182,7 +183,7 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--slow-devices must be a share from 0 to 1 and --slowdown from 1 to 1000")
     if a.cpus_per_worker <= 0 or a.gpus_per_worker < 0:
         p.error("--cpus-per-worker must be positive and --gpus-per-worker not negative")
-    from server import ServerConfig
+    from fedhub.serve import ServerConfig
 
     a.model = framework_options.network(a, TrainingConfig.model)
     try:
@@ -227,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from utils.format_dataset import DatasetError, split_to_devices
+    from fedhub.split import DatasetError, split_to_devices
 
     started = time.monotonic()
     root = a.root or Path(tempfile.mkdtemp(prefix="fedhub-simulate-"))
@@ -287,4 +288,4 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    sys.exit(main())  # TensorFlow's log settings: ``import fedhub`` made them (utils.tensorflow_env)
+    sys.exit(main())  # TensorFlow's log settings: ``import fedhub`` made them

@@ -6,7 +6,7 @@ The devices run in one of two ways, both real devices to the server:
   (a Keras model of the user's own);
 * a pool of worker processes (or Ray actors) hosting many virtual devices each, sharing one
   model per worker (FedHub's networks in Keras or PyTorch, or the user's Keras model)
-  and reading a device's data only while it trains (:mod:`device.pool`).
+  and reading a device's data only while it trains (:mod:`fedhub.device.pool`).
   Memory is then O(workers x model), not O(devices x TensorFlow): the default as soon as
   there are more devices than cores, and whenever ``workers`` or ``backend="ray"`` is given.
 """
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from device.attacks import Attack
-from fedcore.plural import plural
-from fedcore.secagg import SecAggConfig
-from utils.framework_options import FRAMEWORK
+from fedhub.device.attacks import Attack
+from fedhub.engine.plural import plural
+from fedhub.engine.secagg import SecAggConfig
+from fedhub.options.framework import FRAMEWORK
 
 from .devices import Device
 from .servers import Server
@@ -119,7 +119,7 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
     (default: the one the network takes; give ``data_dir`` and optionally ``test_limit``), as
     :class:`fedhub.Server`'s. A PyTorch run imports no TensorFlow in its workers. ``partitions`` is a list of
     ``(x, y)`` arrays, device ``i`` getting the i-th as ``device<i>``, or a folder written by
-    ``python -m utils.format_dataset`` (its devices as they are named there).
+    ``python -m fedhub.split`` (its devices as they are named there).
 
     The devices run against a :class:`fedhub.Server` started here on a free loopback port:
 
@@ -139,7 +139,7 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
     that many times their training time (a heterogeneous fleet; ``mode="async"`` is
     :class:`fedhub.Server`'s, as are ``buffer_size`` and ``max_staleness``). ``server_options`` are
     :class:`fedhub.Server`'s (``strategy="krum", strategy_params={"num_malicious": 1}``).
-    ``secure_aggregation`` (True, or a :class:`fedcore.secagg.SecAggConfig`) masks every update
+    ``secure_aggregation`` (True, or a :class:`fedhub.engine.secagg.SecAggConfig`) masks every update
     (SecAgg+); ``dropout`` is then the chance that a device drops out of a round right after
     dealing its key shares (its masks are recovered from its neighbours' shares).
     Returns the history, with the final model as ``.model`` and figures in ``.stats``.
@@ -245,8 +245,8 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
              attacks: Mapping[str, Attack] | None, slow: tuple[float, float],
              server_options: dict[str, Any], dropout: float = 0.0, framework: str = FRAMEWORK,
              dataset: str | None = None) -> History:
-    from device.pool import DevicePool
-    from utils.demo import free_port
+    from fedhub.device.pool import DevicePool
+    from fedhub.server_process import free_port
 
     deadline = _deadline(timeout)
     devices_root, names = _device_folders(partitions, root / "devices")
@@ -310,16 +310,16 @@ def slow_devices(names: Sequence[str], share: float, factor: float, *, seed: int
 
 
 def _device_folders(partitions: Partitions, devices_root: Path) -> tuple[Path, list[str]]:
-    """The devices' folders: those of a ``utils.format_dataset`` folder, or the arrays written
+    """The devices' folders: those of a ``fedhub.split`` folder, or the arrays written
     as memory-mappable ``.npy`` files under ``devices_root``."""
-    from utils.format_dataset import PARTITION_FILE, write_device_arrays
+    from fedhub.split import PARTITION_FILE, write_device_arrays
 
     if isinstance(partitions, str | Path):
         folder = Path(partitions)
         try:
             names = list(json.loads((folder / PARTITION_FILE).read_text())["devices"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{folder} is not a folder made by `python -m utils.format_dataset` "
+            raise ValueError(f"{folder} is not a folder made by `python -m fedhub.split` "
                              f"(its {PARTITION_FILE} cannot be read: {exc})") from None
         return folder, names
     names = []

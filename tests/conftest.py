@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
-from utils.demo import free_port
+from fedhub.server_process import ServerProcess, free_port  # noqa: F401 - the tests import both from here
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FEDHUB_DATA_DIR") or ROOT.parent / "shared/data/fashion-mnist")
@@ -168,7 +167,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def fashion(data_dir):
     """The whole of Fashion-MNIST, loaded once: ((x_train, y_train), (x_test, y_test))."""
-    from utils.format_dataset import load_fashion_mnist
+    from fedhub.split import load_fashion_mnist
 
     return load_fashion_mnist(data_dir)
 
@@ -199,69 +198,6 @@ def torch_one_thread():
     torch.set_num_threads(threads)
 
 
-
-
-class ServerProcess:
-    """A real ``server.py`` on loopback, with its log kept for failure messages."""
-
-    def __init__(self, tmp: Path, data_dir: Path, *args: str, port: int | None = None,
-                 env: dict[str, str] | None = None, verify: bool | str = True) -> None:
-        self.port = port or free_port()
-        self.verify = verify
-        scheme = "https" if "--certfile" in args else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self.state_dir = tmp / "server_training"
-        self.eval_dir = tmp / "eval"
-        self.log_path = tmp / f"server-{self.port}.log"
-        self.admin_token = "admin-test-token"
-        self.enroll_secret = "enroll-test-secret"
-        self.args = args
-        self.data_dir = data_dir
-        self.env = {**os.environ, "FEDHUB_ADMIN_TOKEN": self.admin_token,
-                    "FEDHUB_ENROLL_SECRET": self.enroll_secret, **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 90.0) -> ServerProcess:
-        cmd = [sys.executable, str(ROOT / "server.py"), str(self.port),
-               "--state-dir", str(self.state_dir), "--eval-dir", str(self.eval_dir),
-               "--data-dir", str(self.data_dir), *self.args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         env=self.env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=1, verify=self.verify).ok:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def admin(self, method: str, path: str, **kw) -> requests.Response:
-        return requests.request(method, self.url + path, timeout=30, verify=self.verify,
-                                headers={"Authorization": f"Bearer {self.admin_token}"}, **kw)
-
-    def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(self.url + path, timeout=30, verify=self.verify, **kw)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
@@ -295,7 +231,7 @@ def split_devices(tmp_path, data_dir):
     def make(n: int, limit: int = 300) -> Path:
         root = tmp_path / "devices"
         out = subprocess.run(
-            [sys.executable, "-m", "utils.format_dataset", "--devices", str(n), "--limit", str(limit),
+            [sys.executable, "-m", "fedhub.split", "--devices", str(n), "--limit", str(limit),
              "--data-dir", str(data_dir), "--out", str(root), "--quiet"],
             cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
@@ -306,7 +242,7 @@ def split_devices(tmp_path, data_dir):
 
 def launch_devices(server: ServerProcess, root: Path, names, *extra: str):
     """Real device processes against ``server``, their output in ``root/../logs/NAME.log``."""
-    from device.launcher import launch
+    from fedhub.device.launcher import launch
 
     return launch(server.url, names, devices_root=root, env={"FEDHUB_ENROLL_SECRET": server.enroll_secret},
                   extra_args=["--poll-wait", "2", "--retry-for", "120", *extra], log_dir=root.parent / "logs")

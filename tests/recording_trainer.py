@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from device.trainer import KerasTrainer, TrainResult
-from utils.format_dataset import load_device_data
+from fedhub.device.trainer import KerasTrainer, TrainResult
+from fedhub.split import load_device_data
 
 FOLDER = "trained"
 

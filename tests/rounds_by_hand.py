@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import requests
 
-from fedcore import wire
+from fedhub.engine import wire
 
 from .conftest import ServerProcess, wait_until
 

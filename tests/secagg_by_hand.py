@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedcore.secagg import DeviceRound, KeyDirectory, RoundParams, ShareBundle, UnmaskRequest
+from fedhub.engine.secagg import DeviceRound, KeyDirectory, RoundParams, ShareBundle, UnmaskRequest
 
 
 def answer(name: str, task: dict, rounds: dict[str, DeviceRound], delta: float,

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from device.trainer import KerasTrainer
-from utils.format_dataset import load_device_data
+from fedhub.device.trainer import KerasTrainer
+from fedhub.split import load_device_data
 
 SECONDS_PER_BATCH = 1.0
 COUNTER_FILE = "batches"

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fedcore.aggregation import WeightedSum, weighted_mean
-from fedcore.strategies import make_strategy
+from fedhub.engine.aggregation import WeightedSum, weighted_mean
+from fedhub.engine.strategies import make_strategy
 
 
 def _random_updates(rng, k):

@@ -6,12 +6,12 @@ import time
 import numpy as np
 import pytest
 
-from api import build_app
-from fedcore import wire
-from fedcore.config import FederationConfig
-from fedcore.devices import DeviceRegistry
-from fedcore.rounds import Coordinator
-from fedcore.storage import Storage
+from fedhub.api import build_app
+from fedhub.engine import wire
+from fedhub.engine.config import FederationConfig
+from fedhub.engine.devices import DeviceRegistry
+from fedhub.engine.rounds import Coordinator
+from fedhub.engine.storage import Storage
 from tests.conftest import wait_until
 
 ADMIN = "admin-secret"

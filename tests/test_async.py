@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import requests
 
-from fedcore import wire
-from fedcore.fedbuff import staleness_weight
+from fedhub.engine import wire
+from fedhub.engine.fedbuff import staleness_weight
 from fedhub.simulation import slow_devices
 
 from .conftest import ROOT, wait_until
@@ -87,7 +87,7 @@ def test_staleness_weight_is_one_over_sqrt_one_plus_staleness():
 ])
 def test_async_settings_are_checked_at_start_up(args, message):
     """server.py's option parsing in-process (its real-process check: tests/test_cli_settings.py)."""
-    import server
+    from fedhub import serve as server
     from tests.cli_inprocess import assert_one_line_error, run_main
 
     assert_one_line_error(run_main(server.parse_args, list(args)), message)
@@ -181,7 +181,7 @@ def test_real_devices_train_continuously_through_a_server_sigkill(server_factory
     the run finishes, the devices leave by themselves, every version holds exactly K updates, and
     the updates the devices saw acknowledged are exactly those in the versions: none lost, none
     counted twice."""
-    from device.launcher import stop
+    from fedhub.device.launcher import stop
 
     from .conftest import launch_devices
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device.attacks import (
+from fedhub.device.attacks import (
     ATTACKS,
     Constant,
     LabelFlip,
@@ -17,8 +17,8 @@ from device.attacks import (
     make_attack,
     parse_attack,
 )
-from fedcore import wire
-from fedcore.params import ParamError
+from fedhub.engine import wire
+from fedhub.engine.params import ParamError
 
 
 @pytest.fixture

@@ -60,11 +60,8 @@ def test_robustness_grid_resumes_and_reports(tmp_path, data_dir):
 
 
 def test_proximal_term_keeps_the_update_near_the_global_model(data_dir):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from strategies import Data, LocalTraining
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    from bench.strategies import Data, LocalTraining
+
     data = Data(str(data_dir))
     x, y = data.shards("iid", 10, 500, 0)[0]
     trainer = LocalTraining("basic", 0)

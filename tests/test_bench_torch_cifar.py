@@ -24,11 +24,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _bench_module():
-    """The script as a module (bench/ is not a package), its command line parsed in-process."""
-    spec = importlib.util.spec_from_file_location("bench_torch_cifar", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The script as a module, its command line parsed in-process."""
+    return importlib.import_module("bench.torch_cifar")
 
 
 @pytest.mark.parametrize("argv, reason", [

@@ -1,7 +1,7 @@
 """Settings and command lines (issue 18, defects 5 and 6, first-run edges 1-3 and 9).
 
 * Every number of the run's settings declares its range beside its default, and one check
-  (``fedcore.params.check_numbers``) refuses a non-finite or out-of-range number for
+  (``fedhub.engine.params.check_numbers``) refuses a non-finite or out-of-range number for
   ``server.py``, ``fedhub.Server`` and ``fedhub.simulate`` alike, before anything loads.
 * Every command refuses bad input with one ``error: ...`` line and exit 2: checked in-process
   (``main(argv)``/``parse_args(argv)``) for a table of refusals across every command, and once
@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import server
-from fedcore import params
-from fedcore.config import FederationConfig, TrainingConfig
-from fedcore.privacy import DPConfig
-from fedcore.storage import Storage, StorageError
-from utils import format_dataset
+from fedhub import serve as server
+from fedhub import split as format_dataset
+from fedhub.engine import params
+from fedhub.engine.config import FederationConfig, TrainingConfig
+from fedhub.engine.privacy import DPConfig
+from fedhub.engine.storage import Storage, StorageError
 
 from .cli_inprocess import assert_one_line_error, run_main
 from .conftest import ROOT
@@ -99,21 +99,25 @@ def test_fedhub_simulate_refuses_an_unusable_server_setting_before_it_starts(tmp
 
 REFUSALS = [
     # server.py: defects 5 and 6
-    ("server", ["--threads", "0"], "threads (--threads) must be at least 1 and at most 1024, got 0"),
-    ("server", ["--round-timeout", "nan"], "argument --round-timeout: must be a finite number, got 'nan'"),
-    ("server", ["--device-timeout", "nan"], "argument --device-timeout: must be a finite number"),
-    ("server", ["--round-timeout", "0"], "round_timeout (--round-timeout) must be more than 0"),
-    ("server", ["--max-upload-mb", "-1"], "max_upload_bytes (--max-upload-mb) must be at least 0.0625 MiB"),
-    ("server", ["--max-upload-mb", "nan"], "argument --max-upload-mb: must be a finite number"),
-    ("server", ["--max-image-mb", "inf"], "argument --max-image-mb: must be a finite number, got 'inf'"),
-    ("server", ["--log-level", "BOGUS"], "argument --log-level: invalid choice: 'BOGUS'"),
-    ("server", ["--dp", "central-fixed", "--dp-noise-multiplier", "1e300"],
+    ("fedhub.serve", ["--threads", "0"], "threads (--threads) must be at least 1 and at most 1024, got 0"),
+    ("fedhub.serve", ["--round-timeout", "nan"],
+     "argument --round-timeout: must be a finite number, got 'nan'"),
+    ("fedhub.serve", ["--device-timeout", "nan"], "argument --device-timeout: must be a finite number"),
+    ("fedhub.serve", ["--round-timeout", "0"], "round_timeout (--round-timeout) must be more than 0"),
+    ("fedhub.serve", ["--max-upload-mb", "-1"],
+     "max_upload_bytes (--max-upload-mb) must be at least 0.0625 MiB"),
+    ("fedhub.serve", ["--max-upload-mb", "nan"], "argument --max-upload-mb: must be a finite number"),
+    ("fedhub.serve", ["--max-image-mb", "inf"],
+     "argument --max-image-mb: must be a finite number, got 'inf'"),
+    ("fedhub.serve", ["--log-level", "BOGUS"], "argument --log-level: invalid choice: 'BOGUS'"),
+    ("fedhub.serve", ["--dp", "central-fixed", "--dp-noise-multiplier", "1e300"],
      "--dp-noise-multiplier must be at least 0 and at most 100, got 1e+300"),
-    ("server", ["--quorum", "1.5"], "quorum (--quorum) must be more than 0 and at most 1, got 1.5"),
-    ("server", ["--strategy-memory-mb", "1e300"], "memory_budget (--strategy-memory-mb) must be at least 0"),
-    ("server", ["--tensorboard-devices", "-1"], "tensorboard_devices (--tensorboard-devices) must be"),
-    ("server", ["--epochs", "0"], "epochs (--epochs) must be at least 1"),
-    ("server", ["--port", "x"], "argument --port: invalid int value: 'x'"),
+    ("fedhub.serve", ["--quorum", "1.5"], "quorum (--quorum) must be more than 0 and at most 1, got 1.5"),
+    ("fedhub.serve", ["--strategy-memory-mb", "1e300"],
+     "memory_budget (--strategy-memory-mb) must be at least 0"),
+    ("fedhub.serve", ["--tensorboard-devices", "-1"], "tensorboard_devices (--tensorboard-devices) must be"),
+    ("fedhub.serve", ["--epochs", "0"], "epochs (--epochs) must be at least 1"),
+    ("fedhub.serve", ["--port", "x"], "argument --port: invalid int value: 'x'"),
     # python -m fedhub.simulate: no usage block, no traceback
     ("fedhub.simulate", ["--devices", "0"], "--devices must be at least 1"),
     ("fedhub.simulate", ["--fraction", "2"], "--fraction must be in (0, 1]"),
@@ -126,18 +130,19 @@ REFUSALS = [
     ("fedhub.simulate", ["--dp", "local", "--dp-clip", "1e300"], "--dp-clip must be more than 0 and at most"),
     ("fedhub.simulate", ["--devices", "x"], "argument --devices: invalid int value: 'x'"),
     # device/device.py (argument parsing)
-    ("device.device", ["4000", "device1", "--poll-wait", "nan"], "argument --poll-wait: must be a finite"),
-    ("device.device", ["4000", "device1", "--retry-for", "-1"], "--retry-for from 0 to"),
-    ("device.device", ["x", "device1"], "PORT must be a number, got 'x'"),
-    ("device.launcher", ["--devices", "0"], "--devices must be at least 1"),
-    ("device.launcher", ["--devices", "x"], "argument --devices: invalid int value: 'x'"),
+    ("fedhub.device.main", ["4000", "device1", "--poll-wait", "nan"],
+     "argument --poll-wait: must be a finite"),
+    ("fedhub.device.main", ["4000", "device1", "--retry-for", "-1"], "--retry-for from 0 to"),
+    ("fedhub.device.main", ["x", "device1"], "PORT must be a number, got 'x'"),
+    ("fedhub.device.launcher", ["--devices", "0"], "--devices must be at least 1"),
+    ("fedhub.device.launcher", ["--devices", "x"], "argument --devices: invalid int value: 'x'"),
     # the utilities
-    ("utils.format_dataset", ["--devices", "x"], "argument --devices: invalid int value: 'x'"),
-    ("utils.format_dataset", ["--devices", "2", "--alpha", "nan"],
+    ("fedhub.split", ["--devices", "x"], "argument --devices: invalid int value: 'x'"),
+    ("fedhub.split", ["--devices", "2", "--alpha", "nan"],
      "argument --alpha: must be a finite number"),
-    ("utils.cleaner", ["--bogus"], "unrecognized arguments: --bogus"),
-    ("utils.demo", ["--devices", "0"], "--devices must be from 1 to 100"),
-    ("utils.demo", ["--timeout", "inf"], "argument --timeout: must be a finite number"),
+    ("fedhub.cleaner", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("fedhub.demo", ["--devices", "0"], "--devices must be from 1 to 100"),
+    ("fedhub.demo", ["--timeout", "inf"], "argument --timeout: must be a finite number"),
     ("examples.python_api", ["--devices", "0"], "--devices must be from 1 to 100"),
     ("examples.digits", ["--devices", "x"], "argument --devices: invalid int value: 'x'"),
     # the benchmarks' argument errors
@@ -152,8 +157,9 @@ REFUSALS = [
 ]
 # Entry points that stop after checking the options, so a case that were accepted would not
 # start a server or a simulation inside the test process.
-CHECK_ONLY = {"server": "parse_args", "fedhub.simulate": "parse_args", "device.device": "parse_args",
-              "utils.demo": "parse_args"}
+CHECK_ONLY = {"fedhub.serve": "parse_args", "fedhub.simulate": "parse_args",
+              "fedhub.device.main": "parse_args",
+              "fedhub.demo": "parse_args"}
 
 
 @pytest.mark.parametrize("module, argv, message", REFUSALS,
@@ -176,11 +182,11 @@ REAL = [
     (["device/device.py", "4000", "device1", "--poll-wait", "nan"], "argument --poll-wait: must be a finite"),
     (["-m", "fedhub.simulate", "--mode", "async", "--compression", "q8"],
      "asynchronous mode (--mode async) does not work with --compression yet"),
-    (["-m", "device.launcher", "--devices", "x"], "argument --devices: invalid int value: 'x'"),
-    (["-m", "utils.format_dataset", "--devices", "x"], "argument --devices: invalid int value: 'x'"),
-    (["-m", "utils.cleaner", "--bogus"], "unrecognized arguments: --bogus"),
-    (["-m", "utils.demo", "--devices", "0"], "--devices must be from 1 to 100"),
-    (["examples/python_api.py", "--devices", "0"], "--devices must be from 1 to 100"),
+    (["-m", "fedhub.device.launcher", "--devices", "x"], "argument --devices: invalid int value: 'x'"),
+    (["-m", "fedhub.split", "--devices", "x"], "argument --devices: invalid int value: 'x'"),
+    (["-m", "fedhub.cleaner", "--bogus"], "unrecognized arguments: --bogus"),
+    (["-m", "fedhub.demo", "--devices", "0"], "--devices must be from 1 to 100"),
+    (["-m", "examples.python_api", "--devices", "0"], "--devices must be from 1 to 100"),
     (["bench/secagg.py", "--dropout", "nan"], "argument --dropout: must be a finite number"),
 ]
 
@@ -303,7 +309,7 @@ def test_a_device_folder_no_split_made_is_refused_and_left_alone(tmp_path):
 
 
 def test_the_demo_splits_into_its_own_folder_not_the_users_devices():
-    from utils import demo
+    from fedhub import demo
 
     a = demo.parse_args([])
     assert a.devices_root == a.state_dir / "devices"

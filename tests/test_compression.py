@@ -10,9 +10,9 @@ import struct
 import numpy as np
 import pytest
 
-from fedcore import compression as c
-from fedcore import wire
-from fedcore.errors import InvalidInput
+from fedhub.engine import compression as c
+from fedhub.engine import wire
+from fedhub.engine.errors import InvalidInput
 
 _init = np.random.default_rng(0)  # used here only: each test seeds its own generator
 GLOBAL = {"dense/kernel": _init.normal(size=(37, 11)).astype(np.float32),
@@ -278,8 +278,8 @@ def test_downlink_changes_track_the_global_model():
 # every strategy that takes weights: the engine adds the delta back ---------------------------
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedmedian", "krum"])
 def test_the_engine_aggregates_compressed_updates_as_their_weights(tmp_path, strategy):
-    from fedcore.config import TrainingConfig
-    from fedcore.strategies import make_strategy
+    from fedhub.engine.config import TrainingConfig
+    from fedhub.engine.strategies import make_strategy
     from tests.conftest import wait_until
     from tests.test_api import INITIAL, bearer, make_app, register, upload, wait_task
 

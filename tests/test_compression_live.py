@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import requests
 
-from device.launcher import launch, stop
 from examples import digits
-from fedcore import compression as c
-from fedcore import wire
+from fedhub.device.launcher import launch, stop
+from fedhub.engine import compression as c
+from fedhub.engine import wire
 from tests.seeded_digits import SeededSoftmaxTrainer
 
 from .conftest import ROOT, ServerProcess, wait_until
@@ -290,7 +290,7 @@ def test_hostile_compressed_uploads_are_refused_naming_the_field(tmp_path, data_
 
 
 def test_bad_compression_options_are_one_line_errors():
-    import server
+    from fedhub import serve as server
     from tests.cli_inprocess import assert_one_line_error, run_main
 
     for args, message in ((["--compression", "q3"], "unknown compression 'q3'"),

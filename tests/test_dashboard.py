@@ -17,10 +17,10 @@ import requests
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from device.launcher import launch, stop
+from fedhub.device.launcher import launch, stop
+from fedhub.split import load_device_data, split_to_devices, write_device_data
 from tests.conftest import ROOT, ServerProcess, wait_until
 from tests.slow_trainer import batches_done
-from utils.format_dataset import load_device_data, split_to_devices, write_device_data
 
 pytestmark = pytest.mark.slow
 DASHBOARD = str(ROOT / "dashboard" / "index.py")

@@ -15,11 +15,11 @@ import sys
 import pytest
 import requests
 
-from device.launcher import launch, stop
+from fedhub.device.launcher import launch, stop
+from fedhub.server_process import free_port
+from fedhub.split import split_to_devices
 from tests.conftest import ROOT, ServerProcess, wait_until
 from tests.test_stats_page import browser  # noqa: F401 - the fixture: Chromium via Playwright
-from utils.demo import free_port
-from utils.format_dataset import split_to_devices
 
 pytestmark = pytest.mark.slow
 

@@ -25,10 +25,10 @@ import requests
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from streamlit.testing.v1 import AppTest
 
+from fedhub.server_process import free_port
 from tests.chromium import chromium
 from tests.conftest import ROOT, ServerProcess, wait_until
 from tests.rounds_by_hand import enroll, train_rounds
-from utils.demo import free_port
 
 pytestmark = pytest.mark.slow
 DASHBOARD = str(ROOT / "dashboard" / "index.py")

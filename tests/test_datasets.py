@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from fedhub import datasets
+from fedhub import split as format_dataset
 from fedhub.datasets import DATA_DIR_ENV, DatasetError
-from utils import format_dataset
-from utils.format_dataset import load_device_data, partition, write_device_data
+from fedhub.split import load_device_data, partition, write_device_data
 
 from .cli_inprocess import assert_one_line_error, run_main
 from .conftest import DATA_DIR, ROOT
@@ -329,10 +329,10 @@ def test_the_split_command_refuses_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_the_split_command_in_a_process(tmp_path):
-    """`python -m utils.format_dataset --dataset cifar-10 --devices 3` with `make`'s environment."""
+    """`python -m fedhub.split --dataset cifar-10 --devices 3` with `make`'s environment."""
     out = tmp_path / "devices"
     env = {**os.environ, DATA_DIR_ENV: str(DATA_DIR)}
-    result = subprocess.run([sys.executable, "-m", "utils.format_dataset", "--dataset", "cifar-10",
+    result = subprocess.run([sys.executable, "-m", "fedhub.split", "--dataset", "cifar-10",
                              "--devices", "3", "--limit", "50", "--out", str(out), "--quiet"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from examples import digits
-from fedcore import wire
-from fedcore.secagg.params import levels_for
+from fedhub.engine import wire
+from fedhub.engine.secagg.params import levels_for
 
 from .conftest import ROOT, ServerProcess, wait_until
 from .rounds_by_hand import enroll, train_rounds
@@ -157,12 +157,12 @@ def test_task_polls_and_status_answer_while_the_storage_is_busy(tmp_path):
     is held, as by a long write: task polls, a refused device's included, and ``GET /api/status``
     still answer, as whether a device is refused is kept in memory. Before, every task poll read
     SQLite under that lock, and a crowd of them queued behind any write."""
-    from api import build_app
-    from api.serving import ServeOptions, Serving
-    from fedcore.config import FederationConfig
-    from fedcore.devices import DeviceRegistry
-    from fedcore.rounds import Coordinator
-    from fedcore.storage import Storage
+    from fedhub.api import build_app
+    from fedhub.api.serving import ServeOptions, Serving
+    from fedhub.engine.config import FederationConfig
+    from fedhub.engine.devices import DeviceRegistry
+    from fedhub.engine.rounds import Coordinator
+    from fedhub.engine.storage import Storage
 
     from .test_api import ADMIN, ENROLL, INITIAL
 
@@ -203,8 +203,8 @@ def test_task_polls_and_status_answer_while_the_storage_is_busy(tmp_path):
 def test_lifecycle_memory_follows_only_what_commits(tmp_path):
     """The lifecycle states in memory are what SQLite holds: a write in a transaction that
     rolls back leaves the device as it was, and a restart reads back what committed."""
-    from fedcore.lifecycle import Lifecycle
-    from fedcore.storage import Storage
+    from fedhub.engine.lifecycle import Lifecycle
+    from fedhub.engine.storage import Storage
 
     storage = Storage(tmp_path)
     lifecycle = Lifecycle(storage)
@@ -257,8 +257,8 @@ def test_fedhub_server_does_not_continue_a_dp_run_without_its_privacy(tmp_path, 
     """The Python API's server: a round under central DP, then the same state directory
     without ``privacy``: ``start()`` raises the project's error (a FedHubError), naming the
     run's settings and how to start a new run."""
-    from fedcore.errors import FedHubError
     from fedhub import Server
+    from fedhub.engine.errors import FedHubError
     from tests.seeded_digits import build_model
 
     digits.split(tmp_path / "devices", 1, limit=20)

@@ -29,7 +29,7 @@ NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "devices", "server_training
 def test_make_demo_runs_the_demo_entry_point():
     dry = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
-    assert re.search(r"^\S*python\S* -m utils\.demo --devices 3 --rounds 3$", dry.stdout, re.M), dry.stdout
+    assert re.search(r"^\S*python\S* -m fedhub\.demo --devices 3 --rounds 3$", dry.stdout, re.M), dry.stdout
 
 
 def test_demo_prints_each_round_of_a_real_run(tmp_path, data_dir):
@@ -41,9 +41,9 @@ def test_demo_prints_each_round_of_a_real_run(tmp_path, data_dir):
     own = checkout / "devices" / "device1" / "data"  # a split of the user's own, before the demo
     own.mkdir(parents=True)
     (own / "train.npz").write_bytes(b"my own split")
-    # `make demo` runs `-m utils.demo --devices 3 --rounds 3` on all the data; the same, smaller,
+    # `make demo` runs `-m fedhub.demo --devices 3 --rounds 3` on all the data; the same, smaller,
     # with the convolutional model (which no other test trains end to end)
-    run = subprocess.run([sys.executable, "-m", "utils.demo", "--devices", "2", "--rounds", "2",
+    run = subprocess.run([sys.executable, "-m", "fedhub.demo", "--devices", "2", "--rounds", "2",
                           "--limit", "200", "--model", "cnn"],
                          cwd=checkout, env=env, capture_output=True, text=True, timeout=900)
     out = run.stdout

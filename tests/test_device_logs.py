@@ -8,9 +8,9 @@ import time
 import pytest
 from waitress import create_server
 
-from device.client import Client, RemoteLogHandler
-from fedcore.device_logs import MAX_BATCH, MAX_MESSAGE_CHARS, DeviceLogs
-from fedcore.storage import Storage
+from fedhub.device.client import Client, RemoteLogHandler
+from fedhub.engine.device_logs import MAX_BATCH, MAX_MESSAGE_CHARS, DeviceLogs
+from fedhub.engine.storage import Storage
 from tests.test_api import ADMIN, ENROLL, bearer, make_app, register, update_body, upload, wait_task
 
 

@@ -15,10 +15,10 @@ import math
 import numpy as np
 import pytest
 
-from device.launcher import stop
 from examples import digits
-from fedcore.config import FederationConfig
-from fedcore.privacy import (
+from fedhub.device.launcher import stop
+from fedhub.engine.config import FederationConfig
+from fedhub.engine.privacy import (
     DistributedDP,
     DPConfig,
     PrivacyAccountant,
@@ -26,8 +26,8 @@ from fedcore.privacy import (
     distributed_dp_task,
     l2_norm,
 )
-from fedcore.secagg import SecAggConfig
-from fedcore.strategies import FedAvg
+from fedhub.engine.secagg import SecAggConfig
+from fedhub.engine.strategies import FedAvg
 from tests.seeded_digits import SeededSoftmaxTrainer
 
 from .conftest import ServerProcess, launch_devices, wait_until

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from utils.docker_demo import IMAGES, DemoError, compose_command
+from fedhub.docker_demo import IMAGES, DemoError, compose_command
 
 from .conftest import DATA_DIR
 
@@ -110,7 +110,7 @@ def built() -> Iterator[list[str]]:
     decoys.plant("devices/decoy/data/train.npz", b"decoy " + admin)
     decoys.plant("eval/history.csv", b"round,decoy\n")
     # Inside folders the build context admits: .dockerignore must still keep them out.
-    decoys.plant("fedcore/decoy.secret", admin)
+    decoys.plant("fedhub/engine/decoy.secret", admin)
     decoys.plant("utils/decoy-images-idx3-ubyte.gz", b"decoy " + enroll)
     try:
         _run("make", "docker", timeout=2000)
@@ -229,7 +229,7 @@ def test_docker_demo_resumes_after_a_server_restart_and_after_down_and_up(built:
         assert rounds[-1][1] >= 0.8, output
 
         # The demo ended with `down`, keeping the volumes: `up` again finds the finished run.
-        again = _run("python3", "-m", "utils.docker_demo", "--project", project, "--resume", env=env)
+        again = _run("python3", "-m", "fedhub.docker_demo", "--project", project, "--resume", env=env)
         assert _printed_rounds(again) == rounds, again
         assert "done: 3 rounds" in again
     finally:
@@ -241,7 +241,7 @@ def test_docker_demo_resumes_after_a_server_restart_and_after_down_and_up(built:
 def test_docker_demo_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
     for args, message in ((["--data-dir", str(tmp_path)], "no Fashion-MNIST in"),
                           (["--rounds", "0"], "must be at least 1")):
-        proc = subprocess.run(["python3", "-m", "utils.docker_demo", *args], cwd=ROOT, capture_output=True,
+        proc = subprocess.run(["python3", "-m", "fedhub.docker_demo", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=60, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr

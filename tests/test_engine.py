@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 
-from fedcore import wire
-from fedcore.config import FederationConfig
-from fedcore.devices import DeviceRegistry
-from fedcore.rounds import Coordinator
-from fedcore.storage import Storage
-from fedcore.strategies import ParamError, make_strategy
+from fedhub.engine import wire
+from fedhub.engine.config import FederationConfig
+from fedhub.engine.devices import DeviceRegistry
+from fedhub.engine.rounds import Coordinator
+from fedhub.engine.storage import Storage
+from fedhub.engine.strategies import ParamError, make_strategy
 from tests.conftest import wait_until
 from tests.test_api import ADMIN, ENROLL, INITIAL, bearer, make_app, register, update_body, upload, wait_task
 

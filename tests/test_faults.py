@@ -14,9 +14,9 @@ import uuid
 import numpy as np
 import pytest
 
-from device.client import Client
-from device.launcher import stop
-from fedcore import wire
+from fedhub.device.client import Client
+from fedhub.device.launcher import stop
+from fedhub.engine import wire
 
 from .conftest import launch_devices, wait_until
 

@@ -10,10 +10,10 @@ import stat
 import numpy as np
 import pytest
 
-from device.client import ServerError
-from device.launcher import stop
-from fedcore import wire
-from fedcore.aggregation import weighted_mean
+from fedhub.device.client import ServerError
+from fedhub.device.launcher import stop
+from fedhub.engine import wire
+from fedhub.engine.aggregation import weighted_mean
 
 from .conftest import launch_devices, wait_until
 from .slow_trainer import batches_done

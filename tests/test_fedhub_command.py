@@ -28,7 +28,7 @@ def test_help_lists_every_command(capsys):
 
 
 def test_a_subcommand_is_the_original_entry_point():
-    from utils import format_dataset
+    from fedhub import split as format_dataset
 
     assert cli._entry("split") is format_dataset.main
     via_fedhub = run_main(cli.main, ["split", "--devices", "0"])

@@ -26,11 +26,12 @@ import pytest
 import requests
 from PIL import Image
 
-from device.client import Client, server_url
+from fedhub import state_dir as state
+from fedhub.demo import wait_for_server
+from fedhub.device.client import Client, server_url
+from fedhub.server_process import free_port
+from fedhub.split import load_fashion_mnist, write_device_data
 from tests.conftest import ROOT, wait_until
-from utils import state_dir as state
-from utils.demo import free_port, wait_for_server
-from utils.format_dataset import load_fashion_mnist, write_device_data
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +71,7 @@ def first_run(tmp_path_factory, data_dir):
     """One round of a run that lives in a fresh state directory, device started first."""
     tmp = tmp_path_factory.mktemp("first-hour")
     home = tmp / "run"
-    out = run_cli("-m", "utils.format_dataset", "--devices", "1", "--limit", str(EXAMPLES),
+    out = run_cli("-m", "fedhub.split", "--devices", "1", "--limit", str(EXAMPLES),
                   "--data-dir", str(data_dir), "--state-dir", str(home), "--quiet")
     assert out.returncode == 0, out.stderr
     port = free_port()
@@ -78,8 +79,8 @@ def first_run(tmp_path_factory, data_dir):
     device_log, server_log = tmp / "launcher.log", tmp / "server.log"
     with open(device_log, "wb") as log:  # the address without a scheme, as people type it
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "device.launcher", "--server", f"127.0.0.1:{port}", "--devices", "1",
-             "--state-dir", str(home), "--auto-activate"],
+            [sys.executable, "-m", "fedhub.device.launcher", "--server", f"127.0.0.1:{port}",
+             "--devices", "1", "--state-dir", str(home), "--auto-activate"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
     server = None
     try:
@@ -243,17 +244,17 @@ def test_server_addresses_with_or_without_a_scheme():
 
 
 @pytest.mark.parametrize("module, argv", [
-    ("device.device", ["--server", "ftp://127.0.0.1:4002", "--name", "d1"]),
-    ("device.device", ["--server", "127.0.0.1:port", "--name", "d1"]),
-    ("device.device", ["--server", "4002", "--name", "d1"]),
-    ("device.launcher", ["--server", "http://", "--devices", "1"]),
+    ("fedhub.device.main", ["--server", "ftp://127.0.0.1:4002", "--name", "d1"]),
+    ("fedhub.device.main", ["--server", "127.0.0.1:port", "--name", "d1"]),
+    ("fedhub.device.main", ["--server", "4002", "--name", "d1"]),
+    ("fedhub.device.launcher", ["--server", "http://", "--devices", "1"]),
 ])
 def test_a_bad_server_address_is_one_line_and_exit_2(module, argv):
     """In-process: the option parsing refuses before anything starts (each command's real-process
     check is in tests/test_cli_settings.py)."""
     from tests.cli_inprocess import assert_one_line_error, run_main
 
-    entry = {"device.device": "parse_args", "device.launcher": "main"}[module]
+    entry = {"fedhub.device.main": "parse_args", "fedhub.device.launcher": "main"}[module]
     assert_one_line_error(run_main(getattr(importlib.import_module(module), entry), argv), "error: --server:")
 
 
@@ -274,8 +275,8 @@ def test_one_state_directory_for_every_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert state.resolve("relative").server_dir == tmp_path / "relative"  # absolute, for children
     # every command has the option, with the same words
-    for argv in (["server.py"], ["device/device.py"], ["-m", "device.launcher"],
-                 ["-m", "utils.format_dataset"], ["-m", "utils.cleaner"]):
+    for argv in (["server.py"], ["device/device.py"], ["-m", "fedhub.device.launcher"],
+                 ["-m", "fedhub.split"], ["-m", "fedhub.cleaner"]):
         out = run_cli(*argv, "--help")
         assert out.returncode == 0, out.stderr
         assert "--state-dir DIR" in out.stdout and "FEDHUB_STATE_DIR" in out.stdout, argv
@@ -292,7 +293,7 @@ def test_the_cleaner_keeps_the_run_data_in_a_state_directory(tmp_path):
     for name, content in files.items():
         (home / name).parent.mkdir(parents=True, exist_ok=True)
         (home / name).write_text(content)
-    out = run_cli("-m", "utils.cleaner", env=clean_env(**{state.STATE_DIR_ENV: str(home)}))
+    out = run_cli("-m", "fedhub.cleaner", env=clean_env(**{state.STATE_DIR_ENV: str(home)}))
     assert out.returncode == 0, out.stderr
     left = {str(p.relative_to(home)) for p in home.rglob("*") if p.is_file()}
     assert left == {"admin.token", "enroll.secret", "runs/r1/events", "devices/device1/data/train.npz",

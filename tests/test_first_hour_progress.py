@@ -1,7 +1,7 @@
 """Progress inside a round through the protocol (``POST /api/devices/<name>/progress``), shown by
 both dashboards; and the Streamlit dashboard finding the run's state directory.
 
-A real server; the device here is the protocol client itself (``device.client.Client``), so the
+A real server; the device here is the protocol client itself (``fedhub.device.client.Client``), so the
 progress it reports is exactly known and the pages can be checked against it.
 """
 
@@ -15,9 +15,9 @@ import pytest
 import requests
 from streamlit.testing.v1 import AppTest
 
-from device.client import Client
+from fedhub import state_dir as state
+from fedhub.device.client import Client
 from tests.conftest import ROOT, wait_until
-from utils import state_dir as state
 
 pytestmark = pytest.mark.slow
 DASHBOARD = str(ROOT / "dashboard" / "index.py")

@@ -18,8 +18,8 @@ import pytest
 import requests
 from PIL import Image, ImageDraw
 
-from fedcore import wire
-from model import image_to_array
+from fedhub.engine import wire
+from fedhub.frameworks.keras_model import image_to_array
 from tests.chromium import chromium, wait_js
 from tests.conftest import ROOT, wait_until
 from tests.rounds_by_hand import enroll, train_rounds

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 import fedhub.simulate as simulate
-import server
+from fedhub import serve as server
 
 
 def refused(parse, argv: list[str], capsys) -> str:

@@ -1,4 +1,4 @@
-"""Tests for utils.format_dataset: IDX reading, partition schemes, device files and the CLI."""
+"""Tests for fedhub.split: IDX reading, partition schemes, device files and the CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.format_dataset import (
+from fedhub.split import (
     DATA_DIR_ENV,
     FILES,
     DatasetError,
@@ -28,8 +28,9 @@ from utils.format_dataset import (
     write_device_data,
 )
 
+from .conftest import DATA_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-from .conftest import DATA_DIR  # noqa: E402  (the "fashion" fixture is in conftest)
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +333,7 @@ def test_split_only_one_device_writes_its_share_of_the_full_split(tmp_path: Path
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "utils.format_dataset", *args],
+        [sys.executable, "-m", "fedhub.split", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -360,8 +361,8 @@ def test_cli_writes_devices(tmp_path: Path) -> None:
 
 def test_cli_errors(tmp_path: Path) -> None:
     """In-process: ``main(argv)`` prints one ``error: ...`` line and exits 2."""
+    from fedhub.split import main
     from tests.cli_inprocess import assert_one_line_error, run_main
-    from utils.format_dataset import main
 
     assert_one_line_error(run_main(main, ["--devices", "2", "--data-dir", str(tmp_path / "missing"),
                                           "--quiet"]), "does not exist")

@@ -33,7 +33,7 @@ CIFAR_CLASSES = list(datasets.get("cifar-10").class_names)
 
 def split_cifar(root: Path, devices: int, limit: int) -> Path:
     done = subprocess.run(
-        [sys.executable, "-m", "utils.format_dataset", "--devices", str(devices), "--dataset", "cifar-10",
+        [sys.executable, "-m", "fedhub.split", "--devices", str(devices), "--dataset", "cifar-10",
          "--limit", str(limit), "--data-dir", str(CIFAR_DIR), "--out", str(root), "--quiet"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -54,8 +54,8 @@ def start_device(server: ServerProcess, root: Path, name: str, log_dir: Path,
 def probe(server: ServerProcess, tmp: Path, name: str, trainer) -> tuple[bool, list[str]]:
     """An in-process device (the real device loop and client) joining ``server``: what
     :meth:`DeviceRunner.join` returned and the lines it printed. It leaves again at once."""
-    from device.client import Client
-    from device.runner import DeviceRunner
+    from fedhub.device.client import Client
+    from fedhub.device.runner import DeviceRunner
 
     lines: list[str] = []
     client = Client(server.url, name, retry_for=5)
@@ -80,7 +80,7 @@ def test_devices_build_the_servers_network_before_their_first_task_and_the_dashb
     predicts a colour picture with CIFAR-10's class names."""
     from streamlit.testing.v1 import AppTest
 
-    from device.trainer import ImageTrainer
+    from fedhub.device.trainer import ImageTrainer
 
     (x_train, y_train), (x_test, _) = cifar
     srv = ServerProcess(tmp_path, CIFAR_DIR, "--framework", "torch", "--dataset", "cifar-10",
@@ -157,7 +157,7 @@ def test_devices_build_the_servers_network_before_their_first_task_and_the_dashb
 def test_the_download_file_name_follows_the_servers_export_suffix():
     """The download's name comes from the server's network, not from Keras' suffix: the
     dashboard module's helpers, on what ``GET /api/status`` says of a PyTorch and a Keras run."""
-    from dashboard import index
+    from fedhub.dashboard import page as index
 
     class Status:
         def __init__(self, network):
@@ -179,7 +179,7 @@ def test_the_download_file_name_follows_the_servers_export_suffix():
 
 
 def test_the_keras_cifar_network_is_the_torch_one_in_shapes_and_learns(cifar, torch_one_thread):
-    from model import Model
+    from fedhub.frameworks.keras_model import Model
 
     (x_train, y_train), (x_test, y_test) = cifar
     keras_network = frameworks.get("keras").build("cifar")
@@ -213,7 +213,7 @@ def test_the_keras_cifar_network_is_the_torch_one_in_shapes_and_learns(cifar, to
 
 
 def test_keras_cifar_is_what_the_server_runs_for_cifar_10_with_keras():
-    import server
+    from fedhub import serve as server
 
     config = server.parse_args(["4000", "--dataset", "cifar-10"])
     assert (config.framework, config.model) == ("keras", "cifar")
@@ -231,7 +231,7 @@ def test_a_torch_module_of_your_own_trains_through_a_real_server_and_device(tmp_
     PyTorch runs to the score the server reported; no process loads TensorFlow. A device without
     the factory refuses to join in one line."""
     torch = torch_one_thread
-    from device.trainer import ImageTrainer
+    from fedhub.device.trainer import ImageTrainer
 
     (x_train, y_train), (x_test, y_test) = cifar
     root = split_cifar(tmp_path / "devices", 1, 600)

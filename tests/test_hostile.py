@@ -49,7 +49,7 @@ def test_device_names_cannot_escape_their_folder(tmp_path):
 
 
 def test_secrets_never_in_logs_or_errors(server_factory, split_devices):
-    from device.launcher import stop
+    from fedhub.device.launcher import stop
 
     from .conftest import launch_devices, wait_until
 

@@ -25,8 +25,8 @@ import requests
 from PIL import Image
 from safetensors.numpy import save as save_safetensors
 
-from device.client import Client, ServerError
-from fedcore import wire
+from fedhub.device.client import Client, ServerError
+from fedhub.engine import wire
 
 from .conftest import ServerProcess, wait_until
 
@@ -568,7 +568,7 @@ def test_wrong_credentials_are_rate_limited_per_address(server_factory):
     error = assert_error(r, 429, "Authorization")
     assert 1 <= int(r.headers["Retry-After"]) <= 2, r.headers
     assert "too many wrong credentials" in error["message"]
-    # right credentials from the same address are still served (issue 18; api/throttle.py says
+    # right credentials from the same address are still served (issue 18; fedhub/api/throttle.py says
     # why, and tests/test_transport_defects.py covers it); wrong ones stay refused
     assert server.admin("GET", "/api/logs").status_code == 200
     assert server.get("/api/devices/d1/signal", headers=auth(token)).status_code == 200

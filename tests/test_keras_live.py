@@ -13,10 +13,10 @@ import sqlite3
 import numpy as np
 import pytest
 
-from device.launcher import stop
-from fedcore import wire
-from fedcore.privacy import PrivacyAccountant
-from fedcore.secagg.params import levels_for
+from fedhub.device.launcher import stop
+from fedhub.engine import wire
+from fedhub.engine.privacy import PrivacyAccountant
+from fedhub.engine.secagg.params import levels_for
 from tests.recording_trainer import recorded
 
 from .conftest import launch_devices, wait_until

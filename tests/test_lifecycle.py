@@ -10,10 +10,11 @@ import threading
 import numpy as np
 import pytest
 
-from device.launcher import launch, stop
-from fedcore import wire
-from fedcore.devices import DeviceRegistry
-from fedcore.storage import Storage
+from fedhub.device.launcher import launch, stop
+from fedhub.engine import wire
+from fedhub.engine.devices import DeviceRegistry
+from fedhub.engine.storage import Storage
+from fedhub.split import split_to_devices, write_device_data
 from tests.conftest import ServerProcess, wait_until
 from tests.slow_trainer import batches_done
 from tests.test_api import (
@@ -27,7 +28,6 @@ from tests.test_api import (
     upload,
     wait_task,
 )
-from utils.format_dataset import split_to_devices, write_device_data
 
 GOOD = {"ok": True, "problems": [], "num_examples": 3, "class_counts": [1, 2, 0]}
 BAD = {"ok": False, "problems": ["labels must be in 0..9"], "num_examples": 3, "class_counts": []}
@@ -243,7 +243,7 @@ def test_real_devices_validate_get_interrupted_and_finish(tmp_path, data_dir):
         info = server.admin("GET", "/api/logs?device=device1").json()["logs"]
         assert any(e["message"].startswith("enrolled") for e in info)
         assert any(e["round"] == 2 and "training" in e["message"] for e in info)
-        from model import Model
+        from fedhub.frameworks.keras_model import Model
 
         weights, meta = wire.decode(server.admin("GET", "/api/model").content)
         assert meta.model_version == 2

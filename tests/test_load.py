@@ -1,6 +1,6 @@
 """Load: 200 concurrent lightweight devices x 5 rounds against the real server on loopback.
 
-The devices (device/swarm.py) speak the real HTTP protocol through device/client.py, with
+The devices (fedhub/device/swarm.py) speak the real HTTP protocol through fedhub/device/client.py, with
 random updates of the real basic model's size and no TensorFlow. Checked: no 5xx; every
 round counts each of the 200 updates exactly once (in /api/history and in SQLite); every
 round's global model is the weighted mean of exactly the updates the devices had accepted;
@@ -11,52 +11,23 @@ that idle devices' long polls cannot take every server thread.
 
 from __future__ import annotations
 
-import io
 import sqlite3
 import threading
 
 import numpy as np
 import pytest
-import requests
 
-from api.serving import ServeOptions, Serving
-from device.swarm import Swarm
-from fedcore import wire
+from bench.load import DEVICES, ROUNDS, load_server_args, warm_up_evaluation
+from fedhub.api.serving import ServeOptions, Serving
+from fedhub.device.swarm import Swarm
+from fedhub.engine import wire
 
 from .conftest import wait_until
 from .test_api import bearer, make_app, register
 
 pytestmark = pytest.mark.slow
 
-DEVICES = 200
-ROUNDS = 5
 BASIC_PARAMETERS = 101_770
-# Each waiting long poll holds a worker thread; the server lets at most half of them wait and
-# tells the other devices to retry later, so a few threads serve 200 devices (the GIL
-# serialises request handling anyway: 4 threads are as fast as 32 here, see
-# docs/benchmarks.md). Few threads also keep the memory bound below honest.
-THREADS = 4
-
-
-def load_server_args(threads: int = THREADS, devices: int = DEVICES, rounds: int = ROUNDS) -> tuple[str, ...]:
-    """server.py flags for the load run: the default basic model, every round with all devices."""
-    return ("--rounds", str(rounds), "--min-devices", str(devices), "--auto-activate", "--start",
-            "--test-limit", "1000", "--threads", str(threads))
-
-
-def warm_up_evaluation(url: str, admin_token: str) -> None:
-    """TensorFlow's first evaluation allocates ~30 MB, once; pay it before measuring memory.
-
-    POST /api/rounds/0/validate runs the same evaluation as each round's test metrics.
-    """
-    rng = np.random.default_rng(0)
-    buffer = io.BytesIO()
-    np.savez(buffer, x=rng.integers(0, 256, (1000, 28, 28), dtype=np.uint8),
-             y=rng.integers(0, 10, 1000))
-    reply = requests.post(f"{url}/api/rounds/0/validate", data=buffer.getvalue(), timeout=120,
-                          headers={"Authorization": f"Bearer {admin_token}",
-                                   "Content-Type": "application/octet-stream"})
-    assert reply.status_code == 200, reply.text
 
 
 def test_200_devices_5_rounds(server_factory):
@@ -110,7 +81,7 @@ def test_200_devices_5_rounds(server_factory):
     # What it legitimately holds, whatever the number of devices:
     # - per busy thread (4 workers, the round driver, waitress's main loop): a request body
     #   (twice while Flask reads it), its decoded tensors and the float64 term of the running
-    #   sum, ~5 x model = 2 MB, so ~12 MB if all six peak at once; api/serving.py has glibc
+    #   sum, ~5 x model = 2 MB, so ~12 MB if all six peak at once; fedhub/api/serving.py has glibc
     #   hand such blocks back when freed instead of keeping them in each thread's arena
     #   (without that: +2.7 MB per thread, 61 MiB with 32 threads);
     # - the first rounds' one-off Keras/TensorFlow costs (evaluation, the predictor's fresh
@@ -119,7 +90,7 @@ def test_200_devices_5_rounds(server_factory):
     #   the per-round history entries and the strategy's round metrics: ~2-8 MB.
     # Measured: ~19 MiB before issues 8 and 9, 26-29 MiB after. Not held at all: queued uploads
     # and downloads. waitress reads a whole request before a thread takes it and keeps a whole
-    # response until the client has read it; api/serving.py spools bodies above 64 KB to
+    # response until the client has read it; fedhub/api/serving.py spools bodies above 64 KB to
     # temporary files (without: ~93 MiB).
     model_bytes = sum(a.size * a.itemsize for a in models[1][1].values())
     growth = result.peak_growth

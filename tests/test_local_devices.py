@@ -6,7 +6,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from dashboard.local_devices import LocalDevices
+from fedhub.dashboard.local_devices import LocalDevices
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow

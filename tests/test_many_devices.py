@@ -4,7 +4,7 @@ charts draw the global model beside a chosen few devices.
 
 One real server for the module: 1,000 devices written into its state directory through the
 engine's own registry before it starts (enrolling them over HTTP would cost two fsyncs each),
-left offline so that rounds select only the 12 lightweight devices of ``device/swarm.py`` that
+left offline so that rounds select only the 12 lightweight devices of ``fedhub/device/swarm.py`` that
 then train two real rounds over HTTP.
 """
 
@@ -15,9 +15,9 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from device.swarm import Swarm
-from fedcore.devices import DeviceRegistry
-from fedcore.storage import Storage
+from fedhub.device.swarm import Swarm
+from fedhub.engine.devices import DeviceRegistry
+from fedhub.engine.storage import Storage
 from tests.chromium import wait_js
 from tests.conftest import ROOT, ServerProcess
 from tests.test_stats_page import browser, open_page  # noqa: F401 (browser: a fixture)

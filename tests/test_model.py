@@ -1,4 +1,5 @@
-"""Tests for model.py: shared preprocessing, picture conversion and the Model wrapper."""
+"""Tests for fedhub.frameworks.keras_model (model.py re-exports it): shared preprocessing, picture
+conversion and the Model wrapper."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from model import (
+from fedhub.frameworks.keras_model import (
     CLASS_NAMES,
     MODEL_NAMES,
     NUM_CLASSES,
@@ -19,7 +20,7 @@ from model import (
     preprocess,
 )
 
-pytestmark = pytest.mark.slow  # model.py is the Keras side: importing it imports TensorFlow
+pytestmark = pytest.mark.slow  # the Keras side: importing it imports TensorFlow
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import requests
 
-from device.launcher import launch, stop
-from fedcore import wire
+from fedhub.device.launcher import launch, stop
+from fedhub.engine import wire
+from fedhub.split import load_fashion_mnist, split_to_devices
 from tests.conftest import ServerProcess
-from utils.format_dataset import load_fashion_mnist, split_to_devices
 
 TEST_LIMIT = 300
 

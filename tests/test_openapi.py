@@ -1,4 +1,4 @@
-"""The OpenAPI description (``api/openapi.json``, served at ``/openapi.json``) kept true.
+"""The OpenAPI description (``fedhub/api/openapi.json``, served at ``/openapi.json``) kept true.
 
 Two ways: the description names exactly the routes and methods the app serves (and is a
 valid OpenAPI 3.1 document); and Schemathesis fuzzes a real ``server.py`` process on
@@ -20,12 +20,12 @@ import requests
 from openapi_spec_validator import validate
 from PIL import Image
 
-from fedcore import wire
+from fedhub.engine import wire
 
 from .conftest import ROOT, ServerProcess, wait_until
 from .test_api import ADMIN, ENROLL, bearer, make_app, register, update_body, upload, wait_task
 
-SPEC = json.loads((ROOT / "api" / "openapi.json").read_text())
+SPEC = json.loads((ROOT / "fedhub" / "api" / "openapi.json").read_text())
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 # Flask answers these for every rule by itself (HEAD as GET without a body, OPTIONS with Allow).
 AUTOMATIC = {"HEAD", "OPTIONS"}

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from api import build_app
-from api.predictor import Predictor
-from device.trainer import KerasTrainer
-from fedcore import wire
-from fedcore.config import FederationConfig
-from model import CLASS_NAMES, Model, image_to_array
-from server import ServerConfig, create_app
+from fedhub.api import build_app
+from fedhub.api.predictor import Predictor
+from fedhub.device.trainer import KerasTrainer
+from fedhub.engine import wire
+from fedhub.engine.config import FederationConfig
+from fedhub.frameworks.keras_model import CLASS_NAMES, Model, image_to_array
+from fedhub.serve import ServerConfig, create_app
+from fedhub.split import load_fashion_mnist
 from tests.conftest import wait_until
 from tests.test_api import make_app
 from tests.test_tensorboard import read_run
-from utils.format_dataset import load_fashion_mnist
 
 ADMIN = "admin-predict-test"
 ENROLL = "enroll-predict-test"

@@ -1,4 +1,4 @@
-"""Differential privacy (fedcore.privacy): clipping bounds, noise scale, adaptive clipping, epsilon."""
+"""Differential privacy (fedhub.engine.privacy): clipping bounds, noise scale, adaptive clipping, epsilon."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
-from fedcore.privacy import (
+from fedhub.engine.privacy import (
     BudgetExhausted,
     DPAdaptiveClipping,
     DPFixedClipping,
@@ -25,7 +25,7 @@ from fedcore.privacy import (
     local_dp_task,
     privatize_update,
 )
-from fedcore.strategies import FedAvg, FedAvgM, Krum, NotEnoughUpdates
+from fedhub.engine.strategies import FedAvg, FedAvgM, Krum, NotEnoughUpdates
 
 
 def _model(rng, sizes=(("dense/kernel", (8, 5)), ("dense/bias", (5,)))):
@@ -164,7 +164,7 @@ def test_adaptive_clipping_with_noise_still_finds_the_quantile():
 def test_state_is_saved_beside_the_checkpoint_restored_and_reset(tmp_path):
     """The adaptive bound, the accountant and the inner optimizer's state go through the
     storage's strategy-state file; a round is counted only once its state is adopted."""
-    from fedcore.storage import Storage
+    from fedhub.engine.storage import Storage
 
     g = {"w": np.zeros(3, np.float32)}
     dp = DPAdaptiveClipping(FedAvgM(), 1.0, 10, initial_clipping_norm=0.1, clipped_count_stddev=1.0)
@@ -277,7 +277,7 @@ def test_budget_check_stops_the_run_before_the_budget_is_exceeded():
 def test_distributed_noise_through_secure_aggregation():
     """Each device clips and adds its share of the noise before masking; the unmasked mean of the
     n survivors carries at least what central DP with the threshold's worth of devices would."""
-    from fedcore.secagg import DeviceRound, SecAggConfig, ServerRound
+    from fedhub.engine.secagg import DeviceRound, SecAggConfig, ServerRound
 
     z, bound, length = 1.0, 0.2, 50_000
     names = [f"d{i}" for i in range(5)]

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 
-from device.launcher import launch, stop
 from examples import digits
-from fedcore.privacy import PrivacyAccountant
+from fedhub.device.launcher import launch, stop
+from fedhub.engine.privacy import PrivacyAccountant
 
 from .conftest import ServerProcess, wait_until
 from .test_strategies_live import run_cli
@@ -175,7 +175,7 @@ def test_local_dp_is_applied_on_the_devices(tmp_path, data_dir):
 ])
 def test_bad_dp_settings_are_one_line_errors(args, message, capsys):
     """server.py's parser in this process (a real process below): one line, exit 2."""
-    import server
+    from fedhub import serve as server
 
     with pytest.raises(SystemExit) as exit_:
         server.parse_args(args)

@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 
 @pytest.mark.slow
 def test_example_script(tmp_path):
-    out = subprocess.run([sys.executable, "examples/python_api.py", "--devices", "2", "--rounds", "2",
+    out = subprocess.run([sys.executable, "-m", "examples.python_api", "--devices", "2", "--rounds", "2",
                           "--root", str(tmp_path / "sim"), "--json", str(tmp_path / "result.json")],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -49,7 +49,7 @@ def test_server_with_local_and_remote_devices(tmp_path):
     import keras
 
     import fedhub
-    from model import get_keras_weights
+    from fedhub.frameworks.keras_model import get_keras_weights
 
     x, y = load_digits()
     (x1, y1), (x2, y2), (xt, yt) = (x[:300], y[:300]), (x[300:600], y[300:600]), (x[1400:], y[1400:])

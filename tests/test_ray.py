@@ -36,7 +36,7 @@ def two_node_cluster():
 @pytest.mark.slow
 def test_devices_train_on_both_nodes_of_a_ray_cluster(tmp_path, data_dir, two_node_cluster):
     import fedhub
-    from utils.format_dataset import split_to_devices
+    from fedhub.split import split_to_devices
 
     nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     assert len(nodes) == 2

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.demo import free_port
+from fedhub.server_process import free_port
 
 from .conftest import ROOT, wait_until
 

@@ -19,12 +19,12 @@ from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from api import build_app
-from fedcore.config import FederationConfig
-from fedcore.devices import DeviceRegistry
-from fedcore.errors import Conflict, NotFound
-from fedcore.rounds import Coordinator
-from fedcore.storage import Storage
+from fedhub.api import build_app
+from fedhub.engine.config import FederationConfig
+from fedhub.engine.devices import DeviceRegistry
+from fedhub.engine.errors import Conflict, NotFound
+from fedhub.engine.rounds import Coordinator
+from fedhub.engine.storage import Storage
 
 from .conftest import ROOT, ServerProcess, wait_until
 from .rounds_by_hand import enroll, train_rounds
@@ -138,7 +138,7 @@ def test_no_test_set_is_a_conflict(tmp_path):
 
 
 def model_validation_schema() -> Draft202012Validator:
-    spec = json.loads((ROOT / "api" / "openapi.json").read_text())
+    spec = json.loads((ROOT / "fedhub" / "api" / "openapi.json").read_text())
     registry = Registry().with_resource("urn:fedhub", DRAFT202012.create_resource(spec))
     return Draft202012Validator({"$ref": "urn:fedhub#/components/schemas/ModelValidation"},
                                 registry=registry)

@@ -1,4 +1,4 @@
-"""Secure aggregation (fedcore.secagg): exact sums through dropouts, masks that look like noise,
+"""Secure aggregation (fedhub.engine.secagg): exact sums through dropouts, masks that look like noise,
 lying devices refused, and every message through its byte form."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedcore import wire
-from fedcore.secagg import (
+from fedhub.engine import wire
+from fedhub.engine.secagg import (
     AdvertiseKeys,
     ConfigError,
     DeviceRound,
@@ -31,7 +31,7 @@ from fedcore.secagg import (
     flatten,
     unflatten,
 )
-from fedcore.secagg.encoding import encode, quantize
+from fedhub.engine.secagg.encoding import encode, quantize
 
 NAMES = [f"dev-{i}" for i in range(10)]
 ROUND = 7

@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedcore.config import FederationConfig
-from fedcore.devices import DeviceRegistry
-from fedcore.rounds import Coordinator
-from fedcore.secagg import DeviceRound, SecAggConfig
-from fedcore.storage import Storage
-from fedcore.strategies import make_strategy
+from fedhub.engine.config import FederationConfig
+from fedhub.engine.devices import DeviceRegistry
+from fedhub.engine.rounds import Coordinator
+from fedhub.engine.secagg import DeviceRound, SecAggConfig
+from fedhub.engine.storage import Storage
+from fedhub.engine.strategies import make_strategy
 from tests.conftest import wait_until
 from tests.secagg_by_hand import answer
 from tests.test_api import ENROLL, INITIAL, bearer, make_app

@@ -13,10 +13,10 @@ import sqlite3
 import numpy as np
 import pytest
 
-from device.launcher import stop
 from examples import digits
-from fedcore import wire
-from fedcore.secagg.params import levels_for
+from fedhub.device.launcher import stop
+from fedhub.engine import wire
+from fedhub.engine.secagg.params import levels_for
 from tests.secagg_by_hand import answer
 from tests.seeded_digits import SeededSoftmaxTrainer
 
@@ -119,7 +119,7 @@ class HandDevice:
     def __init__(self, server: ServerProcess, name: str, delta: float, weight: int) -> None:
         import requests
 
-        from fedcore.secagg import DeviceRound
+        from fedhub.engine.secagg import DeviceRound
 
         self.server, self.name, self.delta, self.weight = server, name, delta, weight
         self.rounds: dict[str, DeviceRound] = {}
@@ -189,7 +189,7 @@ def mean_change(server: ServerProcess, number: int) -> np.ndarray:
 
 
 def test_lying_devices_are_refused_and_the_round_goes_on(tmp_path, data_dir):
-    from fedcore.secagg import AdvertiseKeys, KeyDirectory, ShareKeys
+    from fedhub.engine.secagg import AdvertiseKeys, KeyDirectory, ShareKeys
 
     server = hand_server(tmp_path, data_dir, "--rounds", "2").start()
     try:
@@ -367,7 +367,7 @@ def test_simulate_with_secure_aggregation_and_dropouts_on_a_pool(tmp_path):
                               test_data=(x[1400:], y[1400:]), root=tmp_path, timeout=300,
                               secure_aggregation=True, dropout=0.2)
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
-    # Each device draws its dropouts from a generator seeded with its name (device/secure.py):
+    # Each device draws its dropouts from a generator seeded with its name (fedhub/device/secure.py):
     # with P = 0.2, device2 drops out of round 1 (its first draw is 0.056) and nobody out of round 2.
     assert [entry["secagg"]["recovered"] for entry in history] == [["device2"], []]
     for entry in history:
@@ -386,11 +386,11 @@ def test_pool_devices_answer_a_secure_round_that_opens_again(tmp_path):
     answer the new attempt's stages at once (each attempt has its own ``started_at``), not
     after their keepalive, which is longer here than a stage's deadline."""
     import fedhub
-    from device.pool import DevicePool
     from examples.digits import load_digits
-    from fedcore.secagg import SecAggConfig
+    from fedhub.device.pool import DevicePool
+    from fedhub.engine.secagg import SecAggConfig
+    from fedhub.split import write_device_arrays
     from tests.test_simulation_pool import digits_model, enrolled
-    from utils.format_dataset import write_device_arrays
 
     x, y = load_digits()
     root = tmp_path / "devices"

@@ -1,4 +1,4 @@
-"""Request bodies in the real waitress server (api/serving.py): held in memory within one budget
+"""Request bodies in the real waitress server (fedhub/api/serving.py): held in memory within one budget
 for all connections, spooled to a temporary file beyond it, and the budget always given back,
 however the request ends."""
 
@@ -15,8 +15,8 @@ import pytest
 import requests
 from flask import Flask, jsonify, request
 
-from api import serving
-from api.inputs import binary_body
+from fedhub.api import serving
+from fedhub.api.inputs import binary_body
 
 from .conftest import wait_until
 

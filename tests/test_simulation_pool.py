@@ -73,7 +73,7 @@ def test_simulate_command_refuses_bad_arguments():
 @pytest.fixture
 def basic_devices(tmp_path, data_dir):
     """``make(n, limit)``: n memory-mappable Fashion-MNIST device folders; their names."""
-    from utils.format_dataset import split_to_devices
+    from fedhub.split import split_to_devices
 
     def make(n: int, limit: int) -> list[str]:
         return list(split_to_devices(tmp_path / "devices", n, limit=limit, data_dir=data_dir, progress=False,
@@ -90,7 +90,7 @@ def enrolled(server, names) -> bool:
 @pytest.mark.slow
 def test_killed_worker_is_restarted_and_its_devices_carry_on(tmp_path, data_dir, basic_devices):
     import fedhub
-    from device.pool import DevicePool
+    from fedhub.device.pool import DevicePool
 
     names = basic_devices(6, 40)
     with fedhub.Server("basic", rounds=3, start=False, min_devices=6, quorum=1.0, data_dir=data_dir,
@@ -133,9 +133,9 @@ def test_devices_that_raise_do_not_stop_their_worker(tmp_path):
     """A device whose data file breaks mid-run, one whose history file cannot be written and one
     refused for invalid labels: the others on the same worker train every round."""
     import fedhub
-    from device.pool import DevicePool
     from examples.digits import load_digits
-    from utils.format_dataset import write_device_arrays
+    from fedhub.device.pool import DevicePool
+    from fedhub.split import write_device_arrays
 
     x, y = load_digits()
     root = tmp_path / "devices"
@@ -178,7 +178,7 @@ def test_worker_memory_does_not_grow_with_the_number_of_devices(tmp_path, data_d
     """200 devices of 300 images cost a worker what 20 do: only the devices training are read.
     (The worker's peak is measured after its start-up, whose TensorFlow peak would hide it.)"""
     import fedhub
-    from utils.format_dataset import split_to_devices
+    from fedhub.split import split_to_devices
 
     peaks = {}
     for count, fraction in ((20, 0.5), (200, 0.05)):  # 10 devices train in either run
@@ -195,12 +195,13 @@ def test_worker_memory_does_not_grow_with_the_number_of_devices(tmp_path, data_d
 
 @pytest.mark.slow
 def test_launcher_hosts_devices_on_workers(server_factory, split_devices, tmp_path):
-    """``python -m device.launcher --workers``: train.npz folders, a server process of its own."""
+    """``python -m fedhub.device.launcher --workers``: train.npz folders, a server process of its own."""
     root = split_devices(4, 30)
     server = server_factory("--rounds", "1", "--min-devices", "4", "--auto-activate", "--start",
                             "--test-limit", "200").start()
     env = {**os.environ, "FEDHUB_ENROLL_SECRET": server.enroll_secret}
-    out = subprocess.run([sys.executable, "-m", "device.launcher", "--server", server.url, "--devices", "4",
+    out = subprocess.run([sys.executable, "-m", "fedhub.device.launcher", "--server", server.url,
+                          "--devices", "4",
                           "--workers", "1", "--devices-root", str(root)], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr + (root / "logs" / "worker-0.log").read_text()[-3000:]

@@ -10,11 +10,11 @@ import re
 import pytest
 import requests
 
-from device.launcher import launch, stop
+from fedhub.device.launcher import launch, stop
+from fedhub.split import split_to_devices
 from tests.chromium import chromium, wait_js
 from tests.conftest import ROOT, ServerProcess, wait_until
 from tests.test_api import make_app
-from utils.format_dataset import split_to_devices
 
 STATS_DIR = ROOT / "dashboard_stats"
 

@@ -15,9 +15,9 @@ import pytest
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from device.attacks import Constant, Scale, SignFlip
-from fedcore.params import ParamError
-from fedcore.strategies import (
+from fedhub.device.attacks import Constant, Scale, SignFlip
+from fedhub.engine.params import ParamError
+from fedhub.engine.strategies import (
     STRATEGIES,
     AggregationError,
     InvalidUpdate,

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 
-from device.launcher import launch, stop
 from examples import digits
-from fedcore import wire
-from fedcore.strategies import STRATEGIES, describe_strategies
+from fedhub.device.launcher import launch, stop
+from fedhub.engine import wire
+from fedhub.engine.strategies import STRATEGIES, describe_strategies
 
 from .conftest import ROOT, ServerProcess, launch_devices, wait_until
 
@@ -32,7 +32,7 @@ def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
     anything starts); tests/test_cli_settings.py keeps each command's real-process check."""
     from tests.cli_inprocess import run_main
 
-    module = {"server.py": "server", "device/device.py": "device.device"}[script]
+    module = {"server.py": "fedhub.serve", "device/device.py": "fedhub.device.main"}[script]
     outcome = run_main(importlib.import_module(module).parse_args, args)
     return subprocess.CompletedProcess([script, *args], outcome.code, outcome.stdout, outcome.stderr)
 

@@ -53,7 +53,7 @@ def test_event_files_match_the_history(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_only_the_first_devices_get_runs_and_every_device_is_in_the_spread(tmp_path):
-    from server_tensorboard import TensorBoardLog
+    from fedhub.tensorboard_log import TensorBoardLog
 
     log = TensorBoardLog(tmp_path, "capped", max_device_runs=2)
     for step, names in ((1, ["d1", "d2", "d3"]), (2, ["d3", "d4", "d1"])):
@@ -72,7 +72,7 @@ def test_only_the_first_devices_get_runs_and_every_device_is_in_the_spread(tmp_p
 
 def test_tensorboard_devices_flag_is_checked():
     """In-process (server.py's real-process check is in tests/test_cli_settings.py)."""
-    import server
+    from fedhub import serve as server
     from tests.cli_inprocess import assert_one_line_error, run_main
 
     assert_one_line_error(run_main(server.parse_args, ["--tensorboard-devices", "-1"]),

@@ -3,7 +3,7 @@ cifar-10`` and real ``device/device.py`` processes on small real CIFAR-10 shares
 device, 200 test images, 2 rounds).
 
 Compatible features share a run, so four runs cover them all (the server refuses the rest
-together at start-up, fedcore/config.py):
+together at start-up, fedhub/engine/config.py):
 
 - robust: Krum against a device declaring a scaling attack, with top-k compressed updates and
   local DP on the devices;
@@ -31,11 +31,11 @@ import pytest
 import requests
 from PIL import Image
 
-from device.launcher import stop
-from device.runner import RESIDUAL_FILE
-from fedcore import wire
-from fedcore.privacy import PrivacyAccountant
 from fedhub import datasets
+from fedhub.device.launcher import stop
+from fedhub.device.runner import RESIDUAL_FILE
+from fedhub.engine import wire
+from fedhub.engine.privacy import PrivacyAccountant
 from tests.conftest import CIFAR_DIR, ONE_THREAD
 from tests.test_keras_live import checkpoint, run
 
@@ -54,7 +54,7 @@ def shares(tmp_path_factory):
     """Three devices' real CIFAR-10 shares of 300 images, split once by the real CLI."""
     root = tmp_path_factory.mktemp("cifar") / "devices"
     split = subprocess.run(
-        [sys.executable, "-m", "utils.format_dataset", "--devices", "3", "--dataset", "cifar-10",
+        [sys.executable, "-m", "fedhub.split", "--devices", "3", "--dataset", "cifar-10",
          "--limit", "300", "--data-dir", str(CIFAR_DIR), "--out", str(root), "--quiet"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert split.returncode == 0, split.stderr

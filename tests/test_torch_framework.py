@@ -22,8 +22,8 @@ import pytest
 import requests
 from PIL import Image
 
-import server
 from fedhub import datasets, frameworks
+from fedhub import serve as server
 from fedhub.frameworks.images import colour_image_to_array
 
 from .conftest import CIFAR_DIR, ONE_THREAD, ROOT, ServerProcess, stop_processes, wait_until
@@ -129,7 +129,7 @@ def test_the_fashion_networks_mirror_the_keras_ones_and_learn(fashion, torch_one
 @pytest.mark.slow
 def test_the_keras_sizes_above_are_model_py_s():
     """The layer sizes the test above holds the PyTorch networks to are the Keras networks'."""
-    from model import Model
+    from fedhub.frameworks.keras_model import Model
 
     for name, count in (("basic", 101_770), ("cnn", 225_034)):
         assert Model(name).num_parameters() == count
@@ -178,7 +178,7 @@ def test_export_loads_in_plain_torch_and_predicts_as_the_adapter(cifar, fashion,
 
 @pytest.mark.slow
 def test_fedprox_pulls_toward_the_start_and_an_interrupt_stops_at_the_next_batch(cifar, torch_one_thread):
-    from device.trainer import TrainingInterrupted
+    from fedhub.device.trainer import TrainingInterrupted
 
     (x, y), _ = cifar
     x, y = x[:640], y[:640]
@@ -207,7 +207,7 @@ def test_fedprox_pulls_toward_the_start_and_an_interrupt_stops_at_the_next_batch
 
 @pytest.mark.slow
 def test_the_device_trainer_builds_the_network_the_task_names(cifar, torch_one_thread):
-    from device.trainer import ImageTrainer
+    from fedhub.device.trainer import ImageTrainer
 
     (x, y), _ = cifar
     trainer = ImageTrainer(x[:300], y[:300])
@@ -241,7 +241,7 @@ def test_a_pytorch_cifar_10_federation_through_the_real_server_and_devices(tmp_p
 
     root = tmp_path / "devices"
     split = subprocess.run(
-        [sys.executable, "-m", "utils.format_dataset", "--devices", "2", "--dataset", "cifar-10",
+        [sys.executable, "-m", "fedhub.split", "--devices", "2", "--dataset", "cifar-10",
          "--limit", "600", "--data-dir", str(CIFAR_DIR), "--out", str(root), "--quiet"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert split.returncode == 0, split.stderr

@@ -147,7 +147,7 @@ def _declaring(examples: int) -> bytes:
 def test_a_torch_cifar_server_refuses_hostile_input_with_the_field_and_changes_nothing(tmp_path):
     import requests
 
-    from device.client import Client, ServerError
+    from fedhub.device.client import Client, ServerError
 
     srv = ServerProcess(tmp_path, CIFAR_DIR, "--framework", "torch", "--dataset", "cifar-10",
                         env=ONE_THREAD).start()

@@ -86,7 +86,7 @@ def test_simulate_command_trains_pytorch_cifar_10_on_a_pool_without_tensorflow(t
                 children = []
             for child in children:
                 try:
-                    if "device.virtual" in " ".join(child.cmdline()):
+                    if "fedhub.device.virtual" in " ".join(child.cmdline()):
                         workers.add(child.pid)
                 except psutil.Error:
                     continue
@@ -154,7 +154,7 @@ def test_python_api_trains_pytorch_cifar_10_on_ray_actors(tmp_path, one_node_ray
     import torch
 
     import fedhub
-    from utils.format_dataset import split_to_devices
+    from fedhub.split import split_to_devices
 
     torch.set_num_threads(1)
     root = tmp_path / "devices"

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from device.launcher import launch, stop
 from examples import digits
-from fedcore import wire
+from fedhub.device.launcher import launch, stop
+from fedhub.engine import wire
 from tests.conftest import ROOT, ServerProcess
 
 DIGITS_SERVER_ARGS = ("--model-factory", "examples.digits:build_model", "--learning-rate", "0.5",
@@ -65,7 +65,7 @@ def test_trainer_flag_errors(tmp_path):
         ("examples.digits:NoSuchName", "NoSuchName"),
         ("examples.digits:SoftmaxTrainer", "no "),  # the data file is missing
     ]
-    from device import device as device_command
+    from fedhub.device import main as device_command
     from tests.cli_inprocess import assert_one_line_error, run_main
 
     for spec, expected in cases:  # in-process (the real-process check: tests/test_cli_settings.py)
@@ -90,7 +90,7 @@ def test_model_factory_errors(tmp_path, data_dir):
 def test_fedprox_proximal_term_pulls_the_keras_trainer_toward_the_global_model(fashion):
     """``proximal_mu`` in the task config (``--strategy fedprox``) adds (mu/2)·||w - w_global||² to
     the built-in trainer's loss, w_global being the weights the round started from."""
-    from device.trainer import KerasTrainer
+    from fedhub.device.trainer import KerasTrainer
 
     (x, y), _ = fashion
     trainer = KerasTrainer(x[:256], y[:256])

@@ -14,7 +14,7 @@ import pytest
 import requests
 import trustme
 
-from device.launcher import stop
+from fedhub.device.launcher import stop
 
 from .conftest import ROOT, launch_devices
 

@@ -23,7 +23,7 @@ import pytest
 import requests
 import trustme
 
-from utils.demo import free_port
+from fedhub.server_process import free_port
 
 from .conftest import ROOT, ServerProcess, wait_until
 

@@ -4,8 +4,8 @@ import struct
 import numpy as np
 import pytest
 
-from fedcore import wire
-from fedcore.errors import InvalidInput, TooLarge
+from fedhub.engine import wire
+from fedhub.engine.errors import InvalidInput, TooLarge
 
 rng = np.random.default_rng(0)
 WEIGHTS = {"dense/kernel": rng.normal(size=(4, 3)).astype(np.float32),

@@ -8,6 +8,7 @@ process), and a Keras run need not import PyTorch, so nothing here imports eithe
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from fedhub.frameworks.base import Framework, Network
 
@@ -15,6 +16,8 @@ __all__ = ["DEFAULT", "NAMES", "Framework", "Network", "default_network", "get",
            "networks"]
 
 NAMES: tuple[str, ...] = ("keras", "torch")
+# The library each framework needs, installed with the extra of the framework's name.
+_LIBRARY = {"keras": "keras", "torch": "torch"}
 DEFAULT = "keras"
 # The networks each framework has, by name, and the data set each takes (what --model accepts),
 # kept here so that checking a command line imports no framework.
@@ -28,8 +31,10 @@ def get(name: str) -> Framework:
     """The framework called ``name``, its module imported now; ValueError naming the choices."""
     if name not in NAMES:
         raise ValueError(f"unknown framework {name!r}; choose one of {', '.join(NAMES)}")
-    framework = importlib.import_module(f"fedhub.frameworks.{name}").FRAMEWORK
-    return framework
+    if importlib.util.find_spec(_LIBRARY[name]) is None:  # found, not imported
+        raise ValueError(f"--framework {name} needs {_LIBRARY[name]}, which is not installed: "
+                         f"pip install 'fedhub[{name}]' (make venv installs both frameworks)")
+    return importlib.import_module(f"fedhub.frameworks.{name}").FRAMEWORK
 
 
 def networks(framework: str, dataset: str | None = None) -> tuple[str, ...]:

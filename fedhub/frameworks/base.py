@@ -1,6 +1,6 @@
 """The framework seam: what every part of FedHub that touches a model asks of it.
 
-The engine (``fedcore``) only knows named arrays. Everything above it that needs a network
+The engine (``fedhub.engine``) only knows named arrays. Everything above it that needs a network
 (the server's initial weights, per-round test, prediction, validation and export; a device's
 training) asks a :class:`Network` built by a :class:`Framework` (Keras or PyTorch), so the
 rest of the code does not care which library trains, and a PyTorch run never imports
@@ -59,7 +59,7 @@ class Network(Protocol):
 
         ``proximal_mu`` > 0 adds FedProx's ``(mu/2)·||w - w_start||²`` (w_start: the weights at
         the call). ``stop`` set during training ends it at the next batch with
-        ``device.trainer.TrainingInterrupted``; ``progress(done, total)`` hears each batch.
+        ``fedhub.device.trainer.TrainingInterrupted``; ``progress(done, total)`` hears each batch.
         (Local differential privacy clips and noises the update after training, in the device
         loop, the same for every framework.)
         """

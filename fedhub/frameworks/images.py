@@ -2,7 +2,7 @@
 
 Grey 28x28 (Fashion-MNIST-like, :func:`image_to_array`) or colour 32x32 (CIFAR-10-like,
 :func:`colour_image_to_array`). NumPy and Pillow only: a PyTorch server predicts without
-importing TensorFlow. ``model.py`` re-exports the grey path under its old names.
+importing TensorFlow. ``fedhub.frameworks.keras_model`` re-exports the grey path under its old names.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The Keras side of the framework seam: ``model.py``'s networks behind :class:`Network`.
+"""The Keras side of the framework seam: :mod:`fedhub.frameworks.keras_model`'s networks as a
+:class:`Network`.
 
 Nothing is reimplemented here: the network, its one ``preprocess``, the picture decoding and
-the weight codec are ``model.py``'s, FedProx's term and the interruptible ``fit`` are
-``device/trainer.py``'s, and the test metrics are ``global_model.evaluate_classifier``. This
+the weight codec are ``keras_model.py``'s, FedProx's term and the interruptible ``fit`` are
+``fedhub/device/trainer.py``'s, and the test metrics are ``fedhub.global_model.evaluate_classifier``. This
 module only puts them behind the interface the server and the devices use for any framework.
 Importing it imports Keras (and TensorFlow).
 """
@@ -33,7 +34,7 @@ class KerasNetwork:
 
     def __init__(self, name: str, *, seed: int | None = 0, verbose: int = 0) -> None:
         from fedhub import datasets
-        from model import Model
+        from fedhub.frameworks.keras_model import Model
 
         self.model = Model(name, seed=seed)
         self.name = name
@@ -41,10 +42,10 @@ class KerasNetwork:
         self.image_shape: tuple[int, ...] = self.model.image_shape
         self.class_names: tuple[str, ...] = datasets.get(self.dataset).class_names
         self.verbose = verbose
-        self.proximal: Any = None  # device.trainer.ProximalTerm, built on the first FedProx task
+        self.proximal: Any = None  # fedhub.device.trainer.ProximalTerm, built on the first FedProx task
         self._export_model: Any = None  # model.build_raw_image_model, built on the first export
         self._lock = threading.Lock()
-        # What runs Keras' fit in :meth:`train`: a trainer may wrap it (device.trainer.KerasTrainer
+        # What runs Keras' fit in :meth:`train`: a trainer may wrap it (fedhub.device.trainer.KerasTrainer
         # routes it through its own ``_fit``, which tests subclass to slow batches down).
         self.fit: Callable[..., dict[str, float]] = self._fit
 
@@ -60,7 +61,7 @@ class KerasNetwork:
     def train(self, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, batch_size: int = 32,
               learning_rate: float = 1e-3, proximal_mu: float = 0.0,
               stop: threading.Event | None = None, progress: Progress | None = None) -> dict[str, float]:
-        from device.trainer import ProximalTerm, fit_interruptibly
+        from fedhub.device.trainer import ProximalTerm, fit_interruptibly
 
         if proximal_mu > 0 and self.proximal is None:
             self.proximal = ProximalTerm(self.model.keras_model)
@@ -76,8 +77,8 @@ class KerasNetwork:
         return self.model.train(x, y, verbose=self.verbose, **kwargs)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        from global_model import evaluate_classifier
-        from model import preprocess
+        from fedhub.frameworks.keras_model import preprocess
+        from fedhub.global_model import evaluate_classifier
 
         inputs = preprocess(x, self.image_shape)
         if len(inputs) == 0:
@@ -98,7 +99,7 @@ class KerasNetwork:
     def export(self, weights: Mapping[str, np.ndarray]) -> bytes:
         """A ``.keras`` file with the preprocessing and a softmax built in
         (:func:`model.build_raw_image_model`): raw 0..255 images in, probabilities out."""
-        from model import build_raw_image_model, set_keras_weights
+        from fedhub.frameworks.keras_model import build_raw_image_model, set_keras_weights
 
         with self._lock, tempfile.TemporaryDirectory(prefix="fedhub-export-") as tmp:
             if self._export_model is None:
@@ -139,7 +140,7 @@ class KerasFramework:
 
     def from_factory(self, spec: str, *, dataset: str, seed: int | None = 0) -> KerasNetwork:
         """A device's own Keras model is a trainer of its own (``--trainer``, see
-        ``device.trainer.KerasModelTrainer``); the server's is ``--model-factory`` alone."""
+        ``fedhub.device.trainer.KerasModelTrainer``); the server's is ``--model-factory`` alone."""
         raise ValueError("--model-factory on a device builds a PyTorch module (--framework torch); "
                          "for a Keras model of your own, give the device a --trainer")
 

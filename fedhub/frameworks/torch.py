@@ -2,7 +2,7 @@
 
 Networks by name: ``cifar`` is the CIFAR-Flower seed's CNN (the PyTorch tutorial's: two
 convolutions, three fully connected layers, inputs normalised with mean and std 0.5) for
-CIFAR-10; ``basic`` and ``cnn`` mirror the Keras networks of ``model.py`` layer for layer
+CIFAR-10; ``basic`` and ``cnn`` mirror the Keras networks of ``keras_model.py`` layer for layer
 (same shapes, raw 0..1 inputs) for Fashion-MNIST. Weights are named by ``state_dict`` key
 (``conv1.weight``, ...), in the module's order.
 
@@ -24,8 +24,8 @@ import torch
 from safetensors.numpy import save as safetensors_bytes
 from torch import nn
 
-from fedcore.files import atomic_path
 from fedhub import datasets
+from fedhub.engine.files import atomic_path
 from fedhub.frameworks.base import (
     Progress,
     Weights,
@@ -230,7 +230,7 @@ class TorchNetwork:
     def train(self, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, batch_size: int = 32,
               learning_rate: float = 1e-3, proximal_mu: float = 0.0,
               stop: threading.Event | None = None, progress: Progress | None = None) -> dict[str, float]:
-        from device.trainer import TrainingInterrupted
+        from fedhub.device.trainer import TrainingInterrupted
 
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -375,7 +375,7 @@ class TorchFramework:
         exports like FedHub's own networks; its weights are its ``state_dict``, by key. The
         function is imported from the local installation, named by the user on this machine,
         never by the server. ValueError (one line) when it cannot be loaded or is no module."""
-        from global_model import call_factory, resolve
+        from fedhub.global_model import call_factory, resolve
 
         resolve(spec, "--model-factory")  # import first: the seed below is for the call alone
         if seed is not None:

@@ -1,1 +1,0 @@
-"""The Streamlit control dashboard (``streamlit run dashboard/index.py``) and the modules it uses."""

@@ -1,0 +1,688 @@
+"""The engine's entry point: each thing a device, an admin or a dashboard does is one method.
+
+The :class:`Coordinator` ties the parts together and is all the HTTP layer (and the
+Python API) sees: the device registry and lifecycle, device logs and storage stay
+behind it. Requests read and change the shared round state
+(:mod:`.round_state`) under its lock; one driver thread (:mod:`.driver`) opens and
+closes rounds; completed rounds' history entries are built once
+(:mod:`.history`); round hooks run on their own thread (:mod:`.round_hooks`).
+
+Completed rounds are durable (checkpoint and strategy state first, then the
+database rows); an unfinished round is simply forgotten on restart and opened
+again, so no completed round is lost and none is counted twice. The strategy's
+state (FedAvgM's velocity, FedAdam's moments) is restored with the global model
+and forgotten on reset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import compression, wire
+from .async_rounds import AsyncRounds
+from .config import FederationConfig
+from .device_logs import DeviceLogs
+from .devices import MAX_DEVICES_PAGE, DeviceRegistry, device_filter
+from .driver import Evaluate, RoundDriver, release_devices
+from .errors import Conflict, InvalidInput, NotFound, RunMismatch
+from .evaluations import Evaluations
+from .history import RoundHistory
+from .lifecycle import check_report
+from .plural import plural
+from .privacy import describe_dp
+from .round_hooks import RoundHook, RoundHooks
+from .round_state import STATUSES, RoundState
+from .storage import Storage
+from .strategies import Strategy
+
+log = logging.getLogger("fedhub.rounds")
+
+Weights = dict[str, np.ndarray]
+__all__ = ["STATUSES", "Coordinator", "Evaluate", "RoundHook"]
+# Seconds a device told "retry_in" waits before polling again (at most the wait it asked for).
+RETRY_IN = 2.0
+MAX_REVISION = 200
+NEW_RUN = ("To start a new run instead: --reset (or python -m fedhub.cleaner) wipes this state "
+           "directory's rounds, or give a fresh --state-dir (fedhub.Server: a fresh state_dir).")
+
+
+class Coordinator:
+    """The federation's engine. Thread-safe; owns the driver thread."""
+
+    def __init__(self, storage: Storage, devices: DeviceRegistry, *,
+                 initial_weights: Mapping[str, np.ndarray], config: FederationConfig,
+                 evaluate: Evaluate | None = None, strategy: Strategy | None = None,
+                 max_upload_bytes: int = wire.DEFAULT_MAX_BYTES,
+                 clock: Callable[[], float] = time.time) -> None:
+        """ValueError (one line) for settings that cannot work, such as ``min_devices`` below
+        what the strategy needs in a round."""
+        config.validate()
+        self.config = config
+        self.strategy = strategy or config.make_strategy()
+        self.strategy.check_min_devices(config.min_devices)
+        if config.secagg is not None:
+            config.check_secagg(self.strategy)
+        self.max_upload_bytes = max_upload_bytes
+        self._storage = storage
+        self._devices = devices
+        self._clock = clock
+        self._evaluations = Evaluations(evaluate) if evaluate is not None else None
+        self._initial = {k: np.array(v) for k, v in initial_weights.items()}
+        self.spec = wire.spec_of(self._initial)
+        self.compression = compression.parse(config.training.compression)
+        self._downlink = compression.Downlink(self.compression) if config.compress_downlink else None
+        self._logs = DeviceLogs(storage, clock=clock)
+        self._history = RoundHistory(storage, self._logs)
+        self._hooks = RoundHooks()
+        self._state = RoundState(storage)
+        self._cond = self._state.cond
+        self._driver = RoundDriver(self._state, storage=storage, devices=devices,
+                                   history=self._history, hooks=self._hooks, strategy=self.strategy,
+                                   config=config, evaluate=evaluate, evaluations=self._evaluations,
+                                   clock=clock)
+        self._async = AsyncRounds(
+            self._state, storage=storage, devices=devices, history=self._history, hooks=self._hooks,
+            strategy=self.strategy, config=config, spec=self.spec, evaluate=evaluate,
+            evaluations=self._evaluations, check_finished=self._driver.check_finished,
+            max_upload_bytes=max_upload_bytes, clock=clock) if config.mode == "async" else None
+        # Long polls allowed to wait at once (None: no limit); the HTTP server sets it below
+        # its worker thread count, as each waiting poll holds a worker thread.
+        self.max_waiters: int | None = None
+        self._waiters = 0
+        self._recover()
+
+    # start-up -------------------------------------------------------------
+    def _recover(self) -> None:
+        dropped = self._storage.discard_unfinished_rounds()
+        if dropped:
+            log.warning("discarded unfinished round(s) %s from before the restart; they run again",
+                        dropped)
+        last = self._storage.last_complete_round()
+        with self._cond:
+            if last is None:
+                self._install_initial()
+            else:
+                weights = self._storage.read_checkpoint(last["number"])
+                if wire.spec_of(weights) != self.spec:
+                    raise ValueError(
+                        f"checkpoint of round {last['number']} does not match the configured model; "
+                        "use --reset or another state directory")
+                self._state.install(last["number"], weights)
+                self._restore_strategy_state(last["number"])
+                log.info("resuming after completed round %d", last["number"])
+            default = "running" if self.config.start else "idle"
+            status = self._storage.get_setting("status", default) or default
+            if self.config.start and status in ("idle", "paused"):
+                status = "running"
+            self._state.set_status(status)
+            spent = (self.strategy.privacy() or {}).get("budget_spent")
+            if status == "finished" and spent:  # why the run ended, after a restart too
+                self._state.reason = spent
+            if self._async is not None:
+                self._async.recover()
+            self._driver.check_finished()
+
+    def _restore_strategy_state(self, number: int) -> None:
+        saved = self._storage.read_strategy_state(number)
+        self._check_privacy(number, saved[1] if saved is not None else {})
+        if saved is None:
+            return
+        state, saved_by = saved
+        private = self.strategy.privacy_settings() is not None
+        if saved_by.get("name") != self.strategy.name:
+            log.warning("the strategy state saved with round %d is %s's; %s starts afresh",
+                        number, saved_by.get("name"), self.strategy.name)
+            return
+        try:
+            self.strategy.load_state(state)
+            self.strategy.begin(self._state.weights).close()  # its shapes fit the model
+        except ValueError as exc:
+            if private:  # the accountant's state is the epsilon already spent: never forgotten
+                raise RunMismatch(
+                    f"the strategy state saved with round {number} is unusable ({exc}); it holds "
+                    f"the privacy accountant of this run, which cannot go on without it. "
+                    f"{NEW_RUN}") from None
+            log.warning("the strategy state saved with round %d is unusable (%s); %s starts afresh",
+                        number, exc, self.strategy.name)
+            self.strategy.reset()
+            return
+        log.info("restored %s's state from round %d", self.strategy.name, number)
+
+    def _check_privacy(self, number: int, saved_by: Mapping[str, Any]) -> None:
+        """Refuse (RunMismatch) to continue a run that used differential privacy without the same
+        strategy, the same DP settings and its accountant's state: it would go on with the
+        epsilon it spent forgotten, or with noise its guarantee was not computed for."""
+        entries = self._history.entries()
+        recorded = entries[-1].get("privacy") if entries and entries[-1]["round"] == number else None
+        settings = saved_by.get("privacy")
+        name = str(saved_by.get("name") or "")
+        if not (settings or name.startswith("dp-") or recorded):
+            return  # the run used no DP
+        now = self.strategy.privacy_settings()
+        if name == self.strategy.name and settings in (None, now):  # None: saved before settings were
+            return
+        mode = (recorded or {}).get("mode") or name[3:].split("(")[0]
+        used = f"{name or 'dp'}: {describe_dp(settings or {'mode': mode})}"
+        if not saved_by:
+            why = f"the privacy accountant's state saved with round {number} is missing"
+        else:
+            have = f"{self.strategy.name}: {describe_dp(now)}" if now else f"{self.strategy.name}, no --dp"
+            why = f"this server has {have}"
+        raise RunMismatch(f"the run in this state directory used differential privacy for {number} "
+                          f"round(s) ({used}), but {why}; it cannot go on without the epsilon it spent "
+                          f"and the settings it was computed for. {NEW_RUN}")
+
+    def _install_initial(self) -> None:
+        self._storage.remove_checkpoints()
+        path = self._storage.write_checkpoint(0, self._initial)
+        now = self._clock()
+        with self._storage.transaction():
+            self._storage.insert_round(0, started_at=now, selected=[], config={}, status="complete")
+            self._storage.complete_round(0, closed_at=now, num_updates=0, num_examples=0,
+                                         test_loss=None, test_accuracy=None, checkpoint=str(path))
+        self._state.install(0, {k: v.copy() for k, v in self._initial.items()})
+
+    def start(self) -> None:
+        """Start the driver thread (idempotent)."""
+        (self._async or self._driver).start()
+
+    def stop(self) -> None:
+        """Stop the driver, let the queued round hooks run, persist last-seen times."""
+        self._driver.stop()
+        if self._async is not None:
+            self._async.stop()
+        self._hooks.stop()
+        self._devices.flush()
+
+    def add_hook(self, hook: RoundHook) -> None:
+        """Call ``hook(history_entry, global_weights)`` after each completed round, on the
+        hooks' own thread (the next round does not wait for it)."""
+        self._hooks.add(hook)
+
+    # devices --------------------------------------------------------------
+    def check_enroll_secret(self, enroll_secret: str | None) -> None:
+        """Refuse a missing or wrong enrollment secret (checked before the body is read)."""
+        self._devices.check_enroll_secret(enroll_secret)
+
+    def register(self, name: object, enroll_secret: str | None, *, num_examples: object = None,
+                 auto_activate: object = None, validation: object = None, attack: object = None,
+                 token: str | None = None, admin: bool = False) -> dict[str, Any]:
+        """Enroll a device; see :meth:`DeviceRegistry.register`."""
+        return self._devices.register(name, enroll_secret, num_examples=num_examples,
+                                      auto_activate=auto_activate, validation=validation,
+                                      attack=attack, token=token, admin=admin)
+
+    def authenticate(self, token: str | None) -> str:
+        """The device a bearer token belongs to."""
+        return self._devices.authenticate(token)
+
+    def report_validation(self, name: str, raw: object, *, attack: object = None,
+                          declares_attack: bool = False) -> dict[str, Any]:
+        """A device's new data validation report (with, when ``declares_attack``, the attack it
+        declares, as at enrollment); invalid data drops it from the open round at once."""
+        report = check_report(raw)
+        if declares_attack:
+            self._devices.declare_attack(name, attack)
+        state = self._devices.lifecycle.report(name, report)
+        if not report["ok"]:
+            with self._cond:
+                if self._state.drop(name):
+                    self._devices.set_activity(name, "idle")
+        return {"name": name, "lifecycle": state["state"], "lifecycle_reason": state["reason"]}
+
+    def signal(self, name: str) -> dict[str, Any]:
+        """What a training device must know now: whether to stop its local training."""
+        return self._devices.lifecycle.signal(name)
+
+    def global_model(self) -> tuple[int, bytes]:
+        """The current global model version and its safetensors bytes (encoded once per round)."""
+        with self._cond:
+            return self._state.version, self._state.encoded
+
+    def model_download(self, have: object = ()) -> tuple[int, bytes, str]:
+        """The global model version, the bytes to send a device holding the ETags ``have``, and
+        their ETag: with ``compress_downlink``, only the change when it holds the previous version."""
+        with self._cond:
+            if self._downlink is None:
+                return self._state.version, self._state.encoded, f"v{self._state.version}"
+            self._sync_downlink()
+            version = self._state.version
+            return version, self._downlink.body_for(have), self._downlink.etag(version)
+
+    def _sync_downlink(self) -> None:
+        if self._downlink is not None and self._downlink.version != self._state.version:
+            self._downlink.install(self._state.version, self._state.weights)
+
+    def _reference(self) -> Weights:
+        """What devices trained from, that compressed deltas are added to (under the lock)."""
+        self._sync_downlink()
+        return self._downlink.model if self._downlink is not None else self._state.weights
+
+    def global_weights(self) -> tuple[int, Weights]:
+        with self._cond:
+            return self._state.version, self._state.weights
+
+    def round_weights(self, number: int | None = None) -> tuple[int, Weights]:
+        """The global weights of completed round ``number`` (None: the current global model)."""
+        if number is None:
+            return self.global_weights()
+        self._completed_round(number)
+        return number, self._checkpoint(number)
+
+    def _completed_round(self, number: int) -> dict[str, Any]:
+        row = self._storage.get_round(number) if 0 <= number <= wire.MAX_INTEGER else None
+        if row is None:
+            raise NotFound(f"no round {number}", "round")
+        if row["status"] != "complete":
+            raise Conflict(f"round {number} is not complete yet", "round")
+        return row
+
+    def _checkpoint(self, number: int) -> Weights:
+        try:
+            return self._storage.read_checkpoint(number)
+        except FileNotFoundError:  # a reset removed it since its row was read
+            raise NotFound(f"no round {number}", "round") from None
+
+    def next_task(self, name: str, wait: float = 0.0) -> dict[str, Any]:
+        """What the device should do now; waits up to ``wait`` seconds for something to do.
+
+        A waiting poll holds one of the HTTP server's worker threads. With more idle devices
+        than threads, their polls would take every thread and the downloads and uploads of
+        the devices that are training would queue behind them for minutes. So at most
+        ``max_waiters`` polls wait at once; beyond that the answer "wait" comes at once with
+        ``retry_in``, the seconds the device should wait on its side before asking again.
+        """
+        end = time.monotonic() + max(0.0, wait)
+        refusal = self._devices.lifecycle.refusal(name)  # invalid data: no tasks at all
+        if refusal is not None:
+            raise refusal
+        self._devices.touch(name)
+        with self._cond:
+            crowded = wait > 0 and self.max_waiters is not None and self._waiters >= self.max_waiters
+            if crowded:
+                end = time.monotonic()
+            while True:
+                active = self._devices.is_active(name)
+                task = (self._async or self._state).task_for(name, active)
+                remaining = end - time.monotonic()
+                if task["action"] != "wait" or remaining <= 0 or self._driver.stopped:
+                    if task["action"] == "train":
+                        self._devices.set_activity(name, "training")
+                        self._devices.lifecycle.set(name, "training", round_number=task["round"])
+                    elif task["action"] == "finish":
+                        self._devices.lifecycle.set(name, "finished", reason="the run is over",
+                                                    round_number=self._state.version)
+                    elif crowded:
+                        task["retry_in"] = round(min(wait, RETRY_IN), 2)
+                    return task
+                self._wait_as_long_poll(remaining)
+                self._devices.touch(name)
+
+    def _wait_as_long_poll(self, remaining: float) -> None:
+        """Wait (under the lock) for a change, at most a second at a time, counted among the
+        ``max_waiters`` long polls."""
+        self._waiters += 1
+        try:
+            self._cond.wait(min(remaining, 1.0))
+        finally:
+            self._waiters -= 1
+
+    def submit(self, name: str, round_number: int, body: bytes,
+               upload_id: str | None = None) -> dict[str, Any]:
+        """Validate an update and fold it into the open round. Idempotent per ``upload_id``:
+        the same key with the same bytes is acknowledged once more, with other bytes refused.
+        A refused update changes nothing, not even the device's activity."""
+        with self._devices.busy(name, "uploading"):
+            if self._async is not None:
+                return self._async.submit(name, round_number, body, upload_id)
+            return self._submit(name, round_number, body, upload_id)
+
+    def _submit(self, name: str, round_number: int, body: bytes,
+                upload_id: str | None) -> dict[str, Any]:
+        if not 0 <= round_number <= wire.MAX_INTEGER:  # no such round; too large even to look up
+            raise Conflict(f"round {round_number} is not open", "round")
+        if self.config.secagg is not None:  # every round is secure: the server sees only sums
+            raise Conflict(
+                f"round {round_number} is a secure-aggregation round: it takes only the secure "
+                "stages' messages (keys, shares, the masked update, unmasking keys), never plain "
+                "weights", "round")
+        digest = hashlib.sha256(body).hexdigest() if upload_id else None
+        done = self._duplicate(name, round_number, upload_id, digest)
+        if done is not None:
+            return done
+        self._devices.check_admitted(name)
+        weights, meta = compression.decode_update(body, self.spec, self.compression,
+                                                  max_bytes=self.max_upload_bytes)
+        wire.check_round(meta, round_number)
+        with self._cond:
+            done = self._duplicate(name, round_number, upload_id, digest)
+            if done is not None:
+                return done
+            r = self._state.open
+            if r is None or r.number != round_number:
+                current = r.number if r else self._state.closing
+                state = "closed" if round_number <= self._state.version or (
+                    current is not None and round_number < current) else "not open"
+                raise Conflict(f"round {round_number} is {state}", "round")
+            if name in r.reported or name in r.uploading:
+                raise Conflict(f"device {name!r} already reported for round {round_number}", "round")
+            if name not in r.selected:
+                raise Conflict(f"device {name!r} was not selected for round {round_number}", "round")
+            if meta.model_version != r.base_version:
+                raise Conflict(
+                    f"update was trained from model version {meta.model_version}, "
+                    f"round {round_number} starts from version {r.base_version}", "model_version")
+            r.uploading.add(name)  # the round does not close until this update is in or out
+            reference = self._reference() if self.compression.active else None
+        try:
+            if reference is not None:  # a delta: the weights are the model it was trained from + it
+                weights = compression.apply(reference, weights)
+            # Outside the lock: the aggregator has its own, and folding in takes O(model) time.
+            r.aggregator.add(name, weights, meta.num_examples, meta.metrics)
+        except BaseException:
+            with self._cond:
+                r.uploading.discard(name)
+                self._cond.notify_all()
+            raise
+        try:
+            # One commit per upload, not waiting for the disk: a restart forgets an open round.
+            with self._storage.transaction(durable=False):
+                self._storage.add_update(round_number, name, num_examples=meta.num_examples,
+                                         metrics=meta.metrics, upload_id=upload_id, now=self._clock(),
+                                         body_sha256=digest)
+                self._devices.set_examples(name, meta.num_examples)
+                self._devices.lifecycle.set(name, "waiting",
+                                            reason=f"update for round {round_number} sent",
+                                            round_number=round_number)
+        except BaseException as exc:  # folded in but not recorded: the round cannot be trusted
+            with self._cond:
+                r.uploading.discard(name)
+                r.broken = f"round {round_number} failed: the update of {name} could not be recorded: {exc}"
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            r.uploading.discard(name)
+            r.reported[name] = upload_id
+            self._devices.set_activity(name, "idle")
+            self._cond.notify_all()
+            return {"accepted": True, "duplicate": False, "round": round_number,
+                    "reported": len(r.reported), "selected": len(r.selected)}
+
+    def _duplicate(self, name: str, round_number: int, upload_id: str | None,
+                   digest: str | None) -> dict[str, Any] | None:
+        if not upload_id:
+            return None
+        r = self._state.open  # read without the lock: a hint; the check under the lock decides
+        if r is not None and r.number == round_number and name not in r.reported and name not in r.uploading:
+            return None  # its first upload to the open round: no row to look up
+        row = self._storage.get_update(round_number, name)
+        if row is None or row["upload_id"] != upload_id:
+            return None
+        if row["body_sha256"] not in (None, digest):  # None: stored before digests were kept
+            raise Conflict(f"Idempotency-Key {upload_id!r} was already used for round {round_number} "
+                           "with a different body; a retry must send the same bytes", "Idempotency-Key")
+        return {"accepted": True, "duplicate": True, "round": round_number}
+
+    def secagg_message(self, name: str, round_number: int, body: bytes) -> dict[str, Any]:
+        """A device's answer to the open secure-aggregation stage: its keys, its encrypted shares,
+        its masked update (safetensors) or the share keys that unmask the sum. A refused message
+        (malformed, replayed, another device's key) changes nothing and the round goes on."""
+        with self._cond:
+            r = self._state.open
+            if r is None or r.number != round_number or r.secure is None:
+                raise Conflict(f"round {round_number} is not an open secure-aggregation round", "round")
+            if name not in r.selected:
+                raise Conflict(f"device {name!r} is not in round {round_number}", "round")
+            if name in r.uploading:
+                raise Conflict(f"device {name!r} is already sending a message", "round")
+            r.uploading.add(name)
+        try:  # outside the lock: a masked update is folded into the sum in O(model) time
+            stage = r.secure.receive(name, body)
+        finally:
+            with self._cond:
+                r.uploading.discard(name)
+                self._cond.notify_all()
+        with self._cond:
+            if stage == "masked":
+                r.reported[name] = None
+                self._devices.set_activity(name, "idle")
+                self._devices.lifecycle.set(name, "waiting", reason=f"masked update for round "
+                                            f"{round_number} sent", round_number=round_number)
+            return {"accepted": True, "round": round_number, "stage": stage}
+
+    def report_progress(self, name: str, round_number: object, done: object,
+                        total: object) -> dict[str, Any]:
+        """A selected device's local training in the open round: ``done`` batches of ``total``.
+
+        Only shown (``status()["round"]["progress"]``); it lives and dies with the open round."""
+        for key, value in (("round", round_number), ("done", done), ("total", total)):
+            if (not isinstance(value, int) or isinstance(value, bool)
+                    or not 0 <= value <= wire.MAX_INTEGER):
+                raise InvalidInput(f"{key} must be an integer from 0 to {wire.MAX_INTEGER}", key)
+        if total == 0:
+            raise InvalidInput("total must be at least 1", "total")
+        if done > total:
+            raise InvalidInput(f"done ({done}) is more than total ({total})", "done")
+        with self._cond:
+            r = self._state.open
+            if r is None or r.number != round_number or not r.expects(name):
+                raise Conflict(f"device {name!r} is not training in round {round_number}", "round")
+            r.progress[name] = {"done": done, "total": total}
+            return {"round": round_number, "done": done, "total": total}
+
+    def interrupted(self, name: str, round_number: object, detail: object = None) -> dict[str, Any]:
+        """The device confirms it stopped training ``round_number``: at most the next round
+        after the last completed one (open, or stopped before completing)."""
+        with self._cond:
+            state = self._devices.lifecycle.interrupted(name, round_number, detail,
+                                                        latest=self._state.version + 1)
+            r = self._state.open
+            if r is not None and r.number == round_number:
+                self._state.drop(name)
+            self._devices.set_activity(name, "idle")
+            return {"name": name, "lifecycle": state["state"], "lifecycle_reason": state["reason"]}
+
+    def leave(self, name: str) -> None:
+        """The device says goodbye: it is no longer waited for."""
+        with self._cond:
+            self._devices.leave(name)
+            self._state.drop(name)
+
+    def add_logs(self, name: str, raw: object) -> dict[str, Any]:
+        """Store a device's log lines; an ERROR naming the open round drops the device from it,
+        one naming a completed round marks its update failed in the history."""
+        entries = self._logs.add(name, raw)
+        now = self._clock()
+        dropped = []
+        with self._cond:
+            for e in entries:
+                if e["level"] != "ERROR" or e["round"] is None:
+                    continue
+                r = self._state.open
+                if r is not None and e["round"] == r.number and self._state.drop(name):
+                    self._devices.set_activity(name, "idle")
+                    self._devices.lifecycle.set(name, "waiting", reason=f"round {r.number} failed: "
+                                                f"{e['message'][:200]}", round_number=r.number)
+                    dropped.append(r.number)
+                elif e["round"] <= self._state.version and self._async is None:  # async: a base version
+                    self._history.late_error({**e, "device": name, "received_at": now})
+        return {"stored": len(entries), "dropped_from_rounds": dropped}
+
+    # admin ----------------------------------------------------------------
+    def set_active(self, name: str, active: bool) -> dict[str, Any]:
+        with self._cond:
+            self._devices.set_active(name, active)
+            if not active:
+                self._state.drop(name)
+            self._cond.notify_all()
+        return {"name": name, "active": active}
+
+    def interrupt(self, name: str) -> dict[str, Any]:
+        """Admin: stop one device's local training; the round goes on without it at once."""
+        self._devices.require(name)
+        with self._cond:
+            r = self._state.open
+            if r is None or not r.expects(name):
+                raise Conflict(f"device {name!r} is not training in an open round", "name")
+            self._devices.lifecycle.request_interrupt(name, r.number)
+            self._state.drop(name)
+            self._devices.set_activity(name, "idle")
+            return {"name": name, "round": r.number, "interrupted": True}
+
+    def start_training(self, rounds: object = None) -> dict[str, Any]:
+        with self._cond:
+            if rounds is not None:
+                if (not isinstance(rounds, int) or isinstance(rounds, bool)
+                        or not 0 <= rounds <= wire.MAX_INTEGER):
+                    raise InvalidInput(f"rounds must be an integer from 0 to {wire.MAX_INTEGER}", "rounds")
+                self.config.rounds = rounds
+            if self.config.rounds and self._state.version >= self.config.rounds:
+                raise Conflict(
+                    f"the run is over ({plural(self.config.rounds, 'round')} done); "
+                    "start with a larger 'rounds' or reset", "rounds")
+            spent = (self.strategy.privacy() or {}).get("budget_spent")
+            if spent:  # no round fits the budget: running again would only finish again
+                raise Conflict(f"the privacy budget is spent, so the run is over ({spent}); reset "
+                               "to start a new run", "dp_max_epsilon")
+            self._state.set_status("running")
+            return self.status()
+
+    def pause(self) -> dict[str, Any]:
+        """No new round opens; a round in progress still completes."""
+        with self._cond:
+            if self._state.status == "running":
+                self._state.set_status("paused")
+            return self.status()
+
+    def reset(self) -> dict[str, Any]:
+        """Forget every round and the strategy's state, and start again from the initial model
+        (devices stay enrolled)."""
+        with self._cond:
+            while self._state.busy or (self._state.open is not None and self._state.open.uploading) \
+                    or (self._async is not None and self._async.uploading):
+                self._cond.wait(0.5)
+            r, self._state.open = self._state.open, None
+            if r is not None:
+                r.aggregator.close()
+                release_devices(self._devices, r, f"round {r.number} was discarded: the run was reset")
+            self._storage.reset_rounds()
+            self._history.clear()
+            self.strategy.reset()
+            self._install_initial()
+            if self._async is not None:
+                self._async.reset()
+            self._state.last_error = None
+            self._state.reason = ""
+            self._state.set_status("idle")
+            return self.status()
+
+    def query_logs(self, *, device: str | None = None, level: str | None = None,
+                   round_number: int | None = None, after: int = 0, limit: int = 500) -> dict[str, Any]:
+        """Stored log lines, oldest first, from id ``after`` on, and the id to ask after next."""
+        logs = self._logs.query(device=device, level=level, round_number=round_number, after=after,
+                                limit=limit)
+        return {"logs": logs, "next_after": logs[-1]["id"] if logs else after}
+
+    def test_evaluation(self, number: int | None = None) -> tuple[int, dict[str, Any]]:
+        """A completed round's global model (None: the current one) on the server's test set.
+
+        What the per-round evaluation gives (for the Keras global model: loss, accuracy,
+        per-class accuracy and the confusion matrix), made once per round and outside the
+        engine's lock: the round's own evaluation is kept when it closes.
+        """
+        if number is None:
+            with self._cond:
+                number = self._state.version
+        row = self._completed_round(number)
+        metrics = {}
+        if self._evaluations is not None:  # keyed by when it closed: numbers repeat after a reset
+            metrics = self._evaluations.get((number, row["closed_at"]),
+                                            lambda: self._checkpoint(number))
+        if not metrics:
+            raise Conflict("this server has no test set to evaluate its models on", "round")
+        return number, metrics
+
+    # reading --------------------------------------------------------------
+    def status(self, wait: float = 0.0, since: object = None) -> dict[str, Any]:
+        """The run, the open round, the strategy and how many devices are in each state.
+
+        ``revision`` changes whenever the run's status, the model version, the open round or
+        its stage does. Given back as ``since`` with ``wait``, the answer waits up to ``wait``
+        seconds for such a change: a pool worker hosting hundreds of devices learns of the
+        next round at once instead of at its next poll. These waits count among the
+        ``max_waiters`` long polls that tasks count in; beyond them the answer comes at once
+        (and a device whose task poll finds no room waits on its side, as ever).
+        """
+        if since is not None and not (isinstance(since, str) and len(since) <= MAX_REVISION):
+            raise InvalidInput(f"since must be a revision from a status answer (at most {MAX_REVISION} "
+                               "characters)", "since")
+        end = time.monotonic() + max(0.0, wait)
+        with self._cond:
+            while (since is not None and since == self._revision() and not self._driver.stopped
+                   and (self.max_waiters is None or self._waiters < self.max_waiters)):
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wait_as_long_poll(remaining)
+        counts = self._devices.counts()
+        with self._cond:
+            mode = self._async.view() if self._async is not None else {"mode": "sync"}
+            return {**self._state.view(), **mode, "revision": self._revision(),
+                    "total_rounds": self.config.rounds,
+                    "strategy": self.strategy.describe(), "privacy": self.strategy.privacy(),
+                    "devices": counts, "secure_aggregation": self._secagg_settings(),
+                    "compression": {"uplink": str(self.compression),
+                                    "downlink": self._downlink is not None}}
+
+    def _revision(self) -> str:
+        """What :meth:`status` waits on (under the lock): the run's status, the model version,
+        the open (or closing) round, its secure-aggregation stage and the async buffer."""
+        s = self._state
+        r = s.open
+        stage = r.secure.stage if r is not None and r.secure is not None else ""
+        # Each attempt at a round has its own start: a round that runs again is news too.
+        number = f"{r.number}@{r.started_at:.3f}" if r is not None else (
+            f"{s.closing}c" if s.closing is not None else "")
+        buffer = self._async.view()["buffer"]["target"] if self._async is not None else ""
+        return f"{s.status}.{s.version}.{number}.{stage}.{buffer}"
+
+    def _secagg_settings(self) -> dict[str, Any] | None:
+        c = self.config.secagg
+        return None if c is None else {"shares": c.shares, "threshold": c.threshold, "bits": c.bits,
+                                       "clip_range": c.clip_range, "max_weight": c.max_weight}
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        """Enrolled devices, their state, lifecycle and part in the latest round they were in."""
+        return self.devices_page()["devices"]
+
+    def devices_page(self, *, name: object = None, lifecycle: object = None, active: object = None,
+                     offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The devices :meth:`list_devices` shows, filtered (``name``: a part of the name;
+        ``lifecycle``: a state; ``active``: true or false) and one page of them, with how many
+        match: a dashboard of a thousand devices draws a page, not every row."""
+        keep = device_filter(name, lifecycle, active)
+        if not 0 <= offset <= wire.MAX_INTEGER:
+            raise InvalidInput(f"offset must be from 0 to {wire.MAX_INTEGER}", "offset")
+        if limit is not None and not 1 <= limit <= MAX_DEVICES_PAGE:
+            raise InvalidInput(f"limit must be from 1 to {MAX_DEVICES_PAGE}", "limit")
+        rows = [row for row in self._devices.list() if keep(row)]
+        page = rows[offset:None if limit is None else offset + limit]
+        latest = self._history.latest()
+        for row in page:
+            row["latest"] = latest.get(row["name"])
+        return {"devices": page, "total": len(rows), "offset": offset, "limit": limit}
+
+    def history(self) -> list[dict[str, Any]]:
+        """Completed rounds, oldest first: test metrics, the strategy, and per device its metrics,
+        what the strategy did with its update, and whether it failed."""
+        return [e for e in self._history.entries() if e["round"] > 0]
+
+    def round_failures(self) -> list[dict[str, Any]]:
+        """The latest failed attempts at rounds (each ran again), with their reasons."""
+        return self._history.failures()

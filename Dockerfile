@@ -9,14 +9,19 @@
 # holds in the runtime stage whichever it is. Nothing here copies state, secrets or data:
 # .dockerignore admits only the code, the dependency list and docker/wheels/ (a whitelist).
 ARG BASE_IMAGE=python:3.11-slim
+# The framework the server and device images train with: keras (TensorFlow) or torch (PyTorch,
+# no TensorFlow): FEDHUB_FRAMEWORK=torch make docker builds them as fedhub-server:torch and
+# fedhub-device:torch (docker-compose.torch.yml runs them).
+ARG FRAMEWORK=keras
 
 # ---------------------------------------------------------------- dependencies, in /opt/venv
 # Each image leaves out what it never imports: the dashboard has no TensorFlow, the server and
 # devices no Streamlit. Only the lists' content reaches the install steps, so a change to
 # pyproject.toml elsewhere (a pytest marker) does not reinstall TensorFlow.
 FROM ${BASE_IMAGE} AS requirements
+ARG FRAMEWORK
 COPY pyproject.toml docker/requirements.py /tmp/build/
-RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml --extra keras \
+RUN python3 /tmp/build/requirements.py /tmp/build/pyproject.toml --extra "$FRAMEWORK" \
         --without streamlit altair pandas > /tmp/build/ml.txt \
  && python3 /tmp/build/requirements.py /tmp/build/pyproject.toml \
         --without tensorboard > /tmp/build/dashboard.txt

@@ -18,6 +18,7 @@ help:
 	@echo "make clean  - remove run-time state (server_training/, eval/, devices/)"
 	@echo "make docker - build the images fedhub-server, fedhub-device, fedhub-dashboard"
 	@echo "make docker-demo - the compose federation: 3 devices, 3 rounds, each round's accuracy"
+	@echo "  (FEDHUB_FRAMEWORK=torch FEDHUB_DATA_DIR=../shared/data/cifar-10 make docker-demo: PyTorch on CIFAR-10)"
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 needed)"; exit 1; }
@@ -60,4 +61,4 @@ docker:
 	docker/build.sh $(PYTHON)
 
 docker-demo: docker
-	python3 -m fedhub.docker_demo $(DOCKER_DEMO_ARGS)
+	python3 -m fedhub.docker_demo --framework $(or $(FEDHUB_FRAMEWORK),keras) $(DOCKER_DEMO_ARGS)

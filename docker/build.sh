@@ -2,6 +2,8 @@
 # Build FedHub's images (`make docker`): fedhub-server, fedhub-device and fedhub-dashboard.
 #
 #   docker/build.sh [PYTHON]          (default python3.11: downloads the wheels, see wheels.sh)
+#   FEDHUB_FRAMEWORK=torch docker/build.sh   (server and device with PyTorch, no TensorFlow:
+#                                             fedhub-server:torch, fedhub-device:torch)
 #
 # The base is BASE_IMAGE if set, else python:3.11-slim when it is present or can be pulled,
 # else fedhub-base:py311, built from Debian's packages by base-image.sh. The wheels come from
@@ -11,6 +13,12 @@ cd "$(dirname "$0")/.."
 
 python="${1:-python3.11}"
 tag="${FEDHUB_IMAGE_TAG:-latest}"
+framework="${FEDHUB_FRAMEWORK:-keras}"
+case "$framework" in
+  keras) ml_tag="$tag" ;;
+  torch) ml_tag="${FEDHUB_TORCH_TAG:-torch}" ;;
+  *) echo "error: FEDHUB_FRAMEWORK must be keras or torch, got '$framework'" >&2; exit 2 ;;
+esac
 base="${BASE_IMAGE:-}"
 if [ -z "$base" ]; then
   if docker image inspect python:3.11-slim >/dev/null 2>&1 \
@@ -23,14 +31,15 @@ if [ -z "$base" ]; then
   fi
 fi
 
-docker/wheels.sh "$python"
+docker/wheels.sh "$python" "$framework"
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 for target in server device dashboard; do
-  image="fedhub-$target:$tag"
+  image="fedhub-$target:$([ "$target" = dashboard ] && echo "$tag" || echo "$ml_tag")"
   start=$SECONDS
-  if ! docker build --network none --build-arg BASE_IMAGE="$base" --target "$target" \
+  if ! docker build --network none --build-arg BASE_IMAGE="$base" --build-arg FRAMEWORK="$framework" \
+       --target "$target" \
        --tag "$image" . >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "error: building $image failed" >&2

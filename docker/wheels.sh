@@ -2,7 +2,11 @@
 # Download the runtime dependencies' wheels on the host into docker/wheels/, for the image
 # to install with `pip install --no-index`: the build then needs no network of its own.
 #
-#   docker/wheels.sh [PYTHON]         (default python3.11; any Python 3.11 with pip)
+#   docker/wheels.sh [PYTHON] [FRAMEWORK]   (default python3.11, any Python 3.11 with pip; keras)
+#
+# The runtime dependencies with the keras extra, and the torch extra's too for FRAMEWORK torch
+# (pip finds the CPU build of PyTorch where the machine has it, as `make venv` does). Wheels
+# that hold every line asked for are kept, so a Keras build after a PyTorch one downloads nothing.
 #
 # Why on the host: a machine that reaches only the package registries (CI here) may reach
 # them through a proxy whose certificate the host trusts but a fresh container does not.
@@ -12,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python="${1:-python3.11}"
+framework="${2:-keras}"
 out=docker/wheels
 arch="$(uname -m)"
 
@@ -24,8 +29,10 @@ platforms+=(--platform "manylinux2014_${arch}" --platform "manylinux2010_${arch}
 
 req="$(mktemp)"
 trap 'rm -f "$req"' EXIT
-"$python" docker/requirements.py --extra keras >"$req"
-if [ -f "$out/requirements.txt" ] && cmp -s "$req" "$out/requirements.txt"; then
+extras=(keras)
+[ "$framework" = keras ] || extras+=("$framework")
+"$python" docker/requirements.py --extra "${extras[@]}" >"$req"
+if [ -f "$out/requirements.txt" ] && ! grep -vxFf "$out/requirements.txt" "$req" >/dev/null; then
   echo "wheels in $out are up to date"
   exit 0
 fi

@@ -4,8 +4,10 @@ Starts docker-compose.yml (the server, three devices and the dashboard, from the
 ``make docker`` built) under a project name of its own, so that a federation of yours is
 left alone; prints each round's global test accuracy from the server's ``/api/history`` as
 ``make demo`` does; and stops the containers at the end, keeping their volumes unless
-``--remove-volumes``. Each run starts afresh unless ``--resume``. Standard library only: the
-host needs Docker and Python, not FedHub's virtualenv.
+``--remove-volumes``. Each run starts afresh unless ``--resume``. ``--framework torch`` runs
+the PyTorch federation on CIFAR-10 instead (docker-compose.torch.yml over the default file, the
+images ``FEDHUB_FRAMEWORK=torch make docker`` built). Standard library only: the host needs
+Docker and Python, not FedHub's virtualenv.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedhub.checkout import ROOT
@@ -32,7 +35,27 @@ from fedhub.round_report import round_line
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 IMAGES = ("fedhub-server", "fedhub-device", "fedhub-dashboard")
 DEVICES = ("device1", "device2", "device3")
-TEST_SET_FILE = "t10k-images-idx3-ubyte.gz"
+
+
+@dataclass(frozen=True)
+class Federation:
+    """What the demo runs for one framework: compose files, images and the data set it needs."""
+
+    compose_files: tuple[Path, ...]
+    images: tuple[str, ...]
+    dataset: str
+    # The data set's test file, in FEDHUB_DATA_DIR or in the one folder below it that may hold it.
+    test_file: str
+    folder: str
+
+
+FEDERATIONS = {
+    "keras": Federation((COMPOSE_FILE,), IMAGES, "Fashion-MNIST", "t10k-images-idx3-ubyte.gz",
+                        "the folder of the four official .gz files"),
+    "torch": Federation((COMPOSE_FILE, ROOT / "docker-compose.torch.yml"),
+                        ("fedhub-server:torch", "fedhub-device:torch", "fedhub-dashboard"), "CIFAR-10",
+                        "cifar-10-batches-py/test_batch", "the folder holding cifar-10-batches-py"),
+}
 
 
 class DemoError(RuntimeError):
@@ -53,10 +76,11 @@ def compose_command() -> list[str]:
 class Compose:
     """docker-compose.yml under one project name, with the environment it interpolates."""
 
-    def __init__(self, project: str, env: dict[str, str]) -> None:
+    def __init__(self, project: str, env: dict[str, str], files: tuple[Path, ...] = (COMPOSE_FILE,)) -> None:
         self.project = project
         self.env = env
-        self.base = [*compose_command(), "--project-name", project, "--file", str(COMPOSE_FILE)]
+        self.base = [*compose_command(), "--project-name", project,
+                     *(arg for file in files for arg in ("--file", str(file)))]
 
     def run(self, *args: str, capture: bool = False) -> str:
         proc = subprocess.run([*self.base, *args], env=self.env, cwd=ROOT, text=True, check=False,
@@ -151,12 +175,13 @@ def watch(url: str, rounds: int, compose: Compose, timeout: float, unreachable_f
     raise DemoError(f"the run did not finish within {timeout:.0f}s")
 
 
-def _environment(a: argparse.Namespace) -> dict[str, str]:
+def _environment(a: argparse.Namespace, federation: Federation) -> dict[str, str]:
     """What docker-compose.yml interpolates. Secrets not set are made for this run only."""
     data_dir = a.data_dir or os.environ.get("FEDHUB_DATA_DIR", "")
-    if not data_dir or not (Path(data_dir) / TEST_SET_FILE).is_file():
-        raise DemoError(f"no Fashion-MNIST in {data_dir or '(unset)'}: give --data-dir or "
-                        "FEDHUB_DATA_DIR, the folder of the four official .gz files")
+    test_file = Path(federation.test_file)
+    if not data_dir or not any((Path(data_dir) / f).is_file() for f in (test_file, test_file.name)):
+        raise DemoError(f"no {federation.dataset} in {data_dir or '(unset)'}: give --data-dir or "
+                        f"FEDHUB_DATA_DIR, {federation.folder}")
     env = {**os.environ,
            "FEDHUB_DATA_DIR": str(Path(data_dir).resolve()),
            "FEDHUB_ROUNDS": str(a.rounds),
@@ -178,9 +203,13 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python3 -m fedhub.docker_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--framework", choices=sorted(FEDERATIONS), default="keras",
+                   help="keras: Fashion-MNIST; torch: PyTorch on CIFAR-10 (docker-compose.torch.yml)")
     p.add_argument("--rounds", type=_positive, default=3)
     p.add_argument("--limit", type=_positive, default=None, help="examples per device (default: all)")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (else $FEDHUB_DATA_DIR)")
+    p.add_argument("--data-dir", default=None,
+                   help="the data set's folder: Fashion-MNIST, or CIFAR-10 with --framework torch "
+                        "(else $FEDHUB_DATA_DIR)")
     p.add_argument("--project", default="fedhub-demo", help="compose project name")
     p.add_argument("--port", type=_positive, default=None,
                    help="host port for the server (default: any free one)")
@@ -192,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     try:
-        env = _environment(a)
-        compose = Compose(a.project, env)
-        for image in IMAGES:
+        federation = FEDERATIONS[a.framework]
+        env = _environment(a, federation)
+        compose = Compose(a.project, env, federation.compose_files)
+        build = "make docker" if a.framework == "keras" else f"FEDHUB_FRAMEWORK={a.framework} make docker"
+        for image in federation.images:
             if subprocess.run(["docker", "image", "inspect", image], capture_output=True,
                               check=False).returncode != 0:
-                raise DemoError(f"no image {image}: run `make docker` first")
+                raise DemoError(f"no image {image}: run `{build}` first")
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -212,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"2/3 waiting for the server at {url} (dashboard: {compose.url('dashboard', 8501)})",
               flush=True)
         wait_for_server(url, compose, timeout=300.0)
-        print("3/3 each device splits off its share of Fashion-MNIST and trains; "
+        print(f"3/3 each device splits off its share of {federation.dataset} and trains; "
               f"{plural(a.rounds, 'round')}", flush=True)
         accuracy = watch(url, a.rounds, compose, a.timeout, unreachable_for=300.0)
         print(f"done: {plural(a.rounds, 'round')}, final global test accuracy {accuracy:.4f}", flush=True)

@@ -4,7 +4,9 @@ The images are built with ``make docker`` while decoy secrets and data lie where
 build would pick them up, and are then searched, layer history and files, for those and for
 the test suite's tokens. ``make docker-demo`` runs the compose federation; half-way, the
 server container is restarted and must go on from its last completed round; after the
-demo's ``down``, the state in the volumes must still be there.
+demo's ``down``, the state in the volumes must still be there. The PyTorch images
+(``FEDHUB_FRAMEWORK=torch make docker``) run the CIFAR-10 federation of
+docker-compose.torch.yml, with no TensorFlow in them.
 
 Marked ``docker`` (``-m "not docker"`` deselects them). Without a Docker engine they skip,
 except in CI (CI=true), where they fail: .ci/run installs and starts Docker's engine.
@@ -25,9 +27,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from fedhub.docker_demo import IMAGES, DemoError, compose_command
+from fedhub.docker_demo import FEDERATIONS, IMAGES, DemoError, compose_command
 
-from .conftest import DATA_DIR
+from .conftest import CIFAR_DIR, DATA_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +159,7 @@ def test_images_hold_no_secrets_and_no_data(built: list[str], image: str) -> Non
         assert export.wait() == 0
     finally:
         _run("docker", "rm", container)
-    assert "app/server.py" in names and "app/fedcore/rounds.py" in names  # the scan saw the image
+    assert "app/server.py" in names and "app/fedhub/engine/rounds.py" in names  # the scan saw the image
 
 
 def _compose(project: str) -> list[str]:
@@ -237,9 +239,48 @@ def test_docker_demo_resumes_after_a_server_restart_and_after_down_and_up(built:
                        capture_output=True, check=False, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def built_torch(built: list[str]) -> list[str]:
+    """``FEDHUB_FRAMEWORK=torch make docker``, after the Keras images (the dashboard and the
+    base layers are shared); yields the decoy secrets of the first build."""
+    _run("make", "docker", env={**os.environ, "FEDHUB_FRAMEWORK": "torch"}, timeout=2000)
+    return built
+
+
+@needs_docker
+def test_pytorch_images_run_the_cifar_10_federation_without_tensorflow(built_torch: list[str]) -> None:
+    server, device, _ = FEDERATIONS["torch"].images
+    for image in (server, device):
+        probe = _run("docker", "run", "--rm", "--entrypoint", "python", image, "-c",
+                     "import importlib.util as u; print(bool(u.find_spec('torch')), "
+                     "bool(u.find_spec('tensorflow')), bool(u.find_spec('keras')))")
+        assert probe.split() == ["True", "False", "False"], (image, probe)
+    needles = [v.encode() for v in (*built_torch, *TEST_SUITE_SECRETS)]
+    history = _run("docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", server)
+    assert not any(n.decode() in history for n in needles)
+
+    project = f"fedhub-torch-{secrets.token_hex(3)}"
+    env = {**os.environ, "FEDHUB_DATA_DIR": str(CIFAR_DIR), "FEDHUB_ADMIN_TOKEN": secrets.token_urlsafe(24),
+           "FEDHUB_ENROLL_SECRET": secrets.token_urlsafe(24)}
+    try:
+        out = subprocess.run(["python3", "-m", "fedhub.docker_demo", "--framework", "torch", "--rounds", "2",
+                              "--limit", "3000", "--project", project, "--remove-volumes"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+        assert "splits off its share of CIFAR-10" in out.stdout
+        rounds = _printed_rounds(out.stdout)
+        assert [n for n, _ in rounds] == [1, 2], out.stdout
+        assert rounds[-1][1] > 0.2, out.stdout  # ten classes: chance is 0.1
+    finally:
+        subprocess.run([*_compose(project), "--file", str(ROOT / "docker-compose.torch.yml"), "down",
+                        "--volumes"], env=env, cwd=ROOT, capture_output=True, check=False, timeout=300)
+
+
 @pytest.mark.slow
 def test_docker_demo_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
     for args, message in ((["--data-dir", str(tmp_path)], "no Fashion-MNIST in"),
+                          (["--framework", "torch", "--data-dir", str(DATA_DIR)], "no CIFAR-10 in"),
+                          (["--framework", "jax"], "argument --framework: invalid choice"),
                           (["--rounds", "0"], "must be at least 1")):
         proc = subprocess.run(["python3", "-m", "fedhub.docker_demo", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=60, check=False)

@@ -65,3 +65,17 @@ def test_refusals():
         acc.add({"w": np.zeros(2, np.float32)}, 0)
     with pytest.raises(ValueError, match="fedavg"):
         make_strategy("nope")
+
+
+def test_fedbuff_deltas_fold_into_the_same_sum_weighted_by_staleness():
+    """Asynchronous mode's sum: each update's delta from its base version, times examples and
+    staleness weight, divided by the examples alone (a stale update pulls less)."""
+    base = {"w": np.array([1.0, 2.0], np.float32)}
+    acc = WeightedSum(base)
+    acc.add({"w": np.array([2.0, 2.0], np.float32)}, 10, base=base)  # delta (1, 0), fresh
+    acc.add({"w": np.array([1.0, 6.0], np.float32)}, 30, base=base, weight=0.5)  # delta (0, 4)
+    np.testing.assert_allclose(acc.mean()["w"], [10 * 1 / 40, 30 * 0.5 * 4 / 40])
+    assert acc.total_examples == 40 and acc.count == 2
+    plain = WeightedSum(base)  # no base: the weights themselves, FedAvg's mean
+    plain.add({"w": np.array([2.0, 2.0], np.float32)}, 10)
+    np.testing.assert_allclose(plain.mean()["w"], [2.0, 2.0])

@@ -1,8 +1,9 @@
-"""The streaming sample-weighted mean that FedAvg and the server optimizers build on.
+"""The streaming sample-weighted mean that FedAvg, the server optimizers and FedBuff build on.
 
 Each update is folded into a float64 running sum as it arrives and then dropped,
 so the server's memory is O(model size) however many devices report. The
-strategies themselves live in :mod:`fedhub.engine.strategies`.
+strategies themselves live in :mod:`fedhub.engine.strategies`; asynchronous mode
+folds each update's delta from the version it trained from, with its staleness weight.
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ class WeightedSum:
         self._count = 0
         self._total = 0
 
-    def add(self, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
+    def add(self, weights: Mapping[str, np.ndarray], num_examples: int, *,
+            base: Mapping[str, np.ndarray] | None = None, weight: float = 1.0) -> None:
+        """Fold in ``num_examples * weight * (weights - base)`` (no ``base``: the weights
+        themselves); the mean divides by the examples alone, so a ``weight`` below 1 (a stale
+        update's) pulls less."""
         if num_examples <= 0:
             raise ValueError("num_examples must be positive")
+        scale = float(num_examples) * float(weight)
         for name, total in self._sums.items():
             # Multiply-add in place: no second model-sized temporary per update.
-            np.add(total, np.multiply(weights[name], num_examples, dtype=np.float64), out=total)
+            if base is None:
+                np.add(total, np.multiply(weights[name], scale, dtype=np.float64), out=total)
+            else:
+                delta = np.subtract(weights[name], base[name], dtype=np.float64)
+                np.add(total, np.multiply(delta, scale, out=delta), out=total)
         self._count += 1
         self._total += num_examples
 

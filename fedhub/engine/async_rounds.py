@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 import time
 import uuid
@@ -31,20 +30,21 @@ from typing import Any
 
 import numpy as np
 
-from . import wire
+from . import compression, wire
+from .aggregation import WeightedSum
 from .config import FederationConfig
 from .devices import DeviceRegistry
-from .driver import RETRY_AFTER_FAILURE, DriverThread, Evaluate
+from .driver import RETRY_AFTER_FAILURE, DriverThread, Evaluate, NotPublished
 from .errors import Conflict, InvalidInput
 from .evaluations import Evaluations
-from .fedbuff import DeltaBuffer, staleness_weight
+from .fedbuff import staleness_weight
 from .files import atomic_write_bytes, remove_stale_temporaries
 from .history import RoundHistory, build_entry
 from .round_hooks import RoundHooks
 from .round_state import RoundState
 from .storage import Storage
 from .strategies import Strategy
-from .strategies.base import cast_like, first_nonfinite
+from .strategies.base import cast_like
 
 log = logging.getLogger("fedhub.async")
 
@@ -59,7 +59,7 @@ class Buffer:
     to uploads, ``inflight`` those not yet committed; the sum has the committed ones."""
 
     target: int
-    sums: DeltaBuffer
+    sums: WeightedSum  # each update's delta from its base version, staleness-weighted
     started_at: float
     reserved: int = 0
     inflight: int = 0
@@ -163,8 +163,9 @@ class AsyncRounds(DriverThread):
         if done is not None:
             return done
         self._devices.check_admitted(name)  # the same rule as round selection in synchronous mode
-        weights, meta = wire.decode_update(body, self._spec, round_number,
-                                           max_bytes=self._max_upload_bytes)
+        weights, meta = compression.decode_update(body, self._spec, compression.NONE,
+                                                  round_number=round_number,
+                                                  max_bytes=self._max_upload_bytes)
         s = self._state
         with s.cond:
             done = self._duplicate(name, upload_id, digest)
@@ -251,7 +252,7 @@ class AsyncRounds(DriverThread):
     def _buffer(self, target: int, started_at: float) -> Buffer:
         b = self._buffers.get(target)
         if b is None:
-            b = self._buffers[target] = Buffer(target, DeltaBuffer(self._state.weights), started_at)
+            b = self._buffers[target] = Buffer(target, WeightedSum(self._state.weights), started_at)
         return b
 
     def _target(self) -> int:
@@ -265,7 +266,7 @@ class AsyncRounds(DriverThread):
     def _fold(self, b: Buffer, row: Mapping[str, Any], weights: Mapping[str, np.ndarray],
               base: Mapping[str, np.ndarray]) -> None:
         with b.lock:
-            b.sums.add(weights, base, row["num_examples"], row["weight"])
+            b.sums.add(weights, row["num_examples"], base=base, weight=row["weight"])
             b.updates.append({k: row[k] for k in ("device", "base_version", "staleness", "weight",
                                                   "num_examples", "metrics", "body_path")})
 
@@ -313,60 +314,40 @@ class AsyncRounds(DriverThread):
         """Buffer ``b`` becomes the next global model: outside the lock, as it takes a while."""
         s = self._state
         current64 = {n: a.astype(np.float64) for n, a in current.items()}
-        stepped = b.sums.step(current64)
+        mean_delta = b.sums.mean()
+        stepped = {n: a + mean_delta[n] for n, a in current64.items()}
         weights64, state = self._strategy.server_step(current64, stepped, self._strategy.state())
         weights = cast_like(weights64, current)
-        bad = first_nonfinite(weights)
-        metrics: Mapping[str, float] = {}
-        if bad is None and self._evaluate is not None:
-            try:
-                metrics = self._evaluate(weights)
-            except Exception:
-                log.exception("evaluation of model version %d failed", b.target)
-        if bad is not None or any(not math.isfinite(metrics.get(k, 0.0)) for k in ("loss", "accuracy")):
-            self._discard(b, f"model version {b.target} from {len(b.updates)} updates is not finite "
-                             "(NaN or infinity); its updates are dropped")
-            return
+
+        def record(row: Mapping[str, Any]) -> None:  # a version's row is written when it is made
+            self._storage.insert_round(b.target, started_at=b.started_at,
+                                       selected=sorted({u["device"] for u in b.updates}),
+                                       config=self._config.training.task())
+            self._storage.fold_async_updates(b.target)
+
+        def installed() -> None:
+            self._remember(b.target, weights)
+            del self._buffers[b.target]
+
         try:
-            path = self._storage.write_checkpoint(b.target, weights)
-            self._storage.write_strategy_state(b.target, state, self._strategy.saved_by())
-            row = {"number": b.target, "started_at": b.started_at, "closed_at": self._clock(),
-                   "num_updates": len(b.updates), "num_examples": b.sums.total_examples,
-                   "test_loss": metrics.get("loss"), "test_accuracy": metrics.get("accuracy")}
-            entry = self._entry(b, row)
-            with self._storage.transaction():
-                self._storage.insert_round(b.target, started_at=b.started_at,
-                                           selected=sorted({u["device"] for u in b.updates}),
-                                           config=self._config.training.task())
-                self._storage.complete_round(
-                    b.target, closed_at=row["closed_at"], num_updates=row["num_updates"],
-                    num_examples=row["num_examples"], test_loss=row["test_loss"],
-                    test_accuracy=row["test_accuracy"], checkpoint=str(path))
-                self._storage.fold_async_updates(b.target)
-                self._history.store(entry)
-        except Exception as exc:  # a full disk: keep the buffer, try again shortly
-            log.exception("model version %d could not be saved", b.target)
-            with s.cond:
+            _, metrics = self._publish(
+                f"model version {b.target}", b.target, b.started_at, weights, state,
+                counts=(len(b.updates), b.sums.total_examples), entry=lambda row: self._entry(b, row),
+                record=record, installed=installed)
+        except NotPublished as exc:
+            if not exc.saving:  # the version is made again, from updates still to come
+                self._discard(b, f"model version {b.target} from {len(b.updates)} updates is not "
+                                 f"usable: {exc.reason}; its updates are dropped")
+                return
+            with s.cond:  # a full disk: keep the buffer, try again shortly
                 s.closing = None
-                s.last_error = f"model version {b.target} could not be saved: {exc}; trying again"
+                s.last_error = f"{exc.reason}; trying again"
                 s.cond.wait(RETRY_AFTER_FAILURE)
             return
-        self._strategy.load_state(state)
-        self._history.remember(entry)
-        if metrics and self._evaluations is not None:
-            self._evaluations.remember((b.target, row["closed_at"]), metrics)
-        self._remember(b.target, weights)
-        with s.cond:
-            del self._buffers[b.target]
-            s.install(b.target, weights)
-            s.closing = None
-            s.last_error = None
-            s.cond.notify_all()
         for u in b.updates:
             self._body_path(u).unlink(missing_ok=True)
         log.info("model version %d from %d updates (staleness %s), test accuracy %s", b.target,
                  len(b.updates), [u["staleness"] for u in b.updates], metrics.get("accuracy"))
-        self._hooks.submit(entry, weights)
 
     def _entry(self, b: Buffer, row: Mapping[str, Any]) -> dict[str, Any]:
         """The history entry of a model version: a round's, plus each update's staleness."""
@@ -386,7 +367,7 @@ class AsyncRounds(DriverThread):
         self._storage.discard_async_updates(b.target)
         self._history.failed(b.target, started_at=b.started_at, failed_at=self._clock(), reason=why)
         with self._state.cond:  # the version is made again, from updates still to come
-            self._buffers[b.target] = Buffer(b.target, DeltaBuffer(self._state.weights), self._clock())
+            self._buffers[b.target] = Buffer(b.target, WeightedSum(self._state.weights), self._clock())
             self._state.closing = None
             self._state.last_error = why
             self._state.cond.notify_all()

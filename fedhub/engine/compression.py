@@ -278,18 +278,21 @@ def encode_update(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.
     return wire.encode(tensors, meta, {"compression": str(scheme)}), left
 
 
-def decode_update(body: bytes, spec: wire.Spec, scheme: Scheme, *,
+def decode_update(body: bytes, spec: wire.Spec, scheme: Scheme, *, round_number: int | None = None,
                   max_bytes: int = wire.DEFAULT_MAX_BYTES) -> tuple[Weights, wire.Meta]:
     """Validate an update compressed with ``scheme`` (the server's): its float32 delta per
-    tensor (with ``none``: its weights), and its metadata. Everything a hostile body can get
-    wrong is an InvalidInput naming the field: the scheme, a tensor's name, shape or dtype, an
-    index, a code, a scale."""
+    tensor (with ``none``: its weights), and its metadata, whose round must be ``round_number``
+    (the URL's) when given. The one decoder of uploads, in every mode. Everything a hostile body
+    can get wrong is an InvalidInput naming the field: the scheme, a tensor's name, shape or
+    dtype, an index, a code, a scale, the round."""
     sent = scheme_of(body) if len(body) <= max_bytes else scheme  # too large: decode says so
     if sent != scheme:
         raise InvalidInput(f"update is compressed with {sent}, the server announced {scheme}",
                            "compression")
     tensors, meta = wire.decode(body, wire_spec(spec, scheme), max_bytes=max_bytes,
                                 require_examples=True)
+    if round_number is not None:
+        wire.check_round(meta, round_number)
     return (decompress(tensors, spec, scheme) if scheme.active else tensors), meta
 
 

@@ -37,6 +37,7 @@ from .secagg import SecAggError
 from .secure_round import SecureRound, summary
 from .storage import Storage
 from .strategies import AggregationError, RoundPlan, Strategy
+from .strategies.base import first_nonfinite
 
 log = logging.getLogger("fedhub.rounds")
 
@@ -45,6 +46,16 @@ Evaluate = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
 # Seconds before a failed round is tried again (a full disk, a strategy short of updates).
 RETRY_AFTER_FAILURE = 2.0
 TICK = 0.25  # seconds between the driver's looks at the state when nothing wakes it
+
+
+class NotPublished(Exception):
+    """A candidate global model was not published; ``reason`` says why in words for the log and
+    status, ``saving`` whether it failed on the way to disk (then the same model may be tried again)."""
+
+    def __init__(self, reason: str, *, saving: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.saving = saving
 
 
 def release_devices(devices: DeviceRegistry, r: OpenRound, why: str) -> None:
@@ -113,6 +124,68 @@ class DriverThread:
     def _failed(self, error: str) -> None:
         self._state.last_error = f"round driver error: {error}"
         self._state.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+
+    def _publish(self, what: str, number: int, started_at: float, weights: Weights, state: Any, *,
+                 counts: tuple[int, int], entry: Callable[[dict[str, Any]], dict[str, Any]],
+                 installed: Callable[[], None],
+                 record: Callable[[dict[str, Any]], None] | None = None,
+                 ) -> tuple[dict[str, Any], Mapping[str, float]]:
+        """Make ``weights`` (with the strategy's ``state``) global model ``number``: the one way
+        a synchronous round and an asynchronous version become the model devices train from.
+
+        Outside the lock: the test on the held-out data, a refusal of a model that is not finite,
+        then durability in order (checkpoint and strategy state, then the row and the history
+        ``entry`` in one transaction, with what ``record`` adds). Then the strategy, history and
+        evaluations learn it, it is installed under the lock (with ``installed``, what the mode
+        adds there), and the round hooks get it. ``what`` names it in messages (``round 3``,
+        ``model version 3``); ``counts`` is (updates, examples). Raises :class:`NotPublished`:
+        the model in use stays as it was."""
+        bad = first_nonfinite(weights)
+        if bad is not None:
+            raise NotPublished(f"{what}'s weights are not finite (NaN or infinity, in {bad})", saving=False)
+        metrics: Mapping[str, float] = {}
+        if self._evaluate is not None:
+            try:
+                metrics = self._evaluate(weights)
+            except Exception:
+                log.exception("evaluation of %s failed", what)
+        for key in ("loss", "accuracy"):  # finite weights can still give a model that is not
+            value = metrics.get(key)
+            if value is not None and not math.isfinite(value):
+                raise NotPublished(f"the new global model's test {key} is {value}: its outputs are not "
+                                   "finite (NaN or infinity)", saving=False)
+        try:
+            path = self._storage.write_checkpoint(number, weights)
+            self._storage.write_strategy_state(number, state, self._strategy.saved_by())
+            row: dict[str, Any] = {
+                "number": number, "started_at": started_at, "closed_at": self._clock(),
+                "num_updates": counts[0], "num_examples": counts[1],
+                "test_loss": metrics.get("loss"), "test_accuracy": metrics.get("accuracy")}
+            made = entry(row)
+            with self._storage.transaction():
+                if record is not None:
+                    record(row)
+                self._storage.complete_round(
+                    number, closed_at=row["closed_at"], num_updates=row["num_updates"],
+                    num_examples=row["num_examples"], test_loss=row["test_loss"],
+                    test_accuracy=row["test_accuracy"], checkpoint=str(path))
+                self._history.store(made)
+        except Exception as exc:  # a full disk must not take the server down
+            log.exception("%s could not be saved", what)
+            raise NotPublished(f"{what} could not be saved: {exc}", saving=True) from exc
+        self._strategy.load_state(state)  # durable now: what comes next starts from it
+        self._history.remember(made)
+        if metrics and self._evaluations is not None:  # what test_evaluation() answers for it
+            self._evaluations.remember((number, row["closed_at"]), metrics)
+        s = self._state
+        with s.cond:
+            installed()
+            s.install(number, weights)
+            s.closing = None
+            s.last_error = None
+            s.cond.notify_all()
+        self._hooks.submit(made, weights)
+        return made, metrics
 
 
 class RoundDriver(DriverThread):
@@ -323,50 +396,18 @@ class RoundDriver(DriverThread):
             with s.cond:
                 self._fail(r, f"round {r.number} failed: {type(exc).__name__}: {exc}")
             return
-        metrics: Mapping[str, float] = {}
-        if self._evaluate is not None:
-            try:
-                metrics = self._evaluate(result.weights)
-            except Exception:
-                log.exception("evaluation of round %d failed", r.number)
-        for key in ("loss", "accuracy"):  # finite weights can still give a model that is not
-            value = metrics.get(key)
-            if value is not None and not math.isfinite(value):
-                with s.cond:
-                    self._fail(r, f"round {r.number} failed: the new global model's test {key} is "
-                                  f"{value}: its outputs are not finite (NaN or infinity)")
-                return
         aggregated = result.metrics if secured is None else {**result.metrics, "secagg": summary(secured)}
         try:
-            path = self._storage.write_checkpoint(r.number, result.weights)
-            self._storage.write_strategy_state(r.number, result.state, self._strategy.saved_by())
-            row: dict[str, Any] = {
-                "number": r.number, "started_at": r.started_at, "closed_at": self._clock(),
-                "num_updates": aggregated["num_updates"], "num_examples": aggregated["num_examples"],
-                "test_loss": metrics.get("loss"), "test_accuracy": metrics.get("accuracy")}
-            with self._storage.transaction():
-                self._storage.complete_round(
-                    r.number, closed_at=row["closed_at"], num_updates=row["num_updates"],
-                    num_examples=row["num_examples"], test_loss=row["test_loss"],
-                    test_accuracy=row["test_accuracy"], checkpoint=str(path))
-                entry = self._history.build(row, aggregated)
-                self._history.store(entry)
-        except Exception as exc:  # a full disk must not take the server down
-            log.exception("round %d could not be completed", r.number)
+            _, metrics = self._publish(
+                f"round {r.number}", r.number, r.started_at, result.weights, result.state,
+                counts=(aggregated["num_updates"], aggregated["num_examples"]),
+                entry=lambda row: self._history.build(row, aggregated),
+                installed=lambda: release_devices(
+                    self._devices, r, f"round {r.number} closed without this device's update"))
+        except NotPublished as exc:
             with s.cond:
-                self._fail(r, f"round {r.number} could not be saved: {exc}")
+                self._fail(r, exc.reason if exc.saving else f"round {r.number} failed: {exc.reason}")
             return
-        self._strategy.load_state(result.state)  # durable now: the next round starts from it
-        self._history.remember(entry)
-        if metrics and self._evaluations is not None:  # what test_evaluation() answers for it
-            self._evaluations.remember((r.number, row["closed_at"]), metrics)
-        with s.cond:
-            release_devices(self._devices, r, f"round {r.number} closed without this device's update")
-            s.install(r.number, result.weights)
-            s.closing = None
-            s.last_error = None
-            s.cond.notify_all()
         log.info("round %d complete: %s (%d used), %s, test accuracy %s", r.number,
                  plural(aggregated["num_updates"], "update"), aggregated["num_used"],
                  plural(aggregated["num_examples"], "example"), metrics.get("accuracy"))
-        self._hooks.submit(entry, result.weights)

@@ -358,8 +358,8 @@ class Coordinator:
             return done
         self._devices.check_admitted(name)
         weights, meta = compression.decode_update(body, self.spec, self.compression,
+                                                  round_number=round_number,
                                                   max_bytes=self.max_upload_bytes)
-        wire.check_round(meta, round_number)
         with self._cond:
             done = self._duplicate(name, round_number, upload_id, digest)
             if done is not None:

@@ -191,15 +191,6 @@ def decode(
     return tensors, meta
 
 
-def decode_update(body: bytes, spec: Spec, round_number: int, *, max_bytes: int = DEFAULT_MAX_BYTES
-                  ) -> tuple[Weights, Meta]:
-    """A device's uploaded update: :func:`decode` with examples required, and the metadata's
-    round the one in the URL it was posted to."""
-    weights, meta = decode(body, spec, max_bytes=max_bytes, require_examples=True)
-    check_round(meta, round_number)
-    return weights, meta
-
-
 def check_round(meta: Meta, round_number: int) -> None:
     """An update's metadata names the round of the URL it was posted to."""
     if meta.round != round_number:

@@ -276,3 +276,55 @@ def test_simulate_async_with_a_slow_device(tmp_path, data_dir):
     sent = {name: [u for u in updates if u["device"] == name] for name in ("device1", "device2")}
     assert len(sent["device1"]) > len(sent["device2"]) >= 1, sent
     assert max(u["staleness"] for u in sent["device2"]) >= 1, sent
+
+
+@pytest.mark.slow
+def test_compressed_updates_enter_the_buffer_as_their_change(server_factory):
+    """``--mode async --compression q8``: each upload is its change from the version it trained
+    from, quantized; the new version is FedBuff's formula over the changes the server decodes,
+    stale ones weighted down, and a restart is not needed to trust it."""
+    from fedhub.engine import compression
+
+    scheme = compression.parse("q8")
+    server = server_factory(*ASYNC, "--buffer", "2", "--compression", "q8").start()
+    assert server.get("/api/status").json()["compression"] == {"uplink": "q8", "downlink": False}
+    tokens = {name: enroll(server, name) for name in ("a", "b", "c")}
+    rng = np.random.default_rng(1)
+    _, w0 = _model(server, tokens["a"])
+
+    def send(name: str, weights, base_weights, base: int, n: int) -> dict[str, np.ndarray]:
+        body, _ = compression.encode_update(weights, base_weights, scheme, wire.Meta(
+            round=base, model_version=base, num_examples=n, metrics={"loss": 1.0}))
+        r = requests.post(f"{server.url}/api/devices/{name}/updates/{base}", data=body, timeout=30,
+                          headers={"Authorization": f"Bearer {tokens[name]}",
+                                   "Content-Type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+        delta, _ = compression.decode_update(body, wire.spec_of(w0), scheme)
+        return compression.apply(base_weights, delta)  # what the server takes the update to be
+
+    got_a = send("a", _nudged(w0, rng), w0, 0, 100)
+    got_b = send("b", _nudged(w0, rng), w0, 0, 300)
+    _version(server, 1)
+    w1 = _reference(w0, [(got_a, w0, 100, 0), (got_b, w0, 300, 0)])
+    _assert_model(server, tokens["a"], w1)
+    got_c = send("c", _nudged(w0, rng), w0, 0, 200)  # one version stale
+    got_a2 = send("a", _nudged(w1, rng), w1, 1, 100)
+    _version(server, 2)
+    _assert_model(server, tokens["a"], _reference(w1, [(got_c, w0, 200, 1), (got_a2, w1, 100, 0)]))
+    # a plain (uncompressed) upload is refused: the server announced q8
+    plain = _upload(server, "b", tokens["b"], w1, base=1, n=10)
+    assert plain.status_code == 400 and plain.json()["field"] == "compression", plain.text
+
+
+@pytest.mark.slow
+def test_simulate_async_with_top_k_compression(tmp_path, data_dir):
+    """Real devices on a pool worker, asynchronous, sending top-k changes with error feedback."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fedhub.simulate", "--devices", "2", "--workers", "1", "--rounds", "3",
+         "--mode", "async", "--buffer", "2", "--compression", "topk:0.1", "--limit", "100",
+         "--test-limit", "200", "--data-dir", str(data_dir), "--quiet", "--timeout", "300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["mode"] == "async" and summary["rounds"] == 3, summary
+    assert "model version 3: global test accuracy" in out.stdout

@@ -86,6 +86,7 @@ class AsyncRounds(DriverThread):
                          strategy=strategy, config=config, evaluate=evaluate, evaluations=evaluations,
                          clock=clock)
         self._spec = spec
+        self._compression = compression.parse(config.training.compression)
         self._check_finished = check_finished
         self._max_upload_bytes = max_upload_bytes
         self._dir = storage.state_dir / "async"
@@ -104,7 +105,8 @@ class AsyncRounds(DriverThread):
         for row in rows:
             if row["target"] <= self._state.version:  # cannot happen: folded with its version
                 continue
-            weights, _ = wire.decode(self._body_path(row).read_bytes(), self._spec, max_bytes=2**40)
+            weights, _ = compression.decode_update(self._body_path(row).read_bytes(), self._spec,
+                                                   self._compression, max_bytes=2**40)
             b = self._buffer(row["target"], row["received_at"])
             b.reserved += 1
             self._fold(b, row, weights, self._base(row["base_version"]))
@@ -163,7 +165,7 @@ class AsyncRounds(DriverThread):
         if done is not None:
             return done
         self._devices.check_admitted(name)  # the same rule as round selection in synchronous mode
-        weights, meta = compression.decode_update(body, self._spec, compression.NONE,
+        weights, meta = compression.decode_update(body, self._spec, self._compression,
                                                   round_number=round_number,
                                                   max_bytes=self._max_upload_bytes)
         s = self._state
@@ -263,10 +265,13 @@ class AsyncRounds(DriverThread):
             target += 1
         return target
 
-    def _fold(self, b: Buffer, row: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+    def _fold(self, b: Buffer, row: Mapping[str, Any], decoded: Mapping[str, np.ndarray],
               base: Mapping[str, np.ndarray]) -> None:
+        """Fold an update in: its change from its base version (a compressed update is that
+        change already), staleness-weighted."""
         with b.lock:
-            b.sums.add(weights, row["num_examples"], base=base, weight=row["weight"])
+            b.sums.add(decoded, row["num_examples"], weight=row["weight"],
+                       base=None if self._compression.active else base)
             b.updates.append({k: row[k] for k in ("device", "base_version", "staleness", "weight",
                                                   "num_examples", "metrics", "body_path")})
 

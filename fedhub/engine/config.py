@@ -100,9 +100,12 @@ class FederationConfig:
 
     def check_async(self, strategy: Strategy) -> None:
         """Asynchronous rounds fold each update into a running sum as it comes: a strategy that
-        keeps every update, a staged protocol or per-round noise does not fit (yet)."""
+        keeps every update, a staged protocol or per-round noise does not fit (yet). Compressed
+        uploads do: each is its change from the version it trained from, which the server keeps;
+        a compressed download is not kept for older versions, so the server could not tell
+        what a device's change was made from."""
         for option, on in (("--secure-aggregation", self.secagg is not None),
-                           ("--compression", compression.parse(self.training.compression).active),
+                           ("--compress-downlink", self.compress_downlink),
                            ("--dp", self.privacy is not None)):
             if on:
                 raise ValueError(f"asynchronous mode (--mode async) does not work with {option} yet")

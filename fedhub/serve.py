@@ -350,7 +350,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         staleness_exponent=a.staleness_exponent,
         training=TrainingConfig(model=model, framework=a.framework, epochs=a.epochs, batch_size=a.batch_size,
                                 learning_rate=a.learning_rate, compression=a.compression),
-        privacy=dp_config(p, a, a.min_devices))
+        privacy=dp_config(p, a, a.buffer if a.mode == "async" else a.min_devices))
     federation.secagg = secagg_options.config_from(a)
     layout = state.resolve(a.state_dir)
     config = ServerConfig(

@@ -192,7 +192,8 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         a.strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
     except ValueError as exc:
         p.error(str(exc))
-    per_round = math.ceil(a.fraction * a.devices)  # each round selects a fraction of the devices
+    # each round selects a fraction of the devices; an asynchronous version takes --buffer updates
+    per_round = a.buffer if a.mode == "async" else math.ceil(a.fraction * a.devices)
     a.privacy = dp_config(p, a, per_round)
     a.secagg = secagg_options.config_from(a)
     if not 0 <= a.dropout <= 1 or (a.dropout and a.secagg is None):

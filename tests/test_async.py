@@ -80,7 +80,9 @@ def test_staleness_weight_is_one_over_sqrt_one_plus_staleness():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--mode", "async", "--strategy", "fedmedian"), "asynchronous mode needs a streaming strategy"),
+    (("--mode", "async", "--strategy", "krum", "--strategy-arg", "num_malicious=2", "--buffer", "3"),
+     "needs at least 7 updates a round; buffer_size (--buffer) is 3"),
+    (("--mode", "async", "--secure-aggregation"), "does not work with --secure-aggregation yet"),
     (("--mode", "async", "--buffer", "0"), "buffer_size (--buffer) must be at least 1"),
     (("--mode", "async", "--max-staleness", "-1"), "max_staleness (--max-staleness) must be"),
     (("--mode", "later"), "argument --mode: invalid choice"),
@@ -328,3 +330,51 @@ def test_simulate_async_with_top_k_compression(tmp_path, data_dir):
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["mode"] == "async" and summary["rounds"] == 3, summary
     assert "model version 3: global test accuracy" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compression, dp", [("q8", "central-fixed"), ("none", "local")])
+def test_simulate_async_with_differential_privacy(tmp_path, data_dir, compression, dp):
+    """The README's async DP runs: every model version is counted by the accountant (central DP
+    clips and noises the buffer's changes; local DP's devices do it before they upload)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fedhub.simulate", "--devices", "3", "--workers", "1", "--rounds", "3",
+         "--mode", "async", "--buffer", "3", "--compression", compression, "--dp", dp,
+         "--dp-noise-multiplier", "0.3", "--dp-clip", "2.0", "--limit", "100", "--test-limit", "200",
+         "--data-dir", str(data_dir), "--quiet", "--history", str(tmp_path / "history.json"),
+         "--timeout", "300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["mode"] == "async" and summary["rounds"] == 3 and summary["compression"] == compression
+    history = json.loads((tmp_path / "history.json").read_text())
+    privacy = [h["privacy"] for h in history]
+    assert [p["rounds"] for p in privacy] == [1, 2, 3] and {p["mode"] for p in privacy} == {dp}
+    epsilons = [p["epsilon"] for p in privacy]
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2] == pytest.approx(summary["epsilon"])
+    # one update per device in each version: the noise covers one change per device
+    for h in history:
+        devices = [u["device"] for u in h["updates"]]
+        assert len(devices) == len(set(devices)) == 3, h["updates"]
+
+
+@pytest.mark.slow
+def test_a_robust_strategy_screens_the_buffers_changes(server_factory):
+    """``--mode async --strategy fedmedian``: the version is the coordinate-wise median of the
+    buffer's staleness-weighted changes, so one wild update moves nothing."""
+    server = server_factory(*ASYNC, "--buffer", "3", "--strategy", "fedmedian").start()
+    tokens = {name: enroll(server, name) for name in ("a", "b", "c")}
+    rng = np.random.default_rng(2)
+    _, w0 = _model(server, tokens["a"])
+    sent = {name: _nudged(w0, rng) for name in ("a", "b")}
+    sent["c"] = {k: (a + 1000).astype(a.dtype) for k, a in w0.items()}  # an attacker's update
+    for name, weights in sent.items():
+        assert _upload(server, name, tokens[name], weights, base=0, n=100).status_code == 200
+    _version(server, 1)
+    expected = {k: (a.astype(np.float64) + np.median(
+        [sent[n][k].astype(np.float64) - a for n in sent], axis=0)).astype(a.dtype) for k, a in w0.items()}
+    _assert_model(server, tokens["a"], expected)
+    entry = server.get("/api/history").json()["rounds"][-1]
+    assert entry["strategy"]["name"] == "fedmedian" and entry["num_used"] == 3
+    assert [u["status"] for u in entry["updates"]] == ["used"] * 3
+    assert entry["devices"]["c"]["aggregation"]["status"] == "used"

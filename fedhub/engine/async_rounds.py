@@ -5,9 +5,13 @@ model version at once. Each upload is the weights trained from some version ``b`
 assigned a slot in the buffer that will become version ``t`` (the lowest version still
 short of ``buffer_size`` updates), its staleness is ``t - 1 - b`` (versions made since
 ``b``, counting the one in the making), and one older than ``max_staleness`` is refused
-(409). The delta from version ``b`` enters the buffer's float64 sum weighted by examples
-times the staleness weight (:mod:`.fedbuff`); a full buffer becomes the next version on
-this module's own thread (evaluated, checkpointed, recorded), off the request lock.
+(409). The change from version ``b`` (a compressed upload is that change already), times
+the staleness weight (:mod:`.fedbuff`), goes to the strategy's own round aggregator as an
+update of the buffer, whose model starts at zero: the weighted mean of the changes is then
+FedBuff's step, a server optimizer steps from it, central DP clips and noises the changes
+and counts each version with the accountant, a robust strategy screens them. A full buffer
+becomes the next version on this module's own thread (evaluated, checkpointed, recorded, by
+the publisher synchronous rounds use), off the request lock.
 
 Durable: an accepted update's body is written (atomically) under ``async/`` in the state
 directory and its row committed before it is acknowledged; a version's checkpoint comes
@@ -31,11 +35,10 @@ from typing import Any
 import numpy as np
 
 from . import compression, wire
-from .aggregation import WeightedSum
 from .config import FederationConfig
 from .devices import DeviceRegistry
 from .driver import RETRY_AFTER_FAILURE, DriverThread, Evaluate, NotPublished
-from .errors import Conflict, InvalidInput
+from .errors import Conflict, InvalidInput, RunOver
 from .evaluations import Evaluations
 from .fedbuff import staleness_weight
 from .files import atomic_write_bytes, remove_stale_temporaries
@@ -44,7 +47,13 @@ from .round_hooks import RoundHooks
 from .round_state import RoundState
 from .storage import Storage
 from .strategies import Strategy
-from .strategies.base import cast_like
+from .strategies.base import (
+    AggregationError,
+    InvalidUpdate,
+    RoundAggregator,
+    cast_like,
+    first_nonfinite,
+)
 
 log = logging.getLogger("fedhub.async")
 
@@ -59,11 +68,12 @@ class Buffer:
     to uploads, ``inflight`` those not yet committed; the sum has the committed ones."""
 
     target: int
-    sums: WeightedSum  # each update's delta from its base version, staleness-weighted
+    aggregator: RoundAggregator  # the strategy's, over each update's staleness-weighted change
     started_at: float
     reserved: int = 0
     inflight: int = 0
     updates: list[dict[str, Any]] = field(default_factory=list)
+    devices: set[str] = field(default_factory=set)  # with a slot, committed or not
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def full(self, size: int) -> bool:
@@ -109,7 +119,8 @@ class AsyncRounds(DriverThread):
                                                    self._compression, max_bytes=2**40)
             b = self._buffer(row["target"], row["received_at"])
             b.reserved += 1
-            self._fold(b, row, weights, self._base(row["base_version"]))
+            b.devices.add(row["device"])
+            self._fold(b, row, self._change(weights, self._base(row["base_version"]), row["weight"]))
         kept = {row["body_path"] for row in rows}
         for path in self._dir.glob("*.safetensors"):
             if path.name not in kept:  # written, never committed: its upload was not acknowledged
@@ -125,6 +136,8 @@ class AsyncRounds(DriverThread):
 
     def reset(self) -> None:
         """Forget the buffers and their files (the rows go with the rounds); lock held."""
+        for b in self._buffers.values():
+            b.aggregator.close()
         self._buffers = {}
         with self._versions_lock:
             self._versions = {}
@@ -176,9 +189,10 @@ class AsyncRounds(DriverThread):
             if upload_id and (name, upload_id) in self._uploading:
                 raise Conflict(f"an upload with Idempotency-Key {upload_id!r} is in progress",
                                "Idempotency-Key")
-            b, staleness = self._admit(meta.model_version)
+            b, staleness = self._admit(name, meta.model_version)
             b.reserved += 1
             b.inflight += 1
+            b.devices.add(name)
             if upload_id:
                 self._uploading.add((name, upload_id))
         row = {"device": name, "target": b.target, "base_version": meta.model_version,
@@ -189,7 +203,10 @@ class AsyncRounds(DriverThread):
                "received_at": self._clock()}
         committed = False
         try:
-            base = self._base(meta.model_version)
+            change = self._change(weights, self._base(meta.model_version), row["weight"])
+            bad = first_nonfinite(change)
+            if bad is not None and not self._strategy.rejects_nonfinite:
+                raise InvalidUpdate(f"tensor {bad!r} holds NaN or infinity", bad)
             atomic_write_bytes(self._body_path(row), body)
             with self._storage.transaction():  # the acknowledgement's durable point
                 self._storage.add_async_update(
@@ -202,12 +219,13 @@ class AsyncRounds(DriverThread):
                                             reason=f"update for model version {b.target} sent",
                                             round_number=meta.model_version)
             committed = True
-            self._fold(b, row, weights, base)
+            self._fold(b, row, change)
         finally:
             with s.cond:
                 b.inflight -= 1
                 if not committed:
                     b.reserved -= 1
+                    b.devices.discard(name)
                     self._body_path(row).unlink(missing_ok=True)
                 self._uploading.discard((name, upload_id or ""))
                 if committed:
@@ -217,8 +235,10 @@ class AsyncRounds(DriverThread):
                 "staleness": staleness, "weight": row["weight"],
                 "reported": len(b.updates), "selected": self._config.buffer_size}
 
-    def _admit(self, base_version: int) -> tuple[Buffer, int]:
-        """The buffer an update from ``base_version`` goes into, and its staleness (lock held)."""
+    def _admit(self, name: str, base_version: int) -> tuple[Buffer, int]:
+        """The buffer ``name``'s update from ``base_version`` goes into, and its staleness (lock
+        held). With DP a device has one update in a version (the noise covers one change per
+        device), so a second goes to the next version."""
         s = self._state
         if s.status == "finished":
             raise Conflict("the run is over", "round")
@@ -227,7 +247,7 @@ class AsyncRounds(DriverThread):
         if base_version > s.version:
             raise Conflict(f"model version {base_version} does not exist yet (the latest is "
                            f"{s.version})", "model_version")
-        target = self._target()
+        target = self._target(name if self._strategy.privacy_settings() is not None else None)
         if self._config.rounds and target > self._config.rounds:
             raise Conflict(f"the run's last model version ({self._config.rounds}) has all the updates "
                            "it needs", "round")
@@ -254,26 +274,51 @@ class AsyncRounds(DriverThread):
     def _buffer(self, target: int, started_at: float) -> Buffer:
         b = self._buffers.get(target)
         if b is None:
-            b = self._buffers[target] = Buffer(target, WeightedSum(self._state.weights), started_at)
+            b = self._buffers[target] = Buffer(target, self._begin(), started_at)
         return b
 
-    def _target(self) -> int:
-        """The version the next update goes into: the first one still short of updates."""
+    def _begin(self) -> RoundAggregator:
+        """A new buffer's aggregator (lock held): the strategy's, over changes (its model is
+        zero). A DP strategy counts the version as a round that samples ``buffer_size`` of the
+        devices available; a spent budget ends the run here."""
+        s = self._state
+        if self._strategy.privacy_settings() is not None:
+            available = self._devices.available()
+            fraction = min(1.0, self._config.buffer_size / max(1, len(available)))
+            try:
+                self._strategy.configure(available, rng=self._rng, fraction=fraction, min_devices=1)
+            except RunOver as exc:
+                log.warning("the run is over: %s", exc.message)
+                s.reason = exc.message
+                s.set_status("finished")
+                raise Conflict(f"the run is over: {exc.message}", "round") from None
+        zeros = {n: np.zeros_like(a) for n, a in s.weights.items()}
+        return self._strategy.begin(zeros, spill_dir=self._storage.state_dir,
+                                    memory_budget=self._config.memory_budget)
+
+    def _target(self, device: str | None = None) -> int:
+        """The version the next update goes into: the first one still short of updates (and,
+        given ``device``, without an update of that device)."""
         s = self._state
         target = s.version + 1 if s.closing is None else max(s.version, s.closing) + 1
-        while target in self._buffers and self._buffers[target].reserved >= self._config.buffer_size:
+        while target in self._buffers and (self._buffers[target].reserved >= self._config.buffer_size
+                                           or device in self._buffers[target].devices):
             target += 1
         return target
 
-    def _fold(self, b: Buffer, row: Mapping[str, Any], decoded: Mapping[str, np.ndarray],
-              base: Mapping[str, np.ndarray]) -> None:
-        """Fold an update in: its change from its base version (a compressed update is that
-        change already), staleness-weighted."""
-        with b.lock:
-            b.sums.add(decoded, row["num_examples"], weight=row["weight"],
-                       base=None if self._compression.active else base)
-            b.updates.append({k: row[k] for k in ("device", "base_version", "staleness", "weight",
-                                                  "num_examples", "metrics", "body_path")})
+    def _change(self, decoded: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
+                weight: float) -> Weights:
+        """An update's change from its base version (a compressed update is that change
+        already), times its staleness weight, in float64."""
+        return {n: (np.asarray(decoded[n], dtype=np.float64) if self._compression.active
+                    else np.subtract(decoded[n], base[n], dtype=np.float64)) * weight for n in base}
+
+    def _fold(self, b: Buffer, row: Mapping[str, Any], change: Mapping[str, np.ndarray]) -> None:
+        with b.lock:  # each update its own key: a device may have two in one version without DP
+            key = f"{row['device']}#{len(b.updates) + 1}"
+            b.aggregator.add(key, change, row["num_examples"], row["metrics"])
+            b.updates.append({"key": key, **{k: row[k] for k in (
+                "device", "base_version", "staleness", "weight", "num_examples", "metrics", "body_path")}})
 
     def _body_path(self, row: Mapping[str, Any]):
         return self._dir / row["body_path"]
@@ -318,11 +363,16 @@ class AsyncRounds(DriverThread):
     def _make(self, b: Buffer, current: Weights) -> None:
         """Buffer ``b`` becomes the next global model: outside the lock, as it takes a while."""
         s = self._state
-        current64 = {n: a.astype(np.float64) for n, a in current.items()}
-        mean_delta = b.sums.mean()
-        stepped = {n: a + mean_delta[n] for n, a in current64.items()}
-        weights64, state = self._strategy.server_step(current64, stepped, self._strategy.state())
-        weights = cast_like(weights64, current)
+        b.aggregator.restate(self._strategy.state())  # after the version before this one
+        try:
+            result = b.aggregator.result()
+        except AggregationError as exc:
+            self._discard(b, f"model version {b.target} could not be made: {exc.reason}; its "
+                             "updates are dropped")
+            return
+        weights = cast_like({n: a.astype(np.float64) + result.weights[n] for n, a in current.items()},
+                            current)
+        state = result.state
 
         def record(row: Mapping[str, Any]) -> None:  # a version's row is written when it is made
             self._storage.insert_round(b.target, started_at=b.started_at,
@@ -337,7 +387,8 @@ class AsyncRounds(DriverThread):
         try:
             _, metrics = self._publish(
                 f"model version {b.target}", b.target, b.started_at, weights, state,
-                counts=(len(b.updates), b.sums.total_examples), entry=lambda row: self._entry(b, row),
+                counts=(len(b.updates), result.metrics["num_examples"]),
+                entry=lambda row: self._entry(b, row, result.metrics),
                 record=record, installed=installed)
         except NotPublished as exc:
             if not exc.saving:  # the version is made again, from updates still to come
@@ -354,17 +405,16 @@ class AsyncRounds(DriverThread):
         log.info("model version %d from %d updates (staleness %s), test accuracy %s", b.target,
                  len(b.updates), [u["staleness"] for u in b.updates], metrics.get("accuracy"))
 
-    def _entry(self, b: Buffer, row: Mapping[str, Any]) -> dict[str, Any]:
+    def _entry(self, b: Buffer, row: Mapping[str, Any], aggregated: Mapping[str, Any]) -> dict[str, Any]:
         """The history entry of a model version: a round's, plus each update's staleness."""
-        used = {u["device"]: {"status": "used"} for u in b.updates}
-        entry = build_entry(row, b.updates, [], {
-            "strategy": self._strategy.name, "params": self._strategy.params(),
-            "num_used": len(b.updates), "updates": used})
+        screened = aggregated["updates"]
+        by_device = {u["device"]: screened[u["key"]] for u in b.updates}  # a device's latest
+        entry = build_entry(row, b.updates, [], {**aggregated, "updates": by_device})
         for u in b.updates:  # a device with two updates in one version shows its latest
             entry["devices"][u["device"]].update(staleness=u["staleness"], base_version=u["base_version"])
         entry.update(mode="async", model_version=b.target, updates=[
-            {k: u[k] for k in ("device", "base_version", "staleness", "weight", "num_examples")}
-            for u in b.updates])
+            {**{k: u[k] for k in ("device", "base_version", "staleness", "weight", "num_examples")},
+             "status": screened[u["key"]]["status"]} for u in b.updates])
         return entry
 
     def _discard(self, b: Buffer, why: str) -> None:
@@ -372,7 +422,7 @@ class AsyncRounds(DriverThread):
         self._storage.discard_async_updates(b.target)
         self._history.failed(b.target, started_at=b.started_at, failed_at=self._clock(), reason=why)
         with self._state.cond:  # the version is made again, from updates still to come
-            self._buffers[b.target] = Buffer(b.target, WeightedSum(self._state.weights), self._clock())
+            self._buffers[b.target] = Buffer(b.target, self._begin(), self._clock())
             self._state.closing = None
             self._state.last_error = why
             self._state.cond.notify_all()

@@ -91,27 +91,23 @@ class FederationConfig:
         if self.mode not in ("sync", "async"):
             raise ValueError(f"mode must be sync or async, got {self.mode!r}")
         if self.mode == "async":
-            self.check_async(strategy)
+            self.check_async()
         if self.secagg is not None:
             self.check_secagg(strategy)
         elif isinstance(strategy, DistributedDP):
             raise ValueError("--dp distributed needs --secure-aggregation: each device's share of "
                              "the noise protects only a masked sum")
 
-    def check_async(self, strategy: Strategy) -> None:
-        """Asynchronous rounds fold each update into a running sum as it comes: a strategy that
-        keeps every update, a staged protocol or per-round noise does not fit (yet). Compressed
-        uploads do: each is its change from the version it trained from, which the server keeps;
-        a compressed download is not kept for older versions, so the server could not tell
-        what a device's change was made from."""
+    def check_async(self) -> None:
+        """Asynchronous versions go through the strategy's own aggregator, one per buffer of
+        changes: every strategy, compression, central and local DP work. Secure aggregation's
+        staged rounds do not fit a buffer filled by whoever comes (yet), and a compressed
+        download is not kept for older versions, so the server could not tell what a device's
+        change was made from."""
         for option, on in (("--secure-aggregation", self.secagg is not None),
-                           ("--compress-downlink", self.compress_downlink),
-                           ("--dp", self.privacy is not None)):
+                           ("--compress-downlink", self.compress_downlink)):
             if on:
                 raise ValueError(f"asynchronous mode (--mode async) does not work with {option} yet")
-        if not isinstance(strategy, Averaging):
-            raise ValueError(f"asynchronous mode needs a streaming strategy (fedavg, fedprox, fedavgm, "
-                             f"fedadam, fedyogi, fedadagrad); {strategy.name} keeps every update")
 
     def check_secagg(self, strategy: Strategy) -> None:
         """Secure aggregation hides each update, so only a strategy that needs just their
@@ -150,10 +146,21 @@ class FederationConfig:
     def make_strategy(self) -> Strategy:
         """The configured strategy, refused (ValueError) if it cannot aggregate the smallest
         round these settings allow."""
-        strategy = make_strategy(self.strategy, **self.strategy_params)
-        strategy.check_min_devices(self.min_devices)
+        strategy = self.check_strategy(make_strategy(self.strategy, **self.strategy_params))
         if self.privacy is not None:
-            strategy = self.privacy.wrap(strategy, self.min_devices)
+            strategy = self.privacy.wrap(strategy, self.per_round())
+        return strategy
+
+    def per_round(self) -> int:
+        """The fewest updates a round is made from (a version in asynchronous mode)."""
+        return self.buffer_size if self.mode == "async" else self.min_devices
+
+    def check_strategy(self, strategy: Strategy) -> Strategy:
+        """``strategy``, refused (ValueError) if the smallest round could not be aggregated."""
+        if self.mode == "async":
+            strategy.check_min_devices(self.buffer_size, "buffer_size (--buffer)")
+        else:
+            strategy.check_min_devices(self.min_devices)
         return strategy
 
     def to_dict(self) -> dict[str, Any]:

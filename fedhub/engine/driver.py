@@ -88,6 +88,7 @@ class DriverThread:
         self._evaluate = evaluate
         self._evaluations = evaluations
         self._clock = clock
+        self._rng = random.Random(config.seed)  # device selection, and DP's sampling
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._previous_keys: frozenset[bytes] = frozenset()  # refused if a device advertises one again
@@ -190,10 +191,6 @@ class DriverThread:
 
 class RoundDriver(DriverThread):
     """Owns the driver thread; the coordinator starts and stops it."""
-
-    def __init__(self, state: RoundState, **parts: Any) -> None:
-        super().__init__(state, **parts)
-        self._rng = random.Random(self._config.seed)
 
     def all_done(self) -> bool:
         """The run's last round is complete (no round opens after it)."""

@@ -65,7 +65,7 @@ class Coordinator:
         config.validate()
         self.config = config
         self.strategy = strategy or config.make_strategy()
-        self.strategy.check_min_devices(config.min_devices)
+        config.check_strategy(self.strategy)
         if config.secagg is not None:
             config.check_secagg(self.strategy)
         self.max_upload_bytes = max_upload_bytes

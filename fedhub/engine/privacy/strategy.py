@@ -231,6 +231,9 @@ class _PrivateRound(RoundAggregator):
         state = {**inner.state, **owner._own_state(next_norm, accountant)}
         return {k: np.asarray(v, dtype=np.float64) for k, v in inner.weights.items()}, state
 
+    def restate(self, state: Mapping[str, np.ndarray]) -> None:
+        self._inner.restate({k: v for k, v in state.items() if k not in (CLIP_KEY, ACCOUNTANT_KEY)})
+
     def result(self) -> RoundResult:
         result = super().result()
         result.metrics["privacy"] = self._privacy

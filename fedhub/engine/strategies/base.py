@@ -177,6 +177,13 @@ class RoundAggregator(ABC):
                 raise InvalidUpdate(f"tensor {name!r} has shape {list(np.shape(weights[name]))}, "
                                     f"expected {list(t.shape)}", name)
 
+    def restate(self, state: Mapping[str, np.ndarray]) -> None:
+        """Combine with the strategy's ``state`` as it is now: an asynchronous buffer takes
+        updates while the version before it is still being made, whose state (a server
+        optimizer's moments) comes after the buffer began."""
+        with self._lock:
+            self._state = dict(state)
+
     def used(self) -> list[str]:
         """Devices whose update was accepted for aggregation, in arrival order."""
         return [d for d, e in self._updates.items() if e["status"] == "used"]
@@ -308,12 +315,13 @@ class Strategy(ABC):
         """The fewest usable updates a round needs with these settings."""
         return 1
 
-    def check_min_devices(self, min_devices: int) -> None:
-        """Refuse, at start-up, a federation that could open a round too small to aggregate."""
+    def check_min_devices(self, min_devices: int, setting: str = "min_devices") -> None:
+        """Refuse, at start-up, a federation that could open a round too small to aggregate
+        (``setting`` names what bounds it: an asynchronous version has ``buffer_size`` updates)."""
         needed = self.min_updates()
         if min_devices < needed:
             raise ValueError(f"strategy {self.name} with {_settings_text(self.params())} needs at "
-                             f"least {needed} updates a round; min_devices is {min_devices}")
+                             f"least {needed} updates a round; {setting} is {min_devices}")
 
     def configure(self, available: Iterable[str], *, rng: random.Random, fraction: float = 1.0,
                   min_devices: int = 1) -> RoundPlan:

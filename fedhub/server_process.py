@@ -7,6 +7,7 @@ start it here, in one way.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ class ServerProcess:
     """A real ``server.py`` in a child process on a loopback port, its log kept for failure messages.
 
     The state and eval folders go under ``tmp``; the admin token and enrollment secret are
-    fixed (``admin_token``, ``enroll_secret``) so that the caller can drive the run."""
+    made for it (``admin_token``, ``enroll_secret``) so that the caller can drive the run."""
 
     def __init__(self, tmp: Path, data_dir: Path, *args: str, port: int | None = None,
                  env: dict[str, str] | None = None, verify: bool | str = True) -> None:
@@ -41,8 +42,8 @@ class ServerProcess:
         self.state_dir = tmp / "server_training"
         self.eval_dir = tmp / "eval"
         self.log_path = tmp / f"server-{self.port}.log"
-        self.admin_token = "admin-test-token"
-        self.enroll_secret = "enroll-test-secret"
+        self.admin_token = secrets.token_urlsafe(24)  # made for this server, known to its caller
+        self.enroll_secret = secrets.token_urlsafe(24)
         self.args = args
         self.data_dir = data_dir
         self.env = {**os.environ, "FEDHUB_ADMIN_TOKEN": self.admin_token,

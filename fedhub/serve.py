@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     engine: Coordinator = app.extensions["fedhub"]
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a device does (fedhub.device.main)
     folder = Path(config.state_dir)
     rounds = config.federation.rounds
     print(f"FedHub server on {serving.url}  "

@@ -6,6 +6,8 @@ import hashlib
 import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,8 +16,9 @@ from fedhub.device.client import ServerError
 from fedhub.device.launcher import stop
 from fedhub.engine import wire
 from fedhub.engine.aggregation import weighted_mean
+from fedhub.server_process import free_port
 
-from .conftest import launch_devices, wait_until
+from .conftest import ROOT, launch_devices, wait_until
 from .slow_trainer import batches_done
 from .test_faults import _enroll, _random_like, _train_task
 
@@ -238,3 +241,43 @@ def test_reset_wipes_rounds_checkpoints_and_history_but_keeps_the_secrets(server
     with pytest.raises(ServerError) as forgotten:
         client.task(wait=0)
     assert forgotten.value.status == 401, "the device was forgotten with the database"
+
+
+@pytest.mark.slow
+def test_sigint_stops_a_server_and_a_device_started_with_sigint_ignored(server_factory, split_devices,
+                                                                         tmp_path):
+    """A script's background job starts with SIGINT ignored (a shell without job control does
+    that, and Python keeps it): Ctrl-C and the launchers' SIGINT still stop FedHub's processes,
+    the device leaving the federation as it says."""
+    root = split_devices(1, 100)
+    ignore = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    server = server_factory("--rounds", "0", "--test-limit", "50", "--no-tensorboard").start()
+    log = tmp_path / "device.log"
+    with open(log, "wb") as out:
+        device = subprocess.Popen(
+            [sys.executable, "device/device.py", "--server", server.url, "--name", "device1",
+             "--devices-root", str(root), "--enroll-secret", server.enroll_secret, "--poll-wait", "1"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, **ignore)
+    try:
+        wait_until(lambda: "waiting" in log.read_text(), 120, "the device to enroll and wait")
+        device.send_signal(signal.SIGINT)
+        assert device.wait(60) == 0
+    finally:
+        stop([device])
+    assert "leaving the federation" in log.read_text() or "interrupted" in log.read_text(), log.read_text()
+
+    # the server too, started the same way
+    port_log = tmp_path / "server.log"
+    port = free_port()
+    with open(port_log, "wb") as out:
+        background = subprocess.Popen(
+            [sys.executable, "server.py", str(port), "--state-dir", str(tmp_path / "state2"),
+             "--test-limit", "50", "--no-tensorboard", "--data-dir", str(server.data_dir)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, **ignore)
+    try:
+        wait_until(lambda: "FedHub server on" in port_log.read_text(), 120, "the server to start")
+        background.send_signal(signal.SIGINT)
+        assert background.wait(60) == 0
+    finally:
+        stop([background])
+    assert "Traceback" not in port_log.read_text()

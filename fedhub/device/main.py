@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C, and the launchers' SIGINT, stop it even when a script started it in the background
+    # (a shell without job control starts those with SIGINT ignored, and Python keeps that).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return runner.run()
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,34 +251,26 @@ def test_sigint_stops_a_server_and_a_device_started_with_sigint_ignored(server_f
     that, and Python keeps it): Ctrl-C and the launchers' SIGINT still stop FedHub's processes,
     the device leaving the federation as it says."""
     root = split_devices(1, 100)
-    ignore = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)}
     server = server_factory("--rounds", "0", "--test-limit", "50", "--no-tensorboard").start()
-    log = tmp_path / "device.log"
-    with open(log, "wb") as out:
-        device = subprocess.Popen(
-            [sys.executable, "device/device.py", "--server", server.url, "--name", "device1",
-             "--devices-root", str(root), "--enroll-secret", server.enroll_secret, "--poll-wait", "1"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, **ignore)
-    try:
-        wait_until(lambda: "waiting" in log.read_text(), 120, "the device to enroll and wait")
-        device.send_signal(signal.SIGINT)
-        assert device.wait(60) == 0
-    finally:
-        stop([device])
-    assert "leaving the federation" in log.read_text() or "interrupted" in log.read_text(), log.read_text()
 
-    # the server too, started the same way
-    port_log = tmp_path / "server.log"
-    port = free_port()
-    with open(port_log, "wb") as out:
-        background = subprocess.Popen(
-            [sys.executable, "server.py", str(port), "--state-dir", str(tmp_path / "state2"),
-             "--test-limit", "50", "--no-tensorboard", "--data-dir", str(server.data_dir)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, **ignore)
-    try:
-        wait_until(lambda: "FedHub server on" in port_log.read_text(), 120, "the server to start")
-        background.send_signal(signal.SIGINT)
-        assert background.wait(60) == 0
-    finally:
-        stop([background])
-    assert "Traceback" not in port_log.read_text()
+    def interrupted(args: list[str], log: Path, ready: str) -> str:
+        """Start ``args`` with SIGINT ignored, SIGINT it once ``ready`` is in its log: its log."""
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            wait_until(lambda: ready in log.read_text(), 120, f"{args[0]} to say {ready!r}")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0
+        finally:
+            stop([proc])
+        return log.read_text()
+
+    said = interrupted(["device/device.py", "--server", server.url, "--name", "device1", "--devices-root",
+                        str(root), "--enroll-secret", server.enroll_secret, "--poll-wait", "1"],
+                       tmp_path / "device.log", "waiting")
+    assert "leaving the federation" in said or "interrupted" in said, said
+    said = interrupted(["server.py", str(free_port()), "--state-dir", str(tmp_path / "state2"),
+                        "--test-limit", "50", "--no-tensorboard", "--data-dir", str(server.data_dir)],
+                       tmp_path / "server.log", "FedHub server on")
+    assert "Traceback" not in said, said

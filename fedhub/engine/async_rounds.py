@@ -137,7 +137,8 @@ class AsyncRounds(DriverThread):
     def reset(self) -> None:
         """Forget the buffers and their files (the rows go with the rounds); lock held."""
         for b in self._buffers.values():
-            b.aggregator.close()
+            if not b.inflight:  # an upload still folding in finds it open; then it is dropped
+                b.aggregator.close()
         self._buffers = {}
         with self._versions_lock:
             self._versions = {}
@@ -282,9 +283,11 @@ class AsyncRounds(DriverThread):
         zero). A DP strategy counts the version as a round that samples ``buffer_size`` of the
         devices available; a spent budget ends the run here."""
         s = self._state
-        if self._strategy.privacy_settings() is not None:
-            available = self._devices.available()
-            fraction = min(1.0, self._config.buffer_size / max(1, len(available)))
+        available = self._devices.available()
+        # With no device online (a restart folding its buffered updates in again) the rate
+        # counted is the last one: the devices that sent those updates are not back yet.
+        if self._strategy.privacy_settings() is not None and available:
+            fraction = min(1.0, self._config.buffer_size / len(available))
             try:
                 self._strategy.configure(available, rng=self._rng, fraction=fraction, min_devices=1)
             except RunOver as exc:

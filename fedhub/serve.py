@@ -9,19 +9,19 @@ it with waitress, a production WSGI server.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flask import Flask
 
+from fedhub import settings
 from fedhub import state_dir as state
 from fedhub.api import build_app
 from fedhub.api.app import BODY_SLACK, MAX_IMAGE_BYTES, MAX_WAIT
@@ -29,15 +29,12 @@ from fedhub.api.predictor import Predictor
 from fedhub.api.serving import ServeOptions
 from fedhub.api.throttle import FAILURES_PER_MINUTE, check_secret
 from fedhub.engine import auth, history, params, wire
-from fedhub.engine.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
+from fedhub.engine.config import TRAINING, FederationConfig
 from fedhub.engine.devices import DeviceRegistry
 from fedhub.engine.plural import plural
 from fedhub.engine.rounds import Coordinator
 from fedhub.engine.storage import Storage
-from fedhub.engine.strategies import STRATEGIES, ParamError, format_strategies, parse_strategy_args
-from fedhub.options import framework as framework_options
-from fedhub.options import secagg as secagg_options
-from fedhub.options.dp import add_dp_options, dp_config
+from fedhub.engine.strategies import format_strategies
 from fedhub.options.parser import Parser
 from fedhub.state_dir import ADMIN_TOKEN_FILE, ENROLL_SECRET_FILE
 
@@ -54,54 +51,91 @@ class ServerConfig:
     ``eval_dir`` defaults to that state directory's ``eval/``.
     """
 
-    host: str = ServeOptions.host
-    port: int = params.number(ServeOptions.port, 0, 65535, flag="--port")  # 0: any free port
-    state_dir: Path | None = None
-    eval_dir: Path | None = None
-    model: str = TRAINING.model
-    # FedHub's own networks: which framework trains them and which data set they learn
-    framework: str = "keras"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    test_limit: int | None = params.number(None, 1, 10**9, flag="--test-limit")
+    host: str = params.setting(ServeOptions.host, "interface to bind")
+    port: int = params.number(ServeOptions.port, 0, 65535,
+                              help="port to listen on (also PORT; 0: any free port)")
+    state_dir: Path | None = params.setting(
+        None, "the run's state directory: the database, checkpoints and secrets, with eval/, devices/ "
+        f"and runs/ inside (default: ${state.STATE_DIR_ENV}, else server_training/)", metavar="DIR")
+    eval_dir: Path | None = params.setting(
+        None, "where history.csv goes (default: the state directory's eval/)", metavar="DIR")
+    # FedHub's own networks: which framework trains them, which data set they learn, which network
+    framework: str = params.setting(
+        "keras", "what trains FedHub's networks, on the server and every device: keras or torch",
+        metavar="NAME")
+    dataset: str = params.setting("fashion-mnist", "the data set the network learns (its test set is "
+                                  "evaluated each round): fashion-mnist or cifar-10", metavar="NAME")
+    model: str | None = params.setting(
+        None, "the framework's network: keras basic or cnn (fashion-mnist); torch cifar (cifar-10), basic "
+        "or cnn (fashion-mnist) (default: the first for the data set)", metavar="NAME")
+    data_dir: str | None = params.setting(
+        None, "folder with the data set's files, or one holding fashion-mnist/ and cifar-10/ (default: "
+        "$FEDHUB_DATA_DIR, else ../shared/data beside the checkout, else Keras' download)", metavar="DIR")
+    test_limit: int | None = params.number(None, 1, 10**9, metavar="N",
+                                           help="evaluate on the first N test images (default: all)")
     enroll_secret: str | None = None
     admin_token: str | None = None
     # Each number declares its range: validate() refuses the rest before anything loads.
-    max_upload_bytes: int = params.number(wire.DEFAULT_MAX_BYTES, 2**16, 2**40, flag="--max-upload-mb",
-                                          scale=2**20, unit="MiB")
-    max_image_bytes: int = params.number(MAX_IMAGE_BYTES, 2**16, 2**32, flag="--max-image-mb",
-                                         scale=2**20, unit="MiB")
-    max_wait: float = params.number(MAX_WAIT, 0, 3600, flag="--max-wait")
-    threads: int = params.number(ServeOptions.threads, 1, 1024, flag="--threads")
-    reset: bool = False
-    federation: FederationConfig = field(default_factory=FederationConfig)
+    max_upload_mb: float = params.number(wire.DEFAULT_MAX_BYTES / 2**20, 1 / 16, 2**20,
+                                         help="largest accepted update body in MiB (413 above)")
+    max_image_mb: float = params.number(MAX_IMAGE_BYTES / 2**20, 1 / 16, 2**12,
+                                        help="largest accepted POST /api/predict body in MiB (pictures)")
+    max_wait: float = params.number(MAX_WAIT, 0, 3600, help="longest long poll a device may ask for "
+                                    "(GET .../task?wait=S; 400 above)")
+    threads: int = params.number(ServeOptions.threads, 1, 1024, help="waitress worker threads")
+    reset: bool = params.setting(False, "wipe rounds, checkpoints and history first")
+    federation: FederationConfig = params.group(factory=FederationConfig, flat=True)
     # HTTPS when both are given (devices verify the certificate; see --ca on the device).
-    certfile: Path | None = None
-    keyfile: Path | None = None
-    # before an idle or trickling connection closes
+    certfile: Path | None = params.setting(None, "TLS certificate (PEM): serve HTTPS", metavar="FILE")
+    keyfile: Path | None = params.setting(None, "TLS private key (PEM) for the certfile", metavar="FILE")
     channel_timeout: float = params.number(ServeOptions.channel_timeout, above=0, high=86_400,
-                                           flag="--channel-timeout")
-    # to send the request headers
+                                           help="seconds before an idle or slow (slow-loris) connection "
+                                                "is closed")
     header_timeout: float = params.number(ServeOptions.header_timeout, above=0, high=3600,
-                                          flag="--header-timeout")
-    # per client address (0: no limit)
-    auth_failures_per_minute: int = params.number(FAILURES_PER_MINUTE, 0, 10**6,
-                                                  flag="--auth-failures-per-minute")
+                                          help="seconds a connection has to send its request line "
+                                               "and headers")
+    auth_failures_per_minute: int = params.number(
+        FAILURES_PER_MINUTE, 0, 10**6, help="wrong credentials a client address may send per minute before "
+        "it gets 429 (0: no limit, e.g. behind a reverse proxy that limits)")
     # Bring your own model: any compiled keras.Model (the Python API), or a factory
     # "package.module:build" returning one; either replaces `model`. `test_data` (an .npz
     # path with arrays x, y, or an (x, y) pair) gives it per-round test metrics.
     keras_model: Any = None
-    model_factory: str | None = None
-    test_data: Any = None
-    # TensorBoard event files under runs_dir/run_id/ (None: none written).
-    runs_dir: Path | None = None
-    run_id: str | None = None
-    # devices that get a TensorBoard run of their own
-    tensorboard_devices: int = params.number(32, 0, 100_000, flag="--tensorboard-devices")
+    model_factory: str | None = params.setting(
+        None, "your own global model instead: a function returning a compiled keras.Model, or with "
+        "framework torch an nn.Module taking the data set's images (devices give the same)",
+        metavar="MODULE:NAME")
+    test_data: Any = params.setting(None, ".npz with arrays x, y: the test set for model_factory's model "
+                                    "(PyTorch: else the data set's)", kind=Path, metavar="FILE")
+    # TensorBoard event files under runs_dir/run_id/ (None: none written; server.py: the state dir's runs/).
+    runs_dir: Path | None = params.setting(
+        None, "TensorBoard event files go to RUNS_DIR/RUN_ID/ (server.py's default: the state directory's "
+        "runs/)", metavar="DIR")
+    run_id: str | None = params.setting(None, "TensorBoard run name (default: the start time)")
+    # server.py: runs_dir defaults to the state directory's runs/; the Python API writes them only
+    # to a runs_dir it is given
+    tensorboard: bool = params.setting(True, "write TensorBoard event files (to runs_dir)")
+    tensorboard_devices: int = params.number(
+        32, 0, 100_000, metavar="N", help="the first N devices to report get a TensorBoard run each; the "
+        "global run charts every device's loss and accuracy as histograms")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 2**20)
 
     def __post_init__(self) -> None:
         layout = state.resolve(self.state_dir)
         self.state_dir = layout.server_dir
+        if self.model is None:  # the framework's first network for the data set
+            from fedhub.options.framework import default_network
+
+            self.model = default_network(self.framework, self.dataset, TRAINING.model)
+        # what the devices are told to train (load_global_model sets it again from the model loaded)
+        self.federation.training.model, self.federation.training.framework = self.model, self.framework
         self.eval_dir = Path(self.eval_dir) if self.eval_dir is not None else layout.eval_dir
 
     def validate(self) -> None:
@@ -114,28 +148,33 @@ class ServerConfig:
         self.federation.validate()
 
     def check_framework(self) -> None:
-        """ValueError (one line) for a framework, data set or network that do not go together, or
-        a feature the framework cannot serve yet; checked without importing any framework."""
+        """:class:`params.SettingError` (one line) for a framework, data set or network that do not
+        go together, or a feature the framework cannot serve yet; checked without importing any
+        framework."""
         from fedhub import datasets, frameworks
 
+        Error = params.SettingError
         if self.framework not in frameworks.NAMES:
-            raise ValueError(f"--framework must be one of {', '.join(frameworks.NAMES)}, "
-                             f"got {self.framework!r}")
-        datasets.get(self.dataset)  # DatasetError (a ValueError) naming the choices
+            raise Error(f"{{0}} must be one of {', '.join(frameworks.NAMES)}, got {self.framework!r}",
+                        "framework")
+        try:
+            datasets.get(self.dataset)
+        except ValueError as exc:  # DatasetError naming the choices
+            raise Error(str(exc), "dataset") from None
         if self.keras_model is not None:
             if self.framework != "keras":
-                raise ValueError(f"a keras.Model of your own cannot run with --framework {self.framework}; "
-                                 "give a --model-factory returning an nn.Module instead")
+                raise Error(f"a keras.Model of your own cannot run with {{0}} {self.framework}; give a "
+                            "{1} returning an nn.Module instead", "framework", "model_factory")
             return
-        if self.model_factory:  # Keras: a compiled keras.Model; PyTorch: an nn.Module on --dataset
+        if self.model_factory:  # Keras: a compiled keras.Model; PyTorch: an nn.Module on the data set
             return
         frameworks.default_network(self.framework, self.dataset)  # one network for it, at least
         fits = frameworks.networks(self.framework, self.dataset)
         if self.model not in fits:
             takes = frameworks.network_dataset(self.framework, self.model)
             why = f"it takes {takes} images" if takes else f"{self.framework} has no network {self.model!r}"
-            raise ValueError(f"--model {self.model} cannot learn {self.dataset} with --framework "
-                             f"{self.framework} ({why}); choose {', '.join(fits)}")
+            raise Error(f"{{0}} {self.model} cannot learn {self.dataset} with {{1}} {self.framework} "
+                        f"({why}); choose {', '.join(fits)}", "model", "framework")
 
 
 def _secrets(config: ServerConfig) -> tuple[str, str]:
@@ -224,7 +263,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         predictor = Predictor(global_model.name, global_model.framework, build=global_model.new_network)
         predictor.install(*engine.global_weights())
         engine.add_hook(predictor.on_round)
-    if config.runs_dir is not None:
+    if config.runs_dir is not None and config.tensorboard:
         from fedhub.tensorboard_log import TensorBoardLog
 
         engine.add_hook(TensorBoardLog(config.runs_dir, config.run_id, config.tensorboard_devices))
@@ -237,141 +276,36 @@ def create_app(config: ServerConfig | None = None) -> Flask:
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    d, fed, train = ServerConfig(), FEDERATION, TRAINING  # the defaults, each set in one place
-    p = Parser(prog="server.py", description="FedHub federated-learning server.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("port_pos", nargs="?", type=int, metavar="PORT", help="port (original form)")
-    p.add_argument("--port", type=int, default=None, help=f"port to listen on (default {d.port})")
-    p.add_argument("--host", default=d.host, help="interface to bind")
-    framework_options.add_options(p, framework=d.framework, dataset=d.dataset)
-    p.add_argument("--model-factory", metavar="MODULE:NAME",
-                   help="your own global model instead: a function returning a compiled keras.Model, "
-                        "or with --framework torch an nn.Module taking --dataset's images (devices "
-                        "give the same --model-factory)")
-    p.add_argument("--test-data", type=Path,
-                   help=".npz with arrays x, y: the test set for --model-factory's model (PyTorch: "
-                        "else --dataset's)")
-    p.add_argument("--runs-dir", type=Path, default=None,
-                   help="TensorBoard event files go to RUNS_DIR/RUN_ID/ (default: the state dir's runs/)")
-    p.add_argument("--run-id", default=None, help="TensorBoard run name (default: the start time)")
-    p.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
-    p.add_argument("--tensorboard-devices", type=int, default=d.tensorboard_devices, metavar="N",
-                   help="the first N devices to report get a TensorBoard run each; the global run charts "
-                        f"every device's loss and accuracy as histograms (default {d.tensorboard_devices})")
-    p.add_argument("--data-dir", default=None,
-                   help="folder with the data set's files, or one holding fashion-mnist/ and cifar-10/ "
-                        "(else $FEDHUB_DATA_DIR, else ../shared/data beside the checkout, else "
-                        "Keras' download)")
-    p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
-    state.add_option(p)
-    p.add_argument("--eval-dir", type=Path, default=None,
-                   help="where history.csv goes (default: the state directory's eval/)")
-    p.add_argument("--rounds", type=int, default=fed.rounds, help="rounds in the run (0: until paused)")
-    p.add_argument("--min-devices", type=int, default=fed.min_devices, help="devices needed to open a round")
-    p.add_argument("--quorum", type=float, default=fed.quorum,
-                   help="share of selected devices needed to close a round at its deadline")
-    p.add_argument("--round-timeout", type=float, default=fed.round_timeout, help="seconds per round")
-    p.add_argument("--device-timeout", type=float, default=fed.device_timeout,
-                   help="seconds unseen before a device counts as offline")
-    p.add_argument("--fraction", type=float, default=fed.fraction,
-                   help="share of devices selected per round")
-    p.add_argument("--strategy", default=fed.strategy, choices=list(STRATEGIES), metavar="NAME",
-                   help=f"aggregation strategy: {', '.join(STRATEGIES)} (--list-strategies)")
-    p.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="a parameter of the strategy, repeatable (e.g. num_malicious=1)")
+    """The server's settings: the declared defaults, then ``--config FILE``, then the flags (each
+    setting's flag comes from its field, :mod:`fedhub.settings`). A refusal is one ``error:``
+    line and exit 2, naming the setting as its flag (or, for a file's own mistakes, its key)."""
+    every = settings.settings_of(ServerConfig)
+    p = Parser(prog="server.py", description="FedHub federated-learning server.")
+    p.add_argument("port_pos", nargs="?", type=int, metavar="PORT", help="the port (as --port)")
+    settings.add_file_options(p)
     p.add_argument("--list-strategies", action="store_true",
                    help="print every strategy with its parameters and defaults, and exit")
-    p.add_argument("--strategy-memory-mb", type=float, default=fed.memory_budget / 2**20,
-                   help="MiB of a round's updates that median, trimmed mean, Krum and Bulyan keep in "
-                        "RAM; beyond it they go to a file in the state folder")
-    p.add_argument("--compression", default=train.compression, metavar="SCHEME",
-                   help="how devices send updates: none, q8, q4 (8/4-bit deltas; q8:tensor, "
-                        "q8:block=N for the scales) or topk:FRACTION (sparse, with error feedback)")
-    p.add_argument("--compress-downlink", action="store_true",
-                   help="send the global model download compressed too (as its change)")
-    add_dp_options(p)
-    secagg_options.add_options(p)
-    p.add_argument("--mode", default=fed.mode, choices=["sync", "async"],
-                   help="sync: rounds; async: devices train continuously, FedBuff (see --buffer)")
-    p.add_argument("--buffer", type=int, default=fed.buffer_size, metavar="K",
-                   help="async: a new global model version every K updates")
-    p.add_argument("--max-staleness", type=int, default=fed.max_staleness, metavar="S",
-                   help="async: refuse updates trained from a model more than S versions old")
-    p.add_argument("--staleness-exponent", type=float, default=fed.staleness_exponent, metavar="A",
-                   help="async: weigh an update by (1 + staleness) ** -A (0.5: 1/sqrt(1 + staleness))")
-    p.add_argument("--epochs", type=int, default=train.epochs, help="local epochs per round")
-    p.add_argument("--batch-size", type=int, default=train.batch_size)
-    p.add_argument("--learning-rate", type=float, default=train.learning_rate)
-    p.add_argument("--seed", type=int, default=fed.seed)
-    p.add_argument("--auto-activate", action="store_true", help="new devices start active")
-    p.add_argument("--start", action="store_true", help="start training without waiting for an admin")
-    p.add_argument("--reset", action="store_true", help="wipe rounds and checkpoints first")
-    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20,
-                   help="largest accepted update")
-    p.add_argument("--max-image-mb", type=float, default=d.max_image_bytes / 2**20,
-                   help="largest accepted POST /api/predict body (pictures)")
-    p.add_argument("--threads", type=int, default=d.threads, help="waitress worker threads")
-    p.add_argument("--certfile", type=Path, help="TLS certificate (PEM): serve HTTPS")
-    p.add_argument("--keyfile", type=Path, help="TLS private key (PEM) for --certfile")
-    p.add_argument("--max-wait", type=float, default=d.max_wait,
-                   help="longest long poll a device may ask for (GET .../task?wait=S)")
-    p.add_argument("--channel-timeout", type=float, default=d.channel_timeout,
-                   help="seconds before an idle or slow (slow-loris) connection is closed")
-    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
-                   help="seconds a connection has to send its request line and headers")
-    p.add_argument("--auth-failures-per-minute", type=int, default=d.auth_failures_per_minute,
-                   help="wrong credentials a client address may send per minute before it gets 429 "
-                        "(0: no limit, e.g. behind a reverse proxy that limits)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                    help="server log detail: " + ", ".join(LOG_LEVELS))
+    settings.add_options(p, every)
     a = p.parse_args(argv)
     if a.list_strategies:
         print(format_strategies())
         sys.exit(0)
-    if a.port is not None and a.port_pos is not None and a.port != a.port_pos:
-        p.error("give the port once")
-    port = a.port or a.port_pos or d.port
-    if not 0 < port < 65536:
-        p.error("port must be between 1 and 65535")
-    if (a.certfile is None) != (a.keyfile is None):
+    if a.port_pos is not None:  # the original form: server.py PORT
+        if getattr(a, "port", a.port_pos) != a.port_pos:
+            p.error("give the port once")
+        a.port = a.port_pos
+    config = settings.resolve(p, a, every, ServerConfig)
+    if (config.certfile is None) != (config.keyfile is None):
         p.error("--certfile and --keyfile go together")
-    model = framework_options.network(a, d.model)
-    try:
-        strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
-    except ParamError as exc:
-        p.error(str(exc))
-    federation = FederationConfig(
-        rounds=a.rounds, min_devices=a.min_devices, quorum=a.quorum,
-        round_timeout=a.round_timeout, device_timeout=a.device_timeout, fraction=a.fraction,
-        auto_activate=a.auto_activate, start=a.start, strategy=a.strategy,
-        strategy_params=strategy_params, memory_budget=int(a.strategy_memory_mb * 2**20), seed=a.seed,
-        compress_downlink=a.compress_downlink,
-        mode=a.mode, buffer_size=a.buffer, max_staleness=a.max_staleness,
-        staleness_exponent=a.staleness_exponent,
-        training=TrainingConfig(model=model, framework=a.framework, epochs=a.epochs, batch_size=a.batch_size,
-                                learning_rate=a.learning_rate, compression=a.compression),
-        privacy=dp_config(p, a, a.buffer if a.mode == "async" else a.min_devices))
-    federation.secagg = secagg_options.config_from(a)
-    layout = state.resolve(a.state_dir)
-    config = ServerConfig(
-        host=a.host, port=port, state_dir=layout.server_dir, eval_dir=a.eval_dir, model=model,
-        framework=a.framework, dataset=a.dataset, data_dir=a.data_dir, test_limit=a.test_limit,
-        reset=a.reset, threads=a.threads,
-        max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
-        max_image_bytes=int(a.max_image_mb * 1024 * 1024), federation=federation,
-        certfile=a.certfile, keyfile=a.keyfile, channel_timeout=a.channel_timeout, max_wait=a.max_wait,
-        header_timeout=a.header_timeout, auth_failures_per_minute=a.auth_failures_per_minute,
-        model_factory=a.model_factory, test_data=a.test_data, run_id=a.run_id,
-        tensorboard_devices=a.tensorboard_devices,
-        runs_dir=None if a.no_tensorboard else (a.runs_dir or layout.runs_dir))
+    if config.runs_dir is None and config.tensorboard:
+        config.runs_dir = state.resolve(config.state_dir).runs_dir
     try:
         config.validate()
-    except ParamError as exc:
-        p.error(str(exc))
     except ValueError as exc:
-        hint = " (--min-devices)" if "min_devices is" in str(exc) else ""
-        hint += secagg_options.hint(exc)
-        p.error(f"{exc}{hint}")
+        p.error(settings.cli_message(exc))
+    settings.print_config(a, config, every)
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return config
 

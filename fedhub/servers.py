@@ -10,22 +10,20 @@ on other machines.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from fedhub import frameworks
-from fedhub.api.serving import ServeOptions, Serving
+from fedhub.api.serving import Serving
 from fedhub.engine import auth
-from fedhub.engine.config import FEDERATION, TRAINING, FederationConfig, TrainingConfig
 from fedhub.engine.errors import FedHubError
 from fedhub.engine.plural import plural
-from fedhub.engine.privacy import DPConfig
-from fedhub.engine.secagg import SecAggConfig
 from fedhub.options.framework import DATASET, FRAMEWORK
 
 from .evaluation import evaluate
@@ -40,78 +38,55 @@ class Server:
     (default: the one the network takes) from ``data_dir`` (its first ``test_limit`` images),
     as ``server.py --framework --dataset --model`` are; ``model=None`` is the framework's first
     network for ``dataset``. ``test_data=(x, y)`` gives each round test loss and
-    accuracy. ``port=0`` picks a free port (see :attr:`url`). The run settings match
-    ``server.py``'s flags, with the same defaults, except that here new devices start active
-    and training starts as soon as ``min_devices`` are there. ``strategy`` is a name from
-    ``--list-strategies`` and ``strategy_params`` its parameters (``{"num_malicious": 1}``);
-    ``compression`` and ``compress_downlink`` are ``--compression`` and ``--compress-downlink``.
-    ``privacy`` adds differential privacy, as ``--dp``: a :class:`fedhub.DPConfig` or its
-    settings (``{"mode": "central-fixed", "noise_multiplier": 1.0, "max_epsilon": 8}``).
-    ``secagg`` turns secure aggregation on (``SecAggConfig()``: ``--secure-aggregation``'s defaults).
-    Use it as a context manager, or call :meth:`start` and :meth:`stop`.
+    accuracy. The keyword arguments are the run's settings, by the names of ``server.py``'s
+    flags and of ``--config``'s keys (``max_staleness=`` is ``--max-staleness``; README, "Server
+    options"), declared once in the config dataclasses (:mod:`fedhub.settings`): an unknown name
+    or a bad value is a ValueError naming the setting. The defaults are ``server.py``'s, except
+    :attr:`DEFAULTS`. ``strategy`` is a name from ``--list-strategies`` and ``strategy_params``
+    its parameters (``{"num_malicious": 1}``). ``dp`` adds differential privacy, as ``--dp``: a
+    :class:`fedhub.DPConfig` or its settings (``{"mode": "central-fixed", "noise_multiplier": 1.0,
+    "max_epsilon": 8}``); ``secagg`` turns secure aggregation on (True, a ``SecAggConfig`` or its
+    settings). Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
-    def __init__(self, model: Any = None, *, framework: str = FRAMEWORK, dataset: str | None = None,
-                 test_data: tuple[np.ndarray, np.ndarray] | None = None,
-                 rounds: int = FEDERATION.rounds, min_devices: int = FEDERATION.min_devices,
-                 epochs: int = TRAINING.epochs, batch_size: int = TRAINING.batch_size,
-                 learning_rate: float = TRAINING.learning_rate, fraction: float = FEDERATION.fraction,
-                 quorum: float = FEDERATION.quorum, round_timeout: float = FEDERATION.round_timeout,
-                 device_timeout: float = FEDERATION.device_timeout, strategy: str = FEDERATION.strategy,
-                 strategy_params: Mapping[str, Any] | None = None, seed: int = FEDERATION.seed,
-                 auto_activate: bool = True, start: bool = True,
-                 host: str = ServeOptions.host, port: int = 0, state_dir: str | Path | None = None,
-                 runs_dir: str | Path | None = None, run_id: str | None = None,
-                 enroll_secret: str | None = None, admin_token: str | None = None,
-                 threads: int = 16, data_dir: str | Path | None = None,
-                 test_limit: int | None = None, compression: str = TRAINING.compression,
-                 compress_downlink: bool = FEDERATION.compress_downlink,
-                 privacy: DPConfig | Mapping[str, Any] | None = None,
-                 secagg: SecAggConfig | None = None, mode: str = FEDERATION.mode,
-                 buffer_size: int = FEDERATION.buffer_size, max_staleness: int = FEDERATION.max_staleness,
-                 staleness_exponent: float = FEDERATION.staleness_exponent) -> None:
-        self.federation = FederationConfig(
-            rounds=rounds, min_devices=min_devices, quorum=quorum, round_timeout=round_timeout,
-            device_timeout=device_timeout, fraction=fraction, auto_activate=auto_activate, start=start,
-            strategy=strategy, strategy_params=dict(strategy_params or {}), seed=seed, mode=mode,
-            buffer_size=buffer_size, max_staleness=max_staleness, staleness_exponent=staleness_exponent,
-            compress_downlink=compress_downlink,
-            training=TrainingConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                                    compression=compression),
-            privacy=privacy, secagg=secagg)
-        from fedhub import serve as server_cli
+    # Where the Python API's defaults differ from server.py's, on purpose: a server made in a
+    # script is for the devices it starts next, so they start active and training starts as soon
+    # as min_devices are there; it picks a free port and needs fewer threads.
+    DEFAULTS: ClassVar[dict[str, Any]] = {"auto_activate": True, "start": True, "port": 0, "threads": 16}
 
+    def __init__(self, model: Any = None, *, test_data: tuple[np.ndarray, np.ndarray] | None = None,
+                 enroll_secret: str | None = None, admin_token: str | None = None,
+                 **settings: Any) -> None:
+        from fedhub import serve as server_cli
+        from fedhub import settings as declared
+
+        values = {**self.DEFAULTS, **declared.keywords(settings)}
         builtin = model is None or isinstance(model, str)
-        if dataset is None:  # the data set the named network takes (unknown names: checked below)
-            dataset = (frameworks.network_dataset(framework, model) if isinstance(model, str)
-                       else None) or DATASET
-        if model is None:
-            try:
-                model = frameworks.default_network(framework, dataset)
-            except ValueError:
-                model = ""  # the framework or data set is wrong: validate() says which, in one line
-        # ValueError now (a bad strategy parameter, a number out of its range, a network the
-        # framework does not have for the data set), not at start(): server.py's checks, which
-        # import no framework.
-        server_cli.ServerConfig(host=host, port=port, threads=threads, test_limit=test_limit,
-                                state_dir=state_dir, federation=self.federation,
-                                framework=framework, dataset=dataset,
-                                **({"model": model} if builtin else {"keras_model": model})).validate()
-        self._model = model
-        self.framework = framework  # what trains FedHub's network (a model of your own: Keras)
-        self.dataset = dataset  # the data set whose test set FedHub's network is tested on
-        self.network_name: str | None = model if builtin else None
+        framework = values.get("framework", FRAMEWORK)
+        if builtin and "dataset" not in values:  # the data set the named network takes
+            values["dataset"] = (frameworks.network_dataset(framework, model) if isinstance(model, str)
+                                 else None) or DATASET
+        if isinstance(model, str):
+            values["model"] = model
+        values.setdefault("state_dir", Path(tempfile.mkdtemp(prefix="fedhub-server-")))
+        # ValueError now (an unknown setting, a bad strategy parameter, a number out of its range, a
+        # network the framework does not have for the data set), not at start(): server.py's
+        # checks, which import no framework.
+        config = declared.build(server_cli.ServerConfig, values,
+                                **({} if builtin else {"keras_model": model}))
+        config.validate()
+        self.config = config
+        self.federation = config.federation
+        self._model = model if not builtin else config.model
+        self.framework = config.framework  # what trains FedHub's network (a model of your own: Keras)
+        self.dataset = config.dataset  # the data set whose test set FedHub's network is tested on
+        self.network_name: str | None = config.model if builtin else None
         self._test_data = test_data
-        self.data_dir = str(data_dir) if data_dir else None
-        self.test_limit = test_limit
-        self.host = host
-        self.port = port
-        self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="fedhub-server-"))
-        self.runs_dir = Path(runs_dir) if runs_dir else None
-        self.run_id = run_id
+        self.host = config.host
+        self.port = config.port
+        self.state_dir = Path(config.state_dir)
         self.enroll_secret = enroll_secret or auth.new_token()
         self.admin_token = admin_token or auth.new_token()
-        self.threads = threads
         self.model_path = self.state_dir / "model.keras"
         self.engine: Any = None
         self._serving: Any = None
@@ -124,19 +99,14 @@ class Server:
         from fedhub import serve as server_cli
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.builtin:  # the framework's network: a PyTorch server never imports TensorFlow
-            models: dict[str, Any] = {"model": self._model, "framework": self.framework,
-                                      "dataset": self.dataset, "data_dir": self.data_dir,
-                                      "test_limit": self.test_limit}
-        else:
-            from .model_files import portable  # Keras loads only when a server starts
+        models: dict[str, Any] = {}
+        if not self.builtin:  # Keras loads only when a server starts
+            from .model_files import portable
 
             models = {"keras_model": portable(self._model, self.model_path)}
-        config = server_cli.ServerConfig(
-            host=self.host, port=self.port, state_dir=self.state_dir, eval_dir=self.state_dir / "eval",
-            test_data=self._test_data, enroll_secret=self.enroll_secret, **models,
-            admin_token=self.admin_token, runs_dir=self.runs_dir, run_id=self.run_id,
-            threads=self.threads, federation=self.federation)
+        config = dataclasses.replace(self.config, port=self.port, eval_dir=self.state_dir / "eval",
+                                     test_data=self._test_data, enroll_secret=self.enroll_secret,
+                                     admin_token=self.admin_token, **models)
         app = server_cli.create_app(config)
         self.engine = app.extensions["fedhub"]
         # The same serving set-up as server.py: connection limit, body spooling, long-poll limit.

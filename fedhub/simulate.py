@@ -23,18 +23,17 @@ import sys
 import tempfile
 import time
 import types
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from fedhub.engine.config import FederationConfig, TrainingConfig
+from fedhub import settings
+from fedhub.engine import params
 from fedhub.engine.plural import plural
-from fedhub.engine.strategies import STRATEGIES, parse_strategy_args
-from fedhub.options import framework as framework_options
-from fedhub.options import secagg as secagg_options
-from fedhub.options.dp import add_dp_options, dp_config
 from fedhub.options.parser import Parser
+from fedhub.serve import ServerConfig
 from fedhub.simulation import simulate
 
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} devices [{elapsed}]"
@@ -95,161 +94,119 @@ def secure_text(secagg: dict[str, Any] | None) -> str:
             f"{secagg['threshold']}), {plural(len(secagg['recovered']), 'dropout')} recovered")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m fedhub.simulate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", type=int, default=100, help="simulated devices (default 100)")
-    p.add_argument("--fraction", type=float, default=0.1,
-                   help="share of the devices selected each round (default 0.1)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes hosting the devices (default: the number of cores; with "
-                        "--backend ray, as many as the cluster's CPUs hold)")
-    p.add_argument("--split", choices=("iid", "dirichlet", "classes"), default="iid",
-                   help="how the training set is split over the devices (default iid)")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
-    p.add_argument("--classes-per-device", type=int, default=2, help="for --split classes (default 2)")
-    p.add_argument("--limit", type=int, default=None, help="at most N examples per device")
-    framework_options.add_options(p)  # --framework, --dataset, --model: as server.py's
-    p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
-    p.add_argument("--batch-size", type=int, default=32, help="(default 32)")
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="(default 0.001)")
-    p.add_argument("--data-dir", default=None,
-                   help="folder with the data set's files, or one holding fashion-mnist/ and cifar-10/ "
-                        "(else $FEDHUB_DATA_DIR, else ../shared/data beside the checkout, else "
-                        "Keras' download)")
-    p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split and the selection (default 0)")
-    p.add_argument("--backend", choices=("process", "ray"), default="process",
-                   help="workers as processes here, or as Ray actors (pip install -e '.[ray]')")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (e.g. auto, HOST:6379); default: a local Ray")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per worker (default 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray GPUs per worker (default 0)")
-    p.add_argument("--root", type=Path, default=None,
-                   help="folder for device folders, server state and logs (default: a temporary one, "
-                        "removed afterwards); on a Ray cluster every machine must see it at this path")
-    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
-    p.add_argument("--history", type=Path, default=None, help="also write the full history (JSON) here")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--strategy", default="fedavg", choices=list(STRATEGIES), metavar="NAME",
-                   help=f"aggregation strategy, as server.py's: {', '.join(STRATEGIES)} (default fedavg)")
-    p.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="a parameter of the strategy, repeatable (server.py --list-strategies)")
-    p.add_argument("--compression", default="none", metavar="SCHEME",
-                   help="how devices send updates, as server.py's: none, q8, q4, topk:FRACTION")
-    p.add_argument("--compress-downlink", action="store_true",
-                   help="send the global model download compressed too")
-    add_dp_options(p)
-    secagg_options.add_options(p)
-    p.add_argument("--dropout", type=float, default=0.0, metavar="P",
-                   help="with --secure-aggregation: the chance that a device drops out of a round right "
-                        "after dealing its key shares (default 0)")
-    p.add_argument("--mode", choices=("sync", "async"), default="sync",
-                   help="sync: rounds; async: every device trains continuously (FedBuff); "
-                        "--rounds then counts model versions")
-    p.add_argument("--buffer", type=int, default=10, metavar="K",
-                   help="async: a new model version every K updates (default 10)")
-    p.add_argument("--max-staleness", type=int, default=10, metavar="S",
-                   help="async: refuse updates more than S versions old (default 10)")
-    p.add_argument("--slow-devices", type=float, default=0.0, metavar="SHARE",
-                   help="share of the devices that are slow (e.g. 0.2; default 0)")
-    p.add_argument("--slowdown", type=float, default=5.0, metavar="FACTOR",
-                   help="how many times slower the slow devices are (default 5)")
-    return p
+@dataclass
+class SimulationOptions:
+    """This command's settings: its own (how the devices are made and hosted) declared here as
+    fields, like the run's, which are ``ServerConfig``'s (``run``). Flags, file keys and checks
+    come from the declarations (:mod:`fedhub.settings`)."""
+
+    devices: int = params.number(100, 1, 1_000_000, help="simulated devices")
+    workers: int | None = params.number(
+        None, 1, 4096, help="worker processes hosting the devices (default: the number of cores; with "
+        "backend ray, as many as the cluster's CPUs hold)")
+    split: str = params.setting("iid", "how the training set is split over the devices",
+                                choices=("iid", "dirichlet", "classes"))
+    alpha: float = params.number(0.5, above=0, high=1e6, help="Dirichlet concentration")
+    classes_per_device: int = params.number(2, 1, 1000, help="for split classes")
+    limit: int | None = params.number(None, 1, 10**9, metavar="N", help="at most N examples per device")
+    backend: str = params.setting("process", "workers as processes here, or as Ray actors "
+                                  "(pip install -e '.[ray]')", choices=("process", "ray"))
+    ray_address: str | None = params.setting(None, "Ray cluster to join (e.g. auto, HOST:6379); "
+                                             "default: a local Ray")
+    cpus_per_worker: float = params.number(1.0, above=0, high=1024, help="Ray CPUs per worker")
+    gpus_per_worker: float = params.number(0.0, 0, 64, help="Ray GPUs per worker")
+    root: Path | None = params.setting(None, "folder for device folders, server state and logs (default: a "
+                                       "temporary one, removed afterwards); on a Ray cluster every machine "
+                                       "must see it at this path", metavar="DIR")
+    timeout: float | None = params.number(None, above=0, high=10**9, help="give up after this many seconds")
+    history: Path | None = params.setting(None, "also write the full history (JSON) here", metavar="FILE")
+    quiet: bool = params.setting(False, "no progress bars")
+    dropout: float = params.number(0.0, 0, 1, metavar="P", help="with secure aggregation: the chance that a "
+                                   "device drops out of a round right after dealing its key shares")
+    slow_devices: float = params.number(0.0, 0, 1, metavar="SHARE",
+                                        help="share of the devices that are slow (e.g. 0.2)")
+    slowdown: float = params.number(5.0, 1, 1000, metavar="FACTOR",
+                                    help="how many times slower the slow devices are")
+    run: ServerConfig = params.group(factory=ServerConfig, flat=True)
 
 
-def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """Every refusal as one ``error: ...`` line (exit 2) before anything starts: this command's
-    own options here, the run's settings by the one :meth:`FederationConfig.validate` the
-    server would apply (ranges, strategy, compression, mode, privacy, secure aggregation)."""
-    if a.devices < 1:
-        p.error("--devices must be at least 1")
-    if not 0 < a.fraction <= 1:
-        p.error("--fraction must be in (0, 1]")
-    if a.rounds < 1:
-        p.error("--rounds must be at least 1")
-    if a.workers is not None and a.workers < 1:
-        p.error("--workers must be at least 1")
-    for flag in ("limit", "test_limit"):
-        value = getattr(a, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("alpha", "timeout"):
-        value = getattr(a, flag)
-        if value is not None and not value > 0:
-            p.error(f"--{flag.replace('_', '-')} must be a positive number")
-    if not 0 <= a.slow_devices <= 1 or not 1 <= a.slowdown <= 1000:
-        p.error("--slow-devices must be a share from 0 to 1 and --slowdown from 1 to 1000")
-    if a.cpus_per_worker <= 0 or a.gpus_per_worker < 0:
-        p.error("--cpus-per-worker must be positive and --gpus-per-worker not negative")
-    from fedhub.serve import ServerConfig
-
-    a.model = framework_options.network(a, TrainingConfig.model)
-    try:
-        # server.py's check of the three: one network of that framework for that data set
-        ServerConfig(model=a.model, framework=a.framework, dataset=a.dataset).check_framework()
-        a.strategy_params = parse_strategy_args(a.strategy, a.strategy_arg)
-    except ValueError as exc:
-        p.error(str(exc))
-    # each round selects a fraction of the devices; an asynchronous version takes --buffer updates
-    per_round = a.buffer if a.mode == "async" else math.ceil(a.fraction * a.devices)
-    a.privacy = dp_config(p, a, per_round)
-    a.secagg = secagg_options.config_from(a)
-    if not 0 <= a.dropout <= 1 or (a.dropout and a.secagg is None):
-        p.error("--dropout must be from 0 to 1, and goes with --secure-aggregation")
-    try:
-        FederationConfig(
-            rounds=a.rounds, min_devices=per_round, fraction=a.fraction, seed=a.seed,
-            strategy=a.strategy, strategy_params=a.strategy_params, mode=a.mode, buffer_size=a.buffer,
-            max_staleness=a.max_staleness, compress_downlink=a.compress_downlink,
-            training=TrainingConfig(model=a.model, framework=a.framework, epochs=a.epochs,
-                                    batch_size=a.batch_size, learning_rate=a.learning_rate,
-                                    compression=a.compression),
-            privacy=a.privacy, secagg=a.secagg).validate()
-    except ValueError as exc:
-        message = (str(exc).replace("min_devices is", "--fraction x --devices is")
-                   .replace("min_devices (--min-devices)", "--fraction x --devices"))
-        p.error(message + secagg_options.hint(exc))
+# The run's settings this command does not take, because it sets them itself: a round selects
+# fraction x devices (min_devices) and waits for all of them (quorum 1); every device is active
+# at once and training starts when all have enrolled; idle virtual devices are touched every
+# device_timeout / 3 (fedhub.simulate), so a long one keeps that traffic low.
+SET_HERE = ("min_devices", "quorum", "auto_activate", "start", "device_timeout")
+# And the server's own (where and how it serves): the simulation's server is in this process.
+SERVER_ONLY = ("host", "port", "state_dir", "eval_dir", "max_upload_mb", "max_image_mb", "max_wait",
+               "threads", "reset", "certfile", "keyfile", "channel_timeout", "header_timeout",
+               "auth_failures_per_minute", "model_factory", "test_data", "runs_dir", "run_id",
+               "tensorboard_devices", "tensorboard")
+# Where this command's defaults differ from the run's: a quick look at a big federation, five
+# rounds of a tenth of the devices, not server.py's three rounds of all of them.
+DEFAULTS = {"rounds": 5, "fraction": 0.1}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _settings() -> tuple[settings.Setting, ...]:
+    return tuple(s for s in settings.settings_of(SimulationOptions)
+                 if s.path.split(".")[0] not in SET_HERE + SERVER_ONLY)
+
+
+def _name(path: str) -> str:
+    """A setting as this command names it: min_devices is what fraction x devices makes."""
+    return "--fraction x --devices" if path == "min_devices" else settings.flag(path)
+
+
+def parse_args(argv: list[str] | None = None) -> SimulationOptions:
     """The options, checked: a refusal is one ``error: ...`` line and exit 2, before anything
-    starts (tests call this in-process)."""
-    p = _parser()
+    starts (tests call this in-process). The run's settings pass the one
+    :meth:`ServerConfig.validate` the server would apply, with ``min_devices`` the devices a
+    round selects (an asynchronous version takes buffer_size updates)."""
+    every = _settings()
+    p = Parser(prog="python -m fedhub.simulate", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    settings.add_file_options(p)
+    settings.add_options(p, every, DEFAULTS)
     a = p.parse_args(argv)
-    _check(p, a)
-    if a.backend == "ray":
+    o = settings.resolve(p, a, every, SimulationOptions, DEFAULTS, _name)
+    federation = o.run.federation
+    federation.min_devices = math.ceil(federation.fraction * o.devices)
+    try:
+        params.check_numbers(o)
+        if o.dropout and federation.secagg is None:
+            raise params.SettingError("{0} goes with {1}", "dropout", "secagg")
+        o.run.validate()
+    except ValueError as exc:
+        p.error(settings.cli_message(exc, _name))
+    if o.backend == "ray":
         try:
             import ray  # noqa: F401
         except ImportError:
             p.error("--backend ray needs Ray: pip install -e '.[ray]'")
-    return a
+    settings.print_config(a, o, every)
+    return o
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+    o = parse_args(argv)
     from fedhub.split import DatasetError, split_to_devices
 
+    run, federation = o.run, o.run.federation
     started = time.monotonic()
-    root = a.root or Path(tempfile.mkdtemp(prefix="fedhub-simulate-"))
+    root = o.root or Path(tempfile.mkdtemp(prefix="fedhub-simulate-"))
     try:
-        split_to_devices(root / "devices", a.devices, scheme=a.split, seed=a.seed, alpha=a.alpha,
-                         classes_per_device=a.classes_per_device, data_dir=a.data_dir, limit=a.limit,
-                         progress=False, memmap=True, dataset=a.dataset)
+        split_to_devices(root / "devices", o.devices, scheme=o.split, seed=federation.seed, alpha=o.alpha,
+                         classes_per_device=o.classes_per_device, data_dir=run.data_dir, limit=o.limit,
+                         progress=False, memmap=True, dataset=run.dataset)
         split_s = time.monotonic() - started
-        bars = RoundBars(enabled=not a.quiet)
+        bars = RoundBars(enabled=not o.quiet)
+        # the run's settings as simulate()'s keywords: the same names (fedhub.settings)
+        shared = ({s.path.split(".")[0] for s in _settings()} - {f.name for f in fields(SimulationOptions)}
+                  - {"model"})
+        kwargs = {name: value for name, value in settings.values_of(run).items() if name in shared}
         history = simulate(
-            a.model, root / "devices", rounds=a.rounds, workers=a.workers, backend=a.backend,
-            ray_address=a.ray_address, cpus_per_worker=a.cpus_per_worker,
-            gpus_per_worker=a.gpus_per_worker, epochs=a.epochs, batch_size=a.batch_size,
-            learning_rate=a.learning_rate, root=root, timeout=a.timeout, on_round=bars.round_done,
-            on_progress=bars.progress, fraction=a.fraction, seed=a.seed, data_dir=a.data_dir,
-            test_limit=a.test_limit, strategy=a.strategy, strategy_params=a.strategy_params,
-            compression=a.compression, compress_downlink=a.compress_downlink, privacy=a.privacy,
-            secure_aggregation=a.secagg or False, dropout=a.dropout,
-            mode=a.mode, buffer_size=a.buffer, max_staleness=a.max_staleness,
-            slow_devices=a.slow_devices, slowdown=a.slowdown, framework=a.framework, dataset=a.dataset)
+            run.model, root / "devices", workers=o.workers, backend=o.backend, ray_address=o.ray_address,
+            cpus_per_worker=o.cpus_per_worker, gpus_per_worker=o.gpus_per_worker, root=root,
+            timeout=o.timeout, on_round=bars.round_done, on_progress=bars.progress, dropout=o.dropout,
+            slow_devices=o.slow_devices, slowdown=o.slowdown, **kwargs)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -257,21 +214,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        if a.root is None:
+        if o.root is None:
             shutil.rmtree(root, ignore_errors=True)
-    if a.history:
-        a.history.write_text(json.dumps(list(history)))
+    if o.history:
+        o.history.write_text(json.dumps(list(history)))
     stats = history.stats
     nodes = sorted({task["node"] for task in stats["tasks"]})
+    compression = federation.training.compression
     print(json.dumps({
         "rounds": len(history), "final_accuracy": history[-1]["test_accuracy"] if history else None,
         "accuracy": [entry["test_accuracy"] for entry in history],
         "wall_s": stats["wall_s"], "first_round_s": stats["first_round_s"],
         "round_s": stats["round_s"], "split_s": round(split_s, 3), "peak_rss_mb": stats["peak_rss_mb"],
-        "bytes_up": stats["bytes_up"], "bytes_down": stats["bytes_down"], "devices": a.devices,
-        "compression": a.compression, "compress_downlink": a.compress_downlink,
-        "fraction": a.fraction, "workers": stats["workers"], "backend": a.backend,
-        "mode": a.mode, "framework": a.framework, "dataset": a.dataset, "model": a.model,
+        "bytes_up": stats["bytes_up"], "bytes_down": stats["bytes_down"], "devices": o.devices,
+        "compression": compression, "compress_downlink": federation.compress_downlink,
+        "fraction": federation.fraction, "workers": stats["workers"], "backend": o.backend,
+        "mode": federation.mode, "framework": run.framework, "dataset": run.dataset, "model": run.model,
         "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
         "epsilon": (history[-1].get("privacy") or {}).get("epsilon") if history else None,
     }), flush=True)

@@ -29,7 +29,6 @@ import numpy as np
 
 from fedhub.device.attacks import Attack
 from fedhub.engine.plural import plural
-from fedhub.engine.secagg import SecAggConfig
 from fedhub.options.framework import FRAMEWORK
 
 from .devices import Device
@@ -99,17 +98,15 @@ class PeakMemory:
         return round(self.peak / 2**20, 1)
 
 
-def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
+def simulate(model: Any, partitions: Partitions, *,
              test_data: tuple[np.ndarray, np.ndarray] | None = None, processes: bool = True,
              workers: int | None = None, backend: str = "process", ray_address: str | None = None,
              cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-             epochs: int = 1, batch_size: int = 32, learning_rate: float = 1e-3,
              root: str | Path | None = None, timeout: float | None = None,
              on_round: Callable[[dict[str, Any]], None] | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None, quiet: bool = True,
-             attacks: Mapping[str, Attack] | None = None, secure_aggregation: bool | SecAggConfig = False,
+             attacks: Mapping[str, Attack] | None = None,
              dropout: float = 0.0, slow_devices: float = 0.0, slowdown: float = 1.0,
-             framework: str = FRAMEWORK, dataset: str | None = None,
              **server_options: Any) -> History:
     """Run ``rounds`` rounds of federated learning with one device per partition.
 
@@ -138,15 +135,20 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
     devices, picked with the seed, are ``slowdown`` times slower: their update arrives after
     that many times their training time (a heterogeneous fleet; ``mode="async"`` is
     :class:`fedhub.Server`'s, as are ``buffer_size`` and ``max_staleness``). ``server_options`` are
-    :class:`fedhub.Server`'s (``strategy="krum", strategy_params={"num_malicious": 1}``).
-    ``secure_aggregation`` (True, or a :class:`fedhub.engine.secagg.SecAggConfig`) masks every update
+    the run's settings, as :class:`fedhub.Server` takes them and with its defaults (``rounds``,
+    ``epochs``, ``strategy="krum", strategy_params={"num_malicious": 1}``, ...).
+    ``secagg`` (True, or a :class:`fedhub.engine.secagg.SecAggConfig`) masks every update
     (SecAgg+); ``dropout`` is then the chance that a device drops out of a round right after
     dealing its key shares (its masks are recovered from its neighbours' shares).
     Returns the history, with the final model as ``.model`` and figures in ``.stats``.
     Raises RuntimeError if a device fails (for instance invalid data: its reason is in the
     message) or a pool worker keeps dying, and TimeoutError after ``timeout`` seconds.
     """
+    from fedhub import settings
+
     started = time.time()
+    server_options = settings.keywords(server_options)
+    framework = server_options.get("framework", FRAMEWORK)
     folder = isinstance(partitions, str | Path)
     if not folder and not partitions:
         raise ValueError("give at least one partition (x, y)")
@@ -170,25 +172,19 @@ def simulate(model: Any, partitions: Partitions, *, rounds: int = 3,
         if unknown:
             raise ValueError(f"attacks name no device: {', '.join(unknown)} (the devices are "
                              f"device1 .. device{len(partitions)})")
-    if not 0 <= dropout <= 1 or (dropout and not secure_aggregation):
-        raise ValueError("dropout must be from 0 to 1, and goes with secure_aggregation")
-    if secure_aggregation:
-        server_options["secagg"] = (secure_aggregation if isinstance(secure_aggregation, SecAggConfig)
-                                    else SecAggConfig())
+    if not 0 <= dropout <= 1 or (dropout and not server_options.get("secagg")):
+        raise ValueError("dropout must be from 0 to 1, and goes with secagg")
     with PeakMemory() as memory:
         if pooled:
-            history = _on_pool(model, partitions, root=root, rounds=rounds, test_data=test_data,
+            history = _on_pool(model, partitions, root=root, test_data=test_data,
                                workers=workers, backend=backend, ray_address=ray_address,
                                cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                               epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                timeout=timeout, on_round=on_round, on_progress=on_progress,
                                attacks=attacks, slow=(slow_devices, slowdown),
-                               server_options=server_options, dropout=dropout,
-                               framework=framework, dataset=dataset)
+                               server_options=server_options, dropout=dropout)
         else:
-            history = _one_per_device(model, partitions, root=root, rounds=rounds, test_data=test_data,
-                                      processes=processes, epochs=epochs, batch_size=batch_size,
-                                      learning_rate=learning_rate, timeout=timeout, on_round=on_round,
+            history = _one_per_device(model, partitions, root=root, test_data=test_data,
+                                      processes=processes, timeout=timeout, on_round=on_round,
                                       on_progress=on_progress, quiet=quiet, attacks=attacks,
                                       server_options=server_options, dropout=dropout)
     round_s = [round(entry["closed_at"] - started, 3) for entry in history]
@@ -205,13 +201,13 @@ def _keras_model(model: Any) -> Any:
 
 
 def _one_per_device(model: Any, partitions: Sequence[tuple[np.ndarray, np.ndarray]], *, root: Path,
-                    rounds: int, test_data: Any, processes: bool, epochs: int, batch_size: int,
-                    learning_rate: float, timeout: float | None, on_round: Any, on_progress: Any,
-                    quiet: bool, attacks: Mapping[str, Attack] | None,
+                    test_data: Any, processes: bool, timeout: float | None, on_round: Any,
+                    on_progress: Any, quiet: bool, attacks: Mapping[str, Attack] | None,
                     server_options: dict[str, Any], dropout: float = 0.0) -> History:
-    server = Server(_keras_model(model), test_data=test_data, rounds=rounds, min_devices=len(partitions),
-                    epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, quorum=1.0,
-                    auto_activate=True, start=True, state_dir=root / "server", **server_options)
+    # every round waits for every device
+    options = {"min_devices": len(partitions), "quorum": 1.0, "auto_activate": True, "start": True,
+               "state_dir": root / "server", **server_options}
+    server = Server(_keras_model(model), test_data=test_data, **options)
     with server:
         devices = [Device(server, f"device{i}", x, y, root=root / "devices", quiet=quiet,
                           attack=(attacks or {}).get(f"device{i}"), secagg_dropout=dropout)
@@ -238,13 +234,11 @@ def _one_per_device(model: Any, partitions: Sequence[tuple[np.ndarray, np.ndarra
     return history
 
 
-def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, test_data: Any,
+def _on_pool(model: Any, partitions: Partitions, *, root: Path, test_data: Any,
              workers: int | None, backend: str, ray_address: str | None, cpus_per_worker: float,
-             gpus_per_worker: float, epochs: int, batch_size: int, learning_rate: float,
-             timeout: float | None, on_round: Any, on_progress: Any,
+             gpus_per_worker: float, timeout: float | None, on_round: Any, on_progress: Any,
              attacks: Mapping[str, Attack] | None, slow: tuple[float, float],
-             server_options: dict[str, Any], dropout: float = 0.0, framework: str = FRAMEWORK,
-             dataset: str | None = None) -> History:
+             server_options: dict[str, Any], dropout: float = 0.0) -> History:
     from fedhub.device.pool import DevicePool
     from fedhub.server_process import free_port
 
@@ -270,10 +264,10 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, rounds: int, tes
 
         options["host"] = "0.0.0.0"
         url = f"http://{ray.util.get_node_ip_address()}:{options['port']}"
-    server = Server(model if builtin else _keras_model(model), test_data=test_data, rounds=rounds,
-                    epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, quorum=1.0,
-                    fraction=fraction, device_timeout=device_timeout, auto_activate=True, start=False,
-                    state_dir=root / "server", framework=framework, dataset=dataset, **options)
+    framework = options.get("framework", FRAMEWORK)
+    options = {"quorum": 1.0, "auto_activate": True, "state_dir": root / "server", **options}
+    server = Server(model if builtin else _keras_model(model), test_data=test_data, fraction=fraction,
+                    device_timeout=device_timeout, start=False, **options)
     pool = DevicePool(url, names, devices_root, workers=workers,
                       model=model if builtin else "server", framework=framework,
                       enroll_secret=server.enroll_secret,

@@ -81,10 +81,10 @@ def test_staleness_weight_is_one_over_sqrt_one_plus_staleness():
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--mode", "async", "--strategy", "krum", "--strategy-arg", "num_malicious=2", "--buffer", "3"),
-     "needs at least 7 updates a round; buffer_size (--buffer) is 3"),
-    (("--mode", "async", "--secure-aggregation"), "does not work with --secure-aggregation yet"),
-    (("--mode", "async", "--buffer", "0"), "buffer_size (--buffer) must be at least 1"),
-    (("--mode", "async", "--max-staleness", "-1"), "max_staleness (--max-staleness) must be"),
+     "needs at least 7 updates a round; --buffer-size is 3"),
+    (("--mode", "async", "--secure-aggregation"), "cannot use --secure-aggregation"),
+    (("--mode", "async", "--buffer", "0"), "--buffer-size must be at least 1"),
+    (("--mode", "async", "--max-staleness", "-1"), "--max-staleness must be"),
     (("--mode", "later"), "argument --mode: invalid choice"),
 ])
 def test_async_settings_are_checked_at_start_up(args, message):

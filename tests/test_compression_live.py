@@ -295,7 +295,7 @@ def test_bad_compression_options_are_one_line_errors():
 
     for args, message in ((["--compression", "q3"], "unknown compression 'q3'"),
                           (["--compression", "topk:1.5"], "between 0 and 1"),
-                          (["--compress-downlink"], "needs a compression")):
+                          (["--compress-downlink"], "--compress-downlink needs a --compression other")):
         # in-process (server.py's real-process check is in tests/test_cli_settings.py)
         assert_one_line_error(run_main(server.parse_args, args), message)
 

@@ -265,7 +265,7 @@ def test_fedhub_server_does_not_continue_a_dp_run_without_its_privacy(tmp_path, 
     test = np.load(tmp_path / "devices" / "test.npz")
     kw = {"test_data": (test["x"], test["y"]), "state_dir": tmp_path / "state", "min_devices": 1}
     privacy = {"mode": "central-fixed", "noise_multiplier": 1.5, "clipping_norm": 0.5}
-    with Server(build_model(), privacy=privacy, **kw) as api_server:
+    with Server(build_model(), dp=privacy, **kw) as api_server:
         view = ServerProcess(tmp_path, data_dir)  # its HTTP helpers, aimed at this server
         view.url, view.admin_token, view.enroll_secret = (api_server.url, api_server.admin_token,
                                                           api_server.enroll_secret)
@@ -274,7 +274,7 @@ def test_fedhub_server_does_not_continue_a_dp_run_without_its_privacy(tmp_path, 
         Server(build_model(), **kw).start()
     assert "central-fixed with noise multiplier 1.5" in str(refused.value)
     assert "fresh state_dir" in str(refused.value)
-    with Server(build_model(), privacy=privacy, **kw) as again:  # the same settings: it goes on
+    with Server(build_model(), dp=privacy, **kw) as again:  # the same settings: it goes on
         assert again.status()["privacy"]["rounds"] == 1
 
 

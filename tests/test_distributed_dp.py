@@ -103,14 +103,14 @@ def test_a_malformed_noise_share_task_is_refused(task, message):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"privacy": {"mode": "distributed"}}, "--dp distributed needs --secure-aggregation"),
-    ({"privacy": {"mode": "central-fixed"}, "secagg": SecAggConfig()},
-     "--dp central-fixed does not work with --secure-aggregation"),
-    ({"privacy": {"mode": "local"}, "secagg": SecAggConfig()},
-     "--dp local does not work with --secure-aggregation"),
-    ({"privacy": {"mode": "distributed", "clipping_norm": 0.5}, "secagg": SecAggConfig(clip_range=1.0)},
-     "--secagg-clip 1 is too small for --dp distributed: raise it to at least 1.655"),
-    ({"privacy": {"mode": "distributed"}, "secagg": SecAggConfig(), "strategy": "fedmedian"},
+    ({"dp": {"mode": "distributed"}}, "dp.mode=distributed needs secagg"),
+    ({"dp": {"mode": "central-fixed"}, "secagg": SecAggConfig()},
+     "dp.mode=central-fixed cannot be used with secagg"),
+    ({"dp": {"mode": "local"}, "secagg": SecAggConfig()},
+     "dp.mode=local cannot be used with secagg"),
+    ({"dp": {"mode": "distributed", "clipping_norm": 0.5}, "secagg": SecAggConfig(clip_range=1.0)},
+     "secagg.clip_range 1 is too small for dp.mode=distributed: raise it to at least 1.655"),
+    ({"dp": {"mode": "distributed"}, "secagg": SecAggConfig(), "strategy": "fedmedian"},
      "distributed DP wraps an averaging strategy"),
 ])
 def test_wrong_combinations_are_refused(settings, message):
@@ -122,12 +122,11 @@ def test_wrong_combinations_are_refused(settings, message):
 # real processes ----------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--dp", "distributed"], "error: --dp distributed needs --secure-aggregation"),
+    (["--dp", "distributed"], "error: --dp=distributed needs --secure-aggregation"),
     (["--secure-aggregation", "--min-devices", "3", "--dp", "central-fixed"],
-     "error: --dp central-fixed does not work with --secure-aggregation, which hides each update "
-     "from the server: use --dp distributed"),
+     "error: --dp=central-fixed cannot be used with --secure-aggregation: central DP clips"),
     (["--secure-aggregation", "--min-devices", "2", "--dp", "distributed"],
-     "error: --secagg-clip 0.5 is too small for --dp distributed: raise it to at least 3.828"),
+     "error: --secagg-clip-range 0.5 is too small for --dp=distributed: raise it to at least 3.828"),
 ])
 def test_the_real_server_refuses_wrong_combinations_with_one_line(args, message):
     out = run_cli("server.py", *args)

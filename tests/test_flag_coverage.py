@@ -36,7 +36,7 @@ def test_server_host_is_where_it_listens():
 def test_secagg_shares_threshold_and_bits_reach_the_round(parse, base, capsys):
     a = parse([*base, "--secure-aggregation", "--secagg-shares", "3", "--secagg-threshold", "2",
                "--secagg-bits", "40"])
-    secagg = a.federation.secagg if parse is server.parse_args else a.secagg
+    secagg = (a if parse is server.parse_args else a.run).federation.secagg
     assert (secagg.shares, secagg.threshold, secagg.bits) == (3, 2, 40)
     assert "--secagg-bits" in refused(parse, [*base, "--secure-aggregation", "--secagg-bits", "8"], capsys)
     message = refused(parse, [*base, "--secure-aggregation", "--secagg-shares", "4"], capsys)
@@ -50,11 +50,12 @@ def test_secagg_shares_threshold_and_bits_reach_the_round(parse, base, capsys):
     (simulate.parse_args, ["--devices", "40", "--fraction", "0.5"]),
 ], ids=["server", "simulate"])
 def test_dp_clip_lr_is_the_adaptive_bounds_learning_rate(parse, base, capsys):
-    a = parse([*base, "--dp", "central-adaptive", "--dp-clip-lr", "0.3"])
-    privacy = a.federation.privacy if parse is server.parse_args else a.privacy
+    a = parse([*base, "--dp", "central-adaptive", "--dp-clip-norm-lr", "0.3"])
+    privacy = (a if parse is server.parse_args else a.run).federation.dp
     assert (privacy.mode, privacy.clip_norm_lr) == ("central-adaptive", 0.3)
-    message = refused(parse, [*base, "--dp", "central-fixed", "--dp-clip-lr", "0.3"], capsys)
-    assert message == "error: --dp-clip-lr applies to --dp central-adaptive only"
+    assert parse([*base, "--dp", "central-adaptive", "--dp-clip-lr", "0.4"])  # the older spelling
+    message = refused(parse, [*base, "--dp", "central-fixed", "--dp-clip-norm-lr", "0.3"], capsys)
+    assert message == "error: --dp-clip-norm-lr applies to --dp=central-adaptive only"
 
 
 def test_staleness_exponent_weights_async_updates(capsys):
@@ -69,7 +70,8 @@ def test_simulate_ray_flags_reach_the_run(capsys):
                              "--gpus-per-worker", "0.5"])
     assert (a.backend, a.ray_address) == ("ray", "10.0.0.1:6379")
     assert (a.cpus_per_worker, a.gpus_per_worker) == (2, 0.5)
-    for argv in (["--cpus-per-worker", "0"], ["--gpus-per-worker", "-1"]):
-        assert refused(simulate.parse_args, argv, capsys) == \
-            "error: --cpus-per-worker must be positive and --gpus-per-worker not negative"
+    assert refused(simulate.parse_args, ["--cpus-per-worker", "0"], capsys) == \
+        "error: --cpus-per-worker must be more than 0 and at most 1024, got 0"
+    assert refused(simulate.parse_args, ["--gpus-per-worker", "-1"], capsys) == \
+        "error: --gpus-per-worker must be at least 0 and at most 64, got -1"
     assert "invalid choice: 'dask'" in refused(simulate.parse_args, ["--backend", "dask"], capsys)

@@ -197,7 +197,7 @@ def test_settings_are_checked():
         DPFixedClipping(FedAvg(), -1.0, 1.0)
     with pytest.raises(ValueError, match="clipping_norm"):
         DPFixedClipping(FedAvg(), 1.0, 0.0)
-    with pytest.raises(ValueError, match="below 2 x clipped_count_stddev"):
+    with pytest.raises(ValueError, match=r"below 2 x dp\.clipped_count_stddev"):
         DPAdaptiveClipping(FedAvg(), 1.0, 10)  # default stddev 10/20: 1.0 is not below 1.0
     with pytest.raises(ValueError, match="averaging strategy"):
         DPFixedClipping(Krum(), 1.0, 1.0)

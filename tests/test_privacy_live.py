@@ -160,14 +160,14 @@ def test_local_dp_is_applied_on_the_devices(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dp-noise-multiplier", "1"],
-     "error: --dp-noise-multiplier needs --dp central-fixed|central-adaptive|local|distributed"),
+    (["--dp-noise-multiplier", "1"], "error: --dp-noise-multiplier needs --dp"),
     (["--dp", "central"], "error: argument --dp: invalid choice: 'central'"),
-    (["--dp", "local", "--dp-clip", "0"], "error: --dp-clip must be a positive number"),
-    (["--dp", "central-fixed", "--dp-delta", "1"], "error: --dp-delta must be in (0, 1), got 1"),
-    (["--dp", "central-fixed", "--dp-max-epsilon", "0"], "error: --dp-max-epsilon must be a positive number"),
+    (["--dp", "local", "--dp-clip", "0"], "error: --dp-clipping-norm must be more than 0"),
+    (["--dp", "central-fixed", "--dp-delta", "1"],
+     "error: --dp-delta must be more than 0 and at most 0.5, got 1"),
+    (["--dp", "central-fixed", "--dp-max-epsilon", "0"], "error: --dp-max-epsilon must be more than 0"),
     (["--dp", "local", "--dp-target-quantile", "0.7"],
-     "error: --dp-target-quantile applies to --dp central-adaptive only"),
+     "error: --dp-target-quantile applies to --dp=central-adaptive only"),
     (["--dp", "central-adaptive", "--dp-noise-multiplier", "1"],
      "error: --dp-noise-multiplier 1.0 must be below 2 x --dp-clipped-count-stddev (0.1)"),
     (["--dp", "central-fixed", "--strategy", "krum", "--min-devices", "4"],
@@ -237,17 +237,19 @@ def test_epsilon_shows_in_both_dashboards(tmp_path, data_dir, monkeypatch):
 def test_python_api_and_simulate_take_the_same_settings():
     import fedhub
 
-    server = fedhub.Server("basic", privacy={"mode": "central-adaptive", "noise_multiplier": 0.5,
-                                             "clipped_count_stddev": 1.0, "max_epsilon": 4})
+    server = fedhub.Server("basic", dp={"mode": "central-adaptive", "noise_multiplier": 0.5,
+                                        "clipped_count_stddev": 1.0, "max_epsilon": 4})
     strategy = server.federation.make_strategy()
     assert strategy.name == "dp-central-adaptive(fedavg)" and strategy.max_epsilon == 4
-    assert fedhub.Server("basic", privacy=fedhub.DPConfig(mode="local")).federation.privacy.mode == "local"
-    with pytest.raises(ValueError, match="dp: unknown key 'noise'"):
-        fedhub.Server("basic", privacy={"noise": 1.0})
+    assert fedhub.Server("basic", dp=fedhub.DPConfig(mode="local")).federation.dp.mode == "local"
+    with pytest.warns(DeprecationWarning, match="privacy= is now dp="):  # the older name
+        assert fedhub.Server("basic", privacy={"mode": "local"}).federation.dp.mode == "local"
+    with pytest.raises(ValueError, match=r"unknown setting dp\.noise"):
+        fedhub.Server("basic", dp={"noise": 1.0})
     with pytest.raises(ValueError, match="central DP wraps an averaging strategy"):
-        fedhub.Server("basic", strategy="fedmedian", privacy={"mode": "central-fixed"})
+        fedhub.Server("basic", strategy="fedmedian", dp={"mode": "central-fixed"})
     from tests.cli_inprocess import assert_one_line_error, run_main
 
     simulate_command = importlib.import_module("fedhub.simulate")  # the module, not fedhub.simulate()
     assert_one_line_error(run_main(simulate_command.parse_args, ["--dp", "local", "--dp-clip", "-1"]),
-                          "--dp-clip must be a positive number")
+                          "--dp-clipping-norm must be more than 0")

@@ -3,10 +3,12 @@ lying devices refused, and every message through its byte form."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import save as st_save
 from scipy import stats
 
 from fedhub.engine import wire
@@ -31,7 +33,8 @@ from fedhub.engine.secagg import (
     flatten,
     unflatten,
 )
-from fedhub.engine.secagg.encoding import encode, quantize
+from fedhub.engine.secagg.encoding import encode, pack, packed_size, quantize, unpack
+from fedhub.engine.secagg.params import field_bits
 
 NAMES = [f"dev-{i}" for i in range(10)]
 ROUND = 7
@@ -41,9 +44,9 @@ class Round:
     """One round driven end to end, every message through its byte form, as HTTP would carry it."""
 
     def __init__(self, names=NAMES, *, length=300, shares=5, threshold=3, bits=32, clip=1.0,
-                 max_weight=1000, seed=0, previous_keys=(), number=ROUND):
+                 max_weight=1000, seed=0, previous_keys=(), number=ROUND, quantization=0):
         self.config = SecAggConfig(shares=shares, threshold=threshold, bits=bits, clip_range=clip,
-                                   max_weight=max_weight)
+                                   max_weight=max_weight).quantized(quantization)
         self.params = self.config.for_round(number, names, length)
         self.server = ServerRound(self.params, previous_keys=previous_keys)
         self.devices = {n: DeviceRound(n, RoundParams.from_bytes(self.params.to_bytes()),
@@ -530,3 +533,109 @@ def test_stochastic_rounding_is_unbiased():
     q = quantize(np.full(200_000, 0.325), 1.0, 10, np.random.default_rng(1))
     assert set(np.unique(q)) == {3, 4}
     assert abs(q.mean() - 3.25) < 0.01
+
+
+# quantized uploads (--compression q8 / q4 with secure aggregation) -----------------------
+
+@pytest.mark.parametrize("quantization, levels", [(8, 127), (4, 7)])
+def test_a_quantized_round_sums_exactly_in_the_smallest_field_that_holds_it(quantization, levels):
+    """Each device quantizes to 8 (4) bits; the field is bit_length(N x max_weight x levels) + 1
+    bits, and the mean is the NumPy reference's exactly, through a dropout recovered from shares."""
+    r = Round(NAMES[:6], length=400, max_weight=1000, quantization=quantization)
+    p = r.params
+    assert (p.levels, p.quantization, p.packed) == (levels, quantization, True)
+    assert p.bits == field_bits(6, 1000, levels) == (6 * 1000 * levels).bit_length() + 1
+    assert 6 * 1000 * levels <= 2 ** (p.bits - 1) - 1 < 2 * 6 * 1000 * levels  # no smaller field holds it
+    result = r.check(r.run(masked=r.at(2)))  # exact to the NumPy reference; within a step of the clipped mean
+    assert result.bits == p.bits and result.quantization == quantization and result.recovered
+
+
+def test_the_largest_quantized_sum_does_not_overflow_the_small_field():
+    """Every device at the clip bound with the largest weight: the sum is N x max_weight x levels,
+    the field's largest positive value range, and decodes to the bound exactly (either sign)."""
+    for sign in (1, -1):
+        r = Round(NAMES[:5], length=64, max_weight=37, quantization=8, clip=0.5)
+        r.updates = {n: np.full(64, sign * 3.0) for n in r.devices}  # far past the clip range
+        r.weights = {n: 37 for n in r.devices}
+        result = r.run()
+        np.testing.assert_array_equal(result.mean, np.full(64, sign * 0.5))
+        assert result.total_weight == 5 * 37
+
+
+def test_a_quantized_upload_is_its_field_bits_per_value_and_looks_uniform():
+    """The masked input travels bit-packed: (length + 1) x bits / 8 bytes, against 4 bytes a value
+    unquantized; unpacked, its values are uniform over the field (Kolmogorov-Smirnov)."""
+    length = 20_000
+    sizes = {}
+    for quantization in (0, 8, 4):
+        r = Round(NAMES[:4], length=length, shares=3, threshold=2, max_weight=100, quantization=quantization)
+        r.advertise()
+        r.share()
+        masked = r.masked_input(NAMES[0])
+        body = masked.to_bytes(r.params)
+        header = wire.header(body)["masked"]
+        data_bytes = header["data_offsets"][1] - header["data_offsets"][0]
+        sizes[quantization] = (r.params.bits, data_bytes, header["dtype"])
+        back = MaskedInput.from_bytes(body, r.params, NAMES[0])
+        np.testing.assert_array_equal(back.vector, masked.vector)
+        if quantization:
+            assert stats.kstest(masked.vector / 2.0 ** r.params.bits, "uniform").pvalue > 1e-6
+    assert sizes[0] == (32, 4 * (length + 1), "U32")
+    # 4 devices x weight 100 x 127 = 50,800 < 2^16: 17 bits; x 7 = 2,800 < 2^12: 13 bits.
+    assert sizes[8] == (17, packed_size(length + 1, 17), "U8")
+    assert sizes[4] == (13, packed_size(length + 1, 13), "U8")
+
+
+@pytest.mark.parametrize("bits", [2, 5, 13, 17, 31, 32, 33, 64])
+def test_packing_round_trips_and_refuses_extra_bytes_or_padding(bits):
+    rng = np.random.default_rng(bits)
+    for count in (1, 7, 8, 9, 70_001):
+        values = rng.integers(0, 2**bits - 1, count, dtype=np.uint64, endpoint=True)
+        data = pack(values, bits)
+        assert data.size == packed_size(count, bits) == -(-count * bits // 8)
+        np.testing.assert_array_equal(unpack(data, count, bits), values)
+    with pytest.raises(ValueError, match="take"):
+        unpack(np.zeros(packed_size(9, bits) + 1, np.uint8), 9, bits)
+    if (9 * bits) % 8:
+        padded = pack(np.zeros(9, np.uint64), bits)
+        padded[-1] = 0x80
+        with pytest.raises(ValueError, match="padding"):
+            unpack(padded, 9, bits)
+
+
+def test_quantized_round_parameters_that_could_overflow_or_mislead_are_refused():
+    params = SecAggConfig(shares=3, threshold=2, max_weight=100).quantized(8).for_round(1, NAMES[:3], 10)
+    assert RoundParams.from_bytes(params.to_bytes()) == params
+    assert params.to_dict()["quantization"] == 8
+    plain = SecAggConfig(shares=3, threshold=2).for_round(1, NAMES[:3], 10)
+    assert "quantization" not in plain.to_dict()  # a plain round reads as before
+    for change, match in (({"bits": params.bits - 1}, "overflow"), ({"levels": 100}, "127 levels"),
+                          ({"quantization": 5}, "quantization"), ({"quantization": 0}, "quantization")):
+        with pytest.raises(ProtocolViolation, match=match):
+            RoundParams.from_dict({**params.to_dict(), **change})
+    q4 = SecAggConfig(shares=3, threshold=2, max_weight=100).quantized(4).for_round(1, NAMES[:3], 10)
+    unquantized = {k: v for k, v in q4.to_dict().items() if k != "quantization"}
+    with pytest.raises(ProtocolViolation, match="from 16"):  # 13 bits, read as words
+        RoundParams.from_dict(unquantized)
+    from fedhub.engine.secagg.codec import MAX_DEVICES
+    from fedhub.engine.secagg.params import MAX_BITS, MAX_WEIGHT
+
+    assert field_bits(MAX_DEVICES, MAX_WEIGHT, 127) <= MAX_BITS  # no round's field can outgrow 64 bits
+    with pytest.raises(ConfigError, match="quantization"):
+        SecAggConfig().quantized(6).validate()
+    # A masked input of the wrong size for the packed field, or with stray padding, is refused.
+    r = Round(NAMES[:3], length=10, shares=3, threshold=2, max_weight=100, quantization=8)
+    r.advertise()
+    r.share()
+    masked = r.masked_input(NAMES[0])
+    as_words = masked.to_bytes(dataclasses.replace(r.params, quantization=0, bits=32))
+    with pytest.raises(ProtocolViolation, match="masked"):
+        MaskedInput.from_bytes(as_words, r.params, NAMES[0])
+    body = masked.to_bytes(r.params)
+    assert (11 * r.params.bits) % 8  # the last byte has spare bits
+    data = pack(masked.vector, r.params.bits)
+    data[-1] |= 0x80
+    stray = st_save({"masked": data}, metadata=wire.header(body)["__metadata__"])
+    with pytest.raises(ProtocolViolation, match="padding"):
+        MaskedInput.from_bytes(stray, r.params, NAMES[0])
+    assert np.array_equal(MaskedInput.from_bytes(body, r.params, NAMES[0]).vector, masked.vector)

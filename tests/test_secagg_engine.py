@@ -62,8 +62,8 @@ def test_fedadam_steps_from_the_unmasked_mean(tmp_path):
 
 def test_robust_strategies_are_refused_with_secure_aggregation(tmp_path):
     config = FederationConfig(strategy="fedmedian", min_devices=3, secagg=SecAggConfig())
-    with pytest.raises(ValueError, match="strategy fedmedian needs every device's update, which secure "
-                                         "aggregation hides"):
+    with pytest.raises(ValueError, match="strategy fedmedian cannot be used with secagg: it compares the "
+                                         "devices' updates one by one"):
         config.validate()
     storage = Storage(tmp_path / "state")
     with pytest.raises(ValueError, match="secure aggregation needs at least 2 devices a round"):

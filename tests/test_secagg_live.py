@@ -355,7 +355,7 @@ def test_dashboards_show_secure_aggregation_and_the_dropout_recovered(tmp_path, 
 
 # the simulation: pooled virtual devices --------------------------------------------------------
 def test_simulate_with_secure_aggregation_and_dropouts_on_a_pool(tmp_path):
-    """fedhub.simulate(secure_aggregation=True, dropout=P): the pool's virtual devices step through
+    """fedhub.simulate(secagg=True, dropout=P): the pool's virtual devices step through
     each stage; a device that drops after dealing its shares is recovered."""
     import fedhub
     from examples.digits import load_digits
@@ -365,7 +365,7 @@ def test_simulate_with_secure_aggregation_and_dropouts_on_a_pool(tmp_path):
     partitions = [(x[i * 100:(i + 1) * 100], y[i * 100:(i + 1) * 100]) for i in range(5)]
     history = fedhub.simulate(digits_model, partitions, rounds=2, workers=1, batch_size=16, learning_rate=0.5,
                               test_data=(x[1400:], y[1400:]), root=tmp_path, timeout=300,
-                              secure_aggregation=True, dropout=0.2)
+                              secagg=True, dropout=0.2)
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     # Each device draws its dropouts from a generator seeded with its name (fedhub/device/secure.py):
     # with P = 0.2, device2 drops out of round 1 (its first draw is 0.056) and nobody out of round 2.
@@ -377,7 +377,7 @@ def test_simulate_with_secure_aggregation_and_dropouts_on_a_pool(tmp_path):
         for name in secagg["recovered"]:
             assert f"[{name}] round {entry['round']}: dropping out after sharing keys (simulated)" in logs
     assert history[-1]["test_accuracy"] > 0.4  # chance is 0.1; FedAvg without masks reaches about 0.65
-    with pytest.raises(ValueError, match="dropout must be from 0 to 1, and goes with secure_aggregation"):
+    with pytest.raises(ValueError, match="dropout must be from 0 to 1, and goes with secagg"):
         fedhub.simulate(digits_model, partitions, dropout=0.5)
 
 

@@ -60,7 +60,7 @@ def test_simulate_command_30_devices_2_workers(tmp_path, data_dir):
 
 def test_simulate_command_refuses_bad_arguments():
     for args, message in ((["--devices", "0"], "--devices must be at least 1"),
-                          (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
+                          (["--fraction", "1.5"], "--fraction must be more than 0 and at most 1, got 1.5"),
                           (["--workers", "0"], "--workers must be at least 1"),
                           (["--strategy", "krum", "--strategy-arg", "f=1"],
                            "strategy krum: unknown key 'f' (allowed keys: num_malicious)"),

@@ -76,4 +76,4 @@ def test_tensorboard_devices_flag_is_checked():
     from tests.cli_inprocess import assert_one_line_error, run_main
 
     assert_one_line_error(run_main(server.parse_args, ["--tensorboard-devices", "-1"]),
-                          "tensorboard_devices (--tensorboard-devices) must be at least 0 and at most 100000")
+                          "--tensorboard-devices must be at least 0 and at most 100000")

@@ -31,11 +31,12 @@ CIFAR_MODEL_BYTES = (456 + 2416 + 48120 + 10164 + 850) * 4  # the seed's CNN, fl
 def test_the_framework_options_are_server_py_s_and_pick_the_network():
     from fedhub.simulate import parse_args
 
-    a = parse_args(["--framework", "torch", "--dataset", "cifar-10", "--devices", "10", "--fraction", "1"])
+    argv = ["--framework", "torch", "--dataset", "cifar-10", "--devices", "10", "--fraction", "1"]
+    a = parse_args(argv).run
     assert (a.framework, a.dataset, a.model) == ("torch", "cifar-10", "cifar")
-    default = parse_args([])  # the Keras / Fashion-MNIST run, unchanged
+    default = parse_args([]).run  # the Keras / Fashion-MNIST run, unchanged
     assert (default.framework, default.dataset, default.model) == ("keras", "fashion-mnist", "basic")
-    assert parse_args(["--framework", "torch", "--model", "cnn"]).dataset == "fashion-mnist"
+    assert parse_args(["--framework", "torch", "--model", "cnn"]).run.dataset == "fashion-mnist"
 
 
 @pytest.mark.parametrize("argv, expected", [

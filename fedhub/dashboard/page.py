@@ -298,7 +298,8 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
         cols[4].metric("Max staleness", status["max_staleness"])
         st.caption("Asynchronous mode (FedBuff): devices train continuously; each update is weighted "
                    "down by its staleness, and a new model version comes every "
-                   f"{plural(status['buffer_size'], 'update')} (server options --buffer, --max-staleness).")
+                   f"{plural(status['buffer_size'], 'update')} "
+                   "(server options --buffer-size, --max-staleness).")
     elif r and "selected" in r:
         reported, selected = len(r["reported"]), len(r["selected"])
         cols[2].metric("Current round", f"#{r['number']}")

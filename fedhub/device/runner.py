@@ -266,9 +266,7 @@ class DeviceRunner:
     def _train_round(self, task: dict[str, Any]) -> None:
         number = task["round"]
         version, weights = self.client.model(task.get("model_version"))
-        if task.get("mode") == "async":  # any recent version will do: the server weighs staleness
-            number = version
-        elif version != task["model_version"]:
+        if version != task["model_version"]:  # a round (or a version) newer than the task's
             self._say(f"round {number}: model moved on to version {version}; asking again")
             return
         self._round = number
@@ -333,7 +331,7 @@ class DeviceRunner:
 
     def _send(self, task: dict[str, Any], version: int, weights: dict[str, np.ndarray],
               sent: dict[str, np.ndarray], result: Any, scheme: compression.Scheme) -> None:
-        number = version if task.get("mode") == "async" else task["round"]
+        number = task["round"]
         try:
             if "secagg" in task:
                 self.secure.masked_upload(task, sent, weights, result.num_examples)

@@ -101,6 +101,10 @@ class SecureDevice:
             self._say(f"round {number}: distributed DP: change clipped to L2 norm {share[0]:g}, "
                       f"noise share of std {share[1]:.4g} added before masking", round_number=number)
         masked = device_round.masked_input(bundle, vector, num_examples)
+        params = device_round.params
+        if params.quantization:  # --compression q8 / q4: the upload is as small as the sum allows
+            self._say(f"round {number}: change quantized to {params.quantization} bits a coordinate, "
+                      f"masked in a {params.bits}-bit field", round_number=number)
         for refusal in device_round.refused:
             self._say(f"round {number}: {refusal.message}", logging.WARNING, number)
         return self._send(number, masked.to_bytes(device_round.params), masked=True)

@@ -23,7 +23,6 @@ idempotency keys keep a retried upload from counting twice.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -37,8 +36,8 @@ import numpy as np
 from . import compression, wire
 from .config import FederationConfig
 from .devices import DeviceRegistry
-from .driver import RETRY_AFTER_FAILURE, DriverThread, Evaluate, NotPublished
-from .errors import Conflict, InvalidInput, RunOver
+from .driver import RETRY_AFTER_FAILURE, Evaluate, NotPublished, RoundPolicy, Upload
+from .errors import Conflict, RunOver
 from .evaluations import Evaluations
 from .fedbuff import staleness_weight
 from .files import atomic_write_bytes, remove_stale_temporaries
@@ -75,30 +74,30 @@ class Buffer:
     updates: list[dict[str, Any]] = field(default_factory=list)
     devices: set[str] = field(default_factory=set)  # with a slot, committed or not
     lock: threading.Lock = field(default_factory=threading.Lock)
+    broken: str | None = None  # why it cannot become a version (an update folded in, not recorded)
 
     def full(self, size: int) -> bool:
-        return self.reserved >= size and self.inflight == 0 and len(self.updates) >= size
+        return (self.reserved >= size and self.inflight == 0 and len(self.updates) >= size
+                and self.broken is None)
 
 
-class AsyncRounds(DriverThread):
+class AsyncRounds(RoundPolicy):
     """Tasks, uploads and new model versions in asynchronous mode; the coordinator calls it
     with the round state's lock held for :meth:`task_for`, :meth:`view` and :meth:`reset`."""
 
     thread_name = "fedhub-async"
+    durable_uploads = True
 
     def __init__(self, state: RoundState, *, storage: Storage, devices: DeviceRegistry,
                  history: RoundHistory, hooks: RoundHooks, strategy: Strategy,
                  config: FederationConfig, spec: wire.Spec, evaluate: Evaluate | None,
-                 evaluations: Evaluations | None, check_finished: Callable[[], None],
-                 max_upload_bytes: int = wire.DEFAULT_MAX_BYTES,
+                 evaluations: Evaluations | None,
                  clock: Callable[[], float] = time.time) -> None:
         super().__init__(state, storage=storage, devices=devices, history=history, hooks=hooks,
                          strategy=strategy, config=config, evaluate=evaluate, evaluations=evaluations,
                          clock=clock)
         self._spec = spec
         self._compression = compression.parse(config.training.compression)
-        self._check_finished = check_finished
-        self._max_upload_bytes = max_upload_bytes
         self._dir = storage.state_dir / "async"
         self._buffers: dict[int, Buffer] = {}
         self._uploading: set[tuple[str, str]] = set()  # (device, idempotency key) being folded in
@@ -164,76 +163,87 @@ class AsyncRounds(DriverThread):
         """What ``GET /api/status`` adds: the settings and the buffer being filled."""
         target = self._target()
         filling = self._buffers.get(target)
-        return {"mode": "async", "buffer_size": self._config.buffer_size,
+        return {"mode": "async", "secure_aggregation": None, "buffer_size": self._config.buffer_size,
                 "max_staleness": self._config.max_staleness,
                 "buffer": {"target": target, "received": len(filling.updates) if filling else 0}}
 
-    # uploads --------------------------------------------------------------
-    def submit(self, name: str, round_number: int, body: bytes,
-               upload_id: str | None) -> dict[str, Any]:
-        """Validate an update and put it in the buffer; idempotent per ``upload_id``."""
-        if not 0 <= round_number <= wire.MAX_INTEGER:
-            raise InvalidInput(f"round must be an integer from 0 to {wire.MAX_INTEGER}", "round")
-        digest = hashlib.sha256(body).hexdigest() if upload_id else None
-        done = self._duplicate(name, upload_id, digest)
-        if done is not None:
-            return done
-        self._devices.check_admitted(name)  # the same rule as round selection in synchronous mode
-        weights, meta = compression.decode_update(body, self._spec, self._compression,
-                                                  round_number=round_number,
-                                                  max_bytes=self._max_upload_bytes)
-        s = self._state
-        with s.cond:
-            done = self._duplicate(name, upload_id, digest)
-            if done is not None:
-                return done
-            if upload_id and (name, upload_id) in self._uploading:
-                raise Conflict(f"an upload with Idempotency-Key {upload_id!r} is in progress",
-                               "Idempotency-Key")
-            b, staleness = self._admit(name, meta.model_version)
-            b.reserved += 1
-            b.inflight += 1
-            b.devices.add(name)
-            if upload_id:
-                self._uploading.add((name, upload_id))
+    def revision(self) -> str:
+        return str(self._target())
+
+    # intake ---------------------------------------------------------------
+    def duplicate(self, name: str, round_number: int, upload_id: str | None,
+                  digest: str | None) -> dict[str, Any] | None:
+        if not upload_id:
+            return None
+        row = self._storage.get_async_update(name, upload_id)
+        if row is None:
+            return None
+        if row["body_sha256"] != digest:
+            raise Conflict(f"Idempotency-Key {upload_id!r} was already used with a different body; "
+                           "a retry must send the same bytes", "Idempotency-Key")
+        return {"accepted": True, "duplicate": True, "round": row["base_version"],
+                "model_version": row["target"], "staleness": row["staleness"], "weight": row["weight"]}
+
+    def admit(self, name: str, round_number: int, meta: wire.Meta, body: bytes,
+              upload_id: str | None, digest: str | None) -> Upload:
+        if upload_id and (name, upload_id) in self._uploading:
+            raise Conflict(f"an upload with Idempotency-Key {upload_id!r} is in progress",
+                           "Idempotency-Key")
+        b, staleness = self._admit(name, meta.model_version)
+        b.reserved += 1
+        b.inflight += 1
+        b.devices.add(name)
+        if upload_id:
+            self._uploading.add((name, upload_id))
         row = {"device": name, "target": b.target, "base_version": meta.model_version,
                "staleness": staleness,
                "weight": float(staleness_weight(staleness, self._config.staleness_exponent)),
-               "num_examples": meta.num_examples, "metrics": meta.metrics, "upload_id": upload_id,
-               "body_sha256": digest, "body_path": f"{uuid.uuid4().hex}.safetensors",
-               "received_at": self._clock()}
-        committed = False
+               "num_examples": meta.num_examples, "metrics": meta.metrics,
+               "body_path": f"{uuid.uuid4().hex}.safetensors", "received_at": self._clock()}
+        return Upload(name, round_number, upload_id, digest, meta, body, into=b,
+                      sent=f"update for model version {b.target} sent", extra=row)
+
+    def take(self, upload: Upload, weights: Mapping[str, Any]) -> None:
+        """The change, weighted by staleness, into the buffer; its body on disk first, so that
+        a restart folds it in again once its row is committed."""
+        row = upload.extra
+        change = self._change(weights, self._base(row["base_version"]), row["weight"])
+        bad = first_nonfinite(change)
+        if bad is not None and not self._strategy.rejects_nonfinite:
+            raise InvalidUpdate(f"tensor {bad!r} holds NaN or infinity", bad)
+        atomic_write_bytes(self._body_path(row), upload.body)
         try:
-            change = self._change(weights, self._base(meta.model_version), row["weight"])
-            bad = first_nonfinite(change)
-            if bad is not None and not self._strategy.rejects_nonfinite:
-                raise InvalidUpdate(f"tensor {bad!r} holds NaN or infinity", bad)
-            atomic_write_bytes(self._body_path(row), body)
-            with self._storage.transaction():  # the acknowledgement's durable point
-                self._storage.add_async_update(
-                    name, target=row["target"], base_version=row["base_version"],
-                    staleness=staleness, weight=row["weight"], num_examples=row["num_examples"],
-                    metrics=row["metrics"], upload_id=upload_id, body_sha256=digest,
-                    body_path=row["body_path"], now=row["received_at"])
-                self._devices.set_examples(name, meta.num_examples)
-                self._devices.lifecycle.set(name, "waiting",
-                                            reason=f"update for model version {b.target} sent",
-                                            round_number=meta.model_version)
-            committed = True
-            self._fold(b, row, change)
-        finally:
-            with s.cond:
-                b.inflight -= 1
-                if not committed:
-                    b.reserved -= 1
-                    b.devices.discard(name)
-                    self._body_path(row).unlink(missing_ok=True)
-                self._uploading.discard((name, upload_id or ""))
-                if committed:
-                    self._devices.set_activity(name, "idle")
-                s.cond.notify_all()
-        return {"accepted": True, "duplicate": False, "round": round_number, "model_version": b.target,
-                "staleness": staleness, "weight": row["weight"],
+            self._fold(upload.into, row, change)
+        except BaseException:
+            self._body_path(row).unlink(missing_ok=True)
+            raise
+
+    def record(self, upload: Upload) -> None:
+        row = upload.extra
+        self._storage.add_async_update(
+            upload.device, target=row["target"], base_version=row["base_version"],
+            staleness=row["staleness"], weight=row["weight"], num_examples=row["num_examples"],
+            metrics=row["metrics"], upload_id=upload.upload_id, body_sha256=upload.digest,
+            body_path=row["body_path"], now=row["received_at"])
+
+    def release(self, upload: Upload, broken: str | None) -> None:
+        b: Buffer = upload.into
+        b.inflight -= 1
+        self._uploading.discard((upload.device, upload.upload_id or ""))
+        if broken is not None:  # folded in, not on record: the version is made again
+            b.broken = f"model version {b.target} cannot be made: {broken}; its updates are dropped"
+            return
+        b.reserved -= 1
+        b.devices.discard(upload.device)
+        self._body_path(upload.extra).unlink(missing_ok=True)
+
+    def acknowledge(self, upload: Upload) -> dict[str, Any]:
+        b: Buffer = upload.into
+        b.inflight -= 1
+        self._uploading.discard((upload.device, upload.upload_id or ""))
+        row = upload.extra
+        return {"accepted": True, "duplicate": False, "round": upload.round_number,
+                "model_version": b.target, "staleness": row["staleness"], "weight": row["weight"],
                 "reported": len(b.updates), "selected": self._config.buffer_size}
 
     def _admit(self, name: str, base_version: int) -> tuple[Buffer, int]:
@@ -259,18 +269,6 @@ class AsyncRounds(DriverThread):
                 f"(it would go into version {target}); this server takes at most "
                 f"{self._config.max_staleness} (--max-staleness)", "model_version")
         return self._buffer(target, self._clock()), staleness
-
-    def _duplicate(self, name: str, upload_id: str | None, digest: str | None) -> dict[str, Any] | None:
-        if not upload_id:
-            return None
-        row = self._storage.get_async_update(name, upload_id)
-        if row is None:
-            return None
-        if row["body_sha256"] != digest:
-            raise Conflict(f"Idempotency-Key {upload_id!r} was already used with a different body; "
-                           "a retry must send the same bytes", "Idempotency-Key")
-        return {"accepted": True, "duplicate": True, "round": row["base_version"],
-                "model_version": row["target"], "staleness": row["staleness"], "weight": row["weight"]}
 
     def _buffer(self, target: int, started_at: float) -> Buffer:
         b = self._buffers.get(target)
@@ -354,14 +352,20 @@ class AsyncRounds(DriverThread):
     def _turn(self) -> None:
         s = self._state
         with s.cond:
-            self._check_finished()
+            self.check_finished()
+            broken = next((b for b in self._buffers.values() if b.broken and not b.inflight), None)
             b = self._buffers.get(s.version + 1)
-            if s.closing is not None or b is None or not b.full(self._config.buffer_size):
+            if broken is None and (s.closing is not None or b is None
+                                   or not b.full(self._config.buffer_size)):
                 s.cond.wait(TICK)
                 return
-            s.closing = b.target
+            if broken is None:
+                s.closing = b.target
             current = s.weights
-        self._make(b, current)
+        if broken is not None:
+            self._discard(broken, broken.broken)
+        else:
+            self._make(b, current)
 
     def _make(self, b: Buffer, current: Weights) -> None:
         """Buffer ``b`` becomes the next global model: outside the lock, as it takes a while."""
@@ -422,6 +426,7 @@ class AsyncRounds(DriverThread):
 
     def _discard(self, b: Buffer, why: str) -> None:
         log.error("%s", why)
+        b.aggregator.close()
         self._storage.discard_async_updates(b.target)
         self._history.failed(b.target, started_at=b.started_at, failed_at=self._clock(), reason=why)
         with self._state.cond:  # the version is made again, from updates still to come

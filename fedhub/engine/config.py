@@ -4,13 +4,14 @@ the Python API: every default lives here, once."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import compression, params
 from .privacy import DistributedDP, DPConfig
 from .secagg import SecAggConfig
-from .strategies import DEFAULT_MEMORY_BUDGET, Strategy, make_strategy
+from .secagg.errors import ConfigError
+from .strategies import DEFAULT_MEMORY_BUDGET, STRATEGIES, Strategy, make_strategy
 from .strategies.averaging import Averaging
 
 
@@ -18,17 +19,23 @@ from .strategies.averaging import Averaging
 class TrainingConfig:
     """What each selected device does in a round; travels with the task."""
 
+    # which network and framework: the server's (ServerConfig.model, .framework) once it loads it
     model: str = "basic"
-    framework: str = "keras"  # what the devices train with (fedhub.frameworks): keras or torch
-    epochs: int = params.number(1, 1, 10_000, flag="--epochs")
-    batch_size: int = params.number(32, 1, 1_000_000, flag="--batch-size")
-    learning_rate: float = params.number(1e-3, above=0, high=10, flag="--learning-rate")
-    compression: str = "none"  # how devices send updates (fedhub.engine.compression.parse)
+    framework: str = "keras"
+    epochs: int = params.number(1, 1, 10_000, help="local epochs per round")
+    batch_size: int = params.number(32, 1, 1_000_000, help="devices' training batch size")
+    learning_rate: float = params.number(1e-3, above=0, high=10, help="devices' learning rate")
+    compression: str = params.setting(
+        "none", "how devices send updates: none, q8, q4 (8/4-bit deltas; q8:tensor, q8:block=N for "
+        "the scales) or topk:FRACTION (sparse, with error feedback)", metavar="SCHEME")
 
     def validate(self) -> None:
         """ValueError (one line) for a setting out of its range or an unknown compression."""
         params.check_numbers(self)
-        compression.parse(self.compression)
+        try:
+            compression.parse(self.compression)
+        except ValueError as exc:
+            raise params.SettingError(f"{{0}}: {exc}", "compression") from None
 
     def task(self) -> dict[str, Any]:
         """The task config every selected device gets (a strategy may add to it)."""
@@ -43,94 +50,160 @@ class TrainingConfig:
 
 @dataclass
 class FederationConfig:
-    """How rounds are formed, aggregated and closed."""
+    """How rounds are formed, aggregated and closed. Each setting declares its default, range and
+    help here (fedhub.engine.params.check_numbers refuses the rest at start-up)."""
 
-    # Each number declares its range (fedhub.engine.params.check_numbers refuses the rest at start-up).
-    rounds: int = params.number(3, 0, 10_000_000, flag="--rounds")  # total rounds; 0 runs until paused
-    min_devices: int = params.number(1, 1, 10_000_000, flag="--min-devices")  # to open a round
-    # share of the selected devices that must report by the deadline
-    quorum: float = params.number(0.5, above=0, high=1, flag="--quorum")
-    # seconds from a round's opening to its deadline (at most 30 days)
-    round_timeout: float = params.number(600.0, above=0, high=30 * 86_400, flag="--round-timeout")
-    # a device unseen this long (and not training) is offline
-    device_timeout: float = params.number(60.0, above=0, high=30 * 86_400, flag="--device-timeout")
-    # share of the available devices selected each round
-    fraction: float = params.number(1.0, above=0, high=1, flag="--fraction")
-    auto_activate: bool = False  # new devices start active
-    start: bool = False  # training starts without an admin's "start"
-    strategy: str = "fedavg"  # a name from fedhub.engine.strategies (--list-strategies)
-    strategy_params: dict[str, Any] = field(default_factory=dict)  # its constructor arguments
-    # Bytes of a round's buffered updates (robust strategies) kept in RAM before spilling to disk.
-    memory_budget: int = params.number(DEFAULT_MEMORY_BUDGET, 0, 2**50, flag="--strategy-memory-mb",
-                                       scale=2**20, unit="MiB")
-    seed: int = params.number(0, 0, 2**63 - 1, flag="--seed")
-    compress_downlink: bool = False  # the global model download goes out compressed too
+    rounds: int = params.number(3, 0, 10_000_000, help="rounds in the run (0: until paused)")
+    min_devices: int = params.number(1, 1, 10_000_000, help="active, online devices needed to open a round")
+    quorum: float = params.number(
+        0.5, above=0, high=1, help="share of the selected devices needed to close a round at its deadline")
+    round_timeout: float = params.number(600.0, above=0, high=30 * 86_400,
+                                         help="seconds from a round's opening to its deadline")
+    device_timeout: float = params.number(60.0, above=0, high=30 * 86_400,
+                                          help="seconds unseen before an idle device counts as offline")
+    fraction: float = params.number(1.0, above=0, high=1,
+                                    help="share of the available devices selected each round")
+    auto_activate: bool = params.setting(False, "new devices start active")
+    start: bool = params.setting(False, "training starts without an admin's start call")
+    strategy: str = params.setting("fedavg", "the aggregation strategy (--list-strategies)",
+                                   choices=STRATEGIES, metavar="NAME")
+    # Its constructor's arguments: repeated KEY=VALUE on the command line, a table in a file.
+    strategy_params: dict[str, Any] = params.setting(
+        help="the strategy's parameters (KEY=VALUE, repeatable; a [strategy_params] table in a file)",
+        factory=dict, flag="--strategy-arg", metavar="KEY=VALUE")
+    # MiB of a round's buffered updates (robust strategies) kept in RAM before spilling to disk.
+    strategy_memory_mb: float = params.number(
+        DEFAULT_MEMORY_BUDGET / 2**20, 0, 2**30, help="MiB of a round's updates that median, trimmed "
+        "mean, Krum and Bulyan keep in RAM; beyond it they go to a file in the state directory")
+    seed: int = params.number(0, 0, 2**63 - 1, help="seed of the device selection and the initial weights")
+    compress_downlink: bool = params.setting(
+        False, "the global model download is compressed too (with a compression other than none)")
     # Asynchronous rounds (FedBuff): devices train continuously; a new model every buffer_size
     # updates, each weighted by (1 + staleness) ** -staleness_exponent, none older than max_staleness.
-    mode: str = "sync"  # or "async"
-    buffer_size: int = params.number(10, 1, 1_000_000, flag="--buffer")
-    max_staleness: int = params.number(10, 0, 10_000, flag="--max-staleness")
-    staleness_exponent: float = params.number(0.5, 0, 10, flag="--staleness-exponent")
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    privacy: DPConfig | None = None  # differential privacy (--dp), wrapping the strategy
-    secagg: SecAggConfig | None = None  # secure aggregation (SecAgg+) of every round; None: off
+    mode: str = params.setting("sync", "sync: rounds; async: devices train continuously (FedBuff)",
+                               choices=("sync", "async"))
+    buffer_size: int = params.number(10, 1, 1_000_000, aliases=("--buffer",), metavar="K",
+                                     help="async: a new global model version every K updates")
+    max_staleness: int = params.number(
+        10, 0, 10_000, metavar="S", help="async: refuse updates trained from a model over S versions old")
+    staleness_exponent: float = params.number(0.5, 0, 10, metavar="A",
+                                              help="async: weigh an update by (1 + staleness) ** -A")
+    training: TrainingConfig = params.group(factory=TrainingConfig, flat=True)
+    # differential privacy, wrapping the strategy (None: off)
+    dp: DPConfig | None = params.group(switch="mode")
+    secagg: SecAggConfig | None = params.group(
+        flag="--secure-aggregation",
+        help="SecAgg+: the server learns only the weighted mean of each round's updates")
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes of a round's updates a robust strategy keeps in RAM (the engine's unit)."""
+        return int(self.strategy_memory_mb * 2**20)
 
     def __post_init__(self) -> None:
-        if isinstance(self.privacy, Mapping):  # from the Python API or to_dict(): typed, one line
-            self.privacy = params.build(DPConfig, self.privacy, "dp")
+        if isinstance(self.dp, Mapping):  # from the Python API or to_dict(): typed, one line
+            self.dp = params.build(DPConfig, self.dp, "dp")
+        self.sync_secagg()
+
+    def sync_secagg(self) -> None:
+        """Secure aggregation quantizes each change itself, so ``compression`` q8 / q4 with it
+        means: quantize to 8 / 4 bits and mask in the smallest field that holds the round's sum
+        (SecAggConfig.quantization). Set here, which every front end passes through, so the
+        compression and the secure rounds cannot disagree; validate() refuses the rest."""
+        if self.secagg is None:
+            return
+        try:
+            scheme = compression.parse(self.training.compression)
+        except ValueError:
+            return  # validate() says why
+        bits = scheme.bits if scheme.kind in ("q8", "q4") else 0
+        if self.secagg.quantization != bits:
+            self.secagg = self.secagg.quantized(bits)
 
     def validate(self) -> None:
-        """ValueError (one line) for settings that cannot work, the strategy's included: every
-        number (the training's and the privacy's too) finite and in its declared range first."""
+        """:class:`params.SettingError` (one line, naming the settings) for settings that cannot
+        work, the strategy's included: every number (the training's, DP's and secure
+        aggregation's too) finite and in its declared range first."""
+        Error = params.SettingError
         params.check_numbers(self)
         self.training.validate()
+        self.sync_secagg()  # the compression may have been set after construction
         if self.compress_downlink and not compression.parse(self.training.compression).active:
-            raise ValueError("compress_downlink (--compress-downlink) needs a compression (--compression) "
-                             "other than none")
+            raise Error("{0} needs a {1} other than none", "compress_downlink", "compression")
         strategy = self.make_strategy()
         if self.mode not in ("sync", "async"):
-            raise ValueError(f"mode must be sync or async, got {self.mode!r}")
+            raise Error(f"{{0}} must be sync or async, got {self.mode!r}", "mode")
         if self.mode == "async":
             self.check_async()
         if self.secagg is not None:
             self.check_secagg(strategy)
         elif isinstance(strategy, DistributedDP):
-            raise ValueError("--dp distributed needs --secure-aggregation: each device's share of "
-                             "the noise protects only a masked sum")
+            raise Error("{0}=distributed needs {1}: each device adds only a share of the noise, which "
+                        "protects a sum only while the updates in it stay masked", "dp.mode", "secagg")
 
     def check_async(self) -> None:
         """Asynchronous versions go through the strategy's own aggregator, one per buffer of
-        changes: every strategy, compression, central and local DP work. Secure aggregation's
-        staged rounds do not fit a buffer filled by whoever comes (yet), and a compressed
-        download is not kept for older versions, so the server could not tell what a device's
-        change was made from."""
-        for option, on in (("--secure-aggregation", self.secagg is not None),
-                           ("--compress-downlink", self.compress_downlink)):
-            if on:
-                raise ValueError(f"asynchronous mode (--mode async) does not work with {option} yet")
+        changes: every strategy, compression, central and local DP work. What cannot is refused
+        with the reason (tests/test_combinations.py walks every combination)."""
+        if self.secagg is not None:
+            raise params.SettingError(
+                "asynchronous mode ({0}=async) cannot use {1}: a masked sum needs a fixed cohort that "
+                "deals key shares before anyone uploads, while a buffer is filled by whoever comes",
+                "mode", "secagg")
+        if self.compress_downlink:
+            raise params.SettingError(
+                "asynchronous mode ({0}=async) cannot use {1}: the server keeps only the latest "
+                "broadcast model, so it could not tell which compressed copy of an older version a "
+                "device's change was made from", "mode", "compress_downlink")
 
     def check_secagg(self, strategy: Strategy) -> None:
         """Secure aggregation hides each update, so only a strategy that needs just their
-        weighted mean can work with it, and a round needs at least the threshold of devices."""
+        weighted mean can work with it, and a round needs at least the threshold of devices.
+        Each refusal says why the combination cannot work."""
         assert self.secagg is not None
-        self.secagg.validate()
-        if self.privacy is not None and not isinstance(strategy, DistributedDP):
-            raise ValueError(f"--dp {self.privacy.mode} does not work with --secure-aggregation, which "
-                             "hides each update from the server: use --dp distributed")
+        Error = params.SettingError
+        try:
+            self.secagg.validate()
+        except ConfigError as exc:  # its own message, naming the setting at fault after it
+            raise Error(f"{exc} ({{0}})", f"secagg.{exc.field}") from None
+        if self.dp is not None and self.dp.mode == "local":
+            raise Error("{0}=local cannot be used with {1}: each device would add the noise meant for an "
+                        "update the server sees alone, sqrt(devices) times what a masked sum needs; use "
+                        "{0}=distributed", "dp.mode", "secagg")
+        if self.dp is not None and not isinstance(strategy, DistributedDP):
+            raise Error(f"{{0}}={self.dp.mode} cannot be used with {{1}}: central DP clips each device's "
+                        "update on the server, which secure aggregation never shows it; use "
+                        "{0}=distributed", "dp.mode", "secagg")
         if isinstance(strategy, DistributedDP):
             self.check_noise_share(strategy)
             strategy = strategy.strategy
         if not isinstance(strategy, Averaging):
-            raise ValueError(f"strategy {strategy.name} needs every device's update, which secure "
-                             "aggregation hides: use fedavg, fedavgm, fedprox, fedadam, fedyogi or "
-                             "fedadagrad with --secure-aggregation")
+            raise Error(f"strategy {strategy.name} cannot be used with {{0}}: it compares the devices' "
+                        "updates one by one, and secure aggregation shows the server only their sum; "
+                        "use fedavg, fedavgm, fedprox, fedadam, fedyogi or fedadagrad", "secagg")
         needed = max(2, self.secagg.threshold or 2)
         if self.min_devices < needed:
-            raise ValueError(f"secure aggregation needs at least {needed} devices a round; "
-                             f"min_devices is {self.min_devices}")
-        if compression.parse(self.training.compression).active:
-            raise ValueError("secure aggregation quantizes each update itself: use --compression none "
-                             "with --secure-aggregation")
+            raise Error(f"secure aggregation needs at least {needed} devices a round; "
+                        f"{{0}} is {self.min_devices}", "min_devices")
+        self.check_secagg_compression()
+
+    def check_secagg_compression(self) -> None:
+        """q8 and q4 quantize the masked change to 8 or 4 bits (SecAggConfig.quantization); the
+        rest cannot be masked without losing what it saves, or needs what masking hides."""
+        Error = params.SettingError
+        scheme = compression.parse(self.training.compression)
+        if scheme.kind == "topk":
+            raise Error(f"{{0}} {scheme} cannot be used with {{1}}: each device keeps different "
+                        "coordinates, while the masks that cancel in the sum cover every coordinate, so "
+                        "a masked upload is dense and saves nothing; use q8 or q4", "compression", "secagg")
+        if scheme.active and scheme.block != compression.BLOCK:
+            raise Error(f"{{0}} {scheme} cannot be used with {{1}}: the devices' codes add up only if all "
+                        f"quantize with one shared scale (the secure-aggregation clip range), not scales "
+                        f"of their own; use {scheme.kind}", "compression", "secagg")
+        if self.compress_downlink:
+            raise Error("{0} cannot be used with {1}: the unmasked mean change is added to the server's "
+                        "exact model, while each device's change would start from the compressed copy "
+                        "it holds", "compress_downlink", "secagg")
 
     def check_noise_share(self, strategy: DistributedDP) -> None:
         """A coordinate of a change clipped to L2 norm C is at most C; with a noise share of std
@@ -139,16 +212,18 @@ class FederationConfig:
         assert self.secagg is not None
         needed = strategy.clipping_norm + 4 * strategy.noise_share_std
         if self.secagg.clip_range < needed:
-            raise ValueError(f"--secagg-clip {self.secagg.clip_range:g} is too small for --dp distributed: "
-                             f"raise it to at least {needed:.4g} (the clip bound {strategy.clipping_norm:g} "
-                             f"+ 4 x the noise share std {strategy.noise_share_std:.4g}) or lower --dp-clip")
+            raise params.SettingError(
+                f"{{0}} {self.secagg.clip_range:g} is too small for {{1}}=distributed: raise it to at "
+                f"least {needed:.4g} (the clip bound {strategy.clipping_norm:g} + 4 x the noise share std "
+                f"{strategy.noise_share_std:.4g}) or lower {{2}}",
+                "secagg.clip_range", "dp.mode", "dp.clipping_norm")
 
     def make_strategy(self) -> Strategy:
         """The configured strategy, refused (ValueError) if it cannot aggregate the smallest
         round these settings allow."""
         strategy = self.check_strategy(make_strategy(self.strategy, **self.strategy_params))
-        if self.privacy is not None:
-            strategy = self.privacy.wrap(strategy, self.per_round())
+        if self.dp is not None:
+            strategy = self.dp.wrap(strategy, self.per_round())
         return strategy
 
     def per_round(self) -> int:
@@ -156,11 +231,13 @@ class FederationConfig:
         return self.buffer_size if self.mode == "async" else self.min_devices
 
     def check_strategy(self, strategy: Strategy) -> Strategy:
-        """``strategy``, refused (ValueError) if the smallest round could not be aggregated."""
-        if self.mode == "async":
-            strategy.check_min_devices(self.buffer_size, "buffer_size (--buffer)")
-        else:
-            strategy.check_min_devices(self.min_devices)
+        """``strategy``, refused (:class:`params.SettingError` naming the setting that bounds a
+        round) if the smallest round could not be aggregated."""
+        setting = "buffer_size" if self.mode == "async" else "min_devices"
+        try:
+            strategy.check_min_devices(self.per_round(), "{0}")
+        except ValueError as exc:
+            raise params.SettingError(str(exc), setting) from None
         return strategy
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,16 +1,14 @@
-"""The round driver: the one thread that opens, closes and fails rounds.
+"""The one driver loop, the one publisher of global models, and the round policy interface.
 
-Each turn it looks at the shared :class:`~.round_state.RoundState` under its lock
-and decides; the slow parts run outside the lock: opening a round's aggregator
-(:meth:`Strategy.begin`), aggregating (:meth:`RoundAggregator.result`), evaluating,
-writing the checkpoint and the strategy's state. A round closes when every
-selected device has reported, or at its deadline with enough updates (the quorum,
-and at least what the strategy needs); below that it is discarded and opened
-again. A round whose aggregation fails (too few usable updates, a non-finite
-result) or cannot be saved is recorded as failed, with its reason, and runs
-again; the driver never dies of it. Completed rounds are durable: checkpoint and
-strategy state first, then the round's row and history entry in one transaction.
-The round hooks run on their own thread (:mod:`.round_hooks`).
+A :class:`RoundPolicy` is how rounds are formed: synchronous rounds (:mod:`.sync_rounds`,
+secure aggregation being a part of an open round) or buffered asynchronous versions
+(:mod:`.async_rounds`). Each is one thread that takes :meth:`~DriverThread._turn` after turn
+and outlives any error; each makes its new global models through :meth:`DriverThread._publish`
+(test, finite checks, checkpoint and strategy state, one transaction, history, install,
+hooks); and each answers the few questions the coordinator's one upload intake asks
+(:meth:`RoundPolicy.duplicate`, :meth:`~RoundPolicy.admit`, :meth:`~RoundPolicy.take`,
+:meth:`~RoundPolicy.record`, :meth:`~RoundPolicy.release`, :meth:`~RoundPolicy.acknowledge`),
+so the coordinator itself never asks which mode it is in.
 """
 
 from __future__ import annotations
@@ -21,22 +19,22 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import wire
 from .config import FederationConfig
 from .devices import DeviceRegistry
-from .errors import RunOver
+from .errors import Conflict
 from .evaluations import Evaluations
 from .history import RoundHistory
 from .plural import plural
 from .round_hooks import RoundHooks
 from .round_state import OpenRound, RoundState
-from .secagg import SecAggError
-from .secure_round import SecureRound, summary
 from .storage import Storage
-from .strategies import AggregationError, RoundPlan, Strategy
+from .strategies import Strategy
 from .strategies.base import first_nonfinite
 
 log = logging.getLogger("fedhub.rounds")
@@ -91,7 +89,6 @@ class DriverThread:
         self._rng = random.Random(config.seed)  # device selection, and DP's sampling
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._previous_keys: frozenset[bytes] = frozenset()  # refused if a device advertises one again
 
     def start(self) -> None:
         if self._thread is None:
@@ -121,6 +118,20 @@ class DriverThread:
 
     def _turn(self) -> None:
         raise NotImplementedError
+
+    def all_done(self) -> bool:
+        """The run's last round (or version) is made: no other follows it."""
+        return bool(self._config.rounds) and self._state.version >= self._config.rounds
+
+    def check_finished(self) -> None:
+        """All rounds done, nothing open or being made, the last one's hooks run: the run is
+        over (lock held)."""
+        s = self._state
+        if (self.all_done() and s.status in ("running", "paused") and s.open is None
+                and not s.busy and self._hooks.idle()):
+            s.reason = ""
+            s.set_status("finished")
+            log.info("the run is over: %s done", plural(self._config.rounds, "round"))
 
     def _failed(self, error: str) -> None:
         self._state.last_error = f"round driver error: {error}"
@@ -189,222 +200,90 @@ class DriverThread:
         return made, metrics
 
 
-class RoundDriver(DriverThread):
-    """Owns the driver thread; the coordinator starts and stops it."""
 
-    def all_done(self) -> bool:
-        """The run's last round is complete (no round opens after it)."""
-        return bool(self._config.rounds) and self._state.version >= self._config.rounds
 
-    def check_finished(self) -> None:
-        """All rounds done, nothing open and the last round's hooks run: the run is over."""
-        s = self._state
-        if (self.all_done() and s.status in ("running", "paused") and s.open is None
-                and not s.busy and self._hooks.idle()):
-            s.reason = ""
-            s.set_status("finished")
-            log.info("the run is over: %s done", plural(self._config.rounds, "round"))
+@dataclass
+class Upload:
+    """An admitted upload on its way in: what the coordinator's intake carries from admission
+    (under the lock) through aggregation (outside it) and the transaction to the answer."""
 
-    # the loop -------------------------------------------------------------
-    def _turn(self) -> None:
-        s = self._state
-        closing = plan = None
-        with s.cond:
-            self.check_finished()
-            r = s.open
-            now = time.monotonic()
-            if r is not None:
-                closing = self._decide(r, now)
-                if closing is not None:
-                    s.open = None
-                    s.closing = r.number
-            elif s.status == "running" and now >= s.retry_at and not s.busy and not self.all_done():
-                plan = self._plan()
-            if closing is None and plan is None:
-                s.cond.wait(TICK)
-                return
-        if closing is not None:
-            self._close(closing)
-        else:
-            self._open(*plan)
+    device: str
+    round_number: int  # as the upload's URL names it
+    upload_id: str | None
+    digest: str | None  # of the body, kept with the idempotency key
+    meta: wire.Meta
+    body: bytes
+    into: Any  # what the policy folds it into: the open round, or a buffer
+    sent: str  # the device's lifecycle reason once it is in ("update for round 3 sent")
+    extra: dict[str, Any]  # the policy's own: a delta's reference, a buffer slot's staleness
 
-    def _decide(self, r: OpenRound, now: float) -> OpenRound | None:
-        """The round to close now, or None (it goes on, or was discarded)."""
-        if r.uploading:
-            return None  # an update is being folded in: decide once it is in
-        if r.broken is not None:
-            self._fail(r, r.broken)
-            return None
-        if r.secure is not None:
-            return self._decide_secure(r, r.secure, now)
-        if r.all_in():
-            return r
-        if now < r.deadline and r.selected:
-            return None
-        if r.reported and len(r.reported) >= r.needed:
-            return r
-        if not r.selected:
-            self._abort(r, f"every device selected for round {r.number} left or was dropped "
-                           "before reporting")
-        else:
-            self._abort(r, f"round {r.number} reached its deadline with {len(r.reported)} of "
-                           f"{r.needed} needed updates")
-        return None
 
-    def _decide_secure(self, r: OpenRound, secure: SecureRound, now: float) -> OpenRound | None:
-        """Close the open stage once everyone still in the round answered, or at its deadline;
-        after the unmask stage, the round closes. Too few left fails the round: it runs again."""
-        if secure.waiting(r.selected) and now < secure.deadline:
-            return None
-        if secure.stage == "unmask":
-            return r
-        try:
-            stage = secure.next_stage()
-        except SecAggError as exc:
-            self._fail(r, f"round {r.number} failed: {exc.message}")
-            return None
-        r.deadline = secure.deadline  # what the status shows: the open stage's deadline
-        log.info("round %d: secure aggregation stage %r", r.number, stage)
-        self._state.cond.notify_all()
-        return None
+class RoundPolicy(DriverThread):
+    """How rounds are formed; see the module's docstring. Methods marked "lock held" run
+    with the round state's lock; the others must not take long under it."""
 
-    # opening --------------------------------------------------------------
-    def _plan(self) -> tuple[int, Weights, RoundPlan] | None:
-        """Under the lock: who trains the next round, if enough devices are there."""
-        s = self._state
-        available = self._devices.available()
-        if len(available) < self._config.min_devices:
-            s.reason = (f"waiting for devices: {len(available)} active and online, "
-                        f"{self._config.min_devices} needed")
-            return None
-        s.reason = ""
-        try:
-            plan = self._strategy.configure(available, rng=self._rng, fraction=self._config.fraction,
-                                            min_devices=self._config.min_devices)
-        except RunOver as exc:  # a spent privacy budget: no round after this one
-            log.warning("the run is over: %s", exc.message)
-            s.reason = exc.message
-            s.set_status("finished")
-            return None
-        s.opening = True
-        return s.version, s.weights, plan
+    durable_uploads = False  # whether an upload's row is on disk before it is acknowledged
 
-    def _open(self, version: int, weights: Weights, plan: RoundPlan) -> None:
-        """Open the round's aggregator outside the lock, then the round under it."""
-        s = self._state
-        try:
-            aggregator = self._strategy.begin(weights, spill_dir=self._storage.state_dir,
-                                              memory_budget=self._config.memory_budget)
-        except Exception as exc:  # e.g. a restored state that does not fit the model
-            log.exception("round %d could not open", version + 1)
-            with s.cond:
-                s.opening = False
-                s.last_error = f"round {version + 1} could not open: {exc}"
-                s.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
-                s.cond.notify_all()
-            return
-        with s.cond:
-            s.opening = False
-            if s.status != "running" or s.version != version or s.open is not None:
-                aggregator.close()  # paused or reset meanwhile
-                s.cond.notify_all()
-                return
-            number = version + 1
-            secure = None
-            if self._config.secagg is not None:
-                try:
-                    secure = SecureRound(self._config.secagg, number, plan.devices, weights,
-                                         train_timeout=self._config.round_timeout,
-                                         previous_keys=self._previous_keys)
-                except SecAggError as exc:
-                    aggregator.close()
-                    s.last_error = f"round {number} could not open: {exc.message}"
-                    s.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
-                    s.cond.notify_all()
-                    return
-            base = self._config.training.task()
-            started_at = self._clock()
-            self._storage.insert_round(number, started_at=started_at, selected=list(plan.devices),
-                                       config={**base, **self._strategy.task_config()})
-            k = len(plan.devices)
-            s.open = OpenRound(
-                number=number, base_version=version, started_at=started_at,
-                selected=set(plan.devices),
-                needed=max(1, math.ceil(self._config.quorum * k), self._strategy.min_updates()),
-                deadline=time.monotonic() + self._config.round_timeout,
-                config={d: {**base, **plan.config.get(d, {})} for d in plan.devices},
-                aggregator=aggregator, secure=secure)
-            if secure is not None:
-                s.open.deadline = secure.deadline
-            log.info("round %d opened with %s", number, ", ".join(plan.devices))
-            s.cond.notify_all()
+    def recover(self) -> None:
+        """After a restart, what the policy kept on disk besides completed rounds (lock held)."""
 
-    # discarding -----------------------------------------------------------
-    def _abort(self, r: OpenRound, why: str) -> None:
-        """Below quorum at the deadline, or everyone gone: discard the round and open it again."""
-        log.warning("%s; discarding it and opening it again", why)
-        s = self._state
-        s.reason = why
-        s.open = None
-        r.aggregator.close()
-        release_devices(self._devices, r, f"round {r.number} was discarded")
-        self._storage.discard_round(r.number)
-        s.cond.notify_all()
+    def task_for(self, name: str, active: bool) -> dict[str, Any]:
+        """What device ``name`` should do now (lock held)."""
+        raise NotImplementedError
 
-    def _fail(self, r: OpenRound, why: str) -> None:
-        """The round cannot produce a durable global model: record why, discard it, run it again
-        after a short pause. Called with the lock held."""
-        why = f"{why}; the previous global model stays and the round runs again"
-        log.error("%s", why)
-        s = self._state
-        r.aggregator.close()
-        if s.open is r:
-            s.open = None
-        if s.closing == r.number:
-            s.closing = None
-        s.last_error = why
-        release_devices(self._devices, r, why)
-        self._storage.discard_round(r.number)
-        self._history.failed(r.number, started_at=r.started_at, failed_at=self._clock(), reason=why)
-        s.retry_at = time.monotonic() + RETRY_AFTER_FAILURE
-        s.cond.notify_all()
+    def view(self) -> dict[str, Any]:
+        """What ``GET /api/status`` adds for this mode (lock held)."""
+        raise NotImplementedError
 
-    # closing --------------------------------------------------------------
-    def _close(self, r: OpenRound) -> None:
-        """Aggregate, evaluate, save, record: outside the lock, as it takes a while."""
-        s = self._state
-        secured = None
-        try:
-            if r.secure is not None:
-                self._previous_keys = r.secure.server.public_keys()
-                mean, secured = r.secure.finish(r.aggregator.template)
-                r.aggregator.add_secure_mean(secured.survivors, mean, secured.total_weight)
-            result = r.aggregator.result()
-        except SecAggError as exc:
-            with s.cond:
-                self._fail(r, f"round {r.number} failed: {exc.message}")
-            return
-        except AggregationError as exc:
-            with s.cond:
-                self._fail(r, f"round {r.number} failed: {exc.reason}")
-            return
-        except Exception as exc:
-            log.exception("aggregation of round %d failed", r.number)
-            with s.cond:
-                self._fail(r, f"round {r.number} failed: {type(exc).__name__}: {exc}")
-            return
-        aggregated = result.metrics if secured is None else {**result.metrics, "secagg": summary(secured)}
-        try:
-            _, metrics = self._publish(
-                f"round {r.number}", r.number, r.started_at, result.weights, result.state,
-                counts=(aggregated["num_updates"], aggregated["num_examples"]),
-                entry=lambda row: self._history.build(row, aggregated),
-                installed=lambda: release_devices(
-                    self._devices, r, f"round {r.number} closed without this device's update"))
-        except NotPublished as exc:
-            with s.cond:
-                self._fail(r, exc.reason if exc.saving else f"round {r.number} failed: {exc.reason}")
-            return
-        log.info("round %d complete: %s (%d used), %s, test accuracy %s", r.number,
-                 plural(aggregated["num_updates"], "update"), aggregated["num_used"],
-                 plural(aggregated["num_examples"], "example"), metrics.get("accuracy"))
+    def revision(self) -> str:
+        """This mode's part of the status revision that long polls wait on (lock held)."""
+        return ""
+
+    @property
+    def uploading(self) -> bool:
+        """An upload is being folded in (a reset waits for it)."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget what is open or buffered (lock held; the coordinator forgets the rounds)."""
+        raise NotImplementedError
+
+    def late_error(self, entry: Mapping[str, Any]) -> None:
+        """A device's ERROR naming a completed round (lock held)."""
+
+    def secure_message(self, name: str, round_number: int, body: bytes) -> dict[str, Any]:
+        """A message of a secure-aggregation stage (see :meth:`.rounds.Coordinator.secagg_message`)."""
+        raise Conflict(f"round {round_number} is not an open secure-aggregation round", "round")
+
+    # the one upload intake (:meth:`.rounds.Coordinator.submit`) ---------------
+    def check_upload(self, name: str, round_number: int) -> None:
+        """Refuse at once, before reading the body, an upload this mode never takes."""
+
+    def duplicate(self, name: str, round_number: int, upload_id: str | None,
+                  digest: str | None) -> dict[str, Any] | None:
+        """The answer to a retry of an upload already taken (same key, same bytes), None for a
+        new one; Conflict for the same key with other bytes."""
+        raise NotImplementedError
+
+    def admit(self, name: str, round_number: int, meta: wire.Meta, body: bytes,
+              upload_id: str | None, digest: str | None) -> Upload:
+        """Where the upload goes, or Conflict saying why it cannot (lock held)."""
+        raise NotImplementedError
+
+    def take(self, upload: Upload, weights: Mapping[str, Any]) -> None:
+        """Fold the decoded upload in (outside the lock: it takes O(model) time); an error
+        leaves nothing folded."""
+        raise NotImplementedError
+
+    def record(self, upload: Upload) -> None:
+        """The upload's row, in the intake's transaction."""
+        raise NotImplementedError
+
+    def release(self, upload: Upload, broken: str | None) -> None:
+        """The upload did not get in (lock held). ``broken``: it was folded in but could not
+        be recorded, so what it went into cannot be trusted and is made again."""
+        raise NotImplementedError
+
+    def acknowledge(self, upload: Upload) -> dict[str, Any]:
+        """The upload is in (lock held): the answer the device gets."""
+        raise NotImplementedError

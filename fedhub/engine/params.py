@@ -6,8 +6,11 @@ derives the allowed keys, converts strings or Python values to the declared type
 turns every refusal into one line that names the allowed keys, so no table of
 parameters is kept by hand anywhere.
 
-The run's own settings (``fedhub.engine.config``, ``server.ServerConfig``, ``DPConfig``) declare the
-range of each number beside its default (:func:`bounds`), and :func:`check_numbers` refuses,
+The run's own settings (``fedhub.engine.config``, ``server.ServerConfig``, ``DPConfig``,
+``SecAggConfig``) are declared the same way (:func:`setting`, :func:`number`, :func:`group`):
+default, help, range and choices, once; ``fedhub.settings`` derives the command-line flags, the
+configuration file's keys, the Python keyword arguments and the README's table from them.
+:func:`check_numbers` refuses,
 for every caller alike (``server.py``, ``fedhub.Server``, ``fedhub.simulate``), a number that
 is not finite or out of its range: a setting that would leave the server unusable (no
 worker threads, every round discarded at its deadline, every update too large) never starts.
@@ -21,6 +24,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -37,7 +41,7 @@ class Param:
     """One constructor argument: its name, type, default and what it does."""
 
     name: str
-    kind: type  # int, float, bool or str
+    kind: type  # int, float, bool, str, Path or dict (object: anything, from Python only)
     optional: bool  # None is also allowed
     default: Any
     help: str
@@ -48,8 +52,9 @@ class Param:
 
     @property
     def expected(self) -> str:
-        words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-        return words[self.kind] + (" or none" if self.optional else "")
+        words = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                 Path: "a path", dict: "a table"}
+        return words.get(self.kind, "a value") + (" or none" if self.optional else "")
 
     def convert(self, value: Any) -> Any:
         """A Python value of the declared type, or ValueError saying what was expected."""
@@ -69,6 +74,12 @@ class Param:
                     raise ValueError(f"must be a finite number, got {value!r}")
                 return float(value)
         elif self.kind is str and isinstance(value, str):
+            return value
+        elif self.kind is Path and isinstance(value, str | Path):
+            return Path(value)
+        elif self.kind is dict and isinstance(value, Mapping):
+            return dict(value)
+        elif self.kind is object:
             return value
         raise ValueError(f"must be {self.expected}, got {value!r}")
 
@@ -92,6 +103,8 @@ class Param:
             except ValueError:
                 raise ValueError(f"must be {self.expected}, got {text!r}") from None
             return self.convert(value)
+        if self.kind is Path:
+            return Path(text)
         return text
 
 
@@ -102,8 +115,12 @@ def params_of(cls: type) -> tuple[Param, ...]:
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
+        if "group" in f.metadata:
+            continue
         kind, optional = _kind(hints[f.name], f"{cls.__name__}.{f.name}")
-        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = f.metadata.get("kind", kind)
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         out.append(Param(f.name, kind, optional, default, f.metadata.get("help", "")))
     return tuple(out)
 
@@ -113,9 +130,11 @@ def _kind(annotation: Any, where: str) -> tuple[type, bool]:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1 and len(typing.get_args(annotation)) == 2:
             return _kind(args[0], where)[0], True
-    if annotation in (int, float, bool, str):
+    if annotation in (int, float, bool, str, Path, dict):
         return annotation, False
-    raise TypeError(f"{where}: settings must be int, float, bool or str (or one of them or None)")
+    if annotation is Any or typing.get_origin(annotation) is dict:
+        return (dict if annotation is not Any else object), False
+    raise TypeError(f"{where}: settings must be int, float, bool, str or a path (or one of them or None)")
 
 
 def _allowed(what: str, params: tuple[Param, ...]) -> str:
@@ -180,25 +199,76 @@ def describe(cls: type) -> list[dict[str, Any]]:
             for p in params_of(cls)]
 
 
-def setting(default: Any, help: str, **limits: Any) -> Any:
-    """A dataclass field with a default and the help text shown by ``--list-strategies``
-    (``limits``: :func:`bounds`'s arguments, checked by :func:`check_numbers`)."""
-    metadata = {"help": help, **(bounds(**limits) if limits else {})}
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+            low: float | None = None, high: float | None = None, above: float | None = None,
+            flag: str | None = None, aliases: tuple[str, ...] = (), choices: Iterable[str] | None = None,
+            metavar: str | None = None, kind: type | None = None) -> Any:
+    """A dataclass field that is a setting: its default, the help text every front end shows
+    (``--help``, ``--list-strategies``, the README's tables), its range (:class:`Range`, checked
+    by :func:`check_numbers`) and, for the run's settings, how the command line spells it.
+
+    The flag is ``--`` + the name with hyphens (``fedhub.settings``); ``flag`` declares another
+    one only where the field is a switch (``--dp MODE``); ``aliases`` are older spellings still
+    accepted but not shown; ``kind`` is what a file or the command line gives where the field
+    also takes Python objects (``test_data``: a path, or arrays from Python)."""
+    metadata: dict[str, Any] = {"help": help}
+    if low is not None or high is not None or above is not None:
+        metadata[RANGE_KEY] = Range(low, high, above)
+    extra = {"flag": flag, "aliases": tuple(aliases) or None, "choices": tuple(choices) if choices else None,
+             "metavar": metavar, "kind": kind}
+    metadata.update({key: value for key, value in extra.items() if value is not None})
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def number(default: Any, low: float | None = None, high: float | None = None, *,
+           above: float | None = None, help: str = "", **more: Any) -> Any:
+    """A setting holding a number: its default, its range (:class:`Range`) and its help."""
+    field = setting(default, help, low=low, high=high, above=above, **more)
+    field.metadata = types.MappingProxyType({**field.metadata, RANGE_KEY: Range(low, high, above)})
+    return field
+
+
+def group(*, factory: Callable[[], Any] | None = None, flat: bool = False, switch: str | None = None,
+          flag: str | None = None, help: str = "") -> Any:
+    """A field holding another dataclass of settings. ``flat``: its settings are named as this
+    one's own (the training's ``epochs`` is ``epochs``); otherwise they are ``NAME.setting``
+    (a ``[NAME]`` table, ``--NAME-setting`` flags) and the group is optional (None: off). An
+    optional group is on when its ``switch`` setting is given (``dp.mode``: ``--dp MODE``), or,
+    without one, by the group's own ``flag`` (``--secure-aggregation``) or a ``[NAME]`` table."""
+    metadata = {"group": "flat" if flat else "named", "switch": switch, "flag": flag, "help": help}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=None, metadata=metadata)
+
+
+class SettingError(ParamError):
+    """A run setting refused. ``settings`` are the paths of the settings the message names
+    (``"max_staleness"``, ``"dp.clipping_norm"``), written ``{0}``, ``{1}`` in ``template``: the
+    message is written once and each front end renders the names its own way (:meth:`render`:
+    ``--max-staleness`` on the command line, ``max_staleness`` in Python and in a file)."""
+
+    def __init__(self, template: str, *settings: str) -> None:
+        self.template = template
+        self.settings = settings
+        self.setting = settings[0] if settings else None
+        super().__init__(self.render())
+
+    def render(self, name: Callable[[str], str] = str) -> str:
+        text = self.template
+        for i, path in enumerate(self.settings):
+            text = text.replace(f"{{{i}}}", name(path))
+        return text
 
 
 @dataclass(frozen=True)
 class Range:
-    """Where a numeric setting may lie: ``low``/``high`` included, ``above`` excluded; ``flag``
-    names the command-line option in refusals, ``scale`` converts the stored value (bytes)
-    to the option's unit (MiB) for the message."""
+    """Where a numeric setting may lie: ``low``/``high`` included, ``above`` excluded."""
 
     low: float | None = None
     high: float | None = None
     above: float | None = None
-    flag: str | None = None
-    scale: float = 1.0
-    unit: str = ""
 
     def problem(self, value: float) -> str | None:
         """Why ``value`` cannot be used, or None."""
@@ -207,23 +277,15 @@ class Range:
         too_low = ((self.low is not None and value < self.low)
                    or (self.above is not None and value <= self.above))
         if too_low or (self.high is not None and value > self.high):
-            return f"must be {self.text()}, got {self.shown(value)}"
+            return f"must be {self.text()}, got {_shown(value)}"
         return None
 
     def text(self) -> str:
-        """The range in words, in the option's unit."""
-        low = None if self.low is None else self.shown(self.low)
-        high = None if self.high is None else self.shown(self.high)
-        parts = [f"more than {self.shown(self.above)}" if self.above is not None else
-                 f"at least {low}" if low is not None else "",
-                 f"at most {high}" if high is not None else ""]
+        """The range in words."""
+        parts = [f"more than {_shown(self.above)}" if self.above is not None else
+                 f"at least {_shown(self.low)}" if self.low is not None else "",
+                 f"at most {_shown(self.high)}" if self.high is not None else ""]
         return " and ".join(part for part in parts if part) or "a finite number"
-
-    def shown(self, value: float) -> str:
-        """``value`` in the option's unit."""
-        if self.scale == 1:
-            return _shown(value)
-        return f"{_shown(value / self.scale)} {self.unit}".rstrip()
 
 
 def _shown(x: float) -> str:
@@ -235,39 +297,21 @@ def _shown(x: float) -> str:
 RANGE_KEY = "fedhub_range"
 
 
-def bounds(low: float | None = None, high: float | None = None, *, above: float | None = None,
-           flag: str | None = None, scale: float = 1.0, unit: str = "") -> dict[str, Range]:
-    """Field metadata declaring a number's range (``field(default=..., metadata=bounds(...))``)."""
-    return {RANGE_KEY: Range(low, high, above, flag, scale, unit)}
-
-
-def number(default: Any, low: float | None = None, high: float | None = None, *,
-           above: float | None = None, flag: str | None = None, scale: float = 1.0,
-           unit: str = "") -> Any:
-    """A dataclass field holding a number with its default and its range (:class:`Range`)."""
-    return dataclasses.field(default=default, metadata=bounds(low, high, above=above, flag=flag,
-                                                              scale=scale, unit=unit))
-
-
-def check_numbers(obj: Any) -> None:
-    """ValueError (one line, naming the setting and its option) for the first number of the
-    dataclass ``obj``, or of a dataclass it holds, that is not finite or outside its declared
+def check_numbers(obj: Any, prefix: str = "") -> None:
+    """:class:`SettingError` (one line, naming the setting by its path) for the first number of
+    the dataclass ``obj``, or of a dataclass it holds, that is not finite or outside its declared
     range. ``None`` (an optional setting left out) passes; a number field without a declared
     range must still be finite."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            check_numbers(value)
+            check_numbers(value, prefix if f.metadata.get("group") == "flat" else f"{prefix}{f.name}.")
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        limits = f.metadata.get(RANGE_KEY) or Range()
-        why = limits.problem(value)
+        why = (f.metadata.get(RANGE_KEY) or Range()).problem(value)
         if why is not None:
-            name = f"{f.name} ({limits.flag})" if limits.flag else f.name
-            raise ValueError(f"{name} {why}")
-
-
+            raise SettingError(f"{{0}} {why}", prefix + f.name)
 def unbounded(cls: type) -> list[str]:
     """The numeric ``init`` fields of the dataclass ``cls`` that declare no range (a test keeps
     this empty for the run's settings)."""

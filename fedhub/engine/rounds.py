@@ -29,7 +29,7 @@ from .async_rounds import AsyncRounds
 from .config import FederationConfig
 from .device_logs import DeviceLogs
 from .devices import MAX_DEVICES_PAGE, DeviceRegistry, device_filter
-from .driver import Evaluate, RoundDriver, release_devices
+from .driver import Evaluate, RoundPolicy
 from .errors import Conflict, InvalidInput, NotFound, RunMismatch
 from .evaluations import Evaluations
 from .history import RoundHistory
@@ -40,6 +40,7 @@ from .round_hooks import RoundHook, RoundHooks
 from .round_state import STATUSES, RoundState
 from .storage import Storage
 from .strategies import Strategy
+from .sync_rounds import SyncRounds
 
 log = logging.getLogger("fedhub.rounds")
 
@@ -66,8 +67,6 @@ class Coordinator:
         self.config = config
         self.strategy = strategy or config.make_strategy()
         config.check_strategy(self.strategy)
-        if config.secagg is not None:
-            config.check_secagg(self.strategy)
         self.max_upload_bytes = max_upload_bytes
         self._storage = storage
         self._devices = devices
@@ -82,15 +81,13 @@ class Coordinator:
         self._hooks = RoundHooks()
         self._state = RoundState(storage)
         self._cond = self._state.cond
-        self._driver = RoundDriver(self._state, storage=storage, devices=devices,
-                                   history=self._history, hooks=self._hooks, strategy=self.strategy,
-                                   config=config, evaluate=evaluate, evaluations=self._evaluations,
-                                   clock=clock)
-        self._async = AsyncRounds(
-            self._state, storage=storage, devices=devices, history=self._history, hooks=self._hooks,
-            strategy=self.strategy, config=config, spec=self.spec, evaluate=evaluate,
-            evaluations=self._evaluations, check_finished=self._driver.check_finished,
-            max_upload_bytes=max_upload_bytes, clock=clock) if config.mode == "async" else None
+        parts = {"storage": storage, "devices": devices, "history": self._history, "hooks": self._hooks,
+                 "strategy": self.strategy, "config": config, "evaluate": evaluate,
+                 "evaluations": self._evaluations, "clock": clock}
+        policies: dict[str, Callable[[], RoundPolicy]] = {
+            "sync": lambda: SyncRounds(self._state, reference=self._reference, **parts),
+            "async": lambda: AsyncRounds(self._state, spec=self.spec, **parts)}
+        self._policy = policies[config.mode]()
         # Long polls allowed to wait at once (None: no limit); the HTTP server sets it below
         # its worker thread count, as each waiting poll holds a worker thread.
         self.max_waiters: int | None = None
@@ -124,9 +121,8 @@ class Coordinator:
             spent = (self.strategy.privacy() or {}).get("budget_spent")
             if status == "finished" and spent:  # why the run ended, after a restart too
                 self._state.reason = spent
-            if self._async is not None:
-                self._async.recover()
-            self._driver.check_finished()
+            self._policy.recover()
+            self._policy.check_finished()
 
     def _restore_strategy_state(self, number: int) -> None:
         saved = self._storage.read_strategy_state(number)
@@ -190,13 +186,11 @@ class Coordinator:
 
     def start(self) -> None:
         """Start the driver thread (idempotent)."""
-        (self._async or self._driver).start()
+        self._policy.start()
 
     def stop(self) -> None:
         """Stop the driver, let the queued round hooks run, persist last-seen times."""
-        self._driver.stop()
-        if self._async is not None:
-            self._async.stop()
+        self._policy.stop()
         self._hooks.stop()
         self._devices.flush()
 
@@ -309,9 +303,9 @@ class Coordinator:
                 end = time.monotonic()
             while True:
                 active = self._devices.is_active(name)
-                task = (self._async or self._state).task_for(name, active)
+                task = self._policy.task_for(name, active)
                 remaining = end - time.monotonic()
-                if task["action"] != "wait" or remaining <= 0 or self._driver.stopped:
+                if task["action"] != "wait" or remaining <= 0 or self._policy.stopped:
                     if task["action"] == "train":
                         self._devices.set_activity(name, "training")
                         self._devices.lifecycle.set(name, "training", round_number=task["round"])
@@ -335,126 +329,59 @@ class Coordinator:
 
     def submit(self, name: str, round_number: int, body: bytes,
                upload_id: str | None = None) -> dict[str, Any]:
-        """Validate an update and fold it into the open round. Idempotent per ``upload_id``:
-        the same key with the same bytes is acknowledged once more, with other bytes refused.
-        A refused update changes nothing, not even the device's activity."""
+        """Validate an update and fold it in: the one intake of every mode. Bounds, the body's
+        digest, one idempotency lookup, decoding (compressed or not), admission under the lock
+        (the round policy says where it goes, or why not), aggregation outside it, one
+        transaction, the answer. Idempotent per ``upload_id``: the same key with the same bytes
+        is acknowledged once more, with other bytes refused. A refused update changes nothing,
+        not even the device's activity."""
+        policy = self._policy
         with self._devices.busy(name, "uploading"):
-            if self._async is not None:
-                return self._async.submit(name, round_number, body, upload_id)
-            return self._submit(name, round_number, body, upload_id)
-
-    def _submit(self, name: str, round_number: int, body: bytes,
-                upload_id: str | None) -> dict[str, Any]:
-        if not 0 <= round_number <= wire.MAX_INTEGER:  # no such round; too large even to look up
-            raise Conflict(f"round {round_number} is not open", "round")
-        if self.config.secagg is not None:  # every round is secure: the server sees only sums
-            raise Conflict(
-                f"round {round_number} is a secure-aggregation round: it takes only the secure "
-                "stages' messages (keys, shares, the masked update, unmasking keys), never plain "
-                "weights", "round")
-        digest = hashlib.sha256(body).hexdigest() if upload_id else None
-        done = self._duplicate(name, round_number, upload_id, digest)
-        if done is not None:
-            return done
-        self._devices.check_admitted(name)
-        weights, meta = compression.decode_update(body, self.spec, self.compression,
-                                                  round_number=round_number,
-                                                  max_bytes=self.max_upload_bytes)
-        with self._cond:
-            done = self._duplicate(name, round_number, upload_id, digest)
+            if not 0 <= round_number <= wire.MAX_INTEGER:  # no such round; too large even to look up
+                raise Conflict(f"round {round_number} is not open", "round")
+            policy.check_upload(name, round_number)
+            digest = hashlib.sha256(body).hexdigest() if upload_id else None
+            done = policy.duplicate(name, round_number, upload_id, digest)
             if done is not None:
                 return done
-            r = self._state.open
-            if r is None or r.number != round_number:
-                current = r.number if r else self._state.closing
-                state = "closed" if round_number <= self._state.version or (
-                    current is not None and round_number < current) else "not open"
-                raise Conflict(f"round {round_number} is {state}", "round")
-            if name in r.reported or name in r.uploading:
-                raise Conflict(f"device {name!r} already reported for round {round_number}", "round")
-            if name not in r.selected:
-                raise Conflict(f"device {name!r} was not selected for round {round_number}", "round")
-            if meta.model_version != r.base_version:
-                raise Conflict(
-                    f"update was trained from model version {meta.model_version}, "
-                    f"round {round_number} starts from version {r.base_version}", "model_version")
-            r.uploading.add(name)  # the round does not close until this update is in or out
-            reference = self._reference() if self.compression.active else None
-        try:
-            if reference is not None:  # a delta: the weights are the model it was trained from + it
-                weights = compression.apply(reference, weights)
-            # Outside the lock: the aggregator has its own, and folding in takes O(model) time.
-            r.aggregator.add(name, weights, meta.num_examples, meta.metrics)
-        except BaseException:
+            self._devices.check_admitted(name)
+            weights, meta = compression.decode_update(body, self.spec, self.compression,
+                                                      round_number=round_number,
+                                                      max_bytes=self.max_upload_bytes)
             with self._cond:
-                r.uploading.discard(name)
-                self._cond.notify_all()
-            raise
-        try:
-            # One commit per upload, not waiting for the disk: a restart forgets an open round.
-            with self._storage.transaction(durable=False):
-                self._storage.add_update(round_number, name, num_examples=meta.num_examples,
-                                         metrics=meta.metrics, upload_id=upload_id, now=self._clock(),
-                                         body_sha256=digest)
-                self._devices.set_examples(name, meta.num_examples)
-                self._devices.lifecycle.set(name, "waiting",
-                                            reason=f"update for round {round_number} sent",
-                                            round_number=round_number)
-        except BaseException as exc:  # folded in but not recorded: the round cannot be trusted
+                done = policy.duplicate(name, round_number, upload_id, digest)
+                if done is not None:
+                    return done
+                upload = policy.admit(name, round_number, meta, body, upload_id, digest)
+            try:  # outside the lock: the aggregator has its own, and folding in takes O(model) time
+                policy.take(upload, weights)
+            except BaseException:
+                with self._cond:
+                    policy.release(upload, None)
+                    self._cond.notify_all()
+                raise
+            try:
+                with self._storage.transaction(durable=policy.durable_uploads):
+                    policy.record(upload)
+                    self._devices.set_examples(name, meta.num_examples)
+                    self._devices.lifecycle.set(name, "waiting", reason=upload.sent,
+                                                round_number=round_number)
+            except BaseException as exc:  # folded in but not recorded: what it went into cannot be trusted
+                with self._cond:
+                    policy.release(upload, f"the update of {name} could not be recorded: {exc}")
+                    self._cond.notify_all()
+                raise
             with self._cond:
-                r.uploading.discard(name)
-                r.broken = f"round {round_number} failed: the update of {name} could not be recorded: {exc}"
+                answer = policy.acknowledge(upload)
+                self._devices.set_activity(name, "idle")
                 self._cond.notify_all()
-            raise
-        with self._cond:
-            r.uploading.discard(name)
-            r.reported[name] = upload_id
-            self._devices.set_activity(name, "idle")
-            self._cond.notify_all()
-            return {"accepted": True, "duplicate": False, "round": round_number,
-                    "reported": len(r.reported), "selected": len(r.selected)}
-
-    def _duplicate(self, name: str, round_number: int, upload_id: str | None,
-                   digest: str | None) -> dict[str, Any] | None:
-        if not upload_id:
-            return None
-        r = self._state.open  # read without the lock: a hint; the check under the lock decides
-        if r is not None and r.number == round_number and name not in r.reported and name not in r.uploading:
-            return None  # its first upload to the open round: no row to look up
-        row = self._storage.get_update(round_number, name)
-        if row is None or row["upload_id"] != upload_id:
-            return None
-        if row["body_sha256"] not in (None, digest):  # None: stored before digests were kept
-            raise Conflict(f"Idempotency-Key {upload_id!r} was already used for round {round_number} "
-                           "with a different body; a retry must send the same bytes", "Idempotency-Key")
-        return {"accepted": True, "duplicate": True, "round": round_number}
+                return answer
 
     def secagg_message(self, name: str, round_number: int, body: bytes) -> dict[str, Any]:
         """A device's answer to the open secure-aggregation stage: its keys, its encrypted shares,
         its masked update (safetensors) or the share keys that unmask the sum. A refused message
         (malformed, replayed, another device's key) changes nothing and the round goes on."""
-        with self._cond:
-            r = self._state.open
-            if r is None or r.number != round_number or r.secure is None:
-                raise Conflict(f"round {round_number} is not an open secure-aggregation round", "round")
-            if name not in r.selected:
-                raise Conflict(f"device {name!r} is not in round {round_number}", "round")
-            if name in r.uploading:
-                raise Conflict(f"device {name!r} is already sending a message", "round")
-            r.uploading.add(name)
-        try:  # outside the lock: a masked update is folded into the sum in O(model) time
-            stage = r.secure.receive(name, body)
-        finally:
-            with self._cond:
-                r.uploading.discard(name)
-                self._cond.notify_all()
-        with self._cond:
-            if stage == "masked":
-                r.reported[name] = None
-                self._devices.set_activity(name, "idle")
-                self._devices.lifecycle.set(name, "waiting", reason=f"masked update for round "
-                                            f"{round_number} sent", round_number=round_number)
-            return {"accepted": True, "round": round_number, "stage": stage}
+        return self._policy.secure_message(name, round_number, body)
 
     def report_progress(self, name: str, round_number: object, done: object,
                         total: object) -> dict[str, Any]:
@@ -510,8 +437,8 @@ class Coordinator:
                     self._devices.lifecycle.set(name, "waiting", reason=f"round {r.number} failed: "
                                                 f"{e['message'][:200]}", round_number=r.number)
                     dropped.append(r.number)
-                elif e["round"] <= self._state.version and self._async is None:  # async: a base version
-                    self._history.late_error({**e, "device": name, "received_at": now})
+                elif e["round"] <= self._state.version:
+                    self._policy.late_error({**e, "device": name, "received_at": now})
         return {"stored": len(entries), "dropped_from_rounds": dropped}
 
     # admin ----------------------------------------------------------------
@@ -564,19 +491,13 @@ class Coordinator:
         """Forget every round and the strategy's state, and start again from the initial model
         (devices stay enrolled)."""
         with self._cond:
-            while self._state.busy or (self._state.open is not None and self._state.open.uploading) \
-                    or (self._async is not None and self._async.uploading):
+            while self._state.busy or self._policy.uploading:
                 self._cond.wait(0.5)
-            r, self._state.open = self._state.open, None
-            if r is not None:
-                r.aggregator.close()
-                release_devices(self._devices, r, f"round {r.number} was discarded: the run was reset")
+            self._policy.reset()
             self._storage.reset_rounds()
             self._history.clear()
             self.strategy.reset()
             self._install_initial()
-            if self._async is not None:
-                self._async.reset()
             self._state.last_error = None
             self._state.reason = ""
             self._state.set_status("idle")
@@ -624,7 +545,7 @@ class Coordinator:
                                "characters)", "since")
         end = time.monotonic() + max(0.0, wait)
         with self._cond:
-            while (since is not None and since == self._revision() and not self._driver.stopped
+            while (since is not None and since == self._revision() and not self._policy.stopped
                    and (self.max_waiters is None or self._waiters < self.max_waiters)):
                 remaining = end - time.monotonic()
                 if remaining <= 0:
@@ -632,30 +553,22 @@ class Coordinator:
                 self._wait_as_long_poll(remaining)
         counts = self._devices.counts()
         with self._cond:
-            mode = self._async.view() if self._async is not None else {"mode": "sync"}
-            return {**self._state.view(), **mode, "revision": self._revision(),
+            return {**self._state.view(), **self._policy.view(), "revision": self._revision(),
                     "total_rounds": self.config.rounds,
                     "strategy": self.strategy.describe(), "privacy": self.strategy.privacy(),
-                    "devices": counts, "secure_aggregation": self._secagg_settings(),
+                    "devices": counts,
                     "compression": {"uplink": str(self.compression),
                                     "downlink": self._downlink is not None}}
 
     def _revision(self) -> str:
         """What :meth:`status` waits on (under the lock): the run's status, the model version,
-        the open (or closing) round, its secure-aggregation stage and the async buffer."""
+        the open (or closing) round, and the policy's part (a secure stage, the async buffer)."""
         s = self._state
         r = s.open
-        stage = r.secure.stage if r is not None and r.secure is not None else ""
         # Each attempt at a round has its own start: a round that runs again is news too.
         number = f"{r.number}@{r.started_at:.3f}" if r is not None else (
             f"{s.closing}c" if s.closing is not None else "")
-        buffer = self._async.view()["buffer"]["target"] if self._async is not None else ""
-        return f"{s.status}.{s.version}.{number}.{stage}.{buffer}"
-
-    def _secagg_settings(self) -> dict[str, Any] | None:
-        c = self.config.secagg
-        return None if c is None else {"shares": c.shares, "threshold": c.threshold, "bits": c.bits,
-                                       "clip_range": c.clip_range, "max_weight": c.max_weight}
+        return f"{s.status}.{s.version}.{number}.{self._policy.revision()}"
 
     def list_devices(self) -> list[dict[str, Any]]:
         """Enrolled devices, their state, lifecycle and part in the latest round they were in."""

@@ -89,7 +89,8 @@ class SecureRound:
 
 def summary(result: SecAggResult) -> dict[str, Any]:
     """What a round's history entry records of its secure aggregation."""
-    return {"enabled": True, "threshold": result.threshold, "shares": result.shares,
+    return {"enabled": True, "threshold": result.threshold, "shares": result.shares, "bits": result.bits,
+            **({"quantization": result.quantization} if result.quantization else {}),
             "survivors": len(result.survivors), "recovered": list(result.recovered),
             "dropped": list(result.dropped), "total_weight": result.total_weight,
             "refused": sorted({v.device for v in result.violations if v.device}),

@@ -18,9 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import dp_accounting
 import numpy as np
-from dp_accounting import rdp
 
 from ..errors import RunOver
 
@@ -42,8 +40,10 @@ class BudgetExhausted(RunOver):
     code = "privacy_budget_spent"
 
 
-def round_event(sampling_rate: float, noise_multiplier: float, rounds: int = 1) -> dp_accounting.DpEvent:
+def round_event(sampling_rate: float, noise_multiplier: float, rounds: int = 1) -> Any:
     """``rounds`` rounds of the Poisson-sampled Gaussian mechanism, as a ``dp-accounting`` event."""
+    import dp_accounting  # here, not at the top: devices (local DP) need no accountant and its SciPy
+
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)),
         rounds)
@@ -118,6 +118,8 @@ def _check(sampling_rate: float, noise_multiplier: float) -> None:
 def _round_rdp(sampling_rate: float, noise_multiplier: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The RDP curve (orders, values) of one round: slow to compute for a sampled mechanism (a
     series per fractional order), so computed once per parameter pair. RDP adds up over rounds."""
+    from dp_accounting import rdp
+
     accountant = rdp.RdpAccountant()
     accountant.compose(round_event(sampling_rate, noise_multiplier))
     return tuple(accountant.orders), tuple(accountant.rdp)
@@ -133,4 +135,6 @@ def _epsilon(segments: list[list[float | int]], delta: float) -> float:
     for q, z, n in spent:
         orders, curve = _round_rdp(float(q), float(z))
         total = np.asarray(curve) * int(n) + (0 if total is None else total)
+    from dp_accounting import rdp
+
     return float(rdp.compute_epsilon(orders, total, delta)[0])

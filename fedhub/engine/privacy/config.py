@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,24 +24,45 @@ class DPConfig:
     ``clipped_count_stddev`` (default: devices per round / 20) steer adaptive clipping.
     """
 
-    mode: str = "central-fixed"
-    # Ranges: fedhub.engine.params.check_numbers (FederationConfig.validate) refuses the rest at start-up.
-    noise_multiplier: float = params.number(1.0, 0, 100)
-    clipping_norm: float = params.number(1.0, above=0, high=1e6)
-    delta: float = params.number(1e-5, above=0, high=0.5)
-    max_epsilon: float | None = params.number(None, above=0, high=1e6)
-    target_quantile: float = params.number(0.5, 0, 1)
-    clip_norm_lr: float = params.number(0.2, 0, 10)
-    clipped_count_stddev: float | None = params.number(None, 0, 1e6)
+    # --dp MODE turns it on (the group's switch); the rest are --dp-NAME.
+    mode: str = params.setting(
+        "central-fixed", "differential privacy: central-fixed / central-adaptive (the server clips "
+        "each update, to a fixed bound or one that follows a quantile of the norms, and noises the "
+        "mean), local (each device clips and noises its own update) or distributed (with secure "
+        "aggregation: each device clips and adds its share of the noise before masking)",
+        choices=DP_MODES, flag="--dp", metavar="MODE")
+    noise_multiplier: float = params.number(1.0, 0, 100,
+                                            help="noise standard deviation over the clipping bound")
+    clipping_norm: float = params.number(1.0, above=0, high=1e6, aliases=("--dp-clip",),
+                                         help="L2 clipping bound of each update's change; the first "
+                                              "bound for central-adaptive")
+    delta: float = params.number(1e-5, above=0, high=0.5, help="delta at which epsilon is reported")
+    max_epsilon: float | None = params.number(None, above=0, high=1e6,
+                                              help="privacy budget: the run stops before a round that "
+                                                   "would spend more (default: none)")
+    target_quantile: float = params.number(0.5, 0, 1,
+                                           help="central-adaptive: share of updates left unclipped")
+    clip_norm_lr: float = params.number(0.2, 0, 10, aliases=("--dp-clip-lr",),
+                                        help="central-adaptive: learning rate of the bound")
+    clipped_count_stddev: float | None = params.number(
+        None, 0, 1e6, help="central-adaptive: noise on the count of unclipped updates (default: "
+                           "devices per round / 20)")
+
+    ADAPTIVE_ONLY = ("target_quantile", "clip_norm_lr", "clipped_count_stddev")
 
     def wrap(self, strategy: Strategy, devices_per_round: int) -> Strategy:
-        """``strategy`` behind the DP wrapper; ValueError (one line) for settings that cannot work."""
+        """``strategy`` behind the DP wrapper; :class:`params.SettingError` (one line, naming the
+        setting as ``dp.NAME``) for settings that cannot work."""
         if self.mode not in DP_MODES:
-            raise ValueError(f"dp mode must be one of {', '.join(DP_MODES)}, got {self.mode!r}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"dp delta must be in (0, 1), got {self.delta:g}")
-        if self.max_epsilon is not None and not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
-            raise ValueError(f"dp max_epsilon must be a positive number, got {self.max_epsilon:g}")
+            raise params.SettingError(f"{{0}} must be one of {', '.join(DP_MODES)}, got {self.mode!r}",
+                                      "dp.mode")
+        params.check_numbers(self, "dp.")
+        if self.mode != "central-adaptive":
+            default = DPConfig()
+            for name in self.ADAPTIVE_ONLY:
+                if getattr(self, name) != getattr(default, name):
+                    raise params.SettingError("{0} applies to {1}=central-adaptive only", f"dp.{name}",
+                                              "dp.mode")
         common = {"delta": self.delta, "max_epsilon": self.max_epsilon}
         if self.mode == "central-adaptive":
             return DPAdaptiveClipping(

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import params
 from ..strategies.averaging import Averaging
 from ..strategies.base import (
     DEFAULT_MEMORY_BUDGET,
@@ -377,10 +378,10 @@ class DPAdaptiveClipping(_CentralDP):
             # Andrew et al. suggest the expected number of updates / 20.
             count_stddev = num_sampled / 20 if clipped_count_stddev is None else clipped_count_stddev
             if not noise_multiplier < 2 * count_stddev:
-                raise ValueError(
-                    f"noise_multiplier {noise_multiplier} must be below 2 x clipped_count_stddev "
-                    f"({2 * count_stddev:g}): raise clipped_count_stddev (above "
-                    f"{noise_multiplier / 2:g}) or the devices per round")
+                raise params.SettingError(
+                    f"{{0}} {noise_multiplier} must be below 2 x {{1}} ({2 * count_stddev:g}): raise {{1}} "
+                    f"(above {noise_multiplier / 2:g}) or the devices per round",
+                    "dp.noise_multiplier", "dp.clipped_count_stddev")
             self.update_noise_multiplier = (noise_multiplier ** -2 - (2 * count_stddev) ** -2) ** -0.5
         if not (math.isfinite(count_stddev) and count_stddev >= 0):
             raise ValueError("clipped_count_stddev must be a non-negative number")

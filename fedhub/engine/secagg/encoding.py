@@ -5,6 +5,10 @@ and rounds stochastically (up with probability equal to the fraction), so the qu
 is unbiased and the error of the decoded mean shrinks as devices are added. It multiplies the
 result by its weight and appends the weight itself, so the server recovers the sample-weighted
 mean from two masked sums. :mod:`.params` explains why the field cannot overflow.
+
+A quantized round's field is narrower than a machine word: :func:`pack` writes its values
+``bits`` bits each, end to end (least significant bit first), and :func:`unpack` reads them
+back, so an upload is as small as its field.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from .errors import RoundFailed
 from .params import RoundParams
 
 Weights = dict[str, np.ndarray]
+# Values packed or unpacked at a time: a multiple of 8, so each chunk fills whole bytes, and
+# small enough that its 64 bytes of bits per value stay a few MiB.
+_CHUNK = 1 << 16
 Spec = Mapping[str, tuple[tuple[int, ...], str]]
 
 
@@ -89,3 +96,44 @@ def decode(total: np.ndarray, params: RoundParams) -> tuple[np.ndarray, int]:
         raise RoundFailed(f"round {params.round}: the unmasked weights sum to {weight}; "
                           "a device sent a malformed masked input")
     return dequantize(signed[:-1], params.clip_range, params.levels) / weight, weight
+
+
+def packed_size(count: int, bits: int) -> int:
+    """Bytes that ``count`` values of ``bits`` bits take packed end to end."""
+    return -(-count * bits // 8)
+
+
+def pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """``values`` (each below 2^bits) as ``bits``-bit fields end to end, least significant bit
+    first, in bytes; the last byte's unused high bits are zero."""
+    words = np.ascontiguousarray(values, dtype="<u8")
+    out = np.zeros(packed_size(words.size, bits), dtype=np.uint8)
+    for start in range(0, words.size, _CHUNK):
+        chunk = words[start:start + _CHUNK]
+        fields = np.unpackbits(chunk.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")[:, :bits]
+        data = np.packbits(fields.ravel(), bitorder="little")
+        at = start * bits // 8  # whole bytes: start is a multiple of 8
+        out[at:at + data.size] = data
+    return out
+
+
+def unpack(data: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """The ``count`` values :func:`pack` wrote (uint64); ValueError if ``data`` is not exactly
+    their bytes or its padding bits are not zero."""
+    data = np.ascontiguousarray(data, dtype=np.uint8).ravel()
+    if data.size != packed_size(count, bits):
+        raise ValueError(f"{count} values of {bits} bits take {packed_size(count, bits)} bytes, "
+                         f"not {data.size}")
+    spare = data.size * 8 - count * bits
+    if spare and int(data[-1]) >> (8 - spare):
+        raise ValueError("the padding bits after the last value are not zero")
+    out = np.empty(count, dtype=np.uint64)
+    for start in range(0, count, _CHUNK):
+        n = min(_CHUNK, count - start)
+        at = start * bits // 8
+        fields = np.unpackbits(data[at:at + packed_size(n, bits)], count=n * bits,
+                               bitorder="little").reshape(n, bits)
+        whole = np.zeros((n, 64), dtype=np.uint8)
+        whole[:, :bits] = fields
+        out[start:start + n] = np.packbits(whole, axis=1, bitorder="little").view("<u8").ravel()
+    return out

@@ -16,7 +16,8 @@ message                    direction     carries
 
 Every message names its stage and round, and a device's messages name the device, so a
 replayed, misrouted or impersonating message is refused. All are JSON objects (bytes in
-base64) except :class:`MaskedInput`, which is safetensors: one uint32 or uint64 tensor.
+base64) except :class:`MaskedInput`, which is safetensors: one uint32 or uint64 tensor, or in a
+quantized round one uint8 tensor of its ``bits``-bit values packed end to end.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .. import wire
 from ..errors import InvalidInput
 from .codec import MAX_DEVICES, Reader, decode_bytes, dumps, encode_bytes, loads
 from .crypto import CIPHERTEXT_BYTES, KEY_BYTES, KINDS, MASK_KEY, PROTOCOL, SEED
+from .encoding import pack, packed_size, unpack
 from .errors import ProtocolViolation
 from .params import RoundParams
 
@@ -180,7 +182,8 @@ class ShareBundle(_Json):
 
 @dataclass(frozen=True, eq=False)
 class MaskedInput:
-    """The masked field vector (uint64 in memory; uint32 on the wire when bits <= 32)."""
+    """The masked field vector (uint64 in memory; on the wire uint32 when bits <= 32, uint64
+    above, and in a quantized round ``bits`` bits a value, packed into bytes)."""
 
     STAGE: ClassVar[str] = "masked"
 
@@ -190,17 +193,27 @@ class MaskedInput:
     refused: tuple[str, ...] = ()  # dealers whose shares did not authenticate
 
     def to_bytes(self, params: RoundParams) -> bytes:
-        dtype = "<u4" if params.bits <= 32 else "<u8"
         meta = {"format": PROTOCOL, "stage": self.STAGE, "round": str(self.round), "device": self.device,
                 "refused": json.dumps(list(self.refused))}
+        if params.packed:
+            return st_save({"masked": pack(self.vector, params.bits)}, metadata=meta)
+        dtype = "<u4" if params.bits <= 32 else "<u8"
         return st_save({"masked": np.ascontiguousarray(self.vector, dtype=dtype)}, metadata=meta)
+
+    @staticmethod
+    def wire_tensor(params: RoundParams) -> tuple[tuple[int, ...], str]:
+        """The shape and dtype of the ``masked`` tensor in ``params``' round."""
+        count = params.length + 1
+        if params.packed:
+            return (packed_size(count, params.bits),), "uint8"
+        return (count,), "uint32" if params.bits <= 32 else "uint64"
 
     @classmethod
     def from_bytes(cls, body: bytes, params: RoundParams, device: str | None = None) -> MaskedInput:
-        dtype = "uint32" if params.bits <= 32 else "uint64"
-        limit = (params.length + 1) * (4 if params.bits <= 32 else 8) + wire.MAX_HEADER_BYTES
+        shape, dtype = cls.wire_tensor(params)
+        limit = shape[0] * np.dtype(dtype).itemsize + wire.MAX_HEADER_BYTES
         try:
-            tensors, _ = wire.decode(body, {"masked": ((params.length + 1,), dtype)}, max_bytes=limit)
+            tensors, _ = wire.decode(body, {"masked": (shape, dtype)}, max_bytes=limit)
             meta = wire.header(body).get("__metadata__") or {}
         except InvalidInput as exc:
             raise ProtocolViolation(exc.message, exc.field, device=device) from None
@@ -217,7 +230,13 @@ class MaskedInput:
         refused = loads(meta["refused"], device, max_bytes=max_json_bytes(params), field="refused")
         fields = Reader({"stage": cls.STAGE, "round": number, "device": meta["device"], "refused": refused},
                         cls.STAGE, device)
-        vector = tensors["masked"].astype(np.uint64)
+        if params.packed:
+            try:
+                vector = unpack(tensors["masked"], params.length + 1, params.bits)
+            except ValueError as exc:
+                raise r.refuse(f"the masked vector: {exc}", "masked") from None
+        else:
+            vector = tensors["masked"].astype(np.uint64)
         if params.bits < 64 and int(vector.max(initial=0)) > params.modulus_mask:
             raise r.refuse(f"the masked vector holds values of {params.bits} bits or more", "masked")
         return cls(round=fields.integer("round", 0, ROUND_MAX), device=fields.name("device"),

@@ -73,6 +73,8 @@ class SecAggResult:
     shares: int
     complaints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # device -> refused dealers
     violations: tuple[ProtocolViolation, ...] = ()  # dealers found lying while unmasking
+    bits: int = 0  # the field the sum was taken in
+    quantization: int = 0  # bits a coordinate was quantized to (0: as finely as the field allowed)
 
     def weights(self, spec: Spec) -> Weights:
         """The mean as tensors of ``spec`` (name -> (shape, dtype))."""
@@ -82,7 +84,7 @@ class SecAggResult:
         return {"secure_aggregation": True, "secagg_threshold": self.threshold,
                 "secagg_shares": self.shares, "secagg_survivors": len(self.survivors),
                 "secagg_recovered": len(self.recovered), "secagg_dropped": len(self.dropped),
-                "secagg_total_weight": self.total_weight}
+                "secagg_total_weight": self.total_weight, "secagg_bits": self.bits}
 
 
 class ServerRound:
@@ -322,7 +324,7 @@ class ServerRound:
         return SecAggResult(round=p.round, mean=mean, total_weight=weight, survivors=tuple(sorted(self._u3)),
                             recovered=tuple(recovered), dropped=tuple(sorted(set(p.order) - self._u2)),
                             threshold=p.threshold, shares=p.shares, complaints=dict(self._complaints),
-                            violations=tuple(self._violations))
+                            violations=tuple(self._violations), bits=p.bits, quantization=p.quantization)
 
     def _rebuild(self, owner: str, kind: str) -> bytes:
         """The secret from ``threshold`` revealed shares, checked against the dealer's commitment

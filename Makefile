@@ -29,9 +29,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The tests also run the simulation on a Ray cluster: Ray is an extra that `make demo` does not need.
+# The tests also run the simulation on a Ray cluster and log runs to MLflow: extras that `make demo`
+# does not need.
 $(VENV)/.installed-ray: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[dev,ray,bench]"
+	$(PY) -m pip install --quiet -e ".[dev,ray,bench,mlflow]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -7,6 +7,10 @@
 // data: no innerHTML, no eval. Served at /stats/, it reads its own origin; opened as a file
 // it reads the server given as ?server=URL (the server answers those GETs with CORS).
 // Light or dark follows the system (prefers-color-scheme), the charts included.
+//
+// The page follows the current run; a server that keeps past runs (GET /api/runs) gets a run
+// picker, and a past run chosen there is shown as it ended (GET /api/runs/<id>: its status,
+// settings and rounds), read-only, while the devices table stays live.
 "use strict";
 
 (function () {
@@ -20,7 +24,8 @@
   const PAGE_SIZE = 25; // devices-table rows per page
   const CHART_DEVICES = 5; // devices drawn beside the global model until others are picked
   // What the reader chose: the table's page and name filter, the charts' devices (null: the default few).
-  const view = { offset: 0, name: "", chosen: null };
+  // ``run``: the past run shown (its id), or null for the current run, live.
+  const view = { offset: 0, name: "", chosen: null, run: null };
 
   const $ = (id) => document.getElementById(id);
 
@@ -410,6 +415,80 @@
     setText("latest-accuracy", last ? fmt(last.test_accuracy, 4) : "–");
   }
 
+  // ---------------------------------------------------------------- runs
+
+  // "fedmedian-2 · finished (current)": a run as the picker names it (as the dashboard does):
+  // its name, unique on the server, else "#ID strategy".
+  function runLabel(run) {
+    const settings = run.settings || {};
+    const what = run.name || `#${run.id} ${settings.strategy || "run"}`;
+    return `${what} · ${run.status}${run.current ? " (current)" : ""}`;
+  }
+
+  // The picker: the current run, then every past run, newest first; rebuilt only when the list
+  // changes. Hidden for a server without runs.
+  function renderRunPicker(runs) {
+    const picker = $("run-picker");
+    picker.hidden = runs === null;
+    if (runs === null) return;
+    const past = runs.filter((r) => !r.current);
+    const select = $("run-select");
+    const signature = JSON.stringify(past.map((r) => [r.id, runLabel(r)]));
+    if (select.fedhubSignature !== signature) {
+      select.fedhubSignature = signature;
+      const current = document.createElement("option");
+      current.value = "";
+      current.textContent = "the current run (live)";
+      select.replaceChildren(current, ...past.map((r) => {
+        const option = document.createElement("option");
+        option.value = String(r.id);
+        option.textContent = runLabel(r);
+        return option;
+      }));
+      if (view.run !== null && !past.some((r) => r.id === view.run)) view.run = null; // deleted
+      select.value = view.run === null ? "" : String(view.run);
+    }
+    picker.classList.toggle("past", view.run !== null);
+    setText("run-note", view.run === null ? ""
+      : "a past run, as it ended (read-only); the devices table is live");
+  }
+
+  // A past run's cards, from what GET /api/runs/<id> says of it.
+  function renderPastRun(run) {
+    const settings = run.settings || {};
+    setText("status", run.status);
+    setLabels(settings.mode === "async");
+    const total = run.total_rounds ? ` / ${run.total_rounds}` : "";
+    setText("completed", `${run.completed_rounds}${total}`);
+    setText("current-round", "–");
+    setText("reported", "–");
+    setText("deadline", "–");
+    setText("reason", run.finished_at ? `a past run, finished ${ago(run.finished_at)}` : "a past run");
+    setText("strategy", settings.strategy ? withSettings(settings.strategy, settings.strategy_params) : "–");
+    setText("compression", compressionText(settings.compression
+      ? { uplink: settings.compression, downlink: settings.compress_downlink } : null));
+    const spent = (run.history || []).filter((r) => r.privacy).pop();
+    setText("epsilon", spent ? privacyText(spent.privacy) : (settings.dp ? "–" : "no DP"));
+    setText("secagg", settings.secagg ? "on (SecAgg+)" : "off (the server sees each update)");
+  }
+
+  // A finished past run cannot change: asked for once.
+  const pastRuns = new Map();
+  async function pastRun(base, id) {
+    if (pastRuns.has(id)) return pastRuns.get(id);
+    const run = await getJSON(base, `/api/runs/${encodeURIComponent(id)}`);
+    if (run.status === "finished" && !run.current) pastRuns.set(id, run);
+    return run;
+  }
+
+  // Every run, or null from a server without runs (an older one: 404).
+  async function listRuns(base) {
+    const response = await fetch(base + "/api/runs", { cache: "no-store" });
+    if (response.status === 404) return null;
+    if (!response.ok) throw new Error(`/api/runs answered HTTP ${response.status}`);
+    return (await response.json()).runs;
+  }
+
   // ---------------------------------------------------------------- loop
 
   function start() {
@@ -440,21 +519,26 @@
       }
       polling = true;
       try {
-        const [status, history, devices] = await Promise.all([
+        const [status, history, devices, runs] = await Promise.all([
           getJSON(base, "/api/status"), getJSON(base, "/api/history"), getJSON(base, devicesPath()),
+          listRuns(base),
         ]);
         if (devices.total && devices.offset >= devices.total) { // the filter left fewer pages
           view.offset = Math.floor((devices.total - 1) / PAGE_SIZE) * PAGE_SIZE;
           again = true;
         }
-        rounds = history.rounds;
-        renderStatus(status);
-        renderRounds(history.rounds);
+        renderRunPicker(runs);
+        const past = view.run === null ? null : await pastRun(base, view.run);
+        const shown = past ? { rounds: past.history || [], failures: [] } : history;
+        const mode = past ? (past.settings || {}).mode : status.mode;
+        rounds = shown.rounds;
+        if (past) renderPastRun(past); else renderStatus(status);
+        renderRounds(shown.rounds);
         renderDevices(devices.devices, status.round && status.round.progress);
         renderPager(devices);
-        renderScreened(history.rounds);
-        renderFailures(history.failures);
-        const xTitle = status.mode === "async" ? "model version (time made)" : "round";
+        renderScreened(shown.rounds);
+        renderFailures(shown.failures);
+        const xTitle = mode === "async" ? "model version (time made)" : "round";
         for (const chart of [accuracy, loss]) chart.options.scales.x.title.text = xTitle;
         drawCharts();
         setConnection(`connected to ${base} · updated ${new Date().toLocaleTimeString()}`, "ok");
@@ -479,6 +563,10 @@
       // The server takes a part of a name: letters, digits, '_' and '-'.
       view.name = event.target.value.replace(/[^A-Za-z0-9_-]/g, "").slice(0, 64);
       view.offset = 0;
+      poll();
+    });
+    $("run-select").addEventListener("change", (event) => {
+      view.run = event.target.value === "" ? null : Number(event.target.value);
       poll();
     });
     $("chart-devices").addEventListener("change", () => {

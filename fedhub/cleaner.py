@@ -33,7 +33,13 @@ def clean_server_state(state_dir: Path, eval_dir: Path, *, keep_secrets: bool = 
     A state directory also holds the run's ``devices/`` (their data) and ``runs/``
     (TensorBoard): those are not the server's state and stay."""
     keep = KEEP | set(state.SUBFOLDERS) | (SECRETS if keep_secrets else set())
-    return _empty(state_dir, keep) + _empty(eval_dir, KEEP)
+    # Each run after a state directory's first keeps its files in runs/<id>-<name>/ (beside
+    # TensorBoard's run folders, which stay): they go with the database that lists them.
+    runs = state_dir / "runs"
+    folders = [f for f in runs.iterdir() if (f / "saved").is_dir()] if runs.is_dir() else []
+    for folder in folders:
+        shutil.rmtree(folder)
+    return folders + _empty(state_dir, keep) + _empty(eval_dir, KEEP)
 
 
 def clean_devices(devices_root: Path, *, keep_data: bool = True) -> list[Path]:

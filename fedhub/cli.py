@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("fedhub.simulate", "simulate many devices on a pool of workers"),
     "demo": ("fedhub.demo", "a real federated run: split, server, devices, rounds"),
     "clean": ("fedhub.cleaner", "remove run-time state"),
+    "runs": ("fedhub.runs_cli", "list, show, export or delete the runs a state directory keeps"),
     "dashboard": ("", "the Streamlit control dashboard (streamlit run dashboard/index.py)"),
 }
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from flask import Flask
 
-from fedhub import settings
+from fedhub import settings, tracking
 from fedhub import state_dir as state
 from fedhub.api import build_app
 from fedhub.api.app import BODY_SLACK, MAX_IMAGE_BYTES, MAX_WAIT
@@ -83,7 +83,15 @@ class ServerConfig:
     max_wait: float = params.number(MAX_WAIT, 0, 3600, help="longest long poll a device may ask for "
                                     "(GET .../task?wait=S; 400 above)")
     threads: int = params.number(ServeOptions.threads, 1, 1024, help="waitress worker threads")
-    reset: bool = params.setting(False, "wipe rounds, checkpoints and history first")
+    reset: bool = params.setting(False, "wipe the state directory's runs (rounds, checkpoints and history) "
+                                 "first")
+    # Which run: the current one if unfinished with these settings, else a new one (fedhub.engine.runs)
+    resume: str | None = params.setting(
+        None, "continue this run (its id or name), finished or stopped, for more rounds: refused, naming "
+        "each, if its settings differ (default: the current run if unfinished with these settings, else a "
+        "new run)", metavar="RUN")
+    new_run: str | None = params.setting(None, "start a new run with this name (default: a new run is "
+                                         "named after its strategy and id)", metavar="NAME")
     federation: FederationConfig = params.group(factory=FederationConfig, flat=True)
     # HTTPS when both are given (devices verify the certificate; see --ca on the device).
     certfile: Path | None = params.setting(None, "TLS certificate (PEM): serve HTTPS", metavar="FILE")
@@ -109,15 +117,22 @@ class ServerConfig:
                                     "(PyTorch: else the data set's)", kind=Path, metavar="FILE")
     # TensorBoard event files under runs_dir/run_id/ (None: none written; server.py: the state dir's runs/).
     runs_dir: Path | None = params.setting(
-        None, "TensorBoard event files go to RUNS_DIR/RUN_ID/ (server.py's default: the state directory's "
-        "runs/)", metavar="DIR")
-    run_id: str | None = params.setting(None, "TensorBoard run name (default: the start time)")
+        None, "TensorBoard event files go to RUNS_DIR/NAME/, NAME the run's name (server.py's default: the "
+        "state directory's runs/)", metavar="DIR")
+    run_id: str | None = params.setting(
+        None, "the run's name in TensorBoard (its folder under RUNS_DIR) and MLflow (default: the run's own "
+        "name, see --new-run)")
     # server.py: runs_dir defaults to the state directory's runs/; the Python API writes them only
     # to a runs_dir it is given
     tensorboard: bool = params.setting(True, "write TensorBoard event files (to runs_dir)")
     tensorboard_devices: int = params.number(
         32, 0, 100_000, metavar="N", help="the first N devices to report get a TensorBoard run each; the "
         "global run charts every device's loss and accuracy as histograms")
+    # MLflow (fedhub.tracking): an optional extra, checked by validate() before anything loads
+    mlflow: str | None = params.setting(
+        None, "log each run to this MLflow tracking store (http://HOST:5000, sqlite:///mlflow.db, a folder): "
+        "its settings, every round's metrics, the final model; pip install 'fedhub[mlflow]'", metavar="URI")
+    mlflow_experiment: str = params.setting("fedhub", "the MLflow experiment the runs go to", metavar="NAME")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -145,6 +160,8 @@ class ServerConfig:
         ``server.py`` and ``fedhub.Server`` both pass here before loading anything."""
         params.check_numbers(self)
         self.check_framework()
+        if self.mlflow:
+            tracking.check_mlflow(self.mlflow)
         self.federation.validate()
 
     def check_framework(self) -> None:
@@ -242,9 +259,15 @@ def build_engine(config: ServerConfig, global_model=None) -> Coordinator:
                              device_timeout=config.federation.device_timeout)
     engine = Coordinator(storage, devices, initial_weights=global_model.initial_weights(),
                          config=config.federation, evaluate=evaluate,
-                         max_upload_bytes=config.max_upload_bytes)
+                         max_upload_bytes=config.max_upload_bytes, identity={"dataset": config.dataset},
+                         resume=config.resume, new_run=config.new_run)
+    # eval/history.csv is the current run's history: rewritten after each of its rounds, and when
+    # another run becomes current (each run's own: fedhub runs export)
     csv_path = Path(config.eval_dir) / "history.csv"
     engine.add_hook(lambda _row, _w: history.write_csv(csv_path, engine.history()))
+    engine.add_run_listener(lambda _run: history.write_csv(csv_path, engine.history()))
+    if csv_path.exists():
+        history.write_csv(csv_path, engine.history())
     return engine
 
 
@@ -256,6 +279,8 @@ def create_app(config: ServerConfig | None = None) -> Flask:
     _, admin = _secrets(config)  # a secret file readable by others is said before the slow model load
     global_model = load_global_model(config)
     engine = build_engine(config, global_model)
+    run = engine.run()  # the current run: one name for it in TensorBoard and MLflow
+    run_name = tracking.run_name(config, run)
     predictor = None
     if global_model.network is not None:  # pictures need a network that takes them: FedHub's
         # own or a PyTorch module of the user's (on --dataset's images), not a Keras model of theirs.
@@ -263,10 +288,19 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         predictor = Predictor(global_model.name, global_model.framework, build=global_model.new_network)
         predictor.install(*engine.global_weights())
         engine.add_hook(predictor.on_round)
+        engine.add_run_listener(lambda _run: predictor.install(*engine.global_weights()))
+    trackers: list[Any] = []
     if config.runs_dir is not None and config.tensorboard:
         from fedhub.tensorboard_log import TensorBoardLog
 
-        engine.add_hook(TensorBoardLog(config.runs_dir, config.run_id, config.tensorboard_devices))
+        trackers.append(TensorBoardLog(config.runs_dir, run_name, config.tensorboard_devices,
+                                       settings=tracking.tracked_settings(config), run_id=run["id"]))
+    if config.mlflow:
+        trackers.append(tracking.mlflow_hook(config, engine, global_model, run_name=run_name,
+                                             run_id=run["id"]))
+    for tracker in trackers:  # each run its own TensorBoard folder and MLflow run
+        engine.add_hook(tracker)
+        engine.add_run_listener(tracker.switch)
     app = build_app(engine, admin_token=admin, max_wait=config.max_wait, predictor=predictor,
                     max_image_bytes=config.max_image_bytes,
                     auth_failures_per_minute=config.auth_failures_per_minute)
@@ -299,8 +333,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config = settings.resolve(p, a, every, ServerConfig)
     if (config.certfile is None) != (config.keyfile is None):
         p.error("--certfile and --keyfile go together")
-    if config.runs_dir is None and config.tensorboard:
-        config.runs_dir = state.resolve(config.state_dir).runs_dir
+    if config.runs_dir is None and config.tensorboard:  # the state directory's runs/ (the checkout's)
+        default = state.resolve()
+        config.runs_dir = (default if Path(config.state_dir) == default.server_dir
+                           else state.resolve(config.state_dir)).runs_dir
     try:
         config.validate()
     except ValueError as exc:
@@ -367,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{config.federation.training.framework}, {config.dataset}, "
           f"{plural(rounds, 'round') if rounds else 'unlimited rounds'}, "
           f"status {engine.status()['status']})", flush=True)
+    print(engine.run_message, flush=True)  # which run, and why: continued, resumed or new
     if not (config.admin_token or os.environ.get("FEDHUB_ADMIN_TOKEN")):
         print(f"admin token in {folder / ADMIN_TOKEN_FILE}; enrollment secret in "
               f"{folder / ENROLL_SECRET_FILE}", flush=True)

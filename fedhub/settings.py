@@ -220,12 +220,7 @@ def dump(config: Any, settings: Iterable[Setting]) -> str:
     top: list[str] = []
     tables: dict[str, list[str]] = {}
     for s in settings:
-        value, off = config, False
-        for attr in s.attrs:
-            if value is None:
-                off = True
-                break
-            value = getattr(value, attr)
+        off, value = _value(config, s)
         if off or value is None:
             continue
         if s.group == s.path:
@@ -407,6 +402,43 @@ def values_of(config: Any) -> dict[str, Any]:
         for attr in attrs:
             value = getattr(value, attr)
         out[top] = value
+    return out
+
+
+def _value(config: Any, s: Setting) -> tuple[bool, Any]:
+    """``(off, value)``: the setting's value in ``config``, or off when a group on its path is off."""
+    value = config
+    for attr in s.attrs:
+        if value is None:
+            return True, None
+        value = getattr(value, attr)
+    return False, value
+
+
+def flat_values(config: Any, leave_out: Iterable[str] = ()) -> dict[str, Any]:
+    """A config's settings as one flat mapping for experiment trackers (MLflow params,
+    TensorBoard HParams): ``"dp.noise_multiplier": 1.0``, ``"strategy_params.num_malicious": 1``,
+    ``"dp": False`` for a group that is off. Folders and files are left out (they say where a run
+    ran, not what it was, and may name a user's home), as are settings that are None and the
+    top-level names in ``leave_out`` (a tracking URI may carry credentials)."""
+    skip = set(leave_out)
+    out: dict[str, Any] = {}
+    for s in settings_of(type(config)):
+        if s.path.split(".")[0] in skip or s.kind is Path or s.metavar in ("DIR", "FILE"):
+            continue
+        off, value = _value(config, s)
+        if off:
+            out[s.group or s.path] = False
+            continue
+        if s.group == s.path:  # a group's own switch (secagg): its settings, or None when off
+            out[s.path] = value is not None
+        elif s.switch:  # dp.mode switches dp on
+            out[s.group] = True
+            out[s.path] = value
+        elif isinstance(value, Mapping):
+            out.update({f"{s.path}.{k}": v for k, v in value.items() if v is not None})
+        elif value is not None:
+            out[s.path] = value
     return out
 
 

@@ -139,7 +139,7 @@ SET_HERE = ("min_devices", "quorum", "auto_activate", "start", "device_timeout")
 SERVER_ONLY = ("host", "port", "state_dir", "eval_dir", "max_upload_mb", "max_image_mb", "max_wait",
                "threads", "reset", "certfile", "keyfile", "channel_timeout", "header_timeout",
                "auth_failures_per_minute", "model_factory", "test_data", "runs_dir", "run_id",
-               "tensorboard_devices", "tensorboard")
+               "tensorboard_devices", "tensorboard", "resume", "new_run")
 # Where this command's defaults differ from the run's: a quick look at a big federation, five
 # rounds of a tenth of the devices, not server.py's three rounds of all of them.
 DEFAULTS = {"rounds": 5, "fraction": 0.1}

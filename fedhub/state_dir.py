@@ -8,7 +8,8 @@ lives in it, so a second run never mixes with the first and every tool finds the
     STATE_DIR/                  the server's database, checkpoints (saved/), admin.token, enroll.secret
     STATE_DIR/eval/history.csv  the per-round history
     STATE_DIR/devices/NAME/     each local device's data, token and history
-    STATE_DIR/runs/             TensorBoard event files
+    STATE_DIR/runs/             TensorBoard event files, and each run's folder after the first
+                                (runs/ID-NAME/saved/: its checkpoints; fedhub.engine.runs)
 
 Without one, the checkout's own git-ignored folders: ``server_training/``, ``eval/``,
 ``devices/`` and ``runs/``. The folder flags (``--eval-dir``, ``--devices-root``,

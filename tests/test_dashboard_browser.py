@@ -100,6 +100,9 @@ def test_live_refresh_and_activate_start_round_in_chromium(browser, tmp_path, da
         page.get_by_role("tab", name="Results").click()  # the charts have a tab of their own
         wait_until(lambda: page.locator('[data-testid="stVegaLiteChart"]').count() >= 2, 30,
                    "the accuracy and loss charts")
+        # the model download follows the run too: the round trained is there without a reload
+        wait_until(lambda: any(b.endswith("Download round 1") for b in page.evaluate(BUTTONS)), 30,
+                   "round 1's download")  # (after the button's icon)
         assert problems == [], problems
         assert "Traceback" not in dashboard.log(), dashboard.log()
     finally:

@@ -129,19 +129,24 @@ def test_reset_a_finished_run_after_confirming(server, dashboard):
     assert any("the run is over (1 round done); start with a larger 'rounds' or reset" in e
                for e in texts(at.error)), texts(at.error)
 
-    # Reset asks first; nothing changes until it is confirmed
+    # Reset asks first; nothing changes until it is confirmed. It starts a new run and keeps this one.
     at.button(key="reset").click().run()
     assert not at.error  # a new action: the refusal has gone
-    assert any("Reset forgets 1 completed round" in w for w in texts(at.warning)), texts(at.warning)
+    warning = "Reset starts a new run with the same settings, from the initial model. This run's 1 " \
+              "completed round stays readable as a past run"
+    assert any(w.startswith(warning) for w in texts(at.warning)), texts(at.warning)
     assert status(server)["status"] == "finished"
     at.button(key="reset_cancel").click().run()
     assert "reset_confirm" not in [b.key for b in at.button]
-    assert not [w for w in texts(at.warning) if "Reset forgets" in w]
+    assert not [w for w in texts(at.warning) if w.startswith("Reset starts")]
     assert status(server)["completed_rounds"] == 1
 
     at.button(key="reset").click().run()
     at.button(key="reset_confirm").click().run()
-    assert texts(at.success) == ["reset: every round is forgotten; Start trains again from the initial model"]
+    assert texts(at.success) == ["reset: a new run from the initial model, with the same settings (the old "
+                                 "one is kept: Runs tab); Start trains it"]
+    (new, old) = server.get("/api/runs").json()["runs"]
+    assert (new["current"], old["current"], old["completed_rounds"]) == (True, False, 1)
     assert status(server)["status"] == "idle" and status(server)["completed_rounds"] == 0
     assert server.get("/api/history").json()["rounds"] == []
     assert metrics(at)["Status"] == "idle" and metrics(at)["Completed rounds"] == "0 / 1"

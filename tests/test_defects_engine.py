@@ -225,11 +225,12 @@ def test_lifecycle_memory_follows_only_what_commits(tmp_path):
 # 9. a private run is not continued without its privacy ----------------------------------------
 @pytest.mark.slow
 def test_a_dp_run_does_not_continue_without_its_privacy(tmp_path, data_dir):
-    """Two rounds under central DP, then the same state directory without ``--dp``, or with
-    another noise multiplier: server.py refuses with one ``error:`` line that names the run's
-    settings and how to start a new run. With the same settings the run continues with the
-    epsilon it spent."""
-    server = digits_server(tmp_path, data_dir, *DP).start()
+    """Two rounds under central DP, then the same state directory: ``--resume`` of it without
+    ``--dp``, or with another noise multiplier, is refused by server.py with one ``error:`` line
+    naming each differing DP setting; a plain start without ``--dp`` starts a new run beside it (the
+    private run is kept, with its accountant). With the same settings, resumed, the run continues
+    with the epsilon it spent."""
+    server = digits_server(tmp_path, data_dir, *DP, "--rounds", "3").start()
     try:
         token = enroll(server, "hand")
         assert train_rounds(server, "hand", token, 2) == 2
@@ -237,26 +238,28 @@ def test_a_dp_run_does_not_continue_without_its_privacy(tmp_path, data_dir):
     finally:
         server.stop()
     assert spent > 0
-    base = ("--test-data", str(tmp_path / "devices" / "test.npz"), *DIGITS)
-    for args, have in (((), "no --dp"), ((*DP[:3], "3", *DP[4:]), "noise multiplier 3")):
+    base = ("--test-data", str(tmp_path / "devices" / "test.npz"), *DIGITS, "--rounds", "3", "--resume", "1")
+    other = (*DP[:3], "3", *DP[4:])
+    for args, have in (((), "dp: the run's "), (other, "dp.noise_multiplier: the run's 1.5, here 3.0")):
         line = refused_start(server, *base, *args)
-        assert "used differential privacy for 2 round(s)" in line, line
-        assert "central-fixed with noise multiplier 1.5, clipping norm 0.5, delta 1e-05" in line, line
-        assert have in line and "--reset" in line and "--state-dir" in line, line
+        assert line.startswith("error: cannot resume run 1 'fedavg-dp-1': its settings differ: "), line
+        assert have in line and "goes on only with its DP settings" in line, line
 
-    server.start()  # the same settings: the run goes on with its accountant
+    server.args = (*server.args[:-2], "--rounds", "3", "--resume", "1")  # the same settings: it goes on
+    server.start()
     try:
         assert status(server)["privacy"]["epsilon"] == pytest.approx(spent, rel=1e-12)
         assert "restored dp-central-fixed(fedavg)'s state from round 2" in server.log()
+        assert status(server)["run"] == {"id": 1, "name": "fedavg-dp-1"}
     finally:
         server.stop()
 
 
 @pytest.mark.slow
 def test_fedhub_server_does_not_continue_a_dp_run_without_its_privacy(tmp_path, data_dir):
-    """The Python API's server: a round under central DP, then the same state directory
-    without ``privacy``: ``start()`` raises the project's error (a FedHubError), naming the
-    run's settings and how to start a new run."""
+    """The Python API's server: a round under central DP, then the same state directory without
+    ``dp``: a new run (the private one is kept); ``resume`` of the private run without ``dp``
+    raises the project's error (a FedHubError) naming dp."""
     from fedhub import Server
     from fedhub.engine.errors import FedHubError
     from tests.seeded_digits import build_model
@@ -270,11 +273,11 @@ def test_fedhub_server_does_not_continue_a_dp_run_without_its_privacy(tmp_path, 
         view.url, view.admin_token, view.enroll_secret = (api_server.url, api_server.admin_token,
                                                           api_server.enroll_secret)
         assert train_rounds(view, "hand", enroll(view, "hand"), 1) == 1
-    with pytest.raises(FedHubError, match=r"used differential privacy for 1 round\(s\)") as refused:
-        Server(build_model(), **kw).start()
-    assert "central-fixed with noise multiplier 1.5" in str(refused.value)
-    assert "fresh state_dir" in str(refused.value)
-    with Server(build_model(), dp=privacy, **kw) as again:  # the same settings: it goes on
+    with pytest.raises(FedHubError, match=r"cannot resume run 1 'fedavg-dp-1': its settings differ: dp"):
+        Server(build_model(), resume="1", **kw).start()
+    with Server(build_model(), **kw) as plain:
+        assert plain.status()["privacy"] is None and plain.status()["run"]["id"] == 2
+    with Server(build_model(), dp=privacy, resume="1", **kw) as again:  # the same settings: it goes on
         assert again.status()["privacy"]["rounds"] == 1
 
 

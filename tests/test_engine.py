@@ -147,10 +147,13 @@ def test_strategy_state_is_saved_with_each_round_restored_on_restart_and_forgott
         weights, _ = wire.decode(c.get("/api/model", headers=bearer(ADMIN)).data)
         for name in INITIAL:
             np.testing.assert_array_equal(weights[name], reference[name])
-        # reset: no velocity left, in memory or on disk; round 1 is a fresh FedAvgM's round 1
+        # reset: a new run, with no velocity, in memory or in its folder; the first run's state
+        # stays in its own; round 1 is a fresh FedAvgM's round 1
         assert c.post("/api/training/reset", headers=bearer(ADMIN)).get_json()["status"] == "idle"
         assert engine.strategy.state() == {}
-        assert not list((tmp_path / "state" / "saved").glob("*.strategy.safetensors"))
+        assert engine.run_dir != tmp_path / "state" and engine.run()["name"] == "fedavgm-2"
+        assert not list((engine.run_dir / "saved").glob("*.strategy.safetensors"))
+        assert len(list((tmp_path / "state" / "saved").glob("*.strategy.safetensors"))) == 2
         assert c.post("/api/training/start", headers=bearer(ADMIN)).status_code == 200
         one_round(c, token, 1, 3.0)
         fresh, _ = fedavgm_reference([[(3.0, 10)]])
@@ -265,11 +268,13 @@ def test_history_is_built_once_and_a_late_error_still_marks_the_update(tmp_path)
         assert c.get("/api/devices").get_json()["devices"][0]["latest"]["failed"] is True
     finally:
         engine.stop()
-    # and it was stored: a restarted server serves the same entry without rebuilding it
+    # and it was stored: a restarted server serves the same entry without rebuilding it (the run
+    # is finished, so the restart starts run 2; run 1 keeps its history)
     app, engine = make_app(tmp_path, min_devices=1, rounds=1, auto_activate=True, start=True)
     try:
-        [again] = app.test_client().get("/api/history").get_json()["rounds"]
+        [again] = app.test_client().get("/api/runs/1").get_json()["history"]
         assert again == entry
+        assert app.test_client().get("/api/history").get_json()["rounds"] == []
     finally:
         engine.stop()
 

@@ -100,7 +100,7 @@ def test_the_page_starts_where_a_first_run_starts(server) -> None:
     """Tabs in the order of a first run, the launcher first in the first one; the hints name
     the server that is set, not port 4000; Start says who it will train with."""
     at = dashboard()
-    assert [t.label for t in at.tabs] == ["Run", "Results", "Predict", "Robustness and logs"]
+    assert [t.label for t in at.tabs] == ["Run", "Results", "Runs", "Predict", "Robustness and logs"]
     run = at.tabs[0]
     headings = [h.value for h in run.subheader]
     assert headings[:3] == ["Local devices (demo)", "Training", "Devices (0)"], headings

@@ -1,5 +1,6 @@
 """The dashboard's local devices run on the launcher's worker pool: N devices on K worker
-processes (virtual devices), not one process per device; they train a real round and stop."""
+processes (virtual devices), not one process per device; they train a real round, stay for
+the next run (tests/test_devices_between_runs.py), and stop when told."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def test_local_devices_run_on_two_workers(server_factory, split_devices, monkeyp
         wait_until(lambda: server.get("/api/status").json()["status"] == "finished", 240, "the round")
         (entry,) = server.get("/api/history").json()["rounds"]
         assert sorted(entry["devices"]) == [f"device{i}" for i in range(1, 6)]
-        wait_until(lambda: not local.running(), 60, "the workers to finish with the run")
-        assert {r["process"] for r in local.rows()} == {"stopped"}
+        assert len(local.running()) == 5, "they stay enrolled for the next run"
     finally:
         local.stop_all()
+    assert not local.running()
+    assert {r["process"] for r in local.rows()} == {"stopped"}

@@ -118,8 +118,11 @@ def test_max_epsilon_stops_the_run_and_says_why(tmp_path, data_dir):
         final, rounds = status(server), history(server)
         codes = [p.wait(30) for p in procs]
         server.kill()
-        server.start()
-        assert status(server)["reason"] == final["reason"]  # still saying why after a restart
+        server.start()  # a finished run is kept as it ended, saying why; a restart starts a new run
+        assert "run 1 'fedavg-dp-1' is finished: starting run 2" in server.log()
+        kept = server.get("/api/runs/1").json()
+        assert kept["status"] == "finished" and kept["completed_rounds"] == 2
+        assert kept["history"][-1]["privacy"]["budget_spent"] == final["reason"]
     finally:
         stop(procs)
         server.stop()

@@ -66,7 +66,7 @@ def test_page_and_assets_are_served(client):
 
 
 def test_cross_origin_reads_only_for_public_gets(client):
-    for path in ("/api/status", "/api/history", "/api/devices", "/health"):
+    for path in ("/api/status", "/api/history", "/api/devices", "/health", "/api/runs", "/api/runs/1"):
         assert client.get(path).headers.get("Access-Control-Allow-Origin") == "*", path
     assert "Access-Control-Allow-Origin" not in client.get("/api/model").headers
     assert "Access-Control-Allow-Origin" not in client.post("/api/training/start").headers

@@ -168,7 +168,7 @@ def test_fedavg_central_dp_q8_tensorboard_and_the_round_s_model(federation, tmp_
         assert "round 2: loss" in device_log(root, name)
 
     run_dir = tmp_path / "runs" / "torch-run"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["device1", "device2", "global"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["device1", "device2", "global"]
     scalars = read_run(run_dir / "global")
     for entry in rounds:
         assert scalars["test_accuracy"][entry["round"]] == pytest.approx(entry["test_accuracy"], rel=1e-6)

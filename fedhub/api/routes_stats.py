@@ -17,7 +17,8 @@ from fedhub.engine.errors import NotFound
 
 STATS_DIR = ROOT / "dashboard_stats"
 ASSET_SUFFIXES = {".html", ".js", ".css", ".md", ".png", ".svg"}
-CROSS_ORIGIN_READS = {"public.health", "public.status", "public.devices", "public.history"}
+CROSS_ORIGIN_READS = {"public.health", "public.status", "public.devices", "public.history",
+                      "runs.list_runs", "runs.show_run"}
 # Defence in depth: no inline script, no eval, no plugins; data may come from any server.
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; "
                            "img-src 'self' data:; connect-src 'self' http: https:; "

@@ -6,6 +6,9 @@ They run on the same worker pool as ``python -m fedhub.device.launcher --devices
 TensorFlow per device. One :class:`LocalDevices` lives as long as the Streamlit server
 (``st.cache_resource``), so the pools stay reachable from every browser tab and across
 page reloads.
+
+They stay enrolled between runs (the pool's ``stay``): when a run finishes they wait for the
+next one, so Reset then Start, or a new run, trains them again; only Stop all ends them.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class LocalDevices:
             todo = [n for n in names if n not in running]
             if todo:
                 pool = DevicePool(server, todo, root, workers=workers, enroll_secret=enroll_secret(layout),
-                                  auto_activate=auto_activate).start()
+                                  auto_activate=auto_activate, stay=True).start()
                 self._launched.append(Launched(todo, pool))
         return todo
 

@@ -3,14 +3,16 @@
 Watch and drive a federation through the server's HTTP API: the devices with their state
 and lifecycle (activate or deactivate each, interrupt one's local training), start / pause /
 resume / reset, the current round's progress, the global and per-device accuracy and loss over
-rounds, failed updates, the devices' logs (admin token), the latest global model's confusion
-matrix on the test set, a model download, local demo devices, and predictions for an
-uploaded picture. The server URL and admin token come from the sidebar, else from
-``FEDHUB_SERVER`` / ``FEDHUB_ADMIN_TOKEN``, else ``http://127.0.0.1:4000`` and the local
-server's ``admin.token`` in the state directory (``-- --state-dir DIR`` after the script,
-else ``FEDHUB_STATE_DIR``, else ``server_training/``: see :mod:`fedhub.state_dir`);
-``FEDHUB_CA`` names a CA bundle for an HTTPS server with a private CA. Local demo devices
-train on the state directory's ``devices/`` unless ``FEDHUB_DEVICES_ROOT`` says otherwise.
+rounds (of the current run, live, or of a past one), failed updates, the devices' logs (admin
+token), the latest global model's confusion matrix on the test set, a model download, local
+demo devices, predictions for an uploaded picture, and the runs: a new run with chosen
+settings, and runs compared (their curves on one chart, their settings side by side). The
+server URL and admin token come from the sidebar, else from ``FEDHUB_SERVER`` /
+``FEDHUB_ADMIN_TOKEN``, else ``http://127.0.0.1:4000`` and the local server's ``admin.token``
+in the state directory (``-- --state-dir DIR`` after the script, else ``FEDHUB_STATE_DIR``,
+else ``server_training/``: see :mod:`fedhub.state_dir`); ``FEDHUB_CA`` names a CA bundle for
+an HTTPS server with a private CA. Local demo devices train on the state directory's
+``devices/`` unless ``FEDHUB_DEVICES_ROOT`` says otherwise.
 
 The server may be down or restarting at any moment: every call's failure becomes a banner
 with a retry button, never a traceback.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import logging
 import os
@@ -38,6 +41,7 @@ from PIL import Image
 
 from fedhub import state_dir as state
 from fedhub.api.app import MAX_IMAGE_BYTES
+from fedhub.dashboard import runs as run_settings
 from fedhub.dashboard.local_devices import LocalDevices, device_names, missing_data
 from fedhub.dashboard.server_api import (
     DEFAULT_SERVER,
@@ -329,14 +333,16 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
 
     if state == "finished":
         st.info(f"The run is over ({plural(status['completed_rounds'], 'round')} done). To train again, "
-                "Reset (back to the initial model), or Start with more rounds in the run.")
+                "Reset (a new run with the same settings, from the initial model; this one is kept), "
+                "start a New run on the Runs tab, or Start with more rounds in the run.")
 
     if state != "running" and status.get("mode") != "async":
         kind, advice = start_advice(status, len(local_devices().running()))
         (st.warning if kind == "warning" else st.caption)(advice)
     c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1, 2])
+    follow_total_rounds(status)
     rounds = c5.number_input("Rounds in the run (0: until paused)", key="rounds", min_value=0,
-                             max_value=10_000, step=1, value=int(status["total_rounds"] or 0))
+                             max_value=10_000, step=1)
     c1.button("Start", key="start", type="primary", disabled=state == "running", on_click=control,
               args=(lambda: api.start(int(rounds)),
                     f"training started ({plural(rounds, 'round') if rounds else 'until paused'})",
@@ -352,6 +358,16 @@ def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
         reset_confirmation(api, status)
 
 
+def follow_total_rounds(status: dict[str, Any]) -> None:
+    """The "Rounds in the run" input shows the server's total whenever that changes (a restart
+    with other ``--rounds``, a new run, a Start with more rounds), and what the person typed
+    otherwise: a widget's value alone would keep the first total it saw for the whole session."""
+    total = int(status["total_rounds"] or 0)
+    if st.session_state.get("rounds_seen") != total:
+        st.session_state["rounds_seen"] = total
+        st.session_state["rounds"] = total
+
+
 def ask_reset() -> None:
     dismiss()  # a new action: the previous outcome goes
     st.session_state["confirm_reset"] = True
@@ -365,15 +381,27 @@ def reset_confirmation(api: ServerAPI, status: dict[str, Any]) -> None:
     """Reset cannot be undone: it is done only once confirmed here."""
     def reset() -> None:
         cancel_reset()
-        control(api.reset, "reset: every round is forgotten; Start trains again from the initial model")
+        if keeps_runs(api):
+            control(api.reset, "reset: a new run from the initial model, with the same settings (the "
+                               "old one is kept: Runs tab); Start trains it")
+        else:
+            control(api.reset, "reset: every round is forgotten; Start trains again from the initial model")
 
     done = status["completed_rounds"]
     open_round = " and the round in progress" if status["round"] else ""
     with st.container(border=True):
-        st.warning(f"Reset forgets {'all ' if done > 1 else ''}{plural(done, 'completed round')}"
-                   f"{open_round}: their checkpoints, history and test results. The global model "
-                   "goes back to the initial one; devices stay enrolled and active. This cannot be undone.",
-                   icon=":material/warning:")
+        if keeps_runs(api):
+            dropped = "; the round in progress is dropped" if open_round else ""
+            st.warning(f"Reset starts a new run with the same settings, from the initial model. This "
+                       f"run's {plural(done, 'completed round')} {'stays' if done == 1 else 'stay'} "
+                       "readable as a past run (the "
+                       f"Results tab's run picker, and Runs){dropped}. Devices stay enrolled and active.",
+                       icon=":material/warning:")
+        else:
+            st.warning(f"Reset forgets {'all ' if done > 1 else ''}{plural(done, 'completed round')}"
+                       f"{open_round}: their checkpoints, history and test results. The global model "
+                       "goes back to the initial one; devices stay enrolled and active. This cannot be "
+                       "undone.", icon=":material/warning:")
         yes, no, _ = st.columns([1, 1, 3])
         yes.button("Reset the run", key="reset_confirm", type="primary", on_click=reset)
         no.button("Cancel", key="reset_cancel", on_click=cancel_reset)
@@ -821,7 +849,16 @@ def run_view(api: ServerAPI) -> None:
 
 
 def results_view(api: ServerAPI) -> None:
-    """The Results tab's live part: accuracy and loss over rounds, the latest model on the test set."""
+    """The Results tab's live part: the run to show (the current one, live, or a past one),
+    its accuracy and loss over rounds, the latest model on the test set, and a model to download.
+    Every panel here follows the run: each refresh draws them from one reading of the server."""
+    chosen = run_picker(read_runs(api))
+    if chosen is not None:
+        try:
+            past_run_view(api, chosen)
+        except Exception as exc:
+            unexpected(exc)
+        return
     read_now = snapshot(api, "retry_results")
     if read_now is None:
         return
@@ -829,6 +866,274 @@ def results_view(api: ServerAPI) -> None:
     try:
         charts_panel(history, status.get("mode") == "async")
         model_panel(api, history)
+        download_panel(api, history)
+    except Exception as exc:
+        unexpected(exc)
+
+
+# --------------------------------------------------------------------------- runs
+
+CURRENT_RUN = "current"  # the run picker's choice of the current run, live
+
+
+def read_runs(api: ServerAPI) -> list[dict[str, Any]] | None:
+    """The server's runs, newest first; None from a server without runs (``GET /api/runs``
+    404), or when it cannot be read now (the live part beside it says why)."""
+    try:
+        return api.runs()
+    except (*NO_SERVER, ServerError):
+        return None
+
+
+def keeps_runs(api: ServerAPI) -> bool:
+    """Whether the server keeps past runs (a Reset then starts a new one, the old one kept)."""
+    return read_runs(api) is not None
+
+
+def run_picker(runs: list[dict[str, Any]] | None) -> int | None:
+    """Which run the Results tab shows: None for the current run (live), else a past run's id.
+    Past runs are read-only; a server without runs has only the current one (no picker)."""
+    if not runs:
+        return None
+    past = {r["id"]: r for r in runs if not r.get("current")}
+    if st.session_state.get("results_run") not in (CURRENT_RUN, *past):
+        st.session_state["results_run"] = CURRENT_RUN  # that run is gone (deleted)
+    choice = st.selectbox("Run", [CURRENT_RUN, *past], key="results_run",
+                          format_func=lambda r: "the current run (live)" if r == CURRENT_RUN
+                          else run_settings.run_label(past[r]),
+                          help="The current run refreshes live; a past run is shown as it ended.")
+    return None if choice == CURRENT_RUN else int(choice)
+
+
+def run_detail(api: ServerAPI, run_id: int) -> dict[str, Any]:
+    """``GET /api/runs/<id>``; a finished run's answer is kept for the session (it cannot change),
+    a running one's is read again on each refresh."""
+    kept = st.session_state.setdefault("run_details", {})
+    key = f"{api.server} {run_id}"
+    if key in kept:
+        return kept[key]
+    run = api.run(run_id)
+    if run.get("status") == "finished" and not run.get("current"):
+        kept[key] = run
+    return run
+
+
+def past_run_view(api: ServerAPI, run_id: int) -> None:
+    """A past run, read-only: what it was, its settings, its curves (models and downloads are the
+    current run's; the server serves those by round of the current run)."""
+    run = read(lambda: run_detail(api, run_id), "The run")
+    if run is None:
+        return
+    finished = ago(run.get("finished_at")) if run.get("finished_at") else "not finished"
+    st.info(f"**{as_text(run_settings.run_label(run))}**: {run['completed_rounds']} of "
+            f"{run['total_rounds'] or '∞'} rounds, created {ago(run.get('created_at'))}, finished "
+            f"{finished}. A past run is read-only; choose the current run to follow training.",
+            icon=":material/history:")
+    charts_panel(run.get("history") or [], run.get("settings", {}).get("mode") == "async")
+    with st.expander("Its settings"):
+        table(run_settings.settings_table([run]).drop(columns="differs"))
+
+
+def compare_chart(frame: pd.DataFrame, metric: str, title: str) -> alt.Chart:
+    """One chart for every chosen run: the global model's ``metric`` per round, a colour per run."""
+    return alt.Chart(frame.dropna(subset=[metric]), title=title).mark_line(point=True).encode(
+        x=alt.X("round:Q", title="round", axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y(f"{metric}:Q", title=metric, scale=alt.Scale(zero=False)),
+        color=alt.Color("run:N", title="run", legend=alt.Legend(orient="bottom", labelLimit=400),
+                        scale=alt.Scale(range=[GLOBAL_COLOUR, *DEVICE_COLOURS])),
+        tooltip=["run", "round", alt.Tooltip(f"{metric}:Q", format=".4f")])
+
+
+def differs_style(row: pd.Series) -> list[str]:
+    """A setting the runs disagree on stands out, the whole row."""
+    return [AMBER if row["differs"] == run_settings.DIFFERS else ""] * len(row)
+
+
+def compare_view(api: ServerAPI) -> None:
+    """Compare runs: the chosen runs' test accuracy and loss per round on one chart each (a colour
+    per run), and their settings side by side with the differing ones marked. Live: the current
+    run's curve grows as it trains."""
+    st.subheader("Compare runs")
+    runs = read_runs(api)
+    if runs is None:
+        st.info("This server keeps no past runs (no GET /api/runs): only the current run is shown.")
+        return
+    if len(runs) < 2:
+        st.info("One run so far: start another (New run, below, or Reset on the Run tab) to compare.")
+    by_id = {r["id"]: r for r in runs}
+    chosen = st.multiselect("Runs to compare", list(by_id), default=list(by_id)[:2], key="compare_runs",
+                            format_func=lambda i: run_settings.run_label(by_id[i]) if i in by_id else f"#{i}")
+    details = []
+    for run_id in chosen:
+        if run_id in by_id:
+            detail = read(lambda i=run_id: run_detail(api, i), f"Run #{run_id}")
+            if detail is not None:
+                details.append(detail)
+    if not details:
+        return
+    frame = run_settings.curves_frame(details)
+    if frame.empty:
+        st.info("None of these runs has completed a round yet: the curves appear after round 1.")
+    else:
+        left, right = st.columns(2)
+        left.altair_chart(compare_chart(frame, "accuracy", "test accuracy per round, by run"),
+                          width="stretch")
+        right.altair_chart(compare_chart(frame, "loss", "test loss per round, by run"), width="stretch")
+    settings = run_settings.settings_table(details)
+    differ = run_settings.differing(settings)
+    st.markdown(f"**Settings**: {run_settings.DIFFERS} marks what differs "
+                + (f"({as_text(', '.join(differ))})" if differ else "(nothing)"))
+    if st.toggle("Only the settings that differ", key="compare_only_differing", value=False):
+        settings = settings[settings["differs"] == run_settings.DIFFERS]
+    # a static table (few rows), so that what differs reads at a glance and prints as it shows
+    st.table(settings.set_index("setting").style.apply(differs_style, axis=1))
+
+
+def number_text(value: Any) -> str:
+    return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def parse_param(spec: dict[str, Any], text: str) -> Any:
+    """A strategy parameter as typed into the form, as its declared type (empty: its default).
+    ValueError naming the parameter for text that is not one."""
+    text = text.strip()
+    if not text:
+        return None
+    kind = spec["type"]
+    try:
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+        if kind.startswith("bool"):
+            return text.lower() in ("1", "true", "yes", "on")
+    except ValueError:
+        raise ValueError(f"{spec['name']} must be {kind}, got {text!r}") from None
+    return text
+
+
+def form_defaults(runs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """What the New run form starts with: the current run's settings, else the engine's defaults
+    (:func:`fedhub.dashboard.runs.engine_defaults`, the one place they come from)."""
+    defaults = dataclasses.asdict(run_settings.engine_defaults())
+    current = next((r for r in runs or [] if r.get("current")), None)
+    settings = dict((current or {}).get("settings") or {})
+    settings.update(settings.pop("training", None) or {})  # nested or flat, as the server keeps them
+    out = {**defaults, **{k: v for k, v in settings.items() if k in defaults and v is not None}}
+    out["strategy_params"] = settings.get("strategy_params") or {}
+    out["dp_on"] = bool(settings.get("dp"))
+    out["dp"] = {**defaults["dp"], **(settings.get("dp") or {})}
+    return out
+
+
+def seed_form(defaults: dict[str, Any]) -> None:
+    """Fill the form's widgets once per session (afterwards they keep what the person typed)."""
+    if st.session_state.get("new_run_seeded"):
+        return
+    st.session_state["new_run_seeded"] = True
+    state = st.session_state
+    state["new_strategy"] = defaults["strategy"]
+    for key in ("rounds", "epochs", "batch_size"):
+        state[f"new_{key}"] = int(defaults[key])
+    for key in ("learning_rate", "fraction", "quorum", "round_timeout"):
+        state[f"new_{key}"] = float(defaults[key])
+    state["new_compression"] = defaults["compression"]
+    state["new_dp_mode"] = defaults["dp"]["mode"] if defaults["dp_on"] else run_settings.NO_DP
+    for key in ("noise_multiplier", "clipping_norm", "delta"):
+        state[f"new_dp_{key}"] = float(defaults["dp"][key])
+    state["new_dp_max_epsilon"] = number_text(defaults["dp"].get("max_epsilon"))
+    for name, value in defaults["strategy_params"].items():
+        state[f"new_param_{defaults['strategy']}_{name}"] = number_text(value)
+
+
+def new_run_panel(api: ServerAPI) -> None:
+    """Start a new run with chosen settings (``POST /api/runs``); the current run is kept."""
+    st.subheader("New run")
+    if not api.admin_token:
+        st.info("Starting a run needs the admin token (sidebar).")
+        return
+    runs = read_runs(api)
+    if runs is None:
+        st.info("This server cannot start runs (no POST /api/runs): restart it with other options.")
+        return
+    seed_form(form_defaults(runs))
+    st.caption("The form starts as a copy of the current run's settings; the server checks them "
+               "and names a setting it refuses. Devices enrolled now train in the new run.")
+    c1, c2 = st.columns([1, 2])
+    name = c1.text_input("Name (optional)", key="new_name", max_chars=100)
+    strategy = c2.selectbox("Strategy", run_settings.strategy_names(), key="new_strategy")
+    specs = run_settings.strategy_params(strategy)
+    if specs:
+        cols = st.columns(len(specs))
+        for col, spec in zip(cols, specs, strict=True):
+            col.text_input(spec["name"], key=f"new_param_{strategy}_{spec['name']}",
+                           placeholder=f"default {number_text(spec['default']) or 'none'}", help=spec["help"])
+    c = st.columns(4)
+    c[0].number_input("Rounds (0: until paused)", key="new_rounds", min_value=0, max_value=10_000_000, step=1)
+    c[1].number_input("Local epochs", key="new_epochs", min_value=1, max_value=10_000, step=1)
+    c[2].number_input("Batch size", key="new_batch_size", min_value=1, max_value=1_000_000, step=1)
+    c[3].number_input("Learning rate", key="new_learning_rate", min_value=0.0, max_value=10.0,
+                      format="%g", step=1e-4)
+    c = st.columns(4)
+    c[0].number_input("Fraction of devices a round", key="new_fraction", min_value=0.0, max_value=1.0,
+                      step=0.1, format="%g")
+    c[1].number_input("Quorum", key="new_quorum", min_value=0.0, max_value=1.0, step=0.1, format="%g")
+    c[2].number_input("Round timeout (s)", key="new_round_timeout", min_value=1.0, step=10.0, format="%g")
+    c[3].text_input("Compression", key="new_compression",
+                    help="none, q8, q4 (8/4-bit deltas) or topk:FRACTION (sparse, with error feedback)")
+    c = st.columns(5)
+    mode = c[0].selectbox("Differential privacy", [run_settings.NO_DP, *run_settings.dp_modes()],
+                          key="new_dp_mode")
+    if mode != run_settings.NO_DP:
+        c[1].number_input("Noise multiplier", key="new_dp_noise_multiplier", min_value=0.0, format="%g")
+        c[2].number_input("Clipping bound", key="new_dp_clipping_norm", min_value=0.0, format="%g")
+        c[3].number_input("δ", key="new_dp_delta", min_value=0.0, max_value=0.5, format="%g")
+        c[4].text_input("Budget ε (optional)", key="new_dp_max_epsilon")
+
+    def start() -> None:
+        state = st.session_state
+        try:
+            params = {spec["name"]: parse_param(spec, state.get(f"new_param_{strategy}_{spec['name']}", ""))
+                      for spec in specs}
+            dp = None
+            if state["new_dp_mode"] != run_settings.NO_DP:
+                budget = parse_param({"name": "budget ε", "type": "float"},
+                                     state.get("new_dp_max_epsilon", ""))
+                dp = {"mode": state["new_dp_mode"], "noise_multiplier": state["new_dp_noise_multiplier"],
+                      "clipping_norm": state["new_dp_clipping_norm"], "delta": state["new_dp_delta"],
+                      "max_epsilon": budget}
+            settings = run_settings.new_run_settings(
+                strategy=state["new_strategy"], params=params, rounds=state["new_rounds"],
+                epochs=state["new_epochs"], batch_size=state["new_batch_size"],
+                learning_rate=state["new_learning_rate"], fraction=state["new_fraction"],
+                quorum=state["new_quorum"], round_timeout=state["new_round_timeout"],
+                compression=state["new_compression"], dp=dp)
+        except ValueError as exc:
+            flash("error", f"Not started: {exc}", "new_run")
+            return
+        try:
+            answer = api.new_run(settings, name.strip() or None)
+            if state.get("new_start", True):
+                answer.update(api.start())
+        except NO_SERVER as exc:
+            flash("error", f"The server cannot be reached: {exc}", "new_run")
+        except ServerError as exc:  # a refused setting: the server names it
+            flash("error", refusal(exc), "new_run")
+        else:
+            flash("success", f"new run #{answer.get('id', '?')} ({settings['strategy']}): "
+                             f"{answer.get('status', '?')}; compare it with the others above", "new_run")
+
+    st.checkbox("Start training at once", key="new_start", value=True,
+                help="Else the new run waits, idle, for Start on the Run tab.")
+    st.button("Start the new run", key="new_run", type="primary", on_click=start,
+              help="POST /api/runs: the current run is kept, and can be compared with the new one.")
+    show_flash("new_run")
+
+
+def runs_view(api: ServerAPI) -> None:
+    """The Runs tab's live part: the runs compared (the current one's curve grows as it trains)."""
+    try:
+        compare_view(api)
     except Exception as exc:
         unexpected(exc)
 
@@ -992,15 +1297,14 @@ def export_caption(network: dict[str, Any]) -> str:
     return "A `.keras` file that plain `keras.saving.load_model` opens"
 
 
-def download_panel(api: ServerAPI) -> None:
-    """The global model of a completed round as the file its framework exports (``.keras``, or
-    ``.pt2`` for PyTorch, as the server's status names it), fetched only on the click."""
+def download_panel(api: ServerAPI, history: list[dict[str, Any]]) -> None:
+    """The global model of a completed round of the current run as the file its framework
+    exports (``.keras``, or ``.pt2`` for PyTorch, as the server's status names it), fetched only
+    on the click. ``history``: the rounds the Results tab's live part has just read, so that a
+    round completing shows here at once (outside that part, this panel was drawn only on a page
+    reload, and said "nothing to download" after training)."""
     st.subheader("Download a model")
-    try:
-        done = [r["round"] for r in reversed(api.history())]
-    except (*NO_SERVER, ServerError) as exc:
-        st.caption(f"The rounds could not be read: {exc}")
-        return
+    done = [r["round"] for r in reversed(history)]
     if not done:
         st.info("No round has completed yet: nothing to download.")
         return
@@ -1106,13 +1410,14 @@ def predict_panel(api: ServerAPI) -> None:
         show_prediction(api, picture.name, picture.getvalue(), picture.type, network)
 
 
-TABS = ("Run", "Results", "Predict", "Robustness and logs")
+TABS = ("Run", "Results", "Runs", "Predict", "Robustness and logs")
 
 
 def main() -> None:
     """The page, in tabs ordered by what a user does first: Run (launch devices, start, the
-    devices), Results (charts, the model on the test set, download), Predict, and the details
-    (robust aggregation, secure aggregation, logs). Each tab's live part refreshes on its own."""
+    devices), Results (charts, the model on the test set, download: the current run's or a past
+    one's), Runs (compare runs, start a new one), Predict, and the details (robust aggregation,
+    secure aggregation, logs). Each tab's live part refreshes on its own."""
     st.set_page_config(page_title="FedHub dashboard", page_icon=":material/hub:", layout="wide")
     title = st.empty()  # first on the page; its data set is the server's, known once connected
     api, live = sidebar()
@@ -1120,7 +1425,7 @@ def main() -> None:
     title.title(f"FedHub · federated {DATASET_TITLES.get(dataset, dataset)}")
     every = REFRESH_SECONDS if live else None
     try:
-        run, results, predict, details = st.tabs(TABS, key="view")
+        run, results, runs, predict, details = st.tabs(TABS, key="view")
         with run:
             st.caption("A first run: **1.** launch devices, **2.** Start; then watch the "
                        "**Results** tab, and try the model in **Predict**.")
@@ -1128,7 +1433,9 @@ def main() -> None:
             st.fragment(run_every=every)(run_view)(api)
         with results:
             st.fragment(run_every=every)(results_view)(api)
-            download_panel(api)
+        with runs:
+            st.fragment(run_every=every)(runs_view)(api)
+            new_run_panel(api)
         with predict:
             predict_panel(api)
         with details:

@@ -65,7 +65,25 @@ class ServerAPI:
         answer = self._call("GET", "/api/history")
         return answer["rounds"], answer.get("failures", [])
 
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run the server keeps, newest first (``GET /api/runs``)."""
+        return self._call("GET", "/api/runs")["runs"]
+
+    def run(self, run_id: int) -> dict[str, Any]:
+        """One run with its completed rounds (``history``, as ``GET /api/history`` gives them)."""
+        return self._call("GET", f"/api/runs/{int(run_id)}")
+
     # control: admin token ----------------------------------------------------
+    def new_run(self, settings: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+        """Start a new run with these settings (``POST /api/runs``); the current one is kept."""
+        body: dict[str, Any] = {"settings": settings}
+        if name:
+            body["name"] = name
+        return self._call("POST", "/api/runs", json=body)
+
+    def delete_run(self, run_id: int) -> dict[str, Any]:
+        return self._call("DELETE", f"/api/runs/{int(run_id)}")
+
     def set_active(self, name: str, active: bool) -> dict[str, Any]:
         return self._call("POST", f"/api/devices/{name}/{'activate' if active else 'deactivate'}")
 

@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="your own trainer instead of the built-in one: NAME(data_dir) must return "
                         "an object with validate/initialise/train/evaluate (see fedhub/device/trainer.py); "
                         "data_dir is the folder of --data, else <devices-root>/<name>/data")
+    p.add_argument("--stay", action="store_true",
+                   help="when a run finishes, save the final model and keep waiting, enrolled, for the "
+                        "next run (a Reset or a new run) until stopped (Ctrl-C, SIGTERM), instead of "
+                        "leaving the federation")
     p.add_argument("--poll-wait", type=float, default=20.0, help="long-poll seconds")
     p.add_argument("--retry-for", type=float, default=300.0,
                    help="seconds to keep retrying while the server is unreachable")
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = DeviceRunner(client, trainer, folder, enroll_secret=secret,
                           secret_file=None if secret else layout.enroll_secret_file,
                           auto_activate=True if a.auto_activate else None, poll_wait=a.poll_wait,
-                          attack=a.attack_obj, secagg_dropout=a.secagg_dropout)
+                          attack=a.attack_obj, secagg_dropout=a.secagg_dropout, stay=a.stay)
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt

@@ -104,7 +104,9 @@ class DevicePool:
     to the attack each mounts (:mod:`fedhub.device.attacks`), ``slowdown`` to how many times its training
     time a simulated slow device's update takes to arrive. ``keepalive`` must stay well
     under the server's ``--device-timeout``. A worker is restarted at most ``max_restarts``
-    times; after that :attr:`error` says why and :meth:`wait` raises.
+    times; after that :attr:`error` says why and :meth:`wait` raises. ``stay``: the devices
+    stay enrolled and waiting when a run finishes (the dashboard's, for its next run), so the
+    workers run until :meth:`stop`; off, they exit with the run and :meth:`wait` returns.
     """
 
     def __init__(self, server: str, names: Sequence[str], devices_root: str | Path, *,
@@ -115,7 +117,7 @@ class DevicePool:
                  backend: str = "process", ray_address: str | None = None,
                  cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                  attacks: Mapping[str, Attack] | None = None, secagg_dropout: float = 0.0,
-                 slowdown: Mapping[str, float] | None = None) -> None:
+                 slowdown: Mapping[str, float] | None = None, stay: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         if not names:
@@ -144,6 +146,7 @@ class DevicePool:
         self.attacks = {name: attack.describe() for name, attack in (attacks or {}).items()}
         self.secagg_dropout = secagg_dropout
         self.slowdown = dict(slowdown or {})  # simulated slow devices: name -> factor
+        self.stay = stay
         self.error: str | None = None
         self._slots: list[_Slot] = []
         self._runner: Any = None
@@ -179,7 +182,8 @@ class DevicePool:
                               secagg_dropout=self.secagg_dropout,
                               slowdown={n: f for n, f in self.slowdown.items()
                                         if n in self.names[index::count]},
-                              enroll_secret=self.enroll_secret, parent_pid=os.getpid())
+                              enroll_secret=self.enroll_secret, parent_pid=os.getpid(),
+                              stay=self.stay)
             slot = _Slot(spec)
             slot.handle = self._runner.launch(spec, 0)
             self._slots.append(slot)

@@ -1,4 +1,5 @@
-"""The device loop: enroll, wait until active, then pull -> train -> push, until the run ends."""
+"""The device loop: enroll, wait until active, then pull -> train -> push, until the run ends
+(or, with ``stay``, on through the runs that follow until it is stopped)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class DeviceRunner:
                  enroll_secret: str | None = None, secret_file: Path | None = None,
                  auto_activate: bool | None = None, poll_wait: float = 20.0,
                  attack: Attack | None = None, slowdown: float = 1.0, print_fn=print,
-                 secagg_dropout: float = 0.0) -> None:
+                 secagg_dropout: float = 0.0, stay: bool = False) -> None:
         """``secret_file``: read the enrollment secret from this file (the local server's)
         instead of ``enroll_secret``, again on each refusal while the retry time lasts.
         ``attack``: poison what this device sends (a demo of attacks on the federation; its
@@ -48,7 +49,9 @@ class DeviceRunner:
         device enrolls, so that the dashboards show it. ``slowdown``: a simulated slow device
         takes this many times its training time before its update arrives (see :attr:`deliver`).
         ``secagg_dropout``: the chance (a simulation) of dropping out of a secure-aggregation
-        round after dealing its shares."""
+        round after dealing its shares. ``stay``: when a run finishes, save the final model and
+        keep waiting, enrolled, for the next run (a Reset, or a new run) instead of leaving: a
+        dashboard that starts another run must not wait for devices that went home."""
         self.client = client
         self.trainer = trainer
         self.folder = Path(folder)
@@ -58,6 +61,7 @@ class DeviceRunner:
         self.poll_wait = poll_wait
         self.attack = attack
         self.slowdown = slowdown
+        self.stay = stay
         # deliver(delay, send): send the update after ``delay`` seconds. Here it waits; a pool
         # worker queues it instead and serves its other devices meanwhile.
         self.deliver: Callable[[float, Callable[[], None]], None] = self._deliver_after
@@ -238,18 +242,38 @@ class DeviceRunner:
             code = self.handle_task(task)
             if code is not None:
                 return code
+            if task["action"] == "finish":  # staying: "finish" comes at once, so wait here
+                self._await_next_run()
         return 0
+
+    def _await_next_run(self) -> None:
+        """Wait, at most ``poll_wait`` seconds, for the finished run to give way to another (a
+        long poll on the public status), then the loop asks for a task again: that request is
+        what keeps this device online in the server's eyes between runs."""
+        status = self.client.status()
+        if status.get("status") != "finished":
+            return
+        if status.get("revision") is None:  # a server without long polls on its status
+            self._stop.wait(self.poll_wait)
+            return
+        self.client.status(self.poll_wait, since=status["revision"])
 
     def handle_task(self, task: dict[str, Any]) -> int | None:
         """Do what one task says: train a round, wait, or finish. Returns the exit code once
         the run is over, else None. The loop above and the pool's virtual devices call it."""
         action = task["action"]
         if action == "finish":
+            if self.stay and self._finished:  # said and saved already: still waiting
+                return None
             self._finished = True
             self._say(f"run finished at model version {task['model_version']}")
             self._finish()
+            if self.stay:
+                self._say("staying enrolled: waiting for the next run (stop the device to leave)")
+                return None
             self.leave()  # so a later run does not select a device that has gone
             return 0
+        self._finished = False  # a new run (a Reset, or another run) has begun
         if action == "secagg":
             self.secure.step(task)
             return None

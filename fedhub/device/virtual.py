@@ -84,6 +84,9 @@ class WorkerSpec:
     enroll_secret: str | None = field(default=None, repr=False)
     # The process that launched this worker: once it is gone, the worker stops (not with Ray).
     parent_pid: int | None = None
+    # Keep the devices enrolled and waiting when a run finishes, until stopped (the dashboard's
+    # local devices, so that its next run finds them); off, the worker exits with the run.
+    stay: bool = False
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -354,7 +357,8 @@ class Worker:
                                   enroll_secret=self.spec.enroll_secret,
                                   auto_activate=self.spec.auto_activate, poll_wait=0.0,
                                   attack=attack, slowdown=self.spec.slowdown.get(name, 1.0),
-                                  print_fn=self._print, secagg_dropout=self.spec.secagg_dropout)
+                                  print_fn=self._print, secagg_dropout=self.spec.secagg_dropout,
+                                  stay=self.spec.stay)
             runner.deliver = lambda delay, send, name=name: self._defer(name, delay, send)
             handler = RemoteLogHandler(runner.client, background=False)
             handler.addFilter(_worth_sending)
@@ -390,14 +394,25 @@ class Worker:
     def _loop(self) -> None:
         asks = RoundAsks()
         revision = None  # set after a pass with nothing to do: the next status waits for a change
+        told: set[str] = set()  # devices asked for their task since the run finished
         while not self._stop.is_set() and self._alive():
             self._send_due()
             status = self._public.status(self.spec.poll_interval, since=revision)
             revision = None
             if status["status"] == "finished":
                 for name in self._alive():
-                    self._step(name)  # "finish": saves nothing here, leaves
-                return
+                    if name not in told:  # once per device and finished run
+                        told.add(name)
+                        self._step(name)  # "finish": saves nothing here; leaves unless staying
+                if not self.spec.stay:
+                    return
+                # staying: keep the devices online, and wait for the run to give way to another
+                self._keepalive(budget=32)
+                revision = status.get("revision")
+                if revision is None:
+                    self._stop.wait(self.spec.poll_interval)
+                continue
+            told.clear()
             if status.get("mode") == "async":
                 self._train_continuously(status)
                 continue

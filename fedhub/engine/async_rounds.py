@@ -98,7 +98,7 @@ class AsyncRounds(RoundPolicy):
                          clock=clock)
         self._spec = spec
         self._compression = compression.parse(config.training.compression)
-        self._dir = storage.state_dir / "async"
+        self._dir = storage.run_dir / "async"
         self._buffers: dict[int, Buffer] = {}
         self._uploading: set[tuple[str, str]] = set()  # (device, idempotency key) being folded in
         self._versions: dict[int, Weights] = {}  # recent global models, the deltas' bases
@@ -294,7 +294,7 @@ class AsyncRounds(RoundPolicy):
                 s.set_status("finished")
                 raise Conflict(f"the run is over: {exc.message}", "round") from None
         zeros = {n: np.zeros_like(a) for n, a in s.weights.items()}
-        return self._strategy.begin(zeros, spill_dir=self._storage.state_dir,
+        return self._strategy.begin(zeros, spill_dir=self._storage.run_dir,
                                     memory_budget=self._config.memory_budget)
 
     def _target(self, device: str | None = None) -> int:

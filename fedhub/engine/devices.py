@@ -293,6 +293,10 @@ class DeviceRegistry:
         if refusal is not None:
             raise refusal
 
+    def set_timeout(self, device_timeout: float) -> None:
+        """Seconds unseen before an idle device counts as offline (a new run's setting)."""
+        self._timeout = device_timeout
+
     def available(self) -> list[str]:
         """Admitted devices (see :meth:`refusal`) that are online now: the candidates for a new
         round."""

@@ -1,4 +1,4 @@
-"""Round hooks (the predictor's reload, TensorBoard, ``eval/history.csv``) on their own thread.
+"""Round hooks (the predictor's reload, TensorBoard, MLflow, ``eval/history.csv``) on their own thread.
 
 They can take seconds (building and warming up a Keras model, writing event files),
 so the driver hands each completed round over and opens the next round at once.
@@ -51,12 +51,20 @@ class RoundHooks:
         self._queue.join()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Run what is queued, then end the thread."""
+        """Run what is queued, end the thread, then close each hook that has a ``close()`` (a
+        tracker ends its run: TensorBoard's writers, an MLflow run's status and final model)."""
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
             thread.join(timeout)
+        for hook in self._hooks:
+            close = getattr(hook, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:
+                    log.exception("round hook %r failed to close", hook)
 
     def _run(self) -> None:
         while True:

@@ -110,7 +110,7 @@ class RoundState:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         self.status = status
-        self._storage.set_setting("status", status)
+        self._storage.set_run_status(status, now=time.time())
         self.cond.notify_all()
 
     def drop(self, name: str) -> bool:

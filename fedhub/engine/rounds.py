@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from . import compression, wire
+from . import compression, runs, wire
 from .async_rounds import AsyncRounds
 from .config import FederationConfig
 from .device_logs import DeviceLogs
@@ -49,8 +50,8 @@ __all__ = ["STATUSES", "Coordinator", "Evaluate", "RoundHook"]
 # Seconds a device told "retry_in" waits before polling again (at most the wait it asked for).
 RETRY_IN = 2.0
 MAX_REVISION = 200
-NEW_RUN = ("To start a new run instead: --reset (or python -m fedhub.cleaner) wipes this state "
-           "directory's rounds, or give a fresh --state-dir (fedhub.Server: a fresh state_dir).")
+NEW_RUN = ("To start a new run instead, start without --resume, or give --new-run NAME (a fresh "
+           "--state-dir, fedhub.Server: a fresh state_dir, works too).")
 
 
 class Coordinator:
@@ -60,39 +61,60 @@ class Coordinator:
                  initial_weights: Mapping[str, np.ndarray], config: FederationConfig,
                  evaluate: Evaluate | None = None, strategy: Strategy | None = None,
                  max_upload_bytes: int = wire.DEFAULT_MAX_BYTES,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, identity: Mapping[str, Any] | None = None,
+                 resume: str | None = None, new_run: str | None = None) -> None:
         """ValueError (one line) for settings that cannot work, such as ``min_devices`` below
-        what the strategy needs in a round."""
+        what the strategy needs in a round, or a run that cannot go on (:mod:`.runs`).
+
+        Which run it drives is decided once, here (:func:`.runs.choose`): the state directory's
+        current run if it is unfinished and has these settings, ``resume``'s, or a new one
+        (``new_run``: its name); :attr:`run_message` is the line that says which and why.
+        ``identity``: what the run's settings hold besides the federation's (the data set)."""
         config.validate()
-        self.config = config
-        self.strategy = strategy or config.make_strategy()
-        config.check_strategy(self.strategy)
+        strategy = strategy or config.make_strategy()
+        config.check_strategy(strategy)
         self.max_upload_bytes = max_upload_bytes
         self._storage = storage
         self._devices = devices
         self._clock = clock
+        self._identity = dict(identity or {})
+        choice = runs.choose(storage, config, self._identity, resume=resume, new_run=new_run, now=clock())
+        config.rounds = choice.rounds
+        self.run_message = choice.message
+        self._current = self._run_ref()
+        self._evaluate = evaluate
         self._evaluations = Evaluations(evaluate) if evaluate is not None else None
         self._initial = {k: np.array(v) for k, v in initial_weights.items()}
         self.spec = wire.spec_of(self._initial)
-        self.compression = compression.parse(config.training.compression)
-        self._downlink = compression.Downlink(self.compression) if config.compress_downlink else None
         self._logs = DeviceLogs(storage, clock=clock)
-        self._history = RoundHistory(storage, self._logs)
         self._hooks = RoundHooks()
         self._state = RoundState(storage)
         self._cond = self._state.cond
-        parts = {"storage": storage, "devices": devices, "history": self._history, "hooks": self._hooks,
-                 "strategy": self.strategy, "config": config, "evaluate": evaluate,
-                 "evaluations": self._evaluations, "clock": clock}
-        policies: dict[str, Callable[[], RoundPolicy]] = {
-            "sync": lambda: SyncRounds(self._state, reference=self._reference, **parts),
-            "async": lambda: AsyncRounds(self._state, spec=self.spec, **parts)}
-        self._policy = policies[config.mode]()
+        self._run_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._switching = threading.Lock()  # one run switch at a time
+        self._started = False
+        self._use(config, strategy)
         # Long polls allowed to wait at once (None: no limit); the HTTP server sets it below
         # its worker thread count, as each waiting poll holds a worker thread.
         self.max_waiters: int | None = None
         self._waiters = 0
         self._recover()
+
+    def _use(self, config: FederationConfig, strategy: Strategy) -> None:
+        """Drive the storage's current run with ``config`` and ``strategy``: its compression, its
+        history and a round policy of its own (the policy's thread is not started here)."""
+        self.config = config
+        self.strategy = strategy
+        self.compression = compression.parse(config.training.compression)
+        self._downlink = compression.Downlink(self.compression) if config.compress_downlink else None
+        self._history = RoundHistory(self._storage, self._logs)
+        parts = {"storage": self._storage, "devices": self._devices, "history": self._history,
+                 "hooks": self._hooks, "strategy": strategy, "config": config, "evaluate": self._evaluate,
+                 "evaluations": self._evaluations, "clock": self._clock}
+        policies: dict[str, Callable[[], RoundPolicy]] = {
+            "sync": lambda: SyncRounds(self._state, reference=self._reference, **parts),
+            "async": lambda: AsyncRounds(self._state, spec=self.spec, **parts)}
+        self._policy = policies[config.mode]()
 
     # start-up -------------------------------------------------------------
     def _recover(self) -> None:
@@ -109,12 +131,14 @@ class Coordinator:
                 if wire.spec_of(weights) != self.spec:
                     raise ValueError(
                         f"checkpoint of round {last['number']} does not match the configured model; "
-                        "use --reset or another state directory")
+                        "start a new run beside it (--new-run NAME), or use another state directory")
                 self._state.install(last["number"], weights)
                 self._restore_strategy_state(last["number"])
                 log.info("resuming after completed round %d", last["number"])
             default = "running" if self.config.start else "idle"
-            status = self._storage.get_setting("status", default) or default
+            status = self._storage.run_status() or default
+            if status == "stopped":
+                status = "idle"
             if self.config.start and status in ("idle", "paused"):
                 status = "running"
             self._state.set_status(status)
@@ -186,13 +210,21 @@ class Coordinator:
 
     def start(self) -> None:
         """Start the driver thread (idempotent)."""
+        self._started = True
         self._policy.start()
 
     def stop(self) -> None:
         """Stop the driver, let the queued round hooks run, persist last-seen times."""
+        self._started = False  # a run switched to from now on does not start its driver
         self._policy.stop()
         self._hooks.stop()
         self._devices.flush()
+
+    def add_run_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(run)`` (:meth:`run`'s answer) when another run becomes current (a
+        reset, ``POST /api/runs``): what follows the run (the history CSV, the predictor, a
+        tracker) starts again with it."""
+        self._run_listeners.append(listener)
 
     def add_hook(self, hook: RoundHook) -> None:
         """Call ``hook(history_entry, global_weights)`` after each completed round, on the
@@ -244,7 +276,10 @@ class Coordinator:
         their ETag: with ``compress_downlink``, only the change when it holds the previous version."""
         with self._cond:
             if self._downlink is None:
-                return self._state.version, self._state.encoded, f"v{self._state.version}"
+                # the run in it too: version numbers start again in each run, and a device's copy
+                # of another run's version 3 is not this run's
+                etag = f"v{self._state.version}-{self._current['id']:x}"
+                return self._state.version, self._state.encoded, etag
             self._sync_downlink()
             version = self._state.version
             return version, self._downlink.body_for(have), self._downlink.etag(version)
@@ -469,6 +504,9 @@ class Coordinator:
                         or not 0 <= rounds <= wire.MAX_INTEGER):
                     raise InvalidInput(f"rounds must be an integer from 0 to {wire.MAX_INTEGER}", "rounds")
                 self.config.rounds = rounds
+                run = self._storage.get_run(self._current["id"])
+                if run is not None and run["settings"] is not None:  # a restart goes on with them
+                    self._storage.set_run_settings({**run["settings"], "rounds": rounds})
             if self.config.rounds and self._state.version >= self.config.rounds:
                 raise Conflict(
                     f"the run is over ({plural(self.config.rounds, 'round')} done); "
@@ -488,20 +526,87 @@ class Coordinator:
             return self.status()
 
     def reset(self) -> dict[str, Any]:
-        """Forget every round and the strategy's state, and start again from the initial model
-        (devices stay enrolled)."""
-        with self._cond:
-            while self._state.busy or self._policy.uploading:
-                self._cond.wait(0.5)
-            self._policy.reset()
-            self._storage.reset_rounds()
-            self._history.clear()
-            self.strategy.reset()
-            self._install_initial()
-            self._state.last_error = None
-            self._state.reason = ""
-            self._state.set_status("idle")
-            return self.status()
+        """A new run with the same settings, from the initial model, idle (devices stay enrolled
+        and get its tasks when it starts). The run before it is kept, with everything it
+        recorded; deleting a run is :meth:`delete_run`."""
+        self.start_run()
+        return self.status()
+
+    def start_run(self, name: object = None, settings: object = None) -> dict[str, Any]:
+        """Admin: make a new run current, with the current run's settings and ``settings`` over
+        them (the training's: :data:`.runs.RUN_SETTINGS`, checked as the flags are), idle. A refusal
+        (InvalidInput naming the setting, Conflict for a name in use) changes nothing. The run
+        before it stays, ``stopped`` if it was not finished. Devices stay enrolled and get the new
+        run's tasks; an open round is discarded."""
+        with self._switching:
+            config = runs.configure(self.config, settings)
+            strategy = config.make_strategy()
+            if name is not None:
+                name = runs.check_name(name)
+                taken = self._storage.find_run(name)
+                if taken is not None and taken["name"] == name:
+                    raise Conflict(f"a run named {name!r} exists already (run {taken['id']})", "name")
+            old, previous = self._policy, self._storage.get_run(self._storage.run_id)
+            old.stop()  # its thread ends its turn; a round being aggregated is published first
+            try:
+                with self._cond:
+                    while self._state.busy or old.uploading:
+                        self._cond.wait(0.5)
+                    old.reset()
+                    self._storage.discard_pending_async_updates()  # their files went with the buffers
+                    now = self._clock()
+                    settings_now = runs.run_settings(config, self._identity)
+                    run_id = self._storage.create_run(name, settings_now, label=runs.label(settings_now),
+                                                      now=now)
+                    self._storage.use_run(run_id)
+                    self._install_initial()
+                    if previous["status"] not in ("finished", "stopped"):
+                        self._storage.set_run_status("stopped", now=now, run_id=previous["id"])
+                    self._current = self._run_ref()
+                    self._use(config, strategy)
+                    self._devices.set_timeout(config.device_timeout)
+                    s = self._state
+                    s.open, s.closing, s.last_error, s.reason, s.retry_at = None, None, None, "", 0.0
+                    s.set_status("idle")
+            except BaseException:  # a full disk: the run before it goes on as it was
+                log.exception("a new run could not be started")
+                with self._cond:
+                    self._storage.use_run(previous["id"])
+                    self._use(self.config, self.strategy)
+                    last = self._storage.last_complete_round()
+                    if last is not None:
+                        self._state.install(last["number"], self._storage.read_checkpoint(last["number"]))
+                    self._policy.recover()
+                raise
+            finally:
+                if self._started:
+                    self._policy.start()
+            run = self.run()
+            log.info("started run %d %r; %s is kept", run["id"], run["name"], runs.title(previous))
+        for listener in self._run_listeners:
+            try:
+                listener(run)
+            except Exception:  # a tracker's failure must not undo the switch
+                log.exception("a run listener failed")
+        return run
+
+    def delete_run(self, key: object) -> dict[str, Any]:
+        """Admin: remove a run that is not the current one, its rows and its folder."""
+        run = self._find_run(key)
+        with self._switching:
+            if run["id"] == self._storage.run_id:
+                raise Conflict(f"run {run['id']} is the current run; start another run first", "id")
+            self._storage.delete_run(run["id"])
+        return {"deleted": run["id"], "name": run["name"]}
+
+    def _find_run(self, key: object) -> dict[str, Any]:
+        if isinstance(key, bool) or not isinstance(key, int | str) or (
+                isinstance(key, str) and not 0 < len(key) <= runs.MAX_NAME):
+            raise InvalidInput("a run is named by its id or its name", "id")
+        run = self._storage.find_run(key)
+        if run is None:
+            raise NotFound(f"no run {key!r}", "id")
+        return run
 
     def query_logs(self, *, device: str | None = None, level: str | None = None,
                    round_number: int | None = None, after: int = 0, limit: int = 500) -> dict[str, Any]:
@@ -554,6 +659,7 @@ class Coordinator:
         counts = self._devices.counts()
         with self._cond:
             return {**self._state.view(), **self._policy.view(), "revision": self._revision(),
+                    "run": dict(self._current),
                     "total_rounds": self.config.rounds,
                     "strategy": self.strategy.describe(), "privacy": self.strategy.privacy(),
                     "devices": counts,
@@ -596,6 +702,50 @@ class Coordinator:
         what the strategy did with its update, and whether it failed."""
         return [e for e in self._history.entries() if e["round"] > 0]
 
+    # runs -----------------------------------------------------------------
+    @property
+    def run_id(self) -> int | None:
+        return self._storage.run_id
+
+    @property
+    def run_dir(self):
+        """The current run's folder (its checkpoints under ``saved/``)."""
+        return self._storage.run_dir
+
+    def run(self, key: object = None) -> dict[str, Any]:
+        """A run (None: the current one) as ``GET /api/runs/ID`` shows it: id, name, status,
+        created_at, finished_at, completed_rounds, total_rounds, current, settings, and its
+        history (the entries ``/api/history`` gives for the current run)."""
+        run = self._storage.get_run(self._storage.run_id) if key is None else self._find_run(key)
+        view = self._run_view(run)
+        view["history"] = self.history() if view["current"] else self._storage.run_history(run["id"])
+        return view
+
+    def list_runs(self) -> dict[str, Any]:
+        """Every run of the state directory, newest first (without their histories)."""
+        return {"runs": [self._run_view(r) for r in self._storage.list_runs()]}
+
+    def _run_ref(self) -> dict[str, Any]:
+        """The current run's id and name, kept in memory: a status poll reads no row for them."""
+        run = self._storage.get_run(self._storage.run_id)
+        return {"id": run["id"], "name": run["name"]}
+
+    def _run_view(self, run: Mapping[str, Any]) -> dict[str, Any]:
+        current = run["id"] == self._storage.run_id
+        settings = run["settings"] or {}
+        if current:
+            with self._cond:
+                status, done, total = self._state.status, self._state.version, self.config.rounds
+        else:
+            status = run["status"]
+            done = run.get("last_round")
+            done = self._storage.last_round(run["id"]) if done is None else done
+            total = settings.get("rounds")
+        return {"id": run["id"], "name": run["name"], "status": status, "created_at": run["created_at"],
+                "finished_at": run["finished_at"], "completed_rounds": done, "total_rounds": total,
+                "current": current, "settings": settings}
+
     def round_failures(self) -> list[dict[str, Any]]:
         """The latest failed attempts at rounds (each ran again), with their reasons."""
         return self._history.failures()
+

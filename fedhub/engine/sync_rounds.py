@@ -259,7 +259,7 @@ class SyncRounds(RoundPolicy):
         """Open the round's aggregator outside the lock, then the round under it."""
         s = self._state
         try:
-            aggregator = self._strategy.begin(weights, spill_dir=self._storage.state_dir,
+            aggregator = self._strategy.begin(weights, spill_dir=self._storage.run_dir,
                                               memory_budget=self._config.memory_budget)
         except Exception as exc:  # e.g. a restored state that does not fit the model
             log.exception("round %d could not open", version + 1)

@@ -35,6 +35,10 @@ from fedhub.frameworks.base import (
     softmax,
 )
 
+# torch.export traces with process-wide state: two exports at once (two servers in one process,
+# each ending its run in its MLflow hook) fail with "... is not tracked with proxy".
+_EXPORTING = threading.Lock()
+
 NAME = "torch"
 EXPORT_SUFFIX = ".pt2"
 # The exported program says what it is in this extra file (JSON).
@@ -326,7 +330,7 @@ class TorchNetwork:
         framework, network and class names. The same weights as safetensors, named by
         ``state_dict`` key, are the server's round checkpoints (``GET /api/model``), and
         :meth:`save` writes them beside the program."""
-        with self._lock:
+        with self._lock, _EXPORTING:
             self.set_weights(weights)
             wrapped = self.raw_image_module()
             example = torch.zeros((2, *self.image_shape), dtype=torch.uint8)

@@ -9,6 +9,7 @@ state directory's current one, its rows and its folder; nothing else ever delete
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import shutil
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     delete = sub.add_parser("delete", help="remove a run that is not the current one, and its files")
     for command in (show, export, delete):
         command.add_argument("run", metavar="RUN", help="the run's id or name")
+    for command in (sub.choices["list"], show, export, delete):  # before or after the command
+        state.add_option(command, default=argparse.SUPPRESS)
     export.add_argument("out", type=Path, metavar="DIR", help="a new or empty folder")
     a = p.parse_args(argv)
     if a.command is None:

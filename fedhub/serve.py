@@ -73,6 +73,10 @@ class ServerConfig:
         "$FEDHUB_DATA_DIR, else ../shared/data beside the checkout, else Keras' download)", metavar="DIR")
     test_limit: int | None = params.number(None, 1, 10**9, metavar="N",
                                            help="evaluate on the first N test images (default: all)")
+    data_split: str | None = params.setting(
+        None, "how the devices' data was split, recorded with the run's settings (e.g. iid over 10 devices, "
+        "dirichlet alpha=0.5); the server cannot see it, so it is what you say (fedhub.simulate says it)",
+        metavar="TEXT")
     enroll_secret: str | None = None
     admin_token: str | None = None
     # Each number declares its range: validate() refuses the rest before anything loads.
@@ -257,9 +261,11 @@ def build_engine(config: ServerConfig, global_model=None) -> Coordinator:
     devices = DeviceRegistry(storage, enroll_secret=enroll,
                              auto_activate=config.federation.auto_activate,
                              device_timeout=config.federation.device_timeout)
+    # what the run's settings hold besides the federation's: the data set, and the split if said
+    identity = {"dataset": config.dataset, **({"data_split": config.data_split} if config.data_split else {})}
     engine = Coordinator(storage, devices, initial_weights=global_model.initial_weights(),
                          config=config.federation, evaluate=evaluate,
-                         max_upload_bytes=config.max_upload_bytes, identity={"dataset": config.dataset},
+                         max_upload_bytes=config.max_upload_bytes, identity=identity,
                          resume=config.resume, new_run=config.new_run)
     # eval/history.csv is the current run's history: rewritten after each of its rounds, and when
     # another run becomes current (each run's own: fedhub runs export)

@@ -134,7 +134,7 @@ class SimulationOptions:
 # fraction x devices (min_devices) and waits for all of them (quorum 1); every device is active
 # at once and training starts when all have enrolled; idle virtual devices are touched every
 # device_timeout / 3 (fedhub.simulate), so a long one keeps that traffic low.
-SET_HERE = ("min_devices", "quorum", "auto_activate", "start", "device_timeout")
+SET_HERE = ("min_devices", "quorum", "auto_activate", "start", "device_timeout", "data_split")
 # And the server's own (where and how it serves): the simulation's server is in this process.
 SERVER_ONLY = ("host", "port", "state_dir", "eval_dir", "max_upload_mb", "max_image_mb", "max_wait",
                "threads", "reset", "certfile", "keyfile", "channel_timeout", "header_timeout",
@@ -185,6 +185,14 @@ def parse_args(argv: list[str] | None = None) -> SimulationOptions:
     return o
 
 
+def split_text(o: SimulationOptions) -> str:
+    """The split as the run's settings record it (``data_split``): scheme, its parameter, devices."""
+    scheme = {"dirichlet": f"dirichlet alpha={o.alpha:g}",
+              "classes": f"classes {o.classes_per_device} per device"}.get(o.split, o.split)
+    limit = f", at most {o.limit} examples each" if o.limit else ""
+    return f"{scheme} over {o.devices} devices{limit}"
+
+
 def main(argv: list[str] | None = None) -> int:
     o = parse_args(argv)
     from fedhub.split import DatasetError, split_to_devices
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             run.model, root / "devices", workers=o.workers, backend=o.backend, ray_address=o.ray_address,
             cpus_per_worker=o.cpus_per_worker, gpus_per_worker=o.gpus_per_worker, root=root,
             timeout=o.timeout, on_round=bars.round_done, on_progress=bars.progress, dropout=o.dropout,
-            slow_devices=o.slow_devices, slowdown=o.slowdown, **kwargs)
+            slow_devices=o.slow_devices, slowdown=o.slowdown, data_split=split_text(o), **kwargs)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedhub.checkout import ROOT
 
@@ -66,10 +67,11 @@ def resolve(state_dir: str | Path | None = None) -> StateDir:
     return StateDir(ROOT / "server_training", *(ROOT / name for name in SUBFOLDERS))
 
 
-def add_option(parser: argparse.ArgumentParser) -> None:
-    """The one ``--state-dir`` flag, with the same meaning and help in every command."""
+def add_option(parser: argparse.ArgumentParser, default: Any = None) -> None:
+    """The one ``--state-dir`` flag, with the same meaning and help in every command
+    (``default=argparse.SUPPRESS`` on a subcommand, so that it does not undo the command's)."""
     parser.add_argument(
-        "--state-dir", type=Path, default=None, metavar="DIR",
+        "--state-dir", type=Path, default=default, metavar="DIR",
         help=f"the run's state directory: the server's database, checkpoints and secrets, with "
              f"eval/, devices/ and runs/ inside (default: ${STATE_DIR_ENV}, else the checkout's "
              "server_training/, eval/, devices/ and runs/)")

@@ -13,7 +13,7 @@ from fedhub.checkout import ROOT
 from fedhub.engine.async_rounds import AsyncRounds
 from fedhub.engine.sync_rounds import SyncRounds
 from tests.conftest import wait_until
-from tests.test_api import make_app, register, update_body, upload, wait_task
+from tests.test_api import bearer, make_app, register, update_body, upload, wait_task
 
 
 def test_the_coordinator_never_asks_which_mode_it_is_in():
@@ -98,5 +98,32 @@ def test_an_async_upload_folded_in_but_not_recorded_drops_its_buffer_and_the_ver
         history = engine.history()
         assert [e["num_updates"] for e in history] == [2]
         assert sorted(u["device"] for u in history[0]["updates"]) == ["d1", "d2"]
+    finally:
+        engine.stop()
+
+
+def test_each_round_records_the_bytes_it_took_in_and_sent_out(tmp_path):
+    """``bytes_up``: the accepted uploads' bodies; ``bytes_down``: the model downloads sent (a
+    304 to a device that holds the version sends nothing and counts nothing)."""
+    app, engine = make_app(tmp_path, min_devices=2, rounds=1, auto_activate=True, start=True)
+    try:
+        c = app.test_client()
+        tokens = {n: register(c, n).get_json()["token"] for n in ("d1", "d2")}
+        down = up = 0
+        for name, token in tokens.items():
+            wait_task(c, name, token)
+            got = c.get("/api/model", headers=bearer(token))
+            assert got.status_code == 200
+            down += len(got.data)
+            again = c.get("/api/model", headers={**bearer(token), "If-None-Match": got.headers["ETag"]})
+            assert again.status_code == 304 and not again.data
+        bodies = {name: update_body(1.0, 1, 0, 10) for name in tokens}
+        assert upload(c, "d1", tokens["d1"], 1, b"not safetensors").status_code == 400  # refused: not counted
+        for name, token in tokens.items():
+            assert upload(c, name, token, 1, bodies[name]).status_code == 200
+            up += len(bodies[name])
+        wait_until(lambda: engine.history(), 10, "round 1 complete")
+        entry = engine.history()[0]
+        assert (entry["bytes_up"], entry["bytes_down"]) == (up, down)
     finally:
         engine.stop()

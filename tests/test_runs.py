@@ -584,3 +584,22 @@ def test_a_new_users_sequence_with_real_processes(server_factory, split_devices)
     rows = (server.eval_dir / "history.csv").read_text().splitlines()  # run 5's, the current run's
     assert rows[0].startswith("round,") and rows[1].startswith("1,")
     assert len(rows) - 1 <= len(server.get("/api/history").json()["rounds"])
+
+
+@pytest.mark.slow
+def test_a_simulated_run_records_how_its_data_was_split(tmp_path, data_dir, capsys):
+    """The server cannot see how devices' data was split: fedhub.simulate says it, and the run's
+    settings keep it (compared like any other setting)."""
+    import fedhub.simulate as simulate_cli
+    from fedhub import runs_cli
+
+    root = tmp_path / "sim"
+    assert simulate_cli.main(["--framework", "torch", "--devices", "2", "--fraction", "1", "--rounds", "1",
+                              "--limit", "32", "--test-limit", "50", "--workers", "1", "--split", "dirichlet",
+                              "--alpha", "0.5", "--data-dir", str(data_dir), "--root", str(root),
+                              "--quiet"]) == 0
+    capsys.readouterr()
+    assert runs_cli.main(["show", "1", "--state-dir", str(root / "server")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["settings"]["data_split"] == "dirichlet alpha=0.5 over 2 devices, at most 32 examples each"
+    assert shown["settings"]["dataset"] == "fashion-mnist" and len(shown["rounds"]) == 1

@@ -338,6 +338,9 @@ def test_two_simulated_runs_with_different_strategies_are_both_in_mlflow(tmp_pat
         accuracy = history(client, rid, "test_accuracy")
         assert accuracy == pytest.approx({e["round"]: e["test_accuracy"] for e in result})
         assert len(client.get_metric_history(rid, "device/device1/accuracy")) == 2
+        for way in ("bytes_up", "bytes_down"):  # each round's traffic, as its history entry says
+            assert history(client, rid, way) == {e["round"]: e[way] for e in result}
+            assert all(e[way] > 0 for e in result)
         epsilon = history(client, rid, "dp_epsilon")
         if strategy == "fedavg":
             assert run_.data.params["dp.mode"] == "central-fixed"

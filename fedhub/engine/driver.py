@@ -174,6 +174,8 @@ class DriverThread:
                 "num_updates": counts[0], "num_examples": counts[1],
                 "test_loss": metrics.get("loss"), "test_accuracy": metrics.get("accuracy")}
             made = entry(row)
+            with self._state.cond:
+                made["bytes_up"], made["bytes_down"] = self._state.take_traffic()
             with self._storage.transaction():
                 if record is not None:
                     record(row)

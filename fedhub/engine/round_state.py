@@ -94,6 +94,15 @@ class RoundState:
         self.reason = ""  # why no round is open while running
         self.last_error: str | None = None  # why the last round failed
         self.retry_at = 0.0  # time.monotonic() before which no round opens (after a failure)
+        # Bytes of accepted uploads (and secure messages) and of model downloads since the last
+        # global model was published: the next one's traffic (its history entry's bytes_up/down).
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    def take_traffic(self) -> tuple[int, int]:
+        """The bytes up and down counted since the last call, and start counting again."""
+        traffic, self.bytes_up, self.bytes_down = (self.bytes_up, self.bytes_down), 0, 0
+        return traffic
 
     @property
     def busy(self) -> bool:

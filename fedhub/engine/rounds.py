@@ -20,7 +20,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 import numpy as np
@@ -271,18 +271,24 @@ class Coordinator:
         with self._cond:
             return self._state.version, self._state.encoded
 
-    def model_download(self, have: object = ()) -> tuple[int, bytes, str]:
-        """The global model version, the bytes to send a device holding the ETags ``have``, and
-        their ETag: with ``compress_downlink``, only the change when it holds the previous version."""
+    def model_download(self, have: Container[str] = ()) -> tuple[int, bytes | None, str]:
+        """The global model version, the bytes to send a device holding the ETags ``have`` (None:
+        it holds this version already, a 304), and their ETag: with ``compress_downlink``, only
+        the change when it holds the previous version. The bytes sent count in the round's traffic."""
         with self._cond:
             if self._downlink is None:
                 # the run in it too: version numbers start again in each run, and a device's copy
                 # of another run's version 3 is not this run's
                 etag = f"v{self._state.version}-{self._current['id']:x}"
-                return self._state.version, self._state.encoded, etag
-            self._sync_downlink()
-            version = self._state.version
-            return version, self._downlink.body_for(have), self._downlink.etag(version)
+                body = self._state.encoded
+            else:
+                self._sync_downlink()
+                etag = self._downlink.etag(self._state.version)
+                body = None if etag in have else self._downlink.body_for(have)
+            if etag in have:
+                return self._state.version, None, etag
+            self._state.bytes_down += len(body)
+            return self._state.version, body, etag
 
     def _sync_downlink(self) -> None:
         if self._downlink is not None and self._downlink.version != self._state.version:
@@ -408,6 +414,7 @@ class Coordinator:
                 raise
             with self._cond:
                 answer = policy.acknowledge(upload)
+                self._state.bytes_up += len(body)
                 self._devices.set_activity(name, "idle")
                 self._cond.notify_all()
                 return answer
@@ -416,7 +423,10 @@ class Coordinator:
         """A device's answer to the open secure-aggregation stage: its keys, its encrypted shares,
         its masked update (safetensors) or the share keys that unmask the sum. A refused message
         (malformed, replayed, another device's key) changes nothing and the round goes on."""
-        return self._policy.secure_message(name, round_number, body)
+        answer = self._policy.secure_message(name, round_number, body)
+        with self._cond:
+            self._state.bytes_up += len(body)
+        return answer
 
     def report_progress(self, name: str, round_number: object, done: object,
                         total: object) -> dict[str, Any]:

@@ -163,6 +163,9 @@ class ServerConfig:
         limit no update fits), then the run's settings (:meth:`FederationConfig.validate`).
         ``server.py`` and ``fedhub.Server`` both pass here before loading anything."""
         params.check_numbers(self)
+        if not self.host.strip():  # '' would bind every interface, not the loopback default
+            raise params.SettingError("{0} must name an interface (0.0.0.0 for every one), got an empty "
+                                      "string", "host")
         self.check_framework()
         if self.mlflow:
             tracking.check_mlflow(self.mlflow)

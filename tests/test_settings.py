@@ -227,3 +227,14 @@ def test_a_folder_given_as_a_path_is_kept_as_the_string_the_setting_holds():
 
     config = settings.build(ServerConfig, {"data_dir": Path("some/data")})
     assert config.data_dir == os.fspath(Path("some/data"))
+
+
+def test_an_empty_host_is_refused_not_bound_to_every_interface(capsys):
+    """``--host ''`` would make waitress listen on every interface; the default is the loopback."""
+    from fedhub import serve
+
+    with pytest.raises(SystemExit) as exited:
+        serve.parse_args(["--host", ""])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: --host must name an interface (0.0.0.0 for every "
+                                               "one), got an empty string")

@@ -10,6 +10,7 @@ import csv
 import io
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,11 +308,16 @@ def test_round_hooks_of_the_real_factory(fed):
         for column in ("closed_at", "test_loss", "test_accuracy"):
             assert float(row[column]) == h[column], (column, row, h)
 
-    # the TensorBoard hook runs after the predictor's: wait for its step
-    wait_until(lambda: number in read_run(fed.runs / "global").get("test_accuracy", {}), 30,
+    # the TensorBoard hook runs after the predictor's: wait for its step, in the current run's
+    # folder (a reset earlier in this module started a run, with a folder of its own): the one
+    # whose global events were written last
+    def current() -> Path:
+        return max(fed.runs.parent.glob("*/global/events.*"), key=lambda p: p.stat().st_mtime).parent.parent
+
+    wait_until(lambda: number in read_run(current() / "global").get("test_accuracy", {}), 30,
                f"round {number} in the TensorBoard event files")
-    scalars, device = read_run(fed.runs / "global"), read_run(fed.runs / "d1")
-    for h in history:  # the latest value at each step: a reset starts the steps again
+    scalars, device = read_run(current() / "global"), read_run(current() / "d1")
+    for h in history:
         assert scalars["test_accuracy"][h["round"]] == pytest.approx(h["test_accuracy"], rel=1e-6)
         assert scalars["test_loss"][h["round"]] == pytest.approx(h["test_loss"], rel=1e-6)
         assert scalars["num_updates"][h["round"]] == h["num_updates"] == 1

@@ -37,6 +37,15 @@ def next_run(server, rounds: int = 1) -> None:
     assert r.ok, r.text
 
 
+def polled_after(server, names: list[str], since: float) -> None:
+    """Until each of ``names`` has asked the server for work after ``since`` (its ``last_seen``):
+    a device that stays keeps asking; one that left would not."""
+    def seen() -> dict[str, float]:
+        return {d["name"]: d["last_seen"] or 0.0 for d in server.get("/api/devices").json()["devices"]}
+
+    wait_until(lambda: all(seen().get(n, 0.0) > since for n in names), 60, f"{names} to ask again")
+
+
 def test_stay_is_off_unless_asked():
     assert parse_args(["4000", "device1"]).stay is False
     assert parse_args(["4000", "device1", "--stay"]).stay is True
@@ -64,7 +73,7 @@ def test_a_staying_device_trains_in_the_next_run_and_the_other_leaves(server_fac
         wait_until(lambda: "waiting for the next run" in (logs / "device1.log").read_text(), 60,
                    "device1 to say it stays")
         assert (root / "device1" / "saved").is_dir(), "the final model is saved, as without --stay"
-        time.sleep(3)  # a few of its polls: it neither exits nor trains nor saves again
+        polled_after(server, ["device1"], time.time())  # it goes on asking: neither exits nor trains
         assert staying.poll() is None, said()
         assert (logs / "device1.log").read_text().count("run finished at model version") == 1
 
@@ -93,7 +102,7 @@ def test_dashboard_devices_stay_for_the_next_run_until_stopped(server_factory, s
     try:
         local.launch(server.url, 3, workers=2, devices_root=root, state_dir=tmp_path)
         wait_until(lambda: server.get("/api/status").json()["status"] == "finished", 240, "run 1", interval=1)
-        time.sleep(2)
+        polled_after(server, ["device1", "device2", "device3"], time.time())  # told "finish", they ask on
         assert sorted(local.running()) == ["device1", "device2", "device3"], local.rows()
 
         next_run(server)

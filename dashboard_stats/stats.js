@@ -19,6 +19,12 @@
   const PALETTE = ["#e8590c", "#2f9e44", "#9c36b5", "#1098ad", "#f08c00", "#c2255c",
                    "#5c940d", "#3b5bdb", "#862e9c", "#0b7285"];
   const GLOBAL_COLOUR = "#1c7ed6";
+  const WORST_COLOUR = "#1864ab"; // the worst 10 % of devices: GLOBAL_COLOUR, darker
+  const PERSONAL_COLOUR = "#e8590c"; // personal models, beside the global one
+  const SERVER_COLOUR = "#868e96"; // the server's own test accuracy, for comparison
+  const BAND_EDGE = "rgba(28, 126, 214, 0.45)"; // the worst and the best device, GLOBAL_COLOUR faded
+  const BAND_FILL = "rgba(28, 126, 214, 0.16)";
+  const NO_PERSONAL = "—"; // a device without a personal model (personalization "none")
   // Lifecycle states that get a row highlight; the class name is built only from this list.
   const FLAGGED = ["invalid", "interrupted"];
   const PAGE_SIZE = 25; // devices-table rows per page
@@ -113,7 +119,8 @@
     }
   }
 
-  function makeChart(canvasId, yTitle, maximum) {
+  // ``legend`` and ``tooltip``: options of those plugins beyond the page's defaults.
+  function makeChart(canvasId, yTitle, maximum, legend, tooltip) {
     const y = { title: { display: true, text: yTitle } };
     if (maximum !== undefined) y.max = maximum;
     return new window.Chart($(canvasId), {
@@ -125,7 +132,10 @@
         maintainAspectRatio: false,
         interaction: { mode: "index", intersect: false },
         scales: { x: { title: { display: true, text: "round" } }, y: y },
-        plugins: { legend: { position: "bottom", labels: { usePointStyle: true } } },
+        plugins: {
+          legend: { position: "bottom", labels: { usePointStyle: true, ...(legend || {}) } },
+          tooltip: tooltip || {},
+        },
       },
     });
   }
@@ -208,6 +218,190 @@
     chart.data.labels = data.labels;
     chart.data.datasets = data.datasets;
     chart.update();
+  }
+
+  // ---------------------------------------------------------------- federated evaluation
+
+  // Each round's chosen devices evaluate, on their own held-out data, the global model they
+  // trained from and (with personalization) their personal model after local training; the
+  // round's history entry holds it as ``federated_evaluation`` (null: no device evaluated;
+  // absent: an older run). Shaped as fedhub/dashboard/federated_eval.py shapes it for the
+  // Streamlit dashboard. Where the points go: the server's test_accuracy of entry r is the
+  // model made BY round r, while the global distribution in entry r is of model_version (r - 1
+  // in synchronous mode): drawn at x = model_version; the personal one at x = r.
+
+  const POINT_FIELDS = ["worst", "best", "mean", "worst_10pct", "personal_mean", "personal_worst_10pct",
+                        "test_accuracy"];
+
+  function finite(v) {
+    return typeof v === "number" && Number.isFinite(v) ? v : null;
+  }
+
+  function whole(v) {
+    const n = finite(v);
+    return n !== null && Number.isInteger(n) ? n : null;
+  }
+
+  function isObject(v) {
+    return v !== null && typeof v === "object" && !Array.isArray(v);
+  }
+
+  function fedReport(entry) {
+    const fe = isObject(entry) ? entry.federated_evaluation : null;
+    return isObject(fe) ? fe : null;
+  }
+
+  // A Summary with every field (null where missing), or null when it says nothing of accuracy.
+  function fedSummary(v) {
+    if (!isObject(v)) return null;
+    const out = { devices: whole(v.devices), num_examples: whole(v.num_examples) };
+    for (const k of ["loss", "accuracy", "worst_10pct", "worst", "best", "std"]) out[k] = finite(v[k]);
+    return ["accuracy", "worst_10pct", "worst", "best"].every((k) => out[k] === null) ? null : out;
+  }
+
+  // The global model the devices evaluated: model_version, else the round before the entry's.
+  function evaluatedVersion(entry, fe) {
+    const v = whole(fe.model_version);
+    if (v !== null) return v;
+    const r = whole(entry.round);
+    return r === null ? null : r - 1;
+  }
+
+  // One point per x, ascending; [] when no entry has a distribution to draw.
+  function fedEvalPoints(rounds) {
+    const points = new Map();
+    let drawn = false;
+    const at = (x) => {
+      if (!points.has(x)) points.set(x, Object.fromEntries([["x", x], ...POINT_FIELDS.map((f) => [f, null])]));
+      return points.get(x);
+    };
+    for (const entry of rounds) {
+      if (!isObject(entry)) continue;
+      const r = whole(entry.round);
+      const accuracy = finite(entry.test_accuracy);
+      if (r !== null && accuracy !== null) at(r).test_accuracy = accuracy;
+      const fe = fedReport(entry);
+      if (fe === null) continue;
+      const g = fedSummary(fe.global);
+      const version = evaluatedVersion(entry, fe);
+      if (g !== null && version !== null) {
+        Object.assign(at(version), { worst: g.worst, best: g.best, mean: g.accuracy, worst_10pct: g.worst_10pct });
+        drawn = true;
+      }
+      const p = fedSummary(fe.personal);
+      if (p !== null && r !== null) {
+        Object.assign(at(r), { personal_mean: p.accuracy, personal_worst_10pct: p.worst_10pct });
+        drawn = true;
+      }
+    }
+    return drawn ? [...points.values()].sort((a, b) => a.x - b.x) : [];
+  }
+
+  function accuracyOf(v) {
+    return isObject(v) ? finite(v.accuracy) : null;
+  }
+
+  // One row per device of a report, worst global accuracy first (none last), then by name.
+  function fedEvalRows(fe) {
+    const devices = fe && isObject(fe.devices) ? fe.devices : {};
+    const rows = Object.keys(devices).map((name) => {
+      const d = isObject(devices[name]) ? devices[name] : {};
+      return { device: name, num_examples: whole(d.num_examples), global_accuracy: accuracyOf(d.global),
+               personal_accuracy: accuracyOf(d.personal) };
+    });
+    const key = (row) => (row.global_accuracy === null ? Infinity : row.global_accuracy);
+    return rows.sort((a, b) => key(a) - key(b) || (a.device < b.device ? -1 : a.device > b.device ? 1 : 0));
+  }
+
+  // The latest entry whose report has a summary or a device, or null.
+  function latestFedEval(rounds) {
+    let found = null;
+    for (const entry of rounds) {
+      const fe = fedReport(entry);
+      if (fe === null) continue;
+      const rows = fedEvalRows(fe);
+      const g = fedSummary(fe.global);
+      const p = fedSummary(fe.personal);
+      if (rows.length || g !== null || p !== null) {
+        found = { round: whole(entry.round), model_version: evaluatedVersion(entry, fe),
+                  personalization: typeof fe.personalization === "string" ? fe.personalization : "none",
+                  global: g, personal: p, rows: rows };
+      }
+    }
+    return found;
+  }
+
+  // "Round 4: global model v3 on 10 devices, 1200 held-out examples; personal models (ditto) ..."
+  function fedEvalText(latest) {
+    const g = latest.global || {};
+    const devices = g.devices !== null && g.devices !== undefined ? g.devices : latest.rows.length;
+    let examples = g.num_examples;
+    if (examples === null || examples === undefined) {
+      const known = latest.rows.map((row) => row.num_examples).filter((n) => n !== null);
+      examples = known.length ? known.reduce((a, b) => a + b, 0) : null;
+    }
+    let what = `${devices} device${devices === 1 ? "" : "s"}`;
+    if (examples !== null) what += `, ${examples} held-out example${examples === 1 ? "" : "s"}`;
+    const model = latest.model_version === null ? "the global model" : `global model v${latest.model_version}`;
+    const personal = latest.personalization === "none" ? ""
+      : `; personal models (${latest.personalization}) after the round's training`;
+    const where = latest.round === null ? "The latest report" : `Round ${latest.round}`;
+    return `${where}: ${model} on ${what}${personal}. Worst global accuracy first.`;
+  }
+
+  function fedEvalChartData(points) {
+    const column = (field) => points.map((p) => p[field]);
+    const edge = (label, field, fill, tooltip, legend) => ({
+      label: label, data: column(field), borderColor: BAND_EDGE, backgroundColor: BAND_FILL, borderWidth: 1,
+      pointRadius: 0, pointHitRadius: 6, fill: fill, spanGaps: true, tension: 0,  // straight: smoothed, an edge overshoots 1
+      fedhubTooltip: tooltip, fedhubNoLegend: !legend,
+    });
+    const datasets = [
+      edge("worst device", "worst", false, "worst device", false),
+      edge("global: worst–best device", "best", "-1", "best device", true),
+      series("global: mean (by examples)", column("mean"), GLOBAL_COLOUR, true),
+      // a marker of its own besides the dash, so that no line is told apart by colour alone
+      { ...series("global: worst 10 % of devices", column("worst_10pct"), WORST_COLOUR, false),
+        pointStyle: "triangle", pointRadius: 3 },
+    ];
+    if (points.some((p) => p.personal_mean !== null)) {
+      datasets.push(series("personal: mean (by examples)", column("personal_mean"), PERSONAL_COLOUR, true));
+    }
+    datasets.push({ ...series("server: test accuracy", column("test_accuracy"), SERVER_COLOUR, false),
+                    borderDash: [2, 3], borderWidth: 2, pointStyle: "rectRot", pointRadius: 3 });
+    return { labels: points.map((p) => String(p.x)), datasets: datasets };
+  }
+
+  // What the chart shows, for a screen reader: the latest point with a distribution.
+  function fedEvalLabel(points) {
+    const g = points.filter((p) => p.mean !== null).pop();
+    const p = points.filter((q) => q.personal_mean !== null).pop();
+    const parts = [];
+    if (g) parts.push(`global model ${g.x}: mean ${fmt(g.mean, 4)}, worst 10 % ${fmt(g.worst_10pct, 4)}, `
+      + `devices from ${fmt(g.worst, 4)} to ${fmt(g.best, 4)}`);
+    if (p) parts.push(`personal models after round ${p.x}: mean ${fmt(p.personal_mean, 4)}`);
+    return `each round's device accuracy on held-out data${parts.length ? "; latest " + parts.join("; ") : ""}`;
+  }
+
+  function renderFedEval(chart, rounds) {
+    const points = fedEvalPoints(rounds);
+    const latest = latestFedEval(rounds);
+    updateChart(chart, fedEvalChartData(points));
+    chart.canvas.setAttribute("aria-label", fedEvalLabel(points));
+    setText("fed-eval-none", latest ? "The latest report has no summary to draw: its devices are listed."
+      : "No device has evaluated yet: devices need held-out data (--holdout).");
+    $("fed-eval-table").hidden = latest === null;
+    if (latest === null) {
+      fillTable("fed-eval-devices", []);
+      setText("fed-eval-what", "");
+      return;
+    }
+    setText("fed-eval-what", fedEvalText(latest));
+    fillTable("fed-eval-devices", latest.rows.map((row) => [
+      row.device, row.num_examples === null ? "–" : String(row.num_examples), fmt(row.global_accuracy, 4),
+      row.personal_accuracy === null ? NO_PERSONAL : fmt(row.personal_accuracy, 4),
+    ]));
+    markAttackers("fed-eval-devices", 0);
   }
 
   // ---------------------------------------------------------------- rendering
@@ -496,15 +690,22 @@
     setText("server-url", base);
     const accuracy = makeChart("accuracy-chart", "accuracy", 1);
     const loss = makeChart("loss-chart", "loss");
-    applyTheme([accuracy, loss]);
+    // the band's lower edge has no legend entry of its own; each edge says which it is on hover
+    const fedEval = makeChart("fed-eval-chart", "accuracy", 1,
+      { filter: (item, data) => !data.datasets[item.datasetIndex].fedhubNoLegend },
+      { callbacks: { label: (context) =>
+        `${context.dataset.fedhubTooltip || context.dataset.label}: ${context.formattedValue}` } });
+    const charts = [accuracy, loss, fedEval];
+    applyTheme(charts);
     window.matchMedia("(prefers-color-scheme: dark)")
-      .addEventListener("change", () => applyTheme([accuracy, loss]));
+      .addEventListener("change", () => applyTheme(charts));
 
     let rounds = [];
     function drawCharts() {
       renderPicker(rounds);
       updateChart(accuracy, chartData(rounds, "test_accuracy", "accuracy", "global (test set)"));
       updateChart(loss, chartData(rounds, "test_loss", "loss", "global (test set)"));
+      renderFedEval(fedEval, rounds);
     }
 
     // One poll at a time: a change of page or filter asks for one now, after the one under way.
@@ -540,6 +741,7 @@
         renderFailures(shown.failures);
         const xTitle = mode === "async" ? "model version (time made)" : "round";
         for (const chart of [accuracy, loss]) chart.options.scales.x.title.text = xTitle;
+        fedEval.options.scales.x.title.text = mode === "async" ? "model version" : "round";
         drawCharts();
         setConnection(`connected to ${base} · updated ${new Date().toLocaleTimeString()}`, "ok");
       } catch (err) {

@@ -109,6 +109,8 @@ class SimulationOptions:
     alpha: float = params.number(0.5, above=0, high=1e6, help="Dirichlet concentration")
     classes_per_device: int = params.number(2, 1, 1000, help="for split classes")
     limit: int | None = params.number(None, 1, 10**9, metavar="N", help="at most N examples per device")
+    holdout: float = params.number(0.1, 0, 0.9, metavar="SHARE", help="share held out besides each device's "
+                                   "training examples, for federated evaluation (0: none)")
     backend: str = params.setting("process", "workers as processes here, or as Ray actors "
                                   "(pip install -e '.[ray]')", choices=("process", "ray"))
     ray_address: str | None = params.setting(None, "Ray cluster to join (e.g. auto, HOST:6379); "
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         split_to_devices(root / "devices", o.devices, scheme=o.split, seed=federation.seed, alpha=o.alpha,
                          classes_per_device=o.classes_per_device, data_dir=run.data_dir, limit=o.limit,
-                         progress=False, memmap=True, dataset=run.dataset)
+                         progress=False, memmap=True, dataset=run.dataset, holdout=o.holdout)
         split_s = time.monotonic() - started
         bars = RoundBars(enabled=not o.quiet)
         # the run's settings as simulate()'s keywords: the same names (fedhub.settings)

@@ -45,6 +45,7 @@ __all__ = [
     "DEVICE_ARRAY_FILES",
     "DEVICE_DATA_FILE",
     "FILES",
+    "HOLDOUT_FILE",
     "NUM_CLASSES",
     "SCHEMES",
     "DatasetError",
@@ -57,6 +58,7 @@ __all__ = [
     "partition_dirichlet",
     "partition_iid",
     "read_device_arrays",
+    "read_device_holdout",
     "read_idx",
     "split_to_devices",
     "write_device_arrays",
@@ -69,6 +71,10 @@ DEVICE_DATA_FILE = "train.npz"
 DEVICE_ARRAY_FILES = ("x.npy", "y.npy")
 FORMATS: tuple[str, ...] = ("npz", "npy")
 PARTITION_FILE = "partition.json"
+# A device's held-out share (federated evaluation: it judges models on it, never trains on it).
+HOLDOUT_FILE = "eval.npz"
+HOLDOUT_ARRAY_FILES = ("eval_x.npy", "eval_y.npy")
+DEFAULT_HOLDOUT = 0.1
 DEFAULT_DATASET = "fashion-mnist"
 NUM_CLASSES = datasets.get(DEFAULT_DATASET).num_classes
 SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "classes")
@@ -277,27 +283,86 @@ def _validate_xy(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, 
 
 
 def write_device_data(root: Path, name: str, x: np.ndarray, y: np.ndarray, *,
-                      memmap: bool = False) -> Path:
+                      memmap: bool = False,
+                      holdout: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
     """Write ``root/name/data/train.npz`` (arrays ``x`` and ``y``, uint8) atomically: ``x`` is
     a known data set's images, ``(N, 28, 28)`` grey or ``(N, 32, 32, 3)`` colour (HWC).
 
     With ``memmap`` the arrays go to ``data/x.npy`` and ``data/y.npy`` instead
     (:func:`write_device_arrays`); the path of ``x.npy`` is returned.
 
+    ``holdout``: the device's held-out arrays, written beside them (``data/eval.npz``, or
+    ``data/eval_x.npy`` and ``eval_y.npy``); without it a held-out file there is removed, so a
+    device never evaluates on another split's examples.
+
     ``name`` becomes a directory name, so it must be a plain name (letters, digits, ``.``,
     ``_``, ``-``): a device name must never be able to write outside ``root``.
     """
     _check_device_name(name)
     x, y = _validate_xy(x, y, f"device {name}")
-    if memmap:
-        return write_device_arrays(root, name, x, y)
+    if holdout is not None:
+        holdout = _validate_xy(*holdout, f"device {name}'s held-out data")
     folder = Path(root) / name / "data"
+    for file_name in (HOLDOUT_FILE, *HOLDOUT_ARRAY_FILES):
+        (folder / file_name).unlink(missing_ok=True)
+    if memmap:
+        target = write_device_arrays(root, name, x, y)
+        if holdout is not None:
+            for file_name, array in zip(HOLDOUT_ARRAY_FILES, holdout, strict=True):
+                with atomic_path(folder / file_name) as tmp:
+                    np.save(tmp, array, allow_pickle=False)
+        return target
     target = folder / DEVICE_DATA_FILE
     with atomic_path(target) as tmp:
         np.savez_compressed(tmp, x=x, y=y)
     for file_name in DEVICE_ARRAY_FILES:
         (folder / file_name).unlink(missing_ok=True)
+    if holdout is not None:
+        with atomic_path(folder / HOLDOUT_FILE) as tmp:
+            np.savez_compressed(tmp, x=holdout[0], y=holdout[1])
     return target
+
+
+def holdout_indices(indices: np.ndarray, share: float, *, limit: int | None = None,
+                    seed: int | list[int] = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A device's ``(training, held-out)`` indices from its share ``indices``: ``share`` of the
+    examples it trains on held out besides (``round(share * n)``, none when that is 0), drawn
+    with ``seed``. With ``limit`` the training part is the first ``limit`` examples, as without a
+    held-out share, and the held-out ones come from the examples beyond it while there are enough."""
+    indices = np.asarray(indices)
+    train = indices if limit is None else indices[:limit]
+    k = round(share * len(train))
+    if k <= 0:
+        return train, indices[:0]
+    rng = np.random.default_rng(seed)
+    rest = indices[len(train):]
+    if len(rest) >= k:
+        return train, rest[np.sort(rng.choice(len(rest), k, replace=False))]
+    k = min(k, len(train) - 1)
+    held = np.zeros(len(train), dtype=bool)
+    held[rng.choice(len(train), k, replace=False)] = True
+    return train[~held], train[held]
+
+
+def split_holdout(x: np.ndarray, y: np.ndarray, share: float, *,
+                  seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``(x, y)`` as ``((x, y) to train on, (x, y) held out)``: a device's own data without a
+    held-out file (``--holdout``), split the way :func:`split_to_devices` splits a share."""
+    train, held = holdout_indices(np.arange(len(y)), share, seed=seed)
+    return (x[train], y[train]), (x[held], y[held])
+
+
+def read_device_holdout(device_dir: Path, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """A device's held-out arrays (``data/eval_x.npy`` + ``eval_y.npy``, else ``data/eval.npz``),
+    validated like its training data; None when it has none."""
+    data = Path(device_dir) / "data"
+    if (data / HOLDOUT_ARRAY_FILES[0]).is_file():
+        x, y = (_load_npy(data / file_name, mmap) for file_name in HOLDOUT_ARRAY_FILES)
+        return _validate_xy(x, y, str(data / HOLDOUT_ARRAY_FILES[0]))
+    if not (data / HOLDOUT_FILE).is_file():
+        return None
+    x, y = _load_npz(data / HOLDOUT_FILE)
+    return _validate_xy(x, y, str(data / HOLDOUT_FILE))
 
 
 def _check_device_name(name: str) -> None:
@@ -339,22 +404,27 @@ def read_device_arrays(device_dir: Path, *, mmap: bool = False) -> tuple[np.ndar
     """
     data = Path(device_dir) / "data"
     if (data / DEVICE_ARRAY_FILES[0]).is_file():
-        arrays = []
-        for file_name in DEVICE_ARRAY_FILES:
-            path = data / file_name
-            try:
-                arrays.append(np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False))
-            except FileNotFoundError:
-                raise DatasetError(f"{path}: missing (x.npy needs its y.npy)") from None
-            except (OSError, ValueError, EOFError) as exc:
-                raise DatasetError(f"{path}: not a valid .npy file: {exc}") from exc
-        return arrays[0], arrays[1]
+        x, y = (_load_npy(data / file_name, mmap) for file_name in DEVICE_ARRAY_FILES)
+        return x, y
     path = data / DEVICE_DATA_FILE
     if not path.is_file():
         raise DatasetError(
             f"no training data at {path}; create it with "
             "`python -m fedhub.split --devices N`"
         )
+    return _load_npz(path)
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: missing (x.npy needs its y.npy)") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise DatasetError(f"{path}: not a valid .npy file: {exc}") from exc
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [key for key in ("x", "y") if key not in npz.files]
@@ -399,6 +469,7 @@ def split_to_devices(
     only: str | None = None,
     memmap: bool = False,
     dataset: str = DEFAULT_DATASET,
+    holdout: float = DEFAULT_HOLDOUT,
 ) -> dict[str, dict[str, Any]]:
     """Partition a data set's training set (``dataset``: ``fashion-mnist`` or ``cifar-10``, found
     by :func:`fedhub.datasets.locate` from ``data_dir``) and write one folder per device.
@@ -416,9 +487,14 @@ def split_to_devices(
     ``only`` (a device name) writes that device's share alone, the same share as in the full
     split: a device on its own machine or container makes just its own data.
     ``memmap`` writes memory-mappable ``x.npy``/``y.npy`` instead of ``train.npz``.
+    ``holdout``: besides the examples a device trains on, this share of them is held out in
+    ``data/eval.npz`` (``eval_x.npy``/``eval_y.npy``) for federated evaluation
+    (:func:`holdout_indices`; 0: none).
     """
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be at least 1, got {limit}")
+    if not 0 <= holdout < 1:
+        raise DatasetError(f"holdout must be from 0 to below 1, got {holdout}")
     try:
         check_name(f"{prefix}{n_devices}")
     except InvalidInput:
@@ -441,12 +517,13 @@ def split_to_devices(
     )
     summary: dict[str, dict[str, Any]] = {}
     bar = tqdm(parts, desc="writing devices", unit="device", disable=not progress)
-    for name, indices in zip(names, bar, strict=True):
+    for number, (name, indices) in enumerate(zip(names, bar, strict=True), start=1):
         if only is not None and name != only:
             continue
-        chosen = indices if limit is None else indices[:limit]
-        write_device_data(root, name, x_train[chosen], y_train[chosen], memmap=memmap)
-        summary[name] = _summary(y_train[chosen], spec.num_classes)
+        chosen, held = holdout_indices(indices, holdout, limit=limit, seed=[seed, number])
+        write_device_data(root, name, x_train[chosen], y_train[chosen], memmap=memmap,
+                          holdout=(x_train[held], y_train[held]) if len(held) else None)
+        summary[name] = {**_summary(y_train[chosen], spec.num_classes), "held_out": len(held)}
 
     for folder in stale:
         shutil.rmtree(folder)
@@ -463,6 +540,7 @@ def split_to_devices(
             "prefix": prefix,
             "only": only,
             "format": "npy" if memmap else "npz",
+            "holdout": holdout,
         },
         "source": str(source) if source is not None else f"keras.datasets.{spec.keras_name}",
         "total_examples": sum(s["examples"] for s in summary.values()),
@@ -558,6 +636,10 @@ def _parser() -> argparse.ArgumentParser:
         help="npz: one compressed data/train.npz per device; npy: data/x.npy and data/y.npy, "
         "memory-mapped by device pools (python -m fedhub.device.launcher --workers K) (default: npz)",
     )
+    parser.add_argument(
+        "--holdout", type=float, default=DEFAULT_HOLDOUT, metavar="SHARE",
+        help="share held out besides each device's training examples, for federated evaluation "
+        f"(data/eval.npz; 0: none) (default {DEFAULT_HOLDOUT})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -580,6 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             only=args.only,
             memmap=args.format == "npy",
             dataset=args.dataset,
+            holdout=args.holdout,
         )
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)

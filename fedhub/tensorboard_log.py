@@ -48,6 +48,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from fedhub.engine import federated_eval
 from fedhub.tracking import RunFollower
 
 log = logging.getLogger("fedhub.tensorboard")
@@ -177,6 +178,11 @@ class TensorBoardLog:
                 "test_loss": entry.get("test_loss"), "test_accuracy": entry.get("test_accuracy"),
                 "num_updates": entry.get("num_updates"), "num_examples": entry.get("num_examples"),
                 "dp_epsilon": (entry.get("privacy") or {}).get("epsilon")})
+            by_step: dict[int, dict[str, float]] = {}
+            for at, name, value in federated_eval.scalars(entry):
+                by_step.setdefault(at, {})[name] = value
+            for at, values in sorted(by_step.items()):
+                self._scalars(GLOBAL_RUN, at, values)
             reported = {d: m for d, m in entry["devices"].items() if "num_examples" in m}  # else: only
             self._spread(step, reported.values())                                     # an ERROR line
             for device, metrics in reported.items():

@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from fedhub.engine import federated_eval
 from fedhub.engine.params import SettingError
 
 log = logging.getLogger("fedhub.tracking")
@@ -360,6 +361,8 @@ class MlflowLog:
             values.update({f"device/{device}/{key}": _number(v) for key, v in metrics.items()})
         metrics = [Metric(_metric_key(key), value, stamp, step) for key, value in values.items()
                    if value is not None]
+        metrics += [Metric(_metric_key(key), value, stamp, at)
+                    for at, key, value in federated_eval.scalars(entry)]
         for i in range(0, len(metrics), MAX_METRICS_BATCH):
             self._client.log_batch(self._run, metrics=metrics[i:i + MAX_METRICS_BATCH])
 

@@ -291,7 +291,8 @@ def test_a_split_over_fewer_devices_replaces_the_previous_one(tmp_path):
     assert list(json.loads((root / "partition.json").read_text())["devices"]) == ["device1", "device2"]
     # the two devices hold the whole training set between them, without overlap
     ys = [format_dataset.load_device_data(root / name)[1] for name in ("device1", "device2")]
-    assert sum(len(y) for y in ys) == 60
+    held = [format_dataset.read_device_holdout(root / name)[1] for name in ("device1", "device2")]
+    assert sum(len(y) for y in ys) == 54 and sum(len(y) for y in held) == 6  # 10 % held out
 
 
 def test_a_device_folder_no_split_made_is_refused_and_left_alone(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 from fedhub import datasets
 from fedhub import split as format_dataset
 from fedhub.datasets import DATA_DIR_ENV, DatasetError
-from fedhub.split import load_device_data, partition, write_device_data
+from fedhub.split import load_device_data, partition, read_device_holdout, write_device_data
 
 from .cli_inprocess import assert_one_line_error, run_main
 from .conftest import DATA_DIR, ROOT
@@ -314,7 +314,10 @@ def test_the_split_command_writes_cifar10_devices(tmp_path, monkeypatch):
         assert 1 <= len(np.unique(y)) <= 4
         assert record["devices"][f"device{n}"]["class_counts"] == np.bincount(y, minlength=10).tolist()
         assert f"device{n}: 300 examples" in outcome.stdout
-    assert sorted(p.name for p in (out / "device1" / "data").iterdir()) == ["train.npz"]
+        # 10 % held out besides, from the device's own share beyond the 300 it trains on
+        x_eval, _ = read_device_holdout(out / f"device{n}")
+        assert x_eval.shape == (30, 32, 32, 3) and record["devices"][f"device{n}"]["held_out"] == 30
+    assert sorted(p.name for p in (out / "device1" / "data").iterdir()) == ["eval.npz", "train.npz"]
 
 
 def test_the_split_command_refuses_in_one_line(tmp_path):

@@ -1,5 +1,6 @@
 """The pool's workers as Ray actors on a real two-node Ray cluster on this machine
-(``ray.cluster_utils.Cluster``): devices train on both nodes and the history is right.
+(``ray.cluster_utils.Cluster``): devices train on both nodes (with Ditto's personal models and
+federated evaluation) and the history is right.
 
 Ray is an optional extra (``pip install -e ".[ray]"``; ``make test`` installs it). Starting a
 cluster takes a while, so this module holds the one Ray test: four devices, small data."""
@@ -44,7 +45,7 @@ def test_devices_train_on_both_nodes_of_a_ray_cluster(tmp_path, data_dir, two_no
     summary = split_to_devices(root, 4, limit=100, data_dir=data_dir, progress=False, memmap=True)
     history = fedhub.simulate("basic", root, rounds=2, backend="ray", workers=2, cpus_per_worker=1,
                               ray_address=two_node_cluster.address, data_dir=data_dir, test_limit=300,
-                              root=tmp_path, timeout=500)
+                              root=tmp_path, timeout=500, personalization="ditto")
     # One worker per node (each node has one CPU, each worker takes one), devices on both.
     tasks = history.stats["tasks"]
     assert {task["node"] for task in tasks} == nodes
@@ -60,3 +61,10 @@ def test_devices_train_on_both_nodes_of_a_ray_cluster(tmp_path, data_dir, two_no
     log = (tmp_path / "logs" / "worker-0.log").read_text()
     assert "round 1: loss" in log, log[-2000:]
     assert history.stats["bytes_up"] >= 8 * 101_770 * 4  # eight updates of the basic network
+    # each device evaluated the global model and its Ditto model on its held-out examples
+    for entry in history:
+        evaluation = entry["federated_evaluation"]
+        assert sorted(evaluation["devices"]) == sorted(summary)
+        assert all(d["num_examples"] == 10 and d["personal"] is not None
+                   for d in evaluation["devices"].values())
+    assert all((root / name / "personal.safetensors").is_file() for name in summary)

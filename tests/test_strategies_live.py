@@ -57,7 +57,8 @@ def test_list_strategies_prints_each_with_its_parameters_and_defaults():
     lines = out.stdout.splitlines()
     named = [line.split(":")[0] for line in lines if not line.startswith(" ")]
     assert named == list(STRATEGIES) == ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
-                                         "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]
+                                         "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+                                         "qfedavg"]
     blocks: dict[str, list[str]] = {}
     current: list[str] = []
     for line in lines:  # each strategy's line, then its parameters' lines, indented

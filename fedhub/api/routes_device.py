@@ -52,6 +52,14 @@ def signal(name: str):
     return jsonify(engine().signal(name))
 
 
+@bp.post("/api/devices/<name>/evaluation")
+def evaluation(name: str):
+    """The device's evaluation, on its held-out data, of the global model it trains from (and of
+    its personal model), when its task asked for one."""
+    require_device(name)
+    return jsonify(engine().report_evaluation(name, json_body()))
+
+
 @bp.post("/api/devices/<name>/progress")
 def progress(name: str):
     """Sent at most once a second while training: batches done of the total in the open round."""

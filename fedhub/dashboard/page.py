@@ -41,6 +41,7 @@ from PIL import Image
 
 from fedhub import state_dir as state
 from fedhub.api.app import MAX_IMAGE_BYTES
+from fedhub.dashboard import federated_eval as fed_eval
 from fedhub.dashboard import runs as run_settings
 from fedhub.dashboard.local_devices import LocalDevices, device_names, missing_data
 from fedhub.dashboard.server_api import (
@@ -59,6 +60,9 @@ T = TypeVar("T")
 
 GLOBAL_SERIES = "global model (test set)"
 GLOBAL_COLOUR = "#1c7ed6"
+WORST_COLOUR = "#1864ab"  # the worst 10 % of devices: GLOBAL_COLOUR, darker
+PERSONAL_COLOUR = "#e8590c"  # personal models, beside the global one
+SERVER_COLOUR = "#868e96"  # the server's own test accuracy, for comparison
 DEVICE_COLOURS = ["#e8590c", "#2f9e44", "#9c36b5", "#1098ad", "#f08c00", "#c2255c",
                   "#5c940d", "#3b5bdb", "#862e9c", "#0b7285"]
 PICTURE_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "webp"]
@@ -620,6 +624,79 @@ def charts_panel(history: list[dict[str, Any]], asynchronous: bool = False) -> N
         table(pd.DataFrame(failed).style.map(lambda _: RED))
 
 
+# The per-device accuracy chart's series (:func:`fed_eval_chart`): name -> (point field, colour, dash).
+FED_EVAL_BAND = "global: worst–best device"
+FED_EVAL_LINES = {
+    "global: mean (by examples)": ("mean", GLOBAL_COLOUR, [1, 0]),
+    "global: worst 10 % of devices": ("worst_10pct", WORST_COLOUR, [5, 4]),
+    "personal: mean (by examples)": ("personal_mean", PERSONAL_COLOUR, [1, 0]),
+    "server: test accuracy": ("test_accuracy", SERVER_COLOUR, [2, 3]),
+}
+
+
+def fed_eval_chart(points: list[dict[str, Any]], asynchronous: bool = False) -> alt.LayerChart:
+    """The devices' accuracy on their held-out data per round (:func:`fed_eval.accuracy_points`):
+    a band from the worst device to the best, the example-weighted mean and the worst 10 % of
+    devices of the global model, the personal models' mean, and the server's test accuracy."""
+    frame = pd.DataFrame(points, columns=["x", *fed_eval.POINT_FIELDS])
+    x_title = "model version" if asynchronous else "round"
+    x = alt.X("x:Q", title=x_title, axis=alt.Axis(tickMinStep=1, format="d"))
+    present = [name for name, (column, _, _) in FED_EVAL_LINES.items() if frame[column].notna().any()]
+    y = alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(zero=False))
+    # the band's legend above the chart (its swatch as faint as the band), the lines' below; each
+    # line is told apart by its dash too, not by its colour alone
+    band = frame.dropna(subset=["worst", "best"]).assign(series=FED_EVAL_BAND)
+    area = alt.Chart(band).mark_area(opacity=0.18).encode(
+        x=x, y=alt.Y("worst:Q", title="accuracy", scale=alt.Scale(zero=False)), y2="best:Q",
+        color=alt.Color("series:N", title=None, legend=alt.Legend(orient="top", labelLimit=300),
+                        scale=alt.Scale(domain=[FED_EVAL_BAND], range=[GLOBAL_COLOUR])),
+        tooltip=[alt.Tooltip("x:Q", title=x_title),
+                 alt.Tooltip("worst:Q", title="worst device", format=".4f"),
+                 alt.Tooltip("best:Q", title="best device", format=".4f")])
+    long = pd.DataFrame([{"x": row["x"], "series": name, "accuracy": row[FED_EVAL_LINES[name][0]]}
+                         for row in points for name in present
+                         if row[FED_EVAL_LINES[name][0]] is not None], columns=["x", "series", "accuracy"])
+    lines = alt.Chart(long).mark_line(point=True).encode(
+        x=x, y=y,
+        color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=300),
+                        scale=alt.Scale(domain=present, range=[FED_EVAL_LINES[n][1] for n in present])),
+        strokeDash=alt.StrokeDash("series:N", legend=None, scale=alt.Scale(
+            domain=present, range=[FED_EVAL_LINES[n][2] for n in present])),
+        tooltip=[alt.Tooltip("x:Q", title=x_title), "series", alt.Tooltip("accuracy:Q", format=".4f")])
+    return alt.layer(area, lines, title="devices' accuracy on their held-out data").resolve_scale(
+        color="independent")
+
+
+def fed_eval_frame(found: fed_eval.Latest) -> pd.DataFrame:
+    """The per-device table of the latest report: global against personal accuracy."""
+    frame = pd.DataFrame([{"device": r["device"], "held-out examples": r["num_examples"],
+                           "global accuracy": r["global_accuracy"],
+                           "personal accuracy": r["personal_accuracy"]} for r in found.rows],
+                         columns=["device", "held-out examples", "global accuracy", "personal accuracy"])
+    return frame.astype({"held-out examples": "Int64", "global accuracy": "Float64",
+                         "personal accuracy": "Float64"})
+
+
+def federated_eval_panel(history: list[dict[str, Any]], asynchronous: bool = False) -> None:
+    """Federated evaluation: how the devices fare on their own held-out data, round by round, and
+    each device of the latest round that has a report (global against personal model)."""
+    st.subheader("Per-device accuracy (held-out data)")
+    points = fed_eval.accuracy_points(history)
+    found = fed_eval.latest(history)
+    if not points and found is None:
+        st.info(fed_eval.NO_DEVICE_YET)
+        return
+    if points:
+        st.altair_chart(fed_eval_chart(points, asynchronous), width="stretch")
+        st.caption(fed_eval.CAPTION)
+    if found is not None:
+        st.caption(fed_eval.describe(found))
+        if found.rows:
+            table(fed_eval_frame(found),
+                  column_config={"global accuracy": st.column_config.NumberColumn(format="%.4f"),
+                                 "personal accuracy": st.column_config.NumberColumn(format="%.4f")})
+
+
 GREEN = "background-color: rgba(64, 192, 87, 0.22)"
 OUTCOME_HIGHLIGHT = {"kept": GREEN, "clipped": AMBER}
 
@@ -865,6 +942,7 @@ def results_view(api: ServerAPI) -> None:
     status, history, _ = read_now
     try:
         charts_panel(history, status.get("mode") == "async")
+        federated_eval_panel(history, status.get("mode") == "async")
         model_panel(api, history)
         download_panel(api, history)
     except Exception as exc:
@@ -930,6 +1008,7 @@ def past_run_view(api: ServerAPI, run_id: int) -> None:
             f"{finished}. A past run is read-only; choose the current run to follow training.",
             icon=":material/history:")
     charts_panel(run.get("history") or [], run.get("settings", {}).get("mode") == "async")
+    federated_eval_panel(run.get("history") or [], run.get("settings", {}).get("mode") == "async")
     with st.expander("Its settings"):
         table(run_settings.settings_table([run]).drop(columns="differs"))
 
@@ -979,6 +1058,12 @@ def compare_view(api: ServerAPI) -> None:
         left.altair_chart(compare_chart(frame, "accuracy", "test accuracy per round, by run"),
                           width="stretch")
         right.altair_chart(compare_chart(frame, "loss", "test loss per round, by run"), width="stretch")
+    if run_settings.any_evaluated(details):
+        st.markdown("**Latest accuracy**: the server's test accuracy of each run's last model, and "
+                    "from its latest federated evaluation the devices' accuracy on their held-out data")
+        table(run_settings.evaluation_table(details),
+              column_config={c: st.column_config.NumberColumn(format="%.4f")
+                             for c in run_settings.EVALUATION_COLUMNS[2:]})
     settings = run_settings.settings_table(details)
     differ = run_settings.differing(settings)
     st.markdown(f"**Settings**: {run_settings.DIFFERS} marks what differs "

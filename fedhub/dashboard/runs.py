@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from fedhub.dashboard import federated_eval
 from fedhub.engine.config import FederationConfig
 from fedhub.engine.privacy import DP_MODES, DPConfig
 from fedhub.engine.strategies.registry import describe_strategies
@@ -151,3 +152,31 @@ def curves_frame(runs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
              "loss": entry.get("test_loss")}
             for run in runs for entry in run.get("history") or []]
     return pd.DataFrame(rows, columns=["run", "round", "accuracy", "loss"])
+
+
+WORST_10PCT = "worst 10 % device accuracy"
+EVALUATION_COLUMNS = ("run", "rounds", "test accuracy", "device accuracy (mean)", WORST_10PCT,
+                      "personal accuracy (mean)")
+
+
+def evaluation_table(runs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Each run's latest numbers side by side: its rounds, the server's test accuracy of its last
+    model, and from its latest federated evaluation the global model's mean and worst-10 % device
+    accuracy on the devices' held-out data and the personal models' mean (None where a run has
+    none: no device evaluated, or a run from before federated evaluation)."""
+    rows = []
+    for run in runs:
+        history = run.get("history") or []
+        fed = federated_eval.latest_summary(history)
+        last = history[-1] if history and isinstance(history[-1], Mapping) else {}
+        rows.append({"run": run_label(run), "rounds": len(history),
+                     "test accuracy": federated_eval.number(last.get("test_accuracy")),
+                     "device accuracy (mean)": fed["mean"], WORST_10PCT: fed["worst_10pct"],
+                     "personal accuracy (mean)": fed["personal_mean"]})
+    return pd.DataFrame(rows, columns=list(EVALUATION_COLUMNS)).astype(
+        {c: "Float64" for c in EVALUATION_COLUMNS[2:]})
+
+
+def any_evaluated(runs: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a device evaluated in any of these runs (the comparison then shows their numbers)."""
+    return any(federated_eval.latest(run.get("history") or []) is not None for run in runs)

@@ -280,6 +280,11 @@ class Client:
         return self._json(self.request("POST", f"/api/devices/{self.name}/progress",
                                        json={"round": round_number, "done": done, "total": total}))
 
+    def report_evaluation(self, report: Mapping[str, Any]) -> dict[str, Any]:
+        """Loss and accuracy on the held-out data: ``{"round", "global": {..., "num_examples"},
+        "personal": {...} | None}`` (see fedhub.engine.federated_eval.parse_report)."""
+        return self._json(self.request("POST", f"/api/devices/{self.name}/evaluation", json=dict(report)))
+
     def report_interrupted(self, round_number: int, detail: str | None = None) -> dict[str, Any]:
         return self._json(self.request("POST", f"/api/devices/{self.name}/interrupted",
                                        json={"round": round_number, "detail": detail}))

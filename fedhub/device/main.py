@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="your own trainer instead of the built-in one: NAME(data_dir) must return "
                         "an object with validate/initialise/train/evaluate (see fedhub/device/trainer.py); "
                         "data_dir is the folder of --data, else <devices-root>/<name>/data")
+    p.add_argument("--holdout", type=float, default=0.0, metavar="SHARE",
+                   help="hold out this share of the local data for federated evaluation when its folder "
+                        "has no held-out file (data/eval.npz, written by python -m fedhub.split)")
     p.add_argument("--stay", action="store_true",
                    help="when a run finishes, save the final model and keep waiting, enrolled, for the "
                         "next run (a Reset or a new run) until stopped (Ctrl-C, SIGTERM), instead of "
@@ -74,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "after dealing its key shares")
     a = p.parse_args(argv)
     a.attack_obj = None
+    if not 0 <= a.holdout < 1:
+        p.error("--holdout must be from 0 to below 1")
     if not 0 <= a.secagg_dropout <= 1:
         p.error("--secagg-dropout must be from 0 to 1")
     if not 0 <= a.poll_wait <= 3600 or not 0 <= a.retry_for <= 30 * 86_400:
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from fedhub.device.trainer import ImageTrainer
-    from fedhub.split import DatasetError, load_device_data
+    from fedhub.split import DatasetError, load_device_data, read_device_holdout, split_holdout
 
     layout = state.resolve(a.state_dir)
     folder = (a.devices_root or layout.devices_root) / a.name
@@ -127,15 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         if a.attack_obj is not None:
             trainer.y = a.attack_obj.poison_labels(trainer.y)  # FROM_FOLDER only (see parse_args)
     else:
+        data = a.data.parent.parent if a.data else folder
         try:
-            x, y = load_device_data(a.data.parent.parent if a.data else folder)
+            x, y = load_device_data(data)
+            holdout = read_device_holdout(data)
         except DatasetError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if holdout is None and a.holdout:
+            (x, y), holdout = split_holdout(x, y, a.holdout)
         if a.attack_obj is not None:
             y = a.attack_obj.poison_labels(y)
         trainer = ImageTrainer(x, y, model=a.model, framework=a.framework, model_factory=a.model_factory,
-                               verbose=1 if a.verbose else 0)
+                               verbose=1 if a.verbose else 0, holdout=holdout)
     secret = a.enroll_secret or os.environ.get("FEDHUB_ENROLL_SECRET")
     client = Client(a.server, a.name, verify=a.ca or True, retry_for=a.retry_for)
     runner = DeviceRunner(client, trainer, folder, enroll_secret=secret,

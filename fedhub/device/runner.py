@@ -24,6 +24,7 @@ from fedhub.engine.secagg import SecAggError
 
 from .attacks import Attack
 from .client import Client, RemoteLogHandler, ServerError, TLSError, Unreachable, backoff_delays, duration
+from .personal import PersonalStore, personal_names
 from .secure import SecureDevice
 from .trainer import Trainer, TrainingInterrupted
 
@@ -83,6 +84,7 @@ class DeviceRunner:
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
         self.secure = SecureDevice(client, self._say, dropout=secagg_dropout)
+        self._said_no_holdout = False
 
     def _say(self, message: str, level: int = logging.INFO, round_number: int | None = None) -> None:
         self._print(f"[{self.client.name}] {message}", flush=True)
@@ -317,7 +319,7 @@ class DeviceRunner:
         detail = None
         started = time.monotonic()
         try:
-            result = self.trainer.train(weights, config)
+            result, sent, report = self._local_work(number, weights, config)
         except TrainingInterrupted as exc:
             detail = str(exc)
         except Exception as exc:  # the trainer's failure fails this round, not the device
@@ -333,7 +335,6 @@ class DeviceRunner:
             with contextlib.suppress(ServerError):
                 self.client.report_interrupted(number, detail)
             return
-        sent = result.weights
         try:
             local_dp = local_dp_task(config)
         except ValueError as exc:
@@ -347,15 +348,76 @@ class DeviceRunner:
         if self.attack is not None:
             sent = self.attack.poison_weights(sent, weights, self._rng)
         delay = (self.slowdown - 1) * (time.monotonic() - started)
-        self.deliver(delay, lambda: self._send(task, version, weights, sent, result, scheme))
+        self.deliver(delay, lambda: self._send(task, version, weights, sent, result, scheme, report))
+
+    def _local_work(self, number: int, weights: dict[str, np.ndarray], config: dict[str, Any]
+                    ) -> tuple[Any, dict[str, np.ndarray], dict[str, Any] | None]:
+        """The round's work on this device: evaluate the global model on the held-out data when
+        asked, train, and with personalization (:mod:`.personal`) make and keep its own model
+        and evaluate that too. Returns the training result, the weights to send and the
+        evaluation report (None when not asked or without held-out data)."""
+        method = config.get("personalization", "none")
+        store = PersonalStore(self.folder)
+        start, names = dict(weights), []
+        if method == "fedper":
+            names = personal_names(weights, config.get("personal_layers", ""))
+            start.update(store.load({n: weights[n] for n in names}, method))
+        report = None
+        if config.get("evaluate"):
+            held = self._evaluate_holdout(weights)
+            if held is not None:
+                report = {"round": number, "global": held, "personal": None}
+        # q-FFL weighs each update by the loss of the global model on the device's training data
+        start_loss = float(self.trainer.evaluate(weights)["loss"]) if config.get("start_loss") else None
+        result = self.trainer.train(start, config)
+        if start_loss is not None:
+            result.metrics["start_loss"] = start_loss
+        sent, own = result.weights, None
+        if method == "finetune":
+            own = result.weights
+        elif method == "fedper":
+            own = result.weights
+            store.save({n: result.weights[n] for n in names}, method)
+            sent = {**result.weights, **{n: weights[n] for n in names}}
+        elif method == "ditto":
+            if not getattr(self.trainer, "personalizes", False):
+                raise ValueError("this device's trainer cannot train a Ditto personal model; use the "
+                                 "built-in trainer")
+            personal = {**weights, **store.load(weights, method)}
+            pull = {**config, "proximal_mu": float(config.get("ditto_lambda", 0.1))}
+            own = self.trainer.train(personal, pull, anchor=weights).weights
+            store.save(own, method)
+        if report is not None and own is not None:
+            held = self._evaluate_holdout(own)
+            report["personal"] = held and {"loss": held["loss"], "accuracy": held["accuracy"]}
+        return result, sent, report
+
+    def _evaluate_holdout(self, weights: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """Loss, accuracy and examples of ``weights`` on the held-out data; None without any."""
+        evaluate = getattr(self.trainer, "evaluate_holdout", None)
+        result = evaluate(weights) if evaluate is not None else None
+        if result is None and not self._said_no_holdout:
+            self._said_no_holdout = True
+            self._say("asked to evaluate, but this device has no held-out data (split with --holdout, "
+                      "or start it with --holdout SHARE)")
+        return result
 
     def _deliver_after(self, delay: float, send: Callable[[], None]) -> None:
         self._stop.wait(delay)
         send()
 
     def _send(self, task: dict[str, Any], version: int, weights: dict[str, np.ndarray],
-              sent: dict[str, np.ndarray], result: Any, scheme: compression.Scheme) -> None:
+              sent: dict[str, np.ndarray], result: Any, scheme: compression.Scheme,
+              report: dict[str, Any] | None = None) -> None:
         number = task["round"]
+        if report is not None:  # before the update: the round's history entry summarizes it
+            try:
+                self.client.report_evaluation(report)
+            except ServerError as exc:
+                if exc.status != 409:
+                    raise
+                self._say(f"round {number}: evaluation not kept: {exc.body.get('message')}",
+                          round_number=number)
         try:
             if "secagg" in task:
                 self.secure.masked_upload(task, sent, weights, result.num_examples)

@@ -170,11 +170,12 @@ class ProximalTerm:
             self._anchors.append((v, anchor))
         keras_model.train_function = None  # traced again, with the term
 
-    def start_round(self, mu: float) -> None:
-        """Capture the model's current weights (the global model) as the anchor, with ``mu``."""
+    def start_round(self, mu: float, weights: Mapping[str, np.ndarray] | None = None) -> None:
+        """Capture ``weights`` (by variable path), else the model's current weights (the global
+        model), as the anchor, with ``mu``."""
         self.mu.assign(mu)
         for v, anchor in self._anchors:
-            anchor.assign(v.value)
+            anchor.assign(v.value if weights is None else np.asarray(weights[v.path], dtype=np.float32))
 
     def value(self) -> float:
         """The term's value for the current weights."""
@@ -228,11 +229,16 @@ class ImageTrainer:
     FedProx's proximal term toward the round's global model.
     """
 
+    personalizes = True  # train() takes an anchor: Ditto's personal model (fedhub.device.personal)
+
     def __init__(self, x: np.ndarray, y: np.ndarray, *, model: str | None = None,
                  framework: str | None = None, seed: int = 0, verbose: int = 0,
-                 model_factory: str | None = None) -> None:
+                 model_factory: str | None = None,
+                 holdout: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """``holdout``: the device's held-out images and labels (federated evaluation)."""
         self.x = x
         self.y = y
+        self.holdout = holdout if holdout is not None and len(holdout[1]) else None
         self.model_name = model
         self.framework = framework
         self.pinned = framework  # the device's own --framework: the server's must be the same
@@ -288,7 +294,9 @@ class ImageTrainer:
                 self.network.verbose = self.verbose
             self.framework, self.model_name = framework, name
 
-    def train(self, weights: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> TrainResult:
+    def train(self, weights: Mapping[str, np.ndarray], config: Mapping[str, Any], *,
+              anchor: Mapping[str, np.ndarray] | None = None) -> TrainResult:
+        """``anchor``: the weights the proximal term pulls toward (else ``weights``)."""
         # an empty config is a task too (of the framework given, else Keras)
         self.initialise(config or {"framework": self.framework or "keras"})
         self.network.set_weights(weights)
@@ -296,7 +304,8 @@ class ImageTrainer:
         metrics = self.network.train(
             self.x, self.y, epochs=int(config.get("epochs", 1)), batch_size=int(config.get("batch_size", 32)),
             learning_rate=float(config.get("learning_rate", 1e-3)),
-            proximal_mu=float(config.get("proximal_mu", 0.0)), stop=self._stop, progress=self._progress)
+            proximal_mu=float(config.get("proximal_mu", 0.0)), anchor=anchor, stop=self._stop,
+            progress=self._progress)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["train_seconds"] = time.perf_counter() - started
         return TrainResult(self.network.get_weights(), len(self.x), metrics)
@@ -312,6 +321,16 @@ class ImageTrainer:
         network.set_weights(weights)
         result = network.evaluate(self.x, self.y)
         return {"loss": float(result["loss"]), "accuracy": float(result["accuracy"])}
+
+    def evaluate_holdout(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
+        """Loss, accuracy and examples of ``weights`` on the held-out data (None without any)."""
+        if self.holdout is None:
+            return None
+        network = self._built()
+        network.set_weights(weights)
+        result = network.evaluate(*self.holdout)
+        return {"loss": float(result["loss"]), "accuracy": float(result["accuracy"]),
+                "num_examples": len(self.holdout[1])}
 
     def save_final(self, weights: Mapping[str, np.ndarray], folder: Path) -> Path | None:
         """The run's final global model in ``folder`` (``final.keras``; for PyTorch ``final.pt2``

@@ -184,16 +184,33 @@ class VirtualTrainer:
     def initialise(self, config: Mapping[str, Any]) -> None:
         self.shared.initialise(config)
 
-    def train(self, weights: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> Any:
+    @property
+    def personalizes(self) -> bool:
+        return getattr(self.shared.trainer, "personalizes", False)
+
+    def train(self, weights: Mapping[str, np.ndarray], config: Mapping[str, Any], **more: Any) -> Any:
+        """``more``: the shared trainer's own options (``anchor``, for Ditto)."""
         x, y = self._arrays()
         self.shared.initialise(config)
         self.shared.reset_optimizer()
         with self.shared.holding(x, y) as trainer:
-            return trainer.train(weights, config)
+            return trainer.train(weights, config, **more)
 
     def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
         with self.shared.holding(*self._arrays()) as trainer:
             return trainer.evaluate(weights)
+
+    def evaluate_holdout(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
+        """``weights`` on this device's held-out arrays (``data/eval.npz``); None without them."""
+        from fedhub.split import read_device_holdout
+
+        held = read_device_holdout(self.device_dir, mmap=True)
+        if held is None:
+            return None
+        with self.shared.holding(*held) as trainer:
+            result = trainer.evaluate(weights)
+        return {"loss": float(result["loss"]), "accuracy": float(result["accuracy"]),
+                "num_examples": len(held[1])}
 
     def interrupt(self) -> None:
         self.shared.trainer.interrupt()

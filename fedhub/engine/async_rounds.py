@@ -135,6 +135,7 @@ class AsyncRounds(RoundPolicy):
 
     def reset(self) -> None:
         """Forget the buffers and their files (the rows go with the rounds); lock held."""
+        self._state.evaluations.clear()
         for b in self._buffers.values():
             if not b.inflight:  # an upload still folding in finds it open; then it is dropped
                 b.aggregator.close()
@@ -156,6 +157,9 @@ class AsyncRounds(RoundPolicy):
             reason = "training has not been started" if s.status == "idle" else "training is paused"
             return {"action": "wait", "reason": reason}
         config = {**self._config.training.task(), **self._strategy.task_config()}
+        if self._strategy.configure_evaluate((name,), s.version + 1, every=self._config.fed_eval_every,
+                                             fraction=self._config.fed_eval_fraction, rng=self._rng):
+            config["evaluate"] = True
         return {"action": "train", "mode": "async", "round": s.version, "model_version": s.version,
                 "config": config, "deadline_in": self._config.round_timeout}
 
@@ -169,6 +173,14 @@ class AsyncRounds(RoundPolicy):
 
     def revision(self) -> str:
         return str(self._target())
+
+    def evaluation(self, name: str, report: Mapping[str, Any]) -> None:
+        """Kept (a device's latest one) when it evaluated a version still taken as a base."""
+        s = self._state
+        if s.status not in ("running", "paused") or not (
+                s.version - self._config.max_staleness <= report["round"] <= s.version):
+            super().evaluation(name, report)
+        s.evaluations[name] = report
 
     # intake ---------------------------------------------------------------
     def duplicate(self, name: str, round_number: int, upload_id: str | None,

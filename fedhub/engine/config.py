@@ -13,6 +13,9 @@ from .secagg import SecAggConfig
 from .secagg.errors import ConfigError
 from .strategies import DEFAULT_MEMORY_BUDGET, STRATEGIES, Strategy, make_strategy
 from .strategies.averaging import Averaging
+from .strategies.fairness import QFedAvg
+
+PERSONALIZATION: tuple[str, ...] = ("none", "finetune", "fedper", "ditto")
 
 
 @dataclass
@@ -28,6 +31,16 @@ class TrainingConfig:
     compression: str = params.setting(
         "none", "how devices send updates: none, q8, q4 (8/4-bit deltas; q8:tensor, q8:block=N for "
         "the scales) or topk:FRACTION (sparse, with error feedback)", metavar="SCHEME")
+    # Personalization: what each device keeps of its own beside the global model.
+    personalization: str = params.setting(
+        "none", "each device's own model: none, finetune (the global model after local training), "
+        "fedper (personal layers stay on the device) or ditto (a personal model pulled toward the "
+        "global one)", choices=PERSONALIZATION, metavar="METHOD")
+    personal_layers: str = params.setting(
+        "", "fedper: comma-separated name prefixes of the tensors that stay on each device (default: "
+        "the network's last layer)", metavar="PREFIXES")
+    ditto_lambda: float = params.number(0.1, 0, 1000, help="ditto: strength of the pull of each personal "
+                                        "model toward the global one")
 
     def validate(self) -> None:
         """ValueError (one line) for a setting out of its range or an unknown compression."""
@@ -36,6 +49,16 @@ class TrainingConfig:
             compression.parse(self.compression)
         except ValueError as exc:
             raise params.SettingError(f"{{0}}: {exc}", "compression") from None
+        if self.personalization not in PERSONALIZATION:
+            raise params.SettingError(f"{{0}} must be one of {', '.join(PERSONALIZATION)}, got "
+                                      f"{self.personalization!r}", "personalization")
+        if self.personal_layers and self.personalization != "fedper":
+            raise params.SettingError("{0} names FedPer's personal layers: it needs {1} fedper",
+                                      "personal_layers", "personalization")
+        prefixes = self.personal_layers.split(",") if self.personal_layers else []
+        if len(self.personal_layers) > 1000 or not all(p.strip() for p in prefixes):
+            raise params.SettingError("{0} must be comma-separated tensor name prefixes (at most 1000 "
+                                      "characters)", "personal_layers")
 
     def task(self) -> dict[str, Any]:
         """The task config every selected device gets (a strategy may add to it)."""
@@ -45,6 +68,12 @@ class TrainingConfig:
             task["framework"] = self.framework
         if self.compression != "none":
             task["compression"] = self.compression
+        if self.personalization != "none":
+            task["personalization"] = self.personalization
+            if self.personalization == "fedper" and self.personal_layers:
+                task["personal_layers"] = self.personal_layers
+            if self.personalization == "ditto":
+                task["ditto_lambda"] = self.ditto_lambda
         return task
 
 
@@ -63,6 +92,11 @@ class FederationConfig:
                                           help="seconds unseen before an idle device counts as offline")
     fraction: float = params.number(1.0, above=0, high=1,
                                     help="share of the available devices selected each round")
+    fed_eval_every: int = params.number(
+        1, 0, 10_000_000, metavar="N", help="devices evaluate the global model on their held-out data "
+        "every N rounds (0: never)")
+    fed_eval_fraction: float = params.number(
+        1.0, above=0, high=1, metavar="F", help="share of a round's devices asked to evaluate")
     auto_activate: bool = params.setting(False, "new devices start active")
     start: bool = params.setting(False, "training starts without an admin's start call")
     strategy: str = params.setting("fedavg", "the aggregation strategy (--list-strategies)",
@@ -177,6 +211,11 @@ class FederationConfig:
         if isinstance(strategy, DistributedDP):
             self.check_noise_share(strategy)
             strategy = strategy.strategy
+        if isinstance(strategy, QFedAvg):
+            raise Error(f"strategy {strategy.name} cannot be used with {{0}}: it weighs each device's "
+                        "update by that device's own loss, and secure aggregation shows the server only "
+                        "the sum of the updates; use fedavg, fedavgm, fedprox, fedadam, fedyogi or "
+                        "fedadagrad", "secagg")
         if not isinstance(strategy, Averaging):
             raise Error(f"strategy {strategy.name} cannot be used with {{0}}: it compares the devices' "
                         "updates one by one, and secure aggregation shows the server only their sum; "

@@ -176,6 +176,9 @@ class DriverThread:
             made = entry(row)
             with self._state.cond:
                 made["bytes_up"], made["bytes_down"] = self._state.take_traffic()
+                reports = dict(self._state.evaluations)
+            made["federated_evaluation"] = self._strategy.aggregate_evaluate(
+                reports, model_version=number - 1, personalization=self._config.training.personalization)
             with self._storage.transaction():
                 if record is not None:
                     record(row)
@@ -194,6 +197,9 @@ class DriverThread:
         s = self._state
         with s.cond:
             installed()
+            for name, report in reports.items():  # summarized: the next model's reports start afresh
+                if s.evaluations.get(name) is report:
+                    del s.evaluations[name]
             s.install(number, weights)
             s.closing = None
             s.last_error = None
@@ -252,6 +258,11 @@ class RoundPolicy(DriverThread):
 
     def late_error(self, entry: Mapping[str, Any]) -> None:
         """A device's ERROR naming a completed round (lock held)."""
+
+    def evaluation(self, name: str, report: Mapping[str, Any]) -> None:
+        """Keep device ``name``'s evaluation report (:func:`.federated_eval.parse_report`) for
+        the next published model's history entry, or Conflict when it was not asked for (lock held)."""
+        raise Conflict(f"device {name!r} was not asked to evaluate in round {report['round']}", "round")
 
     def secure_message(self, name: str, round_number: int, body: bytes) -> dict[str, Any]:
         """A message of a secure-aggregation stage (see :meth:`.rounds.Coordinator.secagg_message`)."""

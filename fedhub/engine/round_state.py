@@ -98,6 +98,9 @@ class RoundState:
         # global model was published: the next one's traffic (its history entry's bytes_up/down).
         self.bytes_up = 0
         self.bytes_down = 0
+        # Devices' evaluation reports (fedhub.engine.federated_eval) since the last global model
+        # was published, by device: the next one's history entry summarizes them.
+        self.evaluations: dict[str, dict[str, Any]] = {}
 
     def take_traffic(self) -> tuple[int, int]:
         """The bytes up and down counted since the last call, and start counting again."""

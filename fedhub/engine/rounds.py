@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compression, runs, wire
+from . import compression, federated_eval, runs, wire
 from .async_rounds import AsyncRounds
 from .config import FederationConfig
 from .device_logs import DeviceLogs
@@ -447,6 +447,15 @@ class Coordinator:
                 raise Conflict(f"device {name!r} is not training in round {round_number}", "round")
             r.progress[name] = {"done": done, "total": total}
             return {"round": round_number, "done": done, "total": total}
+
+    def report_evaluation(self, name: str, raw: object) -> dict[str, Any]:
+        """Device ``name``'s evaluation, on its held-out data, of the global model it trains from
+        (and of its personal model): kept for the next published model's history entry. Only
+        shown and summarized: it never changes a model."""
+        report = federated_eval.parse_report(raw)
+        with self._cond:
+            self._policy.evaluation(name, report)
+        return {"round": report["round"], "accepted": True}
 
     def interrupted(self, name: str, round_number: object, detail: object = None) -> dict[str, Any]:
         """The device confirms it stopped training ``round_number``: at most the next round

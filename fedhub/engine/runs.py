@@ -40,7 +40,11 @@ MAX_NAME = 100
 RUN_SETTINGS = ("rounds", "min_devices", "quorum", "round_timeout", "device_timeout", "fraction",
                 "strategy", "strategy_params", "seed", "compress_downlink", "buffer_size",
                 "max_staleness", "staleness_exponent", "epochs", "batch_size", "learning_rate",
-                "compression", "dp", "secagg")
+                "compression", "dp", "secagg", "fed_eval_every", "fed_eval_fraction",
+                "personalization", "personal_layers", "ditto_lambda")
+# The settings of RUN_SETTINGS that travel with each task (TrainingConfig's).
+TRAINING_SETTINGS = ("epochs", "batch_size", "learning_rate", "compression", "personalization",
+                     "personal_layers", "ditto_lambda")
 
 
 def run_settings(config: FederationConfig, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -257,7 +261,7 @@ def configure(base: FederationConfig, settings: object) -> FederationConfig:
     try:
         for key, value in settings.items():
             config = _typed(key, value, base)
-            if key in ("epochs", "batch_size", "learning_rate", "compression"):
+            if key in TRAINING_SETTINGS:
                 setattr(training, key, config)
             else:
                 values[key] = config
@@ -307,7 +311,7 @@ def _typed(key: str, value: Any, base: FederationConfig) -> Any:
         if not isinstance(value, Mapping):
             raise SettingError(f"{{0}} must be an object of the strategy's parameters, got {value!r}", key)
         return dict(value)
-    owner = base.training if key in ("epochs", "batch_size", "learning_rate", "compression") else base
+    owner = base.training if key in TRAINING_SETTINGS else base
     param = {p.name: p for p in params_of(type(owner))}[key]
     try:
         return param.convert(value)

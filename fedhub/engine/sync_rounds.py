@@ -68,9 +68,21 @@ class SyncRounds(RoundPolicy):
 
     def reset(self) -> None:
         r, self._state.open = self._state.open, None
+        self._state.evaluations.clear()
         if r is not None:
             r.aggregator.close()
             release_devices(self._devices, r, f"round {r.number} was discarded: the run was reset")
+
+    def evaluation(self, name: str, report: Mapping[str, Any]) -> None:
+        """Kept when ``name`` was asked to evaluate in the open round; the same report again is
+        a retry (accepted), another one a Conflict."""
+        r, number = self._state.open, report["round"]
+        if r is None or r.number != number or not r.config.get(name, {}).get("evaluate"):
+            super().evaluation(name, report)
+        kept = self._state.evaluations.get(name)
+        if kept is not None and kept != report:
+            raise Conflict(f"device {name!r} already sent another evaluation for round {number}", "round")
+        self._state.evaluations[name] = report
 
     def late_error(self, entry: Mapping[str, Any]) -> None:
         self._history.late_error(entry)
@@ -289,6 +301,10 @@ class SyncRounds(RoundPolicy):
                     s.cond.notify_all()
                     return
             base = self._config.training.task()
+            evaluators = set(self._strategy.configure_evaluate(
+                plan.devices, number, every=self._config.fed_eval_every,
+                fraction=self._config.fed_eval_fraction, rng=self._rng))
+            s.evaluations.clear()  # a failed attempt's reports: this one asks again
             started_at = self._clock()
             self._storage.insert_round(number, started_at=started_at, selected=list(plan.devices),
                                        config={**base, **self._strategy.task_config()})
@@ -298,7 +314,8 @@ class SyncRounds(RoundPolicy):
                 selected=set(plan.devices),
                 needed=max(1, math.ceil(self._config.quorum * k), self._strategy.min_updates()),
                 deadline=time.monotonic() + self._config.round_timeout,
-                config={d: {**base, **plan.config.get(d, {})} for d in plan.devices},
+                config={d: {**base, **plan.config.get(d, {}),
+                            **({"evaluate": True} if d in evaluators else {})} for d in plan.devices},
                 aggregator=aggregator, secure=secure)
             if secure is not None:
                 s.open.deadline = secure.deadline

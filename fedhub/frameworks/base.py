@@ -54,11 +54,13 @@ class Network(Protocol):
 
     def train(self, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, batch_size: int = 32,
               learning_rate: float = 1e-3, proximal_mu: float = 0.0,
+              anchor: Mapping[str, np.ndarray] | None = None,
               stop: threading.Event | None = None, progress: Progress | None = None) -> dict[str, float]:
         """Train from the current weights; ``{"loss", "accuracy"}`` of the last epoch.
 
         ``proximal_mu`` > 0 adds FedProx's ``(mu/2)·||w - w_start||²`` (w_start: the weights at
-        the call). ``stop`` set during training ends it at the next batch with
+        the call, or ``anchor`` when given: Ditto pulls a personal model toward the global one).
+        ``stop`` set during training ends it at the next batch with
         ``fedhub.device.trainer.TrainingInterrupted``; ``progress(done, total)`` hears each batch.
         (Local differential privacy clips and noises the update after training, in the device
         loop, the same for every framework.)

@@ -60,13 +60,14 @@ class KerasNetwork:
 
     def train(self, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, batch_size: int = 32,
               learning_rate: float = 1e-3, proximal_mu: float = 0.0,
+              anchor: Mapping[str, np.ndarray] | None = None,
               stop: threading.Event | None = None, progress: Progress | None = None) -> dict[str, float]:
         from fedhub.device.trainer import ProximalTerm, fit_interruptibly
 
         if proximal_mu > 0 and self.proximal is None:
             self.proximal = ProximalTerm(self.model.keras_model)
         if self.proximal is not None:
-            self.proximal.start_round(proximal_mu)  # the weights now set are the round's start
+            self.proximal.start_round(proximal_mu, anchor)  # else the weights now set: the round's start
         metrics = fit_interruptibly(
             self.model.keras_model, x, y, stop if stop is not None else threading.Event(),
             fit=self.fit, progress=progress, epochs=epochs, batch_size=batch_size,

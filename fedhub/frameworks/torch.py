@@ -233,6 +233,7 @@ class TorchNetwork:
 
     def train(self, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, batch_size: int = 32,
               learning_rate: float = 1e-3, proximal_mu: float = 0.0,
+              anchor: Mapping[str, np.ndarray] | None = None,
               stop: threading.Event | None = None, progress: Progress | None = None) -> dict[str, float]:
         from fedhub.device.trainer import TrainingInterrupted
 
@@ -252,7 +253,11 @@ class TorchNetwork:
             self._optimizer = torch.optim.Adam(module.parameters(), lr=learning_rate)
         for group in self._optimizer.param_groups:
             group["lr"] = float(learning_rate)
-        anchors = ([p.detach().clone() for p in module.parameters()] if proximal_mu > 0 else None)
+        anchors = None
+        if proximal_mu > 0:
+            anchors = ([p.detach().clone() for p in module.parameters()] if anchor is None else
+                       [torch.as_tensor(np.asarray(anchor[name], dtype=np.float32))
+                        for name, _ in module.named_parameters()])
         loss_fn = nn.CrossEntropyLoss()
         per_epoch = math.ceil(n / batch_size)
         total, done = epochs * per_epoch, 0

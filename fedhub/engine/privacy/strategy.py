@@ -145,6 +145,13 @@ class _DPStrategy(Strategy):
     def task_config(self) -> dict[str, Any]:
         return self.strategy.task_config()
 
+    def configure_evaluate(self, devices: Sequence[str], round_number: int, **how: Any) -> tuple[str, ...]:
+        return self.strategy.configure_evaluate(devices, round_number, **how)
+
+    def aggregate_evaluate(self, reports: Mapping[str, Mapping[str, Any]],
+                           **how: Any) -> dict[str, Any] | None:
+        return self.strategy.aggregate_evaluate(reports, **how)
+
     def min_updates(self) -> int:
         return self.strategy.min_updates()
 
@@ -255,7 +262,8 @@ class _CentralRound(_PrivateRound):
         self._sum = {n: np.zeros(a.shape, dtype=np.float64) for n, a in self.template.items()}
         self._clipped = 0
 
-    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
+    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int, *,
+              metrics: Mapping[str, Any]) -> None:
         clipped = clip_by_norm(difference(weights, self.template), self._clipping_norm)
         for name, total in self._sum.items():
             np.add(total, clipped.tensors[name], out=total)
@@ -279,8 +287,9 @@ class _CentralRound(_PrivateRound):
 class _LocalRound(_PrivateRound):
     """Local DP: the devices clipped and noised their updates; the inner strategy aggregates."""
 
-    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
-        self._inner.add(device, weights, num_examples)
+    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int, *,
+              metrics: Mapping[str, Any]) -> None:
+        self._inner.add(device, weights, num_examples, metrics)  # qfedavg weighs by start_loss
 
     def _combine(self) -> tuple[Weights, Weights, dict[str, dict[str, Any]]]:
         inner = self._inner.result()
@@ -301,7 +310,8 @@ class _DistributedRound(_PrivateRound):
         super().__init__(owner, global_weights, spill_dir, memory_budget)
         self._survivors = 0
 
-    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
+    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int, *,
+              metrics: Mapping[str, Any]) -> None:
         raise ValueError("distributed DP takes only sums unmasked by secure aggregation")
 
     def add_secure_mean(self, devices: Sequence[str], mean: Mapping[str, np.ndarray], weight: int) -> None:

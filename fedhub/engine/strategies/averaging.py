@@ -28,7 +28,8 @@ class StreamingAggregator(RoundAggregator):
         super().__init__(strategy, global_weights, state)
         self._sum = WeightedSum(self.template)
 
-    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
+    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int, *,
+              metrics: Mapping[str, Any]) -> None:
         self._sum.add(weights, num_examples)
 
     def add_secure_mean(self, devices: Sequence[str], mean: Mapping[str, np.ndarray], weight: int) -> None:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .. import params
+from .. import federated_eval, params
 from ..errors import InvalidInput
 
 Weights = dict[str, np.ndarray]
@@ -151,7 +151,9 @@ class RoundAggregator(ABC):
                     raise InvalidUpdate(f"tensor {bad!r} holds NaN or infinity", bad)
                 entry.update(status="rejected", reason=f"tensor {bad!r} holds NaN or infinity")
             else:
-                self._fold(device, weights, int(num_examples))
+                # The raw metrics: a strategy that weighs an update by what its device reports
+                # (q-FFL's start_loss) checks them itself, and refuses the update before it counts.
+                self._fold(device, weights, int(num_examples), metrics=metrics or {})
             self._updates[device] = entry
             self._reported[device] = {
                 k: float(v) for k, v in (metrics or {}).items()
@@ -256,8 +258,10 @@ class RoundAggregator(ABC):
         self.close()
 
     @abstractmethod
-    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
-        """Take in one accepted update (called under the aggregator's lock)."""
+    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int, *,
+              metrics: Mapping[str, Any]) -> None:
+        """Take in one accepted update (called under the aggregator's lock) with the metrics its
+        device reported, as sent. Raise :class:`InvalidUpdate` before changing anything to refuse it."""
 
     @abstractmethod
     def _combine(self) -> tuple[Weights, Weights, dict[str, dict[str, Any]]]:
@@ -332,6 +336,19 @@ class Strategy(ABC):
         chosen = tuple(sorted(rng.sample(pool, k)))
         extra = self.task_config()
         return RoundPlan(devices=chosen, config={d: dict(extra) for d in chosen})
+
+    def configure_evaluate(self, devices: Sequence[str], round_number: int, *, every: int,
+                           fraction: float, rng: random.Random) -> tuple[str, ...]:
+        """Which of round ``round_number``'s ``devices`` evaluate the global model on their
+        held-out data (Flower's ``configure_evaluate``): every ``every`` rounds, ``fraction`` of them."""
+        return federated_eval.choose(devices, round_number, every=every, fraction=fraction, rng=rng)
+
+    def aggregate_evaluate(self, reports: Mapping[str, Mapping[str, Any]], *, model_version: int,
+                           personalization: str) -> dict[str, Any] | None:
+        """The round's ``federated_evaluation`` from its devices' reports (Flower's
+        ``aggregate_evaluate``): per device, and the distribution over them."""
+        return federated_eval.summarize(reports, model_version=model_version,
+                                        personalization=personalization)
 
     @abstractmethod
     def begin(self, global_weights: Mapping[str, np.ndarray], *, spill_dir: str | Path | None = None,

@@ -14,12 +14,13 @@ from .. import params
 from .adaptive import FedAdagrad, FedAdam, FedYogi
 from .averaging import FedAvg, FedAvgM, FedProx
 from .base import Strategy
+from .fairness import QFedAvg
 from .robust import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad,
-                FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan)
+                FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, QFedAvg)
 }
 
 

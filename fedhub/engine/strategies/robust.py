@@ -141,7 +141,8 @@ class BufferedAggregator(RoundAggregator):
         self.buffer = UpdateBuffer(self.layout, memory_budget=memory_budget, spill_dir=spill_dir)
         self._rows: list[tuple[str, int]] = []
 
-    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
+    def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int, *,
+              metrics: Mapping[str, Any]) -> None:
         self.buffer.append(weights)
         self._rows.append((device, num_examples))
 

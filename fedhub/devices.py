@@ -47,7 +47,10 @@ class Device:
                  root: str | Path | None = None, auto_activate: bool = True, poll_wait: float = 5.0,
                  retry_for: float = 60.0, verify: bool | str = True, quiet: bool = False,
                  attack: Attack | str | None = None, attack_params: Mapping[str, Any] | None = None,
-                 secagg_dropout: float = 0.0) -> None:
+                 secagg_dropout: float = 0.0,
+                 holdout: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """``holdout``: the device's held-out ``(x, y)``, never trained on: it evaluates the global
+        model (and with personalization its own) on them when the server asks (federated evaluation)."""
         try:
             self.name = check_name(name)
         except InvalidInput as exc:
@@ -79,6 +82,7 @@ class Device:
                              "trainer holds itself; give x and y instead")
         self.attack: Attack | None = attack
         self.x, self.y, self.model, self.trainer = x, y, model, trainer
+        self.holdout = None if holdout is None else (np.asarray(holdout[0]), np.asarray(holdout[1]))
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="fedhub-devices-"))
         self.folder = self.root / self.name
         self.auto_activate = auto_activate
@@ -141,7 +145,7 @@ class Device:
         trainer = self.trainer
         if trainer is None:
             y = self.y if self.attack is None else self.attack.poison_labels(self.y)
-            trainer = KerasModelTrainer(load_model(self._model_file()), self.x, y)
+            trainer = KerasModelTrainer(load_model(self._model_file()), self.x, y, holdout=self.holdout)
         self.runner = DeviceRunner(self._client(), trainer, self.folder, enroll_secret=self.enroll_secret,
                                    auto_activate=self.auto_activate, poll_wait=self.poll_wait,
                                    attack=self.attack, print_fn=self._print,
@@ -162,7 +166,8 @@ class Device:
             raise ValueError("a custom trainer object cannot move to a child process; use run() or start()")
         model_file = self._model_file()
         with atomic_path(model_file.parent / "arrays.npz") as tmp:
-            np.savez(tmp, x=np.asarray(self.x), y=np.asarray(self.y))
+            held = {} if self.holdout is None else {"x_eval": self.holdout[0], "y_eval": self.holdout[1]}
+            np.savez(tmp, x=np.asarray(self.x), y=np.asarray(self.y), **held)
         cmd = [sys.executable, "-m", "fedhub.device.main", "--server", self.url, "--name", self.name,
                "--devices-root", str(self.root), "--trainer", FROM_FOLDER,
                "--poll-wait", str(self.poll_wait), "--retry-for", str(self.retry_for)]

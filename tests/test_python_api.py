@@ -53,20 +53,26 @@ def test_server_with_local_and_remote_devices(tmp_path):
 
     x, y = load_digits()
     (x1, y1), (x2, y2), (xt, yt) = (x[:300], y[:300]), (x[300:600], y[300:600]), (x[1400:], y[1400:])
+    held = {"local": (x[600:700], y[600:700]), "remote": (x[700:750], y[700:750])}
     with fedhub.Server(build(), test_data=(xt, yt), rounds=2, min_devices=2, epochs=2, batch_size=16,
                        learning_rate=0.5, state_dir=tmp_path / "server", runs_dir=tmp_path / "runs",
-                       run_id="api") as server:
+                       run_id="api", personalization="finetune") as server:
         assert requests.get(f"{server.url}/health", timeout=5).ok
-        local = fedhub.Device(server, "local", x1, y1, root=tmp_path / "devices", quiet=True).start()
+        local = fedhub.Device(server, "local", x1, y1, root=tmp_path / "devices", quiet=True,
+                              holdout=held["local"]).start()
         # a device that only has the URL and the enrollment secret downloads the model itself
         remote = fedhub.Device(server.url, "remote", x2, y2, enroll_secret=server.enroll_secret,
-                               root=tmp_path / "devices", quiet=True).spawn()
+                               root=tmp_path / "devices", quiet=True, holdout=held["remote"]).spawn()
         streamed = [entry["round"] for entry in server.rounds(timeout=240)]
         assert streamed == [1, 2]
         assert remote.join(120) == 0, remote.log_path.read_text()
         assert local.join(120) == 0
         history = server.history()
         assert set(history[-1]["devices"]) == {"local", "remote"}
+        for entry in history:  # each evaluated the global model and its fine-tuned one on its own
+            devices = entry["federated_evaluation"]["devices"]
+            assert {n: d["num_examples"] for n, d in devices.items()} == {"local": 100, "remote": 50}
+            assert all(d["personal"] is not None for d in devices.values())
         final = server.global_model()
         report = server.evaluate(xt, yt)
         assert report["accuracy"] == pytest.approx(history[-1]["test_accuracy"], abs=1e-6)

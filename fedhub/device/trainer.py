@@ -378,10 +378,13 @@ class KerasModelTrainer:
     ``.keras`` file (the Python API does) or name the layers explicitly.
     """
 
-    def __init__(self, keras_model: Any, x: np.ndarray, y: np.ndarray, *, verbose: int = 0) -> None:
+    def __init__(self, keras_model: Any, x: np.ndarray, y: np.ndarray, *, verbose: int = 0,
+                 holdout: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """``holdout``: held-out arrays, as ``x, y``, for federated evaluation."""
         self.keras_model = keras_model
         self.x = np.asarray(x)
         self.y = np.asarray(y)
+        self.holdout = holdout if holdout is not None and len(holdout[1]) else None
         self.verbose = verbose
         self._stop = threading.Event()
         self._progress = BatchProgress()
@@ -429,6 +432,19 @@ class KerasModelTrainer:
         result = self.keras_model.evaluate(self.x, self.y, verbose=0, return_dict=True)
         return {k: float(v) for k, v in result.items()}
 
+    def evaluate_holdout(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
+        """Loss, accuracy and examples of ``weights`` on the held-out arrays (None without any)."""
+        from fedhub.frameworks.keras_model import set_keras_weights
+
+        if self.holdout is None:
+            return None
+        set_keras_weights(self.keras_model, weights)
+        result = self.keras_model.evaluate(*self.holdout, verbose=0, return_dict=True)
+        if "accuracy" not in result:
+            return None  # a model compiled without an accuracy metric
+        return {"loss": float(result["loss"]), "accuracy": float(result["accuracy"]),
+                "num_examples": len(self.holdout[1])}
+
     def save_final(self, weights: Mapping[str, np.ndarray], folder: Path) -> Path:
         from fedhub.frameworks.keras_model import set_keras_weights
 
@@ -446,7 +462,8 @@ FROM_FOLDER = "fedhub.device.trainer:from_folder"
 
 def from_folder(data_dir: Path) -> KerasModelTrainer:
     """``--trainer fedhub.device.trainer:from_folder``: ``data_dir/model.keras`` (loaded with
-    ``safe_mode=True``) trained on ``data_dir/arrays.npz`` (arrays ``x`` and ``y``).
+    ``safe_mode=True``) trained on ``data_dir/arrays.npz`` (arrays ``x`` and ``y``; held out:
+    ``x_eval`` and ``y_eval``, when there).
 
     This is what ``fedhub.Device(...).spawn()`` runs in its child process.
     """
@@ -460,4 +477,6 @@ def from_folder(data_dir: Path) -> KerasModelTrainer:
         if not {"x", "y"} <= set(npz.files):
             raise ValueError(f"{data_dir / 'arrays.npz'} must hold arrays x and y")
         x, y = npz["x"], npz["y"]
-    return KerasModelTrainer(keras.saving.load_model(data_dir / "model.keras", safe_mode=True), x, y)
+        holdout = (npz["x_eval"], npz["y_eval"]) if {"x_eval", "y_eval"} <= set(npz.files) else None
+    return KerasModelTrainer(keras.saving.load_model(data_dir / "model.keras", safe_mode=True), x, y,
+                             holdout=holdout)

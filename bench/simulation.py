@@ -13,6 +13,10 @@ Prints a Markdown report (results and commands go to docs/benchmarks.md):
   every process together (sampled), time per round, time to 85 % test accuracy.
 * ``ray``: the same with the workers as Ray actors, on a local Ray and on a two-node Ray
   cluster started on this machine (``ray.cluster_utils.Cluster``, one CPU per node).
+* ``scale``: 1,000 devices (10 % a round) and 10,000 devices (1 % a round), IID, 2 workers,
+  ``--rounds-scale`` rounds: each round's efficiency (:mod:`fedhub.efficiency`: one process's time
+  for the round's images, measured in the same run, over the round's time), the first round,
+  the steady round and the peak memory of all processes (issue 23's starting point).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 from fedhub.engine.strategies import STRATEGIES, ParamError, parse_strategy_args
 from fedhub.options.parser import Parser
+from fedhub.simulate import efficiency_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.85
@@ -80,7 +85,7 @@ def figures(history: Any) -> dict[str, Any]:
             "worker_peak_rss_mb": history.stats.get("worker_peak_rss_mb"),
             "bytes_up": history.stats.get("bytes_up"), "bytes_down": history.stats.get("bytes_down"),
             "nodes": len({t["node"] for t in history.stats.get("tasks", [])}),
-            "restarts": history.stats.get("restarts")}
+            "restarts": history.stats.get("restarts"), **efficiency_summary(history)}
 
 
 def run_pool(devices_root: Path, root: Path, rounds: int, fraction: float, data_dir: str | None,
@@ -131,13 +136,17 @@ def ray_cluster() -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", choices=["ten", "many", "ray"], default=["ten", "many", "ray"])
+    p.add_argument("--parts", nargs="+", choices=["ten", "many", "ray", "scale"],
+                   default=["ten", "many", "ray"])
     p.add_argument("--data-dir", default=os.environ.get("FEDHUB_DATA_DIR"))
     p.add_argument("--devices", type=int, nargs="+", default=[100, 1000], help="for many and ray")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds-ten", type=int, default=8)
     p.add_argument("--rounds-many", type=int, default=40)
     p.add_argument("--rounds-ray", type=int, default=10)
+    p.add_argument("--rounds-scale", type=int, default=5)
+    p.add_argument("--scale", nargs="+", default=["1000:0.1", "10000:0.01"], metavar="DEVICES:FRACTION",
+                   help="the scale part's federations")
     p.add_argument("--baseline", action="store_true",
                    help="also one process per device (ten: 10 TensorFlows)")
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "simulation.jsonl",
@@ -149,8 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     many.add_argument("--strategy", default="fedavg", choices=list(STRATEGIES))
     many.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
-    if min(a.devices) < 1 or a.workers < 1 or min(a.rounds_ten, a.rounds_many, a.rounds_ray) < 1:
+    if min(a.devices) < 1 or a.workers < 1 or min(a.rounds_ten, a.rounds_many, a.rounds_ray,
+                                                    a.rounds_scale) < 1:
         p.error("--devices, --workers and the --rounds-* options must be at least 1")
+    try:
+        scale = [(int(n), float(f)) for n, f in (item.split(":") for item in a.scale)]
+    except ValueError:
+        p.error("--scale takes DEVICES:FRACTION, e.g. 10000:0.01")
+    if any(n < 1 or not 0 < f <= 1 for n, f in scale):
+        p.error("--scale: DEVICES at least 1, FRACTION in (0, 1]")
     try:
         params = parse_strategy_args(a.strategy, a.strategy_arg)
         training = {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.learning_rate,
@@ -172,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         record(part="central", **central)
         folder = split(tmp / "ten" / "devices", 10, a.data_dir)
         record(part="ten", setup=f"pool, {a.workers} workers", **run_pool(
-            folder, tmp / "ten", a.rounds_ten, 1.0, a.data_dir, workers=a.workers))
+            folder, tmp / "ten", a.rounds_ten, 1.0, a.data_dir, workers=a.workers, efficiency=True))
         if a.baseline:
             record(part="ten", setup="one process per device",
                    **run_baseline(10, tmp / "ten-base", a.rounds_ten, a.data_dir))
@@ -183,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
                    training=training,
                    **run_pool(folder, tmp / f"many{devices}", a.rounds_many, 0.1, a.data_dir,
                               workers=a.workers, **training))
+    if "scale" in a.parts:
+        for devices, fraction in scale:
+            folder = split(tmp / f"scale{devices}" / "devices", devices, a.data_dir)
+            record(part="scale", setup=f"{devices:,} devices, {fraction:g} a round, {a.workers} workers",
+                   devices=devices, fraction=fraction, load_average=os.getloadavg(),
+                   **run_pool(folder, tmp / f"scale{devices}", a.rounds_scale, fraction, a.data_dir,
+                              workers=a.workers, efficiency=True))
     if "ray" in a.parts:
         import ray
 
@@ -207,6 +230,21 @@ def main(argv: list[str] | None = None) -> int:
 def report(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
     def num(value: Any, digits: int = 1) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
+
+    scaled = [r for r in results if r["part"] == "scale"]
+    if scaled:
+        print("## Close to the compute limit? Efficiency at scale (IID, basic model, one local epoch)\n")
+        print("Efficiency: one process's time for a round's images (measured in the same run) over the "
+              "round's time; 1.0 is one process holding all the data.\n")
+        print("| setup | rounds | first round | its efficiency | steady round | steady efficiency | "
+              "final accuracy | peak RSS, all processes |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in scaled:
+            print(f"| {r['setup']} | {r['rounds']} | {num(r['first_round_s'])} s | "
+                  f"{num(r.get('first_round_efficiency'), 3)} | {num(r['steady_round_s'])} s | "
+                  f"{num(r.get('steady_efficiency'), 3)} | {r['final_accuracy']:.4f} | "
+                  f"{num(r['peak_rss_mb'], 0)} MB |")
+        print()
 
     central = next((r for r in results if r["part"] == "central"), None)
     print(f"# Simulation benchmark ({time.strftime('%Y-%m-%d')})\n")

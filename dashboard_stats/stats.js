@@ -404,6 +404,111 @@
     markAttackers("fed-eval-devices", 0);
   }
 
+  // ---------------------------------------------------------------- efficiency
+
+  // With --efficiency the server times once, at start-up, one process training its network on a
+  // sample of test images (GET /api/status ``efficiency``: s_per_image, images, startup_s), and
+  // each round's entry holds ``efficiency``: {images, round_s, centralized_s, ratio}, the time
+  // one process takes for the round's images over the round's own time. Shaped, and written, as
+  // fedhub/dashboard/efficiency.py does for the Streamlit dashboard.
+
+  const NO_EFFICIENCY = "—"; // a round (or a run) without the figure
+  const EFFICIENCY_WHAT = "The time one process takes to train the round's images, over the round's own time "
+    + "(1.0: as fast as one process holding all the data).";
+
+  // An entry's figure with every field (null where missing), or null without a usable ratio.
+  function efficiencyOf(entry) {
+    const e = isObject(entry) ? entry.efficiency : null;
+    if (!isObject(e)) return null;
+    const ratio = finite(e.ratio);
+    if (ratio === null || ratio < 0) return null;
+    return { images: whole(e.images), round_s: finite(e.round_s), centralized_s: finite(e.centralized_s),
+             ratio: ratio };
+  }
+
+  // The latest and the first figure (each with its round), the median ratio of the rounds after
+  // the first (the upper one), and how many rounds have one; null when none has.
+  function efficiencySummary(rounds) {
+    const seen = [];
+    for (const entry of rounds) {
+      const found = efficiencyOf(entry);
+      if (found !== null) seen.push({ round: whole(entry.round), ...found });
+    }
+    if (!seen.length) return null;
+    const later = seen.slice(1).map((s) => s.ratio).sort((a, b) => a - b);
+    return { latest: seen[seen.length - 1], first: seen[0], count: seen.length,
+             steady: later.length ? later[Math.floor(later.length / 2)] : null };
+  }
+
+  // The status's one-process reference, or null (off, an older server, no usable rate).
+  function efficiencyReference(status) {
+    const e = isObject(status) ? status.efficiency : null;
+    if (!isObject(e)) return null;
+    const sPerImage = finite(e.s_per_image);
+    if (sPerImage === null || sPerImage <= 0) return null;
+    return { s_per_image: sPerImage, images: whole(e.images), startup_s: finite(e.startup_s) };
+  }
+
+  // "0.66×": two decimals, or two significant digits below 0.1 ("0.043×").
+  function ratioText(ratio) {
+    if (ratio === null) return NO_EFFICIENCY;
+    const digits = ratio >= 0.1 || ratio === 0 ? 2 : Math.min(6, 1 - Math.floor(Math.log10(ratio)));
+    return `${ratio.toFixed(digits)}×`;
+  }
+
+  // A round's cell in the Rounds table: its ratio, or a dash.
+  function efficiencyCell(entry) {
+    const found = efficiencyOf(entry);
+    return found === null ? NO_EFFICIENCY : ratioText(found.ratio);
+  }
+
+  function roundOf(found) {
+    return found.round === null ? "?" : String(found.round);
+  }
+
+  // What the figure is, the latest round's times, how one process was timed, the first round's.
+  function efficiencyExplain(summary, reference) {
+    if (summary === null && reference === null) return "";
+    const parts = [EFFICIENCY_WHAT];
+    if (summary !== null) {
+      const l = summary.latest;
+      if (l.images !== null && l.centralized_s !== null && l.round_s !== null) {
+        parts.push(`Round ${roundOf(l)}: one process would train its ${l.images} images in `
+          + `${l.centralized_s.toFixed(2)} s; the round took ${l.round_s.toFixed(2)} s.`);
+      }
+    }
+    if (reference !== null) {
+      const timed = reference.images !== null ? `on ${reference.images} test images` : "on a sample of test images";
+      const startup = reference.startup_s === null ? ""
+        : ` (its own start-up, ${reference.startup_s.toFixed(2)} s, not counted)`;
+      parts.push(`One process was timed at start-up ${timed}: ${(1 / reference.s_per_image).toFixed(0)} `
+        + `images/s${startup}.`);
+    }
+    if (summary === null) {
+      parts.push("Each round's figure comes when it completes.");
+    } else if (summary.count === 1) {
+      parts.push("This first round's time includes the devices' start-up.");
+    } else {
+      parts.push(`Round ${roundOf(summary.first)}, with the devices' start-up: ${ratioText(summary.first.ratio)}; `
+        + `the median of the rounds after it: ${ratioText(summary.steady)}.`);
+    }
+    return parts.join(" ");
+  }
+
+  // The Efficiency card: the latest round's figure, the first round's under it; hidden for a run
+  // without the figure. ``status``: the current run's (null for a past run).
+  function renderEfficiency(rounds, status) {
+    const summary = efficiencySummary(rounds);
+    const reference = efficiencyReference(status);
+    const what = efficiencyExplain(summary, reference);
+    $("efficiency-card").hidden = what === "";
+    $("efficiency-card").title = what;
+    setText("efficiency-what", what);
+    setText("efficiency", summary === null ? NO_EFFICIENCY : `${ratioText(summary.latest.ratio)} one process`);
+    setText("efficiency-first", summary === null || summary.count < 2 ? ""
+      : `round ${roundOf(summary.first)}: ${ratioText(summary.first.ratio)} with start-up`);
+  }
+
   // ---------------------------------------------------------------- rendering
 
   // The cards' and the table's labels: rounds, or in asynchronous mode model versions.
@@ -603,7 +708,7 @@
     fillTable("rounds", newestFirst.map((r) => [
       String(r.round), fmt(r.test_accuracy, 4), fmt(r.test_loss, 4),
       updatesText(r), String(r.num_examples), r.privacy ? epsilonText(r.privacy.epsilon, 3) : "–",
-      roundSecure(r),
+      efficiencyCell(r), roundSecure(r),
     ]));
     const last = rounds[rounds.length - 1];
     setText("latest-accuracy", last ? fmt(last.test_accuracy, 4) : "–");
@@ -735,6 +840,7 @@
         rounds = shown.rounds;
         if (past) renderPastRun(past); else renderStatus(status);
         renderRounds(shown.rounds);
+        renderEfficiency(shown.rounds, past ? null : status);
         renderDevices(devices.devices, status.round && status.round.progress);
         renderPager(devices);
         renderScreened(shown.rounds);

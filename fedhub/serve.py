@@ -77,6 +77,10 @@ class ServerConfig:
         None, "how the devices' data was split, recorded with the run's settings (e.g. iid over 10 devices, "
         "dirichlet alpha=0.5); the server cannot see it, so it is what you say (fedhub.simulate says it)",
         metavar="TEXT")
+    efficiency: bool = params.setting(
+        False, "measure once, at start-up, how long one process takes to train the network on a sample "
+        "of the test images, and give each round its efficiency: that time for the round's images over "
+        "the round's own time (fedhub.simulate turns it on)")
     enroll_secret: str | None = None
     admin_token: str | None = None
     # Each number declares its range: validate() refuses the rest before anything loads.
@@ -248,6 +252,27 @@ def load_global_model(config: ServerConfig):
     return model
 
 
+def _reference(config: ServerConfig, global_model: Any) -> dict[str, Any] | None:
+    """With ``--efficiency``: one process's training rate on the server's network, measured now
+    (:mod:`fedhub.efficiency`), before any device has work; None (with a warning) when the server
+    cannot build a network of its own to time."""
+    if not config.efficiency:
+        return None
+    from fedhub import efficiency
+
+    training = config.federation.training
+    try:
+        reference = efficiency.measure(global_model, batch_size=training.batch_size,
+                                       learning_rate=training.learning_rate)
+    except ValueError as exc:
+        log.warning("no efficiency figure: %s", exc)
+        return None
+    log.info("efficiency reference: one process trains %d images in %.2f s (%.0f images/s; start-up "
+             "%.2f s)", reference.images, reference.seconds, reference.images / reference.seconds,
+             reference.startup_s)
+    return reference.describe()
+
+
 def build_engine(config: ServerConfig, global_model=None) -> Coordinator:
     """The engine with the global model: initial weights, and evaluation on the test set."""
     global_model = global_model or load_global_model(config)
@@ -269,7 +294,8 @@ def build_engine(config: ServerConfig, global_model=None) -> Coordinator:
     engine = Coordinator(storage, devices, initial_weights=global_model.initial_weights(),
                          config=config.federation, evaluate=evaluate,
                          max_upload_bytes=config.max_upload_bytes, identity=identity,
-                         resume=config.resume, new_run=config.new_run)
+                         resume=config.resume, new_run=config.new_run,
+                         efficiency=_reference(config, global_model))
     # eval/history.csv is the current run's history: rewritten after each of its rounds, and when
     # another run becomes current (each run's own: fedhub runs export)
     csv_path = Path(config.eval_dir) / "history.csv"

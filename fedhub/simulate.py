@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,12 @@ class RoundBars:
             epsilon = entry["privacy"]["epsilon"]
             spent = f", epsilon {'inf' if epsilon is None else f'{epsilon:.3g}'}"
         what = "model version" if entry.get("mode") == "async" else "round"
+        pace = entry.get("efficiency")  # one process's time for the round's images over the round's
+        pace = f", efficiency {pace['ratio']:.2f}" if pace else ""
         print(f"{what} {entry['round']}: global test accuracy "
               f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} "
               f"(loss {'n/a' if loss is None else f'{loss:.4f}'}), {entry['num_updates']} devices, "
-              f"{entry['num_examples']} examples{spent}, {time.monotonic() - self._started:.1f}s"
+              f"{entry['num_examples']} examples{spent}, {time.monotonic() - self._started:.1f}s{pace}"
               + secure_text(entry.get("secagg")), flush=True)
 
     def _close(self) -> None:
@@ -143,8 +146,9 @@ SERVER_ONLY = ("host", "port", "state_dir", "eval_dir", "max_upload_mb", "max_im
                "auth_failures_per_minute", "model_factory", "test_data", "runs_dir", "run_id",
                "tensorboard_devices", "tensorboard", "resume", "new_run")
 # Where this command's defaults differ from the run's: a quick look at a big federation, five
-# rounds of a tenth of the devices, not server.py's three rounds of all of them.
-DEFAULTS = {"rounds": 5, "fraction": 0.1}
+# rounds of a tenth of the devices, not server.py's three rounds of all of them, and how close
+# to the compute limit it ran (the efficiency figure).
+DEFAULTS = {"rounds": 5, "fraction": 0.1, "efficiency": True}
 
 
 def _settings() -> tuple[settings.Setting, ...]:
@@ -242,8 +246,20 @@ def main(argv: list[str] | None = None) -> int:
         "mode": federation.mode, "framework": run.framework, "dataset": run.dataset, "model": run.model,
         "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
         "epsilon": (history[-1].get("privacy") or {}).get("epsilon") if history else None,
+        **efficiency_summary(history),
     }), flush=True)
     return 0
+
+
+def efficiency_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the summary says of the efficiency (:mod:`fedhub.efficiency`): each round's, the
+    steady rounds' median (after the first, which carries the start-up) and the first round's."""
+    ratios = [round(e["efficiency"]["ratio"], 4) for e in history if e.get("efficiency")]
+    if not ratios:
+        return {}
+    steady = sorted(ratios[1:])
+    return {"efficiency": ratios, "first_round_efficiency": ratios[0],
+            "steady_efficiency": steady[len(steady) // 2] if steady else None}
 
 
 class _CallableModule(types.ModuleType):

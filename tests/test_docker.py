@@ -242,9 +242,14 @@ def test_docker_demo_resumes_after_a_server_restart_and_after_down_and_up(built:
         assert [n for n, _ in rounds] == list(range(1, ROUNDS + 1)), output
         assert rounds[-1][1] >= 0.8, output
 
-        # The demo ended with `down`, keeping the volumes: `up` again finds the finished run.
+        # The demo ended with `down`, keeping the volumes: `up` again finds the run finished, keeps
+        # it and trains the next one from the initial model with the devices it knows, in fresh
+        # processes, so its first round is the first run's first round again. (Its later rounds
+        # need not be: the first run's devices went through a server restart in round 2.)
         again = _run("python3", "-m", "fedhub.docker_demo", "--project", project, "--resume", env=env)
-        assert _printed_rounds(again) == rounds, again
+        next_rounds = _printed_rounds(again)
+        assert [n for n, _ in next_rounds] == list(range(1, ROUNDS + 1)), again
+        assert next_rounds[0] == rounds[0] and next_rounds[-1][1] >= 0.8, again
         assert "done: 3 rounds" in again
     finally:
         subprocess.run([*_compose(project), "down", "--volumes"], env=env, cwd=ROOT,

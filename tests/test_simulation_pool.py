@@ -183,7 +183,8 @@ def test_worker_memory_does_not_grow_with_the_number_of_devices(tmp_path, data_d
     peaks = {}
     for count, fraction in ((20, 0.5), (200, 0.05)):  # 10 devices train in either run
         root = tmp_path / f"run{count}"
-        split_to_devices(root / "devices", count, limit=300, data_dir=data_dir, progress=False, memmap=True)
+        split_to_devices(root / "devices", count, limit=300, data_dir=data_dir, progress=False, memmap=True,
+                         holdout=0.0)  # 200 shares of 300: nothing beyond the 300 to hold out
         history = fedhub.simulate("basic", root / "devices", rounds=1, workers=1, fraction=fraction,
                                   data_dir=data_dir, test_limit=300, root=root, timeout=600)
         assert history[0]["num_updates"] == 10 and history[0]["num_examples"] == 3000

@@ -41,6 +41,7 @@ from PIL import Image
 
 from fedhub import state_dir as state
 from fedhub.api.app import MAX_IMAGE_BYTES
+from fedhub.dashboard import efficiency as eff
 from fedhub.dashboard import federated_eval as fed_eval
 from fedhub.dashboard import runs as run_settings
 from fedhub.dashboard.local_devices import LocalDevices, device_names, missing_data
@@ -289,12 +290,18 @@ def start_advice(status: dict[str, Any], launched: int) -> tuple[str, str]:
     return "info", f"{with_whom} (and any that join later)."
 
 
-def training_panel(api: ServerAPI, status: dict[str, Any]) -> None:
+def training_panel(api: ServerAPI, status: dict[str, Any],
+                   history: list[dict[str, Any]] | None = None) -> None:
+    """The run's headline metrics and its controls. ``history``: its completed rounds, for the
+    Efficiency metric (a run with ``--efficiency``)."""
     st.subheader("Training")
     state = status["status"]
     total = status["total_rounds"] or "∞"
     r = status["round"]
     cols = st.columns(5)
+    figures, reference = eff.summarize(history or []), eff.reference(status)
+    if figures is not None or reference is not None:  # a row of its own: a sixth column cuts values
+        st.columns(5)[0].metric("Efficiency", eff.metric_text(figures), help=eff.explain(figures, reference))
     cols[0].metric("Status", state)
     if status.get("mode") != "async":
         cols[1].metric("Completed rounds", f"{status['completed_rounds']} / {total}")
@@ -697,6 +704,31 @@ def federated_eval_panel(history: list[dict[str, Any]], asynchronous: bool = Fal
                                  "personal accuracy": st.column_config.NumberColumn(format="%.4f")})
 
 
+def efficiency_frame(history: list[dict[str, Any]], asynchronous: bool = False) -> pd.DataFrame:
+    """Each round's efficiency (:func:`eff.rows`), newest first; empty cells for a round without it."""
+    key = "model version" if asynchronous else "round"
+    columns = [key, "images", "round time (s)", "one process (s)", "efficiency"]
+    frame = pd.DataFrame([[r["round"], r["images"], r["round_s"], r["centralized_s"], r["ratio"]]
+                          for r in reversed(eff.rows(history))], columns=columns)
+    return frame.astype({key: "Int64", "images": "Int64", "round time (s)": "Float64",
+                         "one process (s)": "Float64", "efficiency": "Float64"})
+
+
+def efficiency_panel(history: list[dict[str, Any]], asynchronous: bool = False) -> None:
+    """With ``--efficiency``: each round's time against one process training the same images.
+    Nothing at all for a run without the figure."""
+    figures = eff.summarize(history)
+    if figures is None:
+        return
+    st.subheader("Efficiency")
+    st.caption(f"Latest: **{eff.tile_text(figures)}**. {eff.WHAT} The first round's time includes "
+               "the devices' start-up.")
+    table(efficiency_frame(history, asynchronous),
+          column_config={"round time (s)": st.column_config.NumberColumn(format="%.2f"),
+                         "one process (s)": st.column_config.NumberColumn(format="%.2f"),
+                         "efficiency": st.column_config.NumberColumn(format="%.3g×")})
+
+
 GREEN = "background-color: rgba(64, 192, 87, 0.22)"
 OUTCOME_HIGHLIGHT = {"kept": GREEN, "clipped": AMBER}
 
@@ -916,10 +948,10 @@ def run_view(api: ServerAPI) -> None:
     if read_now is None:
         show_flash()
         return
-    status, _, _ = read_now
+    status, history, _ = read_now
     try:
         show_flash(status=status["status"])
-        training_panel(api, status)
+        training_panel(api, status, history)
         devices_panel(api, status)
     except Exception as exc:
         unexpected(exc)
@@ -943,6 +975,7 @@ def results_view(api: ServerAPI) -> None:
     try:
         charts_panel(history, status.get("mode") == "async")
         federated_eval_panel(history, status.get("mode") == "async")
+        efficiency_panel(history, status.get("mode") == "async")
         model_panel(api, history)
         download_panel(api, history)
     except Exception as exc:
@@ -1009,6 +1042,7 @@ def past_run_view(api: ServerAPI, run_id: int) -> None:
             icon=":material/history:")
     charts_panel(run.get("history") or [], run.get("settings", {}).get("mode") == "async")
     federated_eval_panel(run.get("history") or [], run.get("settings", {}).get("mode") == "async")
+    efficiency_panel(run.get("history") or [], run.get("settings", {}).get("mode") == "async")
     with st.expander("Its settings"):
         table(run_settings.settings_table([run]).drop(columns="differs"))
 

@@ -91,11 +91,11 @@ class AsyncRounds(RoundPolicy):
     def __init__(self, state: RoundState, *, storage: Storage, devices: DeviceRegistry,
                  history: RoundHistory, hooks: RoundHooks, strategy: Strategy,
                  config: FederationConfig, spec: wire.Spec, evaluate: Evaluate | None,
-                 evaluations: Evaluations | None,
+                 evaluations: Evaluations | None, efficiency: Mapping[str, Any] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         super().__init__(state, storage=storage, devices=devices, history=history, hooks=hooks,
                          strategy=strategy, config=config, evaluate=evaluate, evaluations=evaluations,
-                         clock=clock)
+                         efficiency=efficiency, clock=clock)
         self._spec = spec
         self._compression = compression.parse(config.training.compression)
         self._dir = storage.run_dir / "async"

@@ -73,9 +73,11 @@ class DriverThread:
     def __init__(self, state: RoundState, *, storage: Storage, devices: DeviceRegistry,
                  history: RoundHistory, hooks: RoundHooks, strategy: Strategy,
                  config: FederationConfig, evaluate: Evaluate | None,
-                 evaluations: Evaluations | None = None,
+                 evaluations: Evaluations | None = None, efficiency: Mapping[str, Any] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        """``evaluations`` keeps each round's own test evaluation for later requests."""
+        """``evaluations`` keeps each round's own test evaluation for later requests.
+        ``efficiency``: one process's training rate (``s_per_image``, :mod:`fedhub.efficiency`)
+        that each published model's entry is measured against."""
         self._state = state
         self._storage = storage
         self._devices = devices
@@ -85,6 +87,7 @@ class DriverThread:
         self._config = config
         self._evaluate = evaluate
         self._evaluations = evaluations
+        self._efficiency = efficiency
         self._clock = clock
         self._rng = random.Random(config.seed)  # device selection, and DP's sampling
         self._thread: threading.Thread | None = None
@@ -179,6 +182,9 @@ class DriverThread:
                 reports = dict(self._state.evaluations)
             made["federated_evaluation"] = self._strategy.aggregate_evaluate(
                 reports, model_version=number - 1, personalization=self._config.training.personalization)
+            if self._efficiency is not None:
+                made["efficiency"] = efficiency_of(made, self._efficiency["s_per_image"],
+                                                   self._config.training.epochs)
             with self._storage.transaction():
                 if record is not None:
                     record(row)
@@ -208,6 +214,16 @@ class DriverThread:
         return made, metrics
 
 
+
+
+def efficiency_of(entry: Mapping[str, Any], s_per_image: float, epochs: int) -> dict[str, Any]:
+    """How close a published model came to the compute limit: the time one process takes to
+    train its images (examples times epochs, at ``s_per_image``) over the time it took, from
+    the round's (or the buffer's) start to its result."""
+    images = int(entry["num_examples"] or 0) * epochs
+    took = max(float(entry["closed_at"]) - float(entry["started_at"]), 1e-9)
+    centralized = images * s_per_image
+    return {"images": images, "round_s": took, "centralized_s": centralized, "ratio": centralized / took}
 
 
 @dataclass

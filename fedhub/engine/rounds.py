@@ -62,8 +62,12 @@ class Coordinator:
                  evaluate: Evaluate | None = None, strategy: Strategy | None = None,
                  max_upload_bytes: int = wire.DEFAULT_MAX_BYTES,
                  clock: Callable[[], float] = time.time, identity: Mapping[str, Any] | None = None,
-                 resume: str | None = None, new_run: str | None = None) -> None:
-        """ValueError (one line) for settings that cannot work, such as ``min_devices`` below
+                 resume: str | None = None, new_run: str | None = None,
+                 efficiency: Mapping[str, Any] | None = None) -> None:
+        """``efficiency``: one process's training rate on the same network
+        (:meth:`fedhub.efficiency.Reference.describe`), for each round's efficiency figure.
+
+        ValueError (one line) for settings that cannot work, such as ``min_devices`` below
         what the strategy needs in a round, or a run that cannot go on (:mod:`.runs`).
 
         Which run it drives is decided once, here (:func:`.runs.choose`): the state directory's
@@ -84,6 +88,7 @@ class Coordinator:
         self._current = self._run_ref()
         self._evaluate = evaluate
         self._evaluations = Evaluations(evaluate) if evaluate is not None else None
+        self._efficiency = dict(efficiency) if efficiency else None
         self._initial = {k: np.array(v) for k, v in initial_weights.items()}
         self.spec = wire.spec_of(self._initial)
         self._logs = DeviceLogs(storage, clock=clock)
@@ -110,7 +115,7 @@ class Coordinator:
         self._history = RoundHistory(self._storage, self._logs)
         parts = {"storage": self._storage, "devices": self._devices, "history": self._history,
                  "hooks": self._hooks, "strategy": strategy, "config": config, "evaluate": self._evaluate,
-                 "evaluations": self._evaluations, "clock": self._clock}
+                 "evaluations": self._evaluations, "efficiency": self._efficiency, "clock": self._clock}
         policies: dict[str, Callable[[], RoundPolicy]] = {
             "sync": lambda: SyncRounds(self._state, reference=self._reference, **parts),
             "async": lambda: AsyncRounds(self._state, spec=self.spec, **parts)}
@@ -683,7 +688,8 @@ class Coordinator:
                     "strategy": self.strategy.describe(), "privacy": self.strategy.privacy(),
                     "devices": counts,
                     "compression": {"uplink": str(self.compression),
-                                    "downlink": self._downlink is not None}}
+                                    "downlink": self._downlink is not None},
+                    "efficiency": self._efficiency}
 
     def _revision(self) -> str:
         """What :meth:`status` waits on (under the lock): the run's status, the model version,

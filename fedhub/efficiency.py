@@ -14,6 +14,7 @@ the devices' start-up.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,3 +61,9 @@ def measure(global_model: Any, *, batch_size: int, learning_rate: float,
     return Reference(images=n, seconds=time.perf_counter() - started, startup_s=startup,
                      framework=network.framework, network=network.name)
 
+
+def steady(ratios: Sequence[float]) -> float | None:
+    """The steady efficiency of a run's rounds: the (upper) median of those after the first,
+    whose time carries the devices' start-up; None with one round or none."""
+    later = sorted(ratios[1:])
+    return later[len(later) // 2] if later else None

@@ -254,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
 def efficiency_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What the summary says of the efficiency (:mod:`fedhub.efficiency`): each round's, the
     steady rounds' median (after the first, which carries the start-up) and the first round's."""
+    from fedhub import efficiency  # imports no framework
+
     ratios = [round(e["efficiency"]["ratio"], 4) for e in history if e.get("efficiency")]
     if not ratios:
         return {}
-    steady = sorted(ratios[1:])
     return {"efficiency": ratios, "first_round_efficiency": ratios[0],
-            "steady_efficiency": steady[len(steady) // 2] if steady else None}
+            "steady_efficiency": efficiency.steady(ratios)}
 
 
 class _CallableModule(types.ModuleType):

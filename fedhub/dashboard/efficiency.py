@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedhub.dashboard.federated_eval import number, whole
+from fedhub.efficiency import steady
 
 KEY = "efficiency"
 NONE = "—"  # a round (or a run) without the figure
@@ -84,8 +85,7 @@ def summarize(history: Iterable[Any]) -> Summary | None:
             if (found := figure(entry)) is not None]
     if not seen:
         return None
-    later = sorted(s["ratio"] for s in seen[1:])
-    return Summary(latest=seen[-1], first=seen[0], steady=later[len(later) // 2] if later else None,
+    return Summary(latest=seen[-1], first=seen[0], steady=steady([s["ratio"] for s in seen]),
                    count=len(seen))
 
 

@@ -30,10 +30,15 @@ def batches_done(device_folder: Path) -> int:
 
 
 class SlowBatchesTrainer(KerasTrainer):
-    def __init__(self, x, y, folder: Path) -> None:
+    """``fast_fits``: how many first fits (one a round) run at full speed before batches slow
+    down, for a test whose first round is a warm-up."""
+
+    def __init__(self, x, y, folder: Path, fast_fits: int = 0) -> None:
         super().__init__(x, y)
         self.folder = Path(folder)
         self.interrupted = False
+        self.fast_fits = fast_fits
+        self.fits = 0
 
     def interrupt(self) -> None:
         self.interrupted = True  # from then on, batches run at full speed
@@ -41,6 +46,7 @@ class SlowBatchesTrainer(KerasTrainer):
 
     def _fit(self, x, y, **kwargs: Any) -> dict[str, float]:
         # First in the list: the stop callback that follows sees an interrupt that came meanwhile.
+        self.fits += 1
         kwargs["callbacks"] = [counter(self), *kwargs.get("callbacks", [])]
         return super()._fit(x, y, **kwargs)
 
@@ -65,7 +71,7 @@ def counter(trainer: SlowBatchesTrainer):
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             self.batches += 1
             self._write()
-            if not trainer.interrupted:
+            if not trainer.interrupted and trainer.fits > trainer.fast_fits:
                 time.sleep(SECONDS_PER_BATCH)
 
     return Counter()
@@ -76,3 +82,10 @@ def from_folder(data_dir: Path) -> SlowBatchesTrainer:
     folder = Path(data_dir).parent
     x, y = load_device_data(folder)
     return SlowBatchesTrainer(x, y, folder)
+
+
+def slow_from_round_2(data_dir: Path) -> SlowBatchesTrainer:
+    """:func:`from_folder`, its first round's fit at full speed: slow from round 2 on."""
+    folder = Path(data_dir).parent
+    x, y = load_device_data(folder)
+    return SlowBatchesTrainer(x, y, folder, fast_fits=1)

@@ -10,14 +10,17 @@ with the admin routes ``POST /api/training/reset`` then ``POST /api/training/sta
 from __future__ import annotations
 
 import csv
+import functools
 import time
 from pathlib import Path
 
 import pytest
 
+from fedhub.dashboard import local_devices
 from fedhub.dashboard.local_devices import LocalDevices
 from fedhub.device.launcher import stop
 from fedhub.device.main import parse_args
+from fedhub.device.pool import DevicePool
 from tests.conftest import launch_devices, wait_until
 
 
@@ -98,6 +101,10 @@ def test_dashboard_devices_stay_for_the_next_run_until_stopped(server_factory, s
     server = server_factory("--rounds", "1", "--min-devices", "3", "--auto-activate", "--start",
                             "--test-limit", "200", "--no-tensorboard").start()
     monkeypatch.setenv("FEDHUB_ENROLL_SECRET", server.enroll_secret)
+    # The pool asks again for the devices it has not heard from for `keepalive` seconds (20 by
+    # default): a staying device's next ask after a run, which polled_after waits for. A shorter
+    # one (still well under the server's --device-timeout) brings that ask sooner.
+    monkeypatch.setattr(local_devices, "DevicePool", functools.partial(DevicePool, keepalive=2.0))
     local = LocalDevices()
     try:
         local.launch(server.url, 3, workers=2, devices_root=root, state_dir=tmp_path)

@@ -46,14 +46,15 @@ def test_device_killed_mid_round_quorum_then_rejoins(server_factory, split_devic
 
     Each step waits on the server's state, and no deadline times a first fit: round 1 is a
     warm-up, round 2's deadline times only warm fits of 300 images. device3 trains with
-    ``tests.slow_trainer`` (at least a second a batch, ten batches), so it cannot report round 2
-    before it is killed, however long the test takes to see the round open."""
+    ``tests.slow_trainer`` (from round 2 on at least a second a batch, ten batches), so it cannot
+    report round 2 before it is killed, however long the test takes to see the round open; its
+    warm-up round runs at full speed, as the others'."""
     root = split_devices(3, 300)
     server = server_factory("--rounds", "3", "--min-devices", "3", "--auto-activate", "--round-timeout", "15",
                             "--quorum", "0.5", "--device-timeout", "8", "--test-limit", "500").start()
     names = ["device1", "device2", "device3"]
     procs = launch_devices(server, root, names[:2])
-    procs += launch_devices(server, root, names[2:], "--trainer", "tests.slow_trainer:from_folder")
+    procs += launch_devices(server, root, names[2:], "--trainer", "tests.slow_trainer:slow_from_round_2")
     try:
         wait_until(lambda: {n: d["state"] for n, d in _devices(server).items()}
                    == dict.fromkeys(names, "idle"), 120, "three idle devices")

@@ -9,6 +9,7 @@ aggregation and in asynchronous mode; Ditto with real Keras device processes.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 import sqlite3
@@ -309,10 +310,28 @@ METHODS = {
 }
 
 
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory, data_dir) -> tuple[Path, list[dict], str | None]:
+    """One fine-tuning run for its end-to-end check and for the tracking check below: logged to
+    MLflow and TensorBoard where MLflow is installed (logging changes nothing in the run). Its
+    folder, its history and the MLflow store's URI (None without MLflow)."""
+    tmp = tmp_path_factory.mktemp("finetune")
+    tracking: dict = {}
+    if importlib.util.find_spec("mlflow") is not None:
+        from .test_tracking import store
+
+        uri, _ = store(tmp)
+        tracking = {"mlflow": uri, "runs_dir": tmp / "runs", "run_id": "finetune"}
+    return tmp, _simulate(tmp, data_dir, **METHODS["finetune"], **tracking), tracking.get("mlflow")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
-def test_each_method_runs_end_to_end_on_a_pool_of_real_processes(tmp_path, data_dir, method):
-    history = _simulate(tmp_path, data_dir, **METHODS[method])
+def test_each_method_runs_end_to_end_on_a_pool_of_real_processes(tmp_path, data_dir, method, request):
+    if method == "finetune":  # the run the tracking test reads too
+        tmp_path, history, _ = request.getfixturevalue("finetune_run")
+    else:
+        history = _simulate(tmp_path, data_dir, **METHODS[method])
     assert [e["round"] for e in history] == [1, 2]
     personalization = METHODS[method].get("personalization", "none")
     names = ["device1", "device2", "device3"]
@@ -391,7 +410,7 @@ def _keras_global(server) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_mlflow_and_tensorboard_show_the_distribution_beside_the_test_accuracy(tmp_path, data_dir):
+def test_mlflow_and_tensorboard_show_the_distribution_beside_the_test_accuracy(finetune_run):
     """The global model's per-device figures at that model's step (beside its test accuracy),
     the personal models' at the round's step, in a real MLflow store and real event files."""
     pytest.importorskip("mlflow")
@@ -399,9 +418,9 @@ def test_mlflow_and_tensorboard_show_the_distribution_beside_the_test_accuracy(t
     from .test_tracking import history as metric_history
     from .test_tracking import runs, store
 
+    tmp_path, history, logged_to = finetune_run  # fine-tuning, logged to MLflow and TensorBoard
     uri, client = store(tmp_path)
-    history = _simulate(tmp_path, data_dir, personalization="finetune", mlflow=uri,
-                        runs_dir=tmp_path / "runs", run_id="finetune")
+    assert uri == logged_to
     [run] = runs(client)
     rid = run.info.run_id
     for model, step_of in (("global", lambda e: e["round"] - 1), ("personal", lambda e: e["round"])):

@@ -499,8 +499,11 @@ def test_a_new_users_sequence_with_real_processes(server_factory, split_devices)
     from .conftest import ServerProcess, launch_devices
 
     root = split_devices(3, 120)
+    # Short deadlines: a restarted server counts the devices that left run 2 as online until
+    # --device-timeout passes, so run 3's first round selects all three and waits for its deadline
+    # (it then opens again with device1 alone); with --round-timeout 120 that wait was two minutes.
     common = ("--framework", "torch", "--test-limit", "200", "--no-tensorboard", "--auto-activate", "--start",
-              "--round-timeout", "120")
+              "--round-timeout", "15", "--device-timeout", "10")
 
     def run_lines(server) -> list[str]:
         return [line for line in server.log().splitlines()

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "device": ("fedhub.device.main", "run one device (python device/device.py PORT NAME ...)"),
     "split": ("fedhub.split", "split a data set over devices' folders"),
     "simulate": ("fedhub.simulate", "simulate many devices on a pool of workers"),
+    "relay": ("fedhub.relay.main", "a relay between devices and the server (a two-level deployment)"),
     "demo": ("fedhub.demo", "a real federated run: split, server, devices, rounds"),
     "clean": ("fedhub.cleaner", "remove run-time state"),
     "runs": ("fedhub.runs_cli", "list, show, export or delete the runs a state directory keeps"),

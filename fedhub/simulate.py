@@ -132,6 +132,9 @@ class SimulationOptions:
                                         help="share of the devices that are slow (e.g. 0.2)")
     slowdown: float = params.number(5.0, 1, 1000, metavar="FACTOR",
                                     help="how many times slower the slow devices are")
+    relay: bool = params.setting(True, "each worker is a relay for its devices: in rounds that take "
+                                 "partial sums (FedAvg and its server optimizers) it sends one sum of "
+                                 "their updates instead of each (--no-relay: every update on its own)")
     run: ServerConfig = params.group(factory=ServerConfig, flat=True)
 
 
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             run.model, root / "devices", workers=o.workers, backend=o.backend, ray_address=o.ray_address,
             cpus_per_worker=o.cpus_per_worker, gpus_per_worker=o.gpus_per_worker, root=root,
             timeout=o.timeout, on_round=bars.round_done, on_progress=bars.progress, dropout=o.dropout,
-            slow_devices=o.slow_devices, slowdown=o.slowdown, data_split=split_text(o), **kwargs)
+            slow_devices=o.slow_devices, slowdown=o.slowdown, relay=o.relay, data_split=split_text(o),
+            **kwargs)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

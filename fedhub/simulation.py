@@ -107,7 +107,7 @@ def simulate(model: Any, partitions: Partitions, *,
              on_progress: Callable[[dict[str, Any]], None] | None = None, quiet: bool = True,
              attacks: Mapping[str, Attack] | None = None,
              dropout: float = 0.0, slow_devices: float = 0.0, slowdown: float = 1.0,
-             **server_options: Any) -> History:
+             relay: bool = True, **server_options: Any) -> History:
     """Run ``rounds`` rounds of federated learning with one device per partition.
 
     ``model`` is a compiled Keras model or a function returning one (called once), or the
@@ -134,7 +134,9 @@ def simulate(model: Any, partitions: Partitions, *,
     (``fedhub.make_attack("scale", factor=10)``). ``slow_devices`` (a share, on a pool) of the
     devices, picked with the seed, are ``slowdown`` times slower: their update arrives after
     that many times their training time (a heterogeneous fleet; ``mode="async"`` is
-    :class:`fedhub.Server`'s, as are ``buffer_size`` and ``max_staleness``). ``server_options`` are
+    :class:`fedhub.Server`'s, as are ``buffer_size`` and ``max_staleness``). ``relay``: each pool
+    worker sends one partial sum of its devices' updates in rounds that take them (:mod:`fedhub.relay`;
+    False: every update on its own). ``server_options`` are
     the run's settings, as :class:`fedhub.Server` takes them and with its defaults (``rounds``,
     ``epochs``, ``strategy="krum", strategy_params={"num_malicious": 1}``, ...).
     ``secagg`` (True, or a :class:`fedhub.engine.secagg.SecAggConfig`) masks every update
@@ -181,12 +183,12 @@ def simulate(model: Any, partitions: Partitions, *,
                                cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                timeout=timeout, on_round=on_round, on_progress=on_progress,
                                attacks=attacks, slow=(slow_devices, slowdown),
-                               server_options=server_options, dropout=dropout)
+                               server_options=server_options, dropout=dropout, relay=relay)
         else:
             history = _one_per_device(model, partitions, root=root, test_data=test_data,
                                       processes=processes, timeout=timeout, on_round=on_round,
                                       on_progress=on_progress, quiet=quiet, attacks=attacks,
-                                      server_options=server_options, dropout=dropout)
+                                      server_options=server_options, dropout=dropout, relay=relay)
     round_s = [round(entry["closed_at"] - started, 3) for entry in history]
     history.stats.update({"wall_s": round_s[-1] if round_s else None,
                           "first_round_s": round_s[0] if round_s else None, "round_s": round_s,
@@ -203,7 +205,7 @@ def _keras_model(model: Any) -> Any:
 def _one_per_device(model: Any, partitions: Sequence[tuple[np.ndarray, np.ndarray]], *, root: Path,
                     test_data: Any, processes: bool, timeout: float | None, on_round: Any,
                     on_progress: Any, quiet: bool, attacks: Mapping[str, Attack] | None,
-                    server_options: dict[str, Any], dropout: float = 0.0) -> History:
+                    server_options: dict[str, Any], dropout: float = 0.0, relay: bool = True) -> History:
     # every round waits for every device
     options = {"min_devices": len(partitions), "quorum": 1.0, "auto_activate": True, "start": True,
                "state_dir": root / "server", **server_options}
@@ -238,7 +240,7 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, test_data: Any,
              workers: int | None, backend: str, ray_address: str | None, cpus_per_worker: float,
              gpus_per_worker: float, timeout: float | None, on_round: Any, on_progress: Any,
              attacks: Mapping[str, Attack] | None, slow: tuple[float, float],
-             server_options: dict[str, Any], dropout: float = 0.0) -> History:
+             server_options: dict[str, Any], dropout: float = 0.0, relay: bool = True) -> History:
     from fedhub.device.pool import DevicePool
     from fedhub.server_process import free_port
 
@@ -274,7 +276,7 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, test_data: Any,
                       keepalive=device_timeout / 3, log_dir=root / "logs", backend=backend,
                       ray_address=ray_address, cpus_per_worker=cpus_per_worker,
                       gpus_per_worker=gpus_per_worker, attacks=attacks, secagg_dropout=dropout,
-                      slowdown=slow_devices(names, *slow, seed=options.get("seed", 0)))
+                      slowdown=slow_devices(names, *slow, seed=options.get("seed", 0)), relay=relay)
     # The workers start first: they load their framework and build their model while the server
     # does the same, and enroll once it answers (a device retries until then).
     with pool, server:

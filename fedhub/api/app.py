@@ -14,6 +14,7 @@ from . import (
     routes_openapi,
     routes_predict,
     routes_public,
+    routes_relay,
     routes_runs,
     routes_stats,
 )
@@ -51,6 +52,6 @@ def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = MAX_WA
     app.extensions["fedhub_failures"] = FailureLimiter(auth_failures_per_minute)
     register_error_handlers(app)
     for module in (routes_public, routes_device, routes_admin, routes_predict, routes_stats,
-                   routes_logs, routes_models, routes_runs, routes_openapi):
+                   routes_logs, routes_models, routes_runs, routes_relay, routes_openapi):
         app.register_blueprint(module.bp)
     return app

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from fedhub.engine import compression, wire
+from fedhub.engine import compression, partials, wire
 from fedhub.engine.errors import InvalidInput
 
 log = logging.getLogger("fedhub.device")
@@ -257,6 +257,22 @@ class Client:
             residual.save(left, scheme)
         return ack
 
+    def register_relay(self, enroll_secret: str | None) -> dict[str, Any]:
+        """Enroll this client's name as a relay (:mod:`fedhub.relay`); keeps the relay token."""
+        headers = {"X-Enroll-Secret": enroll_secret} if enroll_secret else {}
+        result = self._json(self.request("POST", "/api/relays/register", json={"name": self.name},
+                                         headers=headers))
+        self.token = result["token"]
+        return result
+
+    def send_partial(self, round_number: int, body: bytes) -> dict[str, Any]:
+        """A relay's partial sum (:mod:`fedhub.engine.partials`); its key is its digest, so a
+        retry, even from a restarted relay, is acknowledged and never counted twice."""
+        headers = {"Content-Type": "application/octet-stream",
+                   "Idempotency-Key": partials.key_of(self.name, body)}
+        return self._json(self.request("POST", f"/api/relays/{self.name}/partials/{round_number}",
+                                       data=body, headers=headers))
+
     def secagg(self, round_number: int, body: bytes, *, masked: bool = False) -> dict[str, Any]:
         """Answer the open secure-aggregation stage: a JSON message, or the masked update."""
         ctype = "application/octet-stream" if masked else "application/json"
@@ -332,6 +348,21 @@ class PooledClient(Client):
         self.session.close()
         self.session = session
         self._models = models
+        # The host's relay (fedhub.relay.sums.RelaySums): while the round takes partial sums, an
+        # update is folded into the host's sum for the round instead of sent on its own.
+        self.relay: Any = None
+
+    def upload(self, round_number: int, weights: Mapping[str, np.ndarray], *, num_examples: int,
+               model_version: int, metrics: Mapping[str, float] | None = None,
+               upload_id: str | None = None, scheme: compression.Scheme = compression.NONE,
+               **kwargs: Any) -> dict[str, Any]:
+        if self.relay is not None and not scheme.active and self.relay.takes(round_number):
+            meta = wire.Meta(round=round_number, model_version=model_version, num_examples=num_examples,
+                             metrics=dict(metrics or {}))
+            return self.relay.fold(self.name, round_number, weights, meta)
+        return super().upload(round_number, weights, num_examples=num_examples,
+                              model_version=model_version, metrics=metrics, upload_id=upload_id,
+                              scheme=scheme, **kwargs)
 
     def model(self, version: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
         with self._models._model_lock:

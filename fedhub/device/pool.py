@@ -107,6 +107,9 @@ class DevicePool:
     times; after that :attr:`error` says why and :meth:`wait` raises. ``stay``: the devices
     stay enrolled and waiting when a run finishes (the dashboard's, for its next run), so the
     workers run until :meth:`stop`; off, they exit with the run and :meth:`wait` returns.
+    ``relay``: each worker is a relay for its devices (:mod:`fedhub.relay`): in rounds that take
+    partial sums it sends one sum of its devices' updates instead of each update (needs
+    ``enroll_secret``); off, every update goes to the server on its own.
     """
 
     def __init__(self, server: str, names: Sequence[str], devices_root: str | Path, *,
@@ -117,7 +120,8 @@ class DevicePool:
                  backend: str = "process", ray_address: str | None = None,
                  cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                  attacks: Mapping[str, Attack] | None = None, secagg_dropout: float = 0.0,
-                 slowdown: Mapping[str, float] | None = None, stay: bool = False) -> None:
+                 slowdown: Mapping[str, float] | None = None, stay: bool = False,
+                 relay: bool = True) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         if not names:
@@ -147,6 +151,7 @@ class DevicePool:
         self.secagg_dropout = secagg_dropout
         self.slowdown = dict(slowdown or {})  # simulated slow devices: name -> factor
         self.stay = stay
+        self.relay = relay
         self.error: str | None = None
         self._slots: list[_Slot] = []
         self._runner: Any = None
@@ -183,7 +188,7 @@ class DevicePool:
                               slowdown={n: f for n, f in self.slowdown.items()
                                         if n in self.names[index::count]},
                               enroll_secret=self.enroll_secret, parent_pid=os.getpid(),
-                              stay=self.stay)
+                              stay=self.stay, relay=self.relay)
             slot = _Slot(spec)
             slot.handle = self._runner.launch(spec, 0)
             self._slots.append(slot)

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -53,6 +54,7 @@ from fedhub.device.client import Client, PooledClient, RemoteLogHandler, ServerE
 from fedhub.device.runner import DeviceRunner
 from fedhub.device.swarm import process_memory
 from fedhub.engine.files import atomic_write_text
+from fedhub.relay.sums import RelaySums
 
 log = logging.getLogger("fedhub.pool")
 SERVER_MODEL = "server"  # the server's own Keras model, downloaded as a .keras file
@@ -87,6 +89,9 @@ class WorkerSpec:
     # Keep the devices enrolled and waiting when a run finishes, until stopped (the dashboard's
     # local devices, so that its next run finds them); off, the worker exits with the run.
     stay: bool = False
+    # The worker is a relay for its devices (fedhub.relay): while a round takes partial sums, it
+    # sends one sum of its devices' updates instead of each (it needs the enrollment secret).
+    relay: bool = True
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -322,6 +327,7 @@ class Worker:
         self._stats_written = 0.0
         self._startup_peak = 0
         self._due: list[tuple[float, str, Callable[[], None]]] = []  # slow devices' updates
+        self.relay: RelaySums | None = None
 
     def _client(self, name: str) -> Client:
         client = Client(self.spec.server, name, verify=self.spec.verify, retry_for=self.spec.retry_for)
@@ -365,7 +371,21 @@ class Worker:
         return PooledClient(self.spec.server, name, session=self.session, models=self._models,
                             verify=self.spec.verify, retry_for=self.spec.retry_for)
 
+    def _relay(self) -> RelaySums | None:
+        """This worker as a relay for its devices, enrolled under a name of its own."""
+        if not self.spec.relay or not self.spec.enroll_secret:
+            return None
+        upstream = self._client(f"pool-w{self.spec.index}-{secrets.token_hex(4)}")
+        upstream.register_relay(self.spec.enroll_secret)
+        return RelaySums(upstream)
+
+    def _flush(self) -> None:
+        """Send what the worker's devices folded (their round's sum): after each pass over them."""
+        if self.relay is not None:
+            self.relay.flush()
+
     def _setup(self, shared: SharedModel) -> None:
+        self.relay = self._relay()
         for name in self.spec.names:
             declared = self.spec.attacks.get(name)
             attack = None if declared is None else make_attack(declared["kind"], **declared["params"])
@@ -377,6 +397,7 @@ class Worker:
                                   print_fn=self._print, secagg_dropout=self.spec.secagg_dropout,
                                   stay=self.spec.stay)
             runner.deliver = lambda delay, send, name=name: self._defer(name, delay, send)
+            runner.client.relay = self.relay
             handler = RemoteLogHandler(runner.client, background=False)
             handler.addFilter(_worth_sending)
             runner.logger.addHandler(handler)
@@ -414,7 +435,10 @@ class Worker:
         told: set[str] = set()  # devices asked for their task since the run finished
         while not self._stop.is_set() and self._alive():
             self._send_due()
+            self._flush()
             status = self._public.status(self.spec.poll_interval, since=revision)
+            if self.relay is not None:
+                self.relay.observe(status)
             revision = None
             if status["status"] == "finished":
                 for name in self._alive():
@@ -441,6 +465,7 @@ class Worker:
                 self._step(name)
                 self._send_due()
                 self._keepalive(budget=4)
+            self._flush()
             if not todo:
                 self._keepalive(budget=32)
                 revision = status.get("revision")
@@ -502,6 +527,8 @@ class Worker:
                 runner.enroll(device.trainer.num_examples)
                 return
             device.seen = time.monotonic()
+            held = self.relay.held_task(name, task) if self.relay is not None else None
+            task = held or task
             device.round = task.get("round") if task["action"] == "train" else None
             started = time.perf_counter()
             device.code = runner.handle_task(task)
@@ -531,6 +558,9 @@ class Worker:
             device.handler.flush()
 
     def _fail(self, device: VirtualDevice, message: str) -> None:
+        # An update it folded before failing goes first, as it would have without the relay: the
+        # ERROR below drops the device from the round, and a sum naming it would then be refused.
+        self._flush()
         self.failures += 1
         name = device.runner.client.name
         self._print(f"[{name}] step failed: {message}", flush=True)
@@ -539,6 +569,8 @@ class Worker:
 
     def _close(self) -> None:
         stopping = self._stop.is_set()
+        with contextlib.suppress(Exception):  # the server may be gone: then so is the round
+            self._flush()
         for device in self.devices.values():
             if stopping and device.code is None:
                 device.runner.leave()  # tell the server it goes, as Ctrl-C on a device does

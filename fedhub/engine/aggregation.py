@@ -42,6 +42,17 @@ class WeightedSum:
         self._count += 1
         self._total += num_examples
 
+    def add_sums(self, sums: Mapping[str, np.ndarray], num_examples: int, count: int) -> None:
+        """Fold in a sum already weighted (``sum(n_i * w_i)`` over ``count`` updates of
+        ``num_examples`` in all), as a relay sends it: the same result as each update on its own,
+        within float64 round-off."""
+        if num_examples <= 0 or count <= 0:
+            raise ValueError("a partial sum needs a positive count and examples")
+        for name, total in self._sums.items():
+            np.add(total, sums[name], out=total)
+        self._count += count
+        self._total += num_examples
+
     @property
     def count(self) -> int:
         return self._count

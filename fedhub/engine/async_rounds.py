@@ -168,7 +168,7 @@ class AsyncRounds(RoundPolicy):
         target = self._target()
         filling = self._buffers.get(target)
         return {"mode": "async", "secure_aggregation": None, "buffer_size": self._config.buffer_size,
-                "max_staleness": self._config.max_staleness,
+                "max_staleness": self._config.max_staleness, "partial_sums": False,
                 "buffer": {"target": target, "received": len(filling.updates) if filling else 0}}
 
     def revision(self) -> str:

@@ -30,6 +30,7 @@ from .devices import DeviceRegistry
 from .errors import Conflict
 from .evaluations import Evaluations
 from .history import RoundHistory
+from .partials import Partial
 from .plural import plural
 from .round_hooks import RoundHooks
 from .round_state import OpenRound, RoundState
@@ -287,6 +288,19 @@ class RoundPolicy(DriverThread):
     # the one upload intake (:meth:`.rounds.Coordinator.submit`) ---------------
     def check_upload(self, name: str, round_number: int) -> None:
         """Refuse at once, before reading the body, an upload this mode never takes."""
+
+    def takes_partial_sums(self) -> str | None:
+        """None when a relay's partial sum can be folded in now; otherwise why not (its devices'
+        updates then go through one by one). Shown in the status (lock held)."""
+        return "asynchronous versions weigh each update by its staleness"
+
+    def admit_partial(self, relay: str, partial: Partial, key: str, digest: str) -> Upload:
+        """Where a relay's partial sum goes, or Conflict naming the device or field at fault (lock held)."""
+        raise Conflict(f"round {partial.round} takes no partial sums: {self.takes_partial_sums()}", "round")
+
+    def partial_duplicate(self, partial: Partial, key: str, digest: str) -> dict[str, Any] | None:
+        """The answer to a partial sum sent again (same key, same bytes), None for a new one."""
+        return None
 
     def duplicate(self, name: str, round_number: int, upload_id: str | None,
                   digest: str | None) -> dict[str, Any] | None:

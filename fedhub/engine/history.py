@@ -3,7 +3,7 @@
 An entry holds the global test metrics, the strategy and its settings, and per
 device what it reported (its metrics), what the strategy did with its update
 (``aggregation``: used or rejected, why, Krum score, share of coordinates cut,
-distance from the new model) and whether it failed (an ERROR log line naming the
+distance from the new model, the relay that summed it) and whether it failed (an ERROR log line naming the
 round). Entries are stored in SQLite beside the round and kept in memory, so the
 dashboards' polls of ``/api/history`` and ``/api/devices`` every two seconds read
 a list instead of every update and log line. Failed attempts at a round (too few
@@ -27,7 +27,7 @@ from .storage import Storage
 
 COLUMNS = ("round", "closed_at", "num_updates", "num_examples", "test_loss", "test_accuracy")
 # What RoundResult.metrics["updates"] says about each update that a history entry keeps.
-AGGREGATION_FIELDS = ("status", "reason", "score", "trimmed_share", "distance")
+AGGREGATION_FIELDS = ("status", "reason", "score", "trimmed_share", "distance", "relay")
 FAILURES_KEPT = 50
 
 

@@ -25,18 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from . import compression, federated_eval, runs, wire
+from . import compression, federated_eval, partials, runs, wire
 from .async_rounds import AsyncRounds
 from .config import FederationConfig
 from .device_logs import DeviceLogs
 from .devices import MAX_DEVICES_PAGE, DeviceRegistry, device_filter
-from .driver import Evaluate, RoundPolicy
+from .driver import Evaluate, RoundPolicy, Upload
 from .errors import Conflict, InvalidInput, NotFound, RunMismatch
 from .evaluations import Evaluations
 from .history import RoundHistory
 from .lifecycle import check_report
 from .plural import plural
 from .privacy import describe_dp
+from .relays import RelayRegistry
 from .round_hooks import RoundHook, RoundHooks
 from .round_state import STATUSES, RoundState
 from .storage import Storage
@@ -50,6 +51,7 @@ __all__ = ["STATUSES", "Coordinator", "Evaluate", "RoundHook"]
 # Seconds a device told "retry_in" waits before polling again (at most the wait it asked for).
 RETRY_IN = 2.0
 MAX_REVISION = 200
+MAX_IDEMPOTENCY_KEY = 200  # characters: a UUID is 32-36, a relay's key 40-100
 NEW_RUN = ("To start a new run instead, start without --resume, or give --new-run NAME (a fresh "
            "--state-dir, fedhub.Server: a fresh state_dir, works too).")
 
@@ -92,6 +94,7 @@ class Coordinator:
         self._initial = {k: np.array(v) for k, v in initial_weights.items()}
         self.spec = wire.spec_of(self._initial)
         self._logs = DeviceLogs(storage, clock=clock)
+        self._relays = RelayRegistry(storage, devices.check_enroll_secret, clock=clock)
         self._hooks = RoundHooks()
         self._state = RoundState(storage)
         self._cond = self._state.cond
@@ -253,6 +256,14 @@ class Coordinator:
         """The device a bearer token belongs to."""
         return self._devices.authenticate(token)
 
+    def register_relay(self, name: object, enroll_secret: str | None, *, token: str | None = None,
+                       admin: bool = False) -> dict[str, Any]:
+        """Enroll a relay; see :meth:`.relays.RelayRegistry.register`."""
+        return self._relays.register(name, enroll_secret, token=token, admin=admin)
+
+    def authenticate_relay(self, token: str | None, name: str) -> str:
+        return self._relays.authenticate(token, name)
+
     def report_validation(self, name: str, raw: object, *, attack: object = None,
                           declares_attack: bool = False) -> dict[str, Any]:
         """A device's new data validation report (with, when ``declares_attack``, the attack it
@@ -385,6 +396,9 @@ class Coordinator:
         with self._devices.busy(name, "uploading"):
             if not 0 <= round_number <= wire.MAX_INTEGER:  # no such round; too large even to look up
                 raise Conflict(f"round {round_number} is not open", "round")
+            if upload_id is not None and len(upload_id) > MAX_IDEMPOTENCY_KEY:
+                raise InvalidInput(f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters",
+                                   "Idempotency-Key")
             policy.check_upload(name, round_number)
             digest = hashlib.sha256(body).hexdigest() if upload_id else None
             done = policy.duplicate(name, round_number, upload_id, digest)
@@ -394,35 +408,79 @@ class Coordinator:
             weights, meta = compression.decode_update(body, self.spec, self.compression,
                                                       round_number=round_number,
                                                       max_bytes=self.max_upload_bytes)
+            return self._intake(
+                lambda: policy.duplicate(name, round_number, upload_id, digest)
+                or policy.admit(name, round_number, meta, body, upload_id, digest),
+                weights, [(name, meta.num_examples)], len(body))
+
+    def submit_partial(self, relay: str, round_number: int, body: bytes, key: str | None) -> dict[str, Any]:
+        """A relay's partial sum of its devices' updates (:mod:`.partials`): every device counted
+        and recorded as if it had sent its own, through the same intake as an update. Idempotent
+        per ``key``, which it needs; refused whole (nothing counted) if any device cannot report
+        now, naming it."""
+        policy = self._policy
+        if not key or len(key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidInput(f"a partial sum needs an Idempotency-Key header of 1-{MAX_IDEMPOTENCY_KEY} "
+                               "characters", "Idempotency-Key")
+        if not 0 <= round_number <= wire.MAX_INTEGER:
+            raise Conflict(f"round {round_number} is not open", "round")
+        with self._cond:
+            why = policy.takes_partial_sums()
+        if why is not None:
+            raise Conflict(f"round {round_number} takes no partial sums: {why}; a relay passes each "
+                           "update through", "round")
+        digest = hashlib.sha256(body).hexdigest()
+        partial = partials.decode(body, self.spec, max_bytes=2 * self.max_upload_bytes)
+        if partial.round != round_number:
+            raise InvalidInput(f"metadata round {partial.round} does not match the URL's round "
+                               f"{round_number}", "round")
+        done = policy.partial_duplicate(partial, key, digest)
+        if done is not None:
+            return done
+        for i, share in enumerate(partial.shares):
+            refusal = self._devices.refusal(share.name)
+            if refusal is not None:
+                raise Conflict(refusal.message, f"devices[{i}].name")
+        return self._intake(
+            lambda: policy.partial_duplicate(partial, key, digest)
+            or policy.admit_partial(relay, partial, key, digest),
+            partial.sums, [(s.name, s.num_examples) for s in partial.shares], len(body))
+
+    def _intake(self, admit: Callable[[], Upload | dict[str, Any]], weights: Mapping[str, np.ndarray],
+                senders: list[tuple[str, int]], size: int) -> dict[str, Any]:
+        """The steps after decoding, for an update and a partial sum alike: admission under the
+        lock (or the answer to a retry), folding in outside it, one transaction, the answer."""
+        policy = self._policy
+        with self._cond:
+            upload = admit()
+        if isinstance(upload, dict):  # a retry of what is already in
+            return upload
+        try:  # outside the lock: the aggregator has its own, and folding in takes O(model) time
+            policy.take(upload, weights)
+        except BaseException:
             with self._cond:
-                done = policy.duplicate(name, round_number, upload_id, digest)
-                if done is not None:
-                    return done
-                upload = policy.admit(name, round_number, meta, body, upload_id, digest)
-            try:  # outside the lock: the aggregator has its own, and folding in takes O(model) time
-                policy.take(upload, weights)
-            except BaseException:
-                with self._cond:
-                    policy.release(upload, None)
-                    self._cond.notify_all()
-                raise
-            try:
-                with self._storage.transaction(durable=policy.durable_uploads):
-                    policy.record(upload)
-                    self._devices.set_examples(name, meta.num_examples)
-                    self._devices.lifecycle.set(name, "waiting", reason=upload.sent,
-                                                round_number=round_number)
-            except BaseException as exc:  # folded in but not recorded: what it went into cannot be trusted
-                with self._cond:
-                    policy.release(upload, f"the update of {name} could not be recorded: {exc}")
-                    self._cond.notify_all()
-                raise
-            with self._cond:
-                answer = policy.acknowledge(upload)
-                self._state.bytes_up += len(body)
-                self._devices.set_activity(name, "idle")
+                policy.release(upload, None)
                 self._cond.notify_all()
-                return answer
+            raise
+        try:
+            with self._storage.transaction(durable=policy.durable_uploads):
+                policy.record(upload)
+                for name, num_examples in senders:
+                    self._devices.set_examples(name, num_examples)
+                    self._devices.lifecycle.set(name, "waiting", reason=upload.sent,
+                                                round_number=upload.round_number)
+        except BaseException as exc:  # folded in but not recorded: what it went into cannot be trusted
+            with self._cond:
+                policy.release(upload, f"the update of {upload.device} could not be recorded: {exc}")
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            answer = policy.acknowledge(upload)
+            self._state.bytes_up += size
+            for name, _ in senders:
+                self._devices.set_activity(name, "idle")
+            self._cond.notify_all()
+            return answer
 
     def secagg_message(self, name: str, round_number: int, body: bytes) -> dict[str, Any]:
         """A device's answer to the open secure-aggregation stage: its keys, its encrypted shares,

@@ -33,6 +33,11 @@ CREATE TABLE IF NOT EXISTS devices (
     state TEXT NOT NULL DEFAULT 'idle',
     info TEXT NOT NULL DEFAULT '{}'
 );
+CREATE TABLE IF NOT EXISTS relays (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    registered_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL UNIQUE,
@@ -501,6 +506,19 @@ class Storage:
         rows = self._all("SELECT round, started_at, failed_at, reason FROM round_failures"
                          " WHERE run_id = ? ORDER BY id DESC LIMIT ?", (self.run_id, limit))
         return rows[::-1]
+
+    # relays -------------------------------------------------------------
+    def set_relay(self, name: str, token_hash: str, *, now: float) -> None:
+        """Enroll relay ``name``, or give it a new token."""
+        self._exec("INSERT INTO relays(name, token_hash, registered_at) VALUES (?, ?, ?)"
+                   " ON CONFLICT(name) DO UPDATE SET token_hash = excluded.token_hash",
+                   (name, token_hash, now))
+
+    def get_relay(self, name: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM relays WHERE name = ?", (name,))
+
+    def relay_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM relays WHERE token_hash = ?", (token_hash,))
 
     # updates ------------------------------------------------------------
     def add_update(self, round_number: int, device: str, *, num_examples: int,

@@ -24,6 +24,7 @@ import numpy as np
 from . import compression, wire
 from .driver import RETRY_AFTER_FAILURE, TICK, NotPublished, RoundPolicy, Upload, release_devices
 from .errors import Conflict, RunOver
+from .partials import Partial
 from .plural import plural
 from .round_state import OpenRound, RoundState
 from .secagg import SecAggError
@@ -33,6 +34,14 @@ from .strategies import AggregationError, RoundPlan
 log = logging.getLogger("fedhub.rounds")
 
 Weights = dict[str, np.ndarray]
+
+
+def _senders(upload: Upload) -> list[tuple[str, int, Mapping[str, float]]]:
+    """The devices an upload speaks for: its own device, or each device of a relay's partial sum."""
+    shares = upload.extra.get("shares")
+    if shares is None:
+        return [(upload.device, upload.meta.num_examples, upload.meta.metrics)]
+    return [(s.name, s.num_examples, s.metrics) for s in shares]
 
 
 class SyncRounds(RoundPolicy):
@@ -56,7 +65,8 @@ class SyncRounds(RoundPolicy):
         c = self._config.secagg
         return {"mode": "sync", "secure_aggregation": None if c is None else {
             "shares": c.shares, "threshold": c.threshold, "bits": c.bits, "clip_range": c.clip_range,
-            "max_weight": c.max_weight, "quantization": c.quantization or None}}
+            "max_weight": c.max_weight, "quantization": c.quantization or None},
+            "partial_sums": self.takes_partial_sums() is None}
 
     def revision(self) -> str:
         r = self._state.open
@@ -120,6 +130,43 @@ class SyncRounds(RoundPolicy):
                 "stages' messages (keys, shares, the masked update, unmasking keys), never plain "
                 "weights", "round")
 
+    def takes_partial_sums(self) -> str | None:
+        if self._config.secagg is not None:
+            return "secure aggregation sums masked updates itself"
+        if not self._strategy.sums_only:
+            return f"strategy {self._strategy.name} needs each update"
+        if self._compression.active:
+            return "compressed updates are changes from the model each device trained from"
+        return None
+
+    def partial_duplicate(self, partial: Partial, key: str, digest: str) -> dict[str, Any] | None:
+        row = self._storage.get_update(partial.round, partial.shares[0].name)
+        if row is None or row["upload_id"] != key:
+            return None
+        if row["body_sha256"] != digest:
+            raise Conflict(f"Idempotency-Key {key!r} was already used for round {partial.round} with a "
+                           "different body; a retry must send the same bytes", "Idempotency-Key")
+        return {"accepted": True, "duplicate": True, "round": partial.round, "devices": len(partial.shares)}
+
+    def admit_partial(self, relay: str, partial: Partial, key: str, digest: str) -> Upload:
+        why = self.takes_partial_sums()
+        if why is not None:
+            raise Conflict(f"round {partial.round} takes no partial sums: {why}; a relay passes each "
+                           "update through", "round")
+        r = self._open_round(partial.round)
+        for i, share in enumerate(partial.shares):
+            self._check_admissible(r, share.name, partial.round, f"devices[{i}].name")
+        if partial.model_version != r.base_version:
+            raise Conflict(f"partial sum was trained from model version {partial.model_version}, round "
+                           f"{r.number} starts from version {r.base_version}", "model_version")
+        names = [share.name for share in partial.shares]
+        r.uploading.update(names)
+        meta = wire.Meta(round=r.number, model_version=partial.model_version,
+                         num_examples=partial.total_examples)
+        return Upload(relay, r.number, key, digest, meta, b"", into=r,
+                      sent=f"update for round {r.number} sent through relay {relay}",
+                      extra={"shares": partial.shares, "reference": None})
+
     def duplicate(self, name: str, round_number: int, upload_id: str | None,
                   digest: str | None) -> dict[str, Any] | None:
         if not upload_id:
@@ -135,8 +182,7 @@ class SyncRounds(RoundPolicy):
                            "with a different body; a retry must send the same bytes", "Idempotency-Key")
         return {"accepted": True, "duplicate": True, "round": round_number}
 
-    def admit(self, name: str, round_number: int, meta: wire.Meta, body: bytes,
-              upload_id: str | None, digest: str | None) -> Upload:
+    def _open_round(self, round_number: int) -> OpenRound:
         s = self._state
         r = s.open
         if r is None or r.number != round_number:
@@ -144,10 +190,19 @@ class SyncRounds(RoundPolicy):
             state = "closed" if round_number <= s.version or (
                 current is not None and round_number < current) else "not open"
             raise Conflict(f"round {round_number} is {state}", "round")
+        return r
+
+    @staticmethod
+    def _check_admissible(r: OpenRound, name: str, round_number: int, field: str) -> None:
         if name in r.reported or name in r.uploading:
-            raise Conflict(f"device {name!r} already reported for round {round_number}", "round")
+            raise Conflict(f"device {name!r} already reported for round {round_number}", field)
         if name not in r.selected:
-            raise Conflict(f"device {name!r} was not selected for round {round_number}", "round")
+            raise Conflict(f"device {name!r} was not selected for round {round_number}", field)
+
+    def admit(self, name: str, round_number: int, meta: wire.Meta, body: bytes,
+              upload_id: str | None, digest: str | None) -> Upload:
+        r = self._open_round(round_number)
+        self._check_admissible(r, name, round_number, "round")
         if meta.model_version != r.base_version:
             raise Conflict(
                 f"update was trained from model version {meta.model_version}, "
@@ -158,6 +213,9 @@ class SyncRounds(RoundPolicy):
                       sent=f"update for round {round_number} sent", extra={"reference": reference})
 
     def take(self, upload: Upload, weights: Mapping[str, Any]) -> None:
+        if "shares" in upload.extra:
+            upload.into.aggregator.add_partial(upload.extra["shares"], weights, upload.device)
+            return
         reference = upload.extra["reference"]
         if reference is not None:  # a delta: the weights are the model it was trained from + it
             weights = compression.apply(reference, weights)
@@ -166,20 +224,22 @@ class SyncRounds(RoundPolicy):
 
     def record(self, upload: Upload) -> None:
         # One commit per upload, not waiting for the disk: a restart forgets an open round.
-        self._storage.add_update(upload.round_number, upload.device, num_examples=upload.meta.num_examples,
-                                 metrics=upload.meta.metrics, upload_id=upload.upload_id,
-                                 now=self._clock(), body_sha256=upload.digest)
+        for name, num_examples, metrics in _senders(upload):
+            self._storage.add_update(upload.round_number, name, num_examples=num_examples,
+                                     metrics=metrics, upload_id=upload.upload_id,
+                                     now=self._clock(), body_sha256=upload.digest)
 
     def release(self, upload: Upload, broken: str | None) -> None:
         r: OpenRound = upload.into
-        r.uploading.discard(upload.device)
+        r.uploading.difference_update(name for name, _, _ in _senders(upload))
         if broken is not None:
             r.broken = f"round {r.number} failed: {broken}"
 
     def acknowledge(self, upload: Upload) -> dict[str, Any]:
         r: OpenRound = upload.into
-        r.uploading.discard(upload.device)
-        r.reported[upload.device] = upload.upload_id
+        for name, _, _ in _senders(upload):
+            r.uploading.discard(name)
+            r.reported[name] = upload.upload_id
         return {"accepted": True, "duplicate": False, "round": r.number,
                 "reported": len(r.reported), "selected": len(r.selected)}
 

@@ -69,13 +69,15 @@ def encode(weights: Mapping[str, np.ndarray], meta: Meta,
     return st_save(tensors, metadata={**(extra or {}), **meta.to_strings()})
 
 
-def header(body: bytes) -> dict:
+def header(body: bytes, *, max_header: int = MAX_HEADER_BYTES, max_bytes: int | None = None) -> dict:
     """The safetensors JSON header of ``body``, bounded and checked before it is parsed."""
+    if max_bytes is not None and len(body) > max_bytes:
+        raise TooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}", "body")
     if len(body) < 8:
         raise InvalidInput("body is truncated: shorter than the 8-byte safetensors header length", "body")
     (n,) = struct.unpack("<Q", body[:8])
-    if n > MAX_HEADER_BYTES:
-        raise InvalidInput(f"safetensors header of {n} bytes exceeds {MAX_HEADER_BYTES}", "body")
+    if n > max_header:
+        raise InvalidInput(f"safetensors header of {n} bytes exceeds {max_header}", "body")
     if 8 + n > len(body):
         raise InvalidInput("body is truncated: the safetensors header runs past the end", "body")
     parsed = untrusted_json.loads(body[8 : 8 + n], field="body")
@@ -84,7 +86,7 @@ def header(body: bytes) -> dict:
     return parsed
 
 
-def _int_meta(raw: Mapping[str, str], key: str) -> int:
+def int_meta(raw: Mapping[str, str], key: str) -> int:
     value = raw.get(key, "0")
     try:
         number = int(value)
@@ -97,7 +99,11 @@ def _int_meta(raw: Mapping[str, str], key: str) -> int:
 
 def _metrics(text: str) -> dict[str, float]:
     """The ``metrics`` metadata: a JSON object of names to finite float64 numbers."""
-    metrics = untrusted_json.loads(text, field="metrics")
+    return check_metrics(untrusted_json.loads(text, field="metrics"))
+
+
+def check_metrics(metrics: object) -> dict[str, float]:
+    """Metrics as a device reports them: at most ``MAX_METRICS`` names to finite numbers."""
     if not isinstance(metrics, dict):
         raise InvalidInput("metadata 'metrics' must be a JSON object", "metrics")
     if len(metrics) > MAX_METRICS:
@@ -124,9 +130,9 @@ def _meta(raw: Mapping[str, str]) -> Meta:
     if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
         raise InvalidInput("safetensors __metadata__ must map strings to strings", "metadata")
     return Meta(
-        round=_int_meta(raw, "round"),
-        model_version=_int_meta(raw, "model_version"),
-        num_examples=_int_meta(raw, "num_examples"),
+        round=int_meta(raw, "round"),
+        model_version=int_meta(raw, "model_version"),
+        num_examples=int_meta(raw, "num_examples"),
         metrics=_metrics(raw.get("metrics", "{}")),
     )
 
@@ -145,6 +151,7 @@ def decode(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     require_examples: bool = False,
+    max_header: int = MAX_HEADER_BYTES,
 ) -> tuple[Weights, Meta]:
     """Parse and validate safetensors bytes.
 
@@ -153,9 +160,7 @@ def decode(
     refusal is an :class:`InvalidInput` naming the field, so the caller can
     answer 4xx and change nothing.
     """
-    if len(body) > max_bytes:
-        raise TooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes}", "body")
-    head = header(body)
+    head = header(body, max_header=max_header, max_bytes=max_bytes)
     meta = _meta(head.get("__metadata__") or {})
     if require_examples and meta.num_examples < 1:
         raise InvalidInput("metadata 'num_examples' must be a positive integer", "num_examples")

@@ -279,6 +279,9 @@ class Strategy(ABC):
     name: ClassVar[str]
     # Robust strategies record an update holding NaN or infinity as rejected; plain ones refuse it.
     rejects_nonfinite: ClassVar[bool] = False
+    # Needs only the example-weighted sum of the updates, so a relay's partial sum will do
+    # (fedhub.engine.partials); the others see each update, passed through a relay.
+    sums_only: ClassVar[bool] = False
     # State entries: "<slot>/<tensor name>" arrays per tensor, and scalar entries by name.
     state_tensors: ClassVar[tuple[str, ...]] = ()
     state_scalars: ClassVar[tuple[str, ...]] = ()

@@ -1,0 +1,170 @@
+"""Partial sums: many devices' updates folded into one before they reach the server.
+
+A relay (:mod:`fedhub.relay`, or a pool's worker for its virtual devices) takes its devices'
+updates as the server would, folds each into a float64 sum of ``num_examples * weights`` and
+sends that sum once, with each device's name, example count and metrics, so the server counts
+and records every device as if it had sent its own update. Only a strategy that needs the
+weighted sum alone (FedAvg and its server optimizers: ``Strategy.sums_only``) can take one; the
+others get each update passed through.
+
+:class:`PartialSum` is the relay's side (fold, encode), :func:`decode` the server's; the body is
+safetensors like every other weight on the wire: float64 sums, and in its metadata the round,
+the model version and the devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from . import untrusted_json, wire
+from .devices import check_name
+from .errors import InvalidInput
+
+FORMAT = "fedhub-partial/1"
+# Devices in one partial sum: bounds its header (each device's metrics travel in it); a relay
+# with more devices in a round sends several.
+MAX_DEVICES = 256
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Share:
+    """One device's part of a partial sum."""
+
+    name: str
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A decoded partial sum: ``sums`` is ``sum(num_examples * weights)`` over ``shares``."""
+
+    round: int
+    model_version: int
+    shares: tuple[Share, ...]
+    sums: Weights
+
+    @property
+    def total_examples(self) -> int:
+        return sum(s.num_examples for s in self.shares)
+
+
+class PartialSum:
+    """The devices' updates of one round, folded as they arrive (O(model) memory).
+
+    ``fold`` refuses a device twice; ``encode`` gives the body to send and ``key`` a stable
+    idempotency key for it (the same devices and sums give the same key, so a relay that
+    sends it again after a restart is acknowledged, not counted twice).
+    """
+
+    def __init__(self, round_number: int, model_version: int) -> None:
+        self.round = round_number
+        self.model_version = model_version
+        self.shares: dict[str, Share] = {}
+        self._sums: Weights | None = None
+        self._dtypes: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.shares)
+
+    def fold(self, name: str, weights: Mapping[str, np.ndarray], num_examples: int,
+             metrics: Mapping[str, float] | None = None) -> None:
+        if name in self.shares:
+            raise ValueError(f"device {name!r} is already in this partial sum")
+        if num_examples <= 0:
+            raise ValueError("num_examples must be positive")
+        if self._sums is None:
+            self._sums = {n: np.zeros(np.shape(a), dtype=np.float64) for n, a in weights.items()}
+        elif set(weights) != set(self._sums):
+            raise ValueError("the update's tensors are not those of the others in this partial sum")
+        for n, total in self._sums.items():
+            np.add(total, np.multiply(weights[n], float(num_examples), dtype=np.float64), out=total)
+        self.shares[name] = Share(name, int(num_examples), dict(metrics or {}))
+
+    def encode(self, extra: Mapping[str, str] | None = None) -> bytes:
+        """The body to send (``extra``: more metadata, for a relay's own copy on disk)."""
+        if self._sums is None:
+            raise ValueError("an empty partial sum is not sent")
+        devices = [{"name": s.name, "num_examples": s.num_examples, "metrics": s.metrics}
+                   for s in self.shares.values()]
+        metadata = {**(extra or {}), "format": FORMAT, "round": str(self.round),
+                    "model_version": str(self.model_version), "devices": json.dumps(devices, allow_nan=False)}
+        return st_save({n: np.ascontiguousarray(a) for n, a in self._sums.items()}, metadata=metadata)
+
+
+    @classmethod
+    def restore(cls, body: bytes) -> tuple[PartialSum, dict[str, Any]]:
+        """A relay's own copy on disk (:meth:`encode` with ``extra={"keys": ...}``) as it was,
+        and the keys it held."""
+        head = wire.header(body, max_header=MAX_HEADER_BYTES)
+        raw = head.get("__metadata__") or {}
+        partial = cls(wire.int_meta(raw, "round"), wire.int_meta(raw, "model_version"))
+        partial.shares = {s.name: s for s in _shares(raw.get("devices", "[]"))}
+        partial._sums = dict(st_load(bytes(body)))
+        return partial, json.loads(raw.get("keys", "{}"))
+
+
+def decode_devices(body: bytes) -> list[str]:
+    """The devices named in a partial sum's body (one this process encoded)."""
+    raw = wire.header(body, max_header=MAX_HEADER_BYTES).get("__metadata__") or {}
+    return [s.name for s in _shares(raw.get("devices", "[]"))]
+
+
+def key_of(relay: str, body: bytes) -> str:
+    """The idempotency key of ``body`` sent by ``relay``: the same bytes, the same key."""
+    return f"{relay}-{hashlib.sha256(body).hexdigest()[:32]}"
+
+
+def _shares(text: str) -> tuple[Share, ...]:
+    devices = untrusted_json.loads(text, field="devices")
+    if not isinstance(devices, list) or not 1 <= len(devices) <= MAX_DEVICES:
+        raise InvalidInput(f"metadata 'devices' must be a list of 1 to {MAX_DEVICES} devices", "devices")
+    shares, seen = [], set()
+    for i, entry in enumerate(devices):
+        where = f"devices[{i}]"
+        if not isinstance(entry, dict) or set(entry) - {"name", "num_examples", "metrics"}:
+            raise InvalidInput(f"{where} must be an object with name, num_examples and metrics", where)
+        try:
+            name = check_name(entry.get("name"))
+        except InvalidInput as exc:
+            raise InvalidInput(f"{where}.name: {exc.message}", f"{where}.name") from None
+        if name in seen:
+            raise InvalidInput(f"{where}: device {name!r} is named twice", f"{where}.name")
+        seen.add(name)
+        n = entry.get("num_examples")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= wire.MAX_INTEGER:
+            raise InvalidInput(f"{where}.num_examples must be an integer from 1 to {wire.MAX_INTEGER}",
+                               f"{where}.num_examples")
+        metrics = entry.get("metrics", {})
+        if not isinstance(metrics, dict):
+            raise InvalidInput(f"{where}.metrics must be an object", f"{where}.metrics")
+        shares.append(Share(name, n, wire.check_metrics(metrics)))
+    return tuple(shares)
+
+
+def decode(body: bytes, spec: wire.Spec, *, max_bytes: int = wire.DEFAULT_MAX_BYTES) -> Partial:
+    """Parse and check a partial sum against the model's ``spec``: every tensor, float64, its
+    shape, finite; the devices, each once, with a positive count. :class:`InvalidInput` naming
+    the field otherwise."""
+    head = wire.header(body, max_header=MAX_HEADER_BYTES, max_bytes=max_bytes)
+    raw = head.get("__metadata__") or {}
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise InvalidInput("safetensors __metadata__ must map strings to strings", "metadata")
+    if raw.get("format") != FORMAT:
+        raise InvalidInput(f"metadata 'format' must be {FORMAT!r}", "format")
+    shares = _shares(raw.get("devices", "[]"))
+    sums, _ = wire.decode(body, {n: (shape, "float64") for n, (shape, _) in spec.items()},
+                          max_bytes=max_bytes, max_header=MAX_HEADER_BYTES)
+    return Partial(round=wire.int_meta(raw, "round"), model_version=wire.int_meta(raw, "model_version"),
+                   shares=shares, sums=sums)

@@ -1,0 +1,279 @@
+"""The partial sums a relay holds, and when it sends them: one mechanism for ``fedhub relay``
+(real devices behind it) and a pool's worker (its virtual devices).
+
+Each device's update of the open round is folded into that round's
+:class:`~fedhub.engine.partials.PartialSum` as it arrives and sent to the server as one body when
+every device that was handed the round's task through the relay is in, when ``max_devices``
+are in, or ``flush_after`` seconds after the first. Only while the server's status says the round takes
+partial sums (``partial_sums``); otherwise the caller sends each update on as it came.
+
+With a ``state_dir`` (``fedhub relay``) nothing acknowledged is lost to a SIGKILL and nothing is
+counted twice: an update is on disk (the round's pending sum) before the device hears "accepted";
+a sum about to be sent is first written as the exact bytes to send (the outbox), whose key is
+their digest, so a restarted relay sends the same bytes again and the server acknowledges them as
+a retry; the keys of what was sent are kept, so a device retrying an update already sent is told
+"duplicate" instead of being folded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhub.device.client import Client, ServerError
+from fedhub.engine import partials, wire
+from fedhub.engine.errors import Conflict, InvalidInput
+from fedhub.engine.files import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger("fedhub.relay")
+
+
+class RelaySums:
+    """Partial sums of the rounds a relay serves; thread-safe. ``upstream`` is the relay's
+    authenticated client of the server (its name is the relay's name)."""
+
+    def __init__(self, upstream: Client, *, state_dir: str | Path | None = None,
+                 max_devices: int = partials.MAX_DEVICES, flush_after: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not 1 <= max_devices <= partials.MAX_DEVICES:
+            raise ValueError(f"max_devices must be from 1 to {partials.MAX_DEVICES}")
+        self.upstream = upstream
+        self.name = upstream.name
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.max_devices = max_devices
+        self.flush_after = flush_after
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[int, partials.PartialSum] = {}
+        self._first: dict[int, float] = {}  # when the round's pending sum got its first update
+        self._keys: dict[int, dict[str, tuple[str | None, str]]] = {}  # round -> device -> (key, digest)
+        self._outbox: list[tuple[int, bytes]] = []
+        self.accepting = False
+        self.observed = False  # a status seen: until then no round counts as over
+        self.open_round: int | None = None
+        self._started: dict[int, Any] = {}  # round -> when its attempt the relay knows began
+        self.tasked: dict[int, set[str]] = {}  # round -> devices handed its task through this relay
+        self.seen: set[str] = set()  # every device handed a task through this relay
+        self.awaited: set[str] = set()  # devices the open round still waits for
+        self.sent_devices = 0
+        self.sent_sums = 0
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._recover()
+
+    # what the server says ---------------------------------------------------
+    def observe(self, status: Mapping[str, Any]) -> None:
+        """The server's status: does the open round take partial sums, and whom does it await."""
+        current = status.get("round") or {}
+        number, started = current.get("number"), current.get("started_at")
+        with self._lock:
+            self.observed = True
+            self.accepting = bool(status.get("partial_sums")) and status.get("status") == "running"
+            self.open_round = current.get("number")
+            self.awaited = set(current.get("selected", ())) - set(current.get("reported", ()))
+            if isinstance(number, int):
+                if number in self._started and self._started[number] != started:
+                    # the round runs again (its last attempt was discarded, with what was sent to
+                    # it), or a new run has begun, numbering its rounds from 1 again
+                    self._drop_round(number)
+                self._started[number] = started
+
+    def _drop_round(self, number: int) -> None:
+        """Forget round ``number``'s updates (lock held)."""
+        self._pending.pop(number, None)
+        self._first.pop(number, None)
+        self._keys.pop(number, None)
+        self.tasked.pop(number, None)
+        self._forget_pending(number)
+        if self.state_dir is not None:
+            self._keys_path(number).unlink(missing_ok=True)
+
+    def holds(self, name: str, round_number: int) -> bool:
+        """Device ``name``'s update for the round is here (pending, or sent a moment ago): until
+        the server has it, the server would hand the device the round's task again."""
+        with self._lock:
+            return name in self._keys.get(round_number, {})
+
+    def held_task(self, name: str, task: Mapping[str, Any]) -> dict[str, Any] | None:
+        """What device ``name`` is told instead of ``task`` (a task to train in a round whose
+        update from it this relay holds): wait. None: ``task`` stands."""
+        number = task.get("round")
+        if task.get("action") != "train" or not isinstance(number, int) or not self.holds(name, number):
+            return None
+        return {"action": "wait", "retry_in": 1.0,
+                "reason": f"update for round {number} held by relay {self.name}; waiting for the round "
+                          "to close"}
+
+    def handed(self, name: str, round_number: int) -> None:
+        """Device ``name`` got round ``round_number``'s task through this relay: the round's sum
+        waits for its update (until ``flush_after``)."""
+        with self._lock:
+            self.tasked.setdefault(round_number, set()).add(name)
+            self.seen.add(name)
+
+    def takes(self, round_number: int) -> bool:
+        with self._lock:
+            return self.accepting and round_number == self.open_round
+
+    # folding ----------------------------------------------------------------
+    def fold(self, name: str, round_number: int, weights: Mapping[str, np.ndarray], meta: wire.Meta,
+             key: str | None = None, digest: str = "") -> dict[str, Any]:
+        """Fold device ``name``'s update in; the answer the device gets. The same ``key`` and
+        ``digest`` again is a retry (``duplicate``); another update from it this round, a Conflict.
+        Refused as the server refuses it: NaN or infinity, no examples."""
+        bad = wire.first_non_finite(weights)
+        if bad is not None:
+            raise InvalidInput(f"tensor {bad!r} holds NaN or infinity", bad)
+        if meta.num_examples < 1:
+            raise InvalidInput("metadata 'num_examples' must be a positive integer", "num_examples")
+        with self._lock:
+            keys = self._keys.setdefault(round_number, {})
+            if name in keys:
+                if key is not None and keys[name] == (key, digest):
+                    return {"accepted": True, "duplicate": True, "round": round_number, "relay": self.name}
+                raise Conflict(f"device {name!r} already reported for round {round_number}", "round")
+            pending = self._pending.get(round_number)
+            if pending is None:
+                pending = self._pending[round_number] = partials.PartialSum(round_number, meta.model_version)
+                self._first[round_number] = self._clock()
+            if meta.model_version != pending.model_version:
+                raise Conflict(f"update was trained from model version {meta.model_version}, round "
+                               f"{round_number} starts from version {pending.model_version}", "model_version")
+            pending.fold(name, weights, meta.num_examples, meta.metrics)
+            keys[name] = (key, digest)
+            self._save_pending(round_number)
+            held = len(pending)
+        return {"accepted": True, "duplicate": False, "round": round_number, "relay": self.name,
+                "held": held}
+
+    def due(self) -> list[int]:
+        """Rounds whose pending sum should go now: every device handed the round's task through
+        this relay is in (and every device it ever served that the open round awaits), or
+        ``max_devices`` are, or ``flush_after`` seconds passed, or the round is over."""
+        now = self._clock()
+        with self._lock:
+            out = []
+            for number, pending in self._pending.items():
+                waiting = self.tasked.get(number, set())
+                if number == self.open_round:  # and those it knows that the round awaits
+                    waiting = waiting | (self.awaited & self.seen)
+                complete = not waiting - set(self._keys.get(number, {}))
+                over = self.observed and number != self.open_round
+                if (complete or over or len(pending) >= self.max_devices
+                        or now - self._first[number] >= self.flush_after):
+                    out.append(number)
+            return out
+
+    # sending ----------------------------------------------------------------
+    def flush(self, rounds: Collection[int] | None = None) -> int:
+        """Send the pending sums of ``rounds`` (default: all) and whatever waits in the outbox;
+        the devices the server counted. A sum the server refuses (the round closed meanwhile)
+        is dropped with a warning, as its devices' updates would have been; one that cannot
+        reach the server waits in the outbox for the next flush."""
+        with self._lock:
+            for number in sorted(self._pending if rounds is None else rounds):
+                pending = self._pending.pop(number, None)
+                self._first.pop(number, None)
+                if pending is None or not len(pending):
+                    continue
+                body = pending.encode()
+                self._outbox.append((number, body))
+                self._save_outbox(number, body)
+                self._forget_pending(number)
+            outbox, self._outbox = self._outbox, []
+        counted = 0
+        for i, (number, body) in enumerate(outbox):
+            try:
+                answer = self.upstream.send_partial(number, body)
+            except ServerError as exc:
+                log.warning("relay %s: round %d's partial sum was refused: %s", self.name, number,
+                            exc.body.get("message"))
+            except Exception:
+                with self._lock:
+                    self._outbox[:0] = outbox[i:]  # in order, before anything queued meanwhile
+                raise
+            else:
+                counted += 0 if answer.get("duplicate") else len(partials.decode_devices(body))
+            self._sent(number, body)
+        return counted
+
+    def _sent(self, number: int, body: bytes) -> None:
+        with self._lock:
+            self.sent_sums += 1
+            self.sent_devices += len(partials.decode_devices(body))
+            self._save_keys(number)
+        if self.state_dir is not None:
+            self._outbox_path(number, body).unlink(missing_ok=True)
+
+    def view(self) -> dict[str, Any]:
+        """What the relay holds and has sent (its ``/relay/status``)."""
+        with self._lock:
+            return {"name": self.name, "accepting": self.accepting, "open_round": self.open_round,
+                    "pending": {str(n): len(p) for n, p in self._pending.items()},
+                    "outbox": len(self._outbox), "sent_sums": self.sent_sums,
+                    "sent_devices": self.sent_devices}
+
+    # on disk ----------------------------------------------------------------
+    def _pending_path(self, number: int) -> Path:
+        assert self.state_dir is not None
+        return self.state_dir / f"pending-r{number}.safetensors"
+
+    def _outbox_path(self, number: int, body: bytes) -> Path:
+        assert self.state_dir is not None
+        return self.state_dir / f"outbox-r{number}-{hashlib.sha256(body).hexdigest()[:16]}.safetensors"
+
+    def _keys_path(self, number: int) -> Path:
+        assert self.state_dir is not None
+        return self.state_dir / f"keys-r{number}.json"
+
+    def _save_pending(self, number: int) -> None:
+        """The round's pending sum and every key it holds, in one file (lock held)."""
+        if self.state_dir is None:
+            return
+        keys = {n: list(k) for n, k in self._keys[number].items() if n in self._pending[number].shares}
+        atomic_write_bytes(self._pending_path(number),
+                           self._pending[number].encode(extra={"keys": json.dumps(keys)}))
+
+    def _forget_pending(self, number: int) -> None:
+        if self.state_dir is not None:
+            self._pending_path(number).unlink(missing_ok=True)
+
+    def _save_outbox(self, number: int, body: bytes) -> None:
+        if self.state_dir is not None:
+            atomic_write_bytes(self._outbox_path(number, body), body)
+
+    def _save_keys(self, number: int) -> None:
+        """The keys of every update of round ``number`` this relay took (lock held)."""
+        if self.state_dir is not None:
+            atomic_write_text(self._keys_path(number), json.dumps(
+                {n: list(k) for n, k in self._keys.get(number, {}).items()}))
+
+    def _recover(self) -> None:
+        """After a restart: the outbox to send again, the pending sums, the keys of what was sent."""
+        assert self.state_dir is not None
+        for path in sorted(self.state_dir.glob("keys-r*.json")):
+            number = int(path.stem.removeprefix("keys-r"))
+            self._keys[number] = {n: (k[0], k[1]) for n, k in json.loads(path.read_text()).items()}
+        queued: set[tuple[int, str]] = set()
+        for path in sorted(self.state_dir.glob("outbox-r*.safetensors")):
+            number = int(path.stem.split("-")[1].removeprefix("r"))
+            body = path.read_bytes()
+            self._outbox.append((number, body))
+            queued.update((number, n) for n in partials.decode_devices(body))
+        for path in sorted(self.state_dir.glob("pending-r*.safetensors")):
+            number = int(path.stem.removeprefix("pending-r"))
+            pending, keys = partials.PartialSum.restore(path.read_bytes())
+            if any((number, n) in queued for n in pending.shares):
+                path.unlink()  # killed between writing its outbox copy and removing it
+                continue
+            self._pending[number] = pending
+            self._first[number] = self._clock()
+            self._keys.setdefault(number, {}).update({n: (k[0], k[1]) for n, k in keys.items()})

@@ -1,0 +1,148 @@
+"""Partial sums without a network: the codec, the aggregator's fold, and a relay's state on disk
+across a kill (tests/test_relay.py runs them through real processes)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedhub.device.client import Client
+from fedhub.engine import partials, wire
+from fedhub.engine.errors import Conflict, InvalidInput
+from fedhub.engine.strategies import FedAdam, FedAvg, FedMedian
+from fedhub.relay.sums import RelaySums
+
+SPEC = {"w": ((3, 2), "float32"), "b": ((2,), "float32")}
+
+
+def update(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=shape).astype(np.float32) for k, (shape, _) in SPEC.items()}
+
+
+def test_a_partial_sum_folds_in_as_each_update_would():
+    """The same updates, one by one or three of them summed by a relay: the same model (float64
+    round-off only), the same per-device record."""
+    template = {k: np.zeros(shape, np.float32) for k, (shape, _) in SPEC.items()}
+    counts = [10, 25, 7, 40]
+    for strategy in (FedAvg(), FedAdam()):
+        direct = strategy.begin(template)
+        for i, n in enumerate(counts):
+            direct.add(f"d{i}", update(i), n, {"loss": float(i)})
+        relayed = strategy.begin(template)
+        relayed.add("d0", update(0), counts[0], {"loss": 0.0})
+        part = partials.PartialSum(1, 0)
+        for i, n in enumerate(counts[1:], start=1):
+            part.fold(f"d{i}", update(i), n, {"loss": float(i)})
+        decoded = partials.decode(part.encode(), SPEC)
+        relayed.add_partial(decoded.shares, decoded.sums, "edge")
+        a, b = direct.result(), relayed.result()
+        for k in template:
+            np.testing.assert_allclose(a.weights[k], b.weights[k], rtol=1e-6, atol=1e-7)
+        assert a.metrics["num_examples"] == b.metrics["num_examples"] == sum(counts)
+        assert a.metrics["fit_metrics"] == pytest.approx(b.metrics["fit_metrics"])
+        assert b.metrics["updates"]["d2"] == {"num_examples": 7, "status": "used", "relay": "edge"}
+
+
+def test_only_strategies_that_need_the_sum_alone_take_partial_sums():
+    assert FedAvg.sums_only and FedAdam.sums_only and not FedMedian.sums_only
+
+
+def test_a_device_is_counted_once_even_through_a_partial_sum():
+    template = {k: np.zeros(shape, np.float32) for k, (shape, _) in SPEC.items()}
+    agg = FedAvg().begin(template)
+    agg.add("d1", update(1), 5)
+    part = partials.PartialSum(1, 0)
+    part.fold("d1", update(1), 5)
+    decoded = partials.decode(part.encode(), SPEC)
+    with pytest.raises(ValueError, match="already sent"):
+        agg.add_partial(decoded.shares, decoded.sums, "edge")
+    assert agg.total_examples == 5
+
+
+@pytest.mark.parametrize(("meta", "field"), [
+    ({"format": "fedhub/1"}, "format"),
+    ({"devices": "[]"}, "devices"),
+    ({"devices": "{}"}, "devices"),
+    ({"devices": "not json"}, "devices"),
+    ({"devices": json.dumps([{"name": "d", "num_examples": -1}])}, "devices[0].num_examples"),
+    ({"devices": json.dumps([{"name": "", "num_examples": 1}])}, "devices[0].name"),
+    ({"devices": json.dumps([{"name": "d", "num_examples": 1, "metrics": {"m": "x"}}])}, "metrics"),
+    ({"round": "-1"}, "round"),
+    ({"model_version": "x"}, "model_version"),
+])
+def test_decode_names_the_field_at_fault(meta, field):
+    from safetensors.numpy import save
+
+    base = {"format": partials.FORMAT, "round": "1", "model_version": "0",
+            "devices": json.dumps([{"name": "d", "num_examples": 1}])}
+    tensors = {k: np.ones(shape) for k, (shape, _) in SPEC.items()}
+    with pytest.raises(InvalidInput) as err:
+        partials.decode(save(tensors, metadata={**base, **meta}), SPEC)
+    assert err.value.field == field
+
+
+def _sums(tmp_path) -> RelaySums:
+    return RelaySums(Client("http://127.0.0.1:9", "edge"), state_dir=tmp_path, flush_after=300)
+
+
+def _meta(n: int) -> wire.Meta:
+    return wire.Meta(round=1, model_version=0, num_examples=n, metrics={"loss": 0.5})
+
+
+def test_what_a_relay_acknowledged_survives_a_kill_with_its_keys(tmp_path):
+    sums = _sums(tmp_path)
+    sums.fold("d1", 1, update(1), _meta(10), "key-1", "digest-1")
+    sums.fold("d2", 1, update(2), _meta(20), "key-2", "digest-2")
+    del sums  # killed: nothing more written
+    again = _sums(tmp_path)
+    assert again.view()["pending"] == {"1": 2}
+    assert again.fold("d1", 1, update(1), _meta(10), "key-1", "digest-1")["duplicate"] is True
+    with pytest.raises(Conflict):
+        again.fold("d1", 1, update(9), _meta(10), "key-x", "digest-x")
+    body = again._pending[1].encode()
+    decoded = partials.decode(body, SPEC)
+    want = {k: update(1)[k].astype(np.float64) * 10 + update(2)[k].astype(np.float64) * 20 for k in SPEC}
+    for k in SPEC:
+        np.testing.assert_array_equal(decoded.sums[k], want[k])
+
+
+def test_a_kill_between_the_outbox_copy_and_the_pending_sum_sends_it_once(tmp_path):
+    """Killed after writing the bytes to send and before removing the pending sum: the restarted
+    relay sends the outbox copy and drops the pending one, so no device goes twice."""
+    sums = _sums(tmp_path)
+    sums.fold("d1", 1, update(1), _meta(10), "key-1", "digest-1")
+    body = sums._pending[1].encode()
+    sums._save_outbox(1, body)  # the step before the pending file is removed
+    again = _sums(tmp_path)
+    assert again.view()["pending"] == {} and again.view()["outbox"] == 1
+    assert not list(tmp_path.glob("pending-*"))
+
+
+def test_a_relay_refuses_what_the_server_would(tmp_path):
+    sums = _sums(tmp_path)
+    bad = update(1)
+    bad["w"][0, 0] = np.nan
+    with pytest.raises(InvalidInput) as err:
+        sums.fold("d1", 1, bad, _meta(10))
+    assert err.value.field == "w"
+    with pytest.raises(InvalidInput):
+        sums.fold("d1", 1, update(1), _meta(0))
+    sums.fold("d1", 1, update(1), _meta(10))
+    with pytest.raises(Conflict) as conflict:
+        sums.fold("d2", 1, update(2), wire.Meta(round=1, model_version=3, num_examples=5))
+    assert conflict.value.field == "model_version"
+    assert sums.view()["pending"] == {"1": 1}
+
+
+def test_a_round_that_runs_again_starts_its_sum_afresh(tmp_path):
+    sums = _sums(tmp_path)
+    sums.observe({"status": "running", "partial_sums": True, "round": {"number": 1, "started_at": 1.0,
+                                                                       "selected": ["d1"], "reported": []}})
+    sums.fold("d1", 1, update(1), _meta(10), "k", "d")
+    sums.observe({"status": "running", "partial_sums": True, "round": {"number": 1, "started_at": 2.0,
+                                                                       "selected": ["d1"], "reported": []}})
+    assert sums.view()["pending"] == {}
+    assert sums.fold("d1", 1, update(1), _meta(10), "k2", "d2")["duplicate"] is False

@@ -337,3 +337,28 @@ def train_one_round(server: ServerProcess, token: str) -> None:
                       data=wire.encode({k: v + np.asarray(1e-3, v.dtype) for k, v in weights.items()}, meta),
                       headers={**auth, "Content-Type": "application/octet-stream"})
     assert r.status_code == 200, r.text
+
+
+def test_a_device_that_left_is_still_gone_after_the_server_restarts(tmp_path):
+    """A server restarted within --device-timeout used to count devices that had left as online
+    (the leave was kept in memory only) and select them, so the round waited out its deadline."""
+    from fedhub.engine.devices import DeviceRegistry
+    from fedhub.engine.storage import Storage
+
+    from .test_api import ENROLL
+
+    storage = Storage(tmp_path / "state")
+    devices = DeviceRegistry(storage, enroll_secret=ENROLL, auto_activate=True)
+    for name in ("stays", "goes"):
+        devices.register(name, ENROLL)
+    devices.leave("goes")
+    storage.close()
+
+    storage = Storage(tmp_path / "state")  # the restarted server
+    devices = DeviceRegistry(storage, enroll_secret=ENROLL, auto_activate=True)
+    assert devices.available() == ["stays"]
+    devices.touch("goes")  # it asks for work again: back
+    storage.close()
+    storage = Storage(tmp_path / "state")
+    assert sorted(DeviceRegistry(storage, enroll_secret=ENROLL).available()) == ["goes", "stays"]
+    storage.close()

@@ -118,6 +118,8 @@ class DeviceRegistry:
             self._by_hash[row["token_hash"]] = row["name"]
             self._seen[row["name"]] = row["last_seen"] or 0.0
             self._active[row["name"]] = bool(row["active"])
+            if row["state"] == "left":  # it said it goes: still gone after a restart of the server
+                self._left.add(row["name"])
 
     def check_enroll_secret(self, enroll_secret: str | None) -> None:
         """Refuse a missing or wrong enrollment secret (the HTTP layer checks it before the body)."""
@@ -160,7 +162,7 @@ class DeviceRegistry:
             else:
                 self._check_reenrollment(row, token, admin)
                 self._by_hash.pop(row["token_hash"], None)
-                fields: dict[str, Any] = {"token_hash": token_hash, "last_seen": now,
+                fields: dict[str, Any] = {"token_hash": token_hash, "last_seen": now, "state": "idle",
                                           "info": {**json.loads(row["info"]), "attack": declared}}
                 if num_examples is not None:
                     fields["num_examples"] = num_examples
@@ -207,7 +209,10 @@ class DeviceRegistry:
         waiting device online)."""
         with self._lock:
             self._seen[name] = self._clock()
+            back = name in self._left
             self._left.discard(name)
+        if back:
+            self._storage.update_device(name, state="idle")
 
     def require(self, name: str) -> dict[str, Any]:
         row = self._storage.get_device(check_name(name))
@@ -263,7 +268,7 @@ class DeviceRegistry:
         with self._lock:
             self._left.add(name)
             self._activity[name] = "idle"
-        self._storage.update_device(name, last_seen=self._seen.get(name, self._clock()))
+        self._storage.update_device(name, last_seen=self._seen.get(name, self._clock()), state="left")
 
     def is_online(self, name: str, now: float | None = None) -> bool:
         now = self._clock() if now is None else now

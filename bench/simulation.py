@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds-many", type=int, default=40)
     p.add_argument("--rounds-ray", type=int, default=10)
     p.add_argument("--rounds-scale", type=int, default=5)
+    p.add_argument("--relay", nargs="+", choices=["on", "off"], default=["on", "off"],
+                   help="scale part: the workers as relays (one partial sum each a round), or each "
+                        "update on its own (today's path before relays); both by default, in one run")
     p.add_argument("--scale", nargs="+", default=["1000:0.1", "10000:0.01"], metavar="DEVICES:FRACTION",
                    help="the scale part's federations")
     p.add_argument("--baseline", action="store_true",
@@ -200,12 +203,15 @@ def main(argv: list[str] | None = None) -> int:
                    **run_pool(folder, tmp / f"many{devices}", a.rounds_many, 0.1, a.data_dir,
                               workers=a.workers, **training))
     if "scale" in a.parts:
-        for devices, fraction in scale:
-            folder = split(tmp / f"scale{devices}" / "devices", devices, a.data_dir)
-            record(part="scale", setup=f"{devices:,} devices, {fraction:g} a round, {a.workers} workers",
-                   devices=devices, fraction=fraction, load_average=os.getloadavg(),
-                   **run_pool(folder, tmp / f"scale{devices}", a.rounds_scale, fraction, a.data_dir,
-                              workers=a.workers, efficiency=True))
+        for (devices, fraction), relay in itertools.product(scale, a.relay):
+            # A fresh split for each way (the same one, seeded): device folders keep their tokens.
+            folder = split(tmp / f"scale{devices}-{relay}" / "devices", devices, a.data_dir)
+            how = "workers as relays" if relay == "on" else "each update on its own"
+            record(part="scale", devices=devices,
+                   setup=f"{devices:,} devices, {fraction:g} a round, {a.workers} workers, {how}",
+                   fraction=fraction, relay=relay == "on", load_average=os.getloadavg(),
+                   **run_pool(folder, tmp / f"scale{devices}-{relay}", a.rounds_scale, fraction, a.data_dir,
+                              workers=a.workers, efficiency=True, relay=relay == "on"))
     if "ray" in a.parts:
         import ray
 

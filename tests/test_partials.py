@@ -38,6 +38,9 @@ def test_a_partial_sum_folds_in_as_each_update_would():
             part.fold(f"d{i}", update(i), n, {"loss": float(i)})
         decoded = partials.decode(part.encode(), SPEC)
         relayed.add_partial(decoded.shares, decoded.sums, "edge")
+        one, summed = direct._sum.mean(), relayed._sum.mean()  # the float64 means, before any cast
+        for k in template:
+            np.testing.assert_allclose(summed[k], one[k], rtol=1e-12, atol=1e-15)
         a, b = direct.result(), relayed.result()
         for k in template:
             np.testing.assert_allclose(a.weights[k], b.weights[k], rtol=1e-6, atol=1e-7)

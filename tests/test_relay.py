@@ -120,6 +120,16 @@ def finished(server: ServerProcess) -> bool:
     return server.get("/api/status").json()["status"] == "finished"
 
 
+def each_counted_once(server: ServerProcess, root: Path, names, entry: dict) -> None:
+    """Round 1 took each device's update once: its count, and the weighted mean of the updates."""
+    assert entry["num_updates"] == len(names) and sorted(entry["devices"]) == names
+    parts = updates(root, names, checkpoint(server, 0))
+    assert entry["num_examples"] == sum(n for _, n in parts), "each device counted once"
+    end, want = checkpoint(server, 1), weighted_mean(parts)
+    for k in end:
+        np.testing.assert_allclose(end[k], want[k], rtol=0, atol=1e-6)
+
+
 def run_to_the_end(server: ServerProcess, relay: RelayProcess, procs, timeout: float = 90):
     """The run's history and the relay's status once the run is over; every process stopped after."""
     try:
@@ -193,15 +203,38 @@ def test_a_relay_killed_mid_round_loses_and_counts_nothing_twice(tmp_path, data_
         stop(procs)
         relay.stop()
         server.stop()
-    assert entry["num_updates"] == 3 and sorted(entry["devices"]) == names
-    parts = updates(root, names, checkpoint(server, 0))
-    assert entry["num_examples"] == sum(n for _, n in parts), "each device counted once"
-    end, want = checkpoint(server, 1), weighted_mean(parts)
-    for k in end:
-        np.testing.assert_allclose(end[k], want[k], rtol=0, atol=1e-6)
+    each_counted_once(server, root, names, entry)
     # the new process sent the two updates the old one had acknowledged, and the third
     assert seen["sent_devices"] == 3 and seen["outbox"] == 0 and seen["pending"] == {}, seen
     assert not list((relay.folder / "sums").glob("*.safetensors")), "nothing left to send"
+
+
+def test_a_server_killed_while_a_relay_holds_updates_counts_each_device_once(tmp_path, data_dir):
+    """SIGKILL the server while the relay holds two updates of round 1: the restarted server runs
+    round 1 again, the relay drops what it held for the attempt that is gone, and the devices'
+    new updates make the round, each counted once."""
+    root = tmp_path / "devices"
+    names = ["digits1", "digits2", "digits3"]
+    digits.split(root, 3, limit=120)
+    (root / "digits3" / "data" / "hold").write_text("0")
+    server = digits_server(tmp_path, data_dir, root, 3, "--rounds", "1").start()
+    relay = RelayProcess(server, tmp_path, "edge-1", "--flush-after", "300").start()
+    procs = _behind(relay, server, root, names)
+    try:
+        wait_until(lambda: relay.status()["pending"] == {"1": 2}, 60, "two updates held at the relay")
+        server.kill()
+        server = digits_server(tmp_path, data_dir, root, 3, "--rounds", "1")
+        server.port, server.url = relay.server.port, relay.server.url  # the same address and state
+        server.start()
+        (root / "digits3" / "data" / "hold").unlink()
+    except BaseException:
+        stop(procs)
+        relay.stop()
+        server.stop()
+        raise
+    (entry,), seen = run_to_the_end(server, relay, procs)
+    each_counted_once(server, root, names, entry)
+    assert seen["pending"] == {} and seen["outbox"] == 0, seen
 
 
 def test_a_robust_strategy_gets_each_update_through_the_relay(tmp_path, data_dir):

@@ -3,13 +3,14 @@
     pool = DevicePool(url, names, devices_root, workers=2, enroll_secret=secret).start()
     pool.wait()   # until the run is over; pool.stats() then says what was trained where
 
-Each worker runs :class:`fedhub.device.virtual.Worker` on its share of the devices (device ``i``
-goes to worker ``i mod K``). A worker that dies (a crash, the OOM killer, SIGKILL) is
-started again with the same devices, which pick up their saved tokens and carry on: a round
-still open trains them, otherwise the next one does. With ``backend="ray"`` the workers
-are Ray actors (:mod:`fedhub.device.ray_backend`), placed by Ray on the machines of a cluster with
-``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs each; they reach the FedHub server
-over HTTP like any device, and read the device folders at the same path on every machine.
+Each worker runs :class:`fedhub.device.virtual.Worker` on its share of the devices, shared out
+by their data so that each worker holds about as many examples (:func:`balance`). A worker that
+dies (a crash, the OOM killer, SIGKILL) is started again with the same devices, which pick up
+their saved tokens and carry on: a round still open trains them, otherwise the next one does.
+With ``backend="ray"`` the workers are Ray actors (:mod:`fedhub.device.ray_backend`), placed by
+Ray on the machines of a cluster with ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs each;
+they reach the FedHub server over HTTP like any device, and read the device folders at the same
+path on every machine.
 """
 
 from __future__ import annotations
@@ -91,6 +92,42 @@ class ProcessWorkers:
 
     def close(self) -> None:
         pass
+
+
+def examples_of(devices_root: Path, names: Sequence[str]) -> dict[str, int]:
+    """Each device's training examples: from the split's ``partition.json`` when it names them,
+    else from the arrays' headers (memory-mapped, not read); 1 where there is nothing to read."""
+    from fedhub.split import PARTITION_FILE, DatasetError, read_device_arrays
+
+    try:
+        listed = json.loads((devices_root / PARTITION_FILE).read_text())["devices"]
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = {}
+    sizes = {}
+    for name in names:
+        size = (listed.get(name) or {}).get("examples") if isinstance(listed, dict) else None
+        if not isinstance(size, int):
+            try:
+                size = len(read_device_arrays(devices_root / name, mmap=True)[1])
+            except (DatasetError, OSError, ValueError):
+                size = 1
+        sizes[name] = max(1, size)
+    return sizes
+
+
+def balance(names: Sequence[str], devices_root: Path, count: int) -> list[list[str]]:
+    """``names`` over ``count`` workers so that each holds about as many examples: the largest
+    device first, each to the worker with the fewest examples so far (longest processing time
+    first). A round's cohort is a random draw from each worker's devices, so workers that hold
+    the same amount of data finish a round at about the same time. Each group in name order."""
+    sizes = examples_of(devices_root, names)
+    groups: list[list[str]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for name in sorted(names, key=lambda n: (-sizes[n], n)):
+        lightest = min(range(count), key=lambda i: (loads[i], len(groups[i]), i))
+        groups[lightest].append(name)
+        loads[lightest] += sizes[name]
+    return [sorted(group) for group in groups]
 
 
 class DevicePool:
@@ -176,17 +213,15 @@ class DevicePool:
             default = os.cpu_count() or 1
         count = min(self.workers or default, len(self.names))
         threads = self.threads_per_worker(count)
-        for index in range(count):
-            spec = WorkerSpec(server=self.server, names=self.names[index::count],
+        for index, names in enumerate(balance(self.names, self.devices_root, count)):
+            spec = WorkerSpec(server=self.server, names=names,
                               devices_root=str(self.devices_root), model=self.model,
                               framework=self.framework, threads=threads, index=index,
                               auto_activate=self.auto_activate, keepalive=self.keepalive,
                               retry_for=self.retry_for, verify=self.verify,
-                              attacks={n: a for n, a in self.attacks.items()
-                                       if n in self.names[index::count]},
+                              attacks={n: a for n, a in self.attacks.items() if n in names},
                               secagg_dropout=self.secagg_dropout,
-                              slowdown={n: f for n, f in self.slowdown.items()
-                                        if n in self.names[index::count]},
+                              slowdown={n: f for n, f in self.slowdown.items() if n in names},
                               enroll_secret=self.enroll_secret, parent_pid=os.getpid(),
                               stay=self.stay, relay=self.relay)
             slot = _Slot(spec)

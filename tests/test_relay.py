@@ -301,9 +301,12 @@ def test_partial_sums_refuse_hostile_input_and_change_nothing(tmp_path, data_dir
                                  timeout=10)
         assert bad_name.status_code == 400 and bad_name.json()["field"] == "name"
 
+        device_tokens = {}
         for name in ("digits1", "digits2"):  # two enrolled devices, so round 1 opens
-            requests.post(f"{url}/api/devices/register", json={"name": name, "num_examples": 60},
-                          headers=secret, timeout=10).raise_for_status()
+            answer = requests.post(f"{url}/api/devices/register", json={"name": name, "num_examples": 60},
+                                   headers=secret, timeout=10)
+            answer.raise_for_status()
+            device_tokens[name] = answer.json()["token"]
         wait_until(lambda: (server.get("/api/status").json().get("round") or {}).get("number") == 1, 30,
                    "round 1 to open")
         model = wire.spec_of(checkpoint(server, 0))
@@ -376,6 +379,39 @@ def test_partial_sums_refuse_hostile_input_and_change_nothing(tmp_path, data_dir
         taken = post(good, key="k2")
         assert taken.status_code == 409 and taken.json()["field"] == "devices[0].name"
         assert server.get("/api/status").json()["round"]["reported"] == ["digits1"]
+
+        # the same spirit at a relay: an update is checked before it is folded, nothing held
+        relay = RelayProcess(server, tmp_path, "edge-2", "--flush-after", "300").start()
+        try:
+            wait_until(lambda: relay.status()["accepting"], 30, "the relay to see round 1")
+            update = wire.encode({k: np.full(shape, 0.5, np.float32) for k, (shape, _) in model.items()},
+                                 wire.Meta(round=1, model_version=0, num_examples=60))
+            nan = wire.encode({k: np.full(shape, np.nan, np.float32) for k, (shape, _) in model.items()},
+                              wire.Meta(round=1, model_version=0, num_examples=60))
+
+            def via_relay(data: bytes, token: str | None = device_tokens["digits2"], **headers):
+                auth = {"Authorization": f"Bearer {token}"} if token else {}
+                return requests.post(f"{relay.url}/api/devices/digits2/updates/1", data=data, timeout=30,
+                                     headers={"Content-Type": "application/octet-stream", **auth, **headers})
+
+            for answer, status, field in [
+                (via_relay(update, token=None), 401, "Authorization"),
+                (via_relay(update, token="forged"), 401, "Authorization"),
+                (via_relay(update, token=device_tokens["digits1"]), 403, "Authorization"),
+                (via_relay(nan), 400, TENSOR),
+                (via_relay(b"junk"), 400, "body"),
+                (via_relay(update, **{"Idempotency-Key": "k" * 201}), 400, "Idempotency-Key"),
+            ]:
+                assert answer.status_code == status, answer.text
+                assert answer.json()["field"] in (model if field is TENSOR else (field,)), answer.json()
+            assert relay.status()["pending"] == {}
+            held = via_relay(update, **{"Idempotency-Key": "u1"})
+            assert held.status_code == 200 and held.json()["relay"] == "edge-2", held.text
+            assert via_relay(update, **{"Idempotency-Key": "u1"}).json()["duplicate"] is True
+        finally:
+            relay.stop()
+        # stopped cleanly, the relay sent what it held: digits2 is in, the round complete
+        wait_until(lambda: server.get("/api/status").json()["completed_rounds"] == 1, 30, "round 1")
     finally:
         server.stop()
 

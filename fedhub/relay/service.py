@@ -25,6 +25,7 @@ from fedhub.api.errors import STATUS
 from fedhub.device.client import Client, ServerError
 from fedhub.engine import wire
 from fedhub.engine.errors import FedHubError, InvalidInput, Unauthorized
+from fedhub.engine.rounds import MAX_IDEMPOTENCY_KEY
 
 from .sums import RelaySums
 
@@ -182,6 +183,9 @@ class Relay:
         weights, meta = wire.decode(body, spec, require_examples=True)
         wire.check_round(meta, round_number)
         key = headers.get("Idempotency-Key")
+        if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidInput(f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters",
+                               "Idempotency-Key")
         return self.sums.fold(name, round_number, weights, meta, key,
                               hashlib.sha256(body).hexdigest())
 

@@ -65,6 +65,7 @@ class RelaySums:
         self.awaited: set[str] = set()  # devices the open round still waits for
         self.sent_devices = 0
         self.sent_sums = 0
+        self.refused_devices = 0  # in sums the server refused (the round closed meanwhile)
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self._recover()
@@ -85,6 +86,9 @@ class RelaySums:
                     # it), or a new run has begun, numbering its rounds from 1 again
                     self._drop_round(number)
                 self._started[number] = started
+                for old in [n for n in self._keys if n < number - 1 and n not in self._pending]:
+                    self._drop_round(old)  # long closed: a retry of its updates cannot come now
+                    self._started.pop(old, None)
 
     def _drop_round(self, number: int) -> None:
         """Forget round ``number``'s updates (lock held)."""
@@ -202,13 +206,19 @@ class RelaySums:
                 raise
             else:
                 counted += 0 if answer.get("duplicate") else len(partials.decode_devices(body))
-            self._sent(number, body)
+                self._sent(number, body)
+                continue
+            self._sent(number, body, refused=True)
         return counted
 
-    def _sent(self, number: int, body: bytes) -> None:
+    def _sent(self, number: int, body: bytes, refused: bool = False) -> None:
+        """``body`` went to the server (and was taken, or ``refused``): out of the outbox."""
         with self._lock:
-            self.sent_sums += 1
-            self.sent_devices += len(partials.decode_devices(body))
+            if refused:
+                self.refused_devices += len(partials.decode_devices(body))
+            else:
+                self.sent_sums += 1
+                self.sent_devices += len(partials.decode_devices(body))
             self._save_keys(number)
         if self.state_dir is not None:
             self._outbox_path(number, body).unlink(missing_ok=True)
@@ -219,7 +229,7 @@ class RelaySums:
             return {"name": self.name, "accepting": self.accepting, "open_round": self.open_round,
                     "pending": {str(n): len(p) for n, p in self._pending.items()},
                     "outbox": len(self._outbox), "sent_sums": self.sent_sums,
-                    "sent_devices": self.sent_devices}
+                    "sent_devices": self.sent_devices, "refused_devices": self.refused_devices}
 
     # on disk ----------------------------------------------------------------
     def _pending_path(self, number: int) -> Path:

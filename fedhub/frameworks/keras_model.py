@@ -16,6 +16,7 @@ layer and model is named explicitly: Keras 3 would otherwise auto-number layers
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -248,20 +249,43 @@ def _labels(y: np.ndarray, n: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _shuffled_batches(inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> Any:
-    """The training pipeline: examples reshuffled each epoch, in batches.
+def run_epochs(keras_model: keras.Model, inputs: np.ndarray, labels: np.ndarray, *, epochs: int,
+               batch_size: int, rng: np.random.Generator,
+               callbacks: list[keras.callbacks.Callback] | None = None, verbose: int = 0) -> dict[str, float]:
+    """``fit``'s epochs without its per-call set-up: the model's one compiled training step (built
+    once, then reused by every call: a pool worker's devices one after another), fed NumPy
+    batches of a fresh permutation each epoch; the metrics reset each epoch; ``callbacks`` told of
+    each batch's end (an interrupt sets ``stop_training``); ``verbose``: Keras' progress bar.
+    The last epoch's logs, as ``fit``'s history holds them.
 
-    Built directly with ``tf.data`` (no Python function in it) rather than by handing ``fit``
-    NumPy arrays: Keras' array adapter traces its slicing functions into a new pipeline on
-    every call, about 0.2 s, which dominated training when a pool worker trains hundreds of
-    small devices one after another. The shuffle buffer holds the whole (local) dataset.
-    """
-    import tensorflow as tf
-
+    ``fit`` on a ``tf.data`` pipeline cost a small device more than its training: building the
+    pipeline, an epoch iterator and callbacks took two thirds of a pool worker's training time
+    for 60-image devices (docs/benchmarks.md, "Where a device task's time goes")."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dataset = tf.data.Dataset.from_tensor_slices((inputs, labels))
-    return dataset.shuffle(len(labels), reshuffle_each_iteration=True).batch(batch_size)
+    keras_model.make_train_function()  # built once: Keras keeps it until the model is compiled again
+    step = keras_model.train_function
+    for callback in callbacks or []:
+        callback.set_model(keras_model)
+    keras_model.stop_training = False
+    n = len(labels)
+    logs: dict[str, Any] = {}
+    for _ in range(epochs):
+        keras_model.reset_metrics()
+        bar = keras.utils.Progbar(math.ceil(n / batch_size)) if verbose else None
+        order = rng.permutation(n)
+        for index, start in enumerate(range(0, n, batch_size)):
+            take = order[start:start + batch_size]
+            logs = step(iter(((inputs[take], labels[take]),)))
+            for callback in callbacks or []:
+                callback.on_train_batch_end(index, logs)
+            if bar is not None:
+                bar.update(index + 1, [(k, float(v)) for k, v in logs.items()])
+            if keras_model.stop_training:
+                break
+        if keras_model.stop_training:
+            break
+    return {k: float(v) for k, v in logs.items()}
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -343,6 +367,7 @@ class Model:
         self.image_shape: tuple[int, ...] = IMAGE_SHAPES[name]
         self.keras_model: keras.Model = build_keras_model(name)
         _compile(self.keras_model, learning_rate)
+        self._rng = np.random.default_rng(seed)  # each epoch's order of the examples
 
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, parameters={self.num_parameters()})"
@@ -375,17 +400,9 @@ class Model:
             if not learning_rate > 0:
                 raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
             self.keras_model.optimizer.learning_rate = float(learning_rate)
-        history = self.keras_model.fit(
-            _shuffled_batches(inputs, labels, batch_size),
-            epochs=epochs,
-            callbacks=callbacks,
-            verbose=verbose,
-            shuffle=False,  # the pipeline shuffles
-        )
-        return {
-            "loss": float(history.history["loss"][-1]),
-            "accuracy": float(history.history["accuracy"][-1]),
-        }
+        logs = run_epochs(self.keras_model, inputs, labels, epochs=epochs, batch_size=batch_size,
+                          rng=self._rng, callbacks=callbacks, verbose=verbose)
+        return {"loss": logs["loss"], "accuracy": logs["accuracy"]}
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 512) -> dict[str, float]:
         """Return ``{"loss", "accuracy"}`` on raw images ``x`` with labels ``y``."""

@@ -9,6 +9,11 @@ process would take for the round's images (examples trained times epochs) and di
 round's own time (``efficiency`` in the entry, added by the engine's publisher): 1.0 is as fast
 as one process holding all the data, 0.25 is four times slower. The first round's time includes
 the devices' start-up.
+
+``fedhub.simulate`` measures again once every device has enrolled and waits for the first round
+(:meth:`fedhub.Server.measure_efficiency`): at the server's start its workers are booting their
+framework beside the measurement, which made the reference, and so every ratio, vary by up to
+1.5x from one run to the next.
 """
 
 from __future__ import annotations

@@ -252,7 +252,7 @@ def load_global_model(config: ServerConfig):
     return model
 
 
-def _reference(config: ServerConfig, global_model: Any) -> dict[str, Any] | None:
+def reference_of(config: ServerConfig, global_model: Any) -> dict[str, Any] | None:
     """With ``--efficiency``: one process's training rate on the server's network, measured now
     (:mod:`fedhub.efficiency`), before any device has work; None (with a warning) when the server
     cannot build a network of its own to time."""
@@ -295,7 +295,7 @@ def build_engine(config: ServerConfig, global_model=None) -> Coordinator:
                          config=config.federation, evaluate=evaluate,
                          max_upload_bytes=config.max_upload_bytes, identity=identity,
                          resume=config.resume, new_run=config.new_run,
-                         efficiency=_reference(config, global_model))
+                         efficiency=reference_of(config, global_model))
     # eval/history.csv is the current run's history: rewritten after each of its rounds, and when
     # another run becomes current (each run's own: fedhub runs export)
     csv_path = Path(config.eval_dir) / "history.csv"

@@ -109,6 +109,7 @@ class Server:
                                      admin_token=self.admin_token, **models)
         app = server_cli.create_app(config)
         self.engine = app.extensions["fedhub"]
+        self._global_model = app.extensions["fedhub_global_model"]
         # The same serving set-up as server.py: connection limit, body spooling, long-poll limit.
         self._serving = Serving(app, server_cli.serve_options(config))
         self.port = self._serving.port
@@ -143,6 +144,16 @@ class Server:
         self._require().start_training(rounds)
 
     # reading ------------------------------------------------------------
+    def measure_efficiency(self) -> None:
+        """With ``efficiency=True``: time one process training the network again, now (see
+        :mod:`fedhub.efficiency`). ``fedhub.simulate`` calls it once every device has enrolled and
+        waits: at the server's start the workers are booting beside the measurement."""
+        from fedhub import serve as server_cli
+
+        reference = server_cli.reference_of(self.config, self._global_model)
+        if reference is not None:
+            self._require().set_efficiency(reference)
+
     def _require(self) -> Any:
         if self.engine is None:
             raise RuntimeError("the server is not started: call start() first")

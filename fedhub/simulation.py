@@ -285,6 +285,7 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, test_data: Any,
                 raise RuntimeError(pool.error)
 
         _await_enrollment(server, names, check, deadline, timeout)
+        server.measure_efficiency()  # the workers wait now: nothing runs beside the measurement
         server.start_training()
         training_started_at = time.time()
         _follow(server, check, deadline, timeout, on_round, on_progress)

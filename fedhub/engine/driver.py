@@ -94,6 +94,10 @@ class DriverThread:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
+    def use_efficiency(self, reference: dict[str, Any] | None) -> None:
+        """The efficiency reference for the models published from now on (lock held)."""
+        self._efficiency = reference
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._drive, name=self.thread_name, daemon=True)

@@ -252,6 +252,13 @@ class Coordinator:
                                       auto_activate=auto_activate, validation=validation,
                                       attack=attack, token=token, admin=admin)
 
+    def set_efficiency(self, reference: Mapping[str, Any] | None) -> None:
+        """One process's training rate (:meth:`fedhub.efficiency.Reference.describe`) for the
+        rounds published from now on: measured again when nothing else runs beside it."""
+        with self._cond:
+            self._efficiency = dict(reference) if reference else None
+            self._policy.use_efficiency(self._efficiency)
+
     def authenticate(self, token: str | None) -> str:
         """The device a bearer token belongs to."""
         return self._devices.authenticate(token)

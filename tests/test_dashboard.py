@@ -193,8 +193,12 @@ def test_upload_shows_a_prediction(fed):
     at = dashboard()
     at.file_uploader(key="picture").set_value(("item.png", picture, "image/png")).run()
     assert not at.exception and not at.error, texts(at.error)
-    shown = " ".join(texts(at.success))
-    assert f"Predicted: **{direct['class_name']}**" in shown and f"round {latest}" in shown
+    # a confident answer is a success; one under the page's threshold a warning that still names
+    # the class (a one-round model of 300 images may be either, by its training's shuffle)
+    shown = " ".join(texts(at.success) + texts(at.warning))
+    name = direct["class_name"]
+    assert f"Predicted: **{name}**" in shown or f"perhaps **{name}**" in shown, shown
+    assert f"round {latest}" in shown, shown
     # the picture, and the 28x28 one the model saw
     assert [c for img in at.get("image") for c in img.captions] == ["item.png", "what the model saw (28x28)"]
     bars = [c for c in at.get("vega_lite_chart") if "probability of each class" in c.proto.spec]

@@ -60,7 +60,9 @@ class Relay:
                  max_devices: int | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.upstream = Client(server, name, verify=verify)
+        # Started before its server (or while it restarts), a relay waits and says so, as a device does.
+        self.upstream = Client(server, name, verify=verify,
+                               on_wait=lambda message: print(f"relay {name}: {message}", flush=True))
         self._enroll(enroll_secret)
         self.sums = RelaySums(self.upstream, state_dir=self.state_dir / "sums", flush_after=flush_after,
                               **({} if max_devices is None else {"max_devices": max_devices}))

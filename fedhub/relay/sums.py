@@ -195,30 +195,31 @@ class RelaySums:
             outbox, self._outbox = self._outbox, []
         counted = 0
         for i, (number, body) in enumerate(outbox):
+            devices = len(partials.decode_devices(body))
             try:
                 answer = self.upstream.send_partial(number, body)
             except ServerError as exc:
                 log.warning("relay %s: round %d's partial sum was refused: %s", self.name, number,
                             exc.body.get("message"))
+                self._sent(number, body, devices, refused=True)
+                continue
             except Exception:
                 with self._lock:
                     self._outbox[:0] = outbox[i:]  # in order, before anything queued meanwhile
                 raise
-            else:
-                counted += 0 if answer.get("duplicate") else len(partials.decode_devices(body))
-                self._sent(number, body)
-                continue
-            self._sent(number, body, refused=True)
+            counted += 0 if answer.get("duplicate") else devices
+            self._sent(number, body, devices)
         return counted
 
-    def _sent(self, number: int, body: bytes, refused: bool = False) -> None:
-        """``body`` went to the server (and was taken, or ``refused``): out of the outbox."""
+    def _sent(self, number: int, body: bytes, devices: int, refused: bool = False) -> None:
+        """``body`` (``devices`` devices' updates) went to the server, and was taken or
+        ``refused``: out of the outbox."""
         with self._lock:
             if refused:
-                self.refused_devices += len(partials.decode_devices(body))
+                self.refused_devices += devices
             else:
                 self.sent_sums += 1
-                self.sent_devices += len(partials.decode_devices(body))
+                self.sent_devices += devices
             self._save_keys(number)
         if self.state_dir is not None:
             self._outbox_path(number, body).unlink(missing_ok=True)

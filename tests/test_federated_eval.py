@@ -149,6 +149,38 @@ def test_the_split_writes_each_devices_held_out_share_alone_or_with_the_others(t
     assert read_device_holdout(tmp_path / "all" / "device1") is None
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["keras", "torch"])
+def test_a_worker_evaluates_its_devices_held_out_sets_in_one_pass_as_one_by_one(tmp_path, data_dir,
+                                                                                framework):
+    from fedhub.device.virtual import SharedModel, _builtin_trainer
+
+    split_to_devices(tmp_path, 4, scheme="classes", limit=60, data_dir=data_dir, progress=False,
+                     holdout=0.25, seed=3)
+    split_to_devices(tmp_path, 4, only="device4", scheme="classes", limit=60, data_dir=data_dir,
+                     progress=False, holdout=0.0, seed=3)  # device4: nothing held out
+    shared = SharedModel(_builtin_trainer("basic", framework))
+    shared.initialise({"framework": framework})
+    weights = shared.trainer.network.get_weights()
+    folders = [tmp_path / f"device{i}" for i in range(1, 5)]
+    alone = [shared._evaluate_holdout(folder, weights) for folder in folders]
+    assert alone[3] is None and all(r["num_examples"] == 15 for r in alone[:3])
+    shared.plan_holdouts(folders)
+    together = [shared.holdout(folder, weights) for folder in folders]
+    assert together[3] is None
+    for one, many in zip(alone[:3], together[:3], strict=True):
+        assert many["num_examples"] == one["num_examples"] and many["accuracy"] == one["accuracy"]
+        assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert len({r["accuracy"] for r in together[:3]}) > 1  # each its own set, not one mean
+    # a device whose held-out file is damaged fails alone; the others are evaluated as before
+    (folders[1] / "data" / "eval.npz").write_bytes(b"not an archive")
+    shared.plan_holdouts(folders)
+    assert shared.holdout(folders[0], weights) == pytest.approx(together[0], rel=1e-5)
+    with pytest.raises(Exception, match=r"eval\.npz"):
+        shared.holdout(folders[1], weights)
+    assert shared.holdout(folders[2], weights) == pytest.approx(together[2], rel=1e-5)
+
+
 def test_the_split_command_refuses_a_bad_holdout_in_one_line(tmp_path):
     from fedhub import split
 

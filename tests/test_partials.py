@@ -35,7 +35,7 @@ def test_a_partial_sum_folds_in_as_each_update_would():
         relayed.add("d0", update(0), counts[0], {"loss": 0.0})
         part = partials.PartialSum(1, 0)
         for i, n in enumerate(counts[1:], start=1):
-            part.fold(f"d{i}", update(i), n, {"loss": float(i)})
+            part.fold(f"d{i}", update(i), n, {"loss": float(i)}, token=f"token-{i}")
         decoded = partials.decode(part.encode(), SPEC)
         relayed.add_partial(decoded.shares, decoded.sums, "edge")
         one, summed = direct._sum.mean(), relayed._sum.mean()  # the float64 means, before any cast
@@ -58,7 +58,7 @@ def test_a_device_is_counted_once_even_through_a_partial_sum():
     agg = FedAvg().begin(template)
     agg.add("d1", update(1), 5)
     part = partials.PartialSum(1, 0)
-    part.fold("d1", update(1), 5)
+    part.fold("d1", update(1), 5, token="t1")
     decoded = partials.decode(part.encode(), SPEC)
     with pytest.raises(ValueError, match="already sent"):
         agg.add_partial(decoded.shares, decoded.sums, "edge")
@@ -72,7 +72,11 @@ def test_a_device_is_counted_once_even_through_a_partial_sum():
     ({"devices": "not json"}, "devices"),
     ({"devices": json.dumps([{"name": "d", "num_examples": -1}])}, "devices[0].num_examples"),
     ({"devices": json.dumps([{"name": "", "num_examples": 1}])}, "devices[0].name"),
-    ({"devices": json.dumps([{"name": "d", "num_examples": 1, "metrics": {"m": "x"}}])}, "metrics"),
+    ({"devices": json.dumps([{"name": "d", "num_examples": 1, "metrics": {"m": "x"}, "token": "t"}])},
+     "metrics"),
+    ({"devices": json.dumps([{"name": "d", "num_examples": 1}])}, "devices[0].token"),
+    ({"devices": json.dumps([{"name": "d", "num_examples": 1, "token": ""}])}, "devices[0].token"),
+    ({"devices": json.dumps([{"name": "d", "num_examples": 1, "token": "t" * 201}])}, "devices[0].token"),
     ({"round": "-1"}, "round"),
     ({"model_version": "x"}, "model_version"),
 ])
@@ -80,7 +84,7 @@ def test_decode_names_the_field_at_fault(meta, field):
     from safetensors.numpy import save
 
     base = {"format": partials.FORMAT, "round": "1", "model_version": "0",
-            "devices": json.dumps([{"name": "d", "num_examples": 1}])}
+            "devices": json.dumps([{"name": "d", "num_examples": 1, "token": "t"}])}
     tensors = {k: np.ones(shape) for k, (shape, _) in SPEC.items()}
     with pytest.raises(InvalidInput) as err:
         partials.decode(save(tensors, metadata={**base, **meta}), SPEC)
@@ -97,14 +101,14 @@ def _meta(n: int) -> wire.Meta:
 
 def test_what_a_relay_acknowledged_survives_a_kill_with_its_keys(tmp_path):
     sums = _sums(tmp_path)
-    sums.fold("d1", 1, update(1), _meta(10), "key-1", "digest-1")
-    sums.fold("d2", 1, update(2), _meta(20), "key-2", "digest-2")
+    sums.fold("d1", "t-d1", 1, update(1), _meta(10), "key-1", "digest-1")
+    sums.fold("d2", "t-d2", 1, update(2), _meta(20), "key-2", "digest-2")
     del sums  # killed: nothing more written
     again = _sums(tmp_path)
     assert again.view()["pending"] == {"1": 2}
-    assert again.fold("d1", 1, update(1), _meta(10), "key-1", "digest-1")["duplicate"] is True
+    assert again.fold("d1", "t-d1", 1, update(1), _meta(10), "key-1", "digest-1")["duplicate"] is True
     with pytest.raises(Conflict):
-        again.fold("d1", 1, update(9), _meta(10), "key-x", "digest-x")
+        again.fold("d1", "t-d1", 1, update(9), _meta(10), "key-x", "digest-x")
     body = again._pending[1].encode()
     decoded = partials.decode(body, SPEC)
     want = {k: update(1)[k].astype(np.float64) * 10 + update(2)[k].astype(np.float64) * 20 for k in SPEC}
@@ -116,7 +120,7 @@ def test_a_kill_between_the_outbox_copy_and_the_pending_sum_sends_it_once(tmp_pa
     """Killed after writing the bytes to send and before removing the pending sum: the restarted
     relay sends the outbox copy and drops the pending one, so no device goes twice."""
     sums = _sums(tmp_path)
-    sums.fold("d1", 1, update(1), _meta(10), "key-1", "digest-1")
+    sums.fold("d1", "t-d1", 1, update(1), _meta(10), "key-1", "digest-1")
     body = sums._pending[1].encode()
     sums._save_outbox(1, body)  # the step before the pending file is removed
     again = _sums(tmp_path)
@@ -129,13 +133,13 @@ def test_a_relay_refuses_what_the_server_would(tmp_path):
     bad = update(1)
     bad["w"][0, 0] = np.nan
     with pytest.raises(InvalidInput) as err:
-        sums.fold("d1", 1, bad, _meta(10))
+        sums.fold("d1", "t-d1", 1, bad, _meta(10))
     assert err.value.field == "w"
     with pytest.raises(InvalidInput):
-        sums.fold("d1", 1, update(1), _meta(0))
-    sums.fold("d1", 1, update(1), _meta(10))
+        sums.fold("d1", "t-d1", 1, update(1), _meta(0))
+    sums.fold("d1", "t-d1", 1, update(1), _meta(10))
     with pytest.raises(Conflict) as conflict:
-        sums.fold("d2", 1, update(2), wire.Meta(round=1, model_version=3, num_examples=5))
+        sums.fold("d2", "t-d2", 1, update(2), wire.Meta(round=1, model_version=3, num_examples=5))
     assert conflict.value.field == "model_version"
     assert sums.view()["pending"] == {"1": 1}
 
@@ -144,8 +148,8 @@ def test_a_round_that_runs_again_starts_its_sum_afresh(tmp_path):
     sums = _sums(tmp_path)
     sums.observe({"status": "running", "partial_sums": True, "round": {"number": 1, "started_at": 1.0,
                                                                        "selected": ["d1"], "reported": []}})
-    sums.fold("d1", 1, update(1), _meta(10), "k", "d")
+    sums.fold("d1", "t-d1", 1, update(1), _meta(10), "k", "d")
     sums.observe({"status": "running", "partial_sums": True, "round": {"number": 1, "started_at": 2.0,
                                                                        "selected": ["d1"], "reported": []}})
     assert sums.view()["pending"] == {}
-    assert sums.fold("d1", 1, update(1), _meta(10), "k2", "d2")["duplicate"] is False
+    assert sums.fold("d1", "t-d1", 1, update(1), _meta(10), "k2", "d2")["duplicate"] is False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -314,10 +315,13 @@ def test_partial_sums_refuse_hostile_input_and_change_nothing(tmp_path, data_dir
         def body(devices=None, dtype=np.float64, fill=1.0, round_number=1, version=0, drop=None,
                  extra=None) -> bytes:
             tensors = {k: np.full(shape, fill, dtype=dtype) for k, (shape, _) in model.items() if k != drop}
+            if devices is None:
+                devices = [{"name": "digits1", "num_examples": 60, "metrics": {}}]
+            # each device's own token unless the case says otherwise (unknown names: a made-up one)
+            devices = [{"token": device_tokens.get(d.get("name"), "made-up"), **d} if isinstance(d, dict)
+                       else d for d in devices]
             meta = {"format": partials.FORMAT, "round": str(round_number), "model_version": str(version),
-                    "devices": json.dumps(devices if devices is not None else
-                                          [{"name": "digits1", "num_examples": 60, "metrics": {}}]),
-                    **(extra or {})}
+                    "devices": json.dumps(devices), **(extra or {})}
             from safetensors.numpy import save
             return save(tensors, metadata=meta)
 
@@ -358,9 +362,14 @@ def test_partial_sums_refuse_hostile_input_and_change_nothing(tmp_path, data_dir
             (post(body(round_number=2)), 400, "round"),
             (post(body(round_number=2), round_number=2), 409, "round"),
             (post(body(version=7)), 409, "model_version"),
-            (post(body(devices=[{"name": "ghost", "num_examples": 5}])), 409, "devices[0].name"),
+            # a relay speaks for a device only with the device's own token
+            (post(body(devices=[{"name": "ghost", "num_examples": 5}])), 401, "devices[0].token"),
             (post(body(devices=[{"name": "digits1", "num_examples": 5},
-                                {"name": "ghost", "num_examples": 5}])), 409, "devices[1].name"),
+                                {"name": "ghost", "num_examples": 5}])), 401, "devices[1].token"),
+            (post(body(devices=[{"name": "digits1", "num_examples": 5, "token": device_tokens["digits2"]}])),
+             403, "devices[0].token"),
+            (post(body(devices=[{"name": "digits1", "num_examples": 5, "token": None}])), 400,
+             "devices[0].token"),
             (post(b"\0" * (10 * 2**20)), 413, "body"),  # 2 x --max-upload-mb + the header's room
         ]
         for i, (answer, status, field) in enumerate(cases):
@@ -368,6 +377,82 @@ def test_partial_sums_refuse_hostile_input_and_change_nothing(tmp_path, data_dir
             assert answer.json()["field"] in (model if field is TENSOR else (field,)), (i, answer.json())
         status, rounds = server.get("/api/status").json(), history(server)
         assert status["round"]["reported"] == first[0]["round"]["reported"] == [] and rounds == first[1]
+
+        # the devices' tasks and reports (evaluations, log lines), each device with its own token
+        def as_relay(path: str, payload=None, *, as_token: str | None = token, raw: bytes | None = None):
+            headers = {"Content-Type": "application/json"}
+            if as_token:
+                headers["Authorization"] = f"Bearer {as_token}"
+            data = raw if raw is not None else json.dumps(payload).encode()
+            return requests.post(f"{url}/api/relays/edge/{path}", data=data, headers=headers, timeout=30)
+
+        def report(payload=None, **kw):
+            return as_relay("reports", payload, **kw)
+
+        d1, d2 = ({"name": n, "token": device_tokens[n]} for n in ("digits1", "digits2"))
+        line = {"level": "INFO", "message": "round 1: hello", "round": 1}
+        ev = {"round": 1, "global": {"loss": 0.5, "accuracy": 0.5, "num_examples": 6}}
+        one = {"devices": [{**d1, "logs": [line]}]}
+        many_lines = [{"name": f"digits{i}", "token": "t", "logs": [line] * 200} for i in range(6)]
+        reports = [
+            (report(one, as_token=None), 401, "Authorization"),
+            (report(one, as_token=device_tokens["digits1"]), 401, "Authorization"),  # a device is no relay
+            (report(one, as_token=other), 403, "Authorization"),
+            (report(raw=b"{not json"), 400, "body"),
+            (report([line]), 400, "body"),
+            (report({**one, "extra": 1}), 400, "body"),
+            (report({"devices": []}), 400, "devices"),
+            (report({"devices": [d1]}), 400, "devices[0]"),
+            (report({"devices": [{"name": "digits1", "logs": [line]}]}), 400, "devices[0]"),
+            (report({"devices": [{**d1, "token": 7, "logs": [line]}]}), 400, "devices[0].token"),
+            (report({"devices": [{**d1, "name": "../x", "logs": [line]}]}), 400, "devices[0].name"),
+            (report({"devices": [{**d1, "logs": []}]}), 400, "devices[0].logs"),
+            (report({"devices": [{**d1, "logs": [{**line, "level": "EVIL"}]}]}), 400,
+             "devices[0].logs[0].level"),
+            (report({"devices": [{**d1, "evaluation": {**ev, "global": {**ev["global"], "accuracy": 2}}}]}),
+             400, "devices[0].evaluation.global.accuracy"),
+            (report({"devices": [{**d1, "evaluation": [ev]}]}), 400, "devices[0].evaluation"),
+            (report({"devices": [one["devices"][0], {**d1, "evaluation": ev}]}), 400, "devices[1].name"),
+            (report({"devices": [{"name": f"d{i}", "token": "t", "logs": [line]} for i in range(257)]}), 400,
+             "devices"),
+            (report({"devices": many_lines}), 400, "devices[5].logs"),
+            # a relay speaks for a device only with that device's token
+            (report({"devices": [one["devices"][0], {**d1, "name": "digits2", "logs": [line]}]}), 403,
+             "devices[1].token"),
+            (report({"devices": [{**d2, "token": "forged", "logs": [line]}]}), 401, "devices[0].token"),
+            (report({"devices": [{"name": "ghost", "token": device_tokens["digits1"], "logs": [line]}]}), 403,
+             "devices[0].token"),
+            (report(raw=b'{"devices": [' + b" " * (14 * 2**20) + b"]}"), 413, "body"),
+            (as_relay("tasks", {"devices": [d1]}, as_token=other), 403, "Authorization"),
+            (as_relay("tasks", {"devices": [d1] * 2}), 400, "devices[1].name"),
+            (as_relay("tasks", {"devices": [{**d1, "evil": 1}]}), 400, "devices[0]"),
+            (as_relay("tasks", {"devices": [{"name": f"d{i}", "token": "t"} for i in range(257)]}), 400,
+             "devices"),
+            (as_relay("tasks", raw=b'{"devices": [' + b" " * 2**20 + b"]}"), 413, "body"),
+        ]
+        for i, (answer, status, field) in enumerate(reports):
+            assert answer.status_code == status, (i, answer.text)
+            assert answer.json()["field"] == field, (i, answer.json())
+        assert server.admin("GET", "/api/logs?device=digits1").json()["logs"] == []
+        # the tasks: each device's own, or the refusal its own request would get
+        tasks = as_relay("tasks", {"devices": [d1, {**d2, "token": device_tokens["digits1"]}]})
+        assert tasks.status_code == 200, tasks.text
+        first_task, refused = tasks.json()["tasks"]
+        assert first_task["name"] == "digits1" and first_task["task"]["action"] == "train"
+        assert first_task["task"]["round"] == 1 and first_task["task"]["config"]["evaluate"] is True
+        assert refused == {"name": "digits2", "error": {"error": "forbidden", "field": "devices[1].token",
+                                                        "message": refused["error"]["message"]}}
+        # a good report: each part kept as the device's own request would have been
+        both = report({"devices": [{**d1, "evaluation": ev, "logs": [line]},
+                                   {**d2, "evaluation": {**ev, "round": 2}}]})
+        assert both.status_code == 200, both.text
+        kept = {d["name"]: d for d in both.json()["devices"]}
+        assert kept["digits1"]["evaluation"]["accepted"] is True and kept["digits1"]["logs"]["stored"] == 1
+        assert kept["digits2"]["evaluation"]["accepted"] is False, kept  # round 2 asked no evaluation
+        assert "round 2" in kept["digits2"]["evaluation"]["message"] and "logs" not in kept["digits2"]
+        stored = server.admin("GET", "/api/logs?device=digits1").json()["logs"]
+        assert [(e["message"], e["round"]) for e in stored] == [("round 1: hello", 1)]
+        assert server.get("/api/status").json()["round"]["reported"] == []
 
         # a good one is counted once: the same key and bytes again is a retry, other bytes a conflict
         good = body()  # (safetensors writes its metadata in no fixed order: the same bytes are kept)
@@ -437,6 +522,18 @@ def test_pool_workers_are_relays_with_the_same_result_as_each_update(tmp_path, d
         assert with_relay["num_updates"] == without["num_updates"] == 6
         assert {info["aggregation"]["relay"][:6] for info in with_relay["devices"].values()} == {"pool-w"}
         assert all("relay" not in info["aggregation"] for info in without["devices"].values())
+        # the devices' evaluations and round lines went in the workers' one request a pass
+        assert with_relay["federated_evaluation"] == without["federated_evaluation"]
+        assert len(with_relay["federated_evaluation"]["devices"]) == 6
+    for relay in (True, False):
+        db = sqlite3.connect(tmp_path / f"run-{relay}" / "server" / "fedhub.sqlite3")
+        lines = db.execute("SELECT device, round, message FROM device_logs WHERE round > 0").fetchall()
+        db.close()
+        for entry in runs[relay]:
+            for name in entry["devices"]:
+                said = [m for d, r, m in lines if d == name and r == entry["round"]]
+                assert len(said) == 2 and said[1].startswith(f"round {entry['round']}: loss"), said
+                assert ("in relay pool-w" in said[1]) is relay, said
 
 
 @pytest.mark.parametrize(("args", "says"), [

@@ -15,9 +15,9 @@ from .context import engine
 from .inputs import int_arg, json_body
 
 bp = Blueprint("logs", __name__)
-# A full batch of the longest lines, every character escaped as \\uXXXX, with room for the rest.
-MAX_LOG_BODY_BYTES = MAX_BATCH * (6 * MAX_MESSAGE_CHARS + 256)
-
+# A line at its longest, every character escaped as \\uXXXX, with room for the rest; a full batch.
+MAX_LOG_LINE_BYTES = 6 * MAX_MESSAGE_CHARS + 256
+MAX_LOG_BODY_BYTES = MAX_BATCH * MAX_LOG_LINE_BYTES
 
 
 @bp.post("/api/devices/<name>/logs")

@@ -37,6 +37,12 @@ class ServerError(Exception):
         super().__init__(f"HTTP {status}: {body.get('message', body)}")
 
 
+# The HTTP status of each engine error code (fedhub/api/errors.py), for refusals that come inside
+# a 200 answer, one per device of a relay's request.
+ERROR_STATUS = {"invalid_input": 400, "too_large": 413, "unauthorized": 401, "forbidden": 403,
+                "not_found": 404, "conflict": 409}
+
+
 class TLSError(Exception):
     """The server's certificate could not be verified (or TLS failed otherwise)."""
 
@@ -273,6 +279,21 @@ class Client:
         return self._json(self.request("POST", f"/api/relays/{self.name}/partials/{round_number}",
                                        data=body, headers=headers))
 
+    def send_relay_reports(self, devices: list[Mapping[str, Any]]) -> dict[str, Any]:
+        """A relay's devices' evaluation reports and log lines, ``[{name, token, evaluation?,
+        logs?}]``: at most 256 devices, each named once, and 1,000 lines in all."""
+        return self._json(self.request("POST", f"/api/relays/{self.name}/reports",
+                                       json={"devices": list(devices)}))
+
+    def relay_tasks(self, devices: Mapping[str, str]) -> dict[str, dict[str, Any] | ServerError]:
+        """The tasks of a relay's devices (name -> token, at most 256), in one request: each
+        device's task, or the ServerError its own request for it would have raised."""
+        answer = self._json(self.request("POST", f"/api/relays/{self.name}/tasks", json={
+            "devices": [{"name": name, "token": token} for name, token in devices.items()]}))
+        return {entry["name"]: entry["task"] if "task" in entry
+                else ServerError(ERROR_STATUS.get(entry["error"].get("error"), 400), entry["error"])
+                for entry in answer["tasks"]}
+
     def secagg(self, round_number: int, body: bytes, *, masked: bool = False) -> dict[str, Any]:
         """Answer the open secure-aggregation stage: a JSON message, or the masked update."""
         ctype = "application/octet-stream" if masked else "application/json"
@@ -349,20 +370,33 @@ class PooledClient(Client):
         self.session = session
         self._models = models
         # The host's relay (fedhub.relay.sums.RelaySums): while the round takes partial sums, an
-        # update is folded into the host's sum for the round instead of sent on its own.
+        # update (and its evaluation report) goes into the host's sum for the round instead of
+        # on its own; log lines go with the host's other devices' lines in one request.
         self.relay: Any = None
 
     def upload(self, round_number: int, weights: Mapping[str, np.ndarray], *, num_examples: int,
                model_version: int, metrics: Mapping[str, float] | None = None,
                upload_id: str | None = None, scheme: compression.Scheme = compression.NONE,
                **kwargs: Any) -> dict[str, Any]:
-        if self.relay is not None and not scheme.active and self.relay.takes(round_number):
+        if self.relay is not None and self.token and not scheme.active and self.relay.takes(round_number):
             meta = wire.Meta(round=round_number, model_version=model_version, num_examples=num_examples,
                              metrics=dict(metrics or {}))
-            return self.relay.fold(self.name, round_number, weights, meta)
+            return self.relay.fold(self.name, self.token, round_number, weights, meta)
         return super().upload(round_number, weights, num_examples=num_examples,
                               model_version=model_version, metrics=metrics, upload_id=upload_id,
                               scheme=scheme, **kwargs)
+
+    def report_evaluation(self, report: Mapping[str, Any]) -> dict[str, Any]:
+        if self.relay is not None and self.token and self.relay.takes(report["round"]):
+            self.relay.report(self.name, self.token, evaluation=report)  # goes before the round's sum
+            return {"round": report["round"], "accepted": True, "queued": True}
+        return super().report_evaluation(report)
+
+    def send_logs(self, entries: list[Mapping[str, Any]]) -> dict[str, Any]:
+        if self.relay is not None and self.token:  # with the other devices' lines, at the next flush
+            self.relay.report(self.name, self.token, logs=entries)
+            return {"queued": len(entries)}
+        return super().send_logs(entries)
 
     def model(self, version: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
         with self._models._model_lock:

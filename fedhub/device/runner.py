@@ -428,7 +428,8 @@ class DeviceRunner:
                                          upload_id=uuid.uuid4().hex, reference=weights,
                                          scheme=scheme,
                                          residual=compression.Residual(self.folder / RESIDUAL_FILE))
-                extra = f"{ack.get('reported', '?')}/{ack.get('selected', '?')} reported"
+                extra = (f"in relay {ack['relay']}'s sum" if "relay" in ack
+                         else f"{ack.get('reported', '?')}/{ack.get('selected', '?')} reported")
             accepted = True
         except SecAggError as exc:  # the device's own refusal: the ERROR takes it out of the round
             self._say(f"round {number}: secure aggregation refused: {exc.message}", logging.ERROR, number)

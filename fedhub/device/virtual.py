@@ -53,6 +53,7 @@ from fedhub.device.attacks import Attack, make_attack
 from fedhub.device.client import Client, PooledClient, RemoteLogHandler, ServerError, TLSError, Unreachable
 from fedhub.device.runner import DeviceRunner
 from fedhub.device.swarm import process_memory
+from fedhub.engine import partials
 from fedhub.engine.files import atomic_write_text
 from fedhub.relay.sums import RelaySums
 
@@ -115,6 +116,9 @@ class SharedModel:
         self.trainer = trainer
         self._keras_model: Any = None
         self._fresh: list[np.ndarray] = []
+        self._cohort: list[Path] = []  # the devices of this pass (plan_holdouts)
+        self._held: dict[Path, dict[str, Any] | None] = {}  # their results for _held_for
+        self._held_for: Any = None  # the weights those results are of (kept: identity is the key)
         self.initialise({})
 
     def _network(self) -> Any:
@@ -147,6 +151,50 @@ class SharedModel:
             return
         for variable, value in zip(self._keras_model.optimizer.variables, self._fresh, strict=True):
             variable.assign(value)
+
+    def plan_holdouts(self, folders: list[Path]) -> None:
+        """The devices about to take their tasks: the first of them to evaluate the global model
+        on its held-out data evaluates it on all of theirs, in one pass (every device of a
+        round evaluates the same model; one pass over 50 small sets costs about what two do)."""
+        self._cohort, self._held, self._held_for = list(folders), {}, None
+
+    def holdout(self, folder: Path, weights: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
+        """``weights`` on the held-out data of the device in ``folder`` (None without any)."""
+        if weights is not self._held_for and folder in self._cohort:
+            self._held, self._held_for = self._evaluate_cohort(weights), weights
+        if weights is self._held_for and folder in self._held:
+            return self._held.pop(folder)
+        return self._evaluate_holdout(folder, weights)
+
+    def _evaluate_cohort(self, weights: Mapping[str, np.ndarray]) -> dict[Path, dict[str, Any] | None]:
+        from fedhub.split import DatasetError, read_device_holdout
+
+        network = self._network()
+        if network is None:  # the server's own Keras model: one device at a time
+            return {}
+        try:
+            held = {folder: read_device_holdout(folder, mmap=True) for folder in self._cohort}
+            parts = {folder: xy for folder, xy in held.items() if xy is not None and len(xy[1])}
+            results: dict[Path, dict[str, Any] | None] = {f: None for f in held if f not in parts}
+            if parts:
+                network.set_weights(weights)
+                evaluated = network.evaluate_parts(np.concatenate([x for x, _ in parts.values()]),
+                                                   np.concatenate([y for _, y in parts.values()]),
+                                                   [len(y) for _, y in parts.values()])
+                for (folder, (_, y)), result in zip(parts.items(), evaluated, strict=True):
+                    results[folder] = _holdout_report(result, len(y))
+        except (DatasetError, OSError, ValueError):  # each device then meets its own problem, alone
+            return {}
+        return results
+
+    def _evaluate_holdout(self, folder: Path, weights: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
+        from fedhub.split import read_device_holdout
+
+        held = read_device_holdout(folder, mmap=True)
+        if held is None:
+            return None
+        with self.holding(*held) as trainer:
+            return _holdout_report(trainer.evaluate(weights), len(held[1]))
 
     @contextlib.contextmanager
     def holding(self, x: np.ndarray, y: np.ndarray) -> Iterator[Any]:
@@ -207,18 +255,14 @@ class VirtualTrainer:
 
     def evaluate_holdout(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
         """``weights`` on this device's held-out arrays (``data/eval.npz``); None without them."""
-        from fedhub.split import read_device_holdout
-
-        held = read_device_holdout(self.device_dir, mmap=True)
-        if held is None:
-            return None
-        with self.shared.holding(*held) as trainer:
-            result = trainer.evaluate(weights)
-        return {"loss": float(result["loss"]), "accuracy": float(result["accuracy"]),
-                "num_examples": len(held[1])}
+        return self.shared.holdout(self.device_dir, weights)
 
     def interrupt(self) -> None:
         self.shared.trainer.interrupt()
+
+
+def _holdout_report(result: Mapping[str, Any], examples: int) -> dict[str, Any]:
+    return {"loss": float(result["loss"]), "accuracy": float(result["accuracy"]), "num_examples": examples}
 
 
 def _builtin_trainer(name: str, framework: str, threads: int | None = None) -> Any:
@@ -328,6 +372,7 @@ class Worker:
         self._startup_peak = 0
         self._due: list[tuple[float, str, Callable[[], None]]] = []  # slow devices' updates
         self.relay: RelaySums | None = None
+        self.shared: SharedModel | None = None
 
     def _client(self, name: str) -> Client:
         client = Client(self.spec.server, name, verify=self.spec.verify, retry_for=self.spec.retry_for)
@@ -385,6 +430,7 @@ class Worker:
             self.relay.flush()
 
     def _setup(self, shared: SharedModel) -> None:
+        self.shared = shared
         self.relay = self._relay()
         for name in self.spec.names:
             declared = self.spec.attacks.get(name)
@@ -459,10 +505,12 @@ class Worker:
                 continue
             todo = asks.take(status.get("round") or {},
                              lambda n: n in self.devices and self.devices[n].code is None)
+            self.shared.plan_holdouts([self._folder(n) for n in todo])
+            tasks = self._tasks(todo)
             for name in todo:
                 if self._stop.is_set():
                     return
-                self._step(name)
+                self._step(name, tasks.get(name))
                 self._send_due()
                 self._keepalive(budget=4)
             self._flush()
@@ -474,6 +522,8 @@ class Worker:
 
     def _train_continuously(self, status: dict[str, Any]) -> None:
         """Asynchronous mode: every device not waiting on its own slow update trains in turn."""
+        # Each device may train from another version here: no pass evaluates for all.
+        self.shared.plan_holdouts([])
         now = time.monotonic()
         ready = [n for n in self._alive() if self.devices[n].busy_until <= now]
         if status["status"] != "running" or not ready:
@@ -512,14 +562,33 @@ class Worker:
                 return
             self._step(name)
 
-    def _step(self, name: str) -> None:
-        """One task for one device: ask, then do what it says (train, wait or finish)."""
+    def _tasks(self, names: list[str]) -> dict[str, dict[str, Any] | ServerError]:
+        """The tasks of ``names``, asked by the relay in one request per 256 devices (none
+        without a relay: each device then asks its own)."""
+        if self.relay is None:
+            return {}
+        enrolled = [(n, t) for n in names if (t := self.devices[n].runner.client.token)]
+        out: dict[str, dict[str, Any] | ServerError] = {}
+        step = partials.MAX_DEVICES
+        for start in range(0, len(enrolled), step):
+            try:
+                out.update(self.relay.upstream.relay_tasks(dict(enrolled[start : start + step])))
+            except ServerError as exc:  # (a server that forgot the relay): each device asks its own
+                log.warning("relay %s: its devices' tasks were refused: %s", self.relay.name, exc)
+                break
+        return out
+
+    def _step(self, name: str, asked: dict[str, Any] | ServerError | None = None) -> None:
+        """One task for one device: ask (unless ``asked`` is the answer already), then do what it
+        says (train, wait or finish)."""
         device = self.devices[name]
 
         def step() -> None:
             runner = device.runner
             try:
-                task = runner.client.task(wait=0)
+                if isinstance(asked, ServerError):
+                    raise asked
+                task = asked if asked is not None else runner.client.task(wait=0)
             except ServerError as exc:
                 if exc.status != 401:
                     raise
@@ -576,6 +645,8 @@ class Worker:
                 device.runner.leave()  # tell the server it goes, as Ctrl-C on a device does
             device.handler.close()
             device.runner.logger.removeHandler(device.handler)
+        with contextlib.suppress(Exception):  # the lines the devices said last, gathered by the relay
+            self._flush()
         self._write_stats(force=True)
 
     # reporting --------------------------------------------------------------

@@ -71,9 +71,11 @@ class DeviceLogs:
 
     def add(self, device: str, raw: object) -> list[dict[str, Any]]:
         """Check and store a batch; returns the stored lines."""
-        now = self._clock()
-        entries = parse_entries(raw, now)
-        self._storage.add_logs(device, entries, now=now, keep=self._keep)
+        return self.keep(device, parse_entries(raw, self._clock()))
+
+    def keep(self, device: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store lines :func:`parse_entries` checked; returns them."""
+        self._storage.add_logs(device, entries, now=self._clock(), keep=self._keep)
         return entries
 
     def query(self, *, device: str | None = None, level: str | None = None,

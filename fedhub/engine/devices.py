@@ -204,6 +204,17 @@ class DeviceRegistry:
             self._seen[name] = self._clock()
             return name
 
+    def vouched(self, name: str, token: str, where: str) -> None:
+        """A relay speaks for device ``name`` only with the device's own ``token`` (it has seen it:
+        the device's requests went through it). Unauthorized or Forbidden naming ``where``.token."""
+        with self._lock:
+            owner = self._by_hash.get(auth.hash_token(token))
+        if owner is None:  # as the device's own request would be refused: it must enroll again
+            raise Unauthorized(f"{where}.token: unknown device token", f"{where}.token")
+        if owner != name:
+            raise Forbidden(f"{where}.token is not device {name!r}'s token: a relay speaks for a device "
+                            "only with its token", f"{where}.token")
+
     def touch(self, name: str) -> None:
         """Mark a device seen now and back if it had left: it asks for work (long polls keep a
         waiting device online)."""

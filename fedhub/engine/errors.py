@@ -20,6 +20,12 @@ class FedHubError(Exception):
     def to_dict(self) -> dict[str, str | None]:
         return {"error": self.code, "field": self.field, "message": self.message}
 
+    def within(self, where: str) -> FedHubError:
+        """The same refusal of a part of a larger body: field and message under ``where``
+        (``devices[2]`` + ``name`` -> ``devices[2].name``)."""
+        field = f"{where}.{self.field}" if self.field and self.field != "body" else where
+        return type(self)(f"{field}: {self.message}", field)
+
 
 class InvalidInput(FedHubError):
     """The request's content is malformed or inconsistent with the model."""

@@ -2,8 +2,9 @@
 
 A relay (:mod:`fedhub.relay`, or a pool's worker for its virtual devices) takes its devices'
 updates as the server would, folds each into a float64 sum of ``num_examples * weights`` and
-sends that sum once, with each device's name, example count and metrics, so the server counts
-and records every device as if it had sent its own update. Only a strategy that needs the
+sends that sum once, with each device's name, example count, metrics and token (a relay speaks
+for a device only with the device's own token, which it saw on the device's requests), so the
+server counts and records every device as if it had sent its own update. Only a strategy that needs the
 weighted sum alone (FedAvg and its server optimizers: ``Strategy.sums_only``) can take one; the
 others get each update passed through.
 
@@ -33,6 +34,7 @@ FORMAT = "fedhub-partial/1"
 # with more devices in a round sends several.
 MAX_DEVICES = 256
 MAX_HEADER_BYTES = 4 * 1024 * 1024
+MAX_TOKEN_CHARS = 200  # a device's token, as a relay vouches with it
 
 Weights = dict[str, np.ndarray]
 
@@ -44,6 +46,7 @@ class Share:
     name: str
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    token: str = field(default="", repr=False)  # the device's own: the server checks it is its
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class PartialSum:
         return len(self.shares)
 
     def fold(self, name: str, weights: Mapping[str, np.ndarray], num_examples: int,
-             metrics: Mapping[str, float] | None = None) -> None:
+             metrics: Mapping[str, float] | None = None, *, token: str) -> None:
         if name in self.shares:
             raise ValueError(f"device {name!r} is already in this partial sum")
         if num_examples <= 0:
@@ -90,13 +93,13 @@ class PartialSum:
             raise ValueError("the update's tensors are not those of the others in this partial sum")
         for n, total in self._sums.items():
             np.add(total, np.multiply(weights[n], float(num_examples), dtype=np.float64), out=total)
-        self.shares[name] = Share(name, int(num_examples), dict(metrics or {}))
+        self.shares[name] = Share(name, int(num_examples), dict(metrics or {}), token)
 
     def encode(self, extra: Mapping[str, str] | None = None) -> bytes:
         """The body to send (``extra``: more metadata, for a relay's own copy on disk)."""
         if self._sums is None:
             raise ValueError("an empty partial sum is not sent")
-        devices = [{"name": s.name, "num_examples": s.num_examples, "metrics": s.metrics}
+        devices = [{"name": s.name, "num_examples": s.num_examples, "metrics": s.metrics, "token": s.token}
                    for s in self.shares.values()]
         metadata = {**(extra or {}), "format": FORMAT, "round": str(self.round),
                     "model_version": str(self.model_version), "devices": json.dumps(devices, allow_nan=False)}
@@ -133,12 +136,12 @@ def _shares(text: str) -> tuple[Share, ...]:
     shares, seen = [], set()
     for i, entry in enumerate(devices):
         where = f"devices[{i}]"
-        if not isinstance(entry, dict) or set(entry) - {"name", "num_examples", "metrics"}:
-            raise InvalidInput(f"{where} must be an object with name, num_examples and metrics", where)
+        if not isinstance(entry, dict) or set(entry) - {"name", "num_examples", "metrics", "token"}:
+            raise InvalidInput(f"{where} must be an object with name, num_examples, metrics and token", where)
         try:
             name = check_name(entry.get("name"))
         except InvalidInput as exc:
-            raise InvalidInput(f"{where}.name: {exc.message}", f"{where}.name") from None
+            raise exc.within(where) from None
         if name in seen:
             raise InvalidInput(f"{where}: device {name!r} is named twice", f"{where}.name")
         seen.add(name)
@@ -149,7 +152,11 @@ def _shares(text: str) -> tuple[Share, ...]:
         metrics = entry.get("metrics", {})
         if not isinstance(metrics, dict):
             raise InvalidInput(f"{where}.metrics must be an object", f"{where}.metrics")
-        shares.append(Share(name, n, wire.check_metrics(metrics)))
+        token = entry.get("token")
+        if not isinstance(token, str) or not 1 <= len(token) <= MAX_TOKEN_CHARS:
+            raise InvalidInput(f"{where}.token must be the device's token (1-{MAX_TOKEN_CHARS} characters)",
+                               f"{where}.token")
+        shares.append(Share(name, n, wire.check_metrics(metrics), token))
     return tuple(shares)
 
 

@@ -1,4 +1,5 @@
-"""Relays: who may send partial sums for the devices behind them, with which token.
+"""Relays: who may send partial sums for the devices behind them, with which token, and the
+reports (evaluations, log lines) a relay sends for its devices in one request.
 
 A relay enrolls as a device does, with the enrollment secret, and gets a token stored only as a
 hash; enrolling an existing name again (a new token) needs its current token or the admin's.
@@ -10,12 +11,86 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from . import auth
+from . import auth, federated_eval
+from .device_logs import parse_entries
 from .devices import check_name
-from .errors import Conflict, Forbidden, Unauthorized
+from .errors import Conflict, Forbidden, InvalidInput, Unauthorized
+from .partials import MAX_DEVICES, MAX_TOKEN_CHARS
 from .storage import Storage
+
+MAX_REPORT_LINES = 1000  # log lines in one relay's reports, all its devices together
+
+
+@dataclass(frozen=True)
+class Vouched:
+    """A device a relay speaks for, with the device's own token: the relay's word is not enough."""
+
+    name: str
+    token: str
+
+
+@dataclass(frozen=True)
+class DeviceReport(Vouched):
+    """What a relay sends on for one of its devices: as the device's own ``POST .../evaluation``
+    and ``POST .../logs`` would."""
+
+    evaluation: dict[str, Any] | None = None
+    logs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_devices(raw: object, more: frozenset[str] = frozenset()) -> list[tuple[str, Vouched, dict]]:
+    """``{"devices": [{"name", "token", ...more}]}``, each device once: (where, who, entry)."""
+    if not isinstance(raw, dict) or set(raw) != {"devices"}:
+        raise InvalidInput("body must be a JSON object with one field, devices", "body")
+    devices = raw["devices"]
+    if not isinstance(devices, list) or not 1 <= len(devices) <= MAX_DEVICES:
+        raise InvalidInput(f"devices must be a list of 1 to {MAX_DEVICES} devices", "devices")
+    out, seen = [], set()
+    for i, entry in enumerate(devices):
+        where = f"devices[{i}]"
+        if not isinstance(entry, dict) or not {"name", "token"} <= set(entry) <= {"name", "token", *more}:
+            raise InvalidInput(f"{where} must be an object with name, token"
+                               + "".join(f", {m}" for m in sorted(more)), where)
+        try:
+            name = check_name(entry["name"])
+        except InvalidInput as exc:
+            raise exc.within(where) from None
+        token = entry["token"]
+        if not isinstance(token, str) or not 1 <= len(token) <= MAX_TOKEN_CHARS:
+            raise InvalidInput(f"{where}.token must be the device's token (1-{MAX_TOKEN_CHARS} characters)",
+                               f"{where}.token")
+        if name in seen:
+            raise InvalidInput(f"{where}: device {name!r} is named twice", f"{where}.name")
+        seen.add(name)
+        out.append((where, Vouched(name, token), entry))
+    return out
+
+
+def parse_reports(raw: object, now: float) -> list[DeviceReport]:
+    """``{"devices": [{"name", "token", "evaluation"?, "logs"?}, ...]}`` checked whole, each part
+    by the check of the device's own request: InvalidInput naming the field
+    (``devices[3].logs[0].level``)."""
+    out: list[DeviceReport] = []
+    lines = 0
+    for where, who, entry in parse_devices(raw, frozenset({"evaluation", "logs"})):
+        if "evaluation" not in entry and "logs" not in entry:
+            raise InvalidInput(f"{where} has neither evaluation nor logs", where)
+        try:
+            evaluation = federated_eval.parse_report(entry["evaluation"]) if "evaluation" in entry else None
+        except InvalidInput as exc:
+            raise exc.within(f"{where}.evaluation") from None
+        try:
+            logs = parse_entries(entry["logs"], now) if "logs" in entry else []
+        except InvalidInput as exc:  # a line's fields already say logs[i]
+            raise exc.within(where if (exc.field or "").startswith("logs") else f"{where}.logs") from None
+        lines += len(logs)
+        if lines > MAX_REPORT_LINES:
+            raise InvalidInput(f"at most {MAX_REPORT_LINES} log lines in one request", f"{where}.logs")
+        out.append(DeviceReport(who.name, who.token, evaluation, logs))
+    return out
 
 
 class RelayRegistry:

@@ -31,13 +31,13 @@ from .config import FederationConfig
 from .device_logs import DeviceLogs
 from .devices import MAX_DEVICES_PAGE, DeviceRegistry, device_filter
 from .driver import Evaluate, RoundPolicy, Upload
-from .errors import Conflict, InvalidInput, NotFound, RunMismatch
+from .errors import Conflict, FedHubError, InvalidInput, NotFound, RunMismatch
 from .evaluations import Evaluations
 from .history import RoundHistory
 from .lifecycle import check_report
 from .plural import plural
 from .privacy import describe_dp
-from .relays import RelayRegistry
+from .relays import RelayRegistry, parse_devices, parse_reports
 from .round_hooks import RoundHook, RoundHooks
 from .round_state import STATUSES, RoundState
 from .storage import Storage
@@ -445,6 +445,7 @@ class Coordinator:
         if done is not None:
             return done
         for i, share in enumerate(partial.shares):
+            self._devices.vouched(share.name, share.token, f"devices[{i}]")
             refusal = self._devices.refusal(share.name)
             if refusal is not None:
                 raise Conflict(refusal.message, f"devices[{i}].name")
@@ -545,10 +546,56 @@ class Coordinator:
             self._devices.leave(name)
             self._state.drop(name)
 
+    def relay_tasks(self, relay: str, raw: object) -> dict[str, Any]:
+        """The tasks of a relay's devices (``{"devices": [{"name", "token"}]}``), each what
+        :meth:`next_task` answers the device without waiting, or the refusal its own request
+        would get (``error``): a pool worker asks for its cohort's tasks in one request."""
+        answers: list[dict[str, Any]] = []
+        for where, who, _ in parse_devices(raw):
+            try:
+                self._devices.vouched(who.name, who.token, where)
+                answers.append({"name": who.name, "task": self.next_task(who.name)})
+            except FedHubError as exc:
+                answers.append({"name": who.name, "error": exc.to_dict()})
+        return {"relay": relay, "tasks": answers}
+
+    def relay_reports(self, relay: str, raw: object) -> dict[str, Any]:
+        """A relay's reports for its devices (:func:`.relays.parse_reports`), in one request and
+        one transaction: each device's evaluation as :meth:`report_evaluation` takes it, its log
+        lines as :meth:`add_logs` does. Checked whole first (a malformed part, or a token that is
+        not its device's, refuses all of it); an evaluation the round did not ask for is answered
+        ``accepted: false`` with why, as the device's own request would be refused (409)."""
+        reports = parse_reports(raw, self._clock())
+        for i, item in enumerate(reports):
+            self._devices.vouched(item.name, item.token, f"devices[{i}]")
+        answers: list[dict[str, Any]] = []
+        for item in reports:
+            answer: dict[str, Any] = {"name": item.name}
+            if item.evaluation is not None:
+                try:
+                    with self._cond:
+                        self._policy.evaluation(item.name, item.evaluation)
+                    answer["evaluation"] = {"round": item.evaluation["round"], "accepted": True}
+                except Conflict as exc:
+                    answer["evaluation"] = {"round": item.evaluation["round"], "accepted": False,
+                                            "message": exc.message}
+            answers.append(answer)
+        with self._storage.transaction():  # every device's lines in one commit
+            for item in reports:
+                if item.logs:
+                    self._logs.keep(item.name, item.logs)
+        for item, answer in zip(reports, answers, strict=True):
+            if item.logs:
+                answer["logs"] = self._log_effects(item.name, item.logs)
+        return {"relay": relay, "devices": answers}
+
     def add_logs(self, name: str, raw: object) -> dict[str, Any]:
         """Store a device's log lines; an ERROR naming the open round drops the device from it,
         one naming a completed round marks its update failed in the history."""
-        entries = self._logs.add(name, raw)
+        return self._log_effects(name, self._logs.add(name, raw))
+
+    def _log_effects(self, name: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        """What stored log lines do to the rounds: see :meth:`add_logs`."""
         now = self._clock()
         dropped = []
         with self._cond:

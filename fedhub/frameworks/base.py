@@ -13,7 +13,7 @@ names them by ``variable.path``, PyTorch by ``state_dict`` key.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,6 +69,11 @@ class Network(Protocol):
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         """Loss, accuracy, per-class accuracy and the confusion matrix (:func:`classification_metrics`)."""
+        ...
+
+    def evaluate_parts(self, x: np.ndarray, y: np.ndarray, sizes: Sequence[int]) -> list[dict[str, Any]]:
+        """:meth:`evaluate` of each consecutive part of ``x, y`` (``sizes``, none empty), from
+        one pass over them all (a pool worker's devices' held-out sets)."""
         ...
 
     def predict(self, x: np.ndarray) -> np.ndarray:

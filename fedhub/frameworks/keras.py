@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -78,14 +78,17 @@ class KerasNetwork:
         return self.model.train(x, y, verbose=self.verbose, **kwargs)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        return self.evaluate_parts(x, y, [len(x)])[0]
+
+    def evaluate_parts(self, x: np.ndarray, y: np.ndarray, sizes: Sequence[int]) -> list[dict[str, Any]]:
         from fedhub.frameworks.keras_model import preprocess
-        from fedhub.global_model import evaluate_classifier
+        from fedhub.global_model import evaluate_classifier_parts
 
         inputs = preprocess(x, self.image_shape)
-        if len(inputs) == 0:
+        if len(inputs) == 0 or not all(sizes):
             raise ValueError("cannot evaluate on an empty dataset")
         labels = check_labels(y, len(inputs), len(self.class_names))
-        return evaluate_classifier(self.model.keras_model, inputs, labels)
+        return evaluate_classifier_parts(self.model.keras_model, inputs, labels, sizes)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.model.predict(x)

@@ -15,7 +15,7 @@ import io
 import json
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -315,13 +315,22 @@ class TorchNetwork:
         return softmax(self._logits(arr))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        return self.evaluate_parts(x, y, [len(x)])[0]
+
+    def evaluate_parts(self, x: np.ndarray, y: np.ndarray, sizes: Sequence[int]) -> list[dict[str, Any]]:
         n = len(x)
-        if n == 0:
+        if n == 0 or not all(sizes):
             raise ValueError("cannot evaluate on an empty dataset")
         labels = check_labels(y, n, len(self.class_names))
-        logits = self._logits(x)
-        loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
-        return classification_metrics(logits, labels, loss)
+        logits = torch.from_numpy(self._logits(x))
+        targets = torch.from_numpy(labels)
+        results, start = [], 0
+        for size in sizes:
+            part = slice(start, start + size)
+            start += size
+            loss = float(nn.functional.cross_entropy(logits[part], targets[part]))
+            results.append(classification_metrics(logits[part].numpy(), labels[part], loss))
+        return results
 
     # ------------------------------------------------------------------ export
 

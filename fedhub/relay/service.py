@@ -188,7 +188,7 @@ class Relay:
         if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidInput(f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters",
                                "Idempotency-Key")
-        return self.sums.fold(name, round_number, weights, meta, key,
+        return self.sums.fold(name, token, round_number, weights, meta, key,
                               hashlib.sha256(body).hexdigest())
 
     def _check_device(self, name: str, token: str | None) -> None:

@@ -30,10 +30,13 @@ import numpy as np
 
 from fedhub.device.client import Client, ServerError
 from fedhub.engine import partials, wire
+from fedhub.engine.device_logs import MAX_BATCH as MAX_LINES_PER_DEVICE
 from fedhub.engine.errors import Conflict, InvalidInput
 from fedhub.engine.files import atomic_write_bytes, atomic_write_text
+from fedhub.engine.relays import MAX_REPORT_LINES
 
 log = logging.getLogger("fedhub.relay")
+MAX_QUEUED_LINES = 20_000  # waiting for the next flush, all devices together
 
 
 class RelaySums:
@@ -66,8 +69,11 @@ class RelaySums:
         self.sent_devices = 0
         self.sent_sums = 0
         self.refused_devices = 0  # in sums the server refused (the round closed meanwhile)
+        self._reports: list[dict[str, Any]] = []  # devices' evaluations and log lines, for the next flush
+        self._report_lines = 0
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.state_dir.chmod(0o700)  # the sums on disk carry their devices' tokens
             self._recover()
 
     # what the server says ---------------------------------------------------
@@ -128,11 +134,12 @@ class RelaySums:
             return self.accepting and round_number == self.open_round
 
     # folding ----------------------------------------------------------------
-    def fold(self, name: str, round_number: int, weights: Mapping[str, np.ndarray], meta: wire.Meta,
-             key: str | None = None, digest: str = "") -> dict[str, Any]:
-        """Fold device ``name``'s update in; the answer the device gets. The same ``key`` and
-        ``digest`` again is a retry (``duplicate``); another update from it this round, a Conflict.
-        Refused as the server refuses it: NaN or infinity, no examples."""
+    def fold(self, name: str, token: str, round_number: int, weights: Mapping[str, np.ndarray],
+             meta: wire.Meta, key: str | None = None, digest: str = "") -> dict[str, Any]:
+        """Fold device ``name``'s update in (``token``: the device's, which the sum carries for
+        it); the answer the device gets. The same ``key`` and ``digest`` again is a retry
+        (``duplicate``); another update from it this round, a Conflict. Refused as the server
+        refuses it: NaN or infinity, no examples."""
         bad = wire.first_non_finite(weights)
         if bad is not None:
             raise InvalidInput(f"tensor {bad!r} holds NaN or infinity", bad)
@@ -151,7 +158,7 @@ class RelaySums:
             if meta.model_version != pending.model_version:
                 raise Conflict(f"update was trained from model version {meta.model_version}, round "
                                f"{round_number} starts from version {pending.model_version}", "model_version")
-            pending.fold(name, weights, meta.num_examples, meta.metrics)
+            pending.fold(name, weights, meta.num_examples, meta.metrics, token=token)
             keys[name] = (key, digest)
             self._save_pending(round_number)
             held = len(pending)
@@ -176,12 +183,65 @@ class RelaySums:
                     out.append(number)
             return out
 
+    def report(self, name: str, token: str, *, evaluation: Mapping[str, Any] | None = None,
+               logs: Collection[Mapping[str, Any]] = ()) -> None:
+        """Device ``name``'s evaluation report or log lines, sent with the next :meth:`flush`
+        before its sums, with every other device's, in one request (not kept on disk: a worker's
+        devices live in its memory too). Lines beyond :data:`MAX_QUEUED_LINES` are dropped, as
+        a device's own log handler drops what it cannot send."""
+        with self._lock:
+            if evaluation is not None:
+                self._reports.append({"name": name, "token": token, "evaluation": dict(evaluation)})
+            lines = [dict(line) for line in logs][: max(0, MAX_QUEUED_LINES - self._report_lines)]
+            for start in range(0, len(lines), MAX_LINES_PER_DEVICE):
+                self._reports.append({"name": name, "token": token,
+                                      "logs": lines[start : start + MAX_LINES_PER_DEVICE]})
+            self._report_lines += len(lines)
+
+    def _send_reports(self) -> None:
+        """What :meth:`report` gathered, in as few requests as the server's bounds allow; a
+        refused request is dropped with a warning (as the devices' own would have been), one
+        that cannot reach the server waits for the next flush."""
+        with self._lock:
+            items, self._reports, self._report_lines = self._reports, [], 0
+        batches: list[list[dict[str, Any]]] = []
+        names: set[str] = set()
+        lines = 0
+        for item in items:
+            more = len(item.get("logs", ()))
+            if not batches or item["name"] in names or len(batches[-1]) == partials.MAX_DEVICES \
+                    or lines + more > MAX_REPORT_LINES:
+                batches.append([])
+                names, lines = set(), 0
+            batches[-1].append(item)
+            names.add(item["name"])
+            lines += more
+        for i, batch in enumerate(batches):
+            try:
+                answer = self.upstream.send_relay_reports(batch)
+            except ServerError as exc:
+                log.warning("relay %s: its devices' reports were refused: %s", self.name,
+                            exc.body.get("message"))
+                continue
+            except Exception:
+                with self._lock:
+                    later = [item for rest in batches[i:] for item in rest]
+                    self._reports[:0] = later
+                    self._report_lines += sum(len(item.get("logs", ())) for item in later)
+                raise
+            for device in answer.get("devices", ()):
+                evaluation = device.get("evaluation") or {}
+                if evaluation.get("accepted") is False:
+                    log.info("relay %s: %s's evaluation not kept: %s", self.name, device.get("name"),
+                             evaluation.get("message"))
+
     # sending ----------------------------------------------------------------
     def flush(self, rounds: Collection[int] | None = None) -> int:
-        """Send the pending sums of ``rounds`` (default: all) and whatever waits in the outbox;
-        the devices the server counted. A sum the server refuses (the round closed meanwhile)
-        is dropped with a warning, as its devices' updates would have been; one that cannot
-        reach the server waits in the outbox for the next flush."""
+        """Send the devices' reports, then the pending sums of ``rounds`` (default: all) and
+        whatever waits in the outbox; the devices the server counted. A sum the server refuses
+        (the round closed meanwhile) is dropped with a warning, as its devices' updates would
+        have been; one that cannot reach the server waits in the outbox for the next flush."""
+        self._send_reports()  # first: a round's history summarizes the evaluations sent before it closes
         with self._lock:
             for number in sorted(self._pending if rounds is None else rounds):
                 pending = self._pending.pop(number, None)

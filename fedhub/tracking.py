@@ -280,16 +280,19 @@ class MlflowLog:
         return self._client
 
     def _experiment_id(self, client: Any) -> str:
-        found = client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return client.create_experiment(self.experiment)
-        except Exception:  # another server created it meanwhile
+        # One at a time in a process: MLflow's file store lets two threads that both found no
+        # experiment of the name each create one (two "compare" experiments, a run in each).
+        with _EXPERIMENTS:
             found = client.get_experiment_by_name(self.experiment)
-            if found is None:
-                raise
-            return found.experiment_id
+            if found is not None:
+                return found.experiment_id
+            try:
+                return client.create_experiment(self.experiment)
+            except Exception:  # another server created it meanwhile
+                found = client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+                return found.experiment_id
 
     def _start(self, step: int) -> None:
         """Open the MLflow run at its first logged round. A run that goes on (a server restarted
@@ -402,6 +405,9 @@ class MlflowLog:
         self._broken = True
         log.warning("MLflow tracking at %s stopped (%s); the run goes on without it", self.uri,
                     _one_line(exc))
+
+
+_EXPERIMENTS = threading.Lock()
 
 
 def _model_readme(step: int, exported: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -112,6 +113,31 @@ def test_a_reset_opens_a_new_mlflow_run_and_a_stop_before_the_end_is_killed(tmp_
     assert set(history(client, second.info.run_id, "test_accuracy")) == {1}
     assert client.get_metric_history(first.info.run_id, "dp_epsilon") == []
     assert load_weights(client, first.info.run_id, tmp_path / "a")["dense/bias"].tolist() == [2.0, 3.0]
+
+
+def test_servers_in_one_process_starting_together_share_one_new_experiment(tmp_path):
+    """MLflow's folder store lets two threads that both find no experiment of a name each create
+    one (or read the other's half-written one): two simulations tracked into one new experiment
+    at once ended with a run in each of two experiments of that name, or with none."""
+    for trial in range(8):
+        root = tmp_path / str(trial)
+        _, client = store(root)
+        hooks = [tracking.MlflowLog(str(root / "mlruns"), run_name=f"r{i}", experiment="compare",
+                                    settings={"strategy": "fedavg"}, last_round=1) for i in range(2)]
+        start = threading.Barrier(len(hooks))
+
+        def log(hook, start=start):
+            start.wait()
+            hook(entry(1, epsilon=None), weights(1))
+
+        threads = [threading.Thread(target=log, args=(hook,)) for hook in hooks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        named = [e for e in client.search_experiments() if e.name == "compare"]
+        assert len(named) == 1, (trial, named)
+        assert sorted(r.info.run_name for r in runs(client, "compare")) == ["r0", "r1"], trial
 
 
 def test_a_server_restarted_in_the_middle_of_a_run_goes_on_with_its_mlflow_run(tmp_path):

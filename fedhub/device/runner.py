@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ log = logging.getLogger("fedhub.device")
 HISTORY_COLUMNS = ("round", "time", "num_examples", "loss", "accuracy", "train_seconds", "accepted")
 PROGRESS_INTERVAL = 1.0  # seconds between two progress reports, at least
 RESIDUAL_FILE = "residual.safetensors"  # top-k's error feedback, kept across restarts
+# The threads that watch a training round beside it (its progress, the server's interrupt): kept
+# between rounds, as a pool worker's devices each train for milliseconds, one after another, and
+# a thread started and joined for each cost about as much as its training.
+_WATCHERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fedhub-signal")
 
 
 class DeviceRunner:
@@ -313,9 +318,7 @@ class DeviceRunner:
                   f"{proximal}", round_number=number)
         self._interrupted.clear()
         done = threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(number, done), daemon=True,
-                                   name="fedhub-signal")
-        watcher.start()
+        watcher = _WATCHERS.submit(self._watch, number, done)
         detail = None
         started = time.monotonic()
         try:
@@ -328,7 +331,8 @@ class DeviceRunner:
             return
         finally:
             done.set()
-            watcher.join()
+            if (failed := watcher.exception()) is not None:  # waits for it; training stands
+                self._say(f"round {number}: watching the round failed: {failed!r}", logging.WARNING)
         if self._interrupted.is_set():
             self._say(f"round {number}: interrupted by the server ({detail or 'after training'})",
                       logging.WARNING, number)

@@ -226,13 +226,21 @@ def evaluate_classifier_parts(keras_model: keras.Model, x: np.ndarray, y: np.nda
     if getattr(keras_model, "loss", None) is not None:
         loss_fn = keras.losses.get(keras_model.loss) if isinstance(keras_model.loss, str) \
             else keras_model.loss
+    losses = None  # each example's, in one call: a call per part would cost more than the pass
+    if loss_fn is not None and getattr(loss_fn, "reduction", "sum_over_batch_size") == "sum_over_batch_size":
+        per_example = loss_fn.call if isinstance(loss_fn, keras.losses.Loss) else loss_fn
+        losses = np.asarray(keras.ops.convert_to_numpy(per_example(y, outputs)), dtype=np.float64)
     results, start = [], 0
     for size in sizes:
-        part_y, part_out = y[start : start + size], outputs[start : start + size]
+        part = slice(start, start + size)
         start += size
-        loss = None if loss_fn is None else \
-            float(np.mean(keras.ops.convert_to_numpy(loss_fn(part_y, part_out))))
-        results.append(classification_metrics(part_out, part_y, loss))
+        if losses is not None:
+            loss = float(np.mean(losses[part]))
+        elif loss_fn is not None:  # another reduction (a sum...): the loss's own, part by part
+            loss = float(np.mean(keras.ops.convert_to_numpy(loss_fn(y[part], outputs[part]))))
+        else:
+            loss = None
+        results.append(classification_metrics(outputs[part], y[part], loss))
     return results
 
 

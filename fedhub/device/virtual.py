@@ -115,7 +115,7 @@ class SharedModel:
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
         self._keras_model: Any = None
-        self._fresh: list[np.ndarray] = []
+        self._reset: Callable[[], Any] | None = None  # a Keras model's optimizer back to fresh
         self._cohort: list[Path] = []  # the devices of this pass (plan_holdouts)
         self._held: dict[Path, dict[str, Any] | None] = {}  # their results for _held_for
         self._held_for: Any = None  # the weights those results are of (kept: identity is the key)
@@ -136,21 +136,29 @@ class SharedModel:
         self.trainer.initialise(config)
         keras_model = self._keras()
         if keras_model is not None and keras_model is not self._keras_model:
-            import keras  # only for a Keras model: a PyTorch worker never imports TensorFlow
+            import tensorflow as tf  # only for a Keras model: a PyTorch worker never imports it
 
             optimizer = keras_model.optimizer
             if not optimizer.built:
                 optimizer.build(keras_model.trainable_variables)
             self._keras_model = keras_model
-            self._fresh = [np.array(keras.ops.convert_to_numpy(v.value)) for v in optimizer.variables]
+            variables = list(optimizer.variables)
+            fresh = [tf.constant(np.asarray(v.numpy())) for v in variables]
+
+            # One compiled call: assigning each variable from Python cost about 1 ms a device.
+            @tf.function
+            def reset() -> None:
+                for variable, value in zip(variables, fresh, strict=True):
+                    variable.assign(value)
+
+            self._reset = reset
 
     def reset_optimizer(self) -> None:
         """A fresh optimizer state (moments, step count), as a new device process would have."""
-        if self._keras() is None:
+        if self._reset is None:
             self._network().reset_optimizer()
             return
-        for variable, value in zip(self._keras_model.optimizer.variables, self._fresh, strict=True):
-            variable.assign(value)
+        self._reset()
 
     def plan_holdouts(self, folders: list[Path]) -> None:
         """The devices about to take their tasks: the first of them to evaluate the global model
@@ -512,10 +520,14 @@ class Worker:
                     return
                 self._step(name, tasks.get(name))
                 self._send_due()
-                self._keepalive(budget=4)
+                if self.relay is None:  # each keepalive a request: a few between the steps
+                    self._keepalive(budget=4)
             self._flush()
+            if self.relay is not None:  # one request for up to 256 devices: after the pass
+                self._keepalive(budget=2 * partials.MAX_DEVICES)
             if not todo:
-                self._keepalive(budget=32)
+                if self.relay is None:
+                    self._keepalive(budget=32)
                 revision = status.get("revision")
                 if revision is None:  # a server without long polls on its status
                     self._stop.wait(self.spec.poll_interval)
@@ -553,14 +565,17 @@ class Worker:
             self._guarded(name, send)
 
     def _keepalive(self, budget: int) -> None:
-        """Ask the devices the server has not heard from for ``keepalive`` seconds for a task."""
+        """Ask the devices the server has not heard from for ``keepalive`` seconds for a task
+        (at most ``budget``; with a relay, in one request per 256)."""
         horizon = time.monotonic() - self.spec.keepalive
         due = sorted((d.seen, name) for name, d in self.devices.items()
                      if d.code is None and d.seen <= horizon)
-        for _, name in due[:budget]:
+        names = [name for _, name in due[:budget]]
+        tasks = self._tasks(names)
+        for name in names:
             if self._stop.is_set():
                 return
-            self._step(name)
+            self._step(name, tasks.get(name))
 
     def _tasks(self, names: list[str]) -> dict[str, dict[str, Any] | ServerError]:
         """The tasks of ``names``, asked by the relay in one request per 256 devices (none

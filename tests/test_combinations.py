@@ -143,10 +143,10 @@ class Runs:
 
 def baseline(cell: tuple) -> tuple:
     """The same cell uncompressed, to compare its bytes with. Where its rounds would take partial
-    sums (the pool's worker then sends one sum a round: README, Relays), with each update on its own
-    instead, as compressed updates always go."""
+    sums (the pool's worker then sends one sum a round, of clipped changes under central DP: README,
+    Relays), with each update on its own instead, as compressed updates always go."""
     mode, family, _, dp, secure = cell
-    sums = mode == "sync" and family != "robust" and dp == "none" and not secure
+    sums = mode == "sync" and family != "robust" and (dp == "none" or dp.startswith("central")) and not secure
     return (mode, family, "none", dp, secure) + (("each-update",) if sums else ())
 
 

@@ -49,6 +49,45 @@ def test_a_partial_sum_folds_in_as_each_update_would():
         assert b.metrics["updates"]["d2"] == {"num_examples": 7, "status": "used", "relay": "edge"}
 
 
+def test_under_central_dp_a_relay_sums_clipped_changes_as_the_server_clips_each():
+    """Central DP clips each device's change to C and sums them, each counting once: a relay
+    does the same for its devices (the round says C), and the server takes the sum with their
+    count of unclipped changes; a sum longer than its devices times C is refused."""
+    from fedhub.engine.privacy.strategy import DPFixedClipping
+
+    template = {k: np.zeros(shape, np.float32) for k, (shape, _) in SPEC.items()}
+    counts = [10, 25, 7, 40]
+    strategy = DPFixedClipping(FedAvg(), noise_multiplier=0.0, clipping_norm=2.0,
+                               rng=np.random.default_rng(0))
+    direct, relayed = strategy.begin(template), strategy.begin(template)
+    assert relayed.partial_clipping_norm == 2.0 and FedAvg().begin(template).partial_clipping_norm is None
+    updates = [{k: v * (0.1 if i == 2 else 3.0) for k, v in update(i).items()} for i in range(4)]
+    for i, n in enumerate(counts):
+        direct.add(f"d{i}", updates[i], n)
+    relayed.add("d0", updates[0], counts[0])
+    part = partials.PartialSum(1, 0, clipping_norm=2.0)
+    for i, n in enumerate(counts[1:], start=1):
+        part.fold(f"d{i}", updates[i], n, token=f"t{i}", reference=template)
+    decoded = partials.decode(part.encode(), SPEC)
+    assert (decoded.clipping_norm, decoded.unclipped) == (2.0, 1)  # d2's small change is within C
+    relayed.add_partial(decoded.shares, decoded.sums, "edge", decoded.unclipped)
+    for k in template:
+        np.testing.assert_allclose(relayed._sum[k], direct._sum[k], rtol=1e-12, atol=1e-15)
+    assert relayed._clipped == direct._clipped == 3
+    a, b = direct.result(), relayed.result()
+    for k in template:  # no noise (multiplier 0): the same private mean
+        np.testing.assert_allclose(a.weights[k], b.weights[k], rtol=1e-6, atol=1e-7)
+    assert b.metrics["updates"]["d3"]["relay"] == "edge"
+    # a relay that did not clip: its sum is longer than 3 devices x C, refused, nothing counted
+    loose = strategy.begin(template)
+    unclipped = partials.PartialSum(1, 0)
+    for i in range(1, 4):
+        unclipped.fold(f"d{i}", updates[i], 1, token="t")
+    with pytest.raises(InvalidInput) as err:
+        loose.add_partial(tuple(unclipped.shares.values()), unclipped._sums, "edge", 3)
+    assert err.value.field == "clipping_norm" and loose.count == 0
+
+
 def test_only_strategies_that_need_the_sum_alone_take_partial_sums():
     assert FedAvg.sums_only and FedAdam.sums_only and not FedMedian.sums_only
 
@@ -77,6 +116,12 @@ def test_a_device_is_counted_once_even_through_a_partial_sum():
     ({"devices": json.dumps([{"name": "d", "num_examples": 1}])}, "devices[0].token"),
     ({"devices": json.dumps([{"name": "d", "num_examples": 1, "token": ""}])}, "devices[0].token"),
     ({"devices": json.dumps([{"name": "d", "num_examples": 1, "token": "t" * 201}])}, "devices[0].token"),
+    ({"clipping_norm": "nan", "unclipped": "0"}, "clipping_norm"),
+    ({"clipping_norm": "-1", "unclipped": "0"}, "clipping_norm"),
+    ({"unclipped": "0"}, "clipping_norm"),
+    ({"clipping_norm": "1.5"}, "unclipped"),
+    ({"clipping_norm": "1.5", "unclipped": "2"}, "unclipped"),
+    ({"clipping_norm": "1.5", "unclipped": "-1"}, "unclipped"),
     ({"round": "-1"}, "round"),
     ({"model_version": "x"}, "model_version"),
 ])

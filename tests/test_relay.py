@@ -359,6 +359,10 @@ def test_partial_sums_refuse_hostile_input_and_change_nothing(tmp_path, data_dir
             (post(body(devices=[{"name": "digits1", "num_examples": 5, "evil": 1}])), 400, "devices[0]"),
             (post(body(devices=[{"name": f"d{i}", "num_examples": 1} for i in range(257)])), 400, "devices"),
             (post(body(extra={"format": "pickle"})), 400, "format"),
+            (post(body(extra={"clipping_norm": "x", "unclipped": "0"})), 400, "clipping_norm"),
+            (post(body(extra={"clipping_norm": "1.0", "unclipped": "9"})), 400, "unclipped"),
+            # clipped changes, where the round (FedAvg, no DP) sums num_examples x weights
+            (post(body(extra={"clipping_norm": "1.0", "unclipped": "1"})), 409, "clipping_norm"),
             (post(body(round_number=2)), 400, "round"),
             (post(body(round_number=2), round_number=2), 409, "round"),
             (post(body(version=7)), 409, "model_version"),
@@ -511,12 +515,21 @@ def test_pool_workers_are_relays_with_the_same_result_as_each_update(tmp_path, d
                           "--data-dir", str(data_dir), "--out", str(root), "--quiet"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    runs = {}
+    runs, private = {}, {}
     for relay in (True, False):
         started = time.monotonic()
         runs[relay] = list(fedhub.simulate("basic", root, rounds=2, framework="torch", workers=2,
                                            fraction=0.5, relay=relay, root=tmp_path / f"run-{relay}"))
-        assert time.monotonic() - started < 300
+        # under central DP the workers clip each change to the round's norm and sum those
+        private[relay] = list(fedhub.simulate(
+            "basic", root, rounds=2, framework="torch", workers=2, fraction=0.5, relay=relay,
+            root=tmp_path / f"dp-{relay}", dp={"mode": "central-fixed", "noise_multiplier": 0.0,
+                                               "clipping_norm": 0.05}))
+        assert time.monotonic() - started < 400
+    for with_relay, without in zip(private[True], private[False], strict=True):
+        assert with_relay["test_accuracy"] == pytest.approx(without["test_accuracy"], abs=1e-3)
+        assert {info["aggregation"]["relay"][:6] for info in with_relay["devices"].values()} == {"pool-w"}
+        assert with_relay["privacy"]["clipping_norm"] == 0.05
     for with_relay, without in zip(runs[True], runs[False], strict=True):
         assert with_relay["test_accuracy"] == without["test_accuracy"], (with_relay, without)
         assert with_relay["num_updates"] == without["num_updates"] == 6

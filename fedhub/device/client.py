@@ -381,7 +381,8 @@ class PooledClient(Client):
         if self.relay is not None and self.token and not scheme.active and self.relay.takes(round_number):
             meta = wire.Meta(round=round_number, model_version=model_version, num_examples=num_examples,
                              metrics=dict(metrics or {}))
-            return self.relay.fold(self.name, self.token, round_number, weights, meta)
+            return self.relay.fold(self.name, self.token, round_number, weights, meta,
+                                   reference=kwargs.get("reference"))
         return super().upload(round_number, weights, num_examples=num_examples,
                               model_version=model_version, metrics=metrics, upload_id=upload_id,
                               scheme=scheme, **kwargs)

@@ -169,6 +169,7 @@ class AsyncRounds(RoundPolicy):
         filling = self._buffers.get(target)
         return {"mode": "async", "secure_aggregation": None, "buffer_size": self._config.buffer_size,
                 "max_staleness": self._config.max_staleness, "partial_sums": False,
+                "partial_clipping_norm": None,
                 "buffer": {"target": target, "received": len(filling.updates) if filling else 0}}
 
     def revision(self) -> str:

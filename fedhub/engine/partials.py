@@ -5,8 +5,9 @@ updates as the server would, folds each into a float64 sum of ``num_examples * w
 sends that sum once, with each device's name, example count, metrics and token (a relay speaks
 for a device only with the device's own token, which it saw on the device's requests), so the
 server counts and records every device as if it had sent its own update. Only a strategy that needs the
-weighted sum alone (FedAvg and its server optimizers: ``Strategy.sums_only``) can take one; the
-others get each update passed through.
+weighted sum alone (FedAvg and its server optimizers: ``Strategy.sums_only``) can take one, and
+central DP, whose sum is of each device's change clipped to the round's norm, each counting once
+(``clipping_norm``, as the server clips each update); the others get each update passed through.
 
 :class:`PartialSum` is the relay's side (fold, encode), :func:`decode` the server's; the body is
 safetensors like every other weight on the wire: float64 sums, and in its metadata the round,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ from safetensors.numpy import save as st_save
 from . import untrusted_json, wire
 from .devices import check_name
 from .errors import InvalidInput
+from .privacy.mechanisms import clip_by_norm, difference
 
 FORMAT = "fedhub-partial/1"
 # Devices in one partial sum: bounds its header (each device's metrics travel in it); a relay
@@ -57,6 +60,8 @@ class Partial:
     model_version: int
     shares: tuple[Share, ...]
     sums: Weights
+    clipping_norm: float | None = None  # set: the sums are of changes clipped to it (central DP)
+    unclipped: int = 0  # and how many of them were within it
 
     @property
     def total_examples(self) -> int:
@@ -71,9 +76,11 @@ class PartialSum:
     sends it again after a restart is acknowledged, not counted twice).
     """
 
-    def __init__(self, round_number: int, model_version: int) -> None:
+    def __init__(self, round_number: int, model_version: int, clipping_norm: float | None = None) -> None:
         self.round = round_number
         self.model_version = model_version
+        self.clipping_norm = clipping_norm
+        self.unclipped = 0
         self.shares: dict[str, Share] = {}
         self._sums: Weights | None = None
         self._dtypes: dict[str, str] = {}
@@ -82,17 +89,30 @@ class PartialSum:
         return len(self.shares)
 
     def fold(self, name: str, weights: Mapping[str, np.ndarray], num_examples: int,
-             metrics: Mapping[str, float] | None = None, *, token: str) -> None:
+             metrics: Mapping[str, float] | None = None, *, token: str,
+             reference: Mapping[str, np.ndarray] | None = None) -> None:
+        """Add one device's update: ``num_examples * weights``, or with a ``clipping_norm`` its
+        change from ``reference`` (the global model it trained from) clipped to that norm, as the
+        server clips each update under central DP."""
         if name in self.shares:
             raise ValueError(f"device {name!r} is already in this partial sum")
         if num_examples <= 0:
             raise ValueError("num_examples must be positive")
+        if self._sums is not None and set(weights) != set(self._sums):
+            raise ValueError("the update's tensors are not those of the others in this partial sum")
+        if self.clipping_norm is not None:
+            if reference is None:
+                raise ValueError("a sum of clipped changes needs the model the update was trained from")
+            clipped = clip_by_norm(difference(weights, reference), self.clipping_norm)
+            part, scale = clipped.tensors, 1.0
+        else:
+            part, scale = weights, float(num_examples)
         if self._sums is None:
             self._sums = {n: np.zeros(np.shape(a), dtype=np.float64) for n, a in weights.items()}
-        elif set(weights) != set(self._sums):
-            raise ValueError("the update's tensors are not those of the others in this partial sum")
         for n, total in self._sums.items():
-            np.add(total, np.multiply(weights[n], float(num_examples), dtype=np.float64), out=total)
+            np.add(total, np.multiply(part[n], scale, dtype=np.float64), out=total)
+        if self.clipping_norm is not None:
+            self.unclipped += not clipped.clipped
         self.shares[name] = Share(name, int(num_examples), dict(metrics or {}), token)
 
     def encode(self, extra: Mapping[str, str] | None = None) -> bytes:
@@ -103,6 +123,8 @@ class PartialSum:
                    for s in self.shares.values()]
         metadata = {**(extra or {}), "format": FORMAT, "round": str(self.round),
                     "model_version": str(self.model_version), "devices": json.dumps(devices, allow_nan=False)}
+        if self.clipping_norm is not None:
+            metadata.update(clipping_norm=repr(float(self.clipping_norm)), unclipped=str(self.unclipped))
         return st_save({n: np.ascontiguousarray(a) for n, a in self._sums.items()}, metadata=metadata)
 
 
@@ -112,8 +134,10 @@ class PartialSum:
         and the keys it held."""
         head = wire.header(body, max_header=MAX_HEADER_BYTES)
         raw = head.get("__metadata__") or {}
-        partial = cls(wire.int_meta(raw, "round"), wire.int_meta(raw, "model_version"))
-        partial.shares = {s.name: s for s in _shares(raw.get("devices", "[]"))}
+        shares = _shares(raw.get("devices", "[]"))
+        clipping_norm, unclipped = _clipping(raw, len(shares))
+        partial = cls(wire.int_meta(raw, "round"), wire.int_meta(raw, "model_version"), clipping_norm)
+        partial.shares, partial.unclipped = {s.name: s for s in shares}, unclipped
         partial._sums = dict(st_load(bytes(body)))
         return partial, json.loads(raw.get("keys", "{}"))
 
@@ -171,7 +195,26 @@ def decode(body: bytes, spec: wire.Spec, *, max_bytes: int = wire.DEFAULT_MAX_BY
     if raw.get("format") != FORMAT:
         raise InvalidInput(f"metadata 'format' must be {FORMAT!r}", "format")
     shares = _shares(raw.get("devices", "[]"))
+    clipping_norm, unclipped = _clipping(raw, len(shares))
     sums, _ = wire.decode(body, {n: (shape, "float64") for n, (shape, _) in spec.items()},
                           max_bytes=max_bytes, max_header=MAX_HEADER_BYTES)
     return Partial(round=wire.int_meta(raw, "round"), model_version=wire.int_meta(raw, "model_version"),
-                   shares=shares, sums=sums)
+                   shares=shares, sums=sums, clipping_norm=clipping_norm, unclipped=unclipped)
+
+
+def _clipping(raw: Mapping[str, str], devices: int) -> tuple[float | None, int]:
+    """The metadata's ``clipping_norm`` (a positive number) and ``unclipped`` (0 to the number
+    of devices), both or neither."""
+    if "clipping_norm" not in raw and "unclipped" not in raw:
+        return None, 0
+    try:
+        norm = float(raw.get("clipping_norm", ""))
+    except ValueError:
+        norm = math.nan
+    if not (math.isfinite(norm) and norm > 0):
+        raise InvalidInput("metadata 'clipping_norm' must be a positive number", "clipping_norm")
+    count = raw.get("unclipped", "")
+    if not (count.isdigit() and int(count) <= devices):
+        raise InvalidInput(f"metadata 'unclipped' must be an integer from 0 to {devices} (the devices)",
+                           "unclipped")
+    return norm, int(count)

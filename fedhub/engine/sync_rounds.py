@@ -66,7 +66,11 @@ class SyncRounds(RoundPolicy):
         return {"mode": "sync", "secure_aggregation": None if c is None else {
             "shares": c.shares, "threshold": c.threshold, "bits": c.bits, "clip_range": c.clip_range,
             "max_weight": c.max_weight, "quantization": c.quantization or None},
-            "partial_sums": self.takes_partial_sums() is None}
+            "partial_sums": self.takes_partial_sums() is None,
+            # what a relay sums for the open round: None, num_examples x weights; a number, the
+            # devices' changes clipped to that L2 norm (central DP clips each at the server)
+            "partial_clipping_norm": None if self._state.open is None
+            else self._state.open.aggregator.partial_clipping_norm}
 
     def revision(self) -> str:
         r = self._state.open
@@ -159,13 +163,18 @@ class SyncRounds(RoundPolicy):
         if partial.model_version != r.base_version:
             raise Conflict(f"partial sum was trained from model version {partial.model_version}, round "
                            f"{r.number} starts from version {r.base_version}", "model_version")
+        wanted = r.aggregator.partial_clipping_norm
+        if partial.clipping_norm != wanted:
+            raise Conflict(f"round {r.number} takes " + ("sums of num_examples x weights" if wanted is None
+                           else f"sums of changes clipped to L2 norm {wanted!r}")
+                           + " (the status' partial_clipping_norm)", "clipping_norm")
         names = [share.name for share in partial.shares]
         r.uploading.update(names)
         meta = wire.Meta(round=r.number, model_version=partial.model_version,
                          num_examples=partial.total_examples)
         return Upload(relay, r.number, key, digest, meta, b"", into=r,
                       sent=f"update for round {r.number} sent through relay {relay}",
-                      extra={"shares": partial.shares, "reference": None})
+                      extra={"shares": partial.shares, "reference": None, "unclipped": partial.unclipped})
 
     def duplicate(self, name: str, round_number: int, upload_id: str | None,
                   digest: str | None) -> dict[str, Any] | None:
@@ -214,7 +223,8 @@ class SyncRounds(RoundPolicy):
 
     def take(self, upload: Upload, weights: Mapping[str, Any]) -> None:
         if "shares" in upload.extra:
-            upload.into.aggregator.add_partial(upload.extra["shares"], weights, upload.device)
+            upload.into.aggregator.add_partial(upload.extra["shares"], weights, upload.device,
+                                               upload.extra["unclipped"])
             return
         reference = upload.extra["reference"]
         if reference is not None:  # a delta: the weights are the model it was trained from + it

@@ -181,15 +181,15 @@ class Relay:
         if headers.get("Content-Type", "").split(";")[0].strip() not in (
                 "application/octet-stream", "application/vnd.safetensors"):
             return self.forward("POST", path, query, headers, body)  # the server says what is wrong
-        spec = self._spec(token)
-        weights, meta = wire.decode(body, spec, require_examples=True)
+        model = self._model(token)
+        weights, meta = wire.decode(body, wire.spec_of(model), require_examples=True)
         wire.check_round(meta, round_number)
         key = headers.get("Idempotency-Key")
         if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidInput(f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters",
                                "Idempotency-Key")
         return self.sums.fold(name, token, round_number, weights, meta, key,
-                              hashlib.sha256(body).hexdigest())
+                              hashlib.sha256(body).hexdigest(), reference=model)
 
     def _check_device(self, name: str, token: str | None) -> None:
         """``token`` is device ``name``'s, as the server says (asked once a minute per token)."""
@@ -212,15 +212,16 @@ class Relay:
                 self._tokens.clear()
             self._tokens[digest] = (name, now)
 
-    def _spec(self, token: str | None) -> wire.Spec:
-        """The global model's tensors (downloaded with the device's token, again only when it changes)."""
+    def _model(self, token: str | None) -> wire.Weights:
+        """The global model (downloaded with the device's token, again only when it changes): its
+        tensors check an update; under central DP each change from it is clipped here."""
         with self._models._model_lock:
             self._models.token = token
             try:
                 _, weights = self._models._fetch_model()
             except ServerError as exc:
                 raise _as_error(exc) from None
-        return wire.spec_of(weights)
+        return weights
 
 
 def _bearer(header: str) -> str | None:

@@ -60,6 +60,7 @@ class RelaySums:
         self._keys: dict[int, dict[str, tuple[str | None, str]]] = {}  # round -> device -> (key, digest)
         self._outbox: list[tuple[int, bytes]] = []
         self.accepting = False
+        self.clipping_norm: float | None = None  # the open round's sums are of changes clipped to it
         self.observed = False  # a status seen: until then no round counts as over
         self.open_round: int | None = None
         self._started: dict[int, Any] = {}  # round -> when its attempt the relay knows began
@@ -84,6 +85,7 @@ class RelaySums:
         with self._lock:
             self.observed = True
             self.accepting = bool(status.get("partial_sums")) and status.get("status") == "running"
+            self.clipping_norm = status.get("partial_clipping_norm")
             self.open_round = current.get("number")
             self.awaited = set(current.get("selected", ())) - set(current.get("reported", ()))
             if isinstance(number, int):
@@ -135,11 +137,13 @@ class RelaySums:
 
     # folding ----------------------------------------------------------------
     def fold(self, name: str, token: str, round_number: int, weights: Mapping[str, np.ndarray],
-             meta: wire.Meta, key: str | None = None, digest: str = "") -> dict[str, Any]:
+             meta: wire.Meta, key: str | None = None, digest: str = "", *,
+             reference: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Fold device ``name``'s update in (``token``: the device's, which the sum carries for
-        it); the answer the device gets. The same ``key`` and ``digest`` again is a retry
-        (``duplicate``); another update from it this round, a Conflict. Refused as the server
-        refuses it: NaN or infinity, no examples."""
+        it; ``reference``: the global model it trained from, which a round under central DP
+        needs to clip its change); the answer the device gets. The same ``key`` and ``digest``
+        again is a retry (``duplicate``); another update from it this round, a Conflict. Refused
+        as the server refuses it: NaN or infinity, no examples."""
         bad = wire.first_non_finite(weights)
         if bad is not None:
             raise InvalidInput(f"tensor {bad!r} holds NaN or infinity", bad)
@@ -153,12 +157,13 @@ class RelaySums:
                 raise Conflict(f"device {name!r} already reported for round {round_number}", "round")
             pending = self._pending.get(round_number)
             if pending is None:
-                pending = self._pending[round_number] = partials.PartialSum(round_number, meta.model_version)
+                pending = self._pending[round_number] = partials.PartialSum(
+                    round_number, meta.model_version, self.clipping_norm)
                 self._first[round_number] = self._clock()
             if meta.model_version != pending.model_version:
                 raise Conflict(f"update was trained from model version {meta.model_version}, round "
                                f"{round_number} starts from version {pending.model_version}", "model_version")
-            pending.fold(name, weights, meta.num_examples, meta.metrics, token=token)
+            pending.fold(name, weights, meta.num_examples, meta.metrics, token=token, reference=reference)
             keys[name] = (key, digest)
             self._save_pending(round_number)
             held = len(pending)

@@ -42,6 +42,7 @@ from .. import params
 from ..strategies.averaging import Averaging
 from ..strategies.base import (
     DEFAULT_MEMORY_BUDGET,
+    InvalidUpdate,
     RoundAggregator,
     RoundPlan,
     RoundResult,
@@ -55,6 +56,7 @@ from .mechanisms import (
     clip_by_norm,
     difference,
     distributed_noise_std,
+    l2_norm,
 )
 
 # The name under which the private mean reaches the inner strategy.
@@ -262,6 +264,23 @@ class _CentralRound(_PrivateRound):
         self._sum = {n: np.zeros(a.shape, dtype=np.float64) for n, a in self.template.items()}
         self._clipped = 0
 
+    @property
+    def partial_clipping_norm(self) -> float:  # type: ignore[override]
+        """A relay clips each change to the round's norm and sums them (:mod:`...partials`)."""
+        return self._clipping_norm
+
+    def _fold_partial(self, shares: Sequence[Any], sums: Mapping[str, np.ndarray], unclipped: int) -> None:
+        # Each change was clipped to C at the relay: the sum of k of them is at most k C long.
+        # (The relay is trusted with the updates, as the server is; this bounds what it can send.)
+        bound = len(shares) * self._clipping_norm
+        norm = l2_norm(sums)
+        if norm > bound * (1 + 1e-9):
+            raise InvalidUpdate(f"the partial sum's L2 norm {norm:.6g} is more than its {len(shares)} "
+                                f"device(s) times the clipping norm {self._clipping_norm:g}", "clipping_norm")
+        for name, total in self._sum.items():
+            np.add(total, np.asarray(sums[name], dtype=np.float64), out=total)
+        self._clipped += len(shares) - unclipped
+
     def _fold(self, device: str, weights: Mapping[str, np.ndarray], num_examples: int, *,
               metrics: Mapping[str, Any]) -> None:
         clipped = clip_by_norm(difference(weights, self.template), self._clipping_norm)
@@ -336,6 +355,8 @@ class _DistributedRound(_PrivateRound):
 
 
 class _CentralDP(_DPStrategy):
+    sums_only = True  # a relay's sum of clipped changes (RoundAggregator.partial_clipping_norm)
+
     def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
                  **kwargs: Any) -> None:
         if not isinstance(strategy, Averaging):

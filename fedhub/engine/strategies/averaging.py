@@ -11,14 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..aggregation import WeightedSum
 from ..params import setting
-from ..partials import Share
-from .base import DEFAULT_MEMORY_BUDGET, InvalidUpdate, RoundAggregator, Strategy, Weights, first_nonfinite
+from .base import DEFAULT_MEMORY_BUDGET, RoundAggregator, Strategy, Weights
+
+if TYPE_CHECKING:  # partials clips with the privacy mechanisms, which import the strategies
+    from ..partials import Share
 
 
 class StreamingAggregator(RoundAggregator):
@@ -43,25 +45,8 @@ class StreamingAggregator(RoundAggregator):
             self._sum.add(mean, weight)
             self._record_secure(devices, weight)
 
-    def add_partial(self, shares: Sequence[Share], sums: Mapping[str, np.ndarray], relay: str) -> None:
-        """A relay's partial sum of ``shares``' updates (``sum(n_i * w_i)``, float64): folded in
-        whole, and each device recorded with its own count and metrics, as if it had sent its own."""
-        self._check_tensors(sums)
-        bad = first_nonfinite(sums)
-        if bad is not None:
-            raise InvalidUpdate(f"tensor {bad!r} holds NaN or infinity", bad)
-        total = sum(s.num_examples for s in shares)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this round's aggregator is closed")
-            twice = next((s.name for s in shares if s.name in self._updates), None)
-            if twice is not None:
-                raise ValueError(f"device {twice!r} already sent an update this round")
-            self._sum.add_sums(sums, total, len(shares))
-            for s in shares:
-                self._updates[s.name] = {"num_examples": s.num_examples, "status": "used", "relay": relay}
-                self._reported[s.name] = dict(s.metrics)
-            self._total += total
+    def _fold_partial(self, shares: Sequence[Share], sums: Mapping[str, np.ndarray], unclipped: int) -> None:
+        self._sum.add_sums(sums, sum(s.num_examples for s in shares), len(shares))
 
     def _combine(self) -> tuple[Weights, Weights, dict[str, dict[str, Any]]]:
         mean = self._sum.mean()

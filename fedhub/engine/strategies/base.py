@@ -160,6 +160,37 @@ class RoundAggregator(ABC):
                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
             self._total += int(num_examples)
 
+    # What a relay's partial sum holds for this round: None, ``sum(n_i * w_i)``; a number, the
+    # devices' changes from the global model clipped to that L2 norm, summed, each counting once.
+    partial_clipping_norm: float | None = None
+
+    def add_partial(self, shares: Sequence[Any], sums: Mapping[str, np.ndarray], relay: str,
+                    unclipped: int = 0) -> None:
+        """A relay's partial sum of ``shares``' updates (:mod:`..partials`; ``unclipped``: how
+        many of them were within the clipping norm): folded in whole (:meth:`_fold_partial`),
+        and each device recorded with its own count and metrics, as if it had sent its own."""
+        self._check_tensors(sums)
+        bad = first_nonfinite(sums)
+        if bad is not None:
+            raise InvalidUpdate(f"tensor {bad!r} holds NaN or infinity", bad)
+        total = sum(s.num_examples for s in shares)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this round's aggregator is closed")
+            twice = next((s.name for s in shares if s.name in self._updates), None)
+            if twice is not None:
+                raise ValueError(f"device {twice!r} already sent an update this round")
+            self._fold_partial(shares, sums, unclipped)
+            for s in shares:
+                self._updates[s.name] = {"num_examples": s.num_examples, "status": "used", "relay": relay}
+                self._reported[s.name] = dict(s.metrics)
+            self._total += total
+
+    def _fold_partial(self, shares: Sequence[Any], sums: Mapping[str, np.ndarray], unclipped: int) -> None:
+        """Fold a partial sum in, or raise InvalidUpdate with nothing changed (lock held); only
+        strategies that take partial sums define it."""
+        raise InvalidUpdate(f"strategy {self.strategy.name} takes no partial sums", "round")
+
     def _record_secure(self, devices: Sequence[str], weight: int) -> None:
         """Record ``devices`` as used with their summed ``weight``, for a mean summed under secure
         aggregation (no device's own update or example count is known). Called with the lock held."""

@@ -4,10 +4,11 @@
     python device/device.py --server http://relay:4100 --name device1   # on the devices' side
 
 Devices point at the relay as at the server. In rounds that take partial sums (FedAvg and its
-server optimizers, without secure aggregation or compression: the server's status says
-``partial_sums``) the relay folds its devices' updates into one sum and sends that; otherwise it
-passes every request on. The enrollment secret comes from ``$FEDHUB_ENROLL_SECRET`` or
-``--enroll-secret-file``; the relay's own token is kept in ``--relay-dir``.
+server optimizers, and central DP, without secure aggregation or compression: the server's status
+says ``partial_sums``) the relay folds its devices' updates into one sum (under central DP, of
+their changes clipped to the round's norm) and sends that; otherwise it passes every request on.
+The enrollment secret comes from ``$FEDHUB_ENROLL_SECRET`` or ``--enroll-secret-file``; the
+relay's own token is kept in ``--relay-dir``.
 """
 
 from __future__ import annotations

@@ -523,7 +523,10 @@ class Coordinator:
         """Device ``name``'s evaluation, on its held-out data, of the global model it trains from
         (and of its personal model): kept for the next published model's history entry. Only
         shown and summarized: it never changes a model."""
-        report = federated_eval.parse_report(raw)
+        return self._keep_evaluation(name, federated_eval.parse_report(raw))
+
+    def _keep_evaluation(self, name: str, report: dict[str, Any]) -> dict[str, Any]:
+        """Keep a checked report (:meth:`report_evaluation`); Conflict when it was not asked for."""
         with self._cond:
             self._policy.evaluation(name, report)
         return {"round": report["round"], "accepted": True}
@@ -573,9 +576,7 @@ class Coordinator:
             answer: dict[str, Any] = {"name": item.name}
             if item.evaluation is not None:
                 try:
-                    with self._cond:
-                        self._policy.evaluation(item.name, item.evaluation)
-                    answer["evaluation"] = {"round": item.evaluation["round"], "accepted": True}
+                    answer["evaluation"] = self._keep_evaluation(item.name, item.evaluation)
                 except Conflict as exc:
                     answer["evaluation"] = {"round": item.evaluation["round"], "accepted": False,
                                             "message": exc.message}

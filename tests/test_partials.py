@@ -198,3 +198,52 @@ def test_a_round_that_runs_again_starts_its_sum_afresh(tmp_path):
                                                                        "selected": ["d1"], "reported": []}})
     assert sums.view()["pending"] == {}
     assert sums.fold("d1", "t-d1", 1, update(1), _meta(10), "k2", "d2")["duplicate"] is False
+
+
+def test_a_relay_sums_masked_updates_in_the_field_and_keeps_them_across_a_kill(tmp_path):
+    """A secure round: the parameters come with its first stage's task, the masked updates are
+    summed only at the masked stage, what the relay acknowledged survives a kill, and the sum
+    it sends counts in the server's round as each device's own input would."""
+    from fedhub.engine.secagg import MaskedSum, ProtocolViolation
+    from tests.test_secagg import Round
+
+    rnd = Round()
+    rnd.advertise()
+    rnd.share()
+    p = rnd.params
+    sums = _sums(tmp_path)
+    masked_stage = {"status": "running", "partial_sums": False, "round": {
+        "number": p.round, "started_at": 1.0, "selected": list(p.order), "reported": [],
+        "secagg": {"stage": "masked"}}}
+    sums.observe(masked_stage)
+    assert not sums.takes_masked(p.round)  # its parameters not seen yet: each update passes through
+    advertise = {"action": "secagg", "round": p.round, "stage": "advertise", "message": p.to_dict()}
+    assert sums.passing("dev-0", advertise) is None
+    assert sums.takes_masked(p.round)
+    bodies = {n: rnd.masked_input(n).to_bytes(p) for n in ("dev-0", "dev-1", "dev-2")}
+    assert sums.fold_masked("dev-0", "t0", p.round, bodies["dev-0"])["held"] == 1
+    assert sums.fold_masked("dev-1", "t1", p.round, bodies["dev-1"])["held"] == 2
+    with pytest.raises(ProtocolViolation):  # another device's message
+        sums.fold_masked("dev-2", "t2", p.round, bodies["dev-0"][:-1])
+    with pytest.raises(InvalidInput) as err:
+        sums.fold_masked("dev-2", "t2", p.round, bodies["dev-0"])
+    assert err.value.field == "device"
+    del sums  # killed
+    again = _sums(tmp_path)
+    assert again.view()["pending"] == {str(p.round): 2}
+    assert again.fold_masked("dev-0", "t0", p.round, bodies["dev-0"])["duplicate"] is True
+    with pytest.raises(Conflict):
+        again.fold_masked("dev-0", "t0", p.round, bodies["dev-1"].replace(b"dev-1", b"dev-0"))
+    again.observe(masked_stage)
+    again.fold_masked("dev-2", "t2", p.round, bodies["dev-2"])
+    message = MaskedSum.from_bytes(again._pending[p.round].encode(), p, "edge")
+    assert message.devices == ("dev-0", "dev-1", "dev-2") and message.tokens == ("t0", "t1", "t2")
+    assert rnd.server.receive_sum(message) is False
+    for n in sorted(set(p.order) - set(message.devices)):
+        rnd.server.receive_bytes(n, rnd.masked_input(n).to_bytes(p))
+    rnd.sent_masked = set(p.order)
+    rnd.server.close_stage()
+    rnd.check(rnd.unmask())
+    later = {**masked_stage, "round": {**masked_stage["round"], "secagg": {"stage": "unmask"}}}
+    again.observe(later)
+    assert not again.takes_masked(p.round)

@@ -5,8 +5,8 @@ The devices train ``tests.seeded_digits``' deterministic softmax regression, so 
 train every device's update again from the same global model and check what the server made of
 them: the relay's partial sums give the weighted mean the server's own sum gives, within
 float32 rounding of the new model; a robust strategy gets each update through the relay; secure
-aggregation's messages pass through; a relay SIGKILLed mid-round loses nothing it acknowledged
-and counts nothing twice.
+aggregation's key exchange passes through and the masked updates are summed at the relay; a relay
+SIGKILLed mid-round loses nothing it acknowledged and counts nothing twice.
 """
 
 from __future__ import annotations
@@ -257,7 +257,8 @@ def test_a_robust_strategy_gets_each_update_through_the_relay(tmp_path, data_dir
 
 
 def test_secure_aggregation_runs_through_a_relay(tmp_path, data_dir):
-    """The relay passes the secure stages' messages on; the server unmasks the weighted mean."""
+    """The relay passes the key exchange on and sums its devices' masked updates into one masked
+    sum; the server unmasks the weighted mean, each device counted once."""
     clip, max_weight = 0.05, 1000
     root = tmp_path / "devices"
     names = ["digits1", "digits2", "digits3"]
@@ -268,8 +269,10 @@ def test_secure_aggregation_runs_through_a_relay(tmp_path, data_dir):
     procs = _behind(relay, server, root, names)
     takes_sums = server.get("/api/status").json()["partial_sums"]
     (entry,), seen = run_to_the_end(server, relay, procs)
-    assert takes_sums is False and seen["sent_sums"] == 0
+    assert takes_sums is False  # no sums of plain updates: the masked stage's sum instead
+    assert seen["sent_sums"] == 1 and seen["sent_devices"] == 3, seen
     assert entry["secagg"]["enabled"] and entry["secagg"]["survivors"] == 3
+    assert entry["num_updates"] == 3 and sorted(entry["devices"]) == names
     start, end = checkpoint(server, 0), checkpoint(server, 1)
     parts = [({k: np.clip(w[k].astype(np.float64) - start[k], -clip, clip) for k in start},
               min(n, max_weight)) for w, n in updates(root, names, start)]

@@ -639,3 +639,97 @@ def test_quantized_round_parameters_that_could_overflow_or_mislead_are_refused()
     with pytest.raises(ProtocolViolation, match="padding"):
         MaskedInput.from_bytes(stray, r.params, NAMES[0])
     assert np.array_equal(MaskedInput.from_bytes(body, r.params, NAMES[0]).vector, masked.vector)
+
+
+def _masked_bytes(rnd, n):
+    """Device ``n``'s masked input (a device masks its update once)."""
+    made = rnd.__dict__.setdefault("made", {})
+    if n not in made:
+        made[n] = rnd.masked_input(n).to_bytes(rnd.params)
+    return made[n]
+
+
+def _relay_sum(rnd, names, *, tokens=None):
+    """What a relay sends for ``names``: their masked inputs summed in the round's field."""
+    from fedhub.engine.secagg import MaskedSum, masks
+
+    total = np.zeros(rnd.params.length + 1, dtype=np.uint64)
+    inputs = []
+    for n in sorted(names):
+        message = MaskedInput.from_bytes(_masked_bytes(rnd, n), rnd.params, n)
+        masks.add(total, message.vector, 1, rnd.params)
+        inputs.append((n, message.refused))
+    return MaskedSum(rnd.params.round, tuple(inputs), total, tuple(tokens or [f"tok-{n}" for n, _ in inputs]))
+
+
+@pytest.mark.parametrize("quantization", [0, 8])
+def test_a_relays_masked_sum_counts_as_each_of_its_devices_masked_inputs(quantization):
+    """Two relays' sums and one device of its own: the same mean as every device's own input,
+    through a dropout; the same sum again is a retry, a sum naming a device already in is refused."""
+    from fedhub.engine.secagg import MaskedSum
+
+    rnd = Round(quantization=quantization)
+    rnd.advertise()
+    rnd.share()
+    dropped = rnd.at(9)
+    first, second = sorted(set(NAMES[:5]) - dropped), sorted(set(NAMES[5:9]) - dropped)
+    body = _relay_sum(rnd, first).to_bytes(rnd.params)
+    sent = MaskedSum.from_bytes(body, rnd.params, "edge")
+    assert sent.devices == tuple(first) and sent.tokens == tuple(f"tok-{n}" for n in first)
+    assert rnd.server.receive_sum(sent) is False
+    assert rnd.server.receive_sum(MaskedSum.from_bytes(body, rnd.params)) is True  # a retry
+    overlapping = _relay_sum(rnd, [first[0], second[0]])
+    with pytest.raises(StaleMessage) as refused:
+        rnd.server.receive_sum(overlapping)
+    assert refused.value.device == first[0]
+    assert second[0] not in rnd.server._masked  # refused whole: nothing of it counted
+    rnd.server.receive_sum(_relay_sum(rnd, second[1:]))
+    rest = sorted(set(NAMES) - set(first) - set(second[1:]) - dropped)
+    for n in rest:
+        rnd.server.receive_bytes(n, _masked_bytes(rnd, n))
+    rnd.sent_masked = set(NAMES) - dropped
+    assert rnd.server.close_stage() == "unmask"
+    rnd.check(rnd.unmask())
+
+
+def test_a_masked_sum_is_refused_naming_the_field_and_changes_nothing():
+    from fedhub.engine.secagg import MaskedSum
+
+    rnd = Round()
+    rnd.advertise()
+    rnd.share()
+    good = _relay_sum(rnd, NAMES[:3])
+    meta = {"format": crypto.PROTOCOL, "stage": "masked_sum", "round": str(ROUND)}
+    vector = np.zeros(rnd.params.length + 1, dtype="<u4")
+    entry = {"name": NAMES[0], "refused": [], "token": "t"}
+
+    def body(devices=(entry,), tensor=vector, **more):
+        devices_json = devices if isinstance(devices, str) else json.dumps(list(devices))
+        return st_save({"masked": tensor}, metadata={**meta, "devices": devices_json, **more})
+
+    cases = {
+        "format": body(format="fedhub-secagg/0"),
+        "stage": st_save({"masked": vector}, metadata={**meta, "stage": "masked", "devices": "[]"}),
+        "round": body(round="seven"),
+        "devices": body(devices="[]"),
+        "devices[0]": body(devices=[{"name": NAMES[0], "refused": []}]),
+        "devices[0].name": body(devices=[{**entry, "name": "../etc"}]),
+        "devices[0].token": body(devices=[{**entry, "token": ""}]),
+        "devices[0].refused": body(devices=[{**entry, "refused": ["x"] * 50}]),
+        "masked": body(tensor=np.zeros(rnd.params.length + 1, dtype="<u8")),
+        "extra": body(extra="1"),
+    }
+    cases["devices "] = body(devices=[entry, entry])
+    for field, raw in cases.items():
+        with pytest.raises(ProtocolViolation) as refused:
+            MaskedSum.from_bytes(raw, rnd.params, "edge")
+        assert refused.value.field == field.strip() or (field == "masked" and refused.value.field), field
+        assert "relay 'edge'" in refused.value.message, refused.value.message
+    with pytest.raises(ProtocolViolation) as refused:  # a device that is not in the round
+        rnd.server.receive_sum(MaskedSum(ROUND, (("stranger", ()),), good.vector, ("t",)))
+    assert refused.value.field == "devices[0].name"
+    with pytest.raises(StaleMessage):  # another round's sum
+        rnd.server.receive_sum(dataclasses.replace(good, round=ROUND + 1))
+    assert rnd.server.expected() == set(NAMES)  # nothing counted
+    rnd.server.receive_sum(good)
+    assert rnd.server.expected() == set(NAMES[3:])

@@ -1,6 +1,6 @@
 """What relays call: enroll, and for their devices, each with its own token, in one request
-each: ask their tasks, send their reports (evaluations, log lines) and a partial sum of their
-updates."""
+each: ask their tasks, send their reports (evaluations, log lines), a partial sum of their
+updates, and in a secure round the sum of their masked updates."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from flask import Blueprint, jsonify, request
 
 from fedhub.engine.partials import MAX_HEADER_BYTES
 from fedhub.engine.relays import MAX_REPORT_LINES
+from fedhub.engine.secagg.messages import MAX_SUM_HEADER
 
 from .auth import bearer_token, counted, is_admin
 from .context import engine
@@ -43,6 +44,16 @@ def partial(name: str, round_number: int):
         body = binary_body()
     return jsonify(engine().submit_partial(name, round_number, body,
                                            request.headers.get("Idempotency-Key")))
+
+
+@bp.post("/api/relays/<name>/secagg/<int:round_number>")
+def masked_sum(name: str, round_number: int):
+    """A relay's sum of its devices' masked updates in a secure round (safetensors; its devices
+    in the metadata)."""
+    _authenticate(name)
+    with body_limit(2 * engine().max_upload_bytes + MAX_SUM_HEADER, "the masked sum"):
+        body = binary_body()
+    return jsonify(engine().submit_masked_sum(name, round_number, body))
 
 
 @bp.post("/api/relays/<name>/tasks")

@@ -271,12 +271,14 @@ class Client:
         self.token = result["token"]
         return result
 
-    def send_partial(self, round_number: int, body: bytes) -> dict[str, Any]:
-        """A relay's partial sum (:mod:`fedhub.engine.partials`); its key is its digest, so a
-        retry, even from a restarted relay, is acknowledged and never counted twice."""
+    def send_partial(self, round_number: int, body: bytes, *, masked: bool = False) -> dict[str, Any]:
+        """A relay's partial sum (:mod:`fedhub.engine.partials`), or with ``masked`` its sum of
+        masked updates in a secure round; its key is its digest (a masked sum's devices are its
+        key), so a retry, even from a restarted relay, is acknowledged and never counted twice."""
         headers = {"Content-Type": "application/octet-stream",
                    "Idempotency-Key": partials.key_of(self.name, body)}
-        return self._json(self.request("POST", f"/api/relays/{self.name}/partials/{round_number}",
+        kind = "secagg" if masked else "partials"
+        return self._json(self.request("POST", f"/api/relays/{self.name}/{kind}/{round_number}",
                                        data=body, headers=headers))
 
     def send_relay_reports(self, devices: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -371,7 +373,8 @@ class PooledClient(Client):
         self._models = models
         # The host's relay (fedhub.relay.sums.RelaySums): while the round takes partial sums, an
         # update (and its evaluation report) goes into the host's sum for the round instead of
-        # on its own; log lines go with the host's other devices' lines in one request.
+        # on its own, and so does a masked update at a secure round's masked stage; log lines go
+        # with the host's other devices' lines in one request.
         self.relay: Any = None
 
     def upload(self, round_number: int, weights: Mapping[str, np.ndarray], *, num_examples: int,
@@ -392,6 +395,11 @@ class PooledClient(Client):
             self.relay.report(self.name, self.token, evaluation=report)  # goes before the round's sum
             return {"round": report["round"], "accepted": True, "queued": True}
         return super().report_evaluation(report)
+
+    def secagg(self, round_number: int, body: bytes, *, masked: bool = False) -> dict[str, Any]:
+        if masked and self.relay is not None and self.token and self.relay.takes_masked(round_number):
+            return self.relay.fold_masked(self.name, self.token, round_number, body)
+        return super().secagg(round_number, body, masked=masked)
 
     def send_logs(self, entries: list[Mapping[str, Any]]) -> dict[str, Any]:
         if self.relay is not None and self.token:  # with the other devices' lines, at the next flush

@@ -611,8 +611,8 @@ class Worker:
                 runner.enroll(device.trainer.num_examples)
                 return
             device.seen = time.monotonic()
-            held = self.relay.held_task(name, task) if self.relay is not None else None
-            task = held or task
+            instead = self.relay.passing(name, task) if self.relay is not None else None
+            task = instead or task
             device.round = task.get("round") if task["action"] == "train" else None
             started = time.perf_counter()
             device.code = runner.handle_task(task)

@@ -289,6 +289,11 @@ class RoundPolicy(DriverThread):
         """A message of a secure-aggregation stage (see :meth:`.rounds.Coordinator.secagg_message`)."""
         raise Conflict(f"round {round_number} is not an open secure-aggregation round", "round")
 
+    def secure_sum(self, relay: str, round_number: int, body: bytes,
+                   vouch: Callable[[list[tuple[str, str]]], None]) -> dict[str, Any]:
+        """A relay's sum of masked updates (see :meth:`.rounds.Coordinator.submit_masked_sum`)."""
+        raise Conflict(f"round {round_number} is not an open secure-aggregation round", "round")
+
     # the one upload intake (:meth:`.rounds.Coordinator.submit`) ---------------
     def check_upload(self, name: str, round_number: int) -> None:
         """Refuse at once, before reading the body, an upload this mode never takes."""

@@ -142,12 +142,6 @@ class PartialSum:
         return partial, json.loads(raw.get("keys", "{}"))
 
 
-def decode_devices(body: bytes) -> list[str]:
-    """The devices named in a partial sum's body (one this process encoded)."""
-    raw = wire.header(body, max_header=MAX_HEADER_BYTES).get("__metadata__") or {}
-    return [s.name for s in _shares(raw.get("devices", "[]"))]
-
-
 def key_of(relay: str, body: bytes) -> str:
     """The idempotency key of ``body`` sent by ``relay``: the same bytes, the same key."""
     return f"{relay}-{hashlib.sha256(body).hexdigest()[:32]}"

@@ -444,15 +444,32 @@ class Coordinator:
         done = policy.partial_duplicate(partial, key, digest)
         if done is not None:
             return done
-        for i, share in enumerate(partial.shares):
-            self._devices.vouched(share.name, share.token, f"devices[{i}]")
-            refusal = self._devices.refusal(share.name)
-            if refusal is not None:
-                raise Conflict(refusal.message, f"devices[{i}].name")
+        self._vouch([(s.name, s.token) for s in partial.shares])
         return self._intake(
             lambda: policy.partial_duplicate(partial, key, digest)
             or policy.admit_partial(relay, partial, key, digest),
             partial.sums, [(s.name, s.num_examples) for s in partial.shares], len(body))
+
+    def _vouch(self, devices: list[tuple[str, str]]) -> None:
+        """A relay speaks for each device (name, token) with the device's own token, and only for
+        a device that may report now; the error names ``devices[i]``."""
+        for i, (name, token) in enumerate(devices):
+            self._devices.vouched(name, token, f"devices[{i}]")
+            refusal = self._devices.refusal(name)
+            if refusal is not None:
+                raise Conflict(refusal.message, f"devices[{i}].name")
+
+    def submit_masked_sum(self, relay: str, round_number: int, body: bytes) -> dict[str, Any]:
+        """A relay's sum of its devices' masked updates in a secure round (safetensors, its
+        devices with their tokens in the metadata; :class:`.secagg.MaskedSum`): each device counted
+        as if it had sent its own masked update. The same sum again is a duplicate; a sum naming a
+        device already in another is refused whole, naming it, and changes nothing."""
+        if not 0 <= round_number <= wire.MAX_INTEGER:
+            raise Conflict(f"round {round_number} is not open", "round")
+        answer = self._policy.secure_sum(relay, round_number, body, self._vouch)
+        with self._cond:
+            self._state.bytes_up += len(body)
+        return answer
 
     def _intake(self, admit: Callable[[], Upload | dict[str, Any]], weights: Mapping[str, np.ndarray],
                 senders: list[tuple[str, int]], size: int) -> dict[str, Any]:

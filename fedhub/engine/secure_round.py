@@ -12,12 +12,12 @@ time. The server only ever holds the running masked sum, never one device's upda
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
 
-from .secagg import SecAggConfig, SecAggResult, ServerRound
+from .secagg import MaskedSum, SecAggConfig, SecAggResult, ServerRound
 from .secagg.encoding import flatten
 
 Weights = dict[str, np.ndarray]
@@ -65,6 +65,15 @@ class SecureRound:
         stage = self.stage
         self.server.receive_bytes(name, body)
         return stage
+
+    def receive_sum(self, relay: str, body: bytes,
+                    vouch: Callable[[MaskedSum], None]) -> tuple[tuple[str, ...], bool]:
+        """Take relay ``relay``'s sum of its devices' masked inputs (``vouch`` checks its devices'
+        tokens, and that each may report now, before anything changes); its devices, and whether
+        it was the same sum again."""
+        message = MaskedSum.from_bytes(body, self.server.params, relay)
+        vouch(message)
+        return message.devices, self.server.receive_sum(message)
 
     def next_stage(self) -> str:
         """Close the open stage (TooFewSurvivors if the round cannot go on) and open the next."""

@@ -13,10 +13,11 @@ a part of an open round: its stages (:mod:`.secure_round`) run before the round 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from .errors import Conflict, RunOver
 from .partials import Partial
 from .plural import plural
 from .round_state import OpenRound, RoundState
-from .secagg import SecAggError
+from .secagg import MaskedSum, SecAggError
 from .secure_round import SecureRound, summary
 from .strategies import AggregationError, RoundPlan
 
@@ -103,28 +104,62 @@ class SyncRounds(RoundPolicy):
 
     def secure_message(self, name: str, round_number: int, body: bytes) -> dict[str, Any]:
         """A device's answer to the open secure-aggregation stage (see the coordinator's)."""
+        r = self._secure_round(round_number)
+        with self._receiving(r, [(name, "round")]):  # outside the lock: a masked update takes O(model)
+            stage = r.secure.receive(name, body)
+        if stage == "masked":
+            self._masked_in(r, [name])
+        return {"accepted": True, "round": round_number, "stage": stage}
+
+    def secure_sum(self, relay: str, round_number: int, body: bytes,
+                   vouch: Callable[[list[tuple[str, str]]], None]) -> dict[str, Any]:
+        """A relay's sum of its devices' masked updates (see the coordinator's): each device
+        vouched for (``vouch``: its token, and that it may report) and counted as if it had sent
+        its own; the same sum again is acknowledged as a duplicate."""
+        r = self._secure_round(round_number)
+        with contextlib.ExitStack() as receiving:
+            def check(message: MaskedSum) -> None:
+                vouch(list(zip(message.devices, message.tokens, strict=True)))
+                receiving.enter_context(self._receiving(
+                    r, [(name, f"devices[{i}].name") for i, name in enumerate(message.devices)]))
+
+            devices, duplicate = r.secure.receive_sum(relay, body, check)
+        self._masked_in(r, devices)
+        return {"accepted": True, "duplicate": duplicate, "round": round_number, "stage": "masked",
+                "devices": len(devices), "relay": relay}
+
+    def _secure_round(self, round_number: int) -> OpenRound:
         with self._state.cond:
             r = self._state.open
             if r is None or r.number != round_number or r.secure is None:
                 raise Conflict(f"round {round_number} is not an open secure-aggregation round", "round")
-            if name not in r.selected:
-                raise Conflict(f"device {name!r} is not in round {round_number}", "round")
-            if name in r.uploading:
-                raise Conflict(f"device {name!r} is already sending a message", "round")
-            r.uploading.add(name)
-        try:  # outside the lock: a masked update is folded into the sum in O(model) time
-            stage = r.secure.receive(name, body)
+            return r
+
+    @contextlib.contextmanager
+    def _receiving(self, r: OpenRound, devices: list[tuple[str, str]]) -> Iterator[None]:
+        """Devices of the round (each with the field that names it), one message each at a time."""
+        with self._state.cond:
+            for name, field in devices:
+                if name not in r.selected:
+                    raise Conflict(f"device {name!r} is not in round {r.number}", field)
+                if name in r.uploading:
+                    raise Conflict(f"device {name!r} is already sending a message", field)
+            r.uploading.update(name for name, _ in devices)
+        try:
+            yield
         finally:
             with self._state.cond:
-                r.uploading.discard(name)
+                r.uploading.difference_update(name for name, _ in devices)
                 self._state.cond.notify_all()
+
+    def _masked_in(self, r: OpenRound, devices: Iterable[str]) -> None:
+        """The devices' masked updates are in the round's sum: they have reported."""
         with self._state.cond:
-            if stage == "masked":
+            for name in devices:
                 r.reported[name] = None
                 self._devices.set_activity(name, "idle")
-                self._devices.lifecycle.set(name, "waiting", reason=f"masked update for round "
-                                            f"{round_number} sent", round_number=round_number)
-            return {"accepted": True, "round": round_number, "stage": stage}
+                self._devices.lifecycle.set(name, "waiting", reason=f"masked update for round {r.number} "
+                                            "sent", round_number=r.number)
 
     # intake ---------------------------------------------------------------
     def check_upload(self, name: str, round_number: int) -> None:
@@ -136,7 +171,7 @@ class SyncRounds(RoundPolicy):
 
     def takes_partial_sums(self) -> str | None:
         if self._config.secagg is not None:
-            return "secure aggregation sums masked updates itself"
+            return "secure aggregation: a relay sums its devices' masked updates instead"
         if not self._strategy.sums_only:
             return f"strategy {self._strategy.name} needs each update"
         if self._compression.active:

@@ -1,5 +1,5 @@
-"""The relay's HTTP routes: a device's update (folded here or passed on), the relay's own status,
-and every other request passed on to the server as it came."""
+"""The relay's HTTP routes: a device's update and a secure round's masked update (summed here or
+passed on), the relay's own status, and every other request passed on to the server as it came."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ def create_relay_app(relay: Relay, *, max_body_bytes: int = DEFAULT_MAX_BYTES + 
     def update(name: str, round_number: int):
         body = request.get_data(cache=False)
         return _answer(relay.update(name, round_number, request.headers, body,
+                                    request.query_string.decode("latin-1")))
+
+    @app.post("/api/devices/<name>/secagg/<int:round_number>")
+    def secagg(name: str, round_number: int):
+        body = request.get_data(cache=False)
+        return _answer(relay.secagg(name, round_number, request.headers, body,
                                     request.query_string.decode("latin-1")))
 
     @app.route("/", defaults={"path": ""}, methods=METHODS)

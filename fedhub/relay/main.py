@@ -6,7 +6,8 @@
 Devices point at the relay as at the server. In rounds that take partial sums (FedAvg and its
 server optimizers, and central DP, without secure aggregation or compression: the server's status
 says ``partial_sums``) the relay folds its devices' updates into one sum (under central DP, of
-their changes clipped to the round's norm) and sends that; otherwise it passes every request on.
+their changes clipped to the round's norm) and sends that; in secure rounds it sums their masked
+updates in the round's field and sends one masked sum; otherwise it passes every request on.
 The enrollment secret comes from ``$FEDHUB_ENROLL_SECRET`` or ``--enroll-secret-file``; the
 relay's own token is kept in ``--relay-dir``.
 """

@@ -1,10 +1,11 @@
 """A relay between devices and the server: the work behind ``fedhub relay``'s HTTP routes.
 
 Devices speak the device protocol to the relay as to the server. Every request is passed on
-unchanged (enrollment, tasks, the model, secure aggregation's messages, logs) except an update
+unchanged (enrollment, tasks, the model, secure aggregation's key exchange, logs) except an update
 of a round that takes partial sums: that one is checked here as the server would check it (the
 device's own token, the model's tensors, finite values, the round) and folded into the round's
-partial sum (:class:`~fedhub.relay.sums.RelaySums`), which goes to the server once for all of them.
+partial sum (:class:`~fedhub.relay.sums.RelaySums`), which goes to the server once for all of them;
+and, in a secure round, a masked update, added to the round's masked sum likewise.
 """
 
 from __future__ import annotations
@@ -152,9 +153,7 @@ class Relay:
                          {k: response.headers[k] for k in RESPONSE_HEADERS if k in response.headers})
 
     def _task(self, path: str, response: requests.Response) -> bytes | None:
-        """A device's task passes through: to train, the round's sum waits for its update; a task
-        to train in a round whose update from it is held here becomes a wait (else the server,
-        which has not got it yet, would have it train the round again). None: as it came."""
+        """A device's task passes through (:meth:`RelaySums.passing`); None: as it came."""
         parts = path.split("/")  # /api/devices/NAME/task
         try:
             task = response.json()
@@ -162,12 +161,8 @@ class Relay:
             return None
         if len(parts) != 5 or not isinstance(task, dict):
             return None
-        instead = self.sums.held_task(parts[3], task)
-        if instead is not None:
-            return json.dumps(instead).encode()
-        if task.get("action") == "train" and isinstance(task.get("round"), int):
-            self.sums.handed(parts[3], task["round"])
-        return None
+        instead = self.sums.passing(parts[3], task)
+        return None if instead is None else json.dumps(instead).encode()
 
     def update(self, name: str, round_number: int, headers: Mapping[str, str], body: bytes,
                query: str = "") -> Forwarded | dict[str, Any]:
@@ -190,6 +185,21 @@ class Relay:
                                "Idempotency-Key")
         return self.sums.fold(name, token, round_number, weights, meta, key,
                               hashlib.sha256(body).hexdigest(), reference=model)
+
+    def secagg(self, name: str, round_number: int, headers: Mapping[str, str], body: bytes,
+               query: str = "") -> Forwarded | dict[str, Any]:
+        """A device's answer to a secure round's stage: its masked update is added to the round's
+        masked sum while the masked stage is open (and the round's parameters are known here),
+        everything else passed on. FedHubError (a 4xx) when it is refused here."""
+        path = f"/api/devices/{name}/secagg/{round_number}"
+        binary = headers.get("Content-Type", "").split(";")[0].strip() in (
+            "application/octet-stream", "application/vnd.safetensors")
+        if not binary or not self.sums.takes_masked(round_number):
+            return self.forward("POST", path, query, headers, body)
+        token = _bearer(headers.get("Authorization", ""))
+        self._check_device(name, token)
+        assert token is not None
+        return self.sums.fold_masked(name, token, round_number, body)
 
     def _check_device(self, name: str, token: str | None) -> None:
         """``token`` is device ``name``'s, as the server says (asked once a minute per token)."""

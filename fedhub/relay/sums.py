@@ -5,7 +5,10 @@ Each device's update of the open round is folded into that round's
 :class:`~fedhub.engine.partials.PartialSum` as it arrives and sent to the server as one body when
 every device that was handed the round's task through the relay is in, when ``max_devices``
 are in, or ``flush_after`` seconds after the first. Only while the server's status says the round takes
-partial sums (``partial_sums``); otherwise the caller sends each update on as it came.
+partial sums (``partial_sums``); otherwise the caller sends each update on as it came. In a secure
+round the same holds for the devices' masked updates (:class:`~fedhub.relay.masked.MaskedPartialSum`):
+summed here modulo the round's field while its masked stage is open, with the round's parameters
+seen in its first stage's tasks as they passed through.
 
 With a ``state_dir`` (``fedhub relay``) nothing acknowledged is lost to a SIGKILL and nothing is
 counted twice: an update is on disk (the round's pending sum) before the device hears "accepted";
@@ -34,6 +37,10 @@ from fedhub.engine.device_logs import MAX_BATCH as MAX_LINES_PER_DEVICE
 from fedhub.engine.errors import Conflict, InvalidInput
 from fedhub.engine.files import atomic_write_bytes, atomic_write_text
 from fedhub.engine.relays import MAX_REPORT_LINES
+from fedhub.engine.secagg import MaskedInput, MaskedSum, RoundParams, SecAggError
+from fedhub.engine.secagg.messages import MAX_SUM_HEADER
+
+from .masked import MaskedPartialSum
 
 log = logging.getLogger("fedhub.relay")
 MAX_QUEUED_LINES = 20_000  # waiting for the next flush, all devices together
@@ -55,7 +62,7 @@ class RelaySums:
         self.flush_after = flush_after
         self._clock = clock
         self._lock = threading.Lock()
-        self._pending: dict[int, partials.PartialSum] = {}
+        self._pending: dict[int, partials.PartialSum | MaskedPartialSum] = {}
         self._first: dict[int, float] = {}  # when the round's pending sum got its first update
         self._keys: dict[int, dict[str, tuple[str | None, str]]] = {}  # round -> device -> (key, digest)
         self._outbox: list[tuple[int, bytes]] = []
@@ -63,6 +70,8 @@ class RelaySums:
         self.clipping_norm: float | None = None  # the open round's sums are of changes clipped to it
         self.observed = False  # a status seen: until then no round counts as over
         self.open_round: int | None = None
+        self.masked_stage = False  # the open round is secure, at its masked stage
+        self._secure: dict[int, RoundParams] = {}  # secure rounds' parameters, from their tasks
         self._started: dict[int, Any] = {}  # round -> when its attempt the relay knows began
         self.tasked: dict[int, set[str]] = {}  # round -> devices handed its task through this relay
         self.seen: set[str] = set()  # every device handed a task through this relay
@@ -87,6 +96,7 @@ class RelaySums:
             self.accepting = bool(status.get("partial_sums")) and status.get("status") == "running"
             self.clipping_norm = status.get("partial_clipping_norm")
             self.open_round = current.get("number")
+            self.masked_stage = (current.get("secagg") or {}).get("stage") == "masked"
             self.awaited = set(current.get("selected", ())) - set(current.get("reported", ()))
             if isinstance(number, int):
                 if number in self._started and self._started[number] != started:
@@ -97,6 +107,8 @@ class RelaySums:
                 for old in [n for n in self._keys if n < number - 1 and n not in self._pending]:
                     self._drop_round(old)  # long closed: a retry of its updates cannot come now
                     self._started.pop(old, None)
+                for old in [n for n in self._secure if n < number - 1]:
+                    del self._secure[old]
 
     def _drop_round(self, number: int) -> None:
         """Forget round ``number``'s updates (lock held)."""
@@ -114,26 +126,52 @@ class RelaySums:
         with self._lock:
             return name in self._keys.get(round_number, {})
 
-    def held_task(self, name: str, task: Mapping[str, Any]) -> dict[str, Any] | None:
-        """What device ``name`` is told instead of ``task`` (a task to train in a round whose
-        update from it this relay holds): wait. None: ``task`` stands."""
-        number = task.get("round")
-        if task.get("action") != "train" or not isinstance(number, int) or not self.holds(name, number):
+    def passing(self, name: str, task: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Device ``name``'s task on its way to it through this relay; what it is told instead,
+        or None for ``task`` as it is. A task to train in a round whose update from the device is
+        held here becomes a wait (the server, which has not got it yet, would have it train the
+        round again); a task to train makes the round's sum wait for its update (until
+        ``flush_after``); a secure round's first task carries the parameters its masked updates
+        are summed with."""
+        number, action = task.get("round"), task.get("action")
+        if not isinstance(number, int):
             return None
-        return {"action": "wait", "retry_in": 1.0,
-                "reason": f"update for round {number} held by relay {self.name}; waiting for the round "
-                          "to close"}
-
-    def handed(self, name: str, round_number: int) -> None:
-        """Device ``name`` got round ``round_number``'s task through this relay: the round's sum
-        waits for its update (until ``flush_after``)."""
+        if action == "secagg" and task.get("stage") == "advertise":
+            self._learn(number, task.get("message"))
+        if action != "train":
+            return None
+        if self.holds(name, number):
+            return {"action": "wait", "retry_in": 1.0,
+                    "reason": f"update for round {number} held by relay {self.name}; waiting for the "
+                              "round to close"}
         with self._lock:
-            self.tasked.setdefault(round_number, set()).add(name)
+            self.tasked.setdefault(number, set()).add(name)
             self.seen.add(name)
+        return None
+
+    def _learn(self, number: int, message: object) -> None:
+        """A secure round's parameters (its advertise stage's message; a round run again brings new ones)."""
+        with self._lock:
+            known = self._secure.get(number)
+        if known is not None and known.to_dict() == message:
+            return
+        try:
+            params = RoundParams.from_dict(message)
+        except SecAggError as exc:  # the device refuses it too: its masked update, if any, passes through
+            log.warning("relay %s: round %d's secure-aggregation parameters: %s", self.name, number, exc)
+            return
+        if params.round == number:
+            with self._lock:
+                self._secure[number] = params
 
     def takes(self, round_number: int) -> bool:
         with self._lock:
             return self.accepting and round_number == self.open_round
+
+    def takes_masked(self, round_number: int) -> bool:
+        """Round ``round_number`` is secure, at its masked stage, with parameters known here."""
+        with self._lock:
+            return self.masked_stage and round_number == self.open_round and round_number in self._secure
 
     # folding ----------------------------------------------------------------
     def fold(self, name: str, token: str, round_number: int, weights: Mapping[str, np.ndarray],
@@ -169,6 +207,47 @@ class RelaySums:
             held = len(pending)
         return {"accepted": True, "duplicate": False, "round": round_number, "relay": self.name,
                 "held": held}
+
+    def fold_masked(self, name: str, token: str, round_number: int, body: bytes) -> dict[str, Any]:
+        """Add device ``name``'s masked update (the body it sent) to the round's masked sum; the
+        answer the device gets. Refused as the server refuses it (a message of another device or
+        round, a vector outside the field, refusals of devices that dealt it nothing); the same
+        body again is a retry (``duplicate``), another one a Conflict."""
+        with self._lock:
+            params = self._secure[round_number]
+        message = MaskedInput.from_bytes(body, params, name)
+        if message.device != name:
+            raise InvalidInput(f"device {name!r} sent a message in the name of device {message.device!r}",
+                               "device")
+        if message.round != round_number:
+            raise Conflict(f"device {name!r} sent a masked update for round {message.round} to round "
+                           f"{round_number}", "round")
+        strangers = sorted(set(message.refused) - params.neighbours(name))
+        if strangers:
+            raise InvalidInput(f"device {name!r} refuses shares of {strangers[0]!r}, which dealt none to it",
+                               "refused")
+        digest = hashlib.sha256(body).hexdigest()
+        with self._lock:
+            keys = self._keys.setdefault(round_number, {})
+            if name in keys:
+                if keys[name] == (None, digest):
+                    return {"accepted": True, "duplicate": True, "round": round_number, "stage": "masked",
+                            "relay": self.name}
+                raise Conflict(f"device {name!r} already sent a different masked update in round "
+                               f"{round_number}", "device")
+            pending = self._pending.get(round_number)
+            if not isinstance(pending, MaskedPartialSum) or pending.params is not params:
+                if pending is not None:  # the round ran again with new keys: its old inputs are void
+                    self._drop_round(round_number)
+                    keys = self._keys.setdefault(round_number, {})
+                pending = self._pending[round_number] = MaskedPartialSum(params)
+                self._first[round_number] = self._clock()
+            pending.fold(message, token=token)
+            keys[name] = (None, digest)
+            self._save_pending(round_number)
+            held = len(pending)
+        return {"accepted": True, "duplicate": False, "round": round_number, "stage": "masked",
+                "relay": self.name, "held": held}
 
     def due(self) -> list[int]:
         """Rounds whose pending sum should go now: every device handed the round's task through
@@ -260,9 +339,9 @@ class RelaySums:
             outbox, self._outbox = self._outbox, []
         counted = 0
         for i, (number, body) in enumerate(outbox):
-            devices = len(partials.decode_devices(body))
+            devices = len(_devices_of(body))
             try:
-                answer = self.upstream.send_partial(number, body)
+                answer = self.upstream.send_partial(number, body, masked=_is_masked(body))
             except ServerError as exc:
                 log.warning("relay %s: round %d's partial sum was refused: %s", self.name, number,
                             exc.body.get("message"))
@@ -343,13 +422,29 @@ class RelaySums:
             number = int(path.stem.split("-")[1].removeprefix("r"))
             body = path.read_bytes()
             self._outbox.append((number, body))
-            queued.update((number, n) for n in partials.decode_devices(body))
+            queued.update((number, n) for n in _devices_of(body))
         for path in sorted(self.state_dir.glob("pending-r*.safetensors")):
             number = int(path.stem.removeprefix("pending-r"))
-            pending, keys = partials.PartialSum.restore(path.read_bytes())
+            body = path.read_bytes()
+            kind = MaskedPartialSum if _is_masked(body) else partials.PartialSum
+            pending, keys = kind.restore(body)
+            if isinstance(pending, MaskedPartialSum):
+                self._secure[number] = pending.params
             if any((number, n) in queued for n in pending.shares):
                 path.unlink()  # killed between writing its outbox copy and removing it
                 continue
             self._pending[number] = pending
             self._first[number] = self._clock()
             self._keys.setdefault(number, {}).update({n: (k[0], k[1]) for n, k in keys.items()})
+
+
+def _is_masked(body: bytes) -> bool:
+    """Whether ``body`` (one this process encoded) is a masked sum, not a partial sum of updates."""
+    raw = wire.header(body, max_header=MAX_SUM_HEADER).get("__metadata__") or {}
+    return raw.get("stage") == MaskedSum.STAGE
+
+
+def _devices_of(body: bytes) -> list[str]:
+    """The devices named in a sum's body (either kind; one this process encoded)."""
+    raw = wire.header(body, max_header=MAX_SUM_HEADER).get("__metadata__") or {}
+    return [entry["name"] for entry in json.loads(raw.get("devices", "[]"))]

@@ -10,21 +10,22 @@ message                    direction     carries
                                          encrypted shares of its seed and its mask key
 :class:`ShareBundle`       server→device the encrypted shares its neighbours dealt it
 :class:`MaskedInput`       device→server its masked vector (safetensors), shares it refused
+:class:`MaskedSum`         relay→server  its devices' masked vectors summed, each one's refusals
 :class:`UnmaskRequest`     server→device which neighbours survived and which dropped
 :class:`UnmaskResponse`    device→server per neighbour, the key that opens one of its shares
 =========================  ============  =================================================
 
 Every message names its stage and round, and a device's messages name the device, so a
 replayed, misrouted or impersonating message is refused. All are JSON objects (bytes in
-base64) except :class:`MaskedInput`, which is safetensors: one uint32 or uint64 tensor, or in a
-quantized round one uint8 tensor of its ``bits``-bit values packed end to end.
+base64) except :class:`MaskedInput` and :class:`MaskedSum`, which are safetensors: one uint32 or
+uint64 tensor, or in a quantized round one uint8 tensor of its ``bits``-bit values packed end to end.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,7 +33,7 @@ from safetensors.numpy import save as st_save
 
 from .. import wire
 from ..errors import InvalidInput
-from .codec import MAX_DEVICES, Reader, decode_bytes, dumps, encode_bytes, loads
+from .codec import MAX_DEVICES, Reader, check_name, decode_bytes, dumps, encode_bytes, loads
 from .crypto import CIPHERTEXT_BYTES, KEY_BYTES, KINDS, MASK_KEY, PROTOCOL, SEED
 from .encoding import pack, packed_size, unpack
 from .errors import ProtocolViolation
@@ -193,12 +194,9 @@ class MaskedInput:
     refused: tuple[str, ...] = ()  # dealers whose shares did not authenticate
 
     def to_bytes(self, params: RoundParams) -> bytes:
-        meta = {"format": PROTOCOL, "stage": self.STAGE, "round": str(self.round), "device": self.device,
-                "refused": json.dumps(list(self.refused))}
-        if params.packed:
-            return st_save({"masked": pack(self.vector, params.bits)}, metadata=meta)
-        dtype = "<u4" if params.bits <= 32 else "<u8"
-        return st_save({"masked": np.ascontiguousarray(self.vector, dtype=dtype)}, metadata=meta)
+        return _save_vector(self.vector, params, {
+            "format": PROTOCOL, "stage": self.STAGE, "round": str(self.round), "device": self.device,
+            "refused": json.dumps(list(self.refused))})
 
     @staticmethod
     def wire_tensor(params: RoundParams) -> tuple[tuple[int, ...], str]:
@@ -210,37 +208,132 @@ class MaskedInput:
 
     @classmethod
     def from_bytes(cls, body: bytes, params: RoundParams, device: str | None = None) -> MaskedInput:
-        shape, dtype = cls.wire_tensor(params)
-        limit = shape[0] * np.dtype(dtype).itemsize + wire.MAX_HEADER_BYTES
-        try:
-            tensors, _ = wire.decode(body, {"masked": (shape, dtype)}, max_bytes=limit)
-            meta = wire.header(body).get("__metadata__") or {}
-        except InvalidInput as exc:
-            raise ProtocolViolation(exc.message, exc.field, device=device) from None
+        meta, vector = _load_vector(body, params, cls.STAGE, device, ("device", "refused"))
         r = Reader(meta, cls.STAGE, device)
-        r.exact_keys("format", "round", "device", "refused")
-        if meta["format"] != PROTOCOL:
-            raise r.refuse(f"format must be {PROTOCOL!r}", "format")
-        try:
-            number = int(meta["round"])
-        except (TypeError, ValueError):
-            raise r.refuse("'round' must be an integer", "round") from None
         if not isinstance(meta["refused"], str):
             raise r.refuse("'refused' must be a JSON list of device names", "refused")
         refused = loads(meta["refused"], device, max_bytes=max_json_bytes(params), field="refused")
-        fields = Reader({"stage": cls.STAGE, "round": number, "device": meta["device"], "refused": refused},
-                        cls.STAGE, device)
-        if params.packed:
-            try:
-                vector = unpack(tensors["masked"], params.length + 1, params.bits)
-            except ValueError as exc:
-                raise r.refuse(f"the masked vector: {exc}", "masked") from None
-        else:
-            vector = tensors["masked"].astype(np.uint64)
-        if params.bits < 64 and int(vector.max(initial=0)) > params.modulus_mask:
-            raise r.refuse(f"the masked vector holds values of {params.bits} bits or more", "masked")
-        return cls(round=fields.integer("round", 0, ROUND_MAX), device=fields.name("device"),
-                   vector=vector, refused=fields.names("refused", MAX_DEVICES))
+        fields = Reader({"stage": cls.STAGE, "device": meta["device"], "refused": refused}, cls.STAGE, device)
+        return cls(round=meta["round"], device=fields.name("device"), vector=vector,
+                   refused=fields.names("refused", MAX_DEVICES))
+
+
+# A relay sums at most this many devices' inputs in one message (as in a partial sum of
+# updates); its metadata (names, tokens, refused dealers) stays within MAX_SUM_HEADER.
+MAX_SUM_DEVICES = 256
+MAX_SUM_HEADER = 4 * 1024 * 1024
+MAX_TOKEN_CHARS = 200
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedSum:
+    """Several devices' masked inputs summed modulo 2^bits by a relay: the vector the server's
+    own sum would gain from adding each, in one message (a relay sees masked vectors only, as the
+    server does). ``inputs`` names each device with the dealers it refused; ``tokens`` are the
+    devices' own, with which the relay speaks for them: the transport checks them, not this layer."""
+
+    STAGE: ClassVar[str] = "masked_sum"
+
+    round: int
+    inputs: tuple[tuple[str, tuple[str, ...]], ...]
+    vector: np.ndarray
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.inputs)
+
+    def to_bytes(self, params: RoundParams, extra: Mapping[str, str] | None = None) -> bytes:
+        """The body to send (``extra``: more metadata, for a relay's own copy on disk)."""
+        devices = [{"name": name, "refused": list(refused), "token": token}
+                   for (name, refused), token in zip(self.inputs, self.tokens, strict=True)]
+        return _save_vector(self.vector, params, {**(extra or {}), "format": PROTOCOL, "stage": self.STAGE,
+                                                  "round": str(self.round), "devices": json.dumps(devices)})
+
+    @classmethod
+    def from_bytes(cls, body: bytes, params: RoundParams, relay: str | None = None, *,
+                   extra: tuple[str, ...] = ()) -> MaskedSum:
+        """Parse and check a sum of ``params``' round (``extra``: metadata keys also allowed, in a
+        relay's own copy); a refusal names ``relay`` and the field, ``devices[i]...`` for a device's."""
+        try:
+            return cls._parse(body, params, extra)
+        except ProtocolViolation as exc:
+            if relay is None:
+                raise
+            raise ProtocolViolation(f"relay {relay!r}: {exc.message}", exc.field) from None
+
+    @classmethod
+    def _parse(cls, body: bytes, params: RoundParams, extra: tuple[str, ...]) -> MaskedSum:
+        meta, vector = _load_vector(body, params, cls.STAGE, None, ("devices", *extra),
+                                    max_header=MAX_SUM_HEADER)
+        r = Reader(meta, cls.STAGE)
+        entries = (loads(meta["devices"], max_bytes=MAX_SUM_HEADER, field="devices")
+                   if isinstance(meta["devices"], str) else None)
+        if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_SUM_DEVICES:
+            raise r.refuse(f"'devices' must be a JSON list of 1 to {MAX_SUM_DEVICES} devices", "devices")
+        inputs, tokens = [], []
+        for i, entry in enumerate(entries):
+            where = f"devices[{i}]"
+            if not isinstance(entry, dict) or set(entry) != {"name", "refused", "token"}:
+                raise r.refuse(f"{where} must be an object with name, refused and token", where)
+            name = check_name(entry["name"], f"{where}.name", r)
+            refused = entry["refused"]
+            if not isinstance(refused, list) or len(refused) > params.shares:
+                raise r.refuse(f"{where}.refused must be a list of at most {params.shares} device names",
+                               f"{where}.refused")
+            token = entry["token"]
+            if not isinstance(token, str) or not 1 <= len(token) <= MAX_TOKEN_CHARS:
+                raise r.refuse(f"{where}.token must be the device's token (1-{MAX_TOKEN_CHARS} characters)",
+                               f"{where}.token")
+            inputs.append((name, tuple(check_name(v, f"{where}.refused", r) for v in refused)))
+            tokens.append(token)
+        names = [name for name, _ in inputs]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise r.refuse(f"'devices' names device {twice!r} twice", "devices")
+        return cls(round=meta["round"], inputs=tuple(inputs), vector=vector, tokens=tuple(tokens))
+
+
+def _save_vector(vector: np.ndarray, params: RoundParams, meta: Mapping[str, str]) -> bytes:
+    if params.packed:
+        return st_save({"masked": pack(vector, params.bits)}, metadata=dict(meta))
+    dtype = "<u4" if params.bits <= 32 else "<u8"
+    return st_save({"masked": np.ascontiguousarray(vector, dtype=dtype)}, metadata=dict(meta))
+
+
+def _load_vector(body: bytes, params: RoundParams, stage: str, sender: str | None, keys: tuple[str, ...],
+                 *, max_header: int = wire.MAX_HEADER_BYTES) -> tuple[dict[str, Any], np.ndarray]:
+    """A masked message's metadata (format and round checked, ``round`` made an int, exactly
+    ``keys`` besides) and its field vector (uint64, every value below the modulus)."""
+    shape, dtype = MaskedInput.wire_tensor(params)
+    limit = shape[0] * np.dtype(dtype).itemsize + max_header
+    try:
+        tensors, _ = wire.decode(body, {"masked": (shape, dtype)}, max_bytes=limit, max_header=max_header)
+        meta = dict(wire.header(body, max_header=max_header).get("__metadata__") or {})
+    except InvalidInput as exc:
+        raise ProtocolViolation(exc.message, exc.field, device=sender) from None
+    r = Reader({**meta, "stage": stage}, stage, sender)
+    if meta.get("stage") != stage:
+        raise r.refuse(f"expected a {stage!r} message, got stage {meta.get('stage')!r}", "stage")
+    r.exact_keys("format", "round", *keys)
+    if meta["format"] != PROTOCOL:
+        raise r.refuse(f"format must be {PROTOCOL!r}", "format")
+    try:
+        meta["round"] = int(meta["round"])
+    except (TypeError, ValueError):
+        raise r.refuse("'round' must be an integer", "round") from None
+    if not 0 <= meta["round"] <= ROUND_MAX:
+        raise r.refuse(f"'round' must be an integer from 0 to {ROUND_MAX}", "round")
+    if params.packed:
+        try:
+            vector = unpack(tensors["masked"], params.length + 1, params.bits)
+        except ValueError as exc:
+            raise r.refuse(f"the masked vector: {exc}", "masked") from None
+    else:
+        vector = tensors["masked"].astype(np.uint64)
+    if params.bits < 64 and int(vector.max(initial=0)) > params.modulus_mask:
+        raise r.refuse(f"the masked vector holds values of {params.bits} bits or more", "masked")
+    return meta, vector
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ the sum. The coordinator drives it with five calls and never reaches inside:
 
 - :meth:`ServerRound.request` -- what a device should receive at the open stage;
 - :meth:`ServerRound.receive` (or :meth:`~ServerRound.receive_bytes`) -- a device's answer;
-  a refused message raises a :class:`~.errors.SecAggError` naming the device and changes nothing;
+  a refused message raises a :class:`~.errors.SecAggError` naming the device and changes nothing
+  (:meth:`ServerRound.receive_sum`: a relay's sum of its devices' masked inputs, as each one's);
 - :meth:`ServerRound.expected` -- who the open stage still waits for;
 - :meth:`ServerRound.close_stage` -- when all answered or the stage's deadline passed;
 - :meth:`ServerRound.finish` -- after the unmask stage: the weighted mean, or
@@ -43,6 +44,7 @@ from .messages import (
     AdvertiseKeys,
     KeyDirectory,
     MaskedInput,
+    MaskedSum,
     ShareBundle,
     ShareKeys,
     UnmaskRequest,
@@ -210,19 +212,48 @@ class ServerRound:
         self._dealt[device] = msg
 
     def _masked_input(self, device: str, msg: MaskedInput) -> None:
-        self._require(device, self._u2, "its shares came too late, or too few neighbours dealt theirs")
-        digest = hashlib.sha256(msg.vector.tobytes() + repr(msg.refused).encode()).digest()
-        if device in self._masked:
-            self._repeat(device, self._masked[device] == digest, "masked input")
-            return
-        strangers = sorted(set(msg.refused) - self._near(device, self._u2))
-        if strangers:
-            raise self._violation(device, f"refuses shares of {strangers[0]!r}, which dealt none to it",
-                                  "refused")
-        masks.add(self._sum, msg.vector, 1, self.params)
-        self._masked[device] = digest
-        if msg.refused:
-            self._complaints[device] = tuple(sorted(msg.refused))
+        self._take_masked(((device, msg.refused),), msg.vector)
+
+    def receive_sum(self, msg: MaskedSum) -> bool:
+        """Take a relay's sum of its devices' masked inputs (each device as authenticated by the
+        transport): as if each had sent its own. True when it is the same sum again (a retry);
+        a refusal names the device at fault and changes nothing."""
+        with self._lock:
+            p = self.params
+            for i, name in enumerate(msg.devices):
+                if name not in p.order:
+                    raise self._violation(name, f"was not selected for round {p.round}", f"devices[{i}].name")
+            if msg.round != p.round:
+                raise StaleMessage(f"a masked sum for round {msg.round} during round {p.round}: replayed "
+                                   "or stale", "round")
+            if all(self._masked.get(d) == _digest(msg.inputs, msg.vector) for d in msg.devices):
+                return True  # a retry, also once the stage has moved on
+            self._check_open()
+            if self._stage != MASKED:
+                raise StaleMessage(f"a masked sum while round {p.round} is at stage {self._stage!r}: "
+                                   "replayed or late", "stage")
+            return self._take_masked(msg.inputs, msg.vector)
+
+    def _take_masked(self, inputs: tuple[tuple[str, tuple[str, ...]], ...], vector: np.ndarray) -> bool:
+        """Add ``vector``, the masked input of the devices in ``inputs`` (each with the dealers it
+        refused), once (lock held). True for a repeat of the same (a retried upload)."""
+        digest = _digest(inputs, vector)
+        known = [device for device, _ in inputs if device in self._masked]
+        if known:
+            self._repeat(known[0], all(self._masked.get(d) == digest for d, _ in inputs), "masked input")
+            return True
+        for device, refused in inputs:
+            self._require(device, self._u2, "its shares came too late, or too few neighbours dealt theirs")
+            strangers = sorted(set(refused) - self._near(device, self._u2))
+            if strangers:
+                raise self._violation(device, f"refuses shares of {strangers[0]!r}, which dealt none to it",
+                                      "refused")
+        masks.add(self._sum, vector, 1, self.params)
+        for device, refused in inputs:
+            self._masked[device] = digest
+            if refused:
+                self._complaints[device] = tuple(sorted(refused))
+        return False
 
     def _unmask(self, device: str, msg: UnmaskResponse) -> None:
         self._require(device, self._u3, "its masked input came too late")
@@ -420,3 +451,7 @@ class ServerRound:
         self._failure = exc.message if isinstance(exc, SecAggError) else f"{type(exc).__name__}: {exc}"
         self._sum = np.zeros(0, dtype=np.uint64)
 
+
+def _digest(inputs: tuple[tuple[str, tuple[str, ...]], ...], vector: np.ndarray) -> bytes:
+    """What tells a retried masked input (or sum) from another one."""
+    return hashlib.sha256(vector.tobytes() + repr(inputs).encode()).digest()

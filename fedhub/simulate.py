@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -119,7 +120,10 @@ class SimulationOptions:
     ray_address: str | None = params.setting(None, "Ray cluster to join (e.g. auto, HOST:6379); "
                                              "default: a local Ray")
     cpus_per_worker: float = params.number(1.0, above=0, high=1024, help="Ray CPUs per worker")
-    gpus_per_worker: float = params.number(0.0, 0, 64, help="Ray GPUs per worker")
+    gpus_per_worker: float = params.number(
+        0.0, 0, 64, help="GPUs per worker: a share below 1 puts several workers on one GPU, a whole number "
+        "gives each its own (process workers: their CUDA_VISIBLE_DEVICES; Ray: the actors' num_gpus); "
+        "0: the workers train on the CPU")
     root: Path | None = params.setting(None, "folder for device folders, server state and logs (default: a "
                                        "temporary one, removed afterwards); on a Ray cluster every machine "
                                        "must see it at this path", metavar="DIR")
@@ -190,6 +194,13 @@ def parse_args(argv: list[str] | None = None) -> SimulationOptions:
             import ray  # noqa: F401
         except ImportError:
             p.error("--backend ray needs Ray: pip install -e '.[ray]'")
+    elif o.gpus_per_worker:  # what the pool will ask of this machine's GPUs, asked now
+        from fedhub.device import gpus
+
+        try:
+            gpus.assign(min(o.workers or os.cpu_count() or 1, o.devices), o.gpus_per_worker, gpus.visible())
+        except ValueError as exc:
+            p.error(str(exc))
     settings.print_config(a, o, every)
     return o
 
@@ -249,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "fraction": federation.fraction, "workers": stats["workers"], "backend": o.backend,
         "mode": federation.mode, "framework": run.framework, "dataset": run.dataset, "model": run.model,
         "nodes": len(nodes), "restarts": stats["restarts"], "failed_steps": stats["failures"],
+        "gpus_per_worker": o.gpus_per_worker, "worker_gpus": stats.get("worker_gpus"),
         "epsilon": (history[-1].get("privacy") or {}).get("epsilon") if history else None,
         **efficiency_summary(history),
     }), flush=True)

@@ -120,7 +120,8 @@ def simulate(model: Any, partitions: Partitions, *,
 
     The devices run against a :class:`fedhub.Server` started here on a free loopback port:
 
-    * on a pool of ``workers`` worker processes hosting virtual devices (``backend="ray"``:
+    * on a pool of ``workers`` worker processes hosting virtual devices, each on
+      ``gpus_per_worker`` GPUs (:mod:`fedhub.device.gpus`; 0: the CPU) (``backend="ray"``:
       Ray actors with ``cpus_per_worker``/``gpus_per_worker`` each, on the cluster at
       ``ray_address``, or a local one). This is the default when there are more devices than
       cores (then ``workers`` = the number of cores). The run starts once every device has
@@ -295,7 +296,7 @@ def _on_pool(model: Any, partitions: Partitions, *, root: Path, test_data: Any,
         stats = pool.stats()
     history.stats.update({key: stats[key] for key in
                           ("bytes_up", "bytes_down", "workers", "backend", "restarts", "failures", "tasks",
-                           "worker_peak_rss_mb")}, training_started_at=training_started_at)
+                           "worker_peak_rss_mb", "worker_gpus")}, training_started_at=training_started_at)
     return history
 
 

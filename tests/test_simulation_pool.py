@@ -19,16 +19,20 @@ from tests.conftest import ROOT, wait_until
 MODEL_BYTES = 101_770 * 4  # the basic network's float32 weights, the bulk of a download or upload
 
 
-def run_simulate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_simulate(*args: str, timeout: float = 600,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedhub.simulate", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=None if env is None else {**os.environ, **env})
 
 
 @pytest.mark.slow
 def test_simulate_command_30_devices_2_workers(tmp_path, data_dir):
+    """Also: --gpus-per-worker 0.5 puts both workers on the one GPU this process may use (here a
+    GPU that is not there: the frameworks fall back to the CPU, and the workers say what they saw)."""
     out = run_simulate("--devices", "30", "--fraction", "0.2", "--workers", "2", "--rounds", "2",
                        "--limit", "40", "--test-limit", "300", "--data-dir", str(data_dir),
-                       "--root", str(tmp_path / "sim"), "--history", str(tmp_path / "history.json"))
+                       "--root", str(tmp_path / "sim"), "--history", str(tmp_path / "history.json"),
+                       "--gpus-per-worker", "0.5", env={"CUDA_VISIBLE_DEVICES": "5"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
@@ -43,6 +47,7 @@ def test_simulate_command_30_devices_2_workers(tmp_path, data_dir):
     assert "round 1" in out.stderr and "device" in out.stderr  # the per-round progress bars
     assert 0 < summary["first_round_s"] <= summary["wall_s"]
     assert summary["peak_rss_mb"] > 300 and summary["workers"] == 2 and summary["restarts"] == 0
+    assert summary["gpus_per_worker"] == 0.5 and summary["worker_gpus"] == ["5", "5"]
 
     # Each round: 20% of 30 devices selected, every one of them reported, counted once.
     examples = {name: info["examples"] for name, info in

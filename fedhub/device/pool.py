@@ -4,7 +4,8 @@
     pool.wait()   # until the run is over; pool.stats() then says what was trained where
 
 Each worker runs :class:`fedhub.device.virtual.Worker` on its share of the devices, shared out
-by their data so that each worker holds about as many examples (:func:`balance`). A worker that
+by their data so that each worker holds about as many examples (:func:`balance`), on the GPUs
+``gpus_per_worker`` gives it (:mod:`fedhub.device.gpus`; none by default). A worker that
 dies (a crash, the OOM killer, SIGKILL) is started again with the same devices, which pick up
 their saved tokens and carry on: a round still open trains them, otherwise the next one does.
 With ``backend="ray"`` the workers are Ray actors (:mod:`fedhub.device.ray_backend`), placed by
@@ -30,6 +31,7 @@ from typing import Any
 
 from fedhub.checkout import ROOT
 
+from . import gpus
 from .attacks import Attack
 from .launcher import stop
 from .virtual import WorkerSpec
@@ -66,6 +68,8 @@ class ProcessWorkers:
         spec_path = self.log_dir / f"worker-{spec.index}.json"
         spec_path.write_text(dataclasses.replace(spec, stats_path=str(stats)).to_json())
         env = {**os.environ}
+        if spec.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.gpus)
         if spec.enroll_secret:  # in the environment, not on the command line (ps shows that)
             env["FEDHUB_ENROLL_SECRET"] = spec.enroll_secret
         with open(self.log_dir / f"worker-{spec.index}.log", "ab") as out:
@@ -213,6 +217,8 @@ class DevicePool:
             default = os.cpu_count() or 1
         count = min(self.workers or default, len(self.names))
         threads = self.threads_per_worker(count)
+        # Ray places its actors on GPUs itself; process workers get theirs here
+        plan = None if self.backend == "ray" else gpus.assign(count, self.gpus_per_worker, gpus.visible())
         for index, names in enumerate(balance(self.names, self.devices_root, count)):
             spec = WorkerSpec(server=self.server, names=names,
                               devices_root=str(self.devices_root), model=self.model,
@@ -223,7 +229,7 @@ class DevicePool:
                               secagg_dropout=self.secagg_dropout,
                               slowdown={n: f for n, f in self.slowdown.items() if n in names},
                               enroll_secret=self.enroll_secret, parent_pid=os.getpid(),
-                              stay=self.stay, relay=self.relay)
+                              stay=self.stay, relay=self.relay, gpus=None if plan is None else plan[index])
             slot = _Slot(spec)
             slot.handle = self._runner.launch(spec, 0)
             self._slots.append(slot)
@@ -315,18 +321,19 @@ class DevicePool:
     def stats(self) -> dict[str, Any]:
         """Totals over every worker and every restart: bytes sent and received, each device
         round trained (device, round, node), failed steps, restarts, each device's exit code,
-        and each worker's peak resident memory (one entry per worker process)."""
+        and each worker's peak resident memory and GPUs (one entry per worker process)."""
         with self._lock:
             summaries = [(slot, [*slot.summaries, self._runner.summary(slot.handle)])
                          for slot in self._slots]
         out: dict[str, Any] = {"workers": len(summaries), "backend": self.backend, "bytes_up": 0,
                                "bytes_down": 0, "tasks": [], "failures": 0, "restarts": 0,
-                               "exit_codes": {}, "worker_peak_rss_mb": []}
+                               "exit_codes": {}, "worker_peak_rss_mb": [], "worker_gpus": []}
         for slot, parts in summaries:
             out["restarts"] += slot.restarts
             for part in parts:
                 if "peak_rss_mb" in part:
                     out["worker_peak_rss_mb"].append(part["peak_rss_mb"])
+                    out["worker_gpus"].append(part.get("gpus"))
                 out["bytes_up"] += part.get("bytes_up", 0)
                 out["bytes_down"] += part.get("bytes_down", 0)
                 out["tasks"] += part.get("tasks", [])

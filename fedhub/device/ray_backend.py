@@ -21,26 +21,15 @@ from typing import Any
 
 import ray
 
+from . import gpus
 from .virtual import Worker, WorkerSpec
-
-
-def _share_gpus(spec: WorkerSpec) -> None:
-    """TensorFlow takes all of a GPU's memory by default; actors sharing a GPU (fractional
-    ``gpus_per_worker``) must grow theirs as needed instead (as Flower's actors do). PyTorch
-    takes memory as it needs it, and a PyTorch worker must not import TensorFlow at all."""
-    if spec.framework != "keras":
-        return
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
 
 
 @ray.remote(max_concurrency=2)  # run() serves the devices while stop() can still be called
 class WorkerActor:
     def __init__(self, spec_json: str, enroll_secret: str | None, log_path: str) -> None:
         spec = WorkerSpec.from_json(spec_json, enroll_secret)
-        _share_gpus(spec)
+        gpus.share_memory(spec.framework)  # actors may share a GPU (a fractional gpus_per_worker)
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the actor
         node = ray.get_runtime_context().get_node_id()

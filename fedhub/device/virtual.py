@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import requests
 
+from fedhub.device import gpus
 from fedhub.device.attacks import Attack, make_attack
 from fedhub.device.client import Client, PooledClient, RemoteLogHandler, ServerError, TLSError, Unreachable
 from fedhub.device.runner import DeviceRunner
@@ -93,6 +94,9 @@ class WorkerSpec:
     # The worker is a relay for its devices (fedhub.relay): while a round takes partial sums, it
     # sends one sum of its devices' updates instead of each (it needs the enrollment secret).
     relay: bool = True
+    # The GPUs this worker process trains on, as CUDA_VISIBLE_DEVICES names them (fedhub.device.gpus;
+    # [] hides them all); None: as the environment has it (Ray sets it for its actors).
+    gpus: list[str] | None = None
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -667,6 +671,7 @@ class Worker:
     # reporting --------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         return {"worker": self.spec.index, "node": self.node, "pid": os.getpid(),
+                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),  # as this process sees them
                 # Peak resident memory of start-up (the framework, the model), then of serving the devices.
                 "startup_rss_mb": round(self._startup_peak / 2**20, 1),
                 "peak_rss_mb": round(_peak_rss() / 2**20, 1),
@@ -707,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --spec {a.spec}: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if spec.gpus:  # workers may share a GPU (a fractional --gpus-per-worker)
+        gpus.share_memory(spec.framework)
     worker = Worker(spec)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: worker.stop())

@@ -11,6 +11,7 @@ Importing this module imports torch and never TensorFlow.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -167,6 +168,9 @@ class TorchNetwork:
         # seed's CIFAR-10 CNN: 0.5 and 0.5), else none (images scaled to 0..1).
         self.mean = float(getattr(self.module, "mean", 0.0))
         self.std = float(getattr(self.module, "std", 1.0))
+        # A GPU where this process sees one (a pool's worker sees those --gpus-per-worker gave it)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.module.to(self.device)
         self.module.eval()
         self._rng = np.random.default_rng(seed)
         self._optimizer: torch.optim.Optimizer | None = None
@@ -182,7 +186,7 @@ class TorchNetwork:
         scaled = scale_images(images, self.image_shape)
         x = torch.from_numpy(scaled)
         x = x.unsqueeze(1) if len(self.image_shape) == 2 else x.permute(0, 3, 1, 2)
-        return ((x - self.mean) / self.std).contiguous()
+        return ((x.to(self.device) - self.mean) / self.std).contiguous()
 
     def image_to_input(self, source: bytes) -> np.ndarray:
         from fedhub.frameworks.images import colour_image_to_array, image_to_array
@@ -246,7 +250,7 @@ class TorchNetwork:
         n = len(x)
         if n == 0:
             raise ValueError("cannot train on an empty dataset")
-        labels = torch.from_numpy(check_labels(y, n, len(self.class_names)))
+        labels = torch.from_numpy(check_labels(y, n, len(self.class_names))).to(self.device)
         scale_images(x[:1], self.image_shape)  # a wrong shape or dtype fails before any step
         module = self.module
         if self._optimizer is None:
@@ -256,7 +260,7 @@ class TorchNetwork:
         anchors = None
         if proximal_mu > 0:
             anchors = ([p.detach().clone() for p in module.parameters()] if anchor is None else
-                       [torch.as_tensor(np.asarray(anchor[name], dtype=np.float32))
+                       [torch.as_tensor(np.asarray(anchor[name], dtype=np.float32), device=self.device)
                         for name, _ in module.named_parameters()])
         loss_fn = nn.CrossEntropyLoss()
         per_epoch = math.ceil(n / batch_size)
@@ -302,7 +306,7 @@ class TorchNetwork:
         chunks = []
         with torch.inference_mode():
             for start in range(0, len(x), _EVAL_BATCH):
-                chunks.append(self.module(self.to_tensor(x[start : start + _EVAL_BATCH])).numpy())
+                chunks.append(self.module(self.to_tensor(x[start : start + _EVAL_BATCH])).cpu().numpy())
         if not chunks:
             return np.zeros((0, len(self.class_names)), np.float32)
         return np.concatenate(chunks)
@@ -335,8 +339,9 @@ class TorchNetwork:
     # ------------------------------------------------------------------ export
 
     def raw_image_module(self) -> nn.Module:
-        """The network wrapped for plain PyTorch users (see :class:`RawImages`)."""
-        return RawImages(self.module, self.mean, self.std, grey=len(self.image_shape) == 2).eval()
+        """The network wrapped for plain PyTorch users (see :class:`RawImages`), on the CPU."""
+        module = self.module if self.device.type == "cpu" else copy.deepcopy(self.module).cpu()
+        return RawImages(module, self.mean, self.std, grey=len(self.image_shape) == 2).eval()
 
     def export(self, weights: Mapping[str, np.ndarray]) -> bytes:
         """A ``torch.export`` program (``torch.export.load(f).module()``): raw uint8 images in,

@@ -17,6 +17,9 @@ Prints a Markdown report (results and commands go to docs/benchmarks.md):
   ``--rounds-scale`` rounds: each round's efficiency (:mod:`fedhub.efficiency`: one process's time
   for the round's images, measured in the same run, over the round's time), the first round,
   the steady round and the peak memory of all processes (issue 23's starting point).
+* ``secure``: the same under secure aggregation (``--secure``, default 200 devices, a quarter a
+  round): the workers as relays (one masked sum each a round) against each masked update on its
+  own, in one run: bytes up, the steady round, each round's accuracy.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ def ray_cluster() -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", choices=["ten", "many", "ray", "scale"],
+    p.add_argument("--parts", nargs="+", choices=["ten", "many", "ray", "scale", "secure"],
                    default=["ten", "many", "ray"])
     p.add_argument("--data-dir", default=os.environ.get("FEDHUB_DATA_DIR"))
     p.add_argument("--devices", type=int, nargs="+", default=[100, 1000], help="for many and ray")
@@ -145,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds-many", type=int, default=40)
     p.add_argument("--rounds-ray", type=int, default=10)
     p.add_argument("--rounds-scale", type=int, default=5)
+    p.add_argument("--rounds-secure", type=int, default=4)
+    p.add_argument("--secure", default="200:0.25", metavar="DEVICES:FRACTION",
+                   help="the secure part's federation")
     p.add_argument("--relay", nargs="+", choices=["on", "off"], default=["on", "off"],
                    help="scale part: the workers as relays (one partial sum each a round), or each "
                         "update on its own (today's path before relays); both by default, in one run")
@@ -162,14 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     many.add_argument("--strategy-arg", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
     if min(a.devices) < 1 or a.workers < 1 or min(a.rounds_ten, a.rounds_many, a.rounds_ray,
-                                                    a.rounds_scale) < 1:
+                                                    a.rounds_scale, a.rounds_secure) < 1:
         p.error("--devices, --workers and the --rounds-* options must be at least 1")
     try:
         scale = [(int(n), float(f)) for n, f in (item.split(":") for item in a.scale)]
+        secure = [(int(n), float(f)) for n, f in [a.secure.split(":")]]
     except ValueError:
-        p.error("--scale takes DEVICES:FRACTION, e.g. 10000:0.01")
-    if any(n < 1 or not 0 < f <= 1 for n, f in scale):
-        p.error("--scale: DEVICES at least 1, FRACTION in (0, 1]")
+        p.error("--scale and --secure take DEVICES:FRACTION, e.g. 10000:0.01")
+    if any(n < 1 or not 0 < f <= 1 for n, f in scale + secure):
+        p.error("--scale, --secure: DEVICES at least 1, FRACTION in (0, 1]")
     try:
         params = parse_strategy_args(a.strategy, a.strategy_arg)
         training = {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.learning_rate,
@@ -202,16 +209,17 @@ def main(argv: list[str] | None = None) -> int:
                    training=training,
                    **run_pool(folder, tmp / f"many{devices}", a.rounds_many, 0.1, a.data_dir,
                               workers=a.workers, **training))
-    if "scale" in a.parts:
-        for (devices, fraction), relay in itertools.product(scale, a.relay):
-            # A fresh split for each way (the same one, seeded): device folders keep their tokens.
-            folder = split(tmp / f"scale{devices}-{relay}" / "devices", devices, a.data_dir)
-            how = "workers as relays" if relay == "on" else "each update on its own"
-            record(part="scale", devices=devices,
-                   setup=f"{devices:,} devices, {fraction:g} a round, {a.workers} workers, {how}",
-                   fraction=fraction, relay=relay == "on", load_average=os.getloadavg(),
-                   **run_pool(folder, tmp / f"scale{devices}-{relay}", a.rounds_scale, fraction, a.data_dir,
-                              workers=a.workers, efficiency=True, relay=relay == "on"))
+    parts = [("scale", combo, a.rounds_scale, {}) for combo in scale if "scale" in a.parts]
+    parts += [("secure", combo, a.rounds_secure, {"secagg": True}) for combo in secure if "secure" in a.parts]
+    for (part, (devices, fraction), rounds, extra), relay in itertools.product(parts, a.relay):
+        # A fresh split for each way (the same one, seeded): device folders keep their tokens.
+        folder = split(tmp / f"{part}{devices}-{relay}" / "devices", devices, a.data_dir)
+        how = "workers as relays" if relay == "on" else "each update on its own"
+        record(part=part, devices=devices,
+               setup=f"{devices:,} devices, {fraction:g} a round, {a.workers} workers, {how}",
+               fraction=fraction, relay=relay == "on", load_average=os.getloadavg(),
+               **run_pool(folder, tmp / f"{part}{devices}-{relay}", rounds, fraction, a.data_dir,
+                          workers=a.workers, efficiency=True, relay=relay == "on", **extra))
     if "ray" in a.parts:
         import ray
 
@@ -250,6 +258,17 @@ def report(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
                   f"{num(r.get('first_round_efficiency'), 3)} | {num(r['steady_round_s'])} s | "
                   f"{num(r.get('steady_efficiency'), 3)} | {r['final_accuracy']:.4f} | "
                   f"{num(r['peak_rss_mb'], 0)} MB |")
+        print()
+
+    secured = [r for r in results if r["part"] == "secure"]
+    if secured:
+        print("## Secure aggregation with the workers as relays (IID, basic model, one local epoch)\n")
+        print("| setup | rounds | first round | steady round | MB up | accuracy each round |")
+        print("|---|---:|---:|---:|---:|---|")
+        for r in secured:
+            accuracy = ", ".join(f"{acc:.4f}" for acc in r["accuracy"])
+            print(f"| {r['setup']} | {r['rounds']} | {num(r['first_round_s'])} s | "
+                  f"{num(r['steady_round_s'])} s | {num(r['bytes_up'] / 1e6)} | {accuracy} |")
         print()
 
     central = next((r for r in results if r["part"] == "central"), None)

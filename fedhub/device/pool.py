@@ -218,7 +218,8 @@ class DevicePool:
         count = min(self.workers or default, len(self.names))
         threads = self.threads_per_worker(count)
         # Ray places its actors on GPUs itself; process workers get theirs here
-        plan = None if self.backend == "ray" else gpus.assign(count, self.gpus_per_worker, gpus.visible())
+        plan = None if self.backend == "ray" else gpus.assign(
+            count, self.gpus_per_worker, gpus.visible() if self.gpus_per_worker else [])
         for index, names in enumerate(balance(self.names, self.devices_root, count)):
             spec = WorkerSpec(server=self.server, names=names,
                               devices_root=str(self.devices_root), model=self.model,

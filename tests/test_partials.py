@@ -228,6 +228,9 @@ def test_a_relay_sums_masked_updates_in_the_field_and_keeps_them_across_a_kill(t
     with pytest.raises(InvalidInput) as err:
         sums.fold_masked("dev-2", "t2", p.round, bodies["dev-0"])
     assert err.value.field == "device"
+    with pytest.raises(Conflict) as conflict:  # a device the round did not select
+        sums.fold_masked("stranger", "t9", p.round, bodies["dev-0"])
+    assert conflict.value.field == "round"
     del sums  # killed
     again = _sums(tmp_path)
     assert again.view()["pending"] == {str(p.round): 2}

@@ -215,6 +215,8 @@ class RelaySums:
         body again is a retry (``duplicate``), another one a Conflict."""
         with self._lock:
             params = self._secure[round_number]
+        if name not in params.order:
+            raise Conflict(f"device {name!r} is not in round {round_number}", "round")
         message = MaskedInput.from_bytes(body, params, name)
         if message.device != name:
             raise InvalidInput(f"device {name!r} sent a message in the name of device {message.device!r}",

@@ -14,8 +14,9 @@ from .cli_inprocess import assert_one_line_error, run_main
 
 @pytest.mark.parametrize(("workers", "share", "visible", "plan"), [
     (3, 0.0, ["0"], [[], [], []]),  # the default: every worker on the CPU
-    (4, 0.5, ["0", "1"], [["0"], ["0"], ["1"], ["1"]]),
-    (3, 0.5, ["0", "1"], [["0"], ["0"], ["1"]]),
+    (4, 0.5, ["0", "1"], [["0"], ["1"], ["0"], ["1"]]),
+    (2, 0.5, ["0", "1"], [["0"], ["1"]]),  # spread: each on its own GPU while there are enough
+    (3, 0.5, ["0", "1"], [["0"], ["1"], ["0"]]),
     (2, 0.4, ["3"], [["3"], ["3"]]),  # two workers fit on a GPU at 0.4 each
     (2, 1, ["0", "1", "2"], [["0"], ["1"]]),
     (2, 2, ["4", "5", "6", "7"], [["4", "5"], ["6", "7"]]),

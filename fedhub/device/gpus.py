@@ -2,9 +2,9 @@
 
 Ray places its actors on GPUs itself (``num_gpus``); process workers get theirs here, as the
 ``CUDA_VISIBLE_DEVICES`` of each worker process, which both TensorFlow and PyTorch obey: a share
-below 1 puts several workers on one GPU (``0.5``: two a GPU), a whole number gives each worker
-that many GPUs of its own, and 0 (the default) hides the GPUs, so the workers train on the CPU
-as Ray's actors without GPUs do.
+below 1 lets several workers share a GPU (``0.5``: up to two a GPU, spread over all of them), a
+whole number gives each worker that many GPUs of its own, and 0 (the default) hides the GPUs, so
+the workers train on the CPU as Ray's actors without GPUs do.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def assign(workers: int, per_worker: float, gpus: list[str]) -> list[list[str]]:
     if per_worker < 1:
         per_gpu = math.floor(1 / per_worker + 1e-9)  # 0.5: two workers a GPU; 0.4: two as well
         need = math.ceil(workers / per_gpu)
-        plan = [[gpus[k // per_gpu]] for k in range(workers)] if need <= len(gpus) else []
+        # spread over every GPU (none then holds more than per_gpu): two workers, two GPUs, one each
+        plan = [[gpus[k % len(gpus)]] for k in range(workers)] if need <= len(gpus) else []
     else:
         if per_worker != int(per_worker):
             raise ValueError(f"--gpus-per-worker {per_worker:g}: above 1 it must be a whole number of GPUs")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from flask import Flask
 
 from fedhub.engine.rounds import Coordinator
@@ -28,6 +30,10 @@ BODY_SLACK = 1024 * 1024
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 # Longest long poll (GET /api/devices/<name>/task?wait=S) a device may ask for, in seconds.
 MAX_WAIT = 30.0
+# Werkzeug compiles each route with the ast module, which CPython 3.11 does not guard across
+# threads ("SystemError: AST constructor recursion depth mismatch" when two servers start at once
+# in one process, as simulations in threads do): apps are built one at a time.
+ROUTES_LOCK = threading.Lock()
 
 
 def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = MAX_WAIT,
@@ -51,7 +57,8 @@ def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = MAX_WA
     app.extensions["fedhub_predictor"] = predictor
     app.extensions["fedhub_failures"] = FailureLimiter(auth_failures_per_minute)
     register_error_handlers(app)
-    for module in (routes_public, routes_device, routes_admin, routes_predict, routes_stats,
-                   routes_logs, routes_models, routes_runs, routes_relay, routes_openapi):
-        app.register_blueprint(module.bp)
+    with ROUTES_LOCK:
+        for module in (routes_public, routes_device, routes_admin, routes_predict, routes_stats,
+                       routes_logs, routes_models, routes_runs, routes_relay, routes_openapi):
+            app.register_blueprint(module.bp)
     return app

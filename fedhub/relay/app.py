@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flask import Flask, Response, jsonify, request
 
+from fedhub.api.app import ROUTES_LOCK
 from fedhub.api.errors import register_error_handlers
 from fedhub.engine.wire import DEFAULT_MAX_BYTES
 
@@ -16,6 +17,11 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 def create_relay_app(relay: Relay, *, max_body_bytes: int = DEFAULT_MAX_BYTES + BODY_SLACK) -> Flask:
     """The relay's Flask app (a fresh one per call)."""
+    with ROUTES_LOCK:
+        return _build(relay, max_body_bytes)
+
+
+def _build(relay: Relay, max_body_bytes: int) -> Flask:
     app = Flask("fedhub-relay")
     app.config.update(MAX_CONTENT_LENGTH=max_body_bytes, JSON_SORT_KEYS=False)
     register_error_handlers(app)

@@ -389,3 +389,27 @@ def test_status_long_poll_answers_when_the_run_moves_on(tmp_path):
         assert engine.status()["round"]["number"] == 1  # refusals changed nothing
     finally:
         engine.stop()
+
+
+def test_an_app_build_met_by_cpythons_spurious_ast_error_is_built_again():
+    """CPython 3.11 may raise a spurious SystemError while another thread parses (python/cpython#106905)."""
+    from flask import Flask
+
+    from fedhub.api.app import SPURIOUS_AST_ERROR, built_alone
+
+    tries = []
+
+    def build():
+        tries.append(Flask("x"))
+        if len(tries) == 1:
+            raise SystemError(f"{SPURIOUS_AST_ERROR} (before=90, after=62)")
+        return tries[-1]
+
+    assert built_alone(build) is tries[1]
+
+    def broken():
+        raise SystemError("something else")
+
+    with pytest.raises(SystemError, match="something else"):
+        built_alone(broken)
+

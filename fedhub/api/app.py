@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from flask import Flask
 
@@ -30,10 +31,27 @@ BODY_SLACK = 1024 * 1024
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 # Longest long poll (GET /api/devices/<name>/task?wait=S) a device may ask for, in seconds.
 MAX_WAIT = 30.0
-# Werkzeug compiles each route with the ast module, which CPython 3.11 does not guard across
-# threads ("SystemError: AST constructor recursion depth mismatch" when two servers start at once
-# in one process, as simulations in threads do): apps are built one at a time.
-ROUTES_LOCK = threading.Lock()
+# Werkzeug compiles each route with the ast module, whose C side CPython 3.11 keeps one recursion
+# counter for across threads (python/cpython#106905): an app is built while another thread parses
+# too (numpy reading a header, inspect.signature, another app) may fail with a spurious
+# "SystemError: AST constructor recursion depth mismatch". Apps are built one at a time, and a build
+# that met the spurious error is built again from scratch.
+_ROUTES_LOCK = threading.Lock()
+SPURIOUS_AST_ERROR = "AST constructor recursion depth mismatch"
+BUILD_TRIES = 5
+
+
+def built_alone(build: Callable[[], Flask]) -> Flask:
+    """Run ``build`` (which makes a fresh Flask app and touches nothing else) under the routes lock,
+    again while CPython's spurious AST error interrupts it."""
+    with _ROUTES_LOCK:
+        for attempt in range(BUILD_TRIES):
+            try:
+                return build()
+            except SystemError as error:
+                if SPURIOUS_AST_ERROR not in str(error) or attempt == BUILD_TRIES - 1:
+                    raise
+    raise AssertionError("unreachable")
 
 
 def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = MAX_WAIT,
@@ -45,6 +63,12 @@ def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = MAX_WA
     A client address that sends more than ``auth_failures_per_minute`` wrong credentials is
     answered 429 for a while (0: no limit; see ``fedhub/api/throttle.py``).
     """
+    return built_alone(lambda: _build(engine, admin_token, max_wait, predictor, max_image_bytes,
+                                      auth_failures_per_minute))
+
+
+def _build(engine: Coordinator, admin_token: str, max_wait: float, predictor: Predictor | None,
+           max_image_bytes: int, auth_failures_per_minute: int) -> Flask:
     app = Flask("fedhub")
     app.config.update(
         FEDHUB_ADMIN_TOKEN=admin_token,
@@ -57,8 +81,7 @@ def build_app(engine: Coordinator, *, admin_token: str, max_wait: float = MAX_WA
     app.extensions["fedhub_predictor"] = predictor
     app.extensions["fedhub_failures"] = FailureLimiter(auth_failures_per_minute)
     register_error_handlers(app)
-    with ROUTES_LOCK:
-        for module in (routes_public, routes_device, routes_admin, routes_predict, routes_stats,
-                       routes_logs, routes_models, routes_runs, routes_relay, routes_openapi):
-            app.register_blueprint(module.bp)
+    for module in (routes_public, routes_device, routes_admin, routes_predict, routes_stats,
+                   routes_logs, routes_models, routes_runs, routes_relay, routes_openapi):
+        app.register_blueprint(module.bp)
     return app

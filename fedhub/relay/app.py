@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Flask, Response, jsonify, request
 
-from fedhub.api.app import ROUTES_LOCK
+from fedhub.api.app import built_alone
 from fedhub.api.errors import register_error_handlers
 from fedhub.engine.wire import DEFAULT_MAX_BYTES
 
@@ -17,8 +17,7 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 def create_relay_app(relay: Relay, *, max_body_bytes: int = DEFAULT_MAX_BYTES + BODY_SLACK) -> Flask:
     """The relay's Flask app (a fresh one per call)."""
-    with ROUTES_LOCK:
-        return _build(relay, max_body_bytes)
+    return built_alone(lambda: _build(relay, max_body_bytes))
 
 
 def _build(relay: Relay, max_body_bytes: int) -> Flask:

@@ -38,8 +38,10 @@ $(VENV)/.installed-ray: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m fedhub.demo --devices 3 --rounds 3
 
+# Two workers (tests/conftest.py keeps each module's tests on one); TEST_WORKERS=0 runs them in order.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-ray
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The fast tier: tests not marked slow (or docker). tests/conftest.py fails any of them that starts
 # a process or imports TensorFlow, so the tier stays fast.

@@ -155,6 +155,23 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# `make test` runs on two pytest-xdist workers (`-n 2 --dist loadgroup`): most slow tests wait on
+# their processes more than they compute. A module's tests stay together on one worker, so its
+# module-scoped servers and browsers start once; the modules that start a Ray cluster share one
+# group, so two clusters never start at once.
+
+_GROUPS = {module: "ray" for module in
+           ("tests/test_ray.py", "tests/test_ray_cli.py", "tests/test_torch_simulation.py")}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.nodeid.split("::", 1)[0]
+            item.add_marker(pytest.mark.xdist_group(_GROUPS.get(module, module)))
 
 
 @pytest.fixture(scope="session")

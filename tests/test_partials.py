@@ -200,6 +200,23 @@ def test_a_round_that_runs_again_starts_its_sum_afresh(tmp_path):
     assert sums.fold("d1", "t-d1", 1, update(1), _meta(10), "k2", "d2")["duplicate"] is False
 
 
+def test_a_relay_looks_again_once_when_an_update_comes_before_it_saw_the_round(tmp_path):
+    """A device handed round 2's task through the relay may send its update before the relay's
+    watcher has seen round 2 open: the relay then looks at the status again (once a round), so
+    the update is summed rather than passed on; a round it never handed, or one open, does not."""
+    sums = _sums(tmp_path)
+    round_1 = {"status": "running", "partial_sums": True, "round": {"number": 1, "started_at": 1.0,
+                                                                    "selected": ["d1"], "reported": []}}
+    sums.observe(round_1)
+    assert not sums.behind("d1", 1)  # the round seen is the update's
+    assert not sums.behind("d1", 2)  # never handed round 2: no request to the server for it
+    sums.passing("d1", {"action": "train", "round": 2})
+    assert sums.behind("d1", 2) and not sums.behind("d1", 2)  # looked again once
+    sums.observe({**round_1, "round": {**round_1["round"], "number": 2, "started_at": 2.0}})
+    assert sums.takes(2)
+    assert not sums.behind("d1", 2, masked=True)  # not a secure round
+
+
 def test_a_relay_sums_masked_updates_in_the_field_and_keeps_them_across_a_kill(tmp_path):
     """A secure round: the parameters come with its first stage's task, the masked updates are
     summed only at the masked stage, what the relay acknowledged survives a kill, and the sum

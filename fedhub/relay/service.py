@@ -169,6 +169,8 @@ class Relay:
         """A device's update: folded into the round's partial sum when the round takes them,
         else passed on. FedHubError (a 4xx) when it is refused here."""
         path = f"/api/devices/{name}/updates/{round_number}"
+        if self.sums.behind(name, round_number):
+            self._catch_up()
         if not self.sums.takes(round_number):
             return self.forward("POST", path, query, headers, body)
         token = _bearer(headers.get("Authorization", ""))
@@ -194,12 +196,24 @@ class Relay:
         path = f"/api/devices/{name}/secagg/{round_number}"
         binary = headers.get("Content-Type", "").split(";")[0].strip() in (
             "application/octet-stream", "application/vnd.safetensors")
+        if binary and self.sums.behind(name, round_number, masked=True):
+            self._catch_up()
         if not binary or not self.sums.takes_masked(round_number):
             return self.forward("POST", path, query, headers, body)
         token = _bearer(headers.get("Authorization", ""))
         self._check_device(name, token)
         assert token is not None
         return self.sums.fold_masked(name, token, round_number, body)
+
+    def _catch_up(self) -> None:
+        """Look at the server's status now: a device's request came before the watcher saw the
+        round (or stage) it belongs to, and would otherwise pass on instead of being summed."""
+        client = Client(self.upstream.server, self.sums.name, verify=self.session.verify, retry_for=5)
+        client.session = self.session
+        try:
+            self.sums.observe(client.status())
+        except Exception as exc:  # the watcher will see it: the request passes on meanwhile
+            log.warning("relay %s: status: %s", self.sums.name, exc)
 
     def _check_device(self, name: str, token: str | None) -> None:
         """``token`` is device ``name``'s, as the server says (asked once a minute per token)."""

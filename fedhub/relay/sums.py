@@ -74,6 +74,7 @@ class RelaySums:
         self._secure: dict[int, RoundParams] = {}  # secure rounds' parameters, from their tasks
         self._started: dict[int, Any] = {}  # round -> when its attempt the relay knows began
         self.tasked: dict[int, set[str]] = {}  # round -> devices handed its task through this relay
+        self._caught_up: set[tuple[int, bool]] = set()  # (round, masked): status looked at again
         self.seen: set[str] = set()  # every device handed a task through this relay
         self.awaited: set[str] = set()  # devices the open round still waits for
         self.sent_devices = 0
@@ -109,6 +110,7 @@ class RelaySums:
                     self._started.pop(old, None)
                 for old in [n for n in self._secure if n < number - 1]:
                     del self._secure[old]
+                self._caught_up = {seen for seen in self._caught_up if seen[0] >= number - 1}
 
     def _drop_round(self, number: int) -> None:
         """Forget round ``number``'s updates (lock held)."""
@@ -163,6 +165,22 @@ class RelaySums:
         if params.round == number:
             with self._lock:
                 self._secure[number] = params
+
+    def behind(self, name: str, round_number: int, *, masked: bool = False) -> bool:
+        """Whether device ``name``'s update (``masked``: masked update) for round ``round_number``
+        shows the status last seen here to be old: the device was handed that round's task through
+        this relay (a secure round's parameters learned), but the status seen was of another round
+        (or stage). The caller then looks at the server's status again, once a round and stage."""
+        with self._lock:
+            if masked:
+                lagging = round_number in self._secure and not (
+                    self.masked_stage and round_number == self.open_round)
+            else:
+                lagging = round_number != self.open_round and name in self.tasked.get(round_number, ())
+            if not lagging or (round_number, masked) in self._caught_up:
+                return False
+            self._caught_up.add((round_number, masked))
+            return True
 
     def takes(self, round_number: int) -> bool:
         with self._lock:

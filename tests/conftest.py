@@ -158,16 +158,27 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 # `make test` runs on two pytest-xdist workers (`-n 2 --dist loadgroup`): most slow tests wait on
 # their processes more than they compute. A module's tests stay together on one worker, so its
 # module-scoped servers and browsers start once; the modules that start a Ray cluster share one
-# group, so two clusters never start at once.
+# group, so two clusters never start at once. The slowest modules (a full run's --durations=0;
+# test_docker builds its images first) are handed out first (`--no-loadscope-reorder` keeps this
+# order), so that none of them starts last and leaves one worker idle while it runs.
 
 _GROUPS = {module: "ray" for module in
            ("tests/test_ray.py", "tests/test_ray_cli.py", "tests/test_torch_simulation.py")}
+_SLOWEST_FIRST = ("tests/test_docker.py", "tests/test_relay.py", "tests/test_combinations.py",
+                  "tests/test_async.py", "tests/test_hostile_input.py", "tests/test_federation.py",
+                  "tests/test_simulation_pool.py", "tests/test_faults.py")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not config.pluginmanager.hasplugin("xdist"):
         return
+
+    def rank(item: pytest.Item) -> int:
+        module = item.nodeid.split("::", 1)[0]
+        return _SLOWEST_FIRST.index(module) if module in _SLOWEST_FIRST else len(_SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's own order stays
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             module = item.nodeid.split("::", 1)[0]

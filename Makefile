@@ -41,7 +41,7 @@ demo: $(VENV)/.installed
 # Two workers (tests/conftest.py keeps each module's tests on one); TEST_WORKERS=0 runs them in order.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-ray
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The fast tier: tests not marked slow (or docker). tests/conftest.py fails any of them that starts
 # a process or imports TensorFlow, so the tier stays fast.

@@ -155,34 +155,46 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# `make test` runs on two pytest-xdist workers (`-n 2 --dist loadgroup`): most slow tests wait on
-# their processes more than they compute. A module's tests stay together on one worker, so its
-# module-scoped servers and browsers start once; the modules that start a Ray cluster share one
-# group, so two clusters never start at once. The slowest modules (a full run's --durations=0;
-# test_docker builds its images first) are handed out first (`--no-loadscope-reorder` keeps this
-# order), so that none of them starts last and leaves one worker idle while it runs.
+# `make test` runs on two pytest-xdist workers (`-n 2 --dist loadscope`): most slow tests wait on
+# their processes more than they compute. The scheduler below hands out whole modules, so a
+# module's module-scoped servers and browsers start once and `make docker` runs in one worker
+# only; the modules that start a Ray cluster form one unit, so two clusters never start at once.
+# (xdist's own `--dist loadgroup` does not group under pytest 9, whose nodeid it can no longer
+# rename.) The slowest modules (a full run's --durations=0; test_docker builds its images first)
+# are handed out first (`--no-loadscope-reorder` keeps the collection's order), so that none
+# starts last and leaves the other worker idle while it runs.
 
-_GROUPS = {module: "ray" for module in
-           ("tests/test_ray.py", "tests/test_ray_cli.py", "tests/test_torch_simulation.py")}
+_UNITS = {module: "ray" for module in
+          ("tests/test_ray.py", "tests/test_ray_cli.py", "tests/test_torch_simulation.py")}
 _SLOWEST_FIRST = ("tests/test_docker.py", "tests/test_relay.py", "tests/test_combinations.py",
                   "tests/test_async.py", "tests/test_hostile_input.py", "tests/test_federation.py",
                   "tests/test_simulation_pool.py", "tests/test_faults.py")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
-        module = item.nodeid.split("::", 1)[0]
+        module = _module(item.nodeid)
         return _SLOWEST_FIRST.index(module) if module in _SLOWEST_FIRST else len(_SLOWEST_FIRST)
 
     items.sort(key=rank)  # stable: each module's own order stays
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = item.nodeid.split("::", 1)[0]
-            item.add_marker(pytest.mark.xdist_group(_GROUPS.get(module, module)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module(nodeid)
+            return _UNITS.get(module, module)
+
+    return ByModule(config, log)
 
 
 @pytest.fixture(scope="session")

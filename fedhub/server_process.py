@@ -7,7 +7,6 @@ start it here, in one way.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import requests
 
 from fedhub.checkout import ROOT
+from fedhub.engine.auth import new_token
 
 
 def free_port() -> int:
@@ -42,8 +42,8 @@ class ServerProcess:
         self.state_dir = tmp / "server_training"
         self.eval_dir = tmp / "eval"
         self.log_path = tmp / f"server-{self.port}.log"
-        self.admin_token = secrets.token_urlsafe(24)  # made for this server, known to its caller
-        self.enroll_secret = secrets.token_urlsafe(24)
+        self.admin_token = new_token()  # made for this server, known to its caller
+        self.enroll_secret = new_token()
         self.args = args
         self.data_dir = data_dir
         self.env = {**os.environ, "FEDHUB_ADMIN_TOKEN": self.admin_token,

@@ -413,3 +413,12 @@ def test_an_app_build_met_by_cpythons_spurious_ast_error_is_built_again():
     with pytest.raises(SystemError, match="something else"):
         built_alone(broken)
 
+
+
+def test_a_new_secret_never_starts_with_a_dash():
+    """It is pasted after a flag (``--enroll-secret TOKEN``), where "-..." reads as an option (seen
+    in CI: about one secret in 64 did)."""
+    from fedhub.engine.auth import new_token
+
+    tokens = [new_token() for _ in range(2000)]
+    assert not [t for t in tokens if t.startswith("-")] and len(set(tokens)) == 2000

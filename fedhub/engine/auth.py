@@ -10,8 +10,11 @@ from pathlib import Path
 
 
 def new_token() -> str:
-    """A 256-bit random URL-safe token."""
-    return secrets.token_urlsafe(32)
+    """A 256-bit random URL-safe token that does not start with "-": people paste it after a flag
+    (``--enroll-secret TOKEN``), where a leading "-" reads as another option."""
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token
 
 
 def hash_token(token: str) -> str:

@@ -13,7 +13,6 @@ Docker and Python, not FedHub's virtualenv.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -140,27 +139,26 @@ def wait_for_server(url: str, compose: Compose, timeout: float) -> None:
     raise DemoError(f"the server did not answer at {url} within {timeout:.0f}s:\n{compose.logs('server')}")
 
 
-def watch(url: str, rounds: int, compose: Compose, timeout: float, unreachable_for: float) -> float:
+def watch(rounds: int, compose: Compose, timeout: float, unreachable_for: float) -> float:
     """Print each new round until ``rounds`` are complete; returns the last accuracy.
 
     The server may restart on the way (``docker compose restart server``), and then comes
-    back on another host port unless one was fixed: it is looked up again, and the demo
-    only fails when the server stays unreachable for ``unreachable_for`` seconds.
+    back on another host port unless one was fixed, while its old port may by then be any
+    other program's: the port is looked up before every poll, and the demo only fails when
+    the server stays unreachable for ``unreachable_for`` seconds.
     """
     seen = 0
     started = last_answer = time.monotonic()
     deadline = started + timeout
     while time.monotonic() < deadline:
         try:
-            history = get_json(f"{url}/api/history")["rounds"]
+            history = get_json(f"{compose.url('server', 4000)}/api/history")["rounds"]
             last_answer = time.monotonic()
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, DemoError):  # DemoError: not running, no port yet
             if time.monotonic() - last_answer > unreachable_for:
                 raise DemoError(f"the server has not answered for {unreachable_for:.0f}s:\n"
                                 f"{compose.logs('server')}") from None
             time.sleep(1.0)
-            with contextlib.suppress(DemoError):  # not running (yet): no port to look up
-                url = compose.url("server", 4000)
             continue
         for row in history[seen:]:
             print(round_line(row, time.monotonic() - started), flush=True)
@@ -245,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for_server(url, compose, timeout=300.0)
         print(f"3/3 each device splits off its share of {federation.dataset} and trains; "
               f"{plural(a.rounds, 'round')}", flush=True)
-        accuracy = watch(url, a.rounds, compose, a.timeout, unreachable_for=300.0)
+        accuracy = watch(a.rounds, compose, a.timeout, unreachable_for=300.0)
         print(f"done: {plural(a.rounds, 'round')}, final global test accuracy {accuracy:.4f}", flush=True)
         return 0
     except DemoError as exc:

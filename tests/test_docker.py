@@ -14,20 +14,23 @@ except in CI (CI=true), where they fail: .ci/run installs and starts Docker's en
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 import shutil
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
-from fedhub.docker_demo import FEDERATIONS, IMAGES, DemoError, compose_command
+from fedhub.docker_demo import DEVICES, FEDERATIONS, IMAGES, DemoError, compose_command, watch
 
 from .conftest import CIFAR_DIR, DATA_DIR
 
@@ -300,3 +303,54 @@ def test_docker_demo_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
                               text=True, timeout=60, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+class _History(BaseHTTPRequestHandler):
+    """``/api/history`` answering whatever rounds its server holds."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"rounds": self.server.rounds}).encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _RestartingCompose:
+    """A compose project whose server moved to another port after one poll, while its old port
+    now answers for another program (another test's server, in CI)."""
+
+    def __init__(self, old: str, new: str) -> None:
+        self.urls = iter([old])
+        self.new = new
+
+    def url(self, service: str, port: int) -> str:
+        return next(self.urls, self.new)
+
+    def states(self) -> dict[str, str]:
+        return dict.fromkeys(DEVICES, "running")
+
+    def logs(self, service: str, lines: int = 30) -> str:
+        return ""
+
+
+def test_the_demo_follows_a_restarted_server_to_its_new_port(capsys: pytest.CaptureFixture[str]) -> None:
+    row = {"round": 1, "test_accuracy": 0.8, "test_loss": 0.5, "num_updates": 3, "num_examples": 54000}
+    servers = []
+    for rounds in ([row], [row, {**row, "round": 2}, {**row, "round": 3, "test_accuracy": 0.84}]):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _History)
+        server.rounds = rounds  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    old, new = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
+    try:
+        accuracy = watch(3, _RestartingCompose(old, new), timeout=30, unreachable_for=30)
+    finally:
+        for server in servers:
+            server.shutdown()
+    assert accuracy == 0.84
+    assert [n for n, _ in _printed_rounds(capsys.readouterr().out)] == [1, 2, 3]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import requests
 
+from fedhub import tensorflow_env
 from fedhub.checkout import ROOT
 from fedhub.engine.plural import plural
 from fedhub.options.parser import Parser
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    tensorflow_env.lean()
 
     from fedhub.device.launcher import launch, stop
     from fedhub.split import DatasetError, split_to_devices

@@ -21,7 +21,7 @@ from typing import Any
 
 from flask import Flask
 
-from fedhub import settings, tracking
+from fedhub import settings, tensorflow_env, tracking
 from fedhub import state_dir as state
 from fedhub.api import build_app
 from fedhub.api.app import BODY_SLACK, MAX_IMAGE_BYTES, MAX_WAIT
@@ -416,6 +416,7 @@ def serve_options(config: ServerConfig) -> ServeOptions:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    tensorflow_env.lean()
     from fedhub.api.serving import Serving, check_tls_files
     from fedhub.split import DatasetError
 

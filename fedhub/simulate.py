@@ -31,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fedhub import settings
+from fedhub import settings, tensorflow_env
 from fedhub.engine import params
 from fedhub.engine.plural import plural
 from fedhub.options.parser import Parser
@@ -215,6 +215,7 @@ def split_text(o: SimulationOptions) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     o = parse_args(argv)
+    tensorflow_env.lean()
     from fedhub.split import DatasetError, split_to_devices
 
     run, federation = o.run, o.run.federation

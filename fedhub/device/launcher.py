@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from fedhub import state_dir as state
+from fedhub import tensorflow_env
 from fedhub.checkout import ROOT
 from fedhub.device.client import server_url
 from fedhub.options.parser import Parser
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --workers: seconds between an idle device's task requests; keep it well "
                         "under the server's --device-timeout")
     a = p.parse_args(argv)
+    tensorflow_env.lean()
     if a.devices < 1:
         p.error("--devices must be at least 1")
     if a.workers is not None and a.workers < 1:

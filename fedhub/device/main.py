@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from fedhub import state_dir as state
+from fedhub import tensorflow_env
 from fedhub.device.attacks import ATTACKS, describe_attacks, parse_attack
 from fedhub.device.client import Client, server_url
 from fedhub.device.runner import DeviceRunner
@@ -117,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    tensorflow_env.lean()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from fedhub.device.trainer import ImageTrainer
     from fedhub.split import DatasetError, load_device_data, read_device_holdout, split_holdout

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import requests
 
+from fedhub import tensorflow_env
 from fedhub.device import gpus
 from fedhub.device.attacks import Attack, make_attack
 from fedhub.device.client import Client, PooledClient, RemoteLogHandler, ServerError, TLSError, Unreachable
@@ -706,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", type=Path, required=True, help="the worker's JSON spec (the pool writes it)")
     a = p.parse_args(argv)
+    tensorflow_env.lean()
     try:
         spec = WorkerSpec.from_json(a.spec.read_text(), os.environ.get("FEDHUB_ENROLL_SECRET"))
     except (OSError, ValueError, TypeError) as exc:

@@ -88,7 +88,21 @@ def figures(history: Any) -> dict[str, Any]:
             "worker_peak_rss_mb": history.stats.get("worker_peak_rss_mb"),
             "bytes_up": history.stats.get("bytes_up"), "bytes_down": history.stats.get("bytes_down"),
             "nodes": len({t["node"] for t in history.stats.get("tasks", [])}),
-            "restarts": history.stats.get("restarts"), **efficiency_summary(history)}
+            "restarts": history.stats.get("restarts"), **efficiency_summary(history), **test_share(history)}
+
+
+def test_share(history: Any) -> dict[str, Any]:
+    """The steady rounds' server test (the new model on the test set) against one process's time
+    for their images, and the efficiency a round could reach if all else were as fast as that one
+    process: ``centralized / (centralized + test)``."""
+    steady = [e["efficiency"] for e in list(history)[1:] if e.get("efficiency")]
+    tested = [f for f in steady if f.get("test_s") is not None]
+    if not tested:
+        return {}
+    test_s = statistics.median(f["test_s"] for f in tested)
+    centralized = statistics.median(f["centralized_s"] for f in tested)
+    return {"steady_test_s": round(test_s, 4), "steady_centralized_s": round(centralized, 4),
+            "ceiling_with_test": round(centralized / (centralized + test_s), 4)}
 
 
 def run_pool(devices_root: Path, root: Path, rounds: int, fraction: float, data_dir: str | None,
@@ -250,14 +264,16 @@ def report(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
         print("## Close to the compute limit? Efficiency at scale (IID, basic model, one local epoch)\n")
         print("Efficiency: one process's time for a round's images (measured in the same run) over the "
               "round's time; 1.0 is one process holding all the data.\n")
-        print("| setup | rounds | first round | its efficiency | steady round | steady efficiency | "
+        print("| setup | rounds | first round | its efficiency | steady round | of it, the server's test | "
+              "one process, the round's images | steady efficiency | at most, with the test | "
               "final accuracy | peak RSS, all processes |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in scaled:
             print(f"| {r['setup']} | {r['rounds']} | {num(r['first_round_s'])} s | "
-                  f"{num(r.get('first_round_efficiency'), 3)} | {num(r['steady_round_s'])} s | "
-                  f"{num(r.get('steady_efficiency'), 3)} | {r['final_accuracy']:.4f} | "
-                  f"{num(r['peak_rss_mb'], 0)} MB |")
+                  f"{num(r.get('first_round_efficiency'), 3)} | {num(r['steady_round_s'], 2)} s | "
+                  f"{num(r.get('steady_test_s'), 3)} s | {num(r.get('steady_centralized_s'), 3)} s | "
+                  f"{num(r.get('steady_efficiency'), 3)} | {num(r.get('ceiling_with_test'), 2)} | "
+                  f"{r['final_accuracy']:.4f} | {num(r['peak_rss_mb'], 0)} MB |")
         print()
 
     secured = [r for r in results if r["part"] == "secure"]

@@ -408,8 +408,9 @@
 
   // With --efficiency the server times once, at start-up, one process training its network on a
   // sample of test images (GET /api/status ``efficiency``: s_per_image, images, startup_s), and
-  // each round's entry holds ``efficiency``: {images, round_s, centralized_s, ratio}, the time
-  // one process takes for the round's images over the round's own time. Shaped, and written, as
+  // each round's entry holds ``efficiency``: {images, round_s, centralized_s, ratio, test_s}, the
+  // time one process takes for the round's images over the round's own time (test_s: the server's
+  // test of the new model, part of the round's time). Shaped, and written, as
   // fedhub/dashboard/efficiency.py does for the Streamlit dashboard.
 
   const NO_EFFICIENCY = "—"; // a round (or a run) without the figure
@@ -423,7 +424,7 @@
     const ratio = finite(e.ratio);
     if (ratio === null || ratio < 0) return null;
     return { images: whole(e.images), round_s: finite(e.round_s), centralized_s: finite(e.centralized_s),
-             ratio: ratio };
+             ratio: ratio, test_s: finite(e.test_s) };
   }
 
   // The latest and the first figure (each with its round), the median ratio of the rounds after
@@ -473,8 +474,9 @@
     if (summary !== null) {
       const l = summary.latest;
       if (l.images !== null && l.centralized_s !== null && l.round_s !== null) {
+        const tested = l.test_s === null ? "" : ` (${l.test_s.toFixed(2)} s of it testing the new model)`;
         parts.push(`Round ${roundOf(l)}: one process would train its ${l.images} images in `
-          + `${l.centralized_s.toFixed(2)} s; the round took ${l.round_s.toFixed(2)} s.`);
+          + `${l.centralized_s.toFixed(2)} s; the round took ${l.round_s.toFixed(2)} s${tested}.`);
       }
     }
     if (reference !== null) {

@@ -77,7 +77,11 @@ class RoundBars:
             spent = f", epsilon {'inf' if epsilon is None else f'{epsilon:.3g}'}"
         what = "model version" if entry.get("mode") == "async" else "round"
         pace = entry.get("efficiency")  # one process's time for the round's images over the round's
-        pace = f", efficiency {pace['ratio']:.2f}" if pace else ""
+        if pace:  # and how much of the round the server's test of the new model took
+            tested = "" if pace.get("test_s") is None else f", {pace['test_s']:.2f}s of it testing"
+            pace = f", efficiency {pace['ratio']:.2f}{tested}"
+        else:
+            pace = ""
         print(f"{what} {entry['round']}: global test accuracy "
               f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} "
               f"(loss {'n/a' if loss is None else f'{loss:.4f}'}), {entry['num_updates']} devices, "
@@ -273,11 +277,13 @@ def efficiency_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     steady rounds' median (after the first, which carries the start-up) and the first round's."""
     from fedhub import efficiency  # imports no framework
 
-    ratios = [round(e["efficiency"]["ratio"], 4) for e in history if e.get("efficiency")]
-    if not ratios:
+    figures = [e["efficiency"] for e in history if e.get("efficiency")]
+    if not figures:
         return {}
+    ratios = [round(f["ratio"], 4) for f in figures]
     return {"efficiency": ratios, "first_round_efficiency": ratios[0],
-            "steady_efficiency": efficiency.steady(ratios)}
+            "steady_efficiency": efficiency.steady(ratios),
+            "test_s": [None if f.get("test_s") is None else round(f["test_s"], 4) for f in figures]}
 
 
 class _CallableModule(types.ModuleType):

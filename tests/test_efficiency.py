@@ -19,7 +19,8 @@ def test_a_rounds_efficiency_is_one_process_time_for_its_images_over_its_time():
     figure = efficiency_of(entry, s_per_image=1e-4, epochs=2)
     assert figure["images"] == 12_000 and figure["round_s"] == pytest.approx(3.0)
     assert figure["centralized_s"] == pytest.approx(1.2)
-    assert figure["ratio"] == pytest.approx(0.4)
+    assert figure["ratio"] == pytest.approx(0.4) and figure["test_s"] is None
+    assert efficiency_of(entry, 1e-4, 2, test_s=0.25)["test_s"] == 0.25
     # a round whose result came at once is not a division by zero
     assert efficiency_of({**entry, "closed_at": 100.0}, 1e-4, 1)["ratio"] > 0
 
@@ -27,9 +28,11 @@ def test_a_rounds_efficiency_is_one_process_time_for_its_images_over_its_time():
 def test_the_simulation_summary_takes_the_median_of_the_steady_rounds():
     from fedhub.simulate import efficiency_summary
 
-    history = [{"efficiency": {"ratio": r}} for r in (0.1, 0.5, 0.7, 0.6)]
+    history = [{"efficiency": {"ratio": r, "test_s": t}} for r, t in ((0.1, None), (0.5, 0.05), (0.7, 0.04),
+                                                                      (0.6, 0.06))]
     assert efficiency_summary(history) == {"efficiency": [0.1, 0.5, 0.7, 0.6],
-                                           "first_round_efficiency": 0.1, "steady_efficiency": 0.6}
+                                           "first_round_efficiency": 0.1, "steady_efficiency": 0.6,
+                                           "test_s": [None, 0.05, 0.04, 0.06]}
     assert efficiency_summary([{"round": 1}]) == {}
     assert efficiency_summary(history[:1])["steady_efficiency"] is None
 

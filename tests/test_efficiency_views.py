@@ -28,11 +28,11 @@ REFERENCE = {"s_per_image": 0.0004, "images": 2048, "seconds": 0.8192, "startup_
              "framework": "keras", "network": "basic"}
 
 
-def figure(images: int, round_s: float, ratio: float | None = None) -> dict:
+def figure(images: int, round_s: float, ratio: float | None = None, test_s: float | None = 0.05) -> dict:
     """An entry's figure as the engine writes it (at 0.0004 s per image, unless ``ratio``)."""
     centralized = images * 0.0004
     return {"images": images, "round_s": round_s, "centralized_s": centralized,
-            "ratio": centralized / round_s if ratio is None else ratio}
+            "ratio": centralized / round_s if ratio is None else ratio, "test_s": test_s}
 
 
 def entry(r: int, efficiency: dict | str | None = "absent", accuracy: float = 0.7) -> dict:
@@ -54,7 +54,16 @@ def three_rounds() -> list[dict]:
 
 def test_an_entrys_figure_with_and_without_efficiency():
     assert eff.figure(entry(1, figure(1200, 0.8))) == {
-        "images": 1200, "round_s": 0.8, "centralized_s": pytest.approx(0.48), "ratio": pytest.approx(0.6)}
+        "images": 1200, "round_s": 0.8, "centralized_s": pytest.approx(0.48), "ratio": pytest.approx(0.6),
+        "test_s": 0.05}
+    # an older run's figure has no test_s; one whose server had no test set has None
+    for test_s in ("absent", None, "0.05", math.nan):
+        found = figure(1200, 0.8)
+        if test_s == "absent":
+            del found["test_s"]
+        else:
+            found["test_s"] = test_s
+        assert eff.figure(entry(1, found))["test_s"] is None, test_s
     assert eff.figure(entry(1)) is None  # an older run: no key at all
     assert eff.figure(entry(1, None)) is None  # a run without --efficiency
     for bad in ("fast", [0.5], {"ratio": None}, {"ratio": "0.5"}, {"ratio": True}, {"ratio": math.nan},
@@ -64,7 +73,7 @@ def test_an_entrys_figure_with_and_without_efficiency():
         assert eff.figure(not_an_entry) is None
     # a figure missing its other fields still has its ratio
     assert eff.figure(entry(2, {"ratio": 0.5, "images": 2.5, "round_s": "slow"})) == {
-        "images": None, "round_s": None, "centralized_s": None, "ratio": 0.5}
+        "images": None, "round_s": None, "centralized_s": None, "ratio": 0.5, "test_s": None}
 
 
 def test_rows_give_every_round_a_value_or_none():
@@ -122,11 +131,12 @@ def test_the_texts():
 def test_the_explanation_says_what_the_figure_is_and_how_one_process_was_timed():
     reference = eff.reference({"efficiency": REFERENCE})
     assert eff.explain(eff.summarize(three_rounds()), reference) == (
-        f"{eff.WHAT} Round 3: one process would train its 1200 images in 0.48 s; the round took 0.60 s. "
-        "One process was timed at start-up on 2048 test images: 2500 images/s (its own start-up, 1.25 s, "
+        f"{eff.WHAT} Round 3: one process would train its 1200 images in 0.48 s; the round took 0.60 s "
+        "(0.05 s of it testing the new model). One process was timed at start-up on 2048 test images: "
+        "2500 images/s (its own start-up, 1.25 s, "
         "not counted). Round 1, with the devices' start-up: 0.10×; the median of the rounds after it: 0.80×.")
     # one round: it carries the start-up; a past run (no reference): nothing of the timing
-    assert eff.explain(eff.summarize(three_rounds()[:1]), None) == (
+    assert eff.explain(eff.summarize([entry(1, figure(1200, 4.8, test_s=None))]), None) == (
         f"{eff.WHAT} Round 1: one process would train its 1200 images in 0.48 s; the round took 4.80 s. "
         "This first round's time includes the devices' start-up.")
     # on, before any round
@@ -217,7 +227,9 @@ def test_the_results_panel_lists_each_rounds_efficiency_newest_first():
     assert [h.value for h in at.subheader] == ["Efficiency"]
     assert any("0.80× one process" in c.value for c in at.caption)
     (frame,) = [t.value for t in at.dataframe]
-    assert list(frame.columns) == ["round", "images", "round time (s)", "one process (s)", "efficiency"]
+    assert list(frame.columns) == ["round", "images", "round time (s)", "of it, testing (s)",
+                                   "one process (s)", "efficiency"]
+    assert frame["of it, testing (s)"][0] == pytest.approx(0.05)
     assert list(frame["round"]) == [3, 2, 1]
     assert frame["efficiency"][0] == pytest.approx(0.8) and frame["efficiency"].isna()[1]
     assert frame["efficiency"][2] == pytest.approx(0.1)
@@ -346,6 +358,7 @@ def test_a_real_run_shows_its_efficiency(tmp_path, data_dir, split_devices):
             assert e["images"] == r["num_examples"] > 0, r  # one epoch
             assert e["ratio"] == pytest.approx(e["centralized_s"] / e["round_s"]) and e["ratio"] > 0, e
             assert e["round_s"] == pytest.approx(r["closed_at"] - r["started_at"]), (e, r)
+            assert 0 < e["test_s"] < e["round_s"], e  # the server's test on its 300 images
 
         with chromium() as browser:
             page, problems = open_page(browser, f"{server.url}/stats")

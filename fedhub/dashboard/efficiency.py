@@ -14,7 +14,8 @@ and each round's history entry (``GET /api/history``)::
     "efficiency": {"images": 1200,          # examples trained x epochs
                    "round_s": 1.3,          # the round's time, from its opening to its result
                    "centralized_s": 0.84,   # one process's time for those images
-                   "ratio": 0.65}           # centralized_s / round_s
+                   "ratio": 0.65,           # centralized_s / round_s
+                   "test_s": 0.07}          # of round_s, the server's test of the new model
 
 The tile shows the latest round's ratio; the first round's time includes the devices' start-up,
 so its figure is given separately, with the median of the rounds after it (the steady figure,
@@ -37,7 +38,7 @@ from fedhub.efficiency import steady
 
 KEY = "efficiency"
 NONE = "—"  # a round (or a run) without the figure
-FIELDS = ("images", "round_s", "centralized_s", "ratio")
+FIELDS = ("images", "round_s", "centralized_s", "ratio", "test_s")
 WHAT = ("The time one process takes to train the round's images, over the round's own time "
         "(1.0: as fast as one process holding all the data).")
 
@@ -52,7 +53,8 @@ def figure(entry: Any) -> dict[str, Any] | None:
     if ratio is None or ratio < 0:
         return None
     return {"images": whole(e.get("images")), "round_s": number(e.get("round_s")),
-            "centralized_s": number(e.get("centralized_s")), "ratio": ratio}
+            "centralized_s": number(e.get("centralized_s")), "ratio": ratio,
+            "test_s": number(e.get("test_s"))}
 
 
 def rows(history: Iterable[Any]) -> list[dict[str, Any]]:
@@ -156,8 +158,10 @@ def explain(summary: Summary | None, reference_: Mapping[str, Any] | None) -> st
         latest = summary.latest
         images, alone, took = latest["images"], latest["centralized_s"], latest["round_s"]
         if images is not None and alone is not None and took is not None:
+            tested = ("" if latest["test_s"] is None
+                      else f" ({_seconds(latest['test_s'])} of it testing the new model)")
             parts.append(f"Round {_round(latest)}: one process would train its {images} images in "
-                         f"{_seconds(alone)}; the round took {_seconds(took)}.")
+                         f"{_seconds(alone)}; the round took {_seconds(took)}{tested}.")
     if reference_ is not None:
         timed = (f"on {reference_['images']} test images" if reference_["images"] is not None
                  else "on a sample of test images")

@@ -707,11 +707,12 @@ def federated_eval_panel(history: list[dict[str, Any]], asynchronous: bool = Fal
 def efficiency_frame(history: list[dict[str, Any]], asynchronous: bool = False) -> pd.DataFrame:
     """Each round's efficiency (:func:`eff.rows`), newest first; empty cells for a round without it."""
     key = "model version" if asynchronous else "round"
-    columns = [key, "images", "round time (s)", "one process (s)", "efficiency"]
-    frame = pd.DataFrame([[r["round"], r["images"], r["round_s"], r["centralized_s"], r["ratio"]]
+    columns = [key, "images", "round time (s)", "of it, testing (s)", "one process (s)", "efficiency"]
+    frame = pd.DataFrame([[r["round"], r["images"], r["round_s"], r["test_s"], r["centralized_s"], r["ratio"]]
                           for r in reversed(eff.rows(history))], columns=columns)
     return frame.astype({key: "Int64", "images": "Int64", "round time (s)": "Float64",
-                         "one process (s)": "Float64", "efficiency": "Float64"})
+                         "of it, testing (s)": "Float64", "one process (s)": "Float64",
+                         "efficiency": "Float64"})
 
 
 def efficiency_panel(history: list[dict[str, Any]], asynchronous: bool = False) -> None:
@@ -725,6 +726,7 @@ def efficiency_panel(history: list[dict[str, Any]], asynchronous: bool = False) 
                "the devices' start-up.")
     table(efficiency_frame(history, asynchronous),
           column_config={"round time (s)": st.column_config.NumberColumn(format="%.2f"),
+                         "of it, testing (s)": st.column_config.NumberColumn(format="%.2f"),
                          "one process (s)": st.column_config.NumberColumn(format="%.2f"),
                          "efficiency": st.column_config.NumberColumn(format="%.3g×")})
 

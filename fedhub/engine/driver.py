@@ -164,11 +164,14 @@ class DriverThread:
         if bad is not None:
             raise NotPublished(f"{what}'s weights are not finite (NaN or infinity, in {bad})", saving=False)
         metrics: Mapping[str, float] = {}
+        test_s = None
         if self._evaluate is not None:
+            tested = time.perf_counter()
             try:
                 metrics = self._evaluate(weights)
             except Exception:
                 log.exception("evaluation of %s failed", what)
+            test_s = time.perf_counter() - tested
         for key in ("loss", "accuracy"):  # finite weights can still give a model that is not
             value = metrics.get(key)
             if value is not None and not math.isfinite(value):
@@ -189,7 +192,7 @@ class DriverThread:
                 reports, model_version=number - 1, personalization=self._config.training.personalization)
             if self._efficiency is not None:
                 made["efficiency"] = efficiency_of(made, self._efficiency["s_per_image"],
-                                                   self._config.training.epochs)
+                                                   self._config.training.epochs, test_s=test_s)
             with self._storage.transaction():
                 if record is not None:
                     record(row)
@@ -221,14 +224,18 @@ class DriverThread:
 
 
 
-def efficiency_of(entry: Mapping[str, Any], s_per_image: float, epochs: int) -> dict[str, Any]:
+def efficiency_of(entry: Mapping[str, Any], s_per_image: float, epochs: int,
+                  test_s: float | None = None) -> dict[str, Any]:
     """How close a published model came to the compute limit: the time one process takes to
     train its images (examples times epochs, at ``s_per_image``) over the time it took, from
-    the round's (or the buffer's) start to its result."""
+    the round's (or the buffer's) start to its result. ``test_s``: how much of that the server
+    spent testing the new model on its test set (None without one), which one process training
+    the same images does not do: with few images a round it bounds the figure on its own."""
     images = int(entry["num_examples"] or 0) * epochs
     took = max(float(entry["closed_at"]) - float(entry["started_at"]), 1e-9)
     centralized = images * s_per_image
-    return {"images": images, "round_s": took, "centralized_s": centralized, "ratio": centralized / took}
+    return {"images": images, "round_s": took, "centralized_s": centralized, "ratio": centralized / took,
+            "test_s": test_s}
 
 
 @dataclass

@@ -346,3 +346,24 @@ def test_a_device_that_left_stays_offline_until_it_asks_for_work_again(tmp_path)
         assert state() == "idle"
     finally:
         engine.stop()
+
+
+def test_the_status_counts_agree_with_each_devices_state(tmp_path):
+    """``GET /api/status`` counts in one pass what ``GET /api/devices`` says of each device."""
+    now = [1000.0]
+    registry = DeviceRegistry(Storage(tmp_path / "state"), enroll_secret=ENROLL, auto_activate=True,
+                              device_timeout=60.0, clock=lambda: now[0])
+    for name in ("idle1", "idle2", "busy", "stale", "gone", "off"):
+        registry.register(name, ENROLL)
+    now[0] += 50
+    registry.touch("idle1")
+    registry.touch("idle2")
+    registry.set_activity("busy", "training")  # online however long unseen: a step sends nothing
+    registry.leave("gone")
+    registry.set_active("off", False)
+    now[0] += 30  # "stale" and "busy" last seen 80 s ago
+    states = {d["name"]: d["state"] for d in registry.list()}
+    assert states == {"idle1": "idle", "idle2": "idle", "busy": "training", "stale": "offline",
+                      "gone": "offline", "off": "inactive"}
+    assert registry.counts() == {"idle": 2, "training": 1, "offline": 2, "inactive": 1}
+    assert registry.available() == ["busy", "idle1", "idle2"]

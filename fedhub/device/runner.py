@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -197,14 +197,16 @@ class DeviceRunner:
             self._say(str(exc))
             return 1
 
-    def join(self) -> bool:
+    def join(self, status: Mapping[str, Any] | None = None) -> bool:
         """Validate the local data, build the model and enroll with the validation report.
 
         False when the data is invalid (the server is told why; the device must stop). Both
-        the device process and the pool's virtual devices (``fedhub.device.virtual``) start here.
+        the device process and the pool's virtual devices (``fedhub.device.virtual``) start here;
+        ``status``: the server's ``GET /api/status`` when the caller has it (a pool's worker reads
+        it once for all its devices), else this device asks.
         """
         try:  # build the model now, as the server's network, not inside the first round
-            self.trainer.initialise(self._announced_network())
+            self.trainer.initialise(announced_network(self.client.status() if status is None else status))
         except ValueError as exc:  # the device's --framework is not the server's
             self._say(f"error: {exc}", logging.ERROR)
             self._misconfigured = True  # a usage error: the command exits 2, as for a bad option
@@ -221,20 +223,6 @@ class DeviceRunner:
             self._say(f"attacking the federation: {self.attack.summary()}", logging.WARNING)
         self.enroll(report["num_examples"])
         return True
-
-    def _announced_network(self) -> dict[str, Any]:
-        """The run's network as the server's ``GET /api/status`` announces it (``network``), as a
-        task config names it (``framework``, ``model``), so the trainer builds it before the
-        first task; ``{}`` from a server that announces none (the first task builds it then).
-        The user's own model (not ``builtin``) the device builds from its own
-        ``--model-factory``, never from the name the server sends."""
-        network = self.client.status().get("network")
-        if not isinstance(network, dict) or not isinstance(network.get("framework"), str):
-            return {}
-        announced = {"framework": network["framework"]}
-        if isinstance(network.get("name"), str):
-            announced["model"] = network["name"]
-        return announced
 
     def _loop(self) -> int:
         while not self._stop.is_set():
@@ -525,3 +513,18 @@ class DeviceRunner:
             return self.client.fork(timeout=3.0, retry_for=0.0).status().get("status") == "finished"
         except (ServerError, Unreachable, TLSError, OSError, ValueError):
             return False
+
+
+def announced_network(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's network as the server's ``GET /api/status`` announces it (``network``), as a
+    task config names it (``framework``, ``model``), so the trainer builds it before the
+    first task; ``{}`` from a server that announces none (the first task builds it then).
+    The user's own model (not ``builtin``) the device builds from its own
+    ``--model-factory``, never from the name the server sends."""
+    network = status.get("network")
+    if not isinstance(network, dict) or not isinstance(network.get("framework"), str):
+        return {}
+    announced = {"framework": network["framework"]}
+    if isinstance(network.get("name"), str):
+        announced["model"] = network["name"]
+    return announced

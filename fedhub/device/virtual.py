@@ -386,6 +386,7 @@ class Worker:
         self._due: list[tuple[float, str, Callable[[], None]]] = []  # slow devices' updates
         self.relay: RelaySums | None = None
         self.shared: SharedModel | None = None
+        self._announcing: dict[str, Any] | None = None  # the status its devices join by
 
     def _client(self, name: str) -> Client:
         client = Client(self.spec.server, name, verify=self.spec.verify, retry_for=self.spec.retry_for)
@@ -467,7 +468,9 @@ class Worker:
             self._guarded(name, lambda d=device: self._join(d))
 
     def _join(self, device: VirtualDevice) -> None:
-        if not device.runner.join():
+        if self._announcing is None:  # the run's network, read once for all the worker's devices
+            self._announcing = self._public.status()
+        if not device.runner.join(self._announcing):
             device.code = 1  # invalid data: the server knows why and refuses the device
         device.seen = time.monotonic()
 

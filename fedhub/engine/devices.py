@@ -13,6 +13,7 @@ import math
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from .wire import MAX_INTEGER
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # What a device can be seen doing; "inactive" and "offline" are derived.
 ACTIVITIES = ("idle", "training", "uploading")
+BUSY = ("training", "uploading")  # online whenever last seen: a long step sends nothing
 
 
 def check_name(name: object) -> str:
@@ -284,11 +286,13 @@ class DeviceRegistry:
     def is_online(self, name: str, now: float | None = None) -> bool:
         now = self._clock() if now is None else now
         with self._lock:
-            if name in self._left:
-                return False
-            if self._activity.get(name) in ("training", "uploading"):
-                return True
-            return now - self._seen.get(name, 0.0) <= self._timeout
+            return self._online(name, now)
+
+    def _online(self, name: str, now: float) -> bool:
+        """Not gone, and busy or seen within the timeout (lock held)."""
+        if name in self._left:
+            return False
+        return self._activity.get(name) in BUSY or now - self._seen.get(name, 0.0) <= self._timeout
 
     def refusal(self, name: str, invalid: Collection[str] | None = None) -> Conflict | None:
         """Why ``name`` may not take part in rounds now, or None: the one admission rule, for
@@ -320,24 +324,23 @@ class DeviceRegistry:
         with self._lock:  # with the refusals read inside: an enrollment cannot fall between them
             invalid = self.lifecycle.refused()
             return [name for name in sorted(self._active)
-                    if self.refusal(name, invalid) is None and self.is_online(name, now)]
+                    if self.refusal(name, invalid) is None and self._online(name, now)]
 
-    def state(self, name: str, active: bool, now: float) -> str:
+    def _state(self, name: str, active: bool, now: float) -> str:
+        """inactive, offline, or what it is doing (idle, training, uploading) (lock held)."""
         if not active:
             return "inactive"
-        if not self.is_online(name, now):
+        if not self._online(name, now):
             return "offline"
         return self._activity.get(name, "idle")
 
     def counts(self) -> dict[str, int]:
-        """How many devices are in each state, from memory (status is polled often)."""
+        """How many devices are in each state, from memory. Every ``GET /api/status`` asks, so
+        it is one pass under one lock: with 10,000 devices a pass through :meth:`state` per
+        device (its lock taken again each time) cost 7 ms a status."""
         now = self._clock()
-        counts: dict[str, int] = {}
         with self._lock:
-            for name, active in self._active.items():
-                state = self.state(name, active, now)
-                counts[state] = counts.get(state, 0) + 1
-        return counts
+            return dict(Counter(self._state(name, active, now) for name, active in self._active.items()))
 
     def flush(self) -> None:
         """Persist last-seen times (they are kept in memory between meaningful moments)."""
@@ -356,7 +359,7 @@ class DeviceRegistry:
                 out.append({
                     "name": row["name"],
                     "active": bool(row["active"]),
-                    "state": self.state(row["name"], bool(row["active"]), now),
+                    "state": self._state(row["name"], bool(row["active"]), now),
                     "last_seen": self._seen.get(row["name"], row["last_seen"]),
                     "num_examples": row["num_examples"],
                     "registered_at": row["registered_at"],

@@ -38,8 +38,8 @@ $(VENV)/.installed-ray: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m fedhub.demo --devices 3 --rounds 3
 
-# One process by default (CI); TEST_WORKERS=2 runs whole modules on two xdist workers (tests/conftest.py).
-TEST_WORKERS ?= 0
+# Whole modules on two xdist workers, the slowest first (tests/conftest.py); TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-ray
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 

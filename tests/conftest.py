@@ -155,7 +155,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# `make test TEST_WORKERS=2` runs on two pytest-xdist workers (`--dist loadscope`): most slow tests wait on
+# `make test` runs on two pytest-xdist workers (`--dist loadscope`): most slow tests wait on
 # their processes more than they compute. The scheduler below hands out whole modules, so a
 # module's module-scoped servers and browsers start once and `make docker` runs in one worker
 # only; the modules that start a Ray cluster form one unit, so two clusters never start at once.
